@@ -1,0 +1,1 @@
+"""Eval suites, metrics (builtin, DeepEval, RAGAS, user callables), the harness and gates."""

@@ -1,0 +1,42 @@
+"""The data every metric sees: a case from a suite and the output the endpoint gave for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    input: str
+    expected: str | None = None
+    context: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Output:
+    text: str
+    latency_s: float = 0.0
+    error: str | None = None  # set when the call failed: the case fails every metric, never NaN
+    release: str | None = None
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+@dataclass
+class Score:
+    """One metric on one case. `value` is always a finite float; a failure is 0 (or worst) + reason."""
+
+    value: float
+    reason: str | None = None
+    failed: bool = False
+
+
+@runtime_checkable
+class Metric(Protocol):
+    name: str
+    higher_is_better: bool
+
+    def score_batch(self, cases: list[Case], outputs: list[Output]) -> list[Score]: ...
