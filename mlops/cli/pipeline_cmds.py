@@ -1,0 +1,236 @@
+"""Pipeline commands: plan, train, eval, deploy, run, serve, report."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.errors import EXIT_GATE, UsageError
+
+ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
+
+
+@contextlib.contextmanager
+def _progress(json_mode: bool, total: int) -> Iterator[Any]:
+    """A rich progress bar on stderr: step, loss, tokens/s."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if json_mode or not err.is_terminal:
+        last = [0]
+
+        def plain(d: dict[str, float]) -> None:
+            step = int(d["step"])
+            if step == total or step - last[0] >= max(1, total // 10):
+                last[0] = step
+                err.print(f"  step {step}/{total}  loss {d['loss']:.4f}  {d['tokens_per_s']:,.0f} tok/s", markup=False, highlight=False)
+
+        yield plain
+        return
+    cols = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn()]
+    with Progress(*cols, console=err, transient=False) as p:
+        task = p.add_task("train", total=total, loss=float("nan"), tps=0.0)
+
+        def update(d: dict[str, float]) -> None:
+            p.update(task, completed=int(d["step"]), loss=d["loss"], tps=d["tokens_per_s"])
+
+        yield update
+
+
+def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = None) -> Any:
+    from mlops.pipeline import Session
+
+    return Session.open(load_config(config, set_), say=say_fn(json_), progress=progress)
+
+
+def resolve_release(s: Any, ref: str) -> str:
+    st, _ = s.registry.read_state()
+    if ref in ("candidate", "production", "previous", "canary"):
+        rid = st.stages.get(ref)
+        if rid is None and ref == "candidate":  # a PR's candidate may already be the newest release
+            rel = s.registry.list()
+            rid = rel[0]["id"] if rel else None
+        if rid is None:
+            raise UsageError(f"there is no {ref} release yet")
+        return str(rid)
+    s.registry.require(ref)
+    return ref
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def plan(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
+        """What a run would do: which models changed (data, config or training code hashes)."""
+        from mlops.plan import make_plan
+
+        s = _session(config, set_, json_)
+        p = make_plan(s.loaded, s.registry, list(s.loaded.cfg.models))
+        lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
+        emit(p.to_json(), json_, "\n".join(lines))
+
+    @app.command()
+    def train(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        model: Annotated[str | None, typer.Option(help="Model to train (default: deploy.model).")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Train even if nothing changed.")] = False,
+    ) -> None:
+        """Train a model and register it as the candidate release (skipped when nothing changed)."""
+        from mlops.pipeline import train as do_train
+
+        loaded = load_config(config, set_)
+        name = model or loaded.cfg.deploy.model
+        with _progress(json_, loaded.cfg.models[name].train.steps if name in loaded.cfg.models else 0) as prog:
+            from mlops.pipeline import Session
+
+            s = Session.open(loaded, say=say_fn(json_), progress=prog)
+            res = do_train(s, name, force=force)
+        emit(res, json_, f"{res['release']} ({'trained' if res['trained'] else 'unchanged'})")
+
+    @app.command("eval")
+    def eval_(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        release: ReleaseOpt = "candidate",
+        suite: Annotated[list[str] | None, typer.Option(help="Suites to run (default: all).")] = None,
+        url: Annotated[str | None, typer.Option(help="Evaluate through this endpoint instead of starting one.")] = None,
+        gates: Annotated[bool, typer.Option("--gates/--no-gates", help="Check gates against production; exit 3 on failure.")] = True,
+    ) -> None:
+        """Evaluate a release through the endpoint, store results with it, and check gates."""
+        from mlops.pipeline import evaluate, gate, production_results
+
+        s = _session(config, set_, json_)
+        rid = resolve_release(s, release)
+        for name in suite or []:
+            if name not in s.loaded.cfg.evals:
+                raise UsageError(f"unknown suite {name!r} (valid: {', '.join(s.loaded.cfg.evals)})")
+        cm = contextlib.nullcontext(url) if url else s.backend.serve()
+        with cm as base:
+            results = evaluate(s, rid, base, suite)
+            prod, prod_results = production_results(s, base)
+        verdicts = gate(s, rid, results, prod_results) if gates and prod != rid else []
+        ok = all(g["passed"] for g in verdicts)
+        summary = {k: v["metrics"] for k, v in results.items()}
+        emit({"release": rid, "production": prod, "passed": ok, "metrics": summary, "gates": verdicts,
+              "cost": {k: v["cost"] for k, v in results.items()}}, json_,
+             f"{rid}: {'gates pass' if ok else 'gates FAIL'}")
+        if not ok:
+            raise typer.Exit(EXIT_GATE)
+
+    @app.command()
+    def run(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
+    ) -> None:
+        """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3)."""
+        from mlops.pipeline import Session, run as do_run
+
+        loaded = load_config(config, set_)
+        with _progress(json_, loaded.cfg.models[loaded.cfg.deploy.model].train.steps) as prog:
+            s = Session.open(loaded, say=say_fn(json_), progress=prog)
+            res = do_run(s, force=force)
+        human = f"{res.status}: {res.message}"
+        if res.served_by:
+            human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
+        if "total" in res.timings:
+            human += f"\nwall time {res.timings['total']:.1f}s"
+        emit(res.to_json(), json_, human)
+        if res.exit_code:
+            raise typer.Exit(res.exit_code)
+
+    @app.command()
+    def deploy(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        release: ReleaseOpt = "candidate",
+    ) -> None:
+        """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
+        from mlops.evals.harness import load_cases
+        from mlops.pipeline import gate, production_results, recover
+        from mlops.rollout import abort_canary, canary, promote
+
+        s = _session(config, set_, json_)
+        cfg = s.loaded.cfg
+        recover(s)
+        rid = resolve_release(s, release)
+        s.backend.preflight(rid)
+        results = {suite: s.registry.get_eval(rid, suite) for suite in cfg.evals}
+        missing = [k for k, v in results.items() if v is None]
+        if missing:
+            raise UsageError(f"{rid} has no eval results for {', '.join(missing)}: run `mlops eval --release {rid}` first")
+        with s.backend.serve() as url:
+            prod, prod_results = production_results(s, url)
+            if prod == rid:
+                emit({"release": rid, "status": "already production"}, json_, f"{rid} is already production")
+                return
+            verdicts = gate(s, rid, {k: v for k, v in results.items() if v}, prod_results)
+            if not all(g["passed"] for g in verdicts):
+                emit({"release": rid, "status": "rejected", "gates": verdicts}, json_, f"{rid}: gates FAIL")
+                raise typer.Exit(EXIT_GATE)
+            steps: list[Any] = []
+            if prod is not None:
+                m = cfg.models[cfg.deploy.model]
+                first = next(iter(cfg.evals))
+                prompts = [m.prompt.format(input=c.input) for c in load_cases(s.loaded, first)]
+                steps = canary(s.backend, rid, url, prompts, cfg.deploy.rollout, cfg.deploy.model, m.max_tokens, s.say)
+                if not all(v.passed for v in steps):
+                    abort_canary(s.backend, reason="canary failed", actor="pipeline:analysis")
+                    s.registry.append_event(rid, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
+                    emit({"release": rid, "status": "rolled_back", "canary": [v.to_json() for v in steps]}, json_, f"{rid}: rolled back")
+                    raise typer.Exit(EXIT_GATE)
+            promote(s.backend, rid, reason="deploy: gates and canary passed", actor="cli:deploy")
+        emit({"release": rid, "status": "promoted", "previous": prod, "canary": [v.to_json() for v in steps]}, json_, f"promoted {rid}")
+
+    @app.command()
+    def serve(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        host: Annotated[str | None, typer.Option(help="Bind address (default: deploy.server.host, 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option(help="Port (default: deploy.server.port, 8000).")] = None,
+    ) -> None:
+        """Serve what the registry routes to, in the foreground; follows rollbacks without a restart."""
+        from mlops.serving.runner import serve_foreground
+
+        s = _session(config, set_, False)
+        srv = s.loaded.cfg.deploy.server
+        if s.loaded.cfg.backend != "local":
+            ep = s.backend.endpoint()
+            err.print(f"backend {s.loaded.cfg.backend} serves at {ep}; `mlops serve` runs the local server", markup=False)
+        h, p = host or srv.host, srv.port if port is None else port
+        err.print(f"serving {s.loaded.cfg.deploy.model} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
+        serve_foreground(s.loaded, s.registry, h, p)
+
+    @app.command()
+    def report(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        release: ReleaseOpt = "candidate",
+        markdown: Annotated[bool, typer.Option("--markdown", help="Print markdown (the PR comment).")] = False,
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to a file.")] = None,
+    ) -> None:
+        """Candidate vs production, metric by metric, from stored results (no model is called)."""
+        from mlops.report import build_report, to_markdown, write_step_summary
+
+        s = _session(config, set_, json_)
+        rid = resolve_release(s, release)
+        rep = build_report(s, rid)
+        md = to_markdown(rep)
+        write_step_summary(md)
+        if out is not None:
+            out.write_text(md if not json_ else __import__("json").dumps(rep, indent=2, default=str))
+            err.print(f"wrote {out}", markup=False)
+        if json_:
+            emit(rep, True)
+        elif markdown or out is None:
+            emit({}, False, md)

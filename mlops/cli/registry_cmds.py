@@ -1,0 +1,93 @@
+"""Registry commands: releases, history, rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, load_config, out, say_fn
+
+
+def _session(config: Path, set_: list[str] | None, json_: bool) -> Any:
+    from mlops.pipeline import Session
+
+    return Session.open(load_config(config, set_), say=say_fn(json_))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def releases(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
+        """Releases newest first, with their stage and status."""
+        from rich.table import Table
+
+        s = _session(config, set_, json_)
+        st, _ = s.registry.read_state()
+        items = s.registry.list()
+        doc = {**{k: st.stages.get(k) for k in ("production", "previous", "candidate", "canary")},
+               "routing": st.routing, "state_version": st.version, "releases": items}
+        if json_:
+            emit(doc, True)
+            return
+        stage_of = {v: k for k, v in st.stages.items() if v}
+        t = Table("release", "stage", "status", "traffic", "created", "exact/metrics", "git")
+        for m in items:
+            ev = next((h.get("detail", {}).get("summary") for h in reversed(m["history"]) if h["event"] == "evaluated"), None)
+            metrics = "; ".join(f"{k}: " + ", ".join(f"{n} {v:.3g}" for n, v in d.items()) for k, d in (ev or {}).items())
+            t.add_row(m["id"], stage_of.get(m["id"], ""), m["status"], f"{st.routing.get(m['id'], 0)}%",
+                      m.get("created_at", "")[:19], metrics, str(m.get("lineage", {}).get("git_sha") or "")[:12])
+        out.print(t)
+
+    @app.command()
+    def history(
+        release: Annotated[str, typer.Argument(help="A release id.")],
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Every decision about a release: step, metric values, verdict, who or what decided."""
+        from rich.table import Table
+
+        s = _session(config, set_, json_)
+        s.registry.require(release)
+        events = s.registry.history(release)
+        if json_:
+            emit({"release": release, "history": events}, True)
+            return
+        t = Table("at", "event", "by", "detail")
+        for e in events:
+            d = e.get("detail", {})
+            if e["event"] == "canary_step":
+                c = d.get("candidate", {})
+                detail = (f"{d.get('percent')}%: {int(c.get('requests', 0))} req, err {c.get('error_rate', 0):.1%}, "
+                          f"p95 {c.get('p95', 0) * 1000:.1f} ms -> {'pass' if d.get('passed') else 'FAIL ' + '; '.join(d.get('reasons', []))}")
+            elif "gates" in d:
+                detail = "; ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in d["gates"])
+            else:
+                detail = ", ".join(f"{k}={v}" for k, v in d.items())
+            t.add_row(e["at"][:23], e["event"], e["by"], detail)
+        out.print(t)
+
+    @app.command()
+    def rollback(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        to: Annotated[str | None, typer.Option("--to", help="Release to serve (default: the previous production).")] = None,
+        reason: Annotated[str, typer.Option(help="Why; recorded in the release history.")] = "manual rollback",
+    ) -> None:
+        """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
+        import getpass
+
+        from mlops.rollout import rollback as do_rollback
+
+        s = _session(config, set_, json_)
+        before = s.registry.read_state()[0].stages.get("production")
+        try:
+            actor = f"user:{getpass.getuser()}"
+        except (KeyError, OSError):
+            actor = "user"
+        state, target = do_rollback(s.backend, to, reason, actor)
+        emit({"production": target, "previous": state.stages.get("previous"), "rolled_back_from": before,
+              "state_version": state.version}, json_, f"production is now {target} (was {before})")

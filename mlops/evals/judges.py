@@ -1,0 +1,415 @@
+"""LLM judges: an OpenAI-compatible chat endpoint that scores outputs for judge-based metrics.
+
+`JudgeSpec` is what `mlops.yaml` says about a judge (`judges: {name: JudgeSpec}`); `JudgeClient`
+calls it. The client is built for eval runs that must be cheap to repeat and honest when they fail:
+
+- every call has a hard wall-clock timeout (`timeout_s`, the whole request, not per socket read);
+- transient failures (timeouts, connection errors, 429, 5xx) are retried at most `max_retries`
+  times with exponential backoff; `Retry-After` on 429/503 is honoured (seconds, integer or
+  decimal, or an HTTP date), capped at `timeout_s`;
+- at most `concurrency` requests are in flight per event loop;
+- answers are cached on disk (one JSON file per request, keyed by the sha256 of judge model,
+  base URL and request body), so an unchanged rerun makes no calls at all;
+- `calls`, `retries`, `cache_hits`, `failures` and token usage are counted for the cost report;
+- a call that finally fails raises `JudgeError` with a short reason (`timeout`, `http 500`,
+  `bad response: ...`). Callers turn it into a failed Score (value 0, failed=True) for that case.
+
+The API key is read from the environment variable *named* by `api_key_env` at call time. Its value
+never appears in a log line, an exception, or a cache file (the cache key and file hold the
+request body, which carries no credentials; error text is scrubbed of the value regardless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mlops.errors import ConfigError, InfraError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 8.0
+
+# Which repetition of a judged case a call belongs to (see JudgeSpec.repeat). Set by the metric
+# wrappers around each repetition; it goes into the cache key only, never into the request, so a
+# noisy judge asked N times is really asked N times, and each answer is cached on its own.
+judge_sample: contextvars.ContextVar[int] = contextvars.ContextVar("judge_sample", default=0)
+
+
+class JudgeSpec(BaseModel):
+    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model id sent in the request")
+    api_key_env: str | None = Field(
+        default=None, description="NAME of the environment variable holding the API key (never the key)"
+    )
+    timeout_s: float = Field(default=30, gt=0, description="wall-clock limit of one request, seconds")
+    max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
+    repeat: int = Field(
+        default=1, ge=1, description="ask N times per case and take the median score (noisy judges)"
+    )
+    temperature: float = Field(default=0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v
+
+
+class JudgeError(InfraError):
+    """A judge call that failed for good. `reason` is short and safe to show in a report."""
+
+    def __init__(self, reason: str, *, kind: str = "error") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # timeout | http | connection | bad_response | config
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: '1', '0.2', or an HTTP date. None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        secs = when.timestamp() - time.time()
+    if secs != secs:  # NaN
+        return None
+    return max(0.0, secs)
+
+
+class _LoopState:
+    def __init__(self, concurrency: int) -> None:
+        self.sem = asyncio.Semaphore(concurrency)
+        self.http: httpx.AsyncClient | None = None
+        self.inflight: dict[str, asyncio.Future[str]] = {}
+
+
+class JudgeClient:
+    """Calls one judge. Safe to share between metrics; state is kept per event loop."""
+
+    def __init__(self, spec: JudgeSpec, cache_dir: Path | None = None, *, name: str | None = None) -> None:
+        self.spec = spec
+        self.name = name or spec.model
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.calls = 0  # HTTP requests sent (every attempt, retries included)
+        self.retries = 0
+        self.cache_hits = 0  # answers served without a request (disk cache or an identical call in flight)
+        self.failures = 0  # complete() calls that ended in JudgeError
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._lock = threading.Lock()
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "judge": self.name,
+            "model": self.spec.model,
+            "calls": self.calls,
+            "retries": self.retries,
+            "cache_hits": self.cache_hits,
+            "failures": self.failures,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for old in [lp for lp in self._states if lp.is_closed()]:
+                del self._states[old]
+            st = self._states.get(loop)
+            if st is None:
+                st = self._states[loop] = _LoopState(self.spec.concurrency)
+            return st
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP connections. Call before the loop ends."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            st = self._states.pop(loop, None)
+        if st is not None and st.http is not None:
+            await st.http.aclose()
+
+    # ---- request pieces ----------------------------------------------------------------------
+
+    def _api_key(self) -> str | None:
+        name = self.spec.api_key_env
+        if not name:
+            return None
+        value = os.environ.get(name)
+        if not value:
+            raise JudgeError(f"judge {self.name}: environment variable {name} is not set", kind="config")
+        return value
+
+    def _scrub(self, text: str) -> str:
+        name = self.spec.api_key_env
+        value = os.environ.get(name) if name else None
+        if value:
+            text = text.replace(value, "***")
+        return text
+
+    def request_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": self.spec.model, "messages": messages, "temperature": self.spec.temperature}
+
+    def cache_key(self, body: dict[str, Any], sample: int = 0) -> str:
+        blob = json.dumps(
+            {"model": self.spec.model, "base_url": self.spec.base_url, "body": body, "sample": sample},
+            sort_keys=True,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
+
+    def _cache_get(self, key: str) -> str | None:
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # a torn or foreign file: treat as a miss, it will be rewritten
+        content = data.get("content") if isinstance(data, dict) else None
+        return content if isinstance(content, str) else None
+
+    def _cache_put(self, key: str, body: dict[str, Any], content: str) -> None:
+        path = self._cache_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "model": self.spec.model,
+            "base_url": self.spec.base_url,
+            "request": body,
+            "content": content,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, ensure_ascii=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- the call ----------------------------------------------------------------------------
+
+    async def complete(self, messages: list[dict[str, Any]], *, sample: int | None = None) -> str:
+        """The judge's answer (the first choice's message content) to `messages`."""
+        body = self.request_body(messages)
+        key = self.cache_key(body, judge_sample.get() if sample is None else sample)
+        cached = self._cache_get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return cached
+        st = self._state()
+        pending = st.inflight.get(key)
+        if pending is not None:  # the same request is already on its way: share its answer
+            self.cache_hits += 1
+            try:
+                return await asyncio.shield(pending)
+            except JudgeError:
+                self.failures += 1
+                raise
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        st.inflight[key] = fut
+        try:
+            content = await self._call(st, body)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e if isinstance(e, JudgeError) else JudgeError("cancelled", kind="error"))
+                fut.exception()  # mark retrieved: waiters (if any) still get it
+            if isinstance(e, JudgeError):
+                self.failures += 1
+            raise
+        else:
+            fut.set_result(content)
+            try:
+                self._cache_put(key, body, content)
+            except OSError as e:  # a full or read-only disk costs a rerun its cache, not this answer
+                log.warning("judge %s: could not write cache entry: %s", self.name, e)
+            return content
+        finally:
+            st.inflight.pop(key, None)
+
+    async def _call(self, st: _LoopState, body: dict[str, Any]) -> str:
+        spec = self.spec
+        headers = {"Content-Type": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = f"{spec.base_url}/chat/completions"
+        attempt = 0
+        while True:
+            wait_s: float | None = None
+            try:
+                async with st.sem:
+                    if st.http is None:
+                        st.http = httpx.AsyncClient(
+                            timeout=httpx.Timeout(spec.timeout_s),
+                            limits=httpx.Limits(max_connections=spec.concurrency),
+                        )
+                    self.calls += 1
+                    async with asyncio.timeout(spec.timeout_s):
+                        resp = await st.http.post(url, json=body, headers=headers)
+            except (TimeoutError, httpx.TimeoutException):
+                error = JudgeError(f"timeout after {spec.timeout_s:g}s", kind="timeout")
+            except httpx.HTTPError as e:
+                error = JudgeError(
+                    self._scrub(f"connection error: {type(e).__name__}: {e}"), kind="connection"
+                )
+            else:
+                if 200 <= resp.status_code < 300:
+                    return self._parse(resp)
+                error = JudgeError(f"http {resp.status_code}{self._snippet(resp)}", kind="http")
+                if resp.status_code not in RETRY_STATUSES:
+                    raise error
+                if resp.status_code in RETRY_AFTER_STATUSES:
+                    ra = _retry_after_s(resp.headers.get("retry-after"))
+                    if ra is not None:
+                        wait_s = min(ra, spec.timeout_s)
+            if attempt >= spec.max_retries:
+                if attempt:
+                    error = JudgeError(f"{error.reason} (after {attempt + 1} attempts)", kind=error.kind)
+                raise error
+            if wait_s is None:
+                backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)
+                wait_s = backoff * (0.8 + 0.4 * random.random())
+            attempt += 1
+            self.retries += 1
+            log.info(
+                "judge %s: %s; retry %d/%d in %.2fs",
+                self.name,
+                error.reason,
+                attempt,
+                spec.max_retries,
+                wait_s,
+            )
+            await asyncio.sleep(wait_s)
+
+    def _snippet(self, resp: httpx.Response) -> str:
+        try:
+            text = resp.text.strip().replace("\n", " ")
+        except Exception:
+            return ""
+        return f": {self._scrub(text)[:200]}" if text else ""
+
+    def _parse(self, resp: httpx.Response) -> str:
+        try:
+            data = resp.json()
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(
+                f"bad response: not an OpenAI chat completion{self._snippet(resp)}", kind="bad_response"
+            ) from None
+        if not isinstance(content, str):
+            raise JudgeError("bad response: message content is not a string", kind="bad_response")
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        return content
+
+    # ---- sync --------------------------------------------------------------------------------
+
+    def complete_sync(self, messages: list[dict[str, Any]], *, sample: int | None = None) -> str:
+        """`complete` for synchronous callers (works inside a running event loop too)."""
+        if sample is None:
+            sample = judge_sample.get()
+
+        async def once() -> str:
+            try:
+                return await self.complete(messages, sample=sample)
+            finally:
+                await self.aclose()
+
+        return run_sync(once)
+
+
+def run_sync(make: Callable[[], Awaitable[T]]) -> T:
+    """Run the coroutine `make()` to completion from synchronous code.
+
+    With no event loop running in this thread it uses `asyncio.run`; inside a running loop (a
+    notebook, an async caller) it runs on a fresh loop in a worker thread, so it never nests loops
+    and never blocks on the caller's loop.
+    """
+
+    async def main() -> T:
+        return await make()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    ctx = contextvars.copy_context()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlops-eval") as ex:
+        return ex.submit(ctx.run, asyncio.run, main()).result()
+
+
+def client_for(
+    judge: str | None,
+    judges: dict[str, Any],
+    metric: str,
+    cache_dir: Path | None = None,
+) -> JudgeClient:
+    """The JudgeClient a metric names with its `judge` parameter (or the only judge configured).
+
+    `judges` maps names to JudgeSpec (or plain dicts of its fields) or to ready JudgeClient objects;
+    pass clients to share counters and a cache directory between metrics. For specs, the cache
+    directory is `cache_dir`, else $MLOPS_JUDGE_CACHE_DIR, else none.
+    """
+    if judge is None:
+        if len(judges) != 1:
+            have = ", ".join(sorted(judges)) or "none configured"
+            raise ConfigError(
+                f"metric {metric!r} needs a 'judge' parameter naming one of the judges ({have})"
+            )
+        judge = next(iter(judges))
+    if judge not in judges:
+        have = ", ".join(sorted(judges)) or "none configured"
+        raise ConfigError(f"metric {metric!r}: unknown judge {judge!r} (judges: {have})")
+    value = judges[judge]
+    if isinstance(value, JudgeClient):
+        return value
+    spec = value if isinstance(value, JudgeSpec) else JudgeSpec.model_validate(value)
+    if cache_dir is None and os.environ.get("MLOPS_JUDGE_CACHE_DIR"):
+        cache_dir = Path(os.environ["MLOPS_JUDGE_CACHE_DIR"])
+    return JudgeClient(spec, cache_dir, name=judge)

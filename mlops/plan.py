@@ -1,0 +1,89 @@
+"""What a push needs: a model is retrained only when its data, its config or the training code changed.
+
+The fingerprint of a model is the sha256 of (dataset content hash, model config hash, training code
+hash). A release with the same fingerprint already in the registry means nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlops.config import Loaded, config_hash
+from mlops.registry.releases import Registry
+from mlops.training.data import file_sha256
+
+TRAINING_CODE = Path(__file__).parent / "training"
+# keys of a model's config that change the trained weights (resources, max_tokens do not)
+TRAIN_KEYS = ("base", "method", "dataset", "prompt", "train", "arch", "lora")
+
+
+def code_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(TRAINING_CODE.rglob("*.py")):
+        h.update(p.relative_to(TRAINING_CODE).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    sha = out.stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+    return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+@dataclass
+class ModelPlan:
+    model: str
+    fingerprint: str
+    lineage: dict[str, Any]
+    train: bool
+    reason: str
+    existing: str | None = None
+
+
+@dataclass
+class Plan:
+    models: list[ModelPlan] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"models": [asdict(m) for m in self.models]}
+
+
+def lineage(loaded: Loaded, model: str) -> dict[str, Any]:
+    m = loaded.cfg.models[model]
+    ds = loaded.dataset_path(m.dataset)
+    dataset_hashes = {m.dataset: file_sha256(ds)}
+    section = {k: v for k, v in m.model_dump(mode="json").items() if k in TRAIN_KEYS}
+    cfg_hash = config_hash(section)
+    c_hash = code_hash()
+    fp = hashlib.sha256(f"{sorted(dataset_hashes.items())}|{cfg_hash}|{c_hash}".encode()).hexdigest()
+    return {
+        "git_sha": git_sha(loaded.root),
+        "dataset_hashes": dataset_hashes,
+        "config_hash": cfg_hash,
+        "code_hash": c_hash,
+        "fingerprint": fp,
+    }
+
+
+def make_plan(loaded: Loaded, registry: Registry, models: list[str] | None = None, force: bool = False) -> Plan:
+    plan = Plan()
+    for name in models or [loaded.cfg.deploy.model]:
+        lin = lineage(loaded, name)
+        existing = registry.find_by_fingerprint(name, lin["fingerprint"])
+        if force:
+            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, True, "forced (--force)"))
+        elif existing is None:
+            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, True, "data, config or training code changed"))
+        else:
+            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, False, f"unchanged since release {existing['id']}", existing["id"]))
+    return plan

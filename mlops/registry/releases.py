@@ -1,0 +1,266 @@
+"""Releases (immutable manifests + an append-only history) and the serving state (stages + routing).
+
+Layout on the store:
+
+    artifacts/<release>/<file>           model files, written first
+    releases/<release>/manifest.json     written once (if-none-match), only after the artifact
+    releases/<release>/history.json      status events, appended by compare-and-swap
+    releases/<release>/evals/<suite>.json  eval results, stored with the release
+    state.json                           stage pointers AND routing weights in one document
+
+Stages and routing live in one document so that one atomic compare-and-swap moves both: there is
+never a routing table that points at a release the stages do not know, or at a missing manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlops.errors import ConflictError, IntegrityError, UsageError
+from mlops.registry.store import Store, atomic_write
+
+STAGES = ("production", "candidate", "previous", "canary")
+STATE_KEY = "state.json"
+CAS_RETRIES = 20  # pointer writes are rare and tiny; 20 lost races in a row means something is wrong
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(files: dict[str, str]) -> str:
+    """One digest for a directory: sha256 over sorted `name sha256` lines."""
+    return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+@dataclass
+class State:
+    version: int = 0
+    stages: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(STAGES))
+    routing: dict[str, int] = field(default_factory=dict)  # release id -> weight (percent, sums to 100)
+    shadow: dict[str, Any] = field(default_factory=dict)  # {"release": id, "share": 0.1}
+    updated_at: str | None = None
+    reason: str | None = None
+    actor: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "stages": self.stages,
+            "routing": self.routing,
+            "shadow": self.shadow,
+            "updated_at": self.updated_at,
+            "reason": self.reason,
+            "actor": self.actor,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> State:
+        stages = dict.fromkeys(STAGES) | dict(d.get("stages", {}))
+        return cls(
+            int(d.get("version", 0)), stages, dict(d.get("routing", {})), dict(d.get("shadow", {})),
+            d.get("updated_at"), d.get("reason"), d.get("actor"),
+        )
+
+    def referenced(self) -> set[str]:
+        refs = {r for r in self.stages.values() if r} | set(self.routing)
+        if self.shadow.get("release"):
+            refs.add(self.shadow["release"])
+        return refs
+
+
+class Registry:
+    def __init__(self, store: Store, cache_dir: Path | None = None) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+
+    # ------------------------------------------------------------------ releases
+
+    @staticmethod
+    def new_id(model: str) -> str:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        return f"{model}-{stamp}-{secrets.token_hex(3)}"
+
+    def publish(self, release_id: str, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Upload the artifact, then write the manifest once. A crash in between leaves only an
+        orphan artifact directory, never a manifest that points at missing files."""
+        files: dict[str, str] = {}
+        for p in sorted(Path(artifact_dir).rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(artifact_dir).as_posix()
+                if rel.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+                    raise IntegrityError(f"refusing to publish {rel}: weights must be safetensors (no pickle)")
+                files[rel] = sha256_file(p)
+                self.store.put_file(f"artifacts/{release_id}/{rel}", p)
+        manifest = dict(manifest) | {
+            "id": release_id,
+            "created_at": manifest.get("created_at") or now(),
+            "artifact": {
+                "uri": f"{self.store.uri}/artifacts/{release_id}",
+                "sha256": tree_sha256(files),
+                "files": files,
+            },
+        }
+        self.store.put(f"releases/{release_id}/manifest.json", _dumps(manifest), if_none_match=True)
+        self.append_event(release_id, "registered", by=str(manifest.get("registered_by", "pipeline")))
+        return manifest
+
+    def manifest(self, release_id: str) -> dict[str, Any] | None:
+        blob = self.store.get(f"releases/{release_id}/manifest.json")
+        return json.loads(blob.data) if blob else None
+
+    def require(self, release_id: str) -> dict[str, Any]:
+        m = self.manifest(release_id)
+        if m is None:
+            known = [r["id"] for r in self.list()][:5]
+            raise UsageError(f"unknown release {release_id!r} (recent: {', '.join(known) or 'none'})")
+        return m
+
+    def history(self, release_id: str) -> list[dict[str, Any]]:
+        blob = self.store.get(f"releases/{release_id}/history.json")
+        return list(json.loads(blob.data)) if blob else []
+
+    def append_event(self, release_id: str, event: str, by: str = "pipeline", **detail: Any) -> None:
+        key = f"releases/{release_id}/history.json"
+        entry = {"at": now(), "event": event, "by": by} | ({"detail": detail} if detail else {})
+        for _ in range(CAS_RETRIES):
+            blob = self.store.get(key)
+            items = json.loads(blob.data) if blob else []
+            items.append(entry)
+            try:
+                if blob is None:
+                    self.store.put(key, _dumps(items), if_none_match=True)
+                else:
+                    self.store.put(key, _dumps(items), if_match=blob.etag)
+                return
+            except ConflictError:
+                continue
+        raise ConflictError(f"could not append to {key}: too many concurrent writers")
+
+    def put_eval(self, release_id: str, suite: str, result: dict[str, Any]) -> None:
+        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result))
+
+    def get_eval(self, release_id: str, suite: str) -> dict[str, Any] | None:
+        blob = self.store.get(f"releases/{release_id}/evals/{suite}.json")
+        return json.loads(blob.data) if blob else None
+
+    def release_ids(self) -> list[str]:
+        ids = {k.split("/")[1] for k in self.store.list("releases") if k.endswith("/manifest.json")}
+        return sorted(ids)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Manifests (with history and current status), newest first."""
+        out = []
+        for rid in self.release_ids():
+            m = self.manifest(rid)
+            if m is None:
+                continue
+            hist = self.history(rid)
+            m["history"] = hist
+            m["status"] = hist[-1]["event"] if hist else "registered"
+            out.append(m)
+        out.sort(key=lambda m: (m.get("created_at", ""), m["id"]), reverse=True)
+        return out
+
+    def find_by_fingerprint(self, model: str, fingerprint: str) -> dict[str, Any] | None:
+        for m in self.list():
+            if m.get("model") == model and m.get("lineage", {}).get("fingerprint") == fingerprint:
+                return m
+        return None
+
+    # ------------------------------------------------------------------ artifacts
+
+    def verify(self, release_id: str) -> dict[str, Any]:
+        """Check that every artifact file exists and matches its sha256; return the manifest."""
+        m = self.require(release_id)
+        for rel, want in m["artifact"]["files"].items():
+            key = f"artifacts/{release_id}/{rel}"
+            local = self.store.local_path(key)
+            if local is not None:
+                if not local.is_file():
+                    raise IntegrityError(f"release {release_id}: artifact file {rel} is missing")
+                got = sha256_file(local)
+            else:
+                blob = self.store.get(key)
+                if blob is None:
+                    raise IntegrityError(f"release {release_id}: artifact file {rel} is missing")
+                got = hashlib.sha256(blob.data).hexdigest()
+            if got != want:
+                raise IntegrityError(f"release {release_id}: {rel} sha256 {got[:12]}… != manifest {want[:12]}…")
+        return m
+
+    def artifact_dir(self, release_id: str) -> Path:
+        """A local directory holding the verified artifact (downloaded to the cache for remote stores)."""
+        m = self.verify(release_id)
+        local = self.store.local_path(f"artifacts/{release_id}")
+        if local is not None:
+            return local
+        if self.cache_dir is None:
+            raise UsageError("a cache directory is needed to use artifacts from a remote store")
+        dest = self.cache_dir / "artifacts" / release_id
+        for rel, want in m["artifact"]["files"].items():
+            p = dest / rel
+            if not (p.is_file() and sha256_file(p) == want):
+                self.store.get_file(f"artifacts/{release_id}/{rel}", p)
+                if sha256_file(p) != want:
+                    os.unlink(p)
+                    raise IntegrityError(f"release {release_id}: downloaded {rel} does not match its sha256")
+        return dest
+
+    # ------------------------------------------------------------------ state
+
+    def read_state(self) -> tuple[State, str | None]:
+        blob = self.store.get(STATE_KEY)
+        if blob is None:
+            return State(), None
+        return State.from_json(json.loads(blob.data)), blob.etag
+
+    def update_state(self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline") -> State:
+        """Apply `change` by compare-and-swap, retrying on a lost race. Every release the new state
+        references must have a manifest, and routing weights must sum to 100 (or be empty)."""
+        for _ in range(CAS_RETRIES):
+            current, etag = self.read_state()
+            new = change(State.from_json(current.to_json()))
+            if new is None:
+                return current
+            for rid in new.referenced():
+                if self.manifest(rid) is None:
+                    raise IntegrityError(f"refusing to route to {rid}: it has no manifest")
+            if new.routing and sum(new.routing.values()) != 100:
+                raise UsageError(f"routing weights must sum to 100, got {new.routing}")
+            new.routing = {k: v for k, v in new.routing.items() if v > 0}
+            new.version = current.version + 1
+            new.updated_at, new.reason, new.actor = now(), reason, actor
+            try:
+                if etag is None:
+                    self.store.put(STATE_KEY, _dumps(new.to_json()), if_none_match=True)
+                else:
+                    self.store.put(STATE_KEY, _dumps(new.to_json()), if_match=etag)
+                return new
+            except ConflictError:
+                continue
+        raise ConflictError("could not update state.json: too many concurrent writers")
+
+
+def write_local_json(path: Path, obj: Any) -> None:
+    atomic_write(path, _dumps(obj))

@@ -1,0 +1,1 @@
+"""The default recipe: a char-level tokenizer and a GPT-2-style model from scratch, or a fine-tune."""
