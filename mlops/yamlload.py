@@ -19,6 +19,9 @@ MAX_NODES = 100_000  # far above any real config; an alias bomb expands past it 
 Loc = tuple[str | int, ...]
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 class _Loader(yaml.SafeLoader):
     pass
 
@@ -28,6 +31,9 @@ def _walk(loader: _Loader, node: yaml.Node, path: Loc, lines: dict[Loc, int], bu
     if budget[0] < 0:
         raise ConfigError(f"{src}:{node.start_mark.line + 1}: document expands past {MAX_NODES} nodes (alias bomb?)")
     lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+        # SafeLoader would refuse these when constructing; walking nodes ourselves, refuse them here
+        raise ConfigError(f"{src}:{node.start_mark.line + 1}: {_fmt(path)}: tag {node.tag!r} is not allowed (no constructor)")
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<` merge keys
         out: dict[Any, Any] = {}

