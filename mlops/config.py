@@ -120,7 +120,8 @@ class EvalCfg(Strict):
     dataset: str
     metrics: list[MetricEntry] = Field(min_length=1)
     concurrency: int = Field(16, ge=1, le=1024)
-    timeout: Duration = 30.0
+    timeout: Duration = Field(30.0, description="Wall-clock limit of one call; a timed-out case fails, not retried.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a call that got 429/502/503/504 or no connection.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N cases.")
     judge: str | None = Field(None, description="Default judge (a key of `judges`) for judge-based metrics.")
 
@@ -369,9 +370,7 @@ def _fields_only(loc: Sequence[str | int]) -> list[str]:
     return out
 
 
-def load(
-    path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_files: bool = True
-) -> Loaded:
+def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_files: bool = True) -> Loaded:
     """Read, expand, override, validate and cross-check a config; ConfigError names file:line."""
     p = Path(path)
     data, lines = load_yaml_file(p)
@@ -389,9 +388,7 @@ def load(
     return loaded
 
 
-def _check_references(
-    loaded: Loaded, src: str, lines: dict[Loc, int], overridden: set[str], check_files: bool
-) -> None:
+def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridden: set[str], check_files: bool) -> None:
     from mlops.evals.metrics import known_metric_names, metric_name
 
     cfg = loaded.cfg
@@ -432,7 +429,9 @@ def _check_references(
         ref(("gates", i, "eval"), g.eval, cfg.evals, "eval")
         names = [metric_name(s) for s in cfg.evals[g.eval].metrics]
         if g.metric not in names:
-            raise fail(("gates", i, "metric"), f"eval {g.eval!r} has no metric {g.metric!r} {_did_you_mean(g.metric, names)}")
+            raise fail(
+                ("gates", i, "metric"), f"eval {g.eval!r} has no metric {g.metric!r} {_did_you_mean(g.metric, names)}"
+            )
         if g.stat == "pass_rate" and g.threshold is None:
             raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
     ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")

@@ -38,7 +38,9 @@ class Session:
     progress: Callable[[dict[str, float]], None] | None = None
 
     @classmethod
-    def open(cls, loaded: Loaded, say: Say = _quiet, progress: Callable[[dict[str, float]], None] | None = None) -> Session:
+    def open(
+        cls, loaded: Loaded, say: Say = _quiet, progress: Callable[[dict[str, float]], None] | None = None
+    ) -> Session:
         store = open_store(loaded.cfg.storage, base_dir=loaded.root)
         registry = Registry(store, cache_dir=cache_dir(loaded))
         backend = backend_class(loaded.cfg.backend)(loaded, registry)
@@ -82,15 +84,27 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
     job = TrainJob(
-        model_name=name, dataset_path=str(s.loaded.dataset_path(m.dataset)), out_dir=str(out), base=m.base,
-        method=m.method, prompt=m.prompt, steps=m.train.steps, batch_size=m.train.batch_size, lr=m.train.lr,
-        seed=m.train.seed, warmup_steps=min(m.train.warmup_steps, m.train.steps), weight_decay=m.train.weight_decay,
-        threads=m.train.threads, arch=m.arch.model_dump(), lora=m.lora.model_dump(),
-        input_field=ds.input_field, target_field=ds.target_field,
+        model_name=name,
+        dataset_path=str(s.loaded.dataset_path(m.dataset)),
+        out_dir=str(out),
+        base=m.base,
+        method=m.method,
+        prompt=m.prompt,
+        steps=m.train.steps,
+        batch_size=m.train.batch_size,
+        lr=m.train.lr,
+        seed=m.train.seed,
+        warmup_steps=min(m.train.warmup_steps, m.train.steps),
+        weight_decay=m.train.weight_decay,
+        threads=m.train.threads,
+        arch=m.arch.model_dump(),
+        lora=m.lora.model_dump(),
+        input_field=ds.input_field,
+        target_field=ds.target_field,
     )
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
     result = s.backend.train(job, s.progress)
-    manifest = {
+    manifest: dict[str, Any] = {
         "model": name,
         "backend": cfg.backend,
         "lineage": mp.lineage,
@@ -107,11 +121,15 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         return st
 
     s.backend.set_state(mark, reason=f"trained {release}")
-    s.say(f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)")
+    s.say(
+        f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
+    )
     return {"release": release, "trained": True, "reason": mp.reason, "lineage": mp.lineage, "train": asdict(result)}
 
 
-def evaluate(s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate(
+    s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
+) -> dict[str, dict[str, Any]]:
     from mlops.evals.harness import run_suite
     from mlops.serving.server import api_key_from_env
 
@@ -124,10 +142,17 @@ def evaluate(s: Session, release: str, base_url: str, suites: list[str] | None =
             s.registry.put_eval(release, suite, res)
         cost = res["cost"]
         means = ", ".join(f"{k} {v['mean']:.4g}" for k, v in res["metrics"].items())
-        s.say(f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached, {cost['wall_s']:.2f}s)")
+        s.say(
+            f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached, {cost['wall_s']:.2f}s)"
+        )
         out[suite] = res
     if store:
-        s.registry.append_event(release, "evaluated", suites=list(out), summary={k: {m: v["mean"] for m, v in r["metrics"].items()} for k, r in out.items()})
+        s.registry.append_event(
+            release,
+            "evaluated",
+            suites=list(out),
+            summary={k: {m: v["mean"] for m, v in r["metrics"].items()} for k, r in out.items()},
+        )
     return out
 
 
@@ -147,7 +172,9 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
     return prod, results
 
 
-def gate(s: Session, release: str, results: dict[str, dict[str, Any]], production: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+def gate(
+    s: Session, release: str, results: dict[str, dict[str, Any]], production: dict[str, dict[str, Any] | None]
+) -> list[dict[str, Any]]:
     from mlops.evals.gates import check_gates
 
     verdicts = [g.to_json() for g in check_gates(s.loaded.cfg.gates, results, production)]
@@ -205,14 +232,23 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     recover(s)
     state, _ = s.registry.read_state()
     mp = make_plan(s.loaded, s.registry, [cfg.deploy.model], force=force).models[0]
-    if not mp.train and mp.existing == state.stages.get("production"):
+    if not mp.train and mp.existing is not None and mp.existing == state.stages.get("production"):
         stored = {suite: s.registry.get_eval(mp.existing, suite) for suite in cfg.evals}
         if all(stored.values()):
             msg = f"nothing changed since release {mp.existing} (same data, config and training code): it is production"
             s.say(msg)
             t["total"] = round(time.perf_counter() - t_all, 3)
-            return RunResult("unchanged", EXIT_OK, mp.existing, mp.existing, state.stages.get("previous"), False, msg,
-                             {k: v["metrics"] for k, v in stored.items() if v}, timings=t)
+            return RunResult(
+                "unchanged",
+                EXIT_OK,
+                mp.existing,
+                mp.existing,
+                state.stages.get("previous"),
+                False,
+                msg,
+                {k: v["metrics"] for k, v in stored.items() if v},
+                timings=t,
+            )
 
     tracker = Tracker(s.loaded, "run", {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend})
     exit_code = 1
@@ -243,8 +279,18 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
             if prod == release:
                 msg = f"{release} is already production; re-evaluated it"
                 exit_code = EXIT_OK
-                return RunResult("unchanged", EXIT_OK, release, prod, None, tr["trained"], msg,
-                                 {k: v["metrics"] for k, v in results.items()}, endpoint=url, timings=t)
+                return RunResult(
+                    "unchanged",
+                    EXIT_OK,
+                    release,
+                    prod,
+                    None,
+                    tr["trained"],
+                    msg,
+                    {k: v["metrics"] for k, v in results.items()},
+                    endpoint=url,
+                    timings=t,
+                )
             gates = gate(s, release, results, prod_results)
             summary = {k: v["metrics"] for k, v in results.items()}
             if not all(g["passed"] for g in gates):
@@ -255,8 +301,20 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                 s.say(msg)
                 exit_code = EXIT_GATE
                 served = _smoke(url, cfg.deploy.model) if prod else None
-                return RunResult("rejected", EXIT_GATE, release, prod, None, tr["trained"], msg, summary, gates,
-                                 endpoint=url, served_by=served, timings=t)
+                return RunResult(
+                    "rejected",
+                    EXIT_GATE,
+                    release,
+                    prod,
+                    None,
+                    tr["trained"],
+                    msg,
+                    summary,
+                    gates,
+                    endpoint=url,
+                    served_by=served,
+                    timings=t,
+                )
             verdicts: list[dict[str, Any]] = []
             if prod is None:
                 s.say("no production release yet: promoting without a canary (nothing to compare with)")
@@ -265,17 +323,41 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                 model_cfg = cfg.models[cfg.deploy.model]
                 prompts = [model_cfg.prompt.format(input=c.input) for c in cases] or ["hello"]
                 with _timed(t, "canary"):
-                    steps = canary(s.backend, release, url, prompts, cfg.deploy.rollout, cfg.deploy.model,
-                                   model_cfg.max_tokens, s.say, on_step=lambda i: mark(f"canary-{i}"))
+                    steps = canary(
+                        s.backend,
+                        release,
+                        url,
+                        prompts,
+                        cfg.deploy.rollout,
+                        cfg.deploy.model,
+                        model_cfg.max_tokens,
+                        s.say,
+                        on_step=lambda i: mark(f"canary-{i}"),
+                    )
                 verdicts = [v.to_json() for v in steps]
                 if not all(v.passed for v in steps):
-                    abort_canary(s.backend, reason=f"canary failed: {'; '.join(steps[-1].reasons)}", actor="pipeline:analysis")
+                    abort_canary(
+                        s.backend, reason=f"canary failed: {'; '.join(steps[-1].reasons)}", actor="pipeline:analysis"
+                    )
                     s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
                     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {'; '.join(steps[-1].reasons)}"
                     s.say(msg)
                     exit_code = EXIT_GATE
-                    return RunResult("rolled_back", EXIT_GATE, release, prod, None, tr["trained"], msg, summary, gates,
-                                     verdicts, url, _smoke(url, cfg.deploy.model), t)
+                    return RunResult(
+                        "rolled_back",
+                        EXIT_GATE,
+                        release,
+                        prod,
+                        None,
+                        tr["trained"],
+                        msg,
+                        summary,
+                        gates,
+                        verdicts,
+                        url,
+                        _smoke(url, cfg.deploy.model),
+                        t,
+                    )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
             served = _smoke(url, cfg.deploy.model)
@@ -286,8 +368,22 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
             exit_code = EXIT_OK
             t["total"] = round(time.perf_counter() - t_all, 3)
             tracker.summary({"release": release, "status": "promoted"})
-            return RunResult("promoted", EXIT_OK, release, release, new.stages.get("previous"), tr["trained"], msg,
-                             summary, gates, verdicts, url, served, t, tracker.run_id)
+            return RunResult(
+                "promoted",
+                EXIT_OK,
+                release,
+                release,
+                new.stages.get("previous"),
+                tr["trained"],
+                msg,
+                summary,
+                gates,
+                verdicts,
+                url,
+                served,
+                t,
+                tracker.run_id,
+            )
     finally:
         t.setdefault("total", round(time.perf_counter() - t_all, 3))
         tracker.finish(exit_code)
@@ -305,7 +401,9 @@ def _smoke(url: str, model: str) -> str | None:
     import httpx
 
     try:
-        r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1}, timeout=30, trust_env=False)
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1}, timeout=30, trust_env=False
+        )
     except httpx.HTTPError as e:
         raise InfraError(f"endpoint {url} did not answer: {e}") from e
     return r.headers.get("x-mlops-release")

@@ -85,5 +85,9 @@ def make_plan(loaded: Loaded, registry: Registry, models: list[str] | None = Non
         elif existing is None:
             plan.models.append(ModelPlan(name, lin["fingerprint"], lin, True, "data, config or training code changed"))
         else:
-            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, False, f"unchanged since release {existing['id']}", existing["id"]))
+            plan.models.append(
+                ModelPlan(
+                    name, lin["fingerprint"], lin, False, f"unchanged since release {existing['id']}", existing["id"]
+                )
+            )
     return plan

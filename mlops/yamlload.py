@@ -33,7 +33,9 @@ def _walk(loader: _Loader, node: yaml.Node, path: Loc, lines: dict[Loc, int], bu
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
         # SafeLoader would refuse these when constructing; walking nodes ourselves, refuse them here
-        raise ConfigError(f"{src}:{node.start_mark.line + 1}: {_fmt(path)}: tag {node.tag!r} is not allowed (no constructor)")
+        raise ConfigError(
+            f"{src}:{node.start_mark.line + 1}: {_fmt(path)}: tag {node.tag!r} is not allowed (no constructor)"
+        )
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<` merge keys
         out: dict[Any, Any] = {}

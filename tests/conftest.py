@@ -63,7 +63,9 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, fast: bool
     return dest
 
 
-def mlops(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def mlops(
+    *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess (bounded)."""
     e = os.environ | {"MLOPS_WANDB": "disabled"} | (env or {})
     return subprocess.run(

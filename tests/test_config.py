@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, mlops
+
 from mlops.config import apply_overrides, load
 from mlops.errors import ConfigError
 
@@ -31,35 +31,104 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 # (name, config text, expected fragment of the message, the line the message must name)
 CASES = [
     ("broken yaml", edit("project: tiny-reverse", "project: [tiny-reverse"), "invalid YAML", None),
-    ("tab indentation", edit("  train: {path: data/train.jsonl}", "\ttrain: {path: data/train.jsonl}"), "invalid YAML", None),
-    ("unknown top-level key", edit("backend: local", "backend: local\nbackedn: local"), "unknown key 'backedn'", "backedn:"),
+    (
+        "tab indentation",
+        edit("  train: {path: data/train.jsonl}", "\ttrain: {path: data/train.jsonl}"),
+        "invalid YAML",
+        None,
+    ),
+    (
+        "unknown top-level key",
+        edit("backend: local", "backend: local\nbackedn: local"),
+        "unknown key 'backedn'",
+        "backedn:",
+    ),
     ("unknown nested key", edit("lr: 3.0e-3", "lrr: 3.0e-3"), "did you mean 'lr'", "lrr:"),
     ("unknown deep key", edit("rollout: {steps", "rollout: {stpes: [10], steps"), "unknown key 'stpes'", "stpes"),
-    ("unknown gate key", edit("metric: latency, stat: p95", "metric: latency, stats: p95"), "did you mean 'stat'", "stats: p95"),
-    ("wrong type number", edit("lr: 3.0e-3", "lr: fast"), "models.tiny.train.lr: Input should be a valid number", "lr: fast"),
+    (
+        "unknown gate key",
+        edit("metric: latency, stat: p95", "metric: latency, stats: p95"),
+        "did you mean 'stat'",
+        "stats: p95",
+    ),
+    (
+        "wrong type number",
+        edit("lr: 3.0e-3", "lr: fast"),
+        "models.tiny.train.lr: Input should be a valid number",
+        "lr: fast",
+    ),
     ("wrong type int", edit("steps: 500", "steps: many"), "models.tiny.train.steps", "steps: many"),
     ("negative steps", edit("steps: 500", "steps: -5"), "greater than or equal to 1", "steps: -5"),
     ("bad enum", edit("method: full", "method: half"), "models.tiny.method", "method: half"),
-    ("unknown backend", edit("backend: local", "backend: modle"), "unknown backend 'modle' (did you mean 'modal'?", "backend: modle"),
-    ("unknown metric", edit("metrics: [exact_match, latency]", "metrics: [exact_matsh, latency]"), "did you mean 'exact_match'", "exact_matsh"),
-    ("dangling dataset", edit("    dataset: train\n", "    dataset: trian\n"), "unknown dataset 'trian' (did you mean 'train'?", "dataset: trian"),
-    ("dangling eval in gate", edit("- {eval: heldout, metric: exact_match, min", "- {eval: heldoot, metric: exact_match, min"), "unknown eval 'heldoot'", "heldoot"),
-    ("gate metric not in suite", edit("metric: exact_match, min: 0.5", "metric: bleu, min: 0.5"), "has no metric 'bleu'", "bleu"),
+    (
+        "unknown backend",
+        edit("backend: local", "backend: modle"),
+        "unknown backend 'modle' (did you mean 'modal'?",
+        "backend: modle",
+    ),
+    (
+        "unknown metric",
+        edit("metrics: [exact_match, latency]", "metrics: [exact_matsh, latency]"),
+        "did you mean 'exact_match'",
+        "exact_matsh",
+    ),
+    (
+        "dangling dataset",
+        edit("    dataset: train\n", "    dataset: trian\n"),
+        "unknown dataset 'trian' (did you mean 'train'?",
+        "dataset: trian",
+    ),
+    (
+        "dangling eval in gate",
+        edit("- {eval: heldout, metric: exact_match, min", "- {eval: heldoot, metric: exact_match, min"),
+        "unknown eval 'heldoot'",
+        "heldoot",
+    ),
+    (
+        "gate metric not in suite",
+        edit("metric: exact_match, min: 0.5", "metric: bleu, min: 0.5"),
+        "has no metric 'bleu'",
+        "bleu",
+    ),
     ("dangling deploy model", edit("  model: tiny\n", "  model: tinny\n"), "unknown model 'tinny'", "model: tinny"),
     ("missing dataset file", edit("path: data/train.jsonl", "path: data/nope.jsonl"), "does not exist", "nope.jsonl"),
     ("missing required key", edit("project: tiny-reverse\n", ""), "project: required key is missing", None),
-    ("python tag", edit("project: tiny-reverse", "project: !!python/object/apply:os.system [echo pwned]"), "constructor", "python/object"),
+    (
+        "python tag",
+        edit("project: tiny-reverse", "project: !!python/object/apply:os.system [echo pwned]"),
+        "constructor",
+        "python/object",
+    ),
     ("alias bomb", GOOD + BOMB, "alias bomb", None),
     ("duplicate key", edit("backend: local", "backend: local\nbackend: modal"), "duplicate key", "backend: modal"),
-    ("unset env var", edit("storage: .mlops", "storage: ${MLOPS_TEST_UNSET_VAR}"), "MLOPS_TEST_UNSET_VAR is not set", "MLOPS_TEST_UNSET_VAR"),
+    (
+        "unset env var",
+        edit("storage: .mlops", "storage: ${MLOPS_TEST_UNSET_VAR}"),
+        "MLOPS_TEST_UNSET_VAR is not set",
+        "MLOPS_TEST_UNSET_VAR",
+    ),
     ("top level not a mapping", "- just\n- a list\n", "must be a mapping", None),
-    ("rollout steps not ending at 100", edit("steps: [10, 50, 100]", "steps: [10, 50]"), "end at 100", "steps: [10, 50]"),
-    ("gate without bound", edit("- {eval: heldout, metric: latency, stat: p95, max: 2.0}", "- {eval: heldout, metric: latency, stat: p95}"), "at least one of", "stat: p95}"),
+    (
+        "rollout steps not ending at 100",
+        edit("steps: [10, 50, 100]", "steps: [10, 50]"),
+        "end at 100",
+        "steps: [10, 50]",
+    ),
+    (
+        "gate without bound",
+        edit(
+            "- {eval: heldout, metric: latency, stat: p95, max: 2.0}", "- {eval: heldout, metric: latency, stat: p95}"
+        ),
+        "at least one of",
+        "stat: p95}",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "text", "fragment", "line_needle"), CASES, ids=[c[0] for c in CASES])
-def test_malformed_config_one_line_error(tmp_path: Path, name: str, text: str, fragment: str, line_needle: str | None) -> None:
+def test_malformed_config_one_line_error(
+    tmp_path: Path, name: str, text: str, fragment: str, line_needle: str | None
+) -> None:
     (tmp_path / "data").symlink_to(REPO / "data")
     (tmp_path / "evals").symlink_to(REPO / "evals")
     (tmp_path / "mlops.yaml").write_text(text)
@@ -79,7 +148,9 @@ def test_shipped_config_is_valid_and_schema_matches(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["project"] == "tiny-reverse"
     schema = mlops("schema", cwd=REPO, timeout=60)
-    assert json.loads(schema.stdout) == json.loads((REPO / "mlops.schema.json").read_text()), "regenerate: mlops schema > mlops.schema.json"
+    assert json.loads(schema.stdout) == json.loads((REPO / "mlops.schema.json").read_text()), (
+        "regenerate: mlops schema > mlops.schema.json"
+    )
     assert GOOD.splitlines()[0] == "# yaml-language-server: $schema=./mlops.schema.json"
 
 
@@ -87,7 +158,9 @@ def test_overrides_apply_before_validation_and_errors_name_the_flag() -> None:
     loaded = load(REPO / "mlops.yaml", ["models.tiny.train.steps=1", "deploy.rollout.steps=[50, 100]"])
     assert loaded.cfg.models["tiny"].train.steps == 1
     assert loaded.cfg.deploy.rollout.steps == [50, 100]
-    with pytest.raises(ConfigError, match=r"^--set models.tiny.train.lr: models.tiny.train.lr: Input should be a valid number"):
+    with pytest.raises(
+        ConfigError, match=r"^--set models.tiny.train.lr: models.tiny.train.lr: Input should be a valid number"
+    ):
         load(REPO / "mlops.yaml", ["models.tiny.train.lr=abc"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         apply_overrides({}, ["novalue"])
@@ -97,7 +170,11 @@ def test_env_vars_expand_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path:
     (tmp_path / "data").symlink_to(REPO / "data")
     (tmp_path / "evals").symlink_to(REPO / "evals")
     monkeypatch.setenv("MLOPS_TEST_STORE", "s3://bucket/prefix")
-    (tmp_path / "mlops.yaml").write_text(edit("storage: .mlops", "storage: ${MLOPS_TEST_STORE}\nbackend: ${MLOPS_TEST_BACKEND:-local}").replace("backend: local                     # local | modal\n", ""))
+    (tmp_path / "mlops.yaml").write_text(
+        edit("storage: .mlops", "storage: ${MLOPS_TEST_STORE}\nbackend: ${MLOPS_TEST_BACKEND:-local}").replace(
+            "backend: local                     # local | modal\n", ""
+        )
+    )
     loaded = load(tmp_path / "mlops.yaml")
     assert loaded.cfg.storage == "s3://bucket/prefix"
     assert loaded.cfg.backend == "local"
@@ -106,7 +183,9 @@ def test_env_vars_expand_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_secret_values_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Judges name the env var holding a key; the value is read at call time and never stored."""
     cfg = yaml.safe_load(GOOD)
-    cfg["judges"] = {"local": {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "api_key_env": "MLOPS_TEST_SECRET"}}
+    cfg["judges"] = {
+        "local": {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "api_key_env": "MLOPS_TEST_SECRET"}
+    }
     monkeypatch.setenv("MLOPS_TEST_SECRET", "sk-planted-secret-value")
     (tmp_path / "data").symlink_to(REPO / "data")
     (tmp_path / "evals").symlink_to(REPO / "evals")

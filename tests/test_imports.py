@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 HEAVY = ("torch", "transformers", "deepeval", "ragas", "wandb", "modal", "boto3", "sentence_transformers")
@@ -27,7 +26,13 @@ sys.exit(code)
 
 @pytest.mark.parametrize("args", [["--help"], ["validate"], ["validate", "--json"], ["schema"]])
 def test_light_commands_import_no_heavy_library(args: list[str]) -> None:
-    r = subprocess.run([sys.executable, "-c", PROBE.format(args=args, heavy=HEAVY)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE.format(args=args, heavy=HEAVY)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     heavy = r.stderr.strip().splitlines()[-1]
     assert heavy == "HEAVY=", f"{args} imported {heavy}"
@@ -35,6 +40,8 @@ def test_light_commands_import_no_heavy_library(args: list[str]) -> None:
 
 def test_probe_can_fail() -> None:
     """The probe does see a heavy import when one happens (so the test above can fail)."""
-    code = PROBE.format(args=["--help"], heavy=HEAVY).replace("from mlops.cli.main import main", "import torch\nfrom mlops.cli.main import main")
+    code = PROBE.format(args=["--help"], heavy=HEAVY).replace(
+        "from mlops.cli.main import main", "import torch\nfrom mlops.cli.main import main"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == "HEAVY=torch"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port, make_project, mlops
 
 
@@ -34,7 +33,11 @@ def server(example: tuple[Path, dict[str, object], float]) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ | {"MLOPS_WANDB": "disabled"},
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"MLOPS_WANDB": "disabled"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,7 +64,11 @@ def server(example: tuple[Path, dict[str, object], float]) -> Iterator[str]:
 def served_by(url: str, n: int = 10) -> set[str]:
     seen = set()
     for i in range(n):
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abc=", "max_tokens": 8, "user": f"u{i}"}, timeout=30)
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": "abc=", "max_tokens": 8, "user": f"u{i}"},
+            timeout=30,
+        )
         assert r.status_code == 200, r.text
         seen.add(r.headers["x-mlops-release"])
     return seen
@@ -90,7 +97,9 @@ def test_unchanged_rerun_skips_training(example: tuple[Path, dict[str, object], 
     print(f"\nunchanged rerun: {rerun:.2f}s wall, ratio {rerun / wall:.3f}")
 
 
-def test_sabotaged_run_fails_gate_and_production_keeps_serving(example: tuple[Path, dict[str, object], float], server: str) -> None:
+def test_sabotaged_run_fails_gate_and_production_keeps_serving(
+    example: tuple[Path, dict[str, object], float], server: str
+) -> None:
     root, first, _ = example
     assert served_by(server) == {first["release"]}
     r = mlops("run", "--json", "--set", "models.tiny.train.steps=1", cwd=root)

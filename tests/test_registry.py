@@ -36,7 +36,9 @@ def test_publish_writes_artifact_then_immutable_manifest(reg: Registry, tmp_path
     assert reg.find_by_fingerprint("tiny", "f")["id"] == "r1"  # type: ignore[index]
 
 
-def test_crash_before_manifest_leaves_no_release(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_before_manifest_leaves_no_release(
+    reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_put = reg.store.put
 
     def crash(key: str, data: bytes, **kw: object) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from mlops.registry.releases import sha256_file
 from mlops.training.train import TrainJob, train_model
 
@@ -16,8 +16,17 @@ ARCH = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}
 
 
 def job(out: Path, **kw: object) -> TrainJob:
-    base = {"model_name": "t", "dataset_path": str(REPO / "data/train.jsonl"), "out_dir": str(out), "prompt": "{input}=",
-            "steps": 8, "batch_size": 16, "warmup_steps": 2, "threads": 1, "arch": ARCH}
+    base = {
+        "model_name": "t",
+        "dataset_path": str(REPO / "data/train.jsonl"),
+        "out_dir": str(out),
+        "prompt": "{input}=",
+        "steps": 8,
+        "batch_size": 16,
+        "warmup_steps": 2,
+        "threads": 1,
+        "arch": ARCH,
+    }
     return TrainJob(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -37,7 +46,13 @@ def test_artifact_is_stock_hf_gpt2_with_matching_logits(tmp_path: Path) -> None:
     seen: list[dict[str, float]] = []
     r = train_model(job(tmp_path / "m", steps=5), progress=seen.append)
     out = Path(r.out_dir)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+    } <= {p.name for p in out.iterdir()}
     assert not list(out.glob("*.bin")), "weights must be safetensors only"
     assert [int(d["step"]) for d in seen] == [1, 2, 3, 4, 5] and all(d["tokens_per_s"] > 0 for d in seen)
     cfg = json.loads((out / "config.json").read_text())
@@ -60,7 +75,12 @@ def test_artifact_is_stock_hf_gpt2_with_matching_logits(tmp_path: Path) -> None:
         b, p = tiny.h[0], "transformer.h.0."
         b.ln_1.load_state_dict({"weight": state[p + "ln_1.weight"], "bias": state[p + "ln_1.bias"]})
         b.ln_2.load_state_dict({"weight": state[p + "ln_2.weight"], "bias": state[p + "ln_2.bias"]})
-        for ours, theirs in (("c_attn", "attn.c_attn"), ("attn_proj", "attn.c_proj"), ("c_fc", "mlp.c_fc"), ("mlp_proj", "mlp.c_proj")):
+        for ours, theirs in (
+            ("c_attn", "attn.c_attn"),
+            ("attn_proj", "attn.c_proj"),
+            ("c_fc", "mlp.c_fc"),
+            ("mlp_proj", "mlp.c_proj"),
+        ):
             getattr(b, ours).weight.copy_(state[p + theirs + ".weight"].T)
             getattr(b, ours).bias.copy_(state[p + theirs + ".bias"])
         torch.testing.assert_close(tiny(ids), hf(ids).logits, atol=1e-5, rtol=1e-4)

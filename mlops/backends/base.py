@@ -66,10 +66,10 @@ class Backend(ABC):
     @abstractmethod
     def _serve(self) -> contextlib.AbstractContextManager[str]: ...
 
-    def _publish(self, state: State) -> None:
+    def _publish(self, state: State) -> None:  # noqa: B027 - optional hook
         """Push a new state to where the serving side reads it (the local server reads the store)."""
 
-    def _preflight(self, release_id: str) -> None:
+    def _preflight(self, release_id: str) -> None:  # noqa: B027 - optional hook
         """Prove the release loads before any pointer moves."""
 
     def _endpoint(self) -> str | None:

@@ -41,7 +41,11 @@ def validate(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_:
         "evals": list(cfg.evals),
         "gates": len(cfg.gates),
     }
-    emit(info, json_, f"{config}: ok ({cfg.project}: {len(cfg.models)} model(s), {len(cfg.evals)} eval suite(s), {len(cfg.gates)} gate(s), backend {cfg.backend})")
+    emit(
+        info,
+        json_,
+        f"{config}: ok ({cfg.project}: {len(cfg.models)} model(s), {len(cfg.evals)} eval suite(s), {len(cfg.gates)} gate(s), backend {cfg.backend})",
+    )
 
 
 @app.command()
@@ -86,7 +90,12 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        err.print(f"internal error: {type(e).__name__}: {e} (MLOPS_DEBUG=1 for a traceback)", markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"internal error: {type(e).__name__}: {e} (MLOPS_DEBUG=1 for a traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(EXIT_INFRA)
     sys.exit(rc if isinstance(rc, int) else 0)
 

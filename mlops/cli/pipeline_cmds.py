@@ -27,12 +27,22 @@ def _progress(json_mode: bool, total: int) -> Iterator[Any]:
             step = int(d["step"])
             if step == total or step - last[0] >= max(1, total // 10):
                 last[0] = step
-                err.print(f"  step {step}/{total}  loss {d['loss']:.4f}  {d['tokens_per_s']:,.0f} tok/s", markup=False, highlight=False)
+                err.print(
+                    f"  step {step}/{total}  loss {d['loss']:.4f}  {d['tokens_per_s']:,.0f} tok/s",
+                    markup=False,
+                    highlight=False,
+                )
 
         yield plain
         return
-    cols = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn()]
+    cols = [
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*cols, console=err, transient=False) as p:
         task = p.add_task("train", total=total, loss=float("nan"), tps=0.0)
 
@@ -101,7 +111,9 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
         suite: Annotated[list[str] | None, typer.Option(help="Suites to run (default: all).")] = None,
         url: Annotated[str | None, typer.Option(help="Evaluate through this endpoint instead of starting one.")] = None,
-        gates: Annotated[bool, typer.Option("--gates/--no-gates", help="Check gates against production; exit 3 on failure.")] = True,
+        gates: Annotated[
+            bool, typer.Option("--gates/--no-gates", help="Check gates against production; exit 3 on failure.")
+        ] = True,
     ) -> None:
         """Evaluate a release through the endpoint, store results with it, and check gates."""
         from mlops.pipeline import evaluate, gate, production_results
@@ -118,9 +130,18 @@ def register(app: typer.Typer) -> None:
         verdicts = gate(s, rid, results, prod_results) if gates and prod != rid else []
         ok = all(g["passed"] for g in verdicts)
         summary = {k: v["metrics"] for k, v in results.items()}
-        emit({"release": rid, "production": prod, "passed": ok, "metrics": summary, "gates": verdicts,
-              "cost": {k: v["cost"] for k, v in results.items()}}, json_,
-             f"{rid}: {'gates pass' if ok else 'gates FAIL'}")
+        emit(
+            {
+                "release": rid,
+                "production": prod,
+                "passed": ok,
+                "metrics": summary,
+                "gates": verdicts,
+                "cost": {k: v["cost"] for k, v in results.items()},
+            },
+            json_,
+            f"{rid}: {'gates pass' if ok else 'gates FAIL'}",
+        )
         if not ok:
             raise typer.Exit(EXIT_GATE)
 
@@ -132,7 +153,8 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
     ) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3)."""
-        from mlops.pipeline import Session, run as do_run
+        from mlops.pipeline import Session
+        from mlops.pipeline import run as do_run
 
         loaded = load_config(config, set_)
         with _progress(json_, loaded.cfg.models[loaded.cfg.deploy.model].train.steps) as prog:
@@ -167,7 +189,9 @@ def register(app: typer.Typer) -> None:
         results = {suite: s.registry.get_eval(rid, suite) for suite in cfg.evals}
         missing = [k for k, v in results.items() if v is None]
         if missing:
-            raise UsageError(f"{rid} has no eval results for {', '.join(missing)}: run `mlops eval --release {rid}` first")
+            raise UsageError(
+                f"{rid} has no eval results for {', '.join(missing)}: run `mlops eval --release {rid}` first"
+            )
         with s.backend.serve() as url:
             prod, prod_results = production_results(s, url)
             if prod == rid:
@@ -186,10 +210,18 @@ def register(app: typer.Typer) -> None:
                 if not all(v.passed for v in steps):
                     abort_canary(s.backend, reason="canary failed", actor="pipeline:analysis")
                     s.registry.append_event(rid, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
-                    emit({"release": rid, "status": "rolled_back", "canary": [v.to_json() for v in steps]}, json_, f"{rid}: rolled back")
+                    emit(
+                        {"release": rid, "status": "rolled_back", "canary": [v.to_json() for v in steps]},
+                        json_,
+                        f"{rid}: rolled back",
+                    )
                     raise typer.Exit(EXIT_GATE)
             promote(s.backend, rid, reason="deploy: gates and canary passed", actor="cli:deploy")
-        emit({"release": rid, "status": "promoted", "previous": prod, "canary": [v.to_json() for v in steps]}, json_, f"promoted {rid}")
+        emit(
+            {"release": rid, "status": "promoted", "previous": prod, "canary": [v.to_json() for v in steps]},
+            json_,
+            f"promoted {rid}",
+        )
 
     @app.command()
     def serve(
@@ -205,7 +237,9 @@ def register(app: typer.Typer) -> None:
         srv = s.loaded.cfg.deploy.server
         if s.loaded.cfg.backend != "local":
             ep = s.backend.endpoint()
-            err.print(f"backend {s.loaded.cfg.backend} serves at {ep}; `mlops serve` runs the local server", markup=False)
+            err.print(
+                f"backend {s.loaded.cfg.backend} serves at {ep}; `mlops serve` runs the local server", markup=False
+            )
         h, p = host or srv.host, srv.port if port is None else port
         err.print(f"serving {s.loaded.cfg.deploy.model} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
         serve_foreground(s.loaded, s.registry, h, p)

@@ -25,18 +25,33 @@ def register(app: typer.Typer) -> None:
         s = _session(config, set_, json_)
         st, _ = s.registry.read_state()
         items = s.registry.list()
-        doc = {**{k: st.stages.get(k) for k in ("production", "previous", "candidate", "canary")},
-               "routing": st.routing, "state_version": st.version, "releases": items}
+        doc = {
+            **{k: st.stages.get(k) for k in ("production", "previous", "candidate", "canary")},
+            "routing": st.routing,
+            "state_version": st.version,
+            "releases": items,
+        }
         if json_:
             emit(doc, True)
             return
         stage_of = {v: k for k, v in st.stages.items() if v}
         t = Table("release", "stage", "status", "traffic", "created", "exact/metrics", "git")
         for m in items:
-            ev = next((h.get("detail", {}).get("summary") for h in reversed(m["history"]) if h["event"] == "evaluated"), None)
-            metrics = "; ".join(f"{k}: " + ", ".join(f"{n} {v:.3g}" for n, v in d.items()) for k, d in (ev or {}).items())
-            t.add_row(m["id"], stage_of.get(m["id"], ""), m["status"], f"{st.routing.get(m['id'], 0)}%",
-                      m.get("created_at", "")[:19], metrics, str(m.get("lineage", {}).get("git_sha") or "")[:12])
+            ev = next(
+                (h.get("detail", {}).get("summary") for h in reversed(m["history"]) if h["event"] == "evaluated"), None
+            )
+            metrics = "; ".join(
+                f"{k}: " + ", ".join(f"{n} {v:.3g}" for n, v in d.items()) for k, d in (ev or {}).items()
+            )
+            t.add_row(
+                m["id"],
+                stage_of.get(m["id"], ""),
+                m["status"],
+                f"{st.routing.get(m['id'], 0)}%",
+                m.get("created_at", "")[:19],
+                metrics,
+                str(m.get("lineage", {}).get("git_sha") or "")[:12],
+            )
         out.print(t)
 
     @app.command()
@@ -60,8 +75,10 @@ def register(app: typer.Typer) -> None:
             d = e.get("detail", {})
             if e["event"] == "canary_step":
                 c = d.get("candidate", {})
-                detail = (f"{d.get('percent')}%: {int(c.get('requests', 0))} req, err {c.get('error_rate', 0):.1%}, "
-                          f"p95 {c.get('p95', 0) * 1000:.1f} ms -> {'pass' if d.get('passed') else 'FAIL ' + '; '.join(d.get('reasons', []))}")
+                detail = (
+                    f"{d.get('percent')}%: {int(c.get('requests', 0))} req, err {c.get('error_rate', 0):.1%}, "
+                    f"p95 {c.get('p95', 0) * 1000:.1f} ms -> {'pass' if d.get('passed') else 'FAIL ' + '; '.join(d.get('reasons', []))}"
+                )
             elif "gates" in d:
                 detail = "; ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in d["gates"])
             else:
@@ -74,7 +91,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = Path("mlops.yaml"),
         set_: SetOpt = None,
         json_: JsonOpt = False,
-        to: Annotated[str | None, typer.Option("--to", help="Release to serve (default: the previous production).")] = None,
+        to: Annotated[
+            str | None, typer.Option("--to", help="Release to serve (default: the previous production).")
+        ] = None,
         reason: Annotated[str, typer.Option(help="Why; recorded in the release history.")] = "manual rollback",
     ) -> None:
         """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
@@ -89,5 +108,13 @@ def register(app: typer.Typer) -> None:
         except (KeyError, OSError):
             actor = "user"
         state, target = do_rollback(s.backend, to, reason, actor)
-        emit({"production": target, "previous": state.stages.get("previous"), "rolled_back_from": before,
-              "state_version": state.version}, json_, f"production is now {target} (was {before})")
+        emit(
+            {
+                "production": target,
+                "previous": state.stages.get("previous"),
+                "rolled_back_from": before,
+                "state_version": state.version,
+            },
+            json_,
+            f"production is now {target} (was {before})",
+        )

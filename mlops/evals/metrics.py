@@ -189,7 +189,7 @@ def load_callable(ref: str, base_dir: Path) -> Callable[..., Any]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"callable {ref!r}: {attr!r} is not a function in {mod_ref}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def build_metric(spec: str | dict[str, Any], base_dir: Path, judges: dict[str, Any] | None = None) -> Metric:

@@ -77,7 +77,7 @@ _embeddings_lock = threading.Lock()
 def _embeddings_class() -> type:
     from ragas.embeddings.huggingface_provider import HuggingFaceEmbeddings
 
-    class MiniLMEmbeddings(HuggingFaceEmbeddings):  # type: ignore[misc]
+    class MiniLMEmbeddings(HuggingFaceEmbeddings):
         """ragas' HuggingFaceEmbeddings on the bundled MiniLM, with a memo that `prime` fills in one
         batched encode, so SemanticSimilarity's one-text-at-a-time calls become lookups."""
 

@@ -78,8 +78,13 @@ class State:
     def from_json(cls, d: dict[str, Any]) -> State:
         stages = dict.fromkeys(STAGES) | dict(d.get("stages", {}))
         return cls(
-            int(d.get("version", 0)), stages, dict(d.get("routing", {})), dict(d.get("shadow", {})),
-            d.get("updated_at"), d.get("reason"), d.get("actor"),
+            int(d.get("version", 0)),
+            stages,
+            dict(d.get("routing", {})),
+            dict(d.get("shadow", {})),
+            d.get("updated_at"),
+            d.get("reason"),
+            d.get("actor"),
         )
 
     def referenced(self) -> set[str]:

@@ -16,9 +16,9 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str
     from torch import nn
 
     class LoraWrap(nn.Module):
-        def __init__(self, base: nn.Module) -> None:
+        def __init__(self, base: Any) -> None:
             super().__init__()
-            self.base = base
+            self.base: Any = base
             w = base.weight
             # transformers' Conv1D stores (in, out); nn.Linear stores (out, in)
             self.conv1d = type(base).__name__ == "Conv1D"
@@ -32,7 +32,7 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, targets: list[str
         def forward(self, x: Any) -> Any:
             return self.base(x) + (self.drop(x) @ self.lora_a.T @ self.lora_b.T) * self.scale
 
-        def merged(self) -> nn.Module:
+        def merged(self) -> Any:
             with torch.no_grad():
                 delta = (self.lora_b @ self.lora_a) * self.scale  # (out, in)
                 self.base.weight += delta.T if self.conv1d else delta

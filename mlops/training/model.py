@@ -72,7 +72,12 @@ class TinyGPT(nn.Module):
             for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
                 sd[p + theirs + ".weight"] = getattr(b, ours).weight
                 sd[p + theirs + ".bias"] = getattr(b, ours).bias
-            for ours, theirs in (("c_attn", "attn.c_attn"), ("attn_proj", "attn.c_proj"), ("c_fc", "mlp.c_fc"), ("mlp_proj", "mlp.c_proj")):
+            for ours, theirs in (
+                ("c_attn", "attn.c_attn"),
+                ("attn_proj", "attn.c_proj"),
+                ("c_fc", "mlp.c_fc"),
+                ("mlp_proj", "mlp.c_proj"),
+            ):
                 sd[p + theirs + ".weight"] = getattr(b, ours).weight.T.contiguous()
                 sd[p + theirs + ".bias"] = getattr(b, ours).bias
         return {k: v.detach().clone() for k, v in sd.items()}

@@ -37,7 +37,9 @@ class TrainJob:
     weight_decay: float = 0.0
     threads: int | None = None
     arch: dict[str, int] = field(default_factory=lambda: {"n_layer": 3, "n_embd": 128, "n_head": 4, "n_positions": 64})
-    lora: dict[str, Any] = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]})
+    lora: dict[str, Any] = field(
+        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]}
+    )
     input_field: str = "input"
     target_field: str = "expected"
 
@@ -65,7 +67,7 @@ def _encode(tok: Any, text: str) -> list[int]:
     return ids
 
 
-def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:
+def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:  # noqa: C901 - one linear recipe
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -83,18 +85,17 @@ def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    model: Any
+    hf_model: Any
     if job.base == "scratch":
         if job.method == "lora":
             raise ConfigError("method: lora needs a pretrained base, not 'scratch'")
         hf_tok = None
         tok = build_char_tokenizer([p + c for p, c in pairs])
         pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
+        arch: dict[str, Any] = dict(job.arch)
         cfg = GPT2Config(
-            vocab_size=tok.get_vocab_size(),
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            **job.arch,
+            vocab_size=tok.get_vocab_size(), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **arch
         )
         hf_model = GPT2LMHeadModel(cfg)
         model = TinyGPT(cfg.vocab_size, **job.arch)
@@ -114,11 +115,15 @@ def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     for p, c in pairs:
         pi, ci = _encode(tok, p), [*_encode(tok, c), eos_id]
         if len(pi) + len(ci) > max_len:
-            raise ConfigError(f"{job.dataset_path}: an example is {len(pi) + len(ci)} tokens, over n_positions={max_len}")
+            raise ConfigError(
+                f"{job.dataset_path}: an example is {len(pi) + len(ci)} tokens, over n_positions={max_len}"
+            )
         encoded.append((pi, ci))
 
     if job.method == "lora":
-        params = apply_lora(model, **{k: job.lora[k] for k in ("r", "alpha", "dropout")}, targets=job.lora["target_modules"])
+        params = apply_lora(
+            model, **{k: job.lora[k] for k in ("r", "alpha", "dropout")}, targets=job.lora["target_modules"]
+        )
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     model.to(device).train()
@@ -188,6 +193,9 @@ def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:
         parameters=sum(p.numel() for p in model.parameters()),
         device=device,
     )
-    meta = {"job": asdict(job) | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path)}, "result": asdict(result) | {"out_dir": None}}
+    meta = {
+        "job": asdict(job) | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path)},
+        "result": asdict(result) | {"out_dir": None},
+    }
     (out / "mlops_train.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return result
