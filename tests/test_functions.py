@@ -1,0 +1,490 @@
+"""functions/*.py: they import on CPU with no Modal credentials, define their apps, and their plain
+bodies work here. The gateway runs for real under uvicorn on 127.0.0.1 in front of a fake vLLM
+(a small Starlette app speaking the same routes); only Modal's cloud is not exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import json
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mlops.registry.releases import State, tree_sha256
+from mlops.serving.routing import pick
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS = ROOT / "functions"
+MODULES = ("images", "train", "serve", "gateway", "evaluate")
+
+
+def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> dict[str, ModuleType]:
+    """Import functions/*.py the way `modal deploy functions/x.py` does: the directory on sys.path,
+    each file a top-level module. Fresh modules every call (settings are read at import)."""
+    monkeypatch.syspath_prepend(str(FUNCTIONS))
+    monkeypatch.setenv("MLOPS_CONFIG", str(ROOT / "mlops.yaml"))
+    for var in ("MLOPS_MODAL_SETTINGS", "MLOPS_RELEASE", "MLOPS_RELEASE_SHA256"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    mods = {name: importlib.import_module(name) for name in MODULES}
+    for name in MODULES:  # leave no top-level `train`/`evaluate` behind for other tests
+        sys.modules.pop(name, None)  # (not monkeypatch: its undo would put them back)
+    return mods
+
+
+@pytest.fixture
+def fns(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
+    return import_functions(monkeypatch)
+
+
+# ---------------------------------------------------------------------------- imports
+
+
+def test_every_functions_file_is_covered() -> None:
+    assert sorted(p.stem for p in FUNCTIONS.glob("*.py")) == sorted(MODULES)
+
+
+def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> None:
+    import modal
+
+    images = fns["images"]
+    for name in ("train_image", "vllm_image", "eval_image", "gateway_image"):
+        assert isinstance(getattr(images, name), modal.Image)
+    assert isinstance(images.volume, modal.Volume)
+    # names come from the shipped mlops.yaml (project tiny-reverse, no modal.app_name)
+    assert images.settings.app == "mlops-tiny-reverse"
+    assert images.settings.served_model == "tiny"
+    expected = {
+        "train": ("mlops-tiny-reverse-train", "train", False),
+        "serve": ("mlops-tiny-reverse-serve", "serve", True),
+        "gateway": ("mlops-tiny-reverse-gateway", "gateway", True),
+        "evaluate": ("mlops-tiny-reverse-eval", "evaluate", False),
+    }
+    for mod, (app_name, fn_name, web) in expected.items():
+        app, fn = fns[mod].app, getattr(fns[mod], fn_name)
+        assert isinstance(app, modal.App) and app.name == app_name
+        assert isinstance(fn, modal.Function)
+        # Modal 1.6 deprecated App.registered_functions/web_endpoints with no public replacement;
+        # these two private reads are the least fragile way left to check the decorators took.
+        assert fn._is_web_endpoint() is web
+    assert fns["train"].train._spec_.gpus == "A10G"  # models.tiny.resources.gpu
+    assert fns["serve"].serve._spec_.gpus == "L4"  # deploy.resources.gpu
+    assert fns["gateway"].gateway._spec_.gpus is None  # the gateway never needs a GPU
+
+
+def test_serve_app_is_named_after_its_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    mods = import_functions(monkeypatch, {"MLOPS_RELEASE": "tiny-20250101-000000-abcdef"})
+    assert mods["serve"].app.name == "mlops-tiny-reverse-serve-tiny-20250101-000000-abcdef"
+    assert mods["serve"].RELEASE == "tiny-20250101-000000-abcdef"
+
+
+def test_container_settings_win_over_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container there is no mlops.yaml: the settings it was deployed with arrive as JSON."""
+    from mlops.backends.modal import ModalSettings
+
+    s = ModalSettings(app="acme", environment="ci", train_gpu="H100", secrets=("wandb",))
+    mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json(), "MLOPS_CONFIG": "/nonexistent"})
+    assert mods["images"].settings == s
+    assert mods["train"].app.name == "acme-train"
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def test_train_body_writes_a_hugging_face_model(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    job = {
+        "model_name": "tiny",
+        "dataset_path": "/nonexistent/the-client-path.jsonl",  # replaced: the bytes travel instead
+        "out_dir": "/client/out",
+        "prompt": "{input}=",
+        "steps": 3,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "threads": 1,
+        "arch": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+    }
+    # 2,000 rows of the shipped dataset keep this fast; the bytes travel as they do to Modal
+    data = b"".join((ROOT / "data" / "train.jsonl").read_bytes().splitlines(keepends=True)[:2000])
+    out = fns["train"].train_body(job, data, run_id="run-1", root=str(tmp_path))
+    model_dir = tmp_path / "runs" / "run-1"
+    assert out["run_id"] == "run-1" and out["volume_dir"] == "runs/run-1"
+    assert out["steps"] == 3 and out["out_dir"] == str(model_dir)
+    assert out["device"] in ("cpu", "cuda") and out["parameters"] > 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (model_dir / name).is_file(), name
+        assert out["files"][name] == hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in model_dir.iterdir())
+    assert json.loads((model_dir / "config.json").read_text())["n_positions"] == 32
+    with pytest.raises(ValueError, match="invalid run id"):
+        fns["train"].train_body(job, data, run_id="../escape", root=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def test_vllm_command_keeps_the_key_off_the_command_line(fns: dict[str, ModuleType]) -> None:
+    serve = fns["serve"]
+    cmd = serve.vllm_command("/vol/releases/r1/model", "r1", 8000, aliases=("tiny",), chat_template="/tmp/t.jinja")
+    assert cmd[:3] == ["vllm", "serve", "/vol/releases/r1/model"]
+    i = cmd.index("--served-model-name")
+    assert cmd[i + 1 : i + 3] == ["r1", "tiny"]
+    assert cmd[cmd.index("--port") + 1] == "8000"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--chat-template") + 1] == "/tmp/t.jinja"
+    assert "--enforce-eager" in cmd
+    assert "--api-key" not in cmd
+    assert "--chat-template" not in serve.vllm_command("/m", "r1", 9000)
+
+    env = serve.vllm_env("MLOPS_VLLM_API_KEY", {"MLOPS_VLLM_API_KEY": "s3cret", "MLOPS_API_KEYS": "k", "PATH": "/bin"})
+    assert env == {"VLLM_API_KEY": "s3cret", "PATH": "/bin"}
+    assert not any("s3cret" in part for part in cmd)
+    with pytest.raises(RuntimeError, match="MLOPS_VLLM_API_KEY is not set"):
+        serve.vllm_env("MLOPS_VLLM_API_KEY", {"MLOPS_VLLM_API_KEY": ""})
+
+
+def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> None:
+    import jinja2
+
+    tpl = jinja2.Environment().from_string(fns["serve"].chat_template_for('Q: "{input}" ='))
+    messages = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "abc"},
+    ]
+    assert tpl.render(messages=messages) == 'Q: "abc" ='
+
+
+def _stage(root: Path, release: str, files: dict[str, bytes]) -> str:
+    model = root / "releases" / release / "model"
+    model.mkdir(parents=True)
+    digests = {}
+    for name, data in files.items():
+        (model / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    art = {"files": digests, "sha256": tree_sha256(digests), "uri": "x"}
+    (root / "releases" / release / "manifest.json").write_text(json.dumps({"id": release, "artifact": art}))
+    return str(art["sha256"])
+
+
+def test_prepare_release_checks_every_file(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    prepare = fns["serve"].prepare_release
+    digest = _stage(tmp_path, "r1", {"config.json": b"{}", "model.safetensors": b"weights"})
+    assert prepare(tmp_path, "r1", digest) == tmp_path / "releases" / "r1" / "model"
+    with pytest.raises(RuntimeError, match="digest"):
+        prepare(tmp_path, "r1", "0" * 64)
+    (tmp_path / "releases" / "r1" / "model" / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="model.safetensors does not match"):
+        prepare(tmp_path, "r1", digest)
+    (tmp_path / "releases" / "r1" / "model" / "model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="missing"):
+        prepare(tmp_path, "r1", digest)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def test_score_shard_scores_in_order(fns: dict[str, ModuleType]) -> None:
+    shard = {
+        "metrics": ["exact_match", "latency"],
+        "cases": [{"id": "a", "input": "ab", "expected": "ba"}, {"id": "b", "input": "cd", "expected": "dc"}],
+        "outputs": [{"text": "ba", "latency_s": 0.5}, {"text": "xx", "latency_s": 0.25}],
+    }
+    out = fns["evaluate"].score_shard(shard, base_dir=ROOT)
+    assert [r["value"] for r in out["scores"]["exact_match"]] == [1.0, 0.0]
+    assert [r["value"] for r in out["scores"]["latency"]] == [0.5, 0.25]
+    assert out["higher_is_better"] == {"exact_match": True, "latency": False}
+    json.dumps(out)  # crosses the wire as plain data
+
+
+# ---------------------------------------------------------------------------- gateway (real HTTP)
+
+
+class LocalServer:
+    """An ASGI app under uvicorn on 127.0.0.1 in a thread: port 0 (the kernel picks a free one,
+    no race), a bounded readiness wait, and a bounded stop. (Handing uvicorn a pre-bound socket
+    instead costs ~40 ms a request here: Nagle meets delayed ACK on its accepted connections.)"""
+
+    def __init__(self, app: Any) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start in 10 s")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+CHUNK_DELAY_S = 0.3
+
+
+def fake_vllm() -> tuple[Starlette, list[dict[str, Any]]]:
+    """Stands in for vLLM: serves every release under /r/<release>/v1/..., echoes what it got."""
+    seen: list[dict[str, Any]] = []
+
+    async def completions(request: Request) -> Response:
+        rid = request.path_params["rid"]
+        body = await request.json()
+        seen.append({"release": rid, "body": body, "auth": request.headers.get("authorization")})
+        return JSONResponse(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "text": f"from {rid}", "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }
+        )
+
+    async def chat(request: Request) -> Response:
+        rid = request.path_params["rid"]
+        body = await request.json()
+        seen.append({"release": rid, "body": body, "auth": request.headers.get("authorization")})
+
+        def chunk(text: str | None, finish: str | None) -> str:
+            delta = {"content": text} if text is not None else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            obj = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [choice],
+            }
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            for piece in ("he", "llo", f" {rid}"):
+                yield chunk(piece, None)
+                await asyncio.sleep(CHUNK_DELAY_S)
+            yield chunk(None, "stop")
+            yield "data: [DONE]\n\n"
+
+        if body.get("stream"):
+            return StreamingResponse(events(), media_type="text/event-stream")
+        msg = {"role": "assistant", "content": f"hello {rid}"}
+        return JSONResponse(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/r/{rid}/v1/completions", completions, methods=["POST"]),
+            Route("/r/{rid}/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )
+    return app, seen
+
+
+STATE = State.from_json(
+    {
+        "version": 3,
+        "stages": {"production": "rel-a", "canary": "rel-b", "previous": "rel-old", "candidate": "rel-c"},
+        "routing": {"rel-a": 80, "rel-b": 20},
+    }
+)
+
+
+@pytest.fixture
+def gateway(fns: dict[str, ModuleType]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    upstream_app, seen = fake_vllm()
+    with LocalServer(upstream_app) as upstream:
+        # rel-x: deployed, but neither staged nor routed (an old release `mlops eval` may pin)
+        urls = {rid: f"{upstream.url}/r/{rid}" for rid in ("rel-a", "rel-b", "rel-x")}
+        urls["rel-old"] = "http://127.0.0.1:9"  # a release whose server is gone: nothing listens there
+        app = fns["gateway"].create_gateway_app(
+            lambda: STATE, urls.get, ["key-1", "key-2"], upstream_api_key="upstream-key", model_name="tiny"
+        )
+        with LocalServer(app) as gw:
+            yield gw.url, seen
+
+
+def _post(url: str, path: str, body: dict[str, Any], key: str | None = "key-1", **headers: str) -> httpx.Response:
+    h = dict(headers)
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    return httpx.post(f"{url}{path}", json=body, headers=h, timeout=10, trust_env=False)
+
+
+def test_gateway_requires_a_key(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, seen = gateway
+    wrong = ["", "Bearer wrong", "Bearer", "Basic a2V5LTE6", "key-1", "Bearer key-1x"]
+    for auth in wrong:
+        headers = {"authorization": auth} if auth else {}
+        r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "ab"}, key=None, **headers)
+        assert r.status_code == 401, auth
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["x-mlops-release"] == "none"
+    r = httpx.get(f"{url}/v1/models", trust_env=False)
+    assert r.status_code == 401
+    assert seen == []  # no model was touched
+    assert httpx.get(f"{url}/health", trust_env=False).json() == {"status": "ok"}
+
+
+def test_gateway_routes_by_weight_and_forwards_to_that_release(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, seen = gateway
+    counts = {"rel-a": 0, "rel-b": 0}
+    with httpx.Client(base_url=url, headers={"authorization": "Bearer key-2"}, trust_env=False, timeout=10) as c:
+        for i in range(200):
+            user = f"user-{i}"
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "ab"}, headers={"x-mlops-user": user})
+            assert r.status_code == 200
+            rid = r.headers["x-mlops-release"]
+            assert rid == pick(STATE, user)  # the same stable hash as the local server
+            assert r.json()["choices"][0]["text"] == f"from {rid}"  # answered by that release's URL
+            counts[rid] += 1
+    assert 20 <= counts["rel-b"] <= 60, counts  # 20% of 200, with slack for the hash
+    assert all(s["body"]["model"] == s["release"] for s in seen)  # vLLM serves each release by its id
+    assert all(s["auth"] == "Bearer upstream-key" for s in seen)  # the client's key stays here
+
+
+def test_gateway_user_field_keeps_a_user_on_one_release(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = gateway
+    got = {
+        _post(url, "/v1/completions", {"model": "tiny", "prompt": "x", "user": "alice"}).headers["x-mlops-release"]
+        for _ in range(5)
+    }
+    assert got == {pick(STATE, "alice")}
+
+
+def test_gateway_pins(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, seen = gateway
+    for _ in range(5):
+        r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-b"})
+        assert r.headers["x-mlops-release"] == "rel-b"
+    r = _post(url, "/v1/completions", {"model": "rel-a", "prompt": "x"})  # a release id as the model
+    assert r.status_code == 200 and r.headers["x-mlops-release"] == "rel-a"
+    r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-x"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "from rel-x"
+    n = len(seen)
+    r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "nope"})
+    assert r.status_code == 404 and r.headers["x-mlops-release"] == "none"
+    r = _post(url, "/v1/completions", {"model": "gpt-4", "prompt": "x"})
+    assert r.status_code == 404
+    assert len(seen) == n
+    r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-old"})
+    assert r.status_code == 502 and r.headers["x-mlops-release"] == "rel-old"
+    r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-c"})
+    assert r.status_code == 503 and "mlops deploy --release rel-c" in r.json()["error"]["message"]
+
+
+def test_gateway_models_and_bad_bodies(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = gateway
+    r = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer key-1"}, trust_env=False)
+    assert [m["id"] for m in r.json()["data"]] == ["tiny", "rel-a", "rel-b", "rel-c", "rel-old"]
+    assert r.headers["x-mlops-release"] == "rel-a"
+    r = httpx.post(
+        f"{url}/v1/completions", content=b"{nope", headers={"authorization": "Bearer key-1"}, trust_env=False
+    )
+    assert r.status_code == 400 and r.headers["x-mlops-release"] == "none"
+
+
+def test_gateway_streams_server_sent_events_as_they_come(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = gateway
+    body = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": "Bearer key-1", "x-mlops-release": "rel-b"}
+    t0 = time.monotonic()
+    arrivals: list[float] = []
+    text = ""
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=10, trust_env=False
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["x-mlops-release"] == "rel-b"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                arrivals.append(time.monotonic() - t0)
+                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    assert text == "hello rel-b"
+    # passed through as produced, not buffered: the first event came well before the last
+    assert arrivals[-1] - arrivals[0] >= 2 * CHUNK_DELAY_S * 0.8, arrivals
+
+
+def test_gateway_works_with_the_openai_client(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key="key-1", max_retries=0, timeout=10)
+    done = client.completions.create(model="tiny", prompt="ab", user="bob")
+    assert done.choices[0].text == f"from {pick(STATE, 'bob')}"
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-mlops-release": "rel-a"},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "hello rel-a"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key="bad", max_retries=0).completions.create(
+            model="tiny", prompt="x"
+        )
+
+
+def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleType]) -> None:
+    gw = fns["gateway"]
+    reads: list[str] = []
+
+    class FakeDict:
+        def get(self, key: str) -> Any:
+            reads.append(key)
+            return {"state": STATE.to_json(), "url:rel-a": "https://a"}.get(key)
+
+    get_state, url_for = gw.modal_state_sources(FakeDict())
+    assert get_state().routing == STATE.routing
+    assert get_state().routing == STATE.routing
+    assert url_for("rel-a") == "https://a" and url_for("rel-a") == "https://a"
+    assert url_for("zzz") is None and url_for("zzz") is None  # misses are not remembered
+    assert reads == ["state", "url:rel-a", "url:zzz", "url:zzz"]
+    clock, calls = [0.0], []
+
+    def fetch(key: str) -> str:
+        calls.append(key)
+        return key.upper()
+
+    cache = gw.TTLCache(fetch, ttl=2.0, clock=lambda: clock[0])
+    for t in (0.0, 1.9, 2.1, 3.0):
+        clock[0] = t
+        assert cache("k") == "K"
+    assert calls == ["k", "k"]  # fetched at 0.0, cached at 1.9, fetched again at 2.1, cached at 3.0
+    assert gw.parse_keys(" a, b ,,", None, "c") == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="at least one API key"):
+        gw.create_gateway_app(lambda: STATE, lambda r: None, [])
