@@ -1,8 +1,18 @@
 """Gates: absolute thresholds, pass rates, latency SLOs, and no-regression against production.
 
-A no-regression gate compares the candidate with production's *stored* results on the same cases
-(matched by id) with a paired bootstrap, and fails only when it is confident, at the declared
-level, that the candidate is worse than production by more than `max_regression`.
+One gate in mlops.yaml names a suite, a metric and a statistic (`mean`, `p50`, `p95`, `p99`, or
+`pass_rate` with a per-case `threshold`), and any of:
+
+- `min` / `max`: an absolute bound on the candidate's statistic (a latency SLO is
+  `{metric: latency, stat: p95, max: 2.0}`; a pass-rate gate is
+  `{metric: exact_match, stat: pass_rate, threshold: 1, min: 0.9}`);
+- `max_regression` (+ `confidence`): a no-regression check against production's *stored* results
+  on the same cases (matched by id). A paired bootstrap gives an interval of the change; the gate
+  fails only when, at the declared confidence, the candidate is worse than production by more than
+  `max_regression` (in the metric's units; the direction follows `higher_is_better`). Noise that
+  cannot be told apart from a small change passes; a clear regression beyond the margin fails.
+
+Each gate gives one GateResult per check, with the numbers and a one-line reason.
 """
 
 from __future__ import annotations
@@ -11,30 +21,77 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlops.config import GateCfg
-from mlops.evals.stats import aggregate, paired_bootstrap
+from mlops.evals.stats import aggregate, paired_bootstrap, passes
 
 
 @dataclass
 class GateResult:
-    name: str
+    name: str  # suite.metric stat, e.g. "heldout.latency p95"
     eval: str
     metric: str
     stat: str
     kind: str  # absolute | regression
-    candidate: float | None
-    production: float | None
-    delta: float | None
-    interval: tuple[float, float] | None
-    threshold: str
+    candidate: float | None  # the statistic over the candidate's cases
+    production: float | None  # the statistic over production's cases (regression: the paired cases)
+    delta: float | None  # candidate - production, in the metric's units
+    interval: tuple[float, float] | None  # bounds of delta; each end is a one-sided `confidence` bound
+    threshold: str  # the bound, as the report shows it
     passed: bool
     reason: str
+    n: int = 0  # cases behind `candidate` (regression: paired cases)
+    higher_is_better: bool = True
+    stat_threshold: float | None = None  # pass_rate: the per-case threshold
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _values(result: dict[str, Any], metric: str) -> dict[str, float]:
-    return {c["id"]: float(c["scores"][metric]) for c in result["cases"] if metric in c["scores"]}
+@dataclass(frozen=True)
+class Sample:
+    """One metric of one result document: per-case values and failure flags, keyed by case id."""
+
+    values: dict[str, float]
+    failed: dict[str, bool]
+    higher_is_better: bool
+
+    @classmethod
+    def of(cls, result: dict[str, Any], metric: str) -> Sample | None:
+        summary = result.get("metrics", {}).get(metric)
+        if summary is None:
+            return None
+        values: dict[str, float] = {}
+        failed: dict[str, bool] = {}
+        for c in result.get("cases", []):
+            if metric in c.get("scores", {}):
+                values[c["id"]] = float(c["scores"][metric])
+                failed[c["id"]] = metric in c.get("failed", ()) or c.get("error") is not None
+        return cls(values, failed, bool(summary.get("higher_is_better", True)))
+
+    def stat(self, stat: str, threshold: float | None, ids: list[str] | None = None) -> float:
+        keys = list(self.values) if ids is None else ids
+        return aggregate(
+            [self.values[i] for i in keys],
+            stat,
+            threshold,
+            self.higher_is_better,
+            [self.failed[i] for i in keys],
+        )
+
+    def series(self, stat: str, threshold: float | None, ids: list[str]) -> list[float]:
+        """What the bootstrap resamples: the values, or 0/1 pass indicators for pass_rate."""
+        if stat != "pass_rate":
+            return [self.values[i] for i in ids]
+        assert threshold is not None
+        return [float(passes(self.values[i], threshold, self.higher_is_better, self.failed[i])) for i in ids]
+
+
+def label(g: GateCfg) -> str:
+    stat = f"pass_rate@{g.threshold:g}" if g.stat == "pass_rate" and g.threshold is not None else g.stat
+    return f"{g.eval}.{g.metric} {stat}"
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
 
 
 def check_gates(
@@ -42,49 +99,167 @@ def check_gates(
     candidate: dict[str, dict[str, Any]],
     production: dict[str, dict[str, Any] | None],
 ) -> list[GateResult]:
+    """Every check of every gate. `production` maps suite -> stored result, or None (first release)."""
     out: list[GateResult] = []
     for g in gates:
+        name = label(g)
         res = candidate.get(g.eval)
-        stat_name = f"{g.stat}(>={g.threshold:g})" if g.stat == "pass_rate" else g.stat
-        label = f"{g.eval}.{g.metric} {stat_name}"
-        if res is None:
-            out.append(GateResult(label, g.eval, g.metric, g.stat, "absolute", None, None, None, None, "-", False, "suite was not evaluated"))
+        sample = Sample.of(res, g.metric) if res is not None else None
+        if sample is None:
+            why = "suite was not evaluated" if res is None else f"metric {g.metric} is not in the results"
+            out.append(
+                GateResult(
+                    name,
+                    g.eval,
+                    g.metric,
+                    g.stat,
+                    "absolute",
+                    None,
+                    None,
+                    None,
+                    None,
+                    _bounds(g),
+                    False,
+                    why,
+                    stat_threshold=g.threshold,
+                )
+            )
             continue
-        higher = bool(res["metrics"][g.metric]["higher_is_better"])
-        cand_vals = _values(res, g.metric)
-        cand = aggregate(list(cand_vals.values()), g.stat, g.threshold)
         if g.min is not None or g.max is not None:
-            ok = (g.min is None or cand >= g.min) and (g.max is None or cand <= g.max)
-            bound = " and ".join(s for s in (f">= {g.min:g}" if g.min is not None else "", f"<= {g.max:g}" if g.max is not None else "") if s)
-            out.append(GateResult(label, g.eval, g.metric, g.stat, "absolute", cand, None, None, None, bound, ok,
-                                  f"{cand:.4g} {'meets' if ok else 'misses'} {bound}"))
+            out.append(_absolute(g, name, sample))
         if g.max_regression is not None:
-            out.append(_regression(g, label, higher, cand, cand_vals, production.get(g.eval)))
+            out.append(_regression(g, name, sample, production.get(g.eval)))
     return out
 
 
-def _regression(g: GateCfg, label: str, higher: bool, cand: float, cand_vals: dict[str, float], prod_res: dict[str, Any] | None) -> GateResult:
+def _bounds(g: GateCfg) -> str:
+    parts = []
+    if g.min is not None:
+        parts.append(f">= {g.min:g}")
+    if g.max is not None:
+        parts.append(f"<= {g.max:g}")
+    if g.max_regression is not None:
+        parts.append(f"regression <= {g.max_regression:g} @ {g.confidence:.0%}")
+    return ", ".join(parts)
+
+
+def _absolute(g: GateCfg, name: str, s: Sample) -> GateResult:
+    value = s.stat(g.stat, g.threshold)
+    n = len(s.values)
+    low_ok = g.min is None or value >= g.min
+    high_ok = g.max is None or value <= g.max
+    passed = low_ok and high_ok and n > 0
+    what = f"{g.stat} {_num(value)}"
+    if g.stat == "pass_rate":
+        ok = round(value * n)
+        what = f"pass rate {_num(value)} ({ok}/{n} cases {'>=' if s.higher_is_better else '<='} {g.threshold:g})"
+    if n == 0:
+        reason = "no cases were scored"
+    elif not low_ok:
+        reason = f"{what} is below the minimum {g.min:g}"
+    elif not high_ok:
+        reason = f"{what} is above the maximum {g.max:g}"
+    else:
+        reason = f"{what} is within " + " and ".join(
+            b
+            for b in (f"min {g.min:g}" if g.min is not None else "", f"max {g.max:g}" if g.max is not None else "")
+            if b
+        )
+    threshold = " and ".join(
+        b for b in (f">= {g.min:g}" if g.min is not None else "", f"<= {g.max:g}" if g.max is not None else "") if b
+    )
+    return GateResult(
+        name,
+        g.eval,
+        g.metric,
+        g.stat,
+        "absolute",
+        value,
+        None,
+        None,
+        None,
+        threshold,
+        passed,
+        reason,
+        n,
+        s.higher_is_better,
+        g.threshold,
+    )
+
+
+def _regression(g: GateCfg, name: str, s: Sample, prod_res: dict[str, Any] | None) -> GateResult:
     margin = float(g.max_regression or 0.0)
     threshold = f"regression <= {margin:g} @ {g.confidence:.0%}"
-    if prod_res is None or g.metric not in prod_res.get("metrics", {}):
-        return GateResult(label, g.eval, g.metric, g.stat, "regression", cand, None, None, None, threshold, True,
-                          "no production results to compare with (first release)")
-    prod_vals = _values(prod_res, g.metric)
-    common = sorted(set(cand_vals) & set(prod_vals))
-    prod = aggregate(list(prod_vals.values()), g.stat, g.threshold)
-    sign = 1.0 if higher else -1.0
-    if g.stat == "mean" and len(common) >= 2:
-        # one-sided bound at `confidence`: the upper end of a two-sided (2c-1) interval
-        iv = paired_bootstrap([sign * cand_vals[i] for i in common], [sign * prod_vals[i] for i in common], 2 * g.confidence - 1)
-        delta, lo, hi = iv.delta, iv.low, iv.high
-        ok = hi >= -margin
-        why = (f"change {sign * delta:+.4g}; worst plausible {-hi * 1:+.4g} beyond margin" if not ok
-               else f"change {sign * delta:+.4g} over {len(common)} paired cases; interval [{sign * lo:+.4g}, {sign * hi:+.4g}]")
-        if not ok:
-            why = f"regressed {abs(delta):.4g} (best case {abs(hi):.4g} at {g.confidence:.0%}) > allowed {margin:g}"
-        return GateResult(label, g.eval, g.metric, g.stat, "regression", cand, prod, cand - prod,
-                          (min(sign * lo, sign * hi), max(sign * lo, sign * hi)), threshold, ok, why)
-    better = sign * (cand - prod)
-    ok = better >= -margin
-    return GateResult(label, g.eval, g.metric, g.stat, "regression", cand, prod, cand - prod, None, threshold, ok,
-                      f"change {cand - prod:+.4g} ({'within' if ok else 'beyond'} {margin:g})")
+    cand_all = s.stat(g.stat, g.threshold)
+
+    def skip(reason: str) -> GateResult:
+        return GateResult(
+            name,
+            g.eval,
+            g.metric,
+            g.stat,
+            "regression",
+            cand_all,
+            None,
+            None,
+            None,
+            threshold,
+            True,
+            reason,
+            len(s.values),
+            s.higher_is_better,
+            g.threshold,
+        )
+
+    if prod_res is None:
+        return skip("no production results to compare with (first release)")
+    p = Sample.of(prod_res, g.metric)
+    if p is None:
+        return skip(f"production's stored results have no {g.metric}; nothing to compare")
+    ids = sorted(set(s.values) & set(p.values))
+    if not ids:
+        return skip("no cases in common with production's stored results; nothing to compare")
+    cand, prod = s.stat(g.stat, g.threshold, ids), p.stat(g.stat, g.threshold, ids)
+    stat = "mean" if g.stat == "pass_rate" else g.stat  # pass_rate = mean of 0/1 pass indicators
+    # The two-sided (2c - 1) interval's ends are the one-sided c bounds of the change.
+    iv = paired_bootstrap(
+        s.series(g.stat, g.threshold, ids), p.series(g.stat, g.threshold, ids), 2 * g.confidence - 1, stat
+    )
+    sign = 1.0 if s.higher_is_better else -1.0
+    worse_by = -sign * iv.delta  # > 0: the candidate is worse
+    least_worse = -max(sign * iv.low, sign * iv.high)  # the most favourable end of the interval
+    passed = least_worse <= margin
+    paired = f"{len(ids)} paired cases"
+    if not passed:
+        reason = (
+            f"worse by {_num(worse_by)}; at {g.confidence:.0%} confidence by at least {_num(least_worse)}, "
+            f"more than the allowed {margin:g} ({paired})"
+        )
+    elif worse_by > margin:
+        reason = (
+            f"worse by {_num(worse_by)}, but not beyond the allowed {margin:g} at {g.confidence:.0%} "
+            f"confidence: too few or too noisy cases ({paired})"
+        )
+    elif worse_by > 0:
+        reason = f"worse by {_num(worse_by)}, within the allowed {margin:g} ({paired})"
+    elif worse_by < 0:
+        reason = f"better by {_num(-worse_by)} ({paired})"
+    else:
+        reason = f"no change ({paired})"
+    return GateResult(
+        name,
+        g.eval,
+        g.metric,
+        g.stat,
+        "regression",
+        cand,
+        prod,
+        cand - prod,
+        (iv.low, iv.high),
+        threshold,
+        passed,
+        reason,
+        len(ids),
+        s.higher_is_better,
+        g.threshold,
+    )

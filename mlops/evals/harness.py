@@ -1,31 +1,53 @@
 """Run an eval suite against an OpenAI-compatible endpoint, then score it with the suite's metrics.
 
-Requests go out concurrently (httpx.AsyncClient + a semaphore), each with a timeout and bounded
-retries that honour Retry-After; a failure becomes a failed case with its reason, never a NaN.
-A disk cache keyed by (release, request) makes an unchanged rerun cost zero endpoint calls.
+- Requests go out concurrently (one httpx.AsyncClient, a semaphore of `evals.<suite>.concurrency`
+  held only while a request is in flight).
+- Every attempt has a wall-clock `timeout` (the whole request, not per socket read). A timed-out
+  case fails at once, without a retry: a hung call is usually hung again, and retrying it would
+  multiply the eval's worst case by the retry count. So a suite ends within about one timeout of
+  its slowest healthy case, whatever hangs.
+- Connection errors and 429/502/503/504 are retried at most `retries` times, waiting as long as
+  `Retry-After` says (capped at MAX_RETRY_WAIT) or a short exponential backoff.
+- A failure is a failed case with its reason (`timeout after 30s`, `HTTP 500: ...`), never a NaN
+  and never a lost case; a metric that raises fails only the cases it could not score.
+- A disk cache keyed by (release, request) makes an unchanged rerun cost zero endpoint calls, and
+  judge-based metrics share one JudgeClient per judge with its own disk cache
+  (`.mlops/cache/judge`), so the rerun costs zero judge calls too.
+
+deepeval and ragas are imported only when a suite names one of their metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
+import os
+import secrets
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from mlops.config import Loaded
 from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric, metric_name
 from mlops.evals.stats import aggregate
-from mlops.evals.types import Case, Metric, Output
+from mlops.evals.types import Case, Metric, Output, Score
 from mlops.registry.releases import now
 from mlops.training.data import read_jsonl
 
-RETRY_STATUSES = (429, 502, 503, 504)
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot stall a run
+BACKOFF_S = 0.1  # first backoff without a Retry-After; doubles per attempt, capped at 2 s
+FAILED_LOW = 0.0  # a failed case's value on a higher-is-better metric
+FAILED_HIGH = 1e9  # ... and on a lower-is-better one (as metrics._PerCase does): worst, but finite
+JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
 
 
 def load_cases(loaded: Loaded, suite: str) -> list[Case]:
@@ -39,185 +61,335 @@ def load_cases(loaded: Loaded, suite: str) -> list[Case]:
 
 
 class DiskCache:
+    """Answers of the endpoint, keyed by (release, request), in one directory per release.
+
+    Each run that asked the endpoint adds one segment file (JSON lines of key and answer), written
+    once at the end: one file per run rather than one per case keeps the event loop free of file
+    system calls while requests are in flight (200 small files cost ~0.2 s of blocking calls on a
+    loaded machine). A run reads its release's segments once. Not fsynced: a torn or missing
+    segment only costs the next run some calls. Past MAX_SEGMENTS, a run merges them into one.
+    """
+
+    MAX_SEGMENTS = 16
+
     def __init__(self, root: Path | None) -> None:
         self.root = root
-
-    def _path(self, key: str) -> Path:
-        assert self.root is not None
-        return self.root / key[:2] / f"{key}.json"
 
     @staticmethod
     def key(*parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def _dir(self, release: str) -> Path:
+        assert self.root is not None
+        return self.root / self.key("release", release)[:24]
+
+    def load(self, release: str) -> dict[str, dict[str, Any]]:
+        """Every cached answer for `release`, by request key."""
         if self.root is None:
-            return None
+            return {}
+        out: dict[str, dict[str, Any]] = {}
         try:
-            return dict(json.loads(self._path(key).read_text()))
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        if self.root is None:
-            return
-        from mlops.registry.store import atomic_write
-
-        atomic_write(self._path(key), json.dumps(value).encode())
-
-
-async def _call(client: Any, url: str, body: dict[str, Any], headers: dict[str, str], timeout: float, retries: int) -> Output:
-    import httpx
-
-    t0 = time.perf_counter()
-    last = "no attempt"
-    for attempt in range(retries + 1):
-        try:
-            r = await client.post(url, json=body, headers=headers, timeout=timeout)
-        except httpx.TimeoutException:
-            last = f"timeout after {timeout:g}s"
-            continue
-        except httpx.HTTPError as e:
-            last = f"{type(e).__name__}: {e}"
-            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
-            continue
-        if r.status_code in RETRY_STATUSES and attempt < retries:
-            last = f"HTTP {r.status_code}"
-            await asyncio.sleep(_retry_after(r.headers.get("retry-after"), attempt))
-            continue
-        if r.status_code != 200:
-            return Output("", time.perf_counter() - t0, f"HTTP {r.status_code}: {r.text[:200]}", r.headers.get("x-mlops-release"))
-        data = r.json()
-        choice = data["choices"][0]
-        text = choice.get("text") if "text" in choice else choice["message"]["content"]
-        usage = data.get("usage") or {}
-        return Output(text or "", time.perf_counter() - t0, None, r.headers.get("x-mlops-release"), int(usage.get("completion_tokens", 0)))
-    return Output("", time.perf_counter() - t0, last)
-
-
-def _retry_after(value: str | None, attempt: int) -> float:
-    try:
-        wait = float(value) if value is not None else 0.1 * 2**attempt
-    except ValueError:
-        wait = 0.1 * 2**attempt
-    return max(0.0, min(wait, MAX_RETRY_WAIT))
-
-
-async def query_all(
-    base_url: str,
-    cases: list[Case],
-    release: str,
-    prompt_template: str,
-    max_tokens: int,
-    concurrency: int,
-    timeout: float,
-    cache: DiskCache,
-    retries: int = 2,
-    api_key: str | None = None,
-    model: str | None = None,
-) -> tuple[list[Output], dict[str, int]]:
-    import httpx
-
-    url = base_url.rstrip("/") + "/v1/completions"
-    headers = {"x-mlops-release": release}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    sem = asyncio.Semaphore(concurrency)
-    counts = {"endpoint_calls": 0, "cache_hits": 0}
-
-    async def one(client: httpx.AsyncClient, case: Case) -> Output:
-        body = {"model": model or release, "prompt": prompt_template.format(input=case.input), "max_tokens": max_tokens, "temperature": 0}
-        key = DiskCache.key("completion", release, body)
-        hit = cache.get(key)
-        if hit is not None:
-            counts["cache_hits"] += 1
-            return Output(**(hit | {"cached": True}))
-        async with sem:
-            counts["endpoint_calls"] += 1
-            out = await _call(client, url, body, headers, timeout, retries)
-        if out.error is None:  # failures are retried on the next run, never cached
-            cache.put(key, asdict(out) | {"cached": False})
+            segments = sorted(self._dir(release).glob("*.jsonl"))
+        except OSError:
+            return {}
+        for seg in segments:
+            try:
+                lines = seg.read_bytes().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                    out[str(row["k"])] = dict(row["v"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line: that answer is asked again
         return out
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+    def save(self, release: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Add `entries` as one new segment (or merge all segments when there are too many)."""
+        if self.root is None or not entries:
+            return
+        d = self._dir(release)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            old = sorted(d.glob("*.jsonl"))
+            merge = len(old) >= self.MAX_SEGMENTS
+            rows = (self.load(release) | entries) if merge else entries
+            blob = b"".join(json.dumps({"k": k, "v": v}).encode() + b"\n" for k, v in rows.items())
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, d / f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(3)}.jsonl")
+            if merge:
+                for seg in old:
+                    seg.unlink(missing_ok=True)
+        except OSError:  # a full or read-only disk costs the next run its cache, not this run
+            pass
+
+
+def _retry_wait(resp: httpx.Response | None, attempt: int) -> float:
+    from mlops.evals.judges import _retry_after_s
+
+    hint = _retry_after_s(resp.headers.get("retry-after")) if resp is not None else None
+    wait = hint if hint is not None else min(BACKOFF_S * 2**attempt, 2.0)
+    return min(wait, MAX_RETRY_WAIT)
+
+
+def _parse(r: httpx.Response) -> tuple[str, int]:
+    data = r.json()
+    choice = data["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    if not isinstance(text, str):
+        raise TypeError(f"text is {type(text).__name__}")
+    usage = data.get("usage") or {}
+    return text, int(usage.get("completion_tokens") or 0)
+
+
+@dataclass
+class Counts:
+    endpoint_calls: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Endpoint:
+    """Where and how to ask for completions of one release."""
+
+    base_url: str
+    release: str
+    prompt_template: str = "{input}"
+    max_tokens: int = 32
+    concurrency: int = 16
+    timeout: float = 30.0
+    retries: int = 2
+    api_key: str | None = None
+    model: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self, case: Case) -> dict[str, Any]:
+        return {
+            "model": self.model or self.release,
+            "prompt": self.prompt_template.format(input=case.input),
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        }
+
+
+async def _ask(
+    client: httpx.AsyncClient, ep: Endpoint, body: dict[str, Any], sem: asyncio.Semaphore, counts: Counts
+) -> Output:
+    url = ep.base_url.rstrip("/") + "/v1/completions"
+    headers = {"x-mlops-release": ep.release, **ep.headers}
+    if ep.api_key:
+        headers["authorization"] = f"Bearer {ep.api_key}"
+    t_start = time.perf_counter()
+    attempt = 0
+    while True:
+        resp: httpx.Response | None = None
+        async with sem:  # held only while a request is in flight, not while waiting to retry
+            counts.endpoint_calls += 1
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(ep.timeout):
+                    resp = await client.post(url, json=body, headers=headers)
+            except (TimeoutError, httpx.TimeoutException):
+                return Output("", time.perf_counter() - t_start, f"timeout after {ep.timeout:g}s")
+            except httpx.HTTPError as e:
+                reason = f"{type(e).__name__}: {e}".rstrip(": ")
+            latency = time.perf_counter() - t0
+        if resp is not None:
+            answered = resp.headers.get("x-mlops-release")
+            if resp.status_code == 200:
+                if answered is not None and answered != ep.release:
+                    return Output("", latency, f"answered by release {answered}, not {ep.release}", answered)
+                try:
+                    text, tokens = _parse(resp)
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    return Output("", latency, f"bad response: {type(e).__name__}: {e}"[:300], answered)
+                return Output(text, latency, None, answered or ep.release, tokens)
+            reason = f"HTTP {resp.status_code}: {resp.text.strip()[:200]}".rstrip(": ")
+            if resp.status_code not in RETRY_STATUSES:
+                return Output("", latency, reason, answered)
+        if attempt >= ep.retries:
+            suffix = f" (after {attempt + 1} attempts)" if attempt else ""
+            return Output("", time.perf_counter() - t_start, reason + suffix)
+        attempt += 1
+        counts.retries += 1
+        await asyncio.sleep(_retry_wait(resp, attempt - 1))
+
+
+async def query_all(ep: Endpoint, cases: list[Case], cache: DiskCache) -> tuple[list[Output], Counts]:
+    """One Output per case, in order; failed calls are Outputs with `error` set, never exceptions."""
+    sem = asyncio.Semaphore(ep.concurrency)
+    counts = Counts()
+    known = cache.load(ep.release)
+    fresh: dict[str, dict[str, Any]] = {}
+
+    async def one(client: httpx.AsyncClient, case: Case) -> Output:
+        key = None
+        try:
+            body = ep.body(case)
+            key = DiskCache.key("completion", ep.release, body)
+            hit = known.get(key)
+            if hit is not None:
+                with contextlib.suppress(TypeError):
+                    out = Output(**(hit | {"cached": True}))
+                    counts.cache_hits += 1
+                    return out
+            out = await _ask(client, ep, body, sem, counts)
+        except Exception as e:  # a bug or a bad case must not take the other cases down
+            out = Output("", 0.0, f"harness error: {type(e).__name__}: {e}"[:300])
+        if out.error is None and key is not None:  # failures are asked again next run, never cached
+            fresh[key] = asdict(out)
+        else:
+            counts.errors += 1
+        return out
+
+    limits = httpx.Limits(max_connections=ep.concurrency, max_keepalive_connections=ep.concurrency)
+    async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=ep.timeout) as client:
         outs = await asyncio.gather(*(one(client, c) for c in cases))
+    cache.save(ep.release, fresh)
     return list(outs), counts
 
 
-def score(metrics: list[Metric], cases: list[Case], outputs: list[Output]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    per_case: list[dict[str, Any]] = [
-        {"id": c.id, "input": c.input, "expected": c.expected, "output": o.text, "latency_s": round(o.latency_s, 6), "error": o.error, "scores": {}, "reasons": {}}
+# ---------------------------------------------------------------------------- scoring
+
+
+def _failed_value(m: Metric) -> float:
+    return FAILED_LOW if m.higher_is_better else FAILED_HIGH
+
+
+def _score_metric(m: Metric, cases: list[Case], outputs: list[Output]) -> list[Score]:
+    """m's scores for every case. A metric that raises is retried case by case, so only the cases
+    it cannot score fail; a non-finite value is a failure with a reason, not a NaN."""
+    try:
+        scores = list(m.score_batch(cases, outputs))
+        if len(scores) != len(cases):
+            raise ValueError(f"returned {len(scores)} scores for {len(cases)} cases")
+    except Exception as e:
+        if len(cases) == 1:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return [Score(_failed_value(m), f"{m.name}: {type(e).__name__}: {msg}"[:300].rstrip(": "), True)]
+        return [_score_metric(m, [c], [o])[0] for c, o in zip(cases, outputs, strict=True)]
+    out = []
+    for s in scores:
+        v = float(s.value)
+        if not math.isfinite(v):
+            out.append(Score(_failed_value(m), f"{m.name} returned {v}", True))
+        else:
+            out.append(Score(v, s.reason, bool(s.failed)))
+    return out
+
+
+def score(
+    metrics: list[Metric], cases: list[Case], outputs: list[Output]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary per metric, one row per case). Rows keep every case, scored or failed."""
+    rows: list[dict[str, Any]] = [
+        {
+            "id": c.id,
+            "input": c.input,
+            "expected": c.expected,
+            "output": o.text,
+            "latency_s": round(o.latency_s, 6),
+            "error": o.error,
+            "cached": o.cached,
+            "scores": {},
+            "reasons": {},
+            "failed": [],
+        }
         for c, o in zip(cases, outputs, strict=True)
     ]
     summary: dict[str, Any] = {}
     for m in metrics:
-        scores = m.score_batch(cases, outputs)
-        vals = []
-        for row, s in zip(per_case, scores, strict=True):
-            v = float(s.value) if math.isfinite(s.value) else 0.0
-            row["scores"][m.name] = v
+        scores = _score_metric(m, cases, outputs)
+        for row, s in zip(rows, scores, strict=True):
+            row["scores"][m.name] = s.value
             if s.reason:
                 row["reasons"][m.name] = s.reason
-            vals.append(v)
+            if s.failed:
+                row["failed"].append(m.name)
+        vals = [s.value for s in scores]
         summary[m.name] = {
-            "higher_is_better": m.higher_is_better,
-            "mean": aggregate(vals, "mean"),
-            "p50": aggregate(vals, "p50"),
-            "p95": aggregate(vals, "p95"),
-            "p99": aggregate(vals, "p99"),
+            "higher_is_better": bool(m.higher_is_better),
+            "n": len(vals),
             "failed": sum(1 for s in scores if s.failed),
+            **{st: aggregate(vals, st) for st in ("mean", "p50", "p95", "p99")},
         }
-    return summary, per_case
+    return summary, rows
 
 
-JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
+def build_metrics(loaded: Loaded, suite: str, cache_dir: Path | None = None) -> tuple[list[Metric], dict[str, Any]]:
+    """The suite's metric objects, and the judge clients they share (by judge name).
 
-
-def build_metrics(loaded: Loaded, suite: str) -> list[Metric]:
-    """The suite's metric objects; judge-based ones get the suite's default judge unless they name one."""
+    Judge-based metrics get the suite's default judge unless they name one. All metrics of a run
+    that use one judge share one JudgeClient (one concurrency limit, one set of counters) whose
+    answers are cached under `cache_dir/judge`.
+    """
     ev = loaded.cfg.evals[suite]
-    judges: dict[str, Any] = {}
+    clients: dict[str, Any] = {}
     if loaded.cfg.judges:
-        from mlops.evals.judges import JudgeSpec
+        from mlops.evals.judges import JudgeClient, JudgeSpec
 
-        judges = {k: JudgeSpec(**v.model_dump()) for k, v in loaded.cfg.judges.items()}
-    out = []
+        judge_dir = cache_dir / "judge" if cache_dir is not None else None
+        clients = {
+            name: JudgeClient(JudgeSpec(**j.model_dump()), judge_dir, name=name)
+            for name, j in loaded.cfg.judges.items()
+        }
+    metrics = []
     for spec in ev.metrics:
         if ev.judge and metric_name(spec) in JUDGE_BASED:
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
             spec.setdefault("judge", ev.judge)
-        out.append(build_metric(spec, loaded.root, judges))
-    return out
+        metrics.append(build_metric(spec, loaded.root, clients))
+    return metrics, clients
 
 
-def run_suite(loaded: Loaded, suite: str, release: str, base_url: str, cache_dir: Path | None, api_key: str | None = None) -> dict[str, Any]:
+def judge_cost(clients: dict[str, Any]) -> dict[str, Any]:
+    stats = [c.stats() for c in clients.values()]
+    total = {
+        k: sum(int(s[k]) for s in stats)
+        for k in ("calls", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens")
+    }
+    return {f"judge_{k}": v for k, v in total.items()} | {"judges": [s for s in stats if s["calls"] or s["cache_hits"]]}
+
+
+def run_suite(
+    loaded: Loaded, suite: str, release: str, base_url: str, cache_dir: Path | None, api_key: str | None = None
+) -> dict[str, Any]:
     """Evaluate `release` (pinned through the endpoint) on one suite; return the result document."""
     t0 = time.perf_counter()
     cfg = loaded.cfg
     ev = cfg.evals[suite]
     model = cfg.models[cfg.deploy.model]
     cases = load_cases(loaded, suite)
-    metrics = build_metrics(loaded, suite)
-    cache = DiskCache(cache_dir / "eval" if cache_dir else None)
-    outputs, counts = asyncio.run(
-        query_all(base_url, cases, release, model.prompt, model.max_tokens, ev.concurrency, ev.timeout, cache, api_key=api_key)
-    )
+    try:
+        model.prompt.format(input="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"models.{cfg.deploy.model}.prompt {model.prompt!r}: only {{input}} may be used ({e!r})"
+        ) from e
+    metrics, clients = build_metrics(loaded, suite, cache_dir)
+    ep = Endpoint(base_url, release, model.prompt, model.max_tokens, ev.concurrency, ev.timeout, ev.retries, api_key)
+    cache = DiskCache(cache_dir / "eval" if cache_dir is not None else None)
+    outputs, counts = asyncio.run(query_all(ep, cases, cache))
     t_query = time.perf_counter() - t0
-    summary, per_case = score(metrics, cases, outputs)
+    summary, rows = score(metrics, cases, outputs)
     return {
         "suite": suite,
         "release": release,
         "created_at": now(),
         "n": len(cases),
         "metrics": summary,
-        "metric_names": [metric_name(s) for s in ev.metrics],
-        "cases": per_case,
-        "cost": counts | {
+        "metric_names": [m.name for m in metrics],
+        "cases": rows,
+        "cost": asdict(counts)
+        | {
             "completion_tokens": sum(o.completion_tokens for o in outputs),
-            "errors": sum(1 for o in outputs if o.error),
             "query_s": round(t_query, 3),
             "wall_s": round(time.perf_counter() - t0, 3),
-            "judge_calls": sum(int(getattr(m, "judge_calls", 0)) for m in metrics),
-        },
+        }
+        | judge_cost(clients),
     }
