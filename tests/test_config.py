@@ -68,7 +68,7 @@ CASES = [
     ),
     (
         "unknown metric",
-        edit("metrics: [exact_match, latency]", "metrics: [exact_matsh, latency]"),
+        edit("metrics: [exact_match, ragas.chrf_score, latency]", "metrics: [exact_matsh, ragas.chrf_score, latency]"),
         "did you mean 'exact_match'",
         "exact_matsh",
     ),
