@@ -142,8 +142,11 @@ def evaluate(
             s.registry.put_eval(release, suite, res)
         cost = res["cost"]
         means = ", ".join(f"{k} {v['mean']:.4g}" for k, v in res["metrics"].items())
+        judged = (
+            f", {cost['judge_calls']} judge calls ({cost['judge_cache_hits']} cached)" if s.loaded.cfg.judges else ""
+        )
         s.say(
-            f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached, {cost['wall_s']:.2f}s)"
+            f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached{judged}, {cost['wall_s']:.2f}s)"
         )
         out[suite] = res
     if store:
@@ -152,20 +155,30 @@ def evaluate(
             "evaluated",
             suites=list(out),
             summary={k: {m: v["mean"] for m, v in r["metrics"].items()} for k, r in out.items()},
+            # every statistic a gate can chart, so the report's trend reads events, not result files
+            stats={
+                k: {m: {st: v[st] for st in ("mean", "p50", "p95", "p99")} for m, v in r["metrics"].items()}
+                for k, r in out.items()
+            },
         )
     return out
 
 
 def production_results(s: Session, base_url: str | None) -> tuple[str | None, dict[str, dict[str, Any] | None]]:
-    """Production's stored results per suite; a suite it was never evaluated on is evaluated now."""
+    """Production's stored results per suite, so a candidate is compared without calling production.
+
+    Only a suite production was never evaluated on, or whose stored results lack a metric the
+    suite now names, is evaluated now (through `base_url`, and stored with production)."""
+    from mlops.evals.metrics import metric_name
+
     prod = s.registry.read_state()[0].stages.get("production")
     if prod is None:
         return None, dict.fromkeys(s.loaded.cfg.evals)
     results: dict[str, dict[str, Any] | None] = {}
     missing = []
-    for suite in s.loaded.cfg.evals:
-        results[suite] = s.registry.get_eval(prod, suite)
-        if results[suite] is None:
+    for suite, ev in s.loaded.cfg.evals.items():
+        results[suite] = stored = s.registry.get_eval(prod, suite)
+        if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
             missing.append(suite)
     if missing and base_url is not None:
         results |= evaluate(s, prod, base_url, missing)
@@ -300,7 +313,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                 s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model) if prod else None
+                served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env) if prod else None
                 return RunResult(
                     "rejected",
                     EXIT_GATE,
@@ -355,12 +368,12 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                         gates,
                         verdicts,
                         url,
-                        _smoke(url, cfg.deploy.model),
+                        _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
                         t,
                     )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
-            served = _smoke(url, cfg.deploy.model)
+            served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
             msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")
@@ -396,13 +409,18 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str) -> str | None:
+def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
+    from mlops.serving.server import api_key_from_env
+
+    key = api_key_from_env(api_key_env)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.post(
-            f"{url}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1}, timeout=30, trust_env=False
+            f"{url}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1}, timeout=30,
+            headers=headers, trust_env=False
         )
     except httpx.HTTPError as e:
         raise InfraError(f"endpoint {url} did not answer: {e}") from e

@@ -2,13 +2,18 @@
 
 At each declared step the candidate gets that share of traffic (stable hash of the request key),
 the step's traffic is sent (locally the pipeline replays eval inputs as users), and the gateway's
-per-release live stats over exactly that window decide: candidate error rate and p95 latency
-against production's. A failing step rolls back with one compare-and-swap of the state.
+per-release live stats over exactly that window decide: the candidate's error rate, and its p95
+latency against production's. A failing step rolls back with one compare-and-swap of the state.
+
+With `deploy.rollout.shadow` > 0 a shadow step comes first: production answers everything while
+that share of its requests is mirrored to the candidate; the candidate's errors and latency on the
+mirrored requests are judged the same way, and how often both outputs agree is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +21,17 @@ from typing import Any
 
 from mlops.backends.base import Backend
 from mlops.config import RolloutCfg
-from mlops.errors import InfraError
+from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry, State
 
 Say = Callable[[str], None]
+
+# p95 over fewer requests than this is noise (on a busy machine one slow request is the p95):
+# the latency comparison waits for enough samples, the error rate is judged on any number.
+MIN_LATENCY_SAMPLES = 20
+LATENCY_SLACK_S = 0.005  # differences below 5 ms are scheduling noise, not a regression
+SHADOW_SETTLE_S = 30.0  # how long the analysis waits for mirrored requests still running
+TOP_UP_LIMIT = 4  # a step sends at most this many times `requests_per_step`
 
 
 @dataclass
@@ -31,24 +43,52 @@ class StepVerdict:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     decided_by: str = "pipeline:analysis"
+    mode: str = "canary"  # canary | shadow
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.step, "percent": self.percent, "candidate": self.candidate, "production": self.production,
-            "passed": self.passed, "reasons": self.reasons, "decided_by": self.decided_by,
+            "step": self.step,
+            "percent": self.percent,
+            "mode": self.mode,
+            "candidate": self.candidate,
+            "production": self.production,
+            "passed": self.passed,
+            "verdict": "pass" if self.passed else "fail",
+            "reasons": self.reasons,
+            "notes": self.notes,
+            "decided_by": self.decided_by,
+            **self.extra,
         }
 
 
-def analyse(step: int, pct: int, cand: dict[str, float], prod: dict[str, float], cfg: RolloutCfg) -> StepVerdict:
-    reasons = []
-    if cand.get("requests", 0) == 0:
+def analyse(
+    step: int,
+    pct: int,
+    cand: dict[str, float],
+    prod: dict[str, float],
+    cfg: RolloutCfg,
+    mode: str = "canary",
+) -> StepVerdict:
+    """Judge one step: the candidate's error rate, then (with enough samples on both sides) its p95."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    n = int(cand.get("requests", 0))
+    if n == 0:
         reasons.append("candidate received no traffic in this step")
     if cand.get("error_rate", 0.0) > cfg.max_error_rate:
-        reasons.append(f"error rate {cand['error_rate']:.1%} > {cfg.max_error_rate:.1%}")
+        reasons.append(
+            f"error rate {cand['error_rate']:.1%} ({int(cand.get('errors', 0))}/{n}) > {cfg.max_error_rate:.1%}"
+        )
+    ok_c = n - int(cand.get("errors", 0))
+    ok_p = int(prod.get("requests", 0)) - int(prod.get("errors", 0))
     p95c, p95p = cand.get("p95", 0.0), prod.get("p95", 0.0)
-    if p95p > 0 and p95c > cfg.max_p95_ratio * p95p and p95c - p95p > 0.005:
+    if ok_c < MIN_LATENCY_SAMPLES or ok_p < MIN_LATENCY_SAMPLES:
+        notes.append(f"latency not judged: {ok_c} candidate / {ok_p} production samples < {MIN_LATENCY_SAMPLES}")
+    elif p95c > cfg.max_p95_ratio * p95p and p95c - p95p > LATENCY_SLACK_S:
         reasons.append(f"p95 {p95c * 1000:.1f} ms > {cfg.max_p95_ratio:g} x production's {p95p * 1000:.1f} ms")
-    return StepVerdict(step, pct, cand, prod, not reasons, reasons)
+    return StepVerdict(step, pct, cand, prod, not reasons, reasons, mode=mode, notes=notes)
 
 
 def promote(backend: Backend, release: str, reason: str, actor: str = "pipeline") -> State:
@@ -84,13 +124,14 @@ def abort_canary(backend: Backend, reason: str, actor: str = "pipeline") -> Stat
 
 
 def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple[State, str]:
-    """Route everything to `to` (default: the previous production) after proving it loads."""
+    """Route everything to `to` (default: the previous production) after proving it loads.
+
+    The preflight (artifact present, sha256 as in the manifest, the model loads) runs before any
+    pointer moves: a release that fails it is refused (exit 4) and production keeps serving."""
     reg: Registry = backend.registry
     state, _ = reg.read_state()
     target = to or state.stages.get("previous")
     if not target:
-        from mlops.errors import UsageError
-
         raise UsageError("nothing to roll back to: no previous production release (pass --to RELEASE)")
     reg.require(target)
     backend.preflight(target)  # IntegrityError / InfraError (exit 4) before any pointer moves
@@ -111,32 +152,73 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
     return new, target
 
 
-async def _drive(base_url: str, prompts: list[str], n: int, max_tokens: int, concurrency: int, model: str, seed: int) -> None:
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _drive(
+    base_url: str,
+    prompts: list[str],
+    n: int,
+    max_tokens: int,
+    concurrency: int,
+    model: str,
+    seed: int,
+    api_key: str | None = None,
+    offset: int = 0,
+) -> None:
+    """Send `n` requests as `n` distinct users (so the stable hash spreads them by weight)."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0, "user": f"canary-{seed}-{i}"}
+        body = {
+            "model": model,
+            "prompt": prompts[(offset + i) % len(prompts)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "user": f"canary-{seed}-{offset + i}",
+        }
         async with sem:
             try:
-                await client.post(f"{base_url}/v1/completions", json=body, timeout=30)
+                await client.post(f"{base_url}/v1/completions", json=body, timeout=60)
             except httpx.HTTPError:
                 pass  # the server's own stats count what went wrong
 
-    async with httpx.AsyncClient(trust_env=False) as client:
+    async with httpx.AsyncClient(trust_env=False, headers=_headers(api_key)) as client:
         await asyncio.gather(*(one(client, i) for i in range(n)))
 
 
-def stats_since(base_url: str, since: float) -> dict[str, dict[str, float]]:
+def read_stats(base_url: str, since: float, api_key: str | None = None) -> dict[str, Any]:
     import httpx
 
     try:
-        r = httpx.get(f"{base_url}/v1/mlops/stats", params={"since": since}, timeout=10, trust_env=False)
+        r = httpx.get(
+            f"{base_url}/v1/mlops/stats",
+            params={"since": since},
+            headers=_headers(api_key),
+            timeout=10,
+            trust_env=False,
+        )
         r.raise_for_status()
     except httpx.HTTPError as e:
         raise InfraError(f"cannot read live stats from {base_url}: {e}") from e
-    return dict(r.json()["releases"])
+    return dict(r.json())
+
+
+def stats_since(base_url: str, since: float, api_key: str | None = None) -> dict[str, dict[str, float]]:
+    return dict(read_stats(base_url, since, api_key)["releases"])
+
+
+def _settled(base_url: str, since: float, api_key: str | None) -> dict[str, Any]:
+    """Stats once every mirrored request has been recorded (bounded wait)."""
+    deadline = time.monotonic() + SHADOW_SETTLE_S
+    while True:
+        doc = read_stats(base_url, since, api_key)
+        if doc.get("shadow_pending", 0) <= 0 or time.monotonic() > deadline:
+            return doc
+        time.sleep(0.02)
 
 
 def canary(
@@ -151,12 +233,78 @@ def canary(
     drive_traffic: bool = True,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    concurrency: int = 16,
 ) -> list[StepVerdict]:
-    """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all passing)."""
+    """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all
+    passing); each is appended to the candidate's history with its metric values."""
+    from mlops.serving.server import api_key_from_env
+
     reg = backend.registry
+    key = api_key_from_env(backend.cfg.deploy.server.api_key_env)
     prod = reg.read_state()[0].stages.get("production")
     assert prod is not None and prod != release
     verdicts: list[StepVerdict] = []
+    baseline: dict[str, float] = {}  # production's stats from the last step where it had traffic
+
+    def drive(i: int, since: float, share: float, got: Callable[[dict[str, Any]], int]) -> dict[str, Any]:
+        """Send the step's requests, then top up (bounded) until the candidate has had its share
+        of them: with few requests the stable hash may give a 10% step no candidate traffic."""
+        n = cfg.requests_per_step
+        want = max(1, math.ceil(n * share))
+        sent, batch = 0, n
+        while True:
+            if drive_traffic:
+                traffic = _drive(base_url, prompts, batch, max_tokens, concurrency, model, seed * 1000 + i, key, sent)
+                asyncio.run(traffic)
+            sent += batch
+            doc = _settled(base_url, since, key)
+            have = got(doc)
+            if not drive_traffic or have >= want or sent >= TOP_UP_LIMIT * n:
+                return doc
+            batch = min(n, math.ceil((want - have) / share) + 1)
+
+    def record(v: StepVerdict) -> None:
+        verdicts.append(v)
+        reg.append_event(release, "canary_step", by=v.decided_by, **v.to_json())
+        c = v.candidate
+        what = f"shadow {cfg.shadow:.0%}" if v.mode == "shadow" else f"canary {v.percent:>3}%"
+        extra = f", agree {v.extra['agreement']:.0%}" if v.mode == "shadow" else ""
+        say(
+            f"{what}: candidate {int(c.get('requests', 0))} req, errors {c.get('error_rate', 0):.1%}, "
+            f"p95 {c.get('p95', 0) * 1000:.1f} ms vs production {v.production.get('p95', 0) * 1000:.1f} ms{extra} -> "
+            + ("pass" if v.passed else "FAIL: " + "; ".join(v.reasons))
+        )
+
+    if cfg.shadow > 0:
+
+        def mirror(st: State) -> State:
+            st.stages["canary"] = release
+            st.routing = {prod: 100}
+            st.shadow = {"release": release, "share": cfg.shadow}
+            return st
+
+        backend.set_state(mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline")
+        since = time.time()
+        doc = drive(-1, since, cfg.shadow, lambda d: int(d["shadow"].get(release, {}).get("mirrored", 0)))
+        sh = doc["shadow"].get(release, {})
+        cand = {
+            "requests": sh.get("mirrored", 0),
+            "errors": sh.get("errors", 0),
+            "error_rate": sh.get("error_rate", 0.0),
+            "p95": sh.get("p95", 0.0),
+        }
+        paired = {"requests": sh.get("mirrored", 0), "errors": 0, "p95": sh.get("production_p95", 0.0)}
+        v = analyse(0, 0, cand, paired, cfg, mode="shadow")
+        v.extra = {
+            "agreement": sh.get("agreement", 0.0),
+            "shadow_share": cfg.shadow,
+            "disagreements": sh.get("disagreements", []),
+        }
+        baseline = doc.get("releases", {}).get(prod, {})
+        record(v)
+        if not v.passed:
+            return verdicts
+
     for i, pct in enumerate(cfg.steps):
         if on_step is not None:
             on_step(i)
@@ -164,26 +312,44 @@ def canary(
         def change(st: State, pct: int = pct) -> State:
             st.stages["canary"] = release
             st.routing = {prod: 100 - pct, release: pct} if pct < 100 else {release: 100}
-            if cfg.shadow > 0 and pct < 100:
-                st.shadow = {"release": release, "share": cfg.shadow}
+            st.shadow = {}
             return st
 
         backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")
         since = time.time()
-        if drive_traffic:
-            asyncio.run(_drive(base_url, prompts, cfg.requests_per_step, max_tokens, 16, model, seed * 1000 + i))
+        doc = drive(i, since, pct / 100, lambda d: int(d["releases"].get(release, {}).get("requests", 0)))
         if cfg.bake > 0 and pct < 100:
             time.sleep(cfg.bake)  # declared bake: real traffic accumulates in the window meanwhile
-        live = stats_since(base_url, since)
-        v = analyse(i + 1, pct, live.get(release, {"requests": 0}), live.get(prod, {}), cfg)
-        verdicts.append(v)
-        reg.append_event(release, "canary_step", by=v.decided_by, **v.to_json())
-        cand = v.candidate
-        say(
-            f"canary {pct:>3}%: candidate {int(cand.get('requests', 0))} req, errors {cand.get('error_rate', 0):.1%}, "
-            f"p95 {cand.get('p95', 0) * 1000:.1f} ms vs production {v.production.get('p95', 0) * 1000:.1f} ms -> "
-            + ("pass" if v.passed else "FAIL: " + "; ".join(v.reasons))
-        )
+            doc = read_stats(base_url, since, key)
+        live = doc["releases"]
+        prod_now = live.get(prod, {})
+        if prod_now.get("requests", 0) - prod_now.get("errors", 0) >= MIN_LATENCY_SAMPLES or not baseline:
+            ref, older = prod_now, False
+            baseline = prod_now
+        else:  # at 100% (or a thin step) production's latency is the one it showed last
+            ref, older = baseline, True
+        v = analyse(i + 1, pct, live.get(release, {"requests": 0}), ref, cfg)
+        if older:
+            v.notes.append("production compared at its last step with enough traffic")
+        record(v)
         if not v.passed:
             break
     return verdicts
+
+
+def kill_hook_from_env() -> Callable[[str], None] | None:
+    """Testing hook: with MLOPS_TEST_KILL_AT=<step> (train, registered, served, evaluated, canary-0,
+    canary-1, ..., promote) `mlops run` SIGKILLs itself at that step boundary, so tests can prove
+    that a rerun after a `kill -9` leaves routing and registry consistent."""
+    import os
+    import signal
+
+    at = os.environ.get("MLOPS_TEST_KILL_AT")
+    if not at:
+        return None
+
+    def hook(name: str) -> None:
+        if name == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook

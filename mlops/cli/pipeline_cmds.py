@@ -155,11 +155,12 @@ def register(app: typer.Typer) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3)."""
         from mlops.pipeline import Session
         from mlops.pipeline import run as do_run
+        from mlops.rollout import kill_hook_from_env
 
         loaded = load_config(config, set_)
         with _progress(json_, loaded.cfg.models[loaded.cfg.deploy.model].train.steps) as prog:
             s = Session.open(loaded, say=say_fn(json_), progress=prog)
-            res = do_run(s, force=force)
+            res = do_run(s, force=force, on_step=kill_hook_from_env())
         human = f"{res.status}: {res.message}"
         if res.served_by:
             human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
@@ -231,7 +232,8 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int | None, typer.Option(help="Port (default: deploy.server.port, 8000).")] = None,
     ) -> None:
         """Serve what the registry routes to, in the foreground; follows rollbacks without a restart."""
-        from mlops.serving.runner import serve_foreground
+        from mlops.serving.runner import check_bind, serve_foreground
+        from mlops.serving.server import api_key_from_env
 
         s = _session(config, set_, False)
         srv = s.loaded.cfg.deploy.server
@@ -241,6 +243,7 @@ def register(app: typer.Typer) -> None:
                 f"backend {s.loaded.cfg.backend} serves at {ep}; `mlops serve` runs the local server", markup=False
             )
         h, p = host or srv.host, srv.port if port is None else port
+        check_bind(h, api_key_from_env(srv.api_key_env))  # before saying we serve
         err.print(f"serving {s.loaded.cfg.deploy.model} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
         serve_foreground(s.loaded, s.registry, h, p)
 
@@ -253,7 +256,13 @@ def register(app: typer.Typer) -> None:
         markdown: Annotated[bool, typer.Option("--markdown", help="Print markdown (the PR comment).")] = False,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to a file.")] = None,
     ) -> None:
-        """Candidate vs production, metric by metric, from stored results (no model is called)."""
+        """Candidate vs production, metric by metric, from stored results (no model is called).
+
+        Markdown (the PR comment, verdict first, under 65,000 characters) on stdout or --out;
+        --json prints the same numbers for machines. Appended to $GITHUB_STEP_SUMMARY when set."""
+        import json
+        import sys
+
         from mlops.report import build_report, to_markdown, write_step_summary
 
         s = _session(config, set_, json_)
@@ -262,9 +271,9 @@ def register(app: typer.Typer) -> None:
         md = to_markdown(rep)
         write_step_summary(md)
         if out is not None:
-            out.write_text(md if not json_ else __import__("json").dumps(rep, indent=2, default=str))
+            out.write_text(json.dumps(rep, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
         if json_:
             emit(rep, True)
         elif markdown or out is None:
-            emit({}, False, md)
+            sys.stdout.write(md)  # not rich: it would wrap long lines and break tables and charts

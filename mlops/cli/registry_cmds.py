@@ -75,9 +75,11 @@ def register(app: typer.Typer) -> None:
             d = e.get("detail", {})
             if e["event"] == "canary_step":
                 c = d.get("candidate", {})
+                step = f"shadow {d.get('shadow_share', 0):.0%}" if d.get("mode") == "shadow" else f"{d.get('percent')}%"
+                agree = f", agree {d['agreement']:.0%}" if "agreement" in d else ""
                 detail = (
-                    f"{d.get('percent')}%: {int(c.get('requests', 0))} req, err {c.get('error_rate', 0):.1%}, "
-                    f"p95 {c.get('p95', 0) * 1000:.1f} ms -> {'pass' if d.get('passed') else 'FAIL ' + '; '.join(d.get('reasons', []))}"
+                    f"{step}: {int(c.get('requests', 0))} req, err {c.get('error_rate', 0):.1%}, "
+                    f"p95 {c.get('p95', 0) * 1000:.1f} ms{agree} -> {'pass' if d.get('passed') else 'FAIL ' + '; '.join(d.get('reasons', []))}"
                 )
             elif "gates" in d:
                 detail = "; ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in d["gates"])

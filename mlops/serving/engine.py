@@ -1,10 +1,15 @@
-"""A dynamic-batching generation engine for one release on CPU (or GPU when present).
+"""A continuous-batching generation engine for one release, on CPU (the local backend's engine).
 
-Concurrent requests are gathered into one batch per forward pass: a worker thread takes every
-request waiting in the queue (up to `max_batch_size`), left-pads them, and decodes greedily (or
-with temperature) step by step with a KV cache, pushing each new token to its request as it comes,
-so streaming costs nothing extra. New requests wait for the current batch to finish; for the short
-completions of a small model that keeps the code simple and the throughput high (see benchmarks/).
+One worker thread per engine runs a loop of decode steps over the requests in its running batch.
+Between two steps it admits whatever has arrived (up to `max_batch_size`): the newcomers' prompts
+go through one prefill forward pass together, their key/value caches are left-padded to the
+running batch's length and joined to it, and from the next step on they decode with everyone else.
+Finished requests leave the batch at once. So a request never waits for another batch to finish,
+which is what keeps the tail latency flat under load (see benchmarks/bench_serving.py).
+
+Each new token is pushed to its request's `sink` as soon as it is decoded (streaming costs
+nothing extra); a caller that only wants the whole text passes `on_done` instead and gets one
+call when the request finishes.
 """
 
 from __future__ import annotations
@@ -20,68 +25,108 @@ from typing import Any
 
 from mlops.errors import InfraError
 
+# transformers' from_pretrained is not thread-safe: its meta-device initialisation is process-wide,
+# and two loads at once (the watcher preloading while a rollback preflight or a pinned request
+# loads) can leave parameters on the meta device, or worse, silently uninitialised. Loads are rare.
+_LOAD_LOCK = threading.Lock()
+
 
 class Overloaded(Exception):
     """The queue is full: the server answers 503 with Retry-After."""
 
 
-@dataclass
+class EngineClosed(Overloaded):
+    """The engine is draining (its release left the routing): route the request again."""
+
+
+@dataclass(eq=False)
 class GenRequest:
     prompt: str
     max_tokens: int = 16
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    # filled by the engine: each text piece, then None when finished (sink is called from the
-    # engine's thread; an asyncio caller passes one that hops onto its loop)
+    # Filled by the engine, from its thread. `sink` gets each text piece, then None when finished;
+    # without a sink the pieces go to `tokens`. `on_done` (if set) is called once at the end.
     tokens: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)
-    sink: Callable[[str | None], None] | None = None
+    sink: Callable[[str | None], Any] | None = None
+    on_done: Callable[[GenRequest], Any] | None = None
+    text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "length"
     error: str | None = None
     cancelled: bool = False
+    finished: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-class Engine:
-    """Loads a saved Hugging Face causal LM and serves generation requests in batches."""
+@dataclass(eq=False)
+class _Seq:
+    """A request in the running batch."""
 
-    def __init__(self, model_dir: str | Path, max_batch_size: int = 32, max_queue: int = 256, threads: int | None = None):
+    req: GenRequest
+    budget: int  # tokens it may still generate (max_tokens, capped by the position table)
+    pos: int  # position id of its next input token
+    last: int = 0  # its next input token
+    generator: Any = None  # torch.Generator for temperature sampling with a seed
+
+
+class Engine:
+    """Loads a saved Hugging Face causal LM and serves generation requests in one running batch."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        threads: int | None = None,
+        start: bool = True,
+    ) -> None:
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         try:
-            self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-            self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+            with _LOAD_LOCK:
+                self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+                self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
         except Exception as e:  # a corrupt or partial artifact must not take the server down
             raise InfraError(f"cannot load model from {self.model_dir}: {type(e).__name__}: {e}") from e
         self.model.eval()
-        gen = json.loads((self.model_dir / "generation_config.json").read_text()) if (
-            self.model_dir / "generation_config.json"
-        ).exists() else {}
-        self.eos_id = int(gen.get("eos_token_id") or self.model.config.eos_token_id or 0)
-        self.pad_id = int(gen.get("pad_token_id") if gen.get("pad_token_id") is not None else self.eos_id)
-        self.max_positions = int(getattr(self.model.config, "n_positions", 0) or self.model.config.max_position_embeddings)
+        gen_path = self.model_dir / "generation_config.json"
+        gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        cfg = self.model.config
+        self.eos_id = int(gen.get("eos_token_id") or cfg.eos_token_id or 0)
+        pad = gen.get("pad_token_id")
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        self.max_positions = int(getattr(cfg, "n_positions", 0) or cfg.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
-        self.batches = 0
-        self.batched_requests = 0
+        self._running = 0
+        self._piece_cache: dict[int, str] = {}
+        # counters for /metrics and the benchmark
+        self.steps = 0
+        self.step_rows = 0  # sum of batch sizes over decode steps
+        self.prefills = 0
+        self.requests_done = 0
         self._worker = threading.Thread(target=self._run, name=f"engine-{self.model_dir.name}", daemon=True)
-        self._worker.start()
+        if start:
+            self._worker.start()
 
     # ------------------------------------------------------------------ public
 
     def submit(self, req: GenRequest) -> GenRequest:
-        if req.sink is None:
+        """Queue `req`; raise Overloaded when the queue is full, EngineClosed when draining."""
+        if req.sink is None and req.on_done is None:
             req.sink = req.tokens.put
         if self._stop.is_set():
-            raise Overloaded("engine is shutting down")
+            raise EngineClosed("engine is draining")
         try:
             self._queue.put_nowait(req)
         except queue.Full:
@@ -93,10 +138,9 @@ class Engine:
         deadline = time.perf_counter() + timeout
         while True:
             left = deadline - time.perf_counter()
-            if left <= 0:
-                req.cancelled = True
-                raise TimeoutError("generation timed out")
             try:
+                if left <= 0:
+                    raise queue.Empty
                 piece = req.tokens.get(timeout=left)
             except queue.Empty:
                 req.cancelled = True
@@ -115,114 +159,235 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def close(self, drain_timeout: float = 10.0) -> None:
+    @property
+    def busy(self) -> int:
+        """Requests queued or in the running batch."""
+        return self._queue.qsize() + self._running
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def stop_accepting(self) -> None:
+        """From now on `submit` raises EngineClosed; what is queued or running still finishes."""
+        self._stop.set()
+
+    def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests; let queued and running ones finish (bounded), then stop the worker."""
         self._stop.set()
-        self._worker.join(timeout=drain_timeout)
+        if self._worker.is_alive():
+            self._worker.join(timeout=drain_timeout)
 
     # ------------------------------------------------------------------ worker
 
     def _run(self) -> None:
+        running: list[_Seq] = []
+        cache: Any = None  # a transformers DynamicCache: per layer [batch, heads, length, dim]
+        mask: Any = None  # [batch, length] 1 where the cache holds a real token
         while True:
+            new = self._admit(block=not running)
+            if new is None:  # stopped and drained
+                return
+            self._running = len(running) + len(new)
             try:
-                first = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled]
-            if not batch:
-                continue
-            try:
-                self._generate_batch(batch)
+                if new:
+                    joined, c2, m2 = self._prefill(new)
+                    running, cache, mask = self._join(running, cache, mask, joined, c2, m2)
+                if running:
+                    running, cache, mask = self._decode(running, cache, mask)
             except Exception as e:  # report to every waiter, keep the worker alive
-                for r in batch:
-                    r.error = f"generation failed: {type(e).__name__}: {e}"
-                    self._emit(r, None)
+                for s in running + [_Seq(r, 0, 0) for r in new if not r.finished]:
+                    s.req.error = f"generation failed: {type(e).__name__}: {e}"
+                    self._finish(s.req, "error")
+                running, cache, mask = [], None, None
+            self._running = len(running)
 
-    @staticmethod
-    def _emit(r: GenRequest, piece: str | None) -> None:
-        assert r.sink is not None
-        r.sink(piece)
+    def _admit(self, block: bool) -> list[GenRequest] | None:
+        room = self.max_batch_size - self._running
+        out: list[GenRequest] = []
+        if block:
+            while True:
+                try:
+                    out.append(self._queue.get(timeout=0.05))
+                    break
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return None
+        while len(out) < room:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        live = []
+        for r in out:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            else:
+                live.append(r)
+        return live
 
-    def _generate_batch(self, batch: list[GenRequest]) -> None:
+    def _piece(self, t: int) -> str:
+        p = self._piece_cache.get(t)
+        if p is None:
+            p = self._piece_cache[t] = self.tok.decode([t])
+        return p
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        if reason not in ("cancelled", "error"):
+            r.finish_reason = reason
+        self.requests_done += 1
+        if r.sink is not None:
+            r.sink(None)
+        if r.on_done is not None:
+            r.on_done(r)
+
+    def _emit(self, s: _Seq, t: int) -> bool:
+        """Deliver token `t` to its request; True when the request is finished."""
+        r = s.req
+        if r.cancelled:
+            self._finish(r, "cancelled")
+            return True
+        if t == self.eos_id:
+            self._finish(r, "stop")
+            return True
+        piece = self._piece(t)
+        r.completion_tokens += 1
+        before = len(r.text)
+        r.text += piece
+        if r.stop:
+            hit = min(
+                (i for i in (r.text.find(x, max(0, before - len(x) + 1)) for x in r.stop if x) if i >= 0), default=-1
+            )
+            if hit >= 0:
+                r.text = r.text[:hit]
+                if len(r.text) > before and r.sink is not None:
+                    r.sink(r.text[before:])
+                self._finish(r, "stop")
+                return True
+        if r.sink is not None:
+            r.sink(piece)
+        s.budget -= 1
+        s.last = t
+        if s.budget <= 0:
+            self._finish(r, "length")
+            return True
+        return False
+
+    def _sample(self, logits: Any, seqs: list[_Seq]) -> list[int]:
         import torch
 
-        self.batches += 1
-        self.batched_requests += len(batch)
-        encoded = []
-        for r in batch:
+        nxt = logits.argmax(-1)
+        for i, s in enumerate(seqs):
+            if s.req.temperature > 0:
+                probs = torch.softmax(logits[i] / s.req.temperature, -1)
+                nxt[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return [int(t) for t in nxt.tolist()]
+
+    def _prefill(self, reqs: list[GenRequest]) -> tuple[list[_Seq], Any, Any]:
+        """One forward pass over the newcomers' prompts (left-padded); emits their first token."""
+        import torch
+
+        self.prefills += 1
+        seqs, encoded = [], []
+        for r in reqs:
             ids = self.tok.encode(r.prompt, add_special_tokens=False).ids[-(self.max_positions - 1) :]
             r.prompt_tokens = len(ids)
-            encoded.append(ids)
+            encoded.append(ids or [self.eos_id])  # an empty prompt starts from the end-of-text token
+            gen = torch.Generator().manual_seed(int(r.seed)) if r.seed is not None else None
+            seqs.append(_Seq(r, min(r.max_tokens, self.max_positions - len(encoded[-1])), len(encoded[-1]), 0, gen))
         width = max(len(e) for e in encoded)
-        budget = [min(r.max_tokens, self.max_positions - len(e)) for r, e in zip(batch, encoded, strict=True)]
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids_t = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
         for i, e in enumerate(encoded):
-            if e:
-                ids[i, width - len(e) :] = torch.tensor(e)
-                mask[i, width - len(e) :] = 1
+            ids_t[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = [b <= 0 for b in budget]
-        texts = ["" for _ in batch]
-        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in batch]
-        for i, d in enumerate(done):
-            if d:
-                self._emit(batch[i], None)
-        past = None
-        step_ids, step_pos = ids, pos
         with torch.inference_mode():
-            for step in range(max(budget, default=0)):
-                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :]
-                nxt = logits.argmax(-1)
-                for i, r in enumerate(batch):
-                    if not done[i] and r.temperature > 0:
-                        probs = torch.softmax(logits[i] / r.temperature, -1)
-                        nxt[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
-                for i, r in enumerate(batch):
-                    if done[i]:
-                        continue
-                    if r.cancelled:
-                        done[i] = True
-                        continue
-                    t = int(nxt[i])
-                    if t == self.eos_id:
-                        r.finish_reason = "stop"
-                        done[i] = True
-                        self._emit(r, None)
-                        continue
-                    piece = self.tok.decode([t])
-                    r.completion_tokens += 1
-                    texts[i] += piece
-                    hit = next((s for s in r.stop if s and s in texts[i]), None)
-                    if hit is not None:
-                        keep = texts[i][: texts[i].index(hit)]
-                        emitted = texts[i][: len(texts[i]) - len(piece)]
-                        if len(keep) > len(emitted):
-                            self._emit(r, keep[len(emitted) :])
-                        r.finish_reason = "stop"
-                        done[i] = True
-                        self._emit(r, None)
-                        continue
-                    self._emit(r, piece)
-                    if r.completion_tokens >= budget[i]:
-                        r.finish_reason = "length"
-                        done[i] = True
-                        self._emit(r, None)
-                if all(done):
-                    break
-                step_ids = nxt.unsqueeze(-1)
-                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
-                step_pos = step_pos[:, -1:] + 1
-        for i, r in enumerate(batch):
-            if not done[i]:
-                self._emit(r, None)
+            out = self.model(input_ids=ids_t, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = out.past_key_values
+        toks = self._sample(out.logits[:, -1, :], seqs)
+        keep = [i for i, (s, t) in enumerate(zip(seqs, toks, strict=True)) if s.budget > 0 and not self._emit(s, t)]
+        for s in seqs:
+            if s.budget <= 0 and not s.req.finished:
+                self._finish(s.req, "length")
+        return self._select([seqs[i] for i in keep], keep, len(seqs), cache, mask)
+
+    @staticmethod
+    def _select(seqs: list[_Seq], keep: list[int], n: int, cache: Any, mask: Any) -> tuple[list[_Seq], Any, Any]:
+        """Keep rows `keep` of the batch, and drop leading cache columns no remaining row uses.
+        The cache object is reused as long as nothing changes (the common decode step)."""
+        import torch
+
+        if not keep:
+            return [], None, None
+        used = mask.any(0) if len(keep) == n else mask.index_select(0, torch.tensor(keep)).any(0)
+        first = int(used.to(torch.int8).argmax())  # the first column a remaining row uses
+        if len(keep) == n and first == 0:
+            return seqs, cache, mask
+        idx = torch.tensor(keep, dtype=torch.long)
+        tensors = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in _kv(cache)]
+        return seqs, _cache(tensors), mask.index_select(0, idx)[:, first:]
+
+    @staticmethod
+    def _join(a: list[_Seq], ca: Any, ma: Any, b: list[_Seq], cb: Any, mb: Any) -> tuple[list[_Seq], Any, Any]:
+        """One batch from two: left-pad the shorter cache with masked zeros, then stack rows."""
+        import torch
+
+        if not b:
+            return a, ca, ma
+        if not a:
+            return b, cb, mb
+        la, lb = ma.shape[1], mb.shape[1]
+        length = max(la, lb)
+
+        def pad(t: Any, n: int) -> Any:
+            if n == 0:
+                return t
+            dim = 2 if t.dim() == 4 else 1
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        tensors = [
+            (
+                torch.cat([pad(k1, length - la), pad(k2, length - lb)]),
+                torch.cat([pad(v1, length - la), pad(v2, length - lb)]),
+            )
+            for (k1, v1), (k2, v2) in zip(_kv(ca), _kv(cb), strict=True)
+        ]
+        mask = torch.cat([pad(ma, length - la), pad(mb, length - lb)])
+        return a + b, _cache(tensors), mask
+
+    def _decode(self, seqs: list[_Seq], cache: Any, mask: Any) -> tuple[list[_Seq], Any, Any]:
+        """One token for every running request (the model appends to `cache` in place)."""
+        import torch
+
+        self.steps += 1
+        self.step_rows += len(seqs)
+        ids = torch.tensor([[s.last] for s in seqs], dtype=torch.long)
+        pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long)
+        mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], dim=1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            )
+        toks = self._sample(out.logits[:, -1, :], seqs)
+        keep = []
+        for i, (s, t) in enumerate(zip(seqs, toks, strict=True)):
+            s.pos += 1
+            if not self._emit(s, t):
+                keep.append(i)
+        return self._select([seqs[i] for i in keep], keep, len(seqs), out.past_key_values, mask)
+
+
+def _kv(cache: Any) -> list[tuple[Any, Any]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache(tensors: list[tuple[Any, Any]]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(tensors)

@@ -1,14 +1,19 @@
 """The local OpenAI-compatible endpoint: routes each request to a release and answers from its engine.
 
-    GET  /health               liveness + what is loaded
+    GET  /health               liveness + what is loaded (no key needed)
     GET  /v1/models            the deployed model name and every routable release id
     POST /v1/completions       prompt -> text (stream: true answers server-sent events)
     POST /v1/chat/completions  messages -> text (the model's prompt template wraps the last user turn)
     GET  /metrics              Prometheus text
-    GET  /v1/mlops/stats       per-release live stats since a time (canary analysis reads it)
+    GET  /v1/mlops/stats       per-release live stats since a time (the canary analysis reads it)
 
 Every response carries `x-mlops-release`. Header `x-mlops-release` on a request pins a release;
 `x-mlops-user` (or the OpenAI `user` field) keeps a user on one release across weights.
+
+Load shedding: each release has a bounded queue; when it is full the answer is 503 with
+`Retry-After` at once. A request that outlives `request_timeout` is answered 504 and leaves the
+batch. A request routed to a release whose engine is draining (it just left the routing) is routed
+again by the current state; one already queued or running finishes on the release that took it.
 """
 
 from __future__ import annotations
@@ -20,21 +25,24 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.errors import InfraError, MlopsError
-from mlops.serving.engine import Engine, GenRequest, Overloaded
+from mlops.serving.engine import Engine, EngineClosed, GenRequest, Overloaded
+from mlops.serving.faults import Fault
 from mlops.serving.pool import ReleasePool
 from mlops.serving.routing import pick
+from mlops.serving.shadow import Shadow
 from mlops.serving.stats import LiveStats
 
 log = logging.getLogger("mlops.serve")
@@ -49,9 +57,17 @@ class ServerOptions:
     api_key: str | None = None
     default_max_tokens: int = 16
     shadow_log: str | None = None  # JSONL file where shadow comparisons are appended
+    fault: Fault | None = None  # testing hook (MLOPS_FAULT_*), see faults.py
 
 
-def _error(status: int, message: str, etype: str, release: str = "none", code: str | None = None, **headers: str) -> Response:
+class _HttpError(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def _error(
+    status: int, message: str, etype: str, release: str = "none", code: str | None = None, **headers: str
+) -> Response:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers={HEADER: release, **headers})
 
@@ -62,132 +78,209 @@ class _Ctx:
         self.opts = opts
         self.stats = LiveStats()
         self.counter = itertools.count()
-        self.shadow_lock = threading.Lock()
-        self.inflight = 0
+        self.shadow = Shadow(opts.shadow_log, opts.request_timeout)
+        self.rerouted = 0
 
 
-async def _collect(engine: Engine, req: GenRequest, timeout: float) -> AsyncIterator[str]:
-    """Submit `req` and yield its text pieces as the engine's thread produces them."""
+class _ReleaseHeader:
+    """Pure ASGI middleware: a response without `x-mlops-release` (404s, 405s) gets production's."""
+
+    def __init__(self, app: ASGIApp, pool: ReleasePool) -> None:
+        self.app = app
+        self.pool = pool
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k == HEADER.encode() for k, _ in headers):
+                    prod = self.pool.state().stages.get("production") or "none"
+                    headers.append((HEADER.encode(), prod.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+async def _complete(engine: Engine, req: GenRequest, timeout: float) -> str:
+    """Submit `req` and wait (bounded) for its whole text: one hop back to the loop, at the end."""
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue[str | None] = asyncio.Queue()
-    req.sink = lambda piece: loop.call_soon_threadsafe(q.put_nowait, piece)
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    req.on_done = lambda r: loop.call_soon_threadsafe(wake)
     engine.submit(req)
-    deadline = loop.time() + timeout
     try:
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TimeoutError
-            piece = await asyncio.wait_for(q.get(), timeout=left)
-            if piece is None:
-                if req.error:
-                    raise InfraError(req.error)
-                return
-            yield piece
-    finally:
-        req.cancelled = True  # no-op when finished; frees the batch slot when the client went away
+        await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        req.cancelled = True  # leaves the batch at the next step
+        raise
+    if req.error:
+        raise InfraError(req.error)
+    return req.text
 
 
 def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
     ctx = _Ctx(pool, opts)
+    expected = f"Bearer {opts.api_key}".encode() if opts.api_key else None
 
     def authorized(request: Request) -> bool:
-        if not opts.api_key:
+        if expected is None:
             return True
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {opts.api_key}".encode())
+        return hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+
+    def unauthorized() -> Response:
+        return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+
+    def production() -> str:
+        return pool.state().stages.get("production") or "none"
 
     async def health(request: Request) -> Response:
         st = pool.state()
-        body = {"status": "ok", "state_version": st.version, "stages": st.stages, "routing": st.routing, "loaded": pool.loaded()}
+        body = {
+            "status": "ok",
+            "state_version": st.version,
+            "latest_version": pool.latest().version,
+            "stages": st.stages,
+            "routing": st.routing,
+            "shadow": st.shadow,
+            "loaded": pool.loaded(),
+        }
         return JSONResponse(body, headers={HEADER: st.stages.get("production") or "none"})
 
     async def models(request: Request) -> Response:
         if not authorized(request):
-            return _error(401, "missing or wrong API key", "authentication_error")
+            return unauthorized()
         st = pool.state()
         ids = [opts.model_name, *sorted(st.referenced())]
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "mlops"} for i in ids]
-        return JSONResponse({"object": "list", "data": data}, headers={HEADER: st.stages.get("production") or "none"})
+        return JSONResponse({"object": "list", "data": data}, headers={HEADER: production()})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(ctx.stats.prometheus(pool.queue_depth(), pool.loaded()), media_type="text/plain; version=0.0.4")
+        if not authorized(request):
+            return unauthorized()
+        return PlainTextResponse(
+            _prometheus(ctx), media_type="text/plain; version=0.0.4", headers={HEADER: production()}
+        )
 
     async def stats(request: Request) -> Response:
-        since = float(request.query_params.get("since", "0") or 0)
-        return JSONResponse({"now": time.time(), "releases": ctx.stats.window(since), "rejected": ctx.stats.rejected})
+        if not authorized(request):
+            return unauthorized()
+        try:
+            since = float(request.query_params.get("since", "0") or 0)
+        except ValueError:
+            return _error(400, "since must be a number (unix time)", "invalid_request_error")
+        body = {
+            "now": time.time(),
+            "state_version": pool.state().version,
+            "releases": ctx.stats.window(since),
+            "rejected": ctx.stats.rejected,
+            "shadow": ctx.shadow.window(since),
+            "shadow_pending": ctx.shadow.pending,
+        }
+        return JSONResponse(body, headers={HEADER: production()})
 
-    def resolve(request: Request, body: dict[str, Any]) -> tuple[str | None, Response | None]:
+    async def resolve(request: Request, body: dict[str, Any]) -> tuple[str, bool, str | None]:
+        """(release, pinned, user key) for a request, or raise _HttpError (404, 503)."""
         st = pool.state()
         model = body.get("model") or opts.model_name
         pin = request.headers.get(HEADER)
         if model != opts.model_name:
-            if model in st.referenced() or pool.registry.manifest(str(model)) is not None:
-                pin = str(model)
-            else:
-                return None, _error(404, f"model {model!r} does not exist (serving {opts.model_name!r})", "invalid_request_error", code="model_not_found")
-        if pin and pin not in st.referenced() and pool.registry.manifest(pin) is None:
-            return None, _error(404, f"release {pin!r} does not exist", "invalid_request_error", code="model_not_found")
+            pin = str(model)
+        if pin and pin not in st.referenced() and pool.engine(pin) is None:
+            if await asyncio.to_thread(pool.registry.manifest, pin) is None:
+                what = "release" if model == opts.model_name else "model"
+                msg = f"{what} {pin!r} does not exist (serving {opts.model_name!r})"
+                raise _HttpError(_error(404, msg, "invalid_request_error", code="model_not_found"))
         key = request.headers.get("x-mlops-user") or (str(body["user"]) if body.get("user") else None)
         release = pick(st, key, pin, next(ctx.counter))
         if release is None:
-            return None, _error(503, "no release is in production yet (run `mlops run`)", "server_error", **{"retry-after": "5"})
-        return release, None
+            msg = "no release is in production yet (run `mlops run`)"
+            raise _HttpError(_error(503, msg, "server_error", **{"retry-after": "5"}))
+        return release, bool(pin), key
+
+    async def engine_for(release: str) -> Engine:
+        eng = pool.engine(release)
+        if eng is None:  # only a pin to a release the state does not reference gets here
+            eng = await asyncio.to_thread(pool.get, release, "request")
+        return eng
 
     async def handle(request: Request, chat: bool) -> Response:
         t0 = time.perf_counter()
         if not authorized(request):
-            return _error(401, "missing or wrong API key", "authentication_error")
+            return unauthorized()
         try:
             body = await request.json()
-            assert isinstance(body, dict)
-        except Exception:
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
             return _error(400, "request body must be a JSON object", "invalid_request_error")
         try:
             prompt = _chat_prompt(body, opts.prompt_template) if chat else _completion_prompt(body)
+            max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or opts.default_max_tokens
             gen = GenRequest(
                 prompt=prompt,
-                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or opts.default_max_tokens),
+                max_tokens=int(max_tokens),
                 temperature=float(body.get("temperature") or 0.0),
                 stop=_stops(body.get("stop")),
-                seed=body.get("seed"),
+                seed=None if body.get("seed") is None else int(body["seed"]),
             )
+            if gen.max_tokens < 1:
+                raise ValueError("max_tokens must be at least 1")
         except (ValueError, TypeError, KeyError) as e:
             return _error(400, f"invalid request: {e}", "invalid_request_error")
-        release, err = resolve(request, body)
-        if err is not None:
-            return err
-        assert release is not None
+        release = "none"
         try:
-            engine = await asyncio.to_thread(pool.get, release) if release not in pool.loaded() else pool.get(release)
+            release, pinned, key = await resolve(request, body)
+            if opts.fault is not None and opts.fault.fire(release):
+                ctx.stats.record(release, time.perf_counter() - t0, ok=False)
+                return _error(500, "injected fault (MLOPS_FAULT_RELEASE)", "server_error", release)
+            engine = await engine_for(release)
+        except _HttpError as e:
+            return e.response
         except MlopsError as e:
             ctx.stats.record(release, time.perf_counter() - t0, ok=False)
             return _error(503, e.headline, "server_error", release, **{"retry-after": "1"})
-        _maybe_shadow(ctx, request, body, prompt, gen, release)
+        st = pool.state()
+        target = None if pinned else ctx.shadow.wants(st, release, key, pinned)
+        shadow = None
+        if target is not None and (sh_engine := pool.engine(target)) is not None:
+            shadow = ctx.shadow.mirror(sh_engine, target, gen)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}"
-        created = int(time.time())
+        meta = (rid, int(time.time()), chat)
         if body.get("stream"):
-            return _stream(ctx, engine, gen, release, rid, created, chat, t0)
-        try:
-            text = "".join([p async for p in _collect(engine, gen, opts.request_timeout)])
-        except Overloaded:
-            ctx.stats.rejected += 1
-            return _error(503, "server overloaded, retry later", "server_error", release, **{"retry-after": "1"})
-        except TimeoutError:
-            ctx.stats.record(release, time.perf_counter() - t0, ok=False)
-            return _error(504, f"generation took longer than {opts.request_timeout}s", "timeout", release)
-        except MlopsError as e:
-            ctx.stats.record(release, time.perf_counter() - t0, ok=False)
-            return _error(500, e.headline, "server_error", release)
+            return await _stream(ctx, engine, gen, release, meta, t0, pinned, (shadow, target))
+        for attempt in range(2):
+            try:
+                text = await _complete(engine, gen, opts.request_timeout - (time.perf_counter() - t0))
+                break
+            except EngineClosed:  # its release just left the routing: the current state decides
+                rerouted = None if attempt or pinned else pick(pool.state(), key, None, next(ctx.counter))
+                engine_now = pool.engine(rerouted) if rerouted else None
+                if engine_now is None or engine_now.closed:
+                    return _overloaded(ctx, release, t0, shadow, target, gen, "draining")
+                release, engine = str(rerouted), engine_now
+                ctx.rerouted += 1
+            except Overloaded:
+                return _overloaded(ctx, release, t0, shadow, target, gen, "overloaded")
+            except TimeoutError:
+                _record_shadow(ctx, shadow, target, gen, release, None, t0, "timeout")
+                ctx.stats.record(release, time.perf_counter() - t0, ok=False)
+                msg = f"generation took longer than {opts.request_timeout:g}s"
+                return _error(504, msg, "timeout", release, code="timeout")
+            except MlopsError as e:
+                _record_shadow(ctx, shadow, target, gen, release, None, t0, e.headline)
+                ctx.stats.record(release, time.perf_counter() - t0, ok=False)
+                return _error(500, e.headline, "server_error", release)
         ctx.stats.record(release, time.perf_counter() - t0, ok=True)
-        usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens, "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": gen.finish_reason, "logprobs": None}
-            payload = {"id": rid, "object": "chat.completion", "created": created, "model": opts.model_name, "choices": [choice], "usage": usage, "system_fingerprint": release}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": gen.finish_reason, "logprobs": None}
-            payload = {"id": rid, "object": "text_completion", "created": created, "model": opts.model_name, "choices": [choice], "usage": usage, "system_fingerprint": release}
-        return JSONResponse(payload, headers={HEADER: release})
+        _record_shadow(ctx, shadow, target, gen, release, text, t0, None)
+        return JSONResponse(_payload(opts.model_name, gen, text, release, meta), headers={HEADER: release})
 
     async def completions(request: Request) -> Response:
         return await handle(request, chat=False)
@@ -203,9 +296,61 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
         Route("/metrics", metrics),
         Route("/v1/mlops/stats", stats),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(_ReleaseHeader, pool=pool)])
     app.state.ctx = ctx
     return app
+
+
+def _overloaded(
+    ctx: _Ctx,
+    release: str,
+    t0: float,
+    shadow: asyncio.Future[Any] | None,
+    target: str | None,
+    gen: GenRequest,
+    why: str,
+) -> Response:
+    ctx.stats.rejected += 1
+    ctx.stats.record(release, time.perf_counter() - t0, ok=False)
+    _record_shadow(ctx, shadow, target, gen, release, None, t0, why)
+    return _error(503, f"server {why}, retry later", "server_error", release, **{"retry-after": "1"})
+
+
+def _record_shadow(
+    ctx: _Ctx,
+    fut: asyncio.Future[Any] | None,
+    target: str | None,
+    gen: GenRequest,
+    release: str,
+    text: str | None,
+    t0: float,
+    error: str | None,
+) -> None:
+    if fut is not None and target is not None:
+        ctx.shadow.record(fut, gen.prompt, release, target, text, time.perf_counter() - t0, error)
+
+
+def _payload(model: str, gen: GenRequest, text: str, release: str, meta: tuple[str, int, bool]) -> dict[str, Any]:
+    rid, created, chat = meta
+    usage = {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
+    choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+        "system_fingerprint": release,
+    }
 
 
 def _completion_prompt(body: dict[str, Any]) -> str:
@@ -244,67 +389,115 @@ def _stops(stop: Any) -> tuple[str, ...]:
     raise ValueError("stop must be a string or a list of strings")
 
 
-def _stream(ctx: _Ctx, engine: Engine, gen: GenRequest, release: str, rid: str, created: int, chat: bool, t0: float) -> Response:
+async def _stream(
+    ctx: _Ctx,
+    engine: Engine,
+    gen: GenRequest,
+    release: str,
+    meta: tuple[str, int, bool],
+    t0: float,
+    pinned: bool,
+    shadow: tuple[asyncio.Future[Any] | None, str | None],
+) -> Response:
+    """Server-sent events. The request is queued before the response starts, so a full queue is
+    still a plain 503 and not an error event inside a 200."""
+    rid, created, chat = meta
     model = ctx.opts.model_name
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[str | None] = asyncio.Queue()
+    gen.sink = lambda piece: loop.call_soon_threadsafe(q.put_nowait, piece)
+    try:
+        engine.submit(gen)
+    except Overloaded as e:
+        return _overloaded(
+            ctx, release, t0, shadow[0], shadow[1], gen, "draining" if isinstance(e, EngineClosed) else "overloaded"
+        )
 
-    def chunk(text: str | None, finish: str | None) -> str:
+    def event(delta: str | None, finish: str | None, first: bool = False) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if chat:
-            delta: dict[str, Any] = {"content": text} if text is not None else {}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+            choice["delta"] = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+            choice["text"] = delta or ""
+        obj = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "system_fingerprint": release,
+        }
         return f"data: {json.dumps(obj)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        ok = False
+        ok, error = False, None
+        deadline = t0 + ctx.opts.request_timeout
         try:
             if chat:
-                yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
-            async for piece in _collect(engine, gen, ctx.opts.request_timeout):
-                yield chunk(piece, None)
-            yield chunk(None, gen.finish_reason)
+                yield event(None, None, first=True)
+            while True:
+                piece = await asyncio.wait_for(q.get(), max(0.0, deadline - time.perf_counter()))
+                if piece is None:
+                    break
+                yield event(piece, None)
+            if gen.error:
+                raise InfraError(gen.error)
+            yield event(None, gen.finish_reason)
             yield "data: [DONE]\n\n"
             ok = True
-        except (TimeoutError, MlopsError, Overloaded) as e:
-            yield f"data: {json.dumps({'error': {'message': str(e) or 'timeout', 'type': 'server_error'}})}\n\n"
+        except TimeoutError:
+            error = f"generation took longer than {ctx.opts.request_timeout:g}s"
+            yield f"data: {json.dumps({'error': {'message': error, 'type': 'timeout'}})}\n\n"
+        except MlopsError as e:
+            error = e.headline
+            yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
         finally:
+            gen.cancelled = not ok  # the client went away or it failed: free the batch slot
             ctx.stats.record(release, time.perf_counter() - t0, ok=ok)
+            _record_shadow(ctx, shadow[0], shadow[1], gen, release, gen.text if ok else None, t0, error)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={HEADER: release, "cache-control": "no-cache"})
-
-
-def _maybe_shadow(ctx: _Ctx, request: Request, body: dict[str, Any], prompt: str, gen: GenRequest, release: str) -> None:
-    """Mirror a share of production traffic to the shadow release; record both outputs, answer from production."""
-    st = ctx.pool.state()
-    shadow = st.shadow
-    if not shadow.get("release") or release == shadow["release"] or request.headers.get(HEADER) or not ctx.opts.shadow_log:
-        return
-    share = float(shadow.get("share", 0))
-    if (next(ctx.counter) % 10_000) >= share * 10_000:
-        return
-    target = str(shadow["release"])
-
-    async def run() -> None:
-        try:
-            eng = ctx.pool.get(target)
-            a = GenRequest(prompt=prompt, max_tokens=gen.max_tokens, stop=gen.stop)
-            b = GenRequest(prompt=prompt, max_tokens=gen.max_tokens, stop=gen.stop)
-            ta = "".join([p async for p in _collect(eng, a, ctx.opts.request_timeout)])
-            tb = "".join([p async for p in _collect(ctx.pool.get(release), b, ctx.opts.request_timeout)])
-            row = {"at": time.time(), "prompt": prompt, "production": release, "shadow": target, "production_output": tb, "shadow_output": ta}
-        except Exception as e:  # shadow traffic must never affect the answer
-            row = {"at": time.time(), "prompt": prompt, "production": release, "shadow": target, "error": str(e)}
-        with ctx.shadow_lock, open(str(ctx.opts.shadow_log), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    task = asyncio.get_running_loop().create_task(run())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={HEADER: release, "cache-control": "no-cache"}
+    )
 
 
-_background: set[asyncio.Task[None]] = set()
+def _prometheus(ctx: _Ctx) -> str:
+    pool = ctx.pool
+    st = pool.state()
+    engines = pool.engines()
+    lines = [ctx.stats.prometheus(pool.queue_depth(), sorted(engines)).rstrip("\n")]
+    lines += [
+        "# HELP mlops_state_version Version of the routing state being served.",
+        "# TYPE mlops_state_version gauge",
+        f"mlops_state_version {st.version}",
+        "# HELP mlops_routing_weight Share of traffic (percent) routed to a release.",
+        "# TYPE mlops_routing_weight gauge",
+        *[f'mlops_routing_weight{{release="{r}"}} {w}' for r, w in sorted(st.routing.items())],
+        "# HELP mlops_release_busy Requests queued or running, by release.",
+        "# TYPE mlops_release_busy gauge",
+        *[f'mlops_release_busy{{release="{r}"}} {e.busy}' for r, e in sorted(engines.items())],
+        "# HELP mlops_engine_decode_steps_total Decode steps; rows/steps is the mean batch size.",
+        "# TYPE mlops_engine_decode_steps_total counter",
+        *[f'mlops_engine_decode_steps_total{{release="{r}"}} {e.steps}' for r, e in sorted(engines.items())],
+        "# TYPE mlops_engine_decode_rows_total counter",
+        *[f'mlops_engine_decode_rows_total{{release="{r}"}} {e.step_rows}' for r, e in sorted(engines.items())],
+        "# HELP mlops_engine_prefills_total Prefill passes (each admits the requests that arrived).",
+        "# TYPE mlops_engine_prefills_total counter",
+        *[f'mlops_engine_prefills_total{{release="{r}"}} {e.prefills}' for r, e in sorted(engines.items())],
+        "# HELP mlops_model_loads_total Model loads: preload (watcher) or request (on the request path).",
+        "# TYPE mlops_model_loads_total counter",
+        *[f'mlops_model_loads_total{{source="{s}"}} {pool.loads[s]}' for s in ("preload", "request")],
+        "# HELP mlops_rerouted_total Requests routed again because their release was draining.",
+        "# TYPE mlops_rerouted_total counter",
+        f"mlops_rerouted_total {ctx.rerouted}",
+        "# HELP mlops_shadow_requests_total Mirrored requests, by shadow release and outcome.",
+        "# TYPE mlops_shadow_requests_total counter",
+    ]
+    for rel, (total, agreed, errors) in sorted(ctx.shadow.totals().items()):
+        lines.append(f'mlops_shadow_requests_total{{release="{rel}",outcome="agree"}} {agreed}')
+        lines.append(f'mlops_shadow_requests_total{{release="{rel}",outcome="differ"}} {total - agreed - errors}')
+        lines.append(f'mlops_shadow_requests_total{{release="{rel}",outcome="error"}} {errors}')
+    return "\n".join(lines) + "\n"
 
 
 def api_key_from_env(name: str | None) -> str | None:

@@ -70,10 +70,15 @@ class LiveStats:
         for rel, total, errors, _ in items:
             lines.append(f'mlops_requests_total{{release="{rel}",outcome="ok"}} {total - errors}')
             lines.append(f'mlops_requests_total{{release="{rel}",outcome="error"}} {errors}')
-        lines += ["# HELP mlops_request_latency_seconds Recent request latency.", "# TYPE mlops_request_latency_seconds summary"]
+        lines += [
+            "# HELP mlops_request_latency_seconds Recent request latency.",
+            "# TYPE mlops_request_latency_seconds summary",
+        ]
         for rel, _, _, lat in items:
             for q in (0.5, 0.95, 0.99):
-                lines.append(f'mlops_request_latency_seconds{{release="{rel}",quantile="{q}"}} {percentile(lat, q):.6f}')
+                lines.append(
+                    f'mlops_request_latency_seconds{{release="{rel}",quantile="{q}"}} {percentile(lat, q):.6f}'
+                )
             lines.append(f'mlops_request_latency_seconds_count{{release="{rel}"}} {len(lat)}')
         lines += [
             "# TYPE mlops_queue_depth gauge",

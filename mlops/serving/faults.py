@@ -1,0 +1,56 @@
+"""Fault injection for tests and drills: make one named release fail a share of its requests.
+
+A testing hook, read by the local server from its environment:
+
+    MLOPS_FAULT_RELEASE=<release id>   the release that misbehaves
+    MLOPS_FAULT_RATE=0.1               the share of its requests answered 500 (0..1)
+    MLOPS_FAULT_SEED=7                 optional: where in the cycle the first error falls
+
+The errors are spread evenly (error diffusion from a seeded phase): a rate of 0.1 fails exactly one
+request in every ten the release takes, so a test that says "a release failing 10% of its requests
+is never promoted" does not depend on luck. The failure is real as far as the rollout can tell: the
+client gets HTTP 500 and the server's live stats count it against that release. Never set these
+variables on a server that real users call.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Fault:
+    release: str
+    rate: float
+    seed: int = 0
+    injected: int = field(default=0, compare=False)
+    _acc: float = field(default=0.0, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"fault rate must be within 0..1, got {self.rate}")
+        self._acc = random.Random(self.seed).random()
+
+    def fire(self, release: str) -> bool:
+        """True when this request (to `release`) must fail."""
+        if release != self.release or self.rate <= 0:
+            return False
+        with self._lock:
+            self._acc += self.rate
+            if self._acc >= 1.0:
+                self._acc -= 1.0
+                self.injected += 1
+                return True
+            return False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Fault | None:
+        e = os.environ if env is None else env
+        release = e.get("MLOPS_FAULT_RELEASE")
+        if not release:
+            return None
+        return cls(release, float(e.get("MLOPS_FAULT_RATE", "1")), int(e.get("MLOPS_FAULT_SEED", "0")))
