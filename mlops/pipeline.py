@@ -419,8 +419,11 @@ def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.post(
-            f"{url}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1}, timeout=30,
-            headers=headers, trust_env=False
+            f"{url}/v1/completions",
+            json={"model": model, "prompt": "a", "max_tokens": 1},
+            timeout=30,
+            headers=headers,
+            trust_env=False,
         )
     except httpx.HTTPError as e:
         raise InfraError(f"endpoint {url} did not answer: {e}") from e

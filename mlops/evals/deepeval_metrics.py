@@ -186,9 +186,7 @@ class DeepEvalMetric:
     async def ascore_batch(self, cases: list[Case], outputs: list[Output]) -> list[Score]:
         """Score every case concurrently; the judge client bounds the requests in flight."""
         try:
-            return list(
-                await asyncio.gather(*(self._ascore_case(c, o) for c, o in zip(cases, outputs, strict=True)))
-            )
+            return list(await asyncio.gather(*(self._ascore_case(c, o) for c, o in zip(cases, outputs, strict=True))))
         finally:
             if self.judge is not None:
                 await self.judge.aclose()
@@ -210,11 +208,7 @@ class DeepEvalMetric:
         med = float(statistics.median(values))
         reason = min(done, key=lambda r: abs(r[0] - med))[1]
         if self.repeat > 1:
-            reason = (
-                f"median of {self.repeat}: {', '.join(f'{v:.3g}' for v in values)}; {reason or ''}".rstrip(
-                    "; "
-                )
-            )
+            reason = f"median of {self.repeat}: {', '.join(f'{v:.3g}' for v in values)}; {reason or ''}".rstrip("; ")
         return Score(med, reason)
 
     async def _measure_once(self, tc: LLMTestCase, sample: int) -> tuple[float, str | None] | str:
@@ -257,9 +251,7 @@ def build(name: str, params: dict[str, Any], judges: dict[str, Any]) -> DeepEval
     extra = set(params) - _ALLOWED[name]
     if extra:
         allowed = ", ".join(sorted(_ALLOWED[name] - {"cache_dir"})) or "none"
-        raise ConfigError(
-            f"metric {name!r}: unknown parameter(s) {', '.join(sorted(extra))} (allowed: {allowed})"
-        )
+        raise ConfigError(f"metric {name!r}: unknown parameter(s) {', '.join(sorted(extra))} (allowed: {allowed})")
     cache_dir = Path(params["cache_dir"]) if params.get("cache_dir") else None
 
     if name == "deepeval.exact_match":
@@ -267,9 +259,7 @@ def build(name: str, params: dict[str, Any], judges: dict[str, Any]) -> DeepEval
     if name == "deepeval.pattern_match":
         pattern = params.get("pattern")
         if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(
-                f"metric {name!r} needs a 'pattern' string (a regex the whole output must match)"
-            )
+            raise ConfigError(f"metric {name!r} needs a 'pattern' string (a regex the whole output must match)")
         ignore_case = bool(params.get("ignore_case", False))
         try:
             PatternMatchMetric(pattern=pattern, ignore_case=ignore_case)
@@ -300,9 +290,7 @@ def build(name: str, params: dict[str, Any], judges: dict[str, Any]) -> DeepEval
         raise ConfigError(f"metric {name!r}: 'evaluation_params' must be a non-empty list")
     bad = [p for p in raw_params if p not in _EVAL_PARAMS]
     if bad:
-        raise ConfigError(
-            f"metric {name!r}: unknown evaluation_params {bad} (allowed: {', '.join(_EVAL_PARAMS)})"
-        )
+        raise ConfigError(f"metric {name!r}: unknown evaluation_params {bad} (allowed: {', '.join(_EVAL_PARAMS)})")
     eval_params = [_EVAL_PARAMS[p] for p in raw_params]
     label = str(params.get("rubric_name") or "quality")
 

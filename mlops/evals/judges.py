@@ -70,9 +70,7 @@ class JudgeSpec(BaseModel):
     timeout_s: float = Field(default=30, gt=0, description="wall-clock limit of one request, seconds")
     max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
     concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
-    repeat: int = Field(
-        default=1, ge=1, description="ask N times per case and take the median score (noisy judges)"
-    )
+    repeat: int = Field(default=1, ge=1, description="ask N times per case and take the median score (noisy judges)")
     temperature: float = Field(default=0.0, ge=0)
 
     @field_validator("base_url")
@@ -293,9 +291,7 @@ class JudgeClient:
             except (TimeoutError, httpx.TimeoutException):
                 error = JudgeError(f"timeout after {spec.timeout_s:g}s", kind="timeout")
             except httpx.HTTPError as e:
-                error = JudgeError(
-                    self._scrub(f"connection error: {type(e).__name__}: {e}"), kind="connection"
-                )
+                error = JudgeError(self._scrub(f"connection error: {type(e).__name__}: {e}"), kind="connection")
             else:
                 if 200 <= resp.status_code < 300:
                     return self._parse(resp)
@@ -399,9 +395,7 @@ def client_for(
     if judge is None:
         if len(judges) != 1:
             have = ", ".join(sorted(judges)) or "none configured"
-            raise ConfigError(
-                f"metric {metric!r} needs a 'judge' parameter naming one of the judges ({have})"
-            )
+            raise ConfigError(f"metric {metric!r} needs a 'judge' parameter naming one of the judges ({have})")
         judge = next(iter(judges))
     if judge not in judges:
         have = ", ".join(sorted(judges)) or "none configured"

@@ -136,9 +136,7 @@ class RagasMetric:
         return run_sync(lambda: self.ascore_batch(cases, outputs))
 
     async def ascore_batch(self, cases: list[Case], outputs: list[Output]) -> list[Score]:
-        todo = [
-            (c, o) for c, o in zip(cases, outputs, strict=True) if o.error is None and c.expected is not None
-        ]
+        todo = [(c, o) for c, o in zip(cases, outputs, strict=True) if o.error is None and c.expected is not None]
         if self.embeddings is not None and todo:
             texts = [t for c, o in todo for t in (c.expected or " ", o.text or " ")]
             await asyncio.to_thread(self.embeddings.prime, texts)

@@ -134,9 +134,7 @@ class S3Store:
         root = self.prefix + "/" if self.prefix else ""
         out: list[str] = []
         with self._errors("list", prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full
-            ):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 out.extend(obj["Key"].removeprefix(root) for obj in page.get("Contents", []))
         return sorted(out)
 
