@@ -233,9 +233,8 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     """The whole loop. `on_step(name)` is called at each stage boundary (tests kill the process there)."""
-    from mlops.evals.harness import load_cases
     from mlops.plan import make_plan
-    from mlops.rollout import abort_canary, canary, promote
+    from mlops.rollout import promote
     from mlops.tracking import Tracker
 
     mark = on_step or (lambda name: None)
@@ -328,49 +327,25 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                     served_by=served,
                     timings=t,
                 )
-            verdicts: list[dict[str, Any]] = []
-            if prod is None:
-                s.say("no production release yet: promoting without a canary (nothing to compare with)")
-            else:
-                cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
-                model_cfg = cfg.models[cfg.deploy.model]
-                prompts = [model_cfg.prompt.format(input=c.input) for c in cases] or ["hello"]
-                with _timed(t, "canary"):
-                    steps = canary(
-                        s.backend,
-                        release,
-                        url,
-                        prompts,
-                        cfg.deploy.rollout,
-                        cfg.deploy.model,
-                        model_cfg.max_tokens,
-                        s.say,
-                        on_step=lambda i: mark(f"canary-{i}"),
-                    )
-                verdicts = [v.to_json() for v in steps]
-                if not all(v.passed for v in steps):
-                    abort_canary(
-                        s.backend, reason=f"canary failed: {'; '.join(steps[-1].reasons)}", actor="pipeline:analysis"
-                    )
-                    s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
-                    msg = f"candidate {release} rolled back at {steps[-1].percent}%: {'; '.join(steps[-1].reasons)}"
-                    s.say(msg)
-                    exit_code = EXIT_GATE
-                    return RunResult(
-                        "rolled_back",
-                        EXIT_GATE,
-                        release,
-                        prod,
-                        None,
-                        tr["trained"],
-                        msg,
-                        summary,
-                        gates,
-                        verdicts,
-                        url,
-                        _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
-                        t,
-                    )
+            with _timed(t, "canary"):
+                verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
+            if failure is not None:
+                exit_code = EXIT_GATE
+                return RunResult(
+                    "rolled_back",
+                    EXIT_GATE,
+                    release,
+                    prod,
+                    None,
+                    tr["trained"],
+                    failure,
+                    summary,
+                    gates,
+                    verdicts,
+                    url,
+                    _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
+                    t,
+                )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
             served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
@@ -400,6 +375,43 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     finally:
         t.setdefault("total", round(time.perf_counter() - t_all, 3))
         tracker.finish(exit_code)
+
+
+def roll_out(
+    s: Session, release: str, url: str, prod: str | None, on_step: Callable[[int], None] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
+    on a failing step the traffic is already back on production and the rollback is recorded."""
+    from mlops.evals.harness import load_cases
+    from mlops.rollout import abort_canary, canary
+
+    cfg = s.loaded.cfg
+    if prod is None:
+        s.say("no production release yet: promoting without a canary (nothing to compare with)")
+        return [], None
+    model_cfg = cfg.models[cfg.deploy.model]
+    cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
+    prompts = [model_cfg.prompt.format(input=c.input) for c in cases] or ["hello"]
+    steps = canary(
+        s.backend,
+        release,
+        url,
+        prompts,
+        cfg.deploy.rollout,
+        cfg.deploy.model,
+        model_cfg.max_tokens,
+        s.say,
+        on_step=on_step,
+    )
+    verdicts = [v.to_json() for v in steps]
+    if all(v.passed for v in steps):
+        return verdicts, None
+    why = "; ".join(steps[-1].reasons)
+    abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
+    msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
+    s.say(msg)
+    return verdicts, msg
 
 
 def _clear_candidate(st: State, release: str) -> State | None:

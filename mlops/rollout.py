@@ -91,19 +91,21 @@ def analyse(
     return StepVerdict(step, pct, cand, prod, not reasons, reasons, mode=mode, notes=notes)
 
 
-def promote(backend: Backend, release: str, reason: str, actor: str = "pipeline") -> State:
-    def change(st: State) -> State:
-        old = st.stages.get("production")
-        if old and old != release:
-            st.stages["previous"] = old
-        st.stages["production"] = release
-        st.stages["candidate"] = None
-        st.stages["canary"] = None
-        st.routing = {release: 100}
-        st.shadow = {}
-        return st
+def _make_production(st: State, release: str) -> State:
+    """`release` takes all traffic; the old production becomes `previous` (kept loaded for rollback)."""
+    old = st.stages.get("production")
+    if old and old != release:
+        st.stages["previous"] = old
+    st.stages["production"] = release
+    st.stages["candidate"] = None
+    st.stages["canary"] = None
+    st.routing = {release: 100}
+    st.shadow = {}
+    return st
 
-    state = backend.set_state(change, reason=reason, actor=actor)
+
+def promote(backend: Backend, release: str, reason: str, actor: str = "pipeline") -> State:
+    state = backend.set_state(lambda st: _make_production(st, release), reason=reason, actor=actor)
     backend.registry.append_event(release, "promoted", by=actor, reason=reason)
     return state
 
@@ -136,18 +138,7 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
     reg.require(target)
     backend.preflight(target)  # IntegrityError / InfraError (exit 4) before any pointer moves
 
-    def change(st: State) -> State:
-        old = st.stages.get("production")
-        if old and old != target:
-            st.stages["previous"] = old
-        st.stages["production"] = target
-        st.stages["canary"] = None
-        st.stages["candidate"] = None
-        st.routing = {target: 100}
-        st.shadow = {}
-        return st
-
-    new = backend.set_state(change, reason=reason, actor=actor)
+    new = backend.set_state(lambda st: _make_production(st, target), reason=reason, actor=actor)
     reg.append_event(target, "rolled_back_to", by=actor, reason=reason)
     return new, target
 

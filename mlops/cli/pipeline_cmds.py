@@ -178,9 +178,8 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
-        from mlops.evals.harness import load_cases
-        from mlops.pipeline import gate, production_results, recover
-        from mlops.rollout import abort_canary, canary, promote
+        from mlops.pipeline import gate, production_results, recover, roll_out
+        from mlops.rollout import promote
 
         s = _session(config, set_, json_)
         cfg = s.loaded.cfg
@@ -202,24 +201,13 @@ def register(app: typer.Typer) -> None:
             if not all(g["passed"] for g in verdicts):
                 emit({"release": rid, "status": "rejected", "gates": verdicts}, json_, f"{rid}: gates FAIL")
                 raise typer.Exit(EXIT_GATE)
-            steps: list[Any] = []
-            if prod is not None:
-                m = cfg.models[cfg.deploy.model]
-                first = next(iter(cfg.evals))
-                prompts = [m.prompt.format(input=c.input) for c in load_cases(s.loaded, first)]
-                steps = canary(s.backend, rid, url, prompts, cfg.deploy.rollout, cfg.deploy.model, m.max_tokens, s.say)
-                if not all(v.passed for v in steps):
-                    abort_canary(s.backend, reason="canary failed", actor="pipeline:analysis")
-                    s.registry.append_event(rid, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
-                    emit(
-                        {"release": rid, "status": "rolled_back", "canary": [v.to_json() for v in steps]},
-                        json_,
-                        f"{rid}: rolled back",
-                    )
-                    raise typer.Exit(EXIT_GATE)
+            steps, failure = roll_out(s, rid, url, prod)
+            if failure is not None:
+                emit({"release": rid, "status": "rolled_back", "canary": steps}, json_, failure)
+                raise typer.Exit(EXIT_GATE)
             promote(s.backend, rid, reason="deploy: gates and canary passed", actor="cli:deploy")
         emit(
-            {"release": rid, "status": "promoted", "previous": prod, "canary": [v.to_json() for v in steps]},
+            {"release": rid, "status": "promoted", "previous": prod, "canary": steps},
             json_,
             f"promoted {rid}",
         )
