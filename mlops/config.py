@@ -146,11 +146,17 @@ class GateCfg(Strict):
 class RolloutCfg(Strict):
     steps: list[Annotated[int, Field(ge=1, le=100)]] = [10, 50, 100]
     requests_per_step: int = Field(50, ge=1)
-    bake: Duration = 0.0
+    bake: Duration = Field(
+        0.0,
+        description="How long each canary step (below 100%) bakes under real traffic before its analysis; "
+        "also how long a replaced production stays loaded for instant rollback (600 s when 0).",
+    )
     max_error_rate: float = Field(0.02, ge=0, le=1)
     max_p95_ratio: float = Field(2.0, gt=0, description="Candidate p95 latency over production's, at most.")
     shadow: float = Field(0.0, ge=0, le=1, description="Share of traffic mirrored to the candidate.")
-    on_failure: Literal["rollback", "stop"] = "rollback"
+    # Only rollback exists: a half-rolled-out candidate left in place would be recovered (rolled
+    # back) by the next run anyway, so "stop" would promise something the pipeline does not keep.
+    on_failure: Literal["rollback"] = "rollback"
 
     @model_validator(mode="after")
     def _increasing(self) -> RolloutCfg:
