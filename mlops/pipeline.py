@@ -306,7 +306,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
             gates = gate(s, release, results, prod_results)
             summary = {k: v["metrics"] for k, v in results.items()}
             if not all(g["passed"] for g in gates):
-                failed = [g["name"] for g in gates if not g["passed"]]
+                failed = [f"{g['name']} {g['threshold']}" for g in gates if not g["passed"]]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
                 s.backend.set_state(lambda st: _clear_candidate(st, release), reason="gates failed")
                 s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)

@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         if res.served_by:
             human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
         if "total" in res.timings:
-            human += f"\nwall time {res.timings['total']:.1f}s"
+            human += f"\nwall time {res.timings['total']:.2f}s"
         emit(res.to_json(), json_, human)
         if res.exit_code:
             raise typer.Exit(res.exit_code)
