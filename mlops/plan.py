@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.config import Loaded, config_hash
-from mlops.registry.releases import Registry
-from mlops.training.data import file_sha256
+from mlops.registry.releases import Registry, sha256_file
 
 TRAINING_CODE = Path(__file__).parent / "training"
 # keys of a model's config that change the trained weights (resources, max_tokens do not)
@@ -61,7 +60,7 @@ class Plan:
 def lineage(loaded: Loaded, model: str) -> dict[str, Any]:
     m = loaded.cfg.models[model]
     ds = loaded.dataset_path(m.dataset)
-    dataset_hashes = {m.dataset: file_sha256(ds)}
+    dataset_hashes = {m.dataset: sha256_file(ds)}
     section = {k: v for k, v in m.model_dump(mode="json").items() if k in TRAIN_KEYS}
     cfg_hash = config_hash(section)
     c_hash = code_hash()
