@@ -110,3 +110,39 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Path]:
     yield make_project(tmp_path / "proj")
+
+
+class InThreadServer:
+    """A Starlette app under uvicorn in a thread on a free 127.0.0.1 port: the stand-in servers
+    (fake endpoints, judges) that tests control. `release` unblocks handlers that wait on it."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.release = threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> None:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:  # bounded poll for readiness
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"{type(self).__name__} did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

@@ -30,8 +30,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
-import uvicorn  # noqa: E402
 import yaml  # noqa: E402
+from conftest import InThreadServer  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
@@ -50,22 +50,14 @@ REPO = Path(__file__).resolve().parent.parent
 RELEASE = "tiny-20250101-000000-aaaaaa"
 
 
-class FakeEndpoint:
+class FakeEndpoint(InThreadServer):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.prompts: Counter[str] = Counter()
         self.by_release: Counter[str | None] = Counter()
         self.throttle: tuple[int, str | None] | None = None
         self.status: int | None = None
-        self.release = threading.Event()
-        self.app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        super().__init__(Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])]))
 
     @property
     def total(self) -> int:
@@ -112,20 +104,6 @@ class FakeEndpoint:
             },
             headers=headers,
         )
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:  # bounded poll for readiness
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("fake endpoint did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

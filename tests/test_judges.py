@@ -34,7 +34,7 @@ from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-import uvicorn  # noqa: E402
+from conftest import InThreadServer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
@@ -89,29 +89,22 @@ def judge_answer(prompt: str, nth: int) -> str:
     return f"echo: {prompt}"
 
 
-class JudgeServer:
+class JudgeServer(InThreadServer):
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()  # prompt -> requests seen
         self.auth: list[str | None] = []
         self.throttle: tuple[int, str] | None = None  # (status, Retry-After) for each prompt's first request
         self.status: int | None = None  # answer everything with this status
         self.echo_auth = False  # error bodies quote the Authorization header (as some APIs do)
-        self.release = threading.Event()
         self.lock = threading.Lock()
-        self.app = Starlette(
+        app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/health", lambda r: JSONResponse({"ok": True})),
             ]
         )
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        super().__init__(app)
+        self.base_url = f"{self.url}/v1"
 
     @property
     def total(self) -> int:
@@ -167,19 +160,8 @@ class JudgeServer:
         )
 
     def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:  # bounded poll for readiness
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("judge server did not start")
-            time.sleep(0.01)
-        assert httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).json() == {"ok": True}
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+        super().start()
+        assert httpx.get(f"{self.url}/health", timeout=5).json() == {"ok": True}
 
 
 @pytest.fixture(scope="module")
