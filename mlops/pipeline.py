@@ -280,6 +280,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
         s.progress = progress
         release = str(tr["release"])
         mark("registered")
+        s.backend.prepare(release)
         with s.backend.serve() as url:
             mark("served")
             with _timed(t, "eval"):

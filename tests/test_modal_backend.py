@@ -492,6 +492,19 @@ def test_preflight_stages_deploys_records_and_waits(
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_prepare_deploys_the_release_before_it_is_evaluated(
+    sdk: FakeModal, deploys: list[dict[str, Any]], backend: ModalBackend, tmp_path: Path
+) -> None:
+    """The pipeline pins eval requests to a release, so on Modal that release's vLLM app must exist first."""
+    publish_release(backend, tmp_path)
+    with HealthServer() as health:
+        sdk.web_urls[(f"acme-serve-{RID}", "serve")] = health.url
+        backend.prepare(RID)
+        assert health.hits == 1
+    assert [d["env"]["MLOPS_RELEASE"] for d in deploys] == [RID]
+    assert ("Dict.__setitem__", f"url:{RID}", health.url.rstrip("/")) in sdk.calls
+
+
 def test_preflight_failures_are_infra_errors(
     sdk: FakeModal,
     deploys: list[dict[str, Any]],

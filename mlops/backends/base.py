@@ -55,6 +55,11 @@ class Backend(ABC):
         self._preflight(release_id)
         return manifest
 
+    def prepare(self, release_id: str) -> None:
+        """Make a release servable before requests are pinned to it (eval): locally the server loads
+        what it is asked for; on Modal this deploys the release's own vLLM app and waits for it."""
+        self._prepare(release_id)
+
     def endpoint(self) -> str | None:
         return self._endpoint()
 
@@ -71,6 +76,9 @@ class Backend(ABC):
 
     def _preflight(self, release_id: str) -> None:  # noqa: B027 - optional hook
         """Prove the release loads before any pointer moves."""
+
+    def _prepare(self, release_id: str) -> None:  # noqa: B027 - optional hook
+        """Nothing to do where the server loads releases on demand."""
 
     def _endpoint(self) -> str | None:
         return None

@@ -324,6 +324,9 @@ class ModalBackend(Backend):
         with modal_errors("publish the routing state to the Modal Dict"):
             self._dict()[STATE_KEY] = state.to_json()
 
+    def _prepare(self, release_id: str) -> None:
+        self.preflight(release_id)  # a release is evaluated through its own vLLM app, so deploy it first
+
     def _preflight(self, release_id: str) -> None:
         """Stage the release on the Volume, deploy its vLLM app, record its URL, wait for /health."""
         s = self.settings

@@ -123,6 +123,8 @@ def register(app: typer.Typer) -> None:
         for name in suite or []:
             if name not in s.loaded.cfg.evals:
                 raise UsageError(f"unknown suite {name!r} (valid: {', '.join(s.loaded.cfg.evals)})")
+        if not url:
+            s.backend.prepare(rid)
         cm = contextlib.nullcontext(url) if url else s.backend.serve()
         with cm as base:
             results = evaluate(s, rid, base, suite)
