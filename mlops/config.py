@@ -39,7 +39,7 @@ def _duration(v: Any) -> Any:
     raise ValueError("expected a duration like 30s, 10m or 1h")
 
 
-Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):
