@@ -219,9 +219,9 @@ def test_spec_defaults_and_forbids_unknown_keys() -> None:
         0.0,
     )
     with pytest.raises(ValidationError, match="api_key"):
-        JudgeSpec(base_url="http://x/v1", model="m", api_key="sk-nope")  # type: ignore[call-arg]
+        JudgeSpec(base_url="http://127.0.0.1:9/v1", model="m", api_key="sk-nope")  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
-        JudgeSpec(base_url="http://x/v1", model="m", concurrency=0)
+        JudgeSpec(base_url="http://127.0.0.1:9/v1", model="m", concurrency=0)
     with pytest.raises(ValidationError):
         JudgeSpec(base_url="127.0.0.1:8000", model="m")
 
