@@ -161,17 +161,17 @@ def test_ragas_batch_of_many_cases(judge_server: JudgeServer) -> None:
         ({"name": "deepeval.geval", "criteria": "x"}, {}, "judge"),
         (
             {"name": "deepeval.geval", "criteria": "x", "judge": "nope"},
-            {"a": {"base_url": "http://x/v1", "model": "m"}},
+            {"a": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}},
             "unknown judge",
         ),
         (
             {"name": "deepeval.geval", "judge": "a"},
-            {"a": {"base_url": "http://x/v1", "model": "m"}},
+            {"a": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}},
             "criteria",
         ),
         (
             {"name": "deepeval.geval", "criteria": "x", "evaluation_params": ["vibes"]},
-            {"a": {"base_url": "http://x/v1", "model": "m"}},
+            {"a": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}},
             "evaluation_params",
         ),
         ({"name": "ragas.rouge_score", "rouge_type": "rouge9"}, {}, "rouge_type"),

@@ -49,7 +49,8 @@ def moto_endpoint() -> Iterator[str]:
         server.start()
         try:
             host, port = server.get_host_and_port()
-            url = f"http://{host}:{port}"
+            assert host == "127.0.0.1"
+            url = f"http://127.0.0.1:{port}"
             mp.setenv("MLOPS_S3_ENDPOINT_URL", url)
             boto3.session.Session().client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
             yield url
