@@ -18,7 +18,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+import random
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,14 @@ from mlops.registry.store import Store, atomic_write
 
 STAGES = ("production", "candidate", "previous", "canary")
 STATE_KEY = "state.json"
-CAS_RETRIES = 20  # pointer writes are rare and tiny; 20 lost races in a row means something is wrong
+# Pointer writes are rare and tiny, but several writers on a loaded machine can keep beating one
+# unlucky writer: lost races back off with jitter (capped at 50 ms), and 60 lost in a row (seconds
+# of contention) means something is wrong.
+CAS_RETRIES = 60
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
 def now() -> str:
@@ -148,7 +157,7 @@ class Registry:
     def append_event(self, release_id: str, event: str, by: str = "pipeline", **detail: Any) -> None:
         key = f"releases/{release_id}/history.json"
         entry = {"at": now(), "event": event, "by": by} | ({"detail": detail} if detail else {})
-        for _ in range(CAS_RETRIES):
+        for attempt in range(CAS_RETRIES):
             blob = self.store.get(key)
             items = json.loads(blob.data) if blob else []
             items.append(entry)
@@ -159,7 +168,7 @@ class Registry:
                     self.store.put(key, _dumps(items), if_match=blob.etag)
                 return
             except ConflictError:
-                continue
+                _backoff(attempt)
         raise ConflictError(f"could not append to {key}: too many concurrent writers")
 
     def put_eval(self, release_id: str, suite: str, result: dict[str, Any]) -> None:
@@ -243,7 +252,7 @@ class Registry:
     def update_state(self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline") -> State:
         """Apply `change` by compare-and-swap, retrying on a lost race. Every release the new state
         references must have a manifest, and routing weights must sum to 100 (or be empty)."""
-        for _ in range(CAS_RETRIES):
+        for attempt in range(CAS_RETRIES):
             current, etag = self.read_state()
             new = change(State.from_json(current.to_json()))
             if new is None:
@@ -263,7 +272,7 @@ class Registry:
                     self.store.put(STATE_KEY, _dumps(new.to_json()), if_match=etag)
                 return new
             except ConflictError:
-                continue
+                _backoff(attempt)
         raise ConflictError("could not update state.json: too many concurrent writers")
 
 
