@@ -131,10 +131,9 @@ def evaluate(
     s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
 ) -> dict[str, dict[str, Any]]:
     from mlops.evals.harness import run_suite
-    from mlops.serving.server import api_key_from_env
 
     s.registry.require(release)
-    key = api_key_from_env(s.loaded.cfg.deploy.server.api_key_env)
+    key = s.backend.client_key()
     out = {}
     for suite in suites or list(s.loaded.cfg.evals):
         res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key)
@@ -313,7 +312,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                 s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env) if prod else None
+                served = _smoke(url, cfg.deploy.model, s.backend.client_key()) if prod else None
                 return RunResult(
                     "rejected",
                     EXIT_GATE,
@@ -344,12 +343,12 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
                     gates,
                     verdicts,
                     url,
-                    _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
+                    _smoke(url, cfg.deploy.model, s.backend.client_key()),
                     t,
                 )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
-            served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
+            served = _smoke(url, cfg.deploy.model, s.backend.client_key())
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
             msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")
@@ -422,13 +421,10 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
+def _smoke(url: str, model: str, key: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
-    from mlops.serving.server import api_key_from_env
-
-    key = api_key_from_env(api_key_env)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.post(

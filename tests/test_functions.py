@@ -30,7 +30,7 @@ from mlops.serving.routing import pick
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
-MODULES = ("images", "train", "serve", "gateway", "evaluate")
+MODULES = ("images", "train", "serve", "gateway")
 
 
 def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> dict[str, ModuleType]:
@@ -66,7 +66,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     import modal
 
     images = fns["images"]
-    for name in ("train_image", "vllm_image", "eval_image", "gateway_image"):
+    for name in ("train_image", "vllm_image", "gateway_image"):
         assert isinstance(getattr(images, name), modal.Image)
     assert isinstance(images.volume, modal.Volume)
     # names come from the shipped mlops.yaml (project tiny-reverse, no modal.app_name)
@@ -76,7 +76,6 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
         "train": ("mlops-tiny-reverse-train", "train", False),
         "serve": ("mlops-tiny-reverse-serve", "serve", True),
         "gateway": ("mlops-tiny-reverse-gateway", "gateway", True),
-        "evaluate": ("mlops-tiny-reverse-eval", "evaluate", False),
     }
     for mod, (app_name, fn_name, web) in expected.items():
         app, fn = fns[mod].app, getattr(fns[mod], fn_name)
@@ -98,7 +97,7 @@ def test_serve_app_is_named_after_its_release(monkeypatch: pytest.MonkeyPatch) -
 
 def test_container_settings_win_over_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """In a container there is no mlops.yaml: the settings it was deployed with arrive as JSON."""
-    from mlops.backends.modal import ModalSettings
+    from mlops.backends.modal_settings import ModalSettings
 
     s = ModalSettings(app="acme", environment="ci", train_gpu="H100", secrets=("wandb",))
     mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json(), "MLOPS_CONFIG": "/nonexistent"})
@@ -197,22 +196,6 @@ def test_prepare_release_checks_every_file(fns: dict[str, ModuleType], tmp_path:
     (tmp_path / "releases" / "r1" / "model" / "model.safetensors").unlink()
     with pytest.raises(RuntimeError, match="missing"):
         prepare(tmp_path, "r1", digest)
-
-
-# ---------------------------------------------------------------------------- evaluate
-
-
-def test_score_shard_scores_in_order(fns: dict[str, ModuleType]) -> None:
-    shard = {
-        "metrics": ["exact_match", "latency"],
-        "cases": [{"id": "a", "input": "ab", "expected": "ba"}, {"id": "b", "input": "cd", "expected": "dc"}],
-        "outputs": [{"text": "ba", "latency_s": 0.5}, {"text": "xx", "latency_s": 0.25}],
-    }
-    out = fns["evaluate"].score_shard(shard, base_dir=ROOT)
-    assert [r["value"] for r in out["scores"]["exact_match"]] == [1.0, 0.0]
-    assert [r["value"] for r in out["scores"]["latency"]] == [0.5, 0.25]
-    assert out["higher_is_better"] == {"exact_match": True, "latency": False}
-    json.dumps(out)  # crosses the wire as plain data
 
 
 # ---------------------------------------------------------------------------- gateway (real HTTP)
@@ -463,17 +446,25 @@ def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleTy
     gw = fns["gateway"]
     reads: list[str] = []
 
-    class FakeDict:
-        def get(self, key: str) -> Any:
-            reads.append(key)
-            return {"state": STATE.to_json(), "url:rel-a": "http://127.0.0.1:9/a"}.get(key)
+    from mlops.backends.modal_settings import ModalSettings
 
-    get_state, url_for = gw.modal_state_sources(FakeDict())
+    class FakeAPI:  # what routing_sources reads: the Dict, and each release app's web URL
+        settings = ModalSettings(app="acme")
+
+        def dict_get(self, key: str) -> Any:
+            reads.append(key)
+            return {"state": STATE.to_json()}.get(key)
+
+        def web_url(self, app: str, function: str) -> str | None:
+            reads.append(app)
+            return "http://127.0.0.1:9/a" if app == "acme-serve-rel-a" and function == "serve" else None
+
+    get_state, url_for = gw.routing_sources(FakeAPI())
     assert get_state().routing == STATE.routing
     assert get_state().routing == STATE.routing
     assert url_for("rel-a") == "http://127.0.0.1:9/a" and url_for("rel-a") == "http://127.0.0.1:9/a"
     assert url_for("zzz") is None and url_for("zzz") is None  # misses are not remembered
-    assert reads == ["state", "url:rel-a", "url:zzz", "url:zzz"]
+    assert reads == ["state", "acme-serve-rel-a", "acme-serve-zzz", "acme-serve-zzz"]
     clock, calls = [0.0], []
 
     def fetch(key: str) -> str:
@@ -488,3 +479,25 @@ def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleTy
     assert gw.parse_keys(" a, b ,,", None, "c") == ["a", "b", "c"]
     with pytest.raises(ValueError, match="at least one API key"):
         gw.create_gateway_app(lambda: STATE, lambda r: None, [])
+
+
+def test_gateway_outlasts_its_upstream_timeout(fns: dict[str, ModuleType]) -> None:
+    """Modal would cut a request the gateway is still waiting on vLLM for (it was 300 s vs 600 s)."""
+    gw = fns["gateway"]
+    assert gw.GATEWAY_TIMEOUT_S > gw.UPSTREAM_TIMEOUT.read
+    assert "timeout=GATEWAY_TIMEOUT_S" in (FUNCTIONS / "gateway.py").read_text()
+
+
+def test_serve_mounts_the_volume_with_the_current_read_only_api() -> None:
+    """`Volume.read_only()` is deprecated in modal 1.x; `with_mount_options(read_only=True)` is current."""
+    src = (FUNCTIONS / "serve.py").read_text()
+    assert ".read_only()" not in src and "with_mount_options(read_only=True)" in src
+
+
+def test_serve_start_fails_fast_with_the_servers_log(fns: dict[str, ModuleType]) -> None:
+    """A server that dies at start raises at once with its output, not after startup_timeout."""
+    cmd = [sys.executable, "-c", "import sys; print('CUDA error: no kernel image'); sys.exit(3)"]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 3") as e:
+        fns["serve"].start_server(cmd, {}, port=1, timeout=600)
+    assert "CUDA error: no kernel image" in str(e.value) and time.monotonic() - t0 < 30
