@@ -180,10 +180,16 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
+        from mlops.registry.lease import rollout_lease
+
+        s = _session(config, set_, json_)
+        with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+            _deploy(s, release, json_)
+
+    def _deploy(s: Any, release: str, json_: bool) -> None:
         from mlops.pipeline import gate, production_results, recover, roll_out
         from mlops.rollout import promote
 
-        s = _session(config, set_, json_)
         cfg = s.loaded.cfg
         recover(s)
         rid = resolve_release(s, release)
