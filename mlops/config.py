@@ -16,12 +16,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mlops import plugins
 from mlops.errors import ConfigError
-from mlops.yamlload import Loc, load_yaml_file
+from mlops.redact import remember
+from mlops.yamlload import Loc, load_yaml, load_yaml_file
 
 BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
 
@@ -299,6 +299,8 @@ def _expand_env(data: Any, path: Loc, lines: dict[Loc, int], src: str) -> Any:
                 raise ConfigError(
                     f"{src}:{lines.get(path, 1)}: {_dotted(path)}: environment variable {m.group(1)} is not set"
                 )
+            if m.group(1) in os.environ:  # a default written in the file is no secret
+                remember(val, m.group(1))
             return val
 
         return _ENV.sub(sub, data)
@@ -313,10 +315,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
         key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value is not valid YAML: {' '.join(str(e).split())}") from e
+        # the same bounded loader as files (alias bombs, recursion, depth); its errors name the flag
+        parsed = load_yaml(value, f"--set {key}")[0] if value.strip() else ""
         node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:

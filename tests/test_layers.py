@@ -27,6 +27,7 @@ RANK: dict[str, float] = {
     "env": BASE,
     "yamlload": BASE,
     "plugins": BASE,
+    "redact": BASE,
     "cache": BASE,
     "__init__": BASE,
     # domain: releases and stores; recipes; harness, metrics, gates

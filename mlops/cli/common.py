@@ -12,6 +12,7 @@ from rich.console import Console
 
 from mlops.config import Loaded, load
 from mlops.env import set_offline
+from mlops.redact import redact
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to mlops.yaml.")]
 SetOpt = Annotated[
@@ -30,7 +31,7 @@ def load_config(path: Path, overrides: list[str] | None, check_files: bool = Tru
 
 def say_fn(json_mode: bool) -> Any:
     def say(msg: str) -> None:
-        err.print("• " + msg, markup=False, highlight=False)
+        err.print("• " + redact(msg), markup=False, highlight=False)
 
     return say
 
