@@ -29,6 +29,7 @@ RANK: dict[str, float] = {
     "plugins": BASE,
     "redact": BASE,
     "cache": BASE,
+    "retry": BASE,
     "__init__": BASE,
     # domain: releases and stores; recipes; harness, metrics, gates
     "registry": 1.0,
