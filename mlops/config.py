@@ -8,7 +8,6 @@ pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metri
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -19,11 +18,12 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mlops import plugins
 from mlops.errors import ConfigError
 from mlops.redact import remember
 from mlops.yamlload import Loc, load_yaml, load_yaml_file
 
-BACKENDS = ("local", "modal")  # implementations live in mlops.backends; names here keep `validate` light
+BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
 
 
 def _duration(v: Any) -> Any:
@@ -241,10 +241,7 @@ class Loaded(BaseModel):
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    opts = sorted(options)
-    close = difflib.get_close_matches(word, opts, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"({hint}valid: {', '.join(opts)})" if opts else ""
+    return plugins.did_you_mean(word, options)
 
 
 def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -403,8 +400,6 @@ def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_f
 
 
 def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridden: set[str], check_files: bool) -> None:
-    from mlops.evals.metrics import known_metric_names, metric_name
-
     cfg = loaded.cfg
 
     def fail(loc: Sequence[str | int], msg: str) -> ConfigError:
@@ -422,7 +417,7 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
             raise fail(("models", name, "arch", "n_head"), "n_embd must be divisible by n_head")
-    known = set(known_metric_names())
+    known = set(plugins.known_metric_names())
     for name, ev in cfg.evals.items():
         ref(("evals", name, "dataset"), ev.dataset, cfg.datasets, "dataset")
         if ev.judge is not None:
@@ -454,6 +449,11 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             f = loaded.dataset_path(name)
             if not f.is_file():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def metric_name(spec: str | dict[str, Any]) -> str:
+    """The name of one entry of `evals.<suite>.metrics`: a string, or a mapping with `name`."""
+    return spec if isinstance(spec, str) else str(spec.get("name"))
 
 
 def config_hash(obj: Any) -> str:
