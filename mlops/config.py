@@ -43,7 +43,9 @@ Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model is built on first use, so `validate` builds one validator (Config, with
+    # the others inside it) instead of one per class at import (measured: benchmarks/bench_startup.py)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class WandbCfg(Strict):
