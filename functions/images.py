@@ -37,8 +37,9 @@ TRAIN_PACKAGES = [
 # build that needs a recent host driver; 0.32.0 runs on Modal's current GPU drivers.
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 
-# Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull.
-GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", *MLOPS_CORE]
+# Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
+# (prometheus_client: mlops.serving.stats, behind its live per-release stats).
+GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", *MLOPS_CORE]
 
 
 def _with_sources(image: modal.Image) -> modal.Image:

@@ -501,3 +501,37 @@ def test_serve_start_fails_fast_with_the_servers_log(fns: dict[str, ModuleType])
     with pytest.raises(RuntimeError, match="exited with code 3") as e:
         fns["serve"].start_server(cmd, {}, port=1, timeout=600)
     assert "CUDA error: no kernel image" in str(e.value) and time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------------- README vs code
+
+
+def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[str, ModuleType]) -> None:
+    """Following the README's Modal section, `modal deploy functions/x.py` finds every Secret the
+    code asks for, with every variable it reads, and every name the README shows is the code's."""
+    import re
+
+    from mlops.backends import modal_settings as ms
+    from mlops.backends.modal_twin_run import _functions
+
+    readme = (ROOT / "README.md").read_text()
+    s = fns["images"].settings
+    created = re.findall(r"modal(?:_twin)? secret create (\S+)((?: [A-Z_]+=\S+)+)", readme)
+    assert created, "the README creates no Secret"
+    for name, values in created:
+        assert name == s.auth_secret
+        keys = {kv.split("=", 1)[0] for kv in values.split()}
+        assert keys == {ms.KEYS_ENV, ms.VLLM_KEY_ENV, ms.PROXY_ID_ENV, ms.PROXY_SECRET_ENV}
+    available = {s.auth_secret, *s.secrets}
+    for mod in ("train", "serve", "gateway"):
+        for fn, spec in _functions(fns[mod]).items():
+            assert set(spec["secrets"]) <= available, (mod, fn, spec["secrets"])
+    assert _functions(fns["gateway"])["gateway"]["secrets"] == [s.auth_secret]
+    assert _functions(fns["serve"])["serve"]["proxy_auth"] is True  # per-release URLs are not public
+    deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
+    assert deployed and all((ROOT / d).is_file() for d in deployed)
+    names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
+    shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
+    assert shown and shown <= names, shown - names
+    assert {s.train_app, s.gateway_app, s.auth_secret} <= shown
+    assert f"export {ms.CLIENT_KEY_ENV}=" in readme  # the runner's gateway key is documented

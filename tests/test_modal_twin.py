@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import REPO, make_project, mlops
+
+STATE_TTL_S = 2.0  # functions/gateway.py: how long the gateway caches the routing state
 
 KEY = "key-1"  # one of MLOPS_API_KEYS; what the runner presents as $MLOPS_API_KEY
 APP = "mlops-tiny-reverse"
@@ -70,17 +73,19 @@ class Twin:
         return httpx.post(f"{self.gateway}/v1/completions", json=body, headers=h, timeout=60, trust_env=False)
 
 
-def setup_twin(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Twin:
+CFG: dict[str, Any] = {
+    "backend": "modal",
+    "models": {"tiny": {"train": {"steps": 80}}},
+    # the fast model's exact match is ~0: its character F-score tells it from a 1-step model
+    "gates": [{"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.1}],
+    "evals": {"heldout": {"limit": 20, "concurrency": 4}},
+    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
+}
+
+
+def setup_twin(tmp_path: Path) -> Twin:
     """A project with `backend: modal`, and the twin set up with the README's commands."""
-    cfg = {
-        "backend": "modal",
-        "models": {"tiny": {"train": {"steps": 80}}},
-        # the fast model's exact match is ~0: its character F-score tells it from a 1-step model
-        "gates": [{"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.1}],
-        "evals": {"heldout": {"limit": 20, "concurrency": 4}},
-        "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
-    }
-    root = make_project(tmp_path / "p", cfg | (overrides or {}))
+    root = make_project(tmp_path / "p", CFG)
     shutil.copytree(REPO / "functions", root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
     env = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin"), "MLOPS_API_KEY": KEY, "MLOPS_WANDB": "disabled"}
     t = Twin(root, env)
@@ -118,6 +123,9 @@ def test_the_whole_modal_loop_through_the_twin(t: Twin) -> None:
     assert [s["percent"] for s in steps] == [50, 100]
     assert all(s["candidate"]["requests"] > 0 for s in steps)  # live stats, per release, from the gateway
     assert t.ask().headers["x-mlops-release"] == b["release"]
+    # a release's own URL is not public: Modal's proxy (the twin's) wants the Proxy Auth Token
+    url = t.apps()[f"{APP}-serve-{b['release']}"]["url"]
+    assert httpx.get(f"{url}/health", timeout=30, trust_env=False).status_code == 401
 
     bad = t.run("run", "--set", "models.tiny.train.steps=1", code=3)
     assert bad["status"] == "rejected" and bad["production"] == b["release"]
@@ -131,3 +139,71 @@ def test_the_whole_modal_loop_through_the_twin(t: Twin) -> None:
     assert t.ask().headers["x-mlops-release"] == a["release"]
     # production and previous stay; the rejected release's app is stopped
     assert t.serve_apps() == {a["release"], b["release"]}
+
+    # a PR's job: its own (empty) registry, the same Modal apps; it trains and evaluates a
+    # candidate, and must not publish its registry's routing (production would answer 503)
+    pr = Twin(make_project(t.root.parent / "pr", CFG), t.env)
+    shutil.copytree(REPO / "functions", pr.root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
+    cand = pr.run("train", "--set", "models.tiny.train.seed=2")["release"]
+    pr.run("eval", "--release", str(cand), "--set", "models.tiny.train.seed=2", code=None)
+    assert t.ask().headers["x-mlops-release"] == a["release"]
+
+    # eight idle days later Modal has dropped every Dict entry: the gateway still routes
+    (t.dir / "clock").write_text(str(8 * 24 * 3600))
+    deadline = time.monotonic() + 3 * STATE_TTL_S  # past the gateway's state cache
+    while time.monotonic() < deadline:
+        r = t.ask()
+        assert r.status_code == 200 and r.headers["x-mlops-release"] == a["release"], r.text
+
+
+def test_a_server_that_dies_at_start_fails_fast_with_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops.backends.modal import ModalBackend
+    from mlops.config import load
+    from mlops.errors import InfraError
+    from mlops.registry.releases import Registry
+    from mlops.registry.store import LocalStore
+
+    tw = setup_twin(tmp_path)
+    for k, v in tw.env.items():
+        monkeypatch.setenv(k, v)
+    registry = Registry(LocalStore(tw.root / ".mlops"), cache_dir=tmp_path / "cache")
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    (art / "model.safetensors").write_bytes(b"not weights")  # sha256-consistent, but it cannot load
+    rid = "tiny-20250101-000000-abcdef"
+    registry.publish(rid, art, {"model": "tiny"})
+    backend = ModalBackend(load(tw.root / "mlops.yaml"), registry)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(InfraError, match=f"the vLLM server of {rid} failed to start") as e:
+            backend.prepare(rid)
+        assert "did not load" in e.value.headline  # the end of the server's own log
+        assert time.monotonic() - t0 < 300  # not startup_timeout (900 s) + 60
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)
+
+
+def test_train_and_gateway_apps_are_redeployed_when_their_code_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployed app runs the code of its deploy (the twin snapshots it, as Modal mounts it): a
+    change to the code it would run redeploys it before it is used."""
+    from mlops.backends.modal import ModalBackend
+    from mlops.config import load
+    from mlops.registry.releases import Registry
+    from mlops.registry.store import LocalStore
+
+    tw = setup_twin(tmp_path)
+    for k, v in tw.env.items():
+        monkeypatch.setenv(k, v)
+    backend = ModalBackend(load(tw.root / "mlops.yaml"), Registry(LocalStore(tw.root / ".mlops")))
+    app = f"{APP}-train"
+    backend.ensure_current("train.py", app)
+    backend.ensure_current("train.py", app)
+    assert tw.deploys() == [app]  # unchanged: deployed once
+    with (tw.root / "functions" / "train.py").open("a") as f:
+        f.write("\nCHANGED = True  # a push that changes the training code\n")
+    backend.ensure_current("train.py", app)
+    assert tw.deploys() == [app, app]
+    assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "functions" / "train.py").read_text()

@@ -78,7 +78,7 @@ class Server(_Role, ABC):
 
     def client_key(self) -> str | None:
         """The bearer key this machine presents to the endpoint (evals, canary, smoke)."""
-        from mlops.serving.server import api_key_from_env
+        from mlops.util import api_key_from_env
 
         return api_key_from_env(self.cfg.deploy.server.api_key_env)
 

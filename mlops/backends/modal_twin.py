@@ -42,7 +42,6 @@ from mlops.errors import InfraError
 
 DICT_TTL_S = 7 * 24 * 3600  # Modal drops a Dict entry after 7 days with no read or write
 STOP_WAIT_S = 10.0
-_BODY = "_body"  # `train` runs `train_body`, `serve` runs `serve_body`, `gateway` runs `gateway_body`
 
 
 def free_port() -> int:
@@ -203,7 +202,7 @@ class TwinAPI:
             app["url"] = f"http://127.0.0.1:{app['port']}"
             with (base / "log").open("ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlops.backends.modal_twin", "_run", name],
+                    [sys.executable, "-m", "mlops.backends.modal_twin_run", "_run", name],
                     env=self._env(app, web[0]),
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -223,7 +222,7 @@ class TwinAPI:
         env = dict(os.environ) | app["env"]
         env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "functions"), os.environ.get("PYTHONPATH", "")])
         proc = subprocess.run(
-            [sys.executable, "-m", "mlops.backends.modal_twin", "_inspect", app["module"]],
+            [sys.executable, "-m", "mlops.backends.modal_twin_run", "_inspect", app["module"]],
             env=env,
             capture_output=True,
             text=True,
@@ -277,7 +276,7 @@ class TwinAPI:
             io_file = Path(tmp) / "io.pickle"
             io_file.write_bytes(pickle.dumps(args))
             proc = subprocess.run(
-                [sys.executable, "-m", "mlops.backends.modal_twin", "_call", app, function, str(io_file)],
+                [sys.executable, "-m", "mlops.backends.modal_twin_run", "_call", app, function, str(io_file)],
                 env=self._env(a, function),
                 capture_output=True,
                 text=True,
@@ -290,6 +289,11 @@ class TwinAPI:
             return pickle.loads(io_file.read_bytes())
 
 
+def app_name(script: Path, settings: ModalSettings) -> str:
+    """The app a `functions/<x>.py` defines, named as the module does (for `deploy` without --name)."""
+    return {"train": settings.train_app, "gateway": settings.gateway_app}.get(script.stem, settings.serve_app(""))
+
+
 def twin_from_env() -> TwinAPI:
     root = os.environ.get(TWIN_ENV)
     if not root:
@@ -299,17 +303,13 @@ def twin_from_env() -> TwinAPI:
 
 def main(argv: list[str]) -> int:
     """The twin's side of `modal secret create`, `modal deploy`, `modal app list|stop`."""
-    from mlops.backends import modal_twin_run
-
     cmd = argv[:2]
-    if argv[:1] in (["_run"], ["_call"], ["_inspect"]):
-        return modal_twin_run.internal(argv)
     api = twin_from_env()
     if cmd == ["secret", "create"] and len(argv) >= 3:
         api.secret_create(argv[2], dict(kv.split("=", 1) for kv in argv[3:]))
     elif cmd[:1] == ["deploy"] and len(argv) >= 2:
         script = Path(argv[1])
-        name = argv[argv.index("--name") + 1] if "--name" in argv else modal_twin_run.app_name(script, api.settings)
+        name = argv[argv.index("--name") + 1] if "--name" in argv else app_name(script, api.settings)
         api.deploy(script, name, {})
         print(f"deployed {name} {api._apps()[name].get('url', '')}".strip())
     elif cmd == ["app", "list"]:

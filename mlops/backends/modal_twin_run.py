@@ -1,5 +1,6 @@
 """The processes of the Modal twin (`modal_twin.py`): what runs "in a container".
 
+    python -m mlops.backends.modal_twin_run ...
     _inspect MODULE          print the functions MODULE defines: Secrets, web kind, proxy auth
     _run APP                 serve APP's web function on its port until SIGTERM
     _call APP FUNCTION FILE  run FUNCTION's plain body with the pickled args in FILE, result back in FILE
@@ -21,14 +22,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mlops.backends.modal_settings import TWIN_ENV, ModalSettings, current_settings
+from mlops.backends.modal_settings import TWIN_ENV, current_settings
 
-_BODY = "_body"
-
-
-def app_name(script: Path, settings: ModalSettings) -> str:
-    """The app a `functions/<x>.py` defines, named as the module does (for `deploy` without --name)."""
-    return {"train": settings.train_app, "gateway": settings.gateway_app}.get(script.stem, settings.serve_app(""))
+_BODY = "_body"  # `train` runs `train_body`, `serve` runs `serve_body`, `gateway` runs `gateway_body`
 
 
 def _functions(mod: ModuleType) -> dict[str, Any]:
@@ -172,3 +168,7 @@ def internal(argv: list[str]) -> int:
     if argv[0] == "_run":
         return _run(argv[1])
     return _call(argv[1], argv[2], argv[3])
+
+
+if __name__ == "__main__":
+    sys.exit(internal(sys.argv[1:]))
