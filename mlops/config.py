@@ -159,6 +159,14 @@ class RolloutCfg(Strict):
     # Only rollback exists: a half-rolled-out candidate left in place would be recovered (rolled
     # back) by the next run anyway, so "stop" would promise something the pipeline does not keep.
     on_failure: Literal["rollback"] = "rollback"
+    lease_ttl: Duration = Field(
+        30.0,
+        gt=0,
+        description="Rollout lease: a pipeline that stops renewing it (killed) loses its canary traffic this long after.",
+    )
+    lease_wait: Duration = Field(
+        300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> RolloutCfg:

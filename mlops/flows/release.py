@@ -36,7 +36,15 @@ def eval_release(
 
 
 def deploy_release(s: Session, ref: str) -> DeployOutcome:
-    """Gates on the release's stored evals, canary steps with live analysis, promote or roll back."""
+    """Gates on the release's stored evals, canary steps with live analysis, promote or roll back;
+    holding the rollout lease (one pipeline writes the routing at a time)."""
+    from mlops.registry.lease import rollout_lease
+
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+        return _deploy(s, ref)
+
+
+def _deploy(s: Session, ref: str) -> DeployOutcome:
     from mlops.rollout import promote
 
     cfg = s.loaded.cfg

@@ -22,7 +22,15 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
-    """The whole loop. `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    """The whole loop, holding the rollout lease (one pipeline writes the routing at a time).
+    `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    from mlops.registry.lease import rollout_lease
+
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+        return _run(s, force, on_step)
+
+
+def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     from mlops.plan import make_plan
     from mlops.rollout import promote
     from mlops.tracking import Tracker

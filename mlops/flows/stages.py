@@ -18,10 +18,16 @@ from mlops.registry.releases import State
 
 
 def recover(s: Session) -> State | None:
-    """A rollout that was killed mid-way leaves canary weights: put all traffic back on production."""
+    """A rollout that was killed mid-way leaves canary weights: put all traffic back on production.
+    A rollout that still holds a live lease is someone else's, in progress: never torn down."""
+    from mlops.registry.lease import live
     from mlops.rollout import abort_canary
 
     st, _ = s.registry.read_state()
+    mine = s.registry.lease is not None and st.lease.get("token") == s.registry.lease.token
+    if live(st.lease) and not mine:
+        s.say(f"a rollout holding the lease is in progress ({st.lease.get('owner')}): leaving it alone")
+        return None
     prod = st.stages.get("production")
     if st.stages.get("canary") or st.shadow or (st.routing and st.routing != {prod: 100}):
         s.say(f"recovering an interrupted rollout (state v{st.version}): all traffic back to {prod}")
