@@ -112,7 +112,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     def run_cli(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         seen.append({"cmd": list(cmd), "env": env, "cwd": cwd})
         out = json.dumps(
-            [{"Description": "acme-gateway", "State": "deployed"}, {"Description": "x", "State": "stopped"}]
+            [{"description": "acme-gateway", "state": "deployed"}, {"description": "x", "state": "stopped"}]
         )
         return subprocess.CompletedProcess(cmd, 0, out if "list" in cmd else "ok", "")
 

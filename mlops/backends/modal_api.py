@@ -141,8 +141,9 @@ class ModalSDK:
         self._cli(f"`modal app stop {name}`", "app", "stop", "--yes", name)
 
     def deployed(self) -> set[str]:
+        # `--json` keys are the columns in snake_case (modal/cli/utils.py: _col_name_to_json_key)
         rows = json.loads(self._cli("`modal app list`", "app", "list", "--json") or "[]")
-        return {str(r.get("Description")) for r in rows if str(r.get("State", "")).startswith("deployed")}
+        return {str(r.get("description")) for r in rows if str(r.get("state", "")) == "deployed"}
 
     def _dict(self) -> Any:
         return _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
