@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import secrets
 import time
 from typing import Any
@@ -36,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from mlops.errors import InfraError, MlopsError, UsageError
+from mlops.errors import InfraError, MlopsError
 from mlops.serving.context import Ctx, ServerOptions, overloaded, record_shadow
 from mlops.serving.engine import BadRequest, Engine, EngineClosed, GenRequest, Overloaded
 from mlops.serving.exposition import prometheus
@@ -46,7 +45,7 @@ from mlops.serving.requests import ClientError, check_name, gen_request, read_js
 from mlops.serving.responses import payload, stream
 from mlops.serving.routing import pick
 
-__all__ = ["HEADER", "ServerOptions", "api_key_from_env", "create_app"]
+__all__ = ["HEADER", "ServerOptions", "create_app"]
 
 log = logging.getLogger("mlops.serve")
 
@@ -261,16 +260,3 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
     app = Starlette(routes=routes, middleware=[Middleware(ReleaseHeader, pool=pool)])
     app.state.ctx = ctx
     return app
-
-
-def api_key_from_env(name: str | None) -> str | None:
-    """The bearer key `deploy.server.api_key_env` names; None when no variable is named. A named
-    variable that is unset or empty is a usage error: serving without the key the config asks for
-    would open the endpoint silently."""
-    if not name:
-        return None
-    key = os.environ.get(name, "")
-    if not key.strip():
-        state = "empty" if name in os.environ else "not set"
-        raise UsageError(f"deploy.server.api_key_env names {name}, but {name} is {state}: set it (or drop api_key_env)")
-    return key
