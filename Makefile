@@ -26,6 +26,7 @@ test: $(VENV)/.installed .cache/npm/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_hostile.py
 
 install: $(VENV)/.installed
 
