@@ -38,7 +38,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.errors import InfraError, MlopsError
-from mlops.serving.engine import Engine, EngineClosed, GenRequest, Overloaded
+from mlops.serving.base import Engine
+from mlops.serving.engine import EngineClosed, GenRequest, Overloaded
 from mlops.serving.faults import Fault
 from mlops.serving.pool import ReleasePool
 from mlops.serving.routing import pick
