@@ -55,10 +55,16 @@ def cache_dir(loaded: Loaded) -> Path:
 
 
 def recover(s: Session) -> State | None:
-    """A rollout that was killed mid-way leaves canary weights: put all traffic back on production."""
+    """A rollout that was killed mid-way leaves canary weights: put all traffic back on production.
+    A rollout that still holds a live lease is someone else's, in progress: never torn down."""
+    from mlops.registry.lease import live
     from mlops.rollout import abort_canary
 
     st, _ = s.registry.read_state()
+    mine = s.registry.lease is not None and st.lease.get("token") == s.registry.lease.token
+    if live(st.lease) and not mine:
+        s.say(f"a rollout holding the lease is in progress ({st.lease.get('owner')}): leaving it alone")
+        return None
     prod = st.stages.get("production")
     if st.stages.get("canary") or st.shadow or (st.routing and st.routing != {prod: 100}):
         s.say(f"recovering an interrupted rollout (state v{st.version}): all traffic back to {prod}")
@@ -131,7 +137,7 @@ def evaluate(
     s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
 ) -> dict[str, dict[str, Any]]:
     from mlops.evals.harness import run_suite
-    from mlops.serving.server import api_key_from_env
+    from mlops.util import api_key_from_env
 
     s.registry.require(release)
     key = api_key_from_env(s.loaded.cfg.deploy.server.api_key_env)
@@ -169,7 +175,7 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
 
     Only a suite production was never evaluated on, or whose stored results lack a metric the
     suite now names, is evaluated now (through `base_url`, and stored with production)."""
-    from mlops.evals.metrics import metric_name
+    from mlops.config import metric_name
 
     prod = s.registry.read_state()[0].stages.get("production")
     if prod is None:
@@ -232,7 +238,15 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
-    """The whole loop. `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    """The whole loop, holding the rollout lease (one pipeline writes the routing at a time).
+    `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    from mlops.registry.lease import rollout_lease
+
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+        return _run(s, force, on_step)
+
+
+def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     from mlops.plan import make_plan
     from mlops.rollout import promote
     from mlops.tracking import Tracker
@@ -426,7 +440,7 @@ def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
-    from mlops.serving.server import api_key_from_env
+    from mlops.util import api_key_from_env
 
     key = api_key_from_env(api_key_env)
     headers = {"authorization": f"Bearer {key}"} if key else {}

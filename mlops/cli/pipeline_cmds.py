@@ -180,10 +180,16 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
+        from mlops.registry.lease import rollout_lease
+
+        s = _session(config, set_, json_)
+        with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+            _deploy(s, release, json_)
+
+    def _deploy(s: Any, release: str, json_: bool) -> None:
         from mlops.pipeline import gate, production_results, recover, roll_out
         from mlops.rollout import promote
 
-        s = _session(config, set_, json_)
         cfg = s.loaded.cfg
         recover(s)
         rid = resolve_release(s, release)
@@ -223,7 +229,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve what the registry routes to, in the foreground; follows rollbacks without a restart."""
         from mlops.serving.runner import check_bind, serve_foreground
-        from mlops.serving.server import api_key_from_env
+        from mlops.util import api_key_from_env
 
         s = _session(config, set_, False)
         srv = s.loaded.cfg.deploy.server

@@ -26,10 +26,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mlops import plugins
 from mlops.errors import InfraError, MlopsError
-from mlops.plugins import engine_factory
 from mlops.registry.releases import STATE_KEY, Registry, State
-from mlops.serving.base import Engine
+from mlops.serving.base import Engine, EngineFactory
 
 log = logging.getLogger("mlops.serve")
 
@@ -206,7 +206,7 @@ class ReleasePool:
                 return eng
             try:
                 path = self.registry.artifact_dir(release_id)
-                factory = engine_factory(self.engine_name)
+                factory: EngineFactory = plugins.load("engine", self.engine_name)
                 eng = factory(path, max_batch_size=self.max_batch_size, max_queue=self.max_queue, threads=self.threads)
             except MlopsError as err:
                 self._failed[release_id] = (err.headline, time.monotonic())
