@@ -182,6 +182,7 @@ class ServerCfg(Strict):
     max_batch_size: int = Field(32, ge=1)
     max_queue: int = Field(256, ge=1)
     request_timeout: Duration = 30.0
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are answered 413.")
 
 
 class DeployCfg(Strict):

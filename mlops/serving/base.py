@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from mlops.serving.engine import GenRequest
+    from mlops.serving.genrequest import GenRequest
 
 
 class Engine(Protocol):
@@ -30,8 +30,13 @@ class Engine(Protocol):
     prefills: int
     requests_done: int
 
+    def check(self, req: GenRequest) -> None:
+        """Raise BadRequest unless `req` can be served (the server answers 400); sets `prompt_ids`."""
+        ...
+
     def submit(self, req: GenRequest) -> GenRequest:
-        """Queue `req`; raise Overloaded when full, EngineClosed once `stop_accepting` was called."""
+        """Queue `req` (checked first unless `prompt_ids` is set); raise BadRequest, Overloaded when
+        full, EngineClosed once `stop_accepting` was called."""
         ...
 
     @property

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import InfraError
-from mlops.serving.engine import EngineClosed, GenRequest, Overloaded
+from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_params
 from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
 
 log = logging.getLogger("mlops.serve")
@@ -89,6 +89,7 @@ class VllmEngine:
         self.max_positions = int(cfg.get("n_positions") or cfg["max_position_embeddings"])
         self.eos_id = int(gen.get("eos_token_id") or cfg.get("eos_token_id") or 0)
         self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.max_token_chars = max([1, *map(len, self.tok.get_vocab(with_added_tokens=True))])
         self.steps = self.step_rows = self.prefills = self.requests_done = 0
         self.max_batch_size = max_batch_size
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
@@ -201,11 +202,28 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ the Engine protocol
 
+    def check(self, req: GenRequest) -> None:
+        """The builtin engine's rules (so both answer the same 400s): parameters, then the prompt's
+        tokens against the context, refusing an oversized prompt before tokenizing it."""
+        check_params(req, self.max_positions)
+        room = self.max_positions - 1  # at least one position is left to generate into
+        if len(req.prompt) > room * self.max_token_chars:
+            raise BadRequest(f"prompt is longer than the model's context ({self.max_positions} tokens)", "prompt")
+        try:
+            ids = self.tok.encode(req.prompt, add_special_tokens=False).ids
+        except Exception as e:
+            raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
+        if len(ids) > room:
+            raise BadRequest(f"prompt has {len(ids)} tokens; this model's context is {self.max_positions}", "prompt")
+        req.prompt_ids = ids
+
     def submit(self, req: GenRequest) -> GenRequest:
         if req.sink is None and req.on_done is None:
             req.sink = req.tokens.put
         if self._stop.is_set():
             raise EngineClosed("engine is draining")
+        if req.prompt_ids is None:
+            self.check(req)
         try:
             self._queue.put_nowait(req)
         except queue.Full:
@@ -280,10 +298,12 @@ class VllmEngine:
                     self._inflight -= 1
 
     def _body(self, req: GenRequest) -> dict[str, Any]:
-        """As the builtin engine: the prompt's last max_positions-1 tokens (an empty prompt starts
-        from end-of-text), at most as many new tokens as the position table has left."""
-        ids = self.tok.encode(req.prompt, add_special_tokens=False).ids[-(self.max_positions - 1) :] or [self.eos_id]
-        req.prompt_tokens = len(ids)
+        """As the builtin engine: the checked prompt tokens (an empty prompt starts from
+        end-of-text), at most as many new tokens as the position table has left."""
+        if req.prompt_ids is None:  # queued without `submit`
+            self.check(req)
+        req.prompt_tokens = len(req.prompt_ids or ())
+        ids = list(req.prompt_ids or ()) or [self.eos_id]
         body: dict[str, Any] = {
             "model": self.name,
             "prompt": ids,
