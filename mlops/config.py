@@ -186,6 +186,12 @@ class ServerCfg(Strict):
 
 class DeployCfg(Strict):
     model: str
+    engine: str = Field(
+        "builtin",
+        description="What generates text behind the local server: builtin (in-process, sub-second start) "
+        "or vllm (vLLM's OpenAI server as a child process; `make install-vllm`).",
+        json_schema_extra={"enum": list(plugins.ENGINES)},
+    )
     resources: ResourcesCfg = ResourcesCfg(gpu="L4")
     rollout: RolloutCfg = RolloutCfg()
     server: ServerCfg = ServerCfg()
@@ -278,6 +284,9 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
 
     if cfg.backend not in BACKENDS:
         raise fail(("backend",), f"unknown backend {cfg.backend!r} {_did_you_mean(cfg.backend, BACKENDS)}")
+    if cfg.deploy.engine not in plugins.ENGINES:
+        engine = cfg.deploy.engine
+        raise fail(("deploy", "engine"), f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")
     for name, m in cfg.models.items():
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
