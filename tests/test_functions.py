@@ -537,3 +537,31 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
     assert shown and shown <= names, shown - names
     assert {s.train_app, s.gateway_app, s.auth_secret} <= shown
     assert f"export {ms.CLIENT_KEY_ENV}=" in readme  # the runner's gateway key is documented
+
+
+def test_gateway_serves_per_release_live_stats(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    """What the canary analysis reads (`/v1/mlops/stats?since=`): it was a 404 on the gateway."""
+    url, _ = gateway
+    since = time.time()
+    for i in range(6):
+        assert (
+            _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-user": f"u{i}"}).status_code
+            == 200
+        )
+    assert (
+        _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-old"}).status_code
+        == 502
+    )
+    assert httpx.get(f"{url}/v1/mlops/stats", timeout=10, trust_env=False).status_code == 401
+    r = httpx.get(
+        f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"}, timeout=10
+    )
+    doc = r.json()
+    assert r.status_code == 200 and doc["state_version"] == 3
+    rel = doc["releases"]
+    assert rel["rel-a"]["requests"] + rel["rel-b"]["requests"] == 6 and rel["rel-a"]["errors"] == 0
+    assert rel["rel-old"] == rel["rel-old"] | {"requests": 1, "errors": 1, "error_rate": 1.0}
+    later = httpx.get(
+        f"{url}/v1/mlops/stats", params={"since": time.time() + 1}, headers={"authorization": "Bearer key-1"}
+    )
+    assert all(v["requests"] == 0 for v in later.json()["releases"].values())
