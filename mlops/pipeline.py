@@ -102,12 +102,15 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         input_field=ds.input_field,
         target_field=ds.target_field,
     )
+    from mlops.monitor.datachecks import before_training
+
+    data_lineage = before_training(s.loaded, s.registry, name)  # refuses on a failed data check (exit 1)
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
     result = s.backend.train(job, s.progress)
     manifest: dict[str, Any] = {
         "model": name,
         "backend": cfg.backend,
-        "lineage": mp.lineage,
+        "lineage": mp.lineage | data_lineage,
         "train": asdict(result) | {"out_dir": None},
         "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
     }

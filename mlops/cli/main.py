@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mlops.cli import pipeline_cmds, registry_cmds
+from mlops.cli import monitor_cmds, pipeline_cmds, registry_cmds
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
 from mlops.errors import EXIT_CONFIG, EXIT_INFRA, MlopsError
 
@@ -25,12 +25,22 @@ app = typer.Typer(
 )
 pipeline_cmds.register(app)
 registry_cmds.register(app)
+monitor_cmds.register(app)
 
 
 @app.command()
-def validate(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
+def validate(
+    config: ConfigOpt = Path("mlops.yaml"),
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    data: Annotated[bool, typer.Option("--data", help="Also run every dataset's checks (rows, leakage).")] = False,
+) -> None:
     """Check mlops.yaml: schema, references, dataset files. Exit 1 with file:line on the first error."""
     loaded = load_config(config, set_)
+    if data:
+        from mlops.cli.monitor_cmds import validate_data
+
+        return validate_data(loaded, json_)
     cfg = loaded.cfg
     info = {
         "ok": True,

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from mlops.config import Loaded
 from mlops.errors import InfraError, UsageError
+from mlops.monitor.capture import wrap as capture_wrap
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
 from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
@@ -137,7 +138,7 @@ def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -
     pool.start()
     try:
         uvicorn.run(
-            create_app(pool, opts),
+            capture_wrap(create_app(pool, opts), loaded, registry.store),  # user traffic only; flushed at exit
             host=host,
             port=port,
             log_level="info",
