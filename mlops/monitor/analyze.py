@@ -164,7 +164,8 @@ def _quality(
     texts = [r for r in ok if isinstance(r.get("output"), str)]
     if suite is None or not texts:
         return out
-    from mlops.evals.metrics import build_metric, metric_name
+    from mlops.config import metric_name
+    from mlops.evals.metrics import build_metric
 
     specs = loaded.cfg.evals[suite].metrics
     stored = (registry.get_eval(release, suite) or {}).get("metrics", {}) if release else {}

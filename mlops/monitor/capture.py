@@ -33,6 +33,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlops.config import Loaded, MonitorCfg
 from mlops.registry.store import Store
 
 log = logging.getLogger("mlops.monitor")
@@ -289,31 +290,30 @@ class CaptureMiddleware:
             self.writer.submit(Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp))
 
 
-def writer_for(loaded: Any, store: Store, source: str = "local") -> CaptureWriter | None:
-    """The writer `monitor:` in mlops.yaml asks for, or None when capture is off."""
-    m = loaded.cfg.monitor
-    if not m.enabled or m.sample_rate <= 0:
-        return None
-    template = loaded.cfg.models[loaded.cfg.deploy.model].prompt
-    return CaptureWriter(
+def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, source: str) -> ASGIApp:
+    """`app` with capture as `monitor` says (unchanged when it is off). For servers that have no
+    `Loaded` at hand: the Modal gateway passes the storage, the `monitor:` section and the template
+    it was deployed with, and `source="gateway"`."""
+    if not monitor.enabled or monitor.sample_rate <= 0:
+        return app
+    writer = CaptureWriter(
         store,
-        mode=m.capture,
+        mode=monitor.capture,
         template=template,
-        batch_size=m.batch_size,
-        flush_interval=m.flush_interval,
-        queue_size=m.queue_size,
+        batch_size=monitor.batch_size,
+        flush_interval=monitor.flush_interval,
+        queue_size=monitor.queue_size,
         source=source,
     )
-
-
-def wrap(app: ASGIApp, loaded: Any, store: Store, source: str = "local") -> ASGIApp:
-    """The serving hook: `app` with capture as `monitor:` configures it (unchanged when it is off).
-    The writer flushes what is queued when the process exits (atexit), or on `writer.close()`."""
-    writer = writer_for(loaded, store, source)
-    if writer is None:
-        return app
     _flush_on_sigterm(writer)
-    return CaptureMiddleware(app, writer, loaded.cfg.monitor.sample_rate)
+    return CaptureMiddleware(app, writer, monitor.sample_rate)
+
+
+def wrap(app: ASGIApp, loaded: Loaded, store: Store, source: str = "local") -> ASGIApp:
+    """The serving hook: `app` with capture as `monitor:` in mlops.yaml configures it.
+    The writer flushes what is queued when the process exits (atexit, SIGTERM), or on `close()`."""
+    template = loaded.cfg.models[loaded.cfg.deploy.model].prompt
+    return wrap_with(app, store, loaded.cfg.monitor, template, source)
 
 
 def _flush_on_sigterm(writer: CaptureWriter) -> None:

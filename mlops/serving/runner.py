@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -13,12 +12,15 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from mlops.config import Loaded
+from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
 from mlops.monitor.capture import wrap as capture_wrap
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
+from mlops.serving.http import MAX_HEADER_BYTES, LimitedH11Protocol
 from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
-from mlops.serving.server import ServerOptions, api_key_from_env, create_app
+from mlops.serving.server import ServerOptions, create_app
+from mlops.util import api_key_from_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # `mlops serve` runs torch with one intra-op thread: a small model's decode step is too short to
@@ -30,10 +32,7 @@ DRAIN_S = 10  # on shutdown, requests in flight get this long to finish
 
 
 def quiet_transformers() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    set_offline()  # kept by name: the backends call it before loading an engine
 
 
 def shadow_log_path(loaded: Loaded) -> Path:
@@ -65,6 +64,7 @@ def build(
         default_max_tokens=model.max_tokens,
         shadow_log=str(shadow_log_path(loaded)),
         fault=Fault.from_env(),
+        max_body_bytes=d.server.max_body_bytes,
     )
     return pool, opts
 
@@ -90,7 +90,14 @@ def start_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iter
         sock.close()
         raise InfraError(f"cannot bind {host}:{port}: {e.strerror}") from e
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=DRAIN_S
+        app,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        timeout_graceful_shutdown=DRAIN_S,
+        # the h11 protocol that answers 431/400 in JSON, with the cap on a request head
+        http=LimitedH11Protocol,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     server = uvicorn.Server(config)
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
@@ -145,6 +152,8 @@ def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -
             access_log=False,  # one line per request costs more than routing it
             lifespan="off",
             timeout_graceful_shutdown=DRAIN_S,
+            http=LimitedH11Protocol,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
     finally:
         pool.close()
