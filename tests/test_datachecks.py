@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import mlops, train_and_publish
 
@@ -91,9 +92,18 @@ def test_a_misspelt_check_key_names_line_and_suggestion(project: Path) -> None:
     assert "did you mean 'leakage'" in r.stderr
 
 
-def test_dataset_drift_against_the_previous_release_goes_into_the_lineage(project: Path) -> None:
+def test_dataset_drift_against_the_previous_release_goes_into_the_lineage(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = train_and_publish(project, steps=2)
     append_rows(project / "data" / "train.jsonl", [{"input": "q" * 12, "expected": "q" * 12}] * 3000)
+    report = {  # what `mlops monitor --json --out` writes, trimmed to what the lineage keeps
+        "release": first, "since": "a", "until": "b", "requests": 500,
+        "checks": [{"name": "char_js", "value": 0.9, "threshold": 0.2, "drifted": True},
+                   {"name": "error_rate", "value": 0.0, "threshold": 0.05, "drifted": False}],
+    }  # fmt: skip
+    (project / "drift.json").write_text(json.dumps(report))
+    monkeypatch.setenv("MLOPS_DRIFT_REPORT", str(project / "drift.json"))
     second = train_and_publish(project, steps=2)
     reg = Session.open(load(project / "mlops.yaml")).registry
     lin1 = reg.manifest(first)["lineage"]
@@ -102,3 +112,8 @@ def test_dataset_drift_against_the_previous_release_goes_into_the_lineage(projec
     drift = lin2["dataset_drift"]
     assert drift["against"] == first and drift["rows"] == [20000, 23000]
     assert drift["input_length_psi"] > 0.2 and drift["char_js"] > 0.05
+    assert lin1["drift_trigger"] is None
+    assert lin2["drift_trigger"] == {
+        "release": first, "window": ["a", "b"], "requests": 500,
+        "drifted": [{"name": "char_js", "value": 0.9, "threshold": 0.2}],
+    }  # fmt: skip

@@ -24,7 +24,6 @@ import json
 import logging
 import queue
 import random
-import signal
 import threading
 import time
 import uuid
@@ -305,28 +304,12 @@ def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, so
         queue_size=monitor.queue_size,
         source=source,
     )
-    _flush_on_sigterm(writer)
     return CaptureMiddleware(app, writer, monitor.sample_rate)
 
 
 def wrap(app: ASGIApp, loaded: Loaded, store: Store, source: str = "local") -> ASGIApp:
     """The serving hook: `app` with capture as `monitor:` in mlops.yaml configures it.
-    The writer flushes what is queued when the process exits (atexit, SIGTERM), or on `close()`."""
+    The writer flushes what is queued when the process exits (atexit: `mlops serve` turns SIGTERM
+    into SystemExit, see serving/runner.py), or on `writer.close()`."""
     template = loaded.cfg.models[loaded.cfg.deploy.model].prompt
     return wrap_with(app, store, loaded.cfg.monitor, template, source)
-
-
-def _flush_on_sigterm(writer: CaptureWriter) -> None:
-    """uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found:
-    without this one the process dies there and atexit never runs. This handler writes what is
-    queued, then lets the signal do what it did before (the default: terminate)."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread; atexit still flushes
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        writer.close()
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        signal.raise_signal(signum)
-
-    signal.signal(signal.SIGTERM, handler)

@@ -12,6 +12,7 @@ the next release of the model records its dataset drift against it (PSI of lengt
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "dict": dict,
 }
 SHOW_ROWS = 10  # line numbers named per finding
+DRIFT_ENV = "MLOPS_DRIFT_REPORT"
 
 
 class DataCheckFailed(ConfigError):
@@ -203,4 +205,23 @@ def before_training(loaded: Loaded, registry: Any, model: str) -> dict[str, Any]
     prev = registry.manifest(prev_id) if prev_id else None
     prev_prof = (prev or {}).get("lineage", {}).get("data_profile") if (prev or {}).get("model") == model else None
     drift = profile_drift(prev_prof, prof) | {"against": prev_id} if prev_prof else None
-    return {"data_profile": prof, "dataset_drift": drift}
+    return {"data_profile": prof, "dataset_drift": drift, "drift_trigger": drift_trigger()}
+
+
+def drift_trigger() -> dict[str, Any] | None:
+    """The monitor report that started this training, when the nightly workflow passes one:
+    `mlops monitor --json --out drift.json` exits 3, then `MLOPS_DRIFT_REPORT=drift.json mlops run`."""
+    path = os.environ.get(DRIFT_ENV)
+    if not path:
+        return None
+    try:
+        rep = json.loads(Path(path).read_text(encoding="utf-8"))
+        crossed = [c for c in rep["checks"] if c.get("drifted")]
+        return {
+            "release": rep.get("release"),
+            "window": [rep.get("since"), rep.get("until")],
+            "requests": rep.get("requests"),
+            "drifted": [{k: c.get(k) for k in ("name", "value", "threshold")} for c in crossed],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{DRIFT_ENV}={path}: not a readable `mlops monitor --json` report ({e})") from e
