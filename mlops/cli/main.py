@@ -14,6 +14,7 @@ import typer
 from mlops.cli import pipeline_cmds, registry_cmds
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
 from mlops.errors import EXIT_CONFIG, EXIT_INFRA, MlopsError
+from mlops.redact import redact
 
 app = typer.Typer(
     name="mlops",
@@ -71,7 +72,7 @@ def main() -> None:
     except MlopsError as e:
         if debug:
             raise
-        err.print(f"error: {e.headline}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {redact(e.headline)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
@@ -91,7 +92,7 @@ def main() -> None:
         if debug:
             raise
         err.print(
-            f"internal error: {type(e).__name__}: {e} (MLOPS_DEBUG=1 for a traceback)",
+            f"internal error: {type(e).__name__}: {redact(str(e))} (MLOPS_DEBUG=1 for a traceback)",
             markup=False,
             highlight=False,
             soft_wrap=True,

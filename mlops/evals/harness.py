@@ -34,13 +34,13 @@ from typing import Any
 
 import httpx
 
-from mlops.config import Loaded
+from mlops.config import Loaded, metric_name
+from mlops.data import read_jsonl
 from mlops.errors import ConfigError
-from mlops.evals.metrics import build_metric, metric_name
+from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
 from mlops.evals.types import Case, Metric, Output, Score
-from mlops.registry.releases import now
-from mlops.training.data import read_jsonl
+from mlops.util import now
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot stall a run

@@ -7,17 +7,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from mlops.util import percentile
+
 WINDOW = 20_000  # recent requests kept per release: enough for any analysis step, bounded memory
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 @dataclass
