@@ -261,8 +261,13 @@ def _cost(manifest: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]
     return {
         "train_seconds": seconds,
         "train_device": device or None,
-        "gpu_seconds": (seconds or 0.0) if on_gpu else 0.0,
-        "train_tokens": int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+        "gpu_seconds": train.get("gpu_seconds", (seconds or 0.0) if on_gpu else 0.0),
+        "train_tokens": train.get("tokens") or int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+        # the run record of issue 12 (absent from older manifests)
+        "train_precision": train.get("precision"),
+        "gpu_type": train.get("gpu_type"),
+        "peak_memory_mb": train.get("peak_memory_mb"),
+        "train_cost_usd": train.get("cost_usd"),
         "endpoint_calls": total("endpoint_calls"),
         "cache_hits": total("cache_hits"),
         "retries": total("retries"),
@@ -447,7 +452,15 @@ def _cost_block(rep: dict[str, Any]) -> str:
     else:
         gpu = f"{c['gpu_seconds']:.1f} GPU-s" if c["gpu_seconds"] else "0 GPU-s"
         tokens = f", ≈{c['train_tokens']:,} tokens" if c["train_tokens"] else ""
-        train = f"training {c['train_seconds']:.1f} s on {c['train_device'] or '?'} ({gpu}{tokens})"
+        run = ""
+        if c.get("train_precision"):
+            run += f", {c['train_precision']}"
+        if c.get("peak_memory_mb"):
+            run += f", peak {c['peak_memory_mb']:,.0f} MiB"
+        if c.get("gpu_type"):
+            usd = c.get("train_cost_usd")
+            run += f", {c['gpu_type']} ≈${usd:,.4f}" if usd is not None else f", {c['gpu_type']} (no price)"
+        train = f"training {c['train_seconds']:.1f} s on {c['train_device'] or '?'} ({gpu}{tokens}{run})"
     evals = (
         f"eval {c['endpoint_calls']:,} endpoint calls ({c['cache_hits']:,} cached, {c['retries']} retries, "
         f"{c['errors']} failed), {c['completion_tokens']:,} completion tokens, {c['eval_seconds']:.1f} s"

@@ -176,3 +176,32 @@ def test_a_pickle_in_the_store_is_refused_not_run(tmp_path: Path, monkeypatch: p
     assert ck.latest(w) is None  # refused, so the run starts over rather than executing it
     assert not (tmp_path / "pwned.txt").exists()
     assert "refused by the weights-only loader" in ck.skipped[0]
+
+
+def test_a_retried_modal_input_resumes_from_the_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """functions/train.py: Modal retries (or restarts after preemption) call `train` again with the
+    same arguments; the checkpoints committed to the Volume make that attempt continue."""
+    import modal
+    from test_functions import import_functions
+
+    fn = import_functions(monkeypatch)["train"]
+    assert isinstance(fn.TRAIN_RETRIES, modal.Retries)
+    job_dict = asdict(job(Path("/client/out"), steps=6, checkpoint_every_steps=2))
+    data = (REPO / "data" / "train.jsonl").read_bytes()
+    commits: list[str] = []
+
+    def preempted_at_4(path: Path) -> None:
+        commits.append(path.relative_to(tmp_path).as_posix())
+        if path.name == "ckpt-00000004":
+            raise KeyboardInterrupt  # what a preempted container's interrupt looks like in Python
+
+    with pytest.raises(KeyboardInterrupt):
+        fn.train_body(job_dict, data, run_id="r1", root=str(tmp_path), on_checkpoint=preempted_at_4)
+    assert [c.split("/", 2)[0] + "/" + c.rsplit("/", 1)[-1] for c in commits] == [
+        "checkpoints/ckpt-00000002",
+        "checkpoints/ckpt-00000004",
+    ]
+    again = fn.train_body(job_dict, data, run_id="r1", root=str(tmp_path), on_checkpoint=commits.append)
+    assert again["resumed_from_step"] == 4
+    straight = train_model(job(tmp_path / "straight", steps=6))
+    assert again["files"]["model.safetensors"] == sha256_file(Path(straight.out_dir) / "model.safetensors")

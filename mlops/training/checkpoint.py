@@ -51,7 +51,8 @@ def rng_state(gen: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state: Any = np.random.get_state()  # a tuple (kind, keys, pos, has_gauss, gauss) for MT19937
+    kind, keys, pos, has_gauss, gauss = np_state
     version, py_state, py_gauss = random.getstate()
     out: dict[str, Any] = {
         "torch": torch.get_rng_state(),

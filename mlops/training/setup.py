@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mlops.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mlops.training.train import TrainJob
+    from mlops.training.job import TrainJob
 
 
 @dataclass
@@ -96,8 +96,9 @@ def _scratch(job: TrainJob, pairs: list[tuple[str, str]], dev: str) -> Setup:
         raise ConfigError(f"method: {job.method} needs a pretrained base, not 'scratch'")
     tok = build_char_tokenizer([p + c for p, c in pairs])
     pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
+    arch: dict[str, Any] = dict(job.arch)
     cfg = GPT2Config(
-        vocab_size=tok.get_vocab_size(), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **job.arch
+        vocab_size=tok.get_vocab_size(), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **arch
     )
     hf_model = GPT2LMHeadModel(cfg)
     model = TinyGPT(cfg.vocab_size, **job.arch)

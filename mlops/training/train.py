@@ -13,89 +13,19 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mlops.errors import ConfigError
 from mlops.training.data import read_jsonl
+from mlops.training.job import NOT_WEIGHTS, TrainJob, TrainResult, job_from_config
 from mlops.training.setup import Setup, build
+
+__all__ = ["Progress", "TrainJob", "TrainResult", "job_from_config", "train_model"]
 
 Progress = Callable[[dict[str, float]], None]
 EVAL_SAMPLE = 64  # examples in the fixed eval sample (eval_every)
-
-
-@dataclass
-class TrainJob:
-    model_name: str
-    dataset_path: str
-    out_dir: str
-    base: str = "scratch"
-    method: str = "full"
-    prompt: str = "{input}"
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    threads: int | None = None
-    arch: dict[str, int] = field(default_factory=lambda: {"n_layer": 3, "n_embd": 128, "n_head": 4, "n_positions": 64})
-    lora: dict[str, Any] = field(
-        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]}
-    )
-    input_field: str = "input"
-    target_field: str = "expected"
-    precision: str | None = None  # bf16 | fp16 | fp32; None: bf16 on a GPU, fp32 on CPU
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    max_seq_len: int | None = None
-    eval_every: int | None = None
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_s: float | None = None
-    keep_checkpoints: int = 2
-    runs_dir: str | None = None  # where resumable checkpoints live; None: no checkpoints
-    gpu: str | None = None  # the Modal GPU type asked for (`H100:2`): what the cost is computed from
-    gpu_prices: dict[str, float] = field(default_factory=dict)
-    save_adapter: str | None = None  # LoRA: also keep the unmerged peft adapter in this directory
-
-
-# Fields that do not change the trained weights, so they stay out of the resume fingerprint.
-NOT_WEIGHTS = {
-    "model_name",
-    "dataset_path",
-    "out_dir",
-    "eval_every",
-    "checkpoint_every_steps",
-    "checkpoint_every_s",
-    "keep_checkpoints",
-    "runs_dir",
-    "gpu",
-    "gpu_prices",
-    "save_adapter",
-}
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    steps: int
-    final_loss: float
-    seconds: float
-    tokens_per_s: float
-    parameters: int
-    device: str
-    precision: str = "fp32"
-    tokens: int = 0
-    gpu_type: str | None = None
-    gpu_count: int = 0
-    gpu_seconds: float = 0.0
-    peak_memory_mb: float = 0.0
-    cost_usd: float | None = 0.0
-    resumed_from_step: int = 0
-    checkpoints_written: int = 0
-    eval_loss: float | None = None
-    fingerprint: str | None = None
 
 
 def _lr_factor(step: int, job: TrainJob) -> float:
