@@ -20,6 +20,7 @@ BASE = 0.0
 RANK: dict[str, float] = {
     # models of mlops.yaml and of results, data reading, errors, helpers, the plugin table
     "config": BASE,
+    "configdata": BASE,
     "contracts": BASE,
     "data": BASE,
     "errors": BASE,
@@ -29,6 +30,7 @@ RANK: dict[str, float] = {
     "plugins": BASE,
     "redact": BASE,
     "cache": BASE,
+    "retry": BASE,
     "__init__": BASE,
     # domain: releases and stores; recipes; harness, metrics, gates
     "registry": 1.0,

@@ -147,7 +147,7 @@ def regressed(tmp_path: Path) -> tuple[Session, str, str]:
 
 def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) -> None:
     s, prod, cand = regressed
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     lines = md.splitlines()
     assert lines[0] == MARKER
@@ -198,7 +198,7 @@ def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:
     s = project(tmp_path / "p")
     rid = RID.format(1, 1)
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda:0")
-    rep = build_report(s, rid)
+    rep = build_report(s.registry, s.loaded.cfg, rid)
     md = to_markdown(rep)
     assert rep["verdict"] == "pass" and rep["baseline"] is None
     assert "vs nothing (no production release yet)" in md.splitlines()[1]
@@ -228,7 +228,7 @@ def test_report_stays_under_the_comment_limit_with_10000_cases(tmp_path: Path) -
     publish(s, prod, suite_result(prod, prod_rows), tmp_path, production=True)
     publish(s, cand, suite_result(cand, cand_rows), tmp_path)
     t0 = time.perf_counter()
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     elapsed = time.perf_counter() - t0
     assert len(md) < 65_000, len(md)
@@ -297,8 +297,8 @@ def test_a_candidate_is_compared_without_calling_production(tmp_path: Path) -> N
     assert seen.get(cand) == 40
     assert stored["heldout"] is not None and stored["heldout"]["release"] == prod
     verdicts = gate(s, cand, results, stored)
-    regression = next(g for g in verdicts if g["kind"] == "regression")
-    assert regression["n"] == 40 and regression["production"] is not None
+    regression = next(g for g in verdicts if g.kind == "regression")
+    assert regression.n == 40 and regression.production is not None
     out = mlops("report", "--release", cand, "--markdown", cwd=root, env={"GITHUB_STEP_SUMMARY": ""}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"vs production `{prod}`" in out.stdout
