@@ -317,6 +317,6 @@ def test_report_shows_the_run_record_precision_memory_and_dollars(tmp_path: Path
     rid = RID.format(1, 1)
     run = {"precision": "bf16", "gpu_type": "A10G", "gpu_seconds": 3600.0, "peak_memory_mb": 20480.0}
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda", run=run | {"cost_usd": 1.1})
-    rep = build_report(s, rid)
+    rep = build_report(s.registry, s.loaded.cfg, rid)
     assert rep["cost"]["train_cost_usd"] == 1.1 and rep["cost"]["gpu_seconds"] == 3600.0
     assert "(3600.0 GPU-s, ≈12,500 tokens, bf16, peak 20,480 MiB, A10G ≈$1.1000)" in to_markdown(rep)
