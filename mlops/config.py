@@ -298,14 +298,27 @@ class DeployCfg(Strict):
 
 
 class JudgeCfg(Strict):
-    base_url: str
-    model: str
-    api_key_env: str | None = Field(None, description="NAME of the env var holding the key; never the key.")
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    concurrency: int = Field(4, ge=1)
-    repeat: int = Field(1, ge=1)
-    temperature: float = 0.0
+    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it.
+    (`mlops.evals.judges.JudgeSpec` is this class: one definition for the file and the client.)"""
+
+    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model id sent in the request")
+    api_key_env: str | None = Field(
+        default=None, description="NAME of the environment variable holding the API key (never the key)"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="wall-clock limit of one request, seconds")
+    max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
+    repeat: int = Field(default=1, ge=1, description="ask N times per case and take the median score (noisy judges)")
+    temperature: float = Field(default=0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v
 
 
 class ModalCfg(Strict):
