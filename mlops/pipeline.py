@@ -248,7 +248,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
 
 def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     from mlops.plan import make_plan
-    from mlops.rollout import promote
+    from mlops.rollout import promote, wait_served
     from mlops.tracking import Tracker
 
     mark = on_step or (lambda name: None)
@@ -363,6 +363,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
+            wait_served(url, new.version)
             served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
@@ -398,7 +399,7 @@ def roll_out(
     """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
     on a failing step the traffic is already back on production and the rollback is recorded."""
     from mlops.evals.harness import load_cases
-    from mlops.rollout import abort_canary, canary
+    from mlops.rollout import abort_canary, canary, wait_served
 
     cfg = s.loaded.cfg
     if prod is None:
@@ -422,7 +423,8 @@ def roll_out(
     if all(v.passed for v in steps):
         return verdicts, None
     why = "; ".join(steps[-1].reasons)
-    abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    wait_served(url, back.version)  # so the smoke check that follows sees production answer
     s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)

@@ -212,6 +212,34 @@ def read_stats(base_url: str, since: float, api_key: str | None = None) -> dict[
     return dict(r.json())
 
 
+SERVED_WAIT_S = 60.0  # an S3-backed endpoint re-reads the state every second, and may load a model
+
+
+def wait_served(base_url: str, version: int, timeout: float = SERVED_WAIT_S) -> None:
+    """Until the endpoint reports (GET /health, `state_version`) that it serves state `version` or
+    newer. An endpoint on S3 re-reads the state on a timer: traffic sent or a smoke request made
+    before that is answered by the old routing. An endpoint whose /health has no version is not waited on."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    seen: object = None
+    while True:
+        try:
+            doc = httpx.get(f"{base_url}/health", timeout=5, trust_env=False).json()
+            seen = doc.get("state_version") if isinstance(doc, dict) else None
+            if seen is None and isinstance(doc, dict):
+                return
+        except (httpx.HTTPError, ValueError):
+            seen = "unreachable"
+        if isinstance(seen, int) and seen >= version:
+            return
+        if time.monotonic() > deadline:
+            raise InfraError(
+                f"endpoint {base_url} still serves state v{seen} {timeout:.0f}s after v{version} was written"
+            )
+        time.sleep(0.05)
+
+
 def stats_since(base_url: str, since: float, api_key: str | None = None) -> dict[str, dict[str, float]]:
     return dict(read_stats(base_url, since, api_key)["releases"])
 
@@ -288,7 +316,10 @@ def canary(
             st.shadow = {"release": release, "share": cfg.shadow}
             return st
 
-        backend.set_state(mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline")
+        st = backend.set_state(
+            mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline"
+        )
+        wait_served(base_url, st.version)
         since = time.time()
         doc = drive(-1, since, cfg.shadow, lambda d: int(d["shadow"].get(release, {}).get("mirrored", 0)))
         sh = doc["shadow"].get(release, {})
@@ -320,7 +351,8 @@ def canary(
             st.shadow = {}
             return st
 
-        backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")
+        st = backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")
+        wait_served(base_url, st.version)
         since = time.time()
         doc = drive(i, since, pct / 100, lambda d: int(d["releases"].get(release, {}).get("requests", 0)))
         if cfg.bake > 0 and pct < 100:
