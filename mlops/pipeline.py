@@ -109,18 +109,24 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         target_field=ds.target_field,
     )
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
-    result = s.backend.train(job, s.progress)
-    manifest: dict[str, Any] = {
-        "model": name,
-        "backend": cfg.backend,
-        "lineage": mp.lineage,
-        "train": asdict(result) | {"out_dir": None},
-        "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
-    }
-    manifest = s.registry.publish(release, out, manifest)
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
+    from mlops.registry.damage import working
+
+    # the lock tells the next run's sweep that this output is in use (dropped even on kill -9)
+    with working(out.parent / f".{release}.lock"):
+        try:
+            result = s.backend.train(job, s.progress)
+            manifest: dict[str, Any] = {
+                "model": name,
+                "backend": cfg.backend,
+                "lineage": mp.lineage,
+                "train": asdict(result) | {"out_dir": None},
+                "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
+            }
+            manifest = s.registry.publish(release, out, manifest)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def mark(st: State) -> State:
         st.stages["candidate"] = release
@@ -243,7 +249,24 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     from mlops.registry.lease import rollout_lease
 
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
-        return _run(s, force, on_step)
+        _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
+        try:
+            return _run(s, force, on_step)
+        finally:
+            _sweep(s)
+
+
+def _sweep(s: Session) -> None:
+    from mlops.errors import MlopsError
+    from mlops.registry.doctor import sweep
+
+    try:
+        gone = sweep(s.registry, cache_dir(s.loaded) / "build")
+    except (MlopsError, OSError) as e:  # cleaning up never fails a run; `mlops doctor` reports it
+        s.say(f"could not clean up orphans: {getattr(e, 'headline', e)}")
+        return
+    if gone:
+        s.say(f"cleaned up {len(gone)} orphan(s) left by an interrupted run: {', '.join(gone[:3])}")
 
 
 def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:

@@ -270,6 +270,7 @@ def canary(
 ) -> list[StepVerdict]:
     """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all
     passing); each is appended to the candidate's history with its metric values."""
+    from mlops.registry.lease import bake
     from mlops.util import api_key_from_env
 
     reg = backend.registry
@@ -356,7 +357,7 @@ def canary(
         since = time.time()
         doc = drive(i, since, pct / 100, lambda d: int(d["releases"].get(release, {}).get("requests", 0)))
         if cfg.bake > 0 and pct < 100:
-            time.sleep(cfg.bake)  # declared bake: real traffic accumulates in the window meanwhile
+            bake(backend.registry, cfg.bake)  # real traffic accumulates meanwhile; a pre-emption wakes it
             doc = read_stats(base_url, since, key)
         live = doc["releases"]
         prod_now = live.get(prod, {})
@@ -377,10 +378,17 @@ def canary(
 def kill_hook_from_env() -> Callable[[str], None] | None:
     """Testing hook: with MLOPS_TEST_KILL_AT=<step> (train, registered, served, evaluated, canary-0,
     canary-1, ..., promote) `mlops run` SIGKILLs itself at that step boundary, so tests can prove
-    that a rerun after a `kill -9` leaves routing and registry consistent."""
+    that a rerun after a `kill -9` leaves routing and registry consistent; with
+    MLOPS_TEST_KILL_AFTER=<seconds> it SIGKILLs itself that long after it starts, wherever it is."""
     import os
     import signal
+    import threading
 
+    after = os.environ.get("MLOPS_TEST_KILL_AFTER")
+    if after:  # kill -9 at a random moment, not only at a boundary (a timer, armed once)
+        timer = threading.Timer(float(after), os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
     at = os.environ.get("MLOPS_TEST_KILL_AT")
     if not at:
         return None

@@ -75,6 +75,7 @@ class Lease:
         self.ttl = ttl
         self.token = secrets.token_hex(8)
         self.lost: str | None = None
+        self.lost_event = threading.Event()  # set the moment this process learns it lost the lease
         self.recovered = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -110,6 +111,7 @@ class Lease:
         else:
             who = f"{st.actor or 'someone'} took it at {st.updated_at} ({st.reason or 'no reason given'})"
         self.lost = f"lost the rollout lease: {who}"
+        self.lost_event.set()
         return LeaseLost(f"{self.lost}; stopped without promoting (run `mlops releases` to see the routing)")
 
     # ------------------------------------------------------------------ acquire / renew / release
@@ -210,6 +212,16 @@ def rollout_lease(
 ) -> contextlib.AbstractContextManager[Lease]:
     """The pipeline's lease, with the TTL and bounded wait of `deploy.rollout`."""
     return held(registry, "pipeline", float(rollout.lease_ttl), float(rollout.lease_wait), say)
+
+
+def bake(registry: Registry, seconds: float) -> None:
+    """Sleep through a canary's bake, but wake (LeaseLost) as soon as the heartbeat finds the lease
+    taken away: a pre-empted pipeline stops within a heartbeat, not at the end of a long bake."""
+    lease = registry.lease
+    if lease is None:
+        time.sleep(seconds)
+    elif lease.lost_event.wait(seconds):
+        raise lease._lost(registry.read_state()[0])
 
 
 def preempt(st: State) -> dict[str, Any] | None:
