@@ -182,10 +182,17 @@ class ServerCfg(Strict):
     max_batch_size: int = Field(32, ge=1)
     max_queue: int = Field(256, ge=1)
     request_timeout: Duration = 30.0
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are answered 413.")
 
 
 class DeployCfg(Strict):
     model: str
+    engine: str = Field(
+        "builtin",
+        description="What generates text behind the local server: builtin (in-process, sub-second start) "
+        "or vllm (vLLM's OpenAI server as a child process; `make install-vllm`).",
+        json_schema_extra={"enum": list(plugins.ENGINES)},
+    )
     resources: ResourcesCfg = ResourcesCfg(gpu="L4")
     rollout: RolloutCfg = RolloutCfg()
     server: ServerCfg = ServerCfg()
@@ -415,6 +422,9 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
 
     if cfg.backend not in BACKENDS:
         raise fail(("backend",), f"unknown backend {cfg.backend!r} {_did_you_mean(cfg.backend, BACKENDS)}")
+    if cfg.deploy.engine not in plugins.ENGINES:
+        engine = cfg.deploy.engine
+        raise fail(("deploy", "engine"), f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")
     for name, m in cfg.models.items():
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
