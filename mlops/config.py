@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mlops import plugins
+from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.errors import ConfigError
-from mlops.redact import remember
-from mlops.yamlload import Loc, load_yaml, load_yaml_file
+from mlops.yamlload import Loc, load_yaml_file
 
 BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
 
@@ -253,143 +252,6 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
     return plugins.did_you_mean(word, options)
 
 
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the key at `loc` (for 'did you mean')."""
-    cls: Any = Config
-    for part in loc:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        cls = _unwrap(ann)
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-
-
-def _unwrap(ann: Any) -> Any:
-    """dict[str, M] / list[M] / M | None -> M: the model a nested key lives in."""
-    for _ in range(4):
-        origin = get_origin(ann)
-        if origin is dict:
-            ann = get_args(ann)[1]
-        elif origin is list:
-            ann = get_args(ann)[0]
-        elif origin is not None:
-            models = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if not models:
-                return None
-            ann = models[0]
-        else:
-            return ann
-    return ann
-
-
-def _line(lines: dict[Loc, int], loc: Sequence[str | int], overridden: set[str]) -> str:
-    path = tuple(str(p) if not isinstance(p, int) else p for p in loc)
-    for i in range(len(path), 0, -1):
-        dotted = ".".join(str(p) for p in path[:i])
-        if dotted in overridden:
-            return f"--set {dotted}"
-        if path[:i] in lines:
-            return str(lines[path[:i]])
-    return str(lines.get((), 1))
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "json-or-python")))
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(data: Any, path: Loc, lines: dict[Loc, int], src: str) -> Any:
-    if isinstance(data, dict):
-        return {k: _expand_env(v, (*path, str(k)), lines, src) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_expand_env(v, (*path, i), lines, src) for i, v in enumerate(data)]
-    if isinstance(data, str) and "${" in data:
-
-        def sub(m: re.Match[str]) -> str:
-            val = os.environ.get(m.group(1), m.group(2))
-            if val is None:
-                raise ConfigError(
-                    f"{src}:{lines.get(path, 1)}: {_dotted(path)}: environment variable {m.group(1)} is not set"
-                )
-            if m.group(1) in os.environ:  # a default written in the file is no secret
-                remember(val, m.group(1))
-            return val
-
-        return _ENV.sub(sub, data)
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
-    """`a.b.c=value` (value parsed as YAML) onto `data`; returns the dotted paths set."""
-    done: set[str] = set()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        # the same bounded loader as files (alias bombs, recursion, depth); its errors name the flag
-        parsed = load_yaml(value, f"--set {key}")[0] if value.strip() else ""
-        node: Any = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
-                node = node[int(p)]
-                continue
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a mapping")
-            node = node.setdefault(p, {})
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = parsed
-        elif isinstance(node, dict):
-            node[last] = parsed
-        else:
-            raise ConfigError(f"--set {key}: parent is not a mapping")
-        done.add(key)
-    return done
-
-
-def _pydantic_error(e: ValidationError, src: str, lines: dict[Loc, int], overridden: set[str]) -> ConfigError:
-    err = e.errors()[0]
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-    where = _line(lines, loc, overridden)
-    prefix = f"{src}:{where}" if not where.startswith("--set") else where
-    if err["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        owner = _model_at(_fields_only(loc[:-1]))
-        hint = _did_you_mean(key, owner.model_fields) if owner else ""
-        return ConfigError(f"{prefix}: {_dotted(loc)}: unknown key {key!r} {hint}".rstrip())
-    msg = err["msg"]
-    if err["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return ConfigError(f"{prefix}: {_dotted(loc) or '(top level)'}: {msg}{more}")
-
-
-def _fields_only(loc: Sequence[str | int]) -> list[str]:
-    """Walk a loc through Config, keeping only model field names (dropping dict keys / indices)."""
-    out: list[str] = []
-    cls: Any = Config
-    expect_container = False
-    for part in loc:
-        if expect_container:
-            expect_container = False
-            continue
-        if isinstance(cls, type) and issubclass(cls, BaseModel) and str(part) in cls.model_fields:
-            out.append(str(part))
-            ann = cls.model_fields[str(part)].annotation
-            origin = get_origin(ann)
-            if origin in (dict, list):
-                expect_container = True
-            cls = _unwrap(ann)
-    return out
-
-
 def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_files: bool = True) -> Loaded:
     """Read, expand, override, validate and cross-check a config; ConfigError names file:line."""
     p = Path(path)
@@ -397,12 +259,12 @@ def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_f
     src = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{src}:1: the top level must be a mapping of keys (project, datasets, models, ...)")
-    data = _expand_env(data, (), lines, src)
+    data = expand_env(data, (), lines, src)
     overridden = apply_overrides(data, overrides)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise _pydantic_error(e, src, lines, overridden) from None
+        raise pydantic_error(Config, e, src, lines, overridden) from None
     loaded = Loaded(cfg=cfg, path=p.resolve(), raw=data)
     _check_references(loaded, src, lines, overridden, check_files)
     return loaded
@@ -412,9 +274,9 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
     cfg = loaded.cfg
 
     def fail(loc: Sequence[str | int], msg: str) -> ConfigError:
-        where = _line(lines, loc, overridden)
+        where = line_of(lines, loc, overridden)
         prefix = where if where.startswith("--set") else f"{src}:{where}"
-        return ConfigError(f"{prefix}: {_dotted(loc)}: {msg}")
+        return ConfigError(f"{prefix}: {dotted(loc)}: {msg}")
 
     def ref(loc: Sequence[str | int], name: str, table: dict[str, Any], what: str) -> None:
         if name not in table:

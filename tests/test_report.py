@@ -141,7 +141,7 @@ def regressed(tmp_path: Path) -> tuple[Session, str, str]:
 
 def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) -> None:
     s, prod, cand = regressed
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     lines = md.splitlines()
     assert lines[0] == MARKER
@@ -192,7 +192,7 @@ def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:
     s = project(tmp_path / "p")
     rid = RID.format(1, 1)
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda:0")
-    rep = build_report(s, rid)
+    rep = build_report(s.registry, s.loaded.cfg, rid)
     md = to_markdown(rep)
     assert rep["verdict"] == "pass" and rep["baseline"] is None
     assert "vs nothing (no production release yet)" in md.splitlines()[1]
@@ -222,7 +222,7 @@ def test_report_stays_under_the_comment_limit_with_10000_cases(tmp_path: Path) -
     publish(s, prod, suite_result(prod, prod_rows), tmp_path, production=True)
     publish(s, cand, suite_result(cand, cand_rows), tmp_path)
     t0 = time.perf_counter()
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     elapsed = time.perf_counter() - t0
     assert len(md) < 65_000, len(md)
