@@ -26,7 +26,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     `on_step(name)` is called at each stage boundary (tests kill the process there)."""
     from mlops.registry.lease import rollout_lease
 
-    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
         try:
             return _run(s, force, on_step)
