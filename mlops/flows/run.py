@@ -120,6 +120,8 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 )
             gates = gate(s, release, results, prod_results)
             summary = {k: v["metrics"] for k, v in results.items()}
+            # what every outcome from here on reports alongside its status
+            common = {"release": release, "trained": tr["trained"], "evals": summary, "gates": gates, "endpoint": url}
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
@@ -129,15 +131,11 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 exit_code = EXIT_GATE
                 served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env) if prod else None
                 return RunResult(
+                    **common,
                     status="rejected",
                     exit_code=EXIT_GATE,
-                    release=release,
                     production=prod,
-                    trained=tr["trained"],
                     message=msg,
-                    evals=summary,
-                    gates=gates,
-                    endpoint=url,
                     served_by=served,
                     timings=t,
                 )
@@ -145,18 +143,15 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
                 exit_code = EXIT_GATE
+                served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
                 return RunResult(
+                    **common,
                     status="rolled_back",
                     exit_code=EXIT_GATE,
-                    release=release,
                     production=prod,
-                    trained=tr["trained"],
                     message=failure,
-                    evals=summary,
-                    gates=gates,
                     canary=verdicts,
-                    endpoint=url,
-                    served_by=_smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
+                    served_by=served,
                     timings=t,
                 )
             mark("promote")
@@ -171,17 +166,13 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             t["total"] = round(time.perf_counter() - t_all, 3)
             tracker.summary({"release": release, "status": "promoted"})
             return RunResult(
+                **common,
                 status="promoted",
                 exit_code=EXIT_OK,
-                release=release,
                 production=release,
                 previous=new.stages.get("previous"),
-                trained=tr["trained"],
                 message=msg,
-                evals=summary,
-                gates=gates,
                 canary=verdicts,
-                endpoint=url,
                 served_by=served,
                 timings=t,
                 wandb_run=tracker.run_id,

@@ -38,7 +38,7 @@ def recover(s: Session) -> State | None:
 def train(s: Session, model: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train `model` unless an identical release exists; register it as the candidate."""
     from mlops.plan import make_plan
-    from mlops.training.train import TrainJob
+    from mlops.training.train import job_from_config
 
     cfg = s.loaded.cfg
     name = model or cfg.deploy.model
@@ -49,28 +49,10 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         s.say(f"train: skipped, {mp.reason}")
         return {"release": mp.existing, "trained": False, "reason": mp.reason, "lineage": mp.lineage}
     m = cfg.models[name]
-    ds = cfg.datasets[m.dataset]
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
-    job = TrainJob(
-        model_name=name,
-        dataset_path=str(s.loaded.dataset_path(m.dataset)),
-        out_dir=str(out),
-        base=m.base,
-        method=m.method,
-        prompt=m.prompt,
-        steps=m.train.steps,
-        batch_size=m.train.batch_size,
-        lr=m.train.lr,
-        seed=m.train.seed,
-        warmup_steps=min(m.train.warmup_steps, m.train.steps),
-        weight_decay=m.train.weight_decay,
-        threads=m.train.threads,
-        arch=m.arch.model_dump(),
-        lora=m.lora.model_dump(),
-        input_field=ds.input_field,
-        target_field=ds.target_field,
-    )
+    gpu = m.resources.gpu if cfg.backend == "modal" else None
+    job = job_from_config(s.loaded, name, out, gpu)
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
     import shutil
 
@@ -96,6 +78,8 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         return st
 
     s.backend.set_state(mark, reason=f"trained {release}")
+    if result.resumed_from_step:
+        s.say(f"train: resumed from the checkpoint at step {result.resumed_from_step} of {result.steps}")
     s.say(
         f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
     )
