@@ -53,6 +53,9 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     out = cache_dir(s.loaded) / "build" / release
     gpu = m.resources.gpu if cfg.backend == "modal" else None
     job = job_from_config(s.loaded, name, out, gpu)
+    from mlops.monitor.datachecks import before_training
+
+    data_lineage = before_training(s.loaded, s.registry, name)  # refuses on a failed data check (exit 1)
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
     import shutil
 
@@ -65,7 +68,7 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
             manifest: dict[str, Any] = {
                 "model": name,
                 "backend": cfg.backend,
-                "lineage": mp.lineage,
+                "lineage": mp.lineage | data_lineage,
                 "train": asdict(result) | {"out_dir": None},
                 "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
             }
