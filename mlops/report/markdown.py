@@ -195,7 +195,15 @@ def _cost_block(rep: dict[str, Any]) -> str:
     else:
         gpu = f"{c['gpu_seconds']:.1f} GPU-s" if c["gpu_seconds"] else "0 GPU-s"
         tokens = f", ≈{c['train_tokens']:,} tokens" if c["train_tokens"] else ""
-        train = f"training {c['train_seconds']:.1f} s on {c['train_device'] or '?'} ({gpu}{tokens})"
+        run = ""
+        if c.get("train_precision"):
+            run += f", {c['train_precision']}"
+        if c.get("peak_memory_mb"):
+            run += f", peak {c['peak_memory_mb']:,.0f} MiB"
+        if c.get("gpu_type"):
+            usd = c.get("train_cost_usd")
+            run += f", {c['gpu_type']} ≈${usd:,.4f}" if usd is not None else f", {c['gpu_type']} (no price)"
+        train = f"training {c['train_seconds']:.1f} s on {c['train_device'] or '?'} ({gpu}{tokens}{run})"
     evals = (
         f"eval {c['endpoint_calls']:,} endpoint calls ({c['cache_hits']:,} cached, {c['retries']} retries, "
         f"{c['errors']} failed), {c['completion_tokens']:,} completion tokens, {c['eval_seconds']:.1f} s"

@@ -242,8 +242,13 @@ def _cost(manifest: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]
     return {
         "train_seconds": seconds,
         "train_device": device or None,
-        "gpu_seconds": (seconds or 0.0) if on_gpu else 0.0,
-        "train_tokens": int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+        "gpu_seconds": train.get("gpu_seconds", (seconds or 0.0) if on_gpu else 0.0),
+        "train_tokens": train.get("tokens") or int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+        # the run record of issue 12 (absent from older manifests)
+        "train_precision": train.get("precision"),
+        "gpu_type": train.get("gpu_type"),
+        "peak_memory_mb": train.get("peak_memory_mb"),
+        "train_cost_usd": train.get("cost_usd"),
         "endpoint_calls": total("endpoint_calls"),
         "cache_hits": total("cache_hits"),
         "retries": total("retries"),
