@@ -68,10 +68,65 @@ class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg()
 
 
+# ---------------------------------------------------------------- monitor (issue 10): data checks + drift
+
+
+class DataChecksCfg(Strict):
+    """Checks `mlops validate --data` runs and training runs before it starts (a failure refuses it)."""
+
+    required: dict[str, Literal["str", "int", "float", "bool", "list", "dict"]] = Field(
+        {}, description="Fields every row must have, with their JSON type (default: input and target as str)."
+    )
+    min_length: int = Field(1, ge=0, description="Shortest input (characters); 1 refuses empty inputs.")
+    max_length: int | None = Field(None, ge=1, description="Longest input (characters).")
+    duplicates: Literal["error", "warn", "allow"] = Field("warn", description="Rows whose input repeats.")
+    leakage: Literal["error", "warn", "allow"] = Field(
+        "error", description="Training rows whose input appears in an eval set of the same model."
+    )
+
+
+class MonitorThresholds(Strict):
+    """A statistic crosses its threshold -> `mlops monitor` exits 3 naming it; null: reported only."""
+
+    p_value: float = Field(0.01, gt=0, lt=1, description="Significance for KS and chi-square (with an effect size).")
+    prompt_length_psi: float | None = Field(0.2, ge=0, description="PSI of prompt length, at most.")
+    prompt_length_ks: float | None = Field(0.2, ge=0, le=1, description="KS statistic D of prompt length, at most.")
+    char_js: float | None = Field(0.2, ge=0, le=1, description="Jensen-Shannon distance of characters, at most.")
+    embedding_auc: float | None = Field(0.8, ge=0.5, le=1, description="MiniLM domain-classifier AUC, at most.")
+    output_length_psi: float | None = Field(0.25, ge=0, description="PSI of output length vs the eval outputs.")
+    empty_rate: float | None = Field(0.5, ge=0, le=1, description="Share of empty answers, at most.")
+    truncated_rate: float | None = Field(None, ge=0, le=1, description="Share stopped by max_tokens, at most.")
+    error_rate: float | None = Field(0.05, ge=0, le=1, description="Share of 5xx/429 answers, at most.")
+    p95_latency: Duration | None = Field(2.0, description="p95 latency of captured requests, at most.")
+    tokens_per_request: float | None = Field(None, ge=0, description="Mean prompt+completion tokens, at most.")
+    cost_per_1k_requests: float | None = Field(None, ge=0, description="At most (needs cost_per_1k_tokens).")
+    min_quality: dict[str, float] = Field({}, description="Suite metric -> lowest mean on labelled traffic.")
+
+
+class MonitorCfg(Strict):
+    enabled: bool = Field(True, description="Capture traffic on the local server (and the Modal gateway).")
+    capture: Literal["full", "metadata"] = Field(
+        "full", description="full keeps prompt and output text; metadata keeps lengths and sha256 only."
+    )
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured.")
+    batch_size: int = Field(1000, ge=1, description="Requests per capture file.")
+    flush_interval: Duration = Field(5.0, description="A partial batch is written after this long.")
+    queue_size: int = Field(10000, ge=1, description="Requests waiting for the writer; more are dropped, counted.")
+    window: Duration = Field(86400.0, description="Default `mlops monitor --since`.")
+    min_requests: int = Field(30, ge=1, description="Fewer captured requests: statistics reported, not judged.")
+    embedding_sample: int = Field(100, ge=0, description="Texts per side for embedding drift (0: off).")
+    quality_sample: int = Field(200, ge=0, description="Traffic sample scored by reference-free suite metrics.")
+    eval: str | None = Field(None, description="Suite whose metrics score labelled traffic (default: the first).")
+    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price of 1k tokens, for cost per 1k requests.")
+    on_drift: Literal["report", "retrain"] = Field("report", description="What the nightly workflow does on drift.")
+    thresholds: MonitorThresholds = MonitorThresholds()
+
+
 class DatasetCfg(Strict):
     path: str = Field(description="JSONL file, relative to mlops.yaml.")
     input_field: str = "input"
     target_field: str = "expected"
+    checks: DataChecksCfg = DataChecksCfg()
 
 
 # ---- training (issue 12): precision, accumulation, checkpoints. Kept as one block on purpose.
@@ -339,6 +394,7 @@ class Config(Strict):
     judges: dict[str, JudgeCfg] = {}
     deploy: DeployCfg
     modal: ModalCfg = ModalCfg()
+    monitor: MonitorCfg = MonitorCfg()
     prices: PricesCfg = PricesCfg()
 
 
@@ -432,6 +488,14 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         if g.stat == "pass_rate" and g.threshold is None:
             raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
     ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
+    if cfg.monitor.eval is not None:
+        ref(("monitor", "eval"), cfg.monitor.eval, cfg.evals, "eval")
+    suite = cfg.monitor.eval or next(iter(cfg.evals), None)
+    for mname in cfg.monitor.thresholds.min_quality:  # labelled traffic is scored by that suite
+        names = [metric_name(s) for s in cfg.evals[suite].metrics] if suite else []
+        if mname not in names:
+            loc = ("monitor", "thresholds", "min_quality", mname)
+            raise fail(loc, f"eval {suite!r} has no metric {mname!r} {_did_you_mean(mname, names)}".rstrip())
     if check_files:
         for name, ds in cfg.datasets.items():
             f = loaded.dataset_path(name)

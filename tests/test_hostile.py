@@ -141,6 +141,7 @@ BAD_BODIES = {
     "prompt beyond the context": ({"prompt": "a" * 200}, "prompt"),
     "stop too many": ({"prompt": "ab=", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "stream a string": ({"prompt": "ab=", "stream": "yes"}, "stream"),
+    "n 2": ({"prompt": "ab=", "n": 2}, "n"),
     "100k nested [": ("[" * 100_000, None),
     "not JSON": ("{'prompt': 1}", None),
     "not UTF-8": (b'{"prompt": "\xff"}', None),
