@@ -29,6 +29,7 @@ TRAIN_PACKAGES = [
     "transformers==5.17.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "peft==0.21.2",  # LoRA (issue 12); method: qlora also needs "bitsandbytes" in this list
     *MLOPS_CORE,
 ]
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from mlops.config import Loaded
 from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
+from mlops.monitor.capture import wrap as capture_wrap
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
 from mlops.serving.http import MAX_HEADER_BYTES, LimitedH11Protocol
@@ -156,7 +157,7 @@ def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -
     try:
         pool.start()
         uvicorn.run(
-            create_app(pool, opts),
+            capture_wrap(create_app(pool, opts), loaded, registry.store),  # user traffic only; flushed at exit
             host=host,
             port=port,
             log_level="info",
