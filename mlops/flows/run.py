@@ -26,13 +26,31 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     `on_step(name)` is called at each stage boundary (tests kill the process there)."""
     from mlops.registry.lease import rollout_lease
 
-    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
-        return _run(s, force, on_step)
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
+        _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
+        try:
+            return _run(s, force, on_step)
+        finally:
+            _sweep(s)
+
+
+def _sweep(s: Session) -> None:
+    from mlops.errors import MlopsError
+    from mlops.flows.session import cache_dir
+    from mlops.registry.doctor import sweep
+
+    try:
+        gone = sweep(s.registry, cache_dir(s.loaded) / "build")
+    except (MlopsError, OSError) as e:  # cleaning up never fails a run; `mlops doctor` reports it
+        s.say(f"could not clean up orphans: {getattr(e, 'headline', e)}")
+        return
+    if gone:
+        s.say(f"cleaned up {len(gone)} orphan(s) left by an interrupted run: {', '.join(gone[:3])}")
 
 
 def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     from mlops.plan import make_plan
-    from mlops.rollout import promote
+    from mlops.rollout import promote, wait_served
     from mlops.tracking import Tracker
 
     mark = on_step or (lambda name: None)
@@ -138,6 +156,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
+            wait_served(url, new.version)  # on S3 the endpoint re-reads the state on a timer
             served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")

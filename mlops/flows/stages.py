@@ -57,18 +57,24 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
 
     data_lineage = before_training(s.loaded, s.registry, name)  # refuses on a failed data check (exit 1)
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
-    result = s.backend.train(job, s.progress)
-    manifest: dict[str, Any] = {
-        "model": name,
-        "backend": cfg.backend,
-        "lineage": mp.lineage | data_lineage,
-        "train": asdict(result) | {"out_dir": None},
-        "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
-    }
-    manifest = s.registry.publish(release, out, manifest)
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
+    from mlops.registry.damage import working
+
+    # the lock tells the next run's sweep that this output is in use (dropped even on kill -9)
+    with working(out.parent / f".{release}.lock"):
+        try:
+            result = s.backend.train(job, s.progress)
+            manifest: dict[str, Any] = {
+                "model": name,
+                "backend": cfg.backend,
+                "lineage": mp.lineage | data_lineage,
+                "train": asdict(result) | {"out_dir": None},
+                "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
+            }
+            manifest = s.registry.publish(release, out, manifest)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def mark(st: State) -> State:
         st.stages["candidate"] = release
@@ -164,7 +170,7 @@ def roll_out(
     """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
     on a failing step the traffic is already back on production and the rollback is recorded."""
     from mlops.evals.harness import load_cases
-    from mlops.rollout import abort_canary, canary
+    from mlops.rollout import abort_canary, canary, wait_served
 
     cfg = s.loaded.cfg
     if prod is None:
@@ -188,7 +194,8 @@ def roll_out(
     if all(v.passed for v in steps):
         return verdicts, None
     why = "; ".join(steps[-1].reasons)
-    abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    wait_served(url, back.version)  # so the smoke check that follows sees production answer
     s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)
