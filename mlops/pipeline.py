@@ -36,6 +36,12 @@ class Session:
     backend: Backend
     say: Say = _quiet
     progress: Callable[[dict[str, float]], None] | None = None
+    # production's registry when it is not `registry` (a pull request's own storage): read only
+    baseline: Registry | None = None
+
+    @property
+    def production_registry(self) -> Registry:
+        return self.baseline or self.registry
 
     @classmethod
     def open(
@@ -44,7 +50,11 @@ class Session:
         store = open_store(loaded.cfg.storage, base_dir=loaded.root)
         registry = Registry(store, cache_dir=cache_dir(loaded))
         backend = backend_class(loaded.cfg.backend)(loaded, registry)
-        return cls(loaded, registry, backend, say, progress)
+        baseline = None
+        if loaded.cfg.baseline_storage:
+            base_store = open_store(loaded.cfg.baseline_storage, base_dir=loaded.root)
+            baseline = Registry(base_store, cache_dir=cache_dir(loaded) / "baseline")
+        return cls(loaded, registry, backend, say, progress, baseline)
 
 
 def cache_dir(loaded: Loaded) -> Path:
@@ -171,16 +181,18 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
     suite now names, is evaluated now (through `base_url`, and stored with production)."""
     from mlops.evals.metrics import metric_name
 
-    prod = s.registry.read_state()[0].stages.get("production")
+    reg = s.production_registry
+    prod = reg.read_state()[0].stages.get("production")
     if prod is None:
         return None, dict.fromkeys(s.loaded.cfg.evals)
     results: dict[str, dict[str, Any] | None] = {}
     missing = []
     for suite, ev in s.loaded.cfg.evals.items():
-        results[suite] = stored = s.registry.get_eval(prod, suite)
+        results[suite] = stored = reg.get_eval(prod, suite)
         if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
             missing.append(suite)
-    if missing and base_url is not None:
+    # a baseline registry is read only, and `base_url` serves this registry's releases, not its
+    if missing and base_url is not None and s.baseline is None:
         results |= evaluate(s, prod, base_url, missing)
     return prod, results
 

@@ -42,10 +42,11 @@ def build_report(s: Any, release: str) -> dict[str, Any]:
     """Everything the report shows, for `release` against production (or, for production itself,
     against the previous release)."""
     reg = s.registry
+    prod_reg = getattr(s, "production_registry", reg)  # production may live in a baseline registry
     cfg = s.loaded.cfg
     manifest = reg.require(release)
     history = reg.history(release)
-    st, _ = reg.read_state()
+    st, _ = prod_reg.read_state()
     prod = st.stages.get("production")
     if prod and prod != release:
         baseline, baseline_stage = prod, "production"
@@ -54,7 +55,7 @@ def build_report(s: Any, release: str) -> dict[str, Any]:
     else:
         baseline, baseline_stage = None, None
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
-    base = {suite: reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
+    base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
     gates = [g.to_json() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
     if not evaluated:

@@ -37,6 +37,7 @@ def validate(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_:
         "config": str(loaded.path),
         "project": cfg.project,
         "backend": cfg.backend,
+        "storage": cfg.storage,
         "models": list(cfg.models),
         "evals": list(cfg.evals),
         "gates": len(cfg.gates),

@@ -105,10 +105,14 @@ def register(app: typer.Typer) -> None:
 
         s = _session(config, set_, json_)
         before = s.registry.read_state()[0].stages.get("production")
+        import os
+
         try:
             actor = f"user:{getpass.getuser()}"
         except (KeyError, OSError):
             actor = "user"
+        if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_ACTOR"):
+            actor = f"github:{os.environ['GITHUB_ACTOR']}"  # who dispatched the workflow, not the runner's user
         state, target = do_rollback(s.backend, to, reason, actor)
         emit(
             {
