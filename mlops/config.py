@@ -8,7 +8,6 @@ pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metri
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -17,13 +16,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mlops import plugins
 from mlops.errors import ConfigError
-from mlops.yamlload import Loc, load_yaml_file
+from mlops.redact import remember
+from mlops.yamlload import Loc, load_yaml, load_yaml_file
 
-BACKENDS = ("local", "modal")  # implementations live in mlops.backends; names here keep `validate` light
+BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
 
 
 def _duration(v: Any) -> Any:
@@ -43,7 +43,9 @@ Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model is built on first use, so `validate` builds one validator (Config, with
+    # the others inside it) instead of one per class at import (measured: benchmarks/bench_startup.py)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class WandbCfg(Strict):
@@ -238,10 +240,7 @@ class Loaded(BaseModel):
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
-    opts = sorted(options)
-    close = difflib.get_close_matches(word, opts, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"({hint}valid: {', '.join(opts)})" if opts else ""
+    return plugins.did_you_mean(word, options)
 
 
 def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -307,6 +306,8 @@ def _expand_env(data: Any, path: Loc, lines: dict[Loc, int], src: str) -> Any:
                 raise ConfigError(
                     f"{src}:{lines.get(path, 1)}: {_dotted(path)}: environment variable {m.group(1)} is not set"
                 )
+            if m.group(1) in os.environ:  # a default written in the file is no secret
+                remember(val, m.group(1))
             return val
 
         return _ENV.sub(sub, data)
@@ -321,10 +322,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
         key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value is not valid YAML: {' '.join(str(e).split())}") from e
+        # the same bounded loader as files (alias bombs, recursion, depth); its errors name the flag
+        parsed = load_yaml(value, f"--set {key}")[0] if value.strip() else ""
         node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:
@@ -400,8 +399,6 @@ def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_f
 
 
 def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridden: set[str], check_files: bool) -> None:
-    from mlops.evals.metrics import known_metric_names, metric_name
-
     cfg = loaded.cfg
 
     def fail(loc: Sequence[str | int], msg: str) -> ConfigError:
@@ -419,7 +416,7 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
             raise fail(("models", name, "arch", "n_head"), "n_embd must be divisible by n_head")
-    known = set(known_metric_names())
+    known = set(plugins.known_metric_names())
     for name, ev in cfg.evals.items():
         ref(("evals", name, "dataset"), ev.dataset, cfg.datasets, "dataset")
         if ev.judge is not None:
@@ -451,6 +448,11 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             f = loaded.dataset_path(name)
             if not f.is_file():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def metric_name(spec: str | dict[str, Any]) -> str:
+    """The name of one entry of `evals.<suite>.metrics`: a string, or a mapping with `name`."""
+    return spec if isinstance(spec, str) else str(spec.get("name"))
 
 
 def config_hash(obj: Any) -> str:

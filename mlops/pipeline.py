@@ -141,7 +141,7 @@ def evaluate(
     s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
 ) -> dict[str, dict[str, Any]]:
     from mlops.evals.harness import run_suite
-    from mlops.serving.server import api_key_from_env
+    from mlops.util import api_key_from_env
 
     s.registry.require(release)
     key = api_key_from_env(s.loaded.cfg.deploy.server.api_key_env)
@@ -179,7 +179,7 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
 
     Only a suite production was never evaluated on, or whose stored results lack a metric the
     suite now names, is evaluated now (through `base_url`, and stored with production)."""
-    from mlops.evals.metrics import metric_name
+    from mlops.config import metric_name
 
     reg = s.production_registry
     prod = reg.read_state()[0].stages.get("production")
@@ -438,7 +438,7 @@ def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
-    from mlops.serving.server import api_key_from_env
+    from mlops.util import api_key_from_env
 
     key = api_key_from_env(api_key_env)
     headers = {"authorization": f"Bearer {key}"} if key else {}

@@ -228,7 +228,7 @@ def canary(
 ) -> list[StepVerdict]:
     """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all
     passing); each is appended to the candidate's history with its metric values."""
-    from mlops.serving.server import api_key_from_env
+    from mlops.util import api_key_from_env
 
     reg = backend.registry
     key = api_key_from_env(backend.cfg.deploy.server.api_key_env)

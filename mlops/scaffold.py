@@ -25,7 +25,9 @@ PATTERNS = (
     "data/*.jsonl",
 )
 # In a project that is not the template, the workflows install mlops itself, not the project.
-REQUIREMENTS = "# what the workflows install (pin a version or a git URL of mlops here)\nmlops[eval,cloud]\n"
+REQUIREMENTS = (
+    "# What the workflows install: mlops itself (pin a version or a git URL of mlops here).\nmlops[eval,cloud]\n"
+)
 
 
 def template_root() -> Path:

@@ -1,12 +1,16 @@
 """Safe YAML that remembers where every key came from.
 
 PyYAML's SafeLoader already refuses python tags; on top of it this rejects duplicate keys,
-bounds alias expansion (billion-laughs), and records `key.path -> line` so every config error
-can name `mlops.yaml:LINE`.
+bounds alias expansion (billion-laughs), recursive aliases, nesting depth, NUL bytes and the
+file's size (read at most MAX_BYTES + 1 bytes, whatever stat says: /dev/zero or a sparse file
+costs nothing), and records `key.path -> line` so every config error can name `mlops.yaml:LINE`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,8 @@ import yaml
 from mlops.errors import ConfigError
 
 MAX_NODES = 100_000  # far above any real config; an alias bomb expands past it in microseconds
+MAX_BYTES = 1 << 20  # a real mlops.yaml is a few KB; 1 MiB is generous and cheap to hold
+MAX_DEPTH = 64  # real configs nest < 10 deep; PyYAML's composer recurses, so bound it first
 
 Loc = tuple[str | int, ...]
 
@@ -23,13 +29,28 @@ _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    src = "config"
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.src}:{mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _walk(loader: _Loader, node: yaml.Node, path: Loc, lines: dict[Loc, int], budget: list[int], src: str) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
         raise ConfigError(f"{src}:{node.start_mark.line + 1}: document expands past {MAX_NODES} nodes (alias bomb?)")
+    if len(path) > MAX_DEPTH:  # an alias inside its own anchor (`&x [*x]`) is a cycle, not a deep file
+        raise ConfigError(
+            f"{src}:{node.start_mark.line + 1}: {_fmt(path[:4])}…: recursive alias (an anchor refers to itself)"
+        )
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
         # SafeLoader would refuse these when constructing; walking nodes ourselves, refuse them here
@@ -67,7 +88,11 @@ def _one_line(s: str | None) -> str:
 
 def load_yaml(text: str, src: str) -> tuple[Any, dict[Loc, int]]:
     """Parse one YAML document; return (data, line of each key path)."""
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"{src}:{line}: NUL byte in the file (not a text config)")
     loader = _Loader(text)
+    loader.src = src
     try:
         node = loader.get_single_node()
         if node is None:
@@ -80,15 +105,43 @@ def load_yaml(text: str, src: str) -> tuple[Any, dict[Loc, int]]:
         raise ConfigError(f"{src}:{line}: invalid YAML: {_one_line(e.problem or e.context)}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: invalid YAML: {_one_line(str(e))}") from e
+    except RecursionError as e:  # a safety net behind the depth bounds above
+        raise ConfigError(f"{src}: nested too deeply to read") from e
     finally:
         loader.dispose()
 
 
+def read_bounded(path: Path, limit: int = MAX_BYTES) -> bytes:
+    """At most `limit` + 1 bytes: the size is learned by reading, never from stat (which says 0 for
+    /dev/zero and 1 GB for a sparse file). O_NONBLOCK keeps open() of a FIFO from hanging."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load_yaml_file(path: Path) -> tuple[Any, dict[Loc, int]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_bounded(path)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such file (run from the project root or pass --config)") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(data) > MAX_BYTES:
+        raise ConfigError(f"{path}: too large for a config (over {MAX_BYTES // 1024} KiB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from e
     return load_yaml(text, path.name if path.parent == Path.cwd() else str(path))

@@ -53,10 +53,11 @@ FAST = {
     },
     "evals": {"heldout": {"limit": 20}},
     "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
-    # chrF of this model: ~0.18 after 40 steps, ~0.01 after 1 (measured): both gates can fail on demand
+    # chrF of this model: 0.09-0.19 after 40 steps depending on the seed, ~0.01 after 1 step
+    # (measured): a one-step model fails the absolute gate, a reseeded one passes both
     "gates": [
-        {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.1},
-        {"eval": "heldout", "metric": "ragas.chrf_score", "max_regression": 0.05, "confidence": 0.95},
+        {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.05},
+        {"eval": "heldout", "metric": "ragas.chrf_score", "max_regression": 0.1, "confidence": 0.95},
         {"eval": "heldout", "metric": "latency", "stat": "p95", "max": 10.0},
     ],
 }

@@ -19,12 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
+from mlops.env import set_offline
+
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
-os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+set_offline()
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # A model small enough to train in a few seconds on one loaded core, still a real GPT-2.

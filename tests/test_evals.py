@@ -9,12 +9,9 @@ Judge-based metrics score against the judge server of test_judges.py.
 
 from __future__ import annotations
 
-import os
+from mlops.env import set_offline
 
-os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
-os.environ.setdefault("DEEPEVAL_DISABLE_DOTENV", "1")
-os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+set_offline()
 
 import asyncio  # noqa: E402
 import json  # noqa: E402

@@ -45,3 +45,17 @@ def test_probe_can_fail() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == "HEAVY=torch"
+
+
+@pytest.mark.parametrize("args", [["validate"], ["validate", "--json", "--set", "project=x", "-c", "mlops.yaml"]])
+def test_validate_starts_without_the_cli_framework(args: list[str]) -> None:
+    """`validate` is the command editors and hooks run on every save: no Typer, no rich (start-up)."""
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE.format(args=args, heavy=("typer", "rich", "click"))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "HEAVY=", f"{args}: {r.stderr}"

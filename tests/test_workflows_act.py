@@ -252,7 +252,7 @@ def test_fork_pr_gets_no_secrets_and_a_clear_verdict(story: Story) -> None:
     res = pr(story, "pr 10, fork", 10, fork=True, vars={"MLOPS_STORAGE": "s3://mlops-registry/prod"})
     assert res.rc != 0
     assert [t for t, _ in res.errors()] == ["Gate failed"], explain(res)
-    assert "heldout.ragas.chrf_score mean >= 0.1" in res.log and "Infrastructure" not in res.log
+    assert "heldout.ragas.chrf_score mean >= 0.05" in res.log and "Infrastructure" not in res.log
     assert "a fork PR gets no credentials" in res.log
     mlops_procs = [p for p in res.probes if "mlops" in " ".join(p["argv"])]
     assert mlops_procs and all(p["secrets"] == [] for p in res.probes), res.probes

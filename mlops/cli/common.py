@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +11,8 @@ import typer
 from rich.console import Console
 
 from mlops.config import Loaded, load
+from mlops.env import set_offline
+from mlops.redact import redact
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to mlops.yaml.")]
 SetOpt = Annotated[
@@ -23,25 +24,14 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
-def setup_env() -> None:
-    # wherever eval libraries may run: no telemetry, no hub downloads
-    os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
-    os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
 def load_config(path: Path, overrides: list[str] | None, check_files: bool = True) -> Loaded:
-    setup_env()
+    set_offline()  # wherever eval libraries may run: no telemetry, no hub downloads
     return load(path, overrides or [], check_files=check_files)
 
 
 def say_fn(json_mode: bool) -> Any:
     def say(msg: str) -> None:
-        err.print("• " + msg, markup=False, highlight=False)
+        err.print("• " + redact(msg), markup=False, highlight=False)
 
     return say
 

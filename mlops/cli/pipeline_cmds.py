@@ -226,7 +226,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve what the registry routes to, in the foreground; follows rollbacks without a restart."""
         from mlops.serving.runner import check_bind, serve_foreground
-        from mlops.serving.server import api_key_from_env
+        from mlops.util import api_key_from_env
 
         s = _session(config, set_, False)
         srv = s.loaded.cfg.deploy.server

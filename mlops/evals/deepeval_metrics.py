@@ -29,12 +29,9 @@ fails the case fails, so a flaky judge can never pass a case silently.
 
 from __future__ import annotations
 
-import os
+from mlops.env import set_offline
 
-os.environ.setdefault("DEEPEVAL_TELEMETRY_OPT_OUT", "1")
-os.environ.setdefault("DEEPEVAL_DISABLE_DOTENV", "1")  # deepeval loads ./.env into os.environ otherwise
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+set_offline()
 
 import asyncio  # noqa: E402
 import json  # noqa: E402

@@ -21,12 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import math
-import os
-import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +29,15 @@ from typing import Any
 
 import httpx
 
-from mlops.config import Loaded
+from mlops.cache import SegmentCache as DiskCache
+from mlops.config import Loaded, metric_name
+from mlops.data import read_jsonl
 from mlops.errors import ConfigError
-from mlops.evals.metrics import build_metric, metric_name
+from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
 from mlops.evals.types import Case, Metric, Output, Score
-from mlops.registry.releases import now
-from mlops.training.data import read_jsonl
+from mlops.retry import Retryable, retry_after_s, retrying
+from mlops.util import now
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot stall a run
@@ -58,81 +55,6 @@ def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     if len({c.id for c in cases}) != len(cases):
         raise ConfigError(f"{ds.path}: case ids must be unique")
     return cases[: ev.limit] if ev.limit else cases
-
-
-class DiskCache:
-    """Answers of the endpoint, keyed by (release, request), in one directory per release.
-
-    Each run that asked the endpoint adds one segment file (JSON lines of key and answer), written
-    once at the end: one file per run rather than one per case keeps the event loop free of file
-    system calls while requests are in flight (200 small files cost ~0.2 s of blocking calls on a
-    loaded machine). A run reads its release's segments once. Not fsynced: a torn or missing
-    segment only costs the next run some calls. Past MAX_SEGMENTS, a run merges them into one.
-    """
-
-    MAX_SEGMENTS = 16
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    def _dir(self, release: str) -> Path:
-        assert self.root is not None
-        return self.root / self.key("release", release)[:24]
-
-    def load(self, release: str) -> dict[str, dict[str, Any]]:
-        """Every cached answer for `release`, by request key."""
-        if self.root is None:
-            return {}
-        out: dict[str, dict[str, Any]] = {}
-        try:
-            segments = sorted(self._dir(release).glob("*.jsonl"))
-        except OSError:
-            return {}
-        for seg in segments:
-            try:
-                lines = seg.read_bytes().splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                try:
-                    row = json.loads(line)
-                    out[str(row["k"])] = dict(row["v"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn line: that answer is asked again
-        return out
-
-    def save(self, release: str, entries: dict[str, dict[str, Any]]) -> None:
-        """Add `entries` as one new segment (or merge all segments when there are too many)."""
-        if self.root is None or not entries:
-            return
-        d = self._dir(release)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            old = sorted(d.glob("*.jsonl"))
-            merge = len(old) >= self.MAX_SEGMENTS
-            rows = (self.load(release) | entries) if merge else entries
-            blob = b"".join(json.dumps({"k": k, "v": v}).encode() + b"\n" for k, v in rows.items())
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, d / f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(3)}.jsonl")
-            if merge:
-                for seg in old:
-                    seg.unlink(missing_ok=True)
-        except OSError:  # a full or read-only disk costs the next run its cache, not this run
-            pass
-
-
-def _retry_wait(resp: httpx.Response | None, attempt: int) -> float:
-    from mlops.evals.judges import _retry_after_s
-
-    hint = _retry_after_s(resp.headers.get("retry-after")) if resp is not None else None
-    wait = hint if hint is not None else min(BACKOFF_S * 2**attempt, 2.0)
-    return min(wait, MAX_RETRY_WAIT)
 
 
 def _parse(r: httpx.Response) -> tuple[str, int]:
@@ -185,8 +107,8 @@ async def _ask(
     if ep.api_key:
         headers["authorization"] = f"Bearer {ep.api_key}"
     t_start = time.perf_counter()
-    attempt = 0
-    while True:
+
+    async def attempt() -> Output:
         resp: httpx.Response | None = None
         async with sem:  # held only while a request is in flight, not while waiting to retry
             counts.endpoint_calls += 1
@@ -197,27 +119,35 @@ async def _ask(
             except (TimeoutError, httpx.TimeoutException):
                 return Output("", time.perf_counter() - t_start, f"timeout after {ep.timeout:g}s")
             except httpx.HTTPError as e:
-                reason = f"{type(e).__name__}: {e}".rstrip(": ")
+                raise Retryable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
             latency = time.perf_counter() - t0
-        if resp is not None:
-            answered = resp.headers.get("x-mlops-release")
-            if resp.status_code == 200:
-                if answered is not None and answered != ep.release:
-                    return Output("", latency, f"answered by release {answered}, not {ep.release}", answered)
-                try:
-                    text, tokens = _parse(resp)
-                except (ValueError, KeyError, IndexError, TypeError) as e:
-                    return Output("", latency, f"bad response: {type(e).__name__}: {e}"[:300], answered)
-                return Output(text, latency, None, answered or ep.release, tokens)
-            reason = f"HTTP {resp.status_code}: {resp.text.strip()[:200]}".rstrip(": ")
-            if resp.status_code not in RETRY_STATUSES:
-                return Output("", latency, reason, answered)
-        if attempt >= ep.retries:
-            suffix = f" (after {attempt + 1} attempts)" if attempt else ""
-            return Output("", time.perf_counter() - t_start, reason + suffix)
-        attempt += 1
+        answered = resp.headers.get("x-mlops-release")
+        if resp.status_code == 200:
+            if answered is not None and answered != ep.release:
+                return Output("", latency, f"answered by release {answered}, not {ep.release}", answered)
+            try:
+                text, tokens = _parse(resp)
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                return Output("", latency, f"bad response: {type(e).__name__}: {e}"[:300], answered)
+            return Output(text, latency, None, answered or ep.release, tokens)
+        reason = f"HTTP {resp.status_code}: {resp.text.strip()[:200]}".rstrip(": ")
+        if resp.status_code not in RETRY_STATUSES:
+            return Output("", latency, reason, answered)
+        hint = retry_after_s(resp.headers.get("retry-after"))
+        raise Retryable(reason, None if hint is None else min(hint, MAX_RETRY_WAIT))
+
+    def count(_e: Retryable, _n: int, _wait: float) -> None:
         counts.retries += 1
-        await asyncio.sleep(_retry_wait(resp, attempt - 1))
+
+    try:
+        return await retrying(attempt, retries=ep.retries, backoff=_backoff, on_retry=count)
+    except Retryable as e:
+        suffix = f" (after {e.attempts} attempts)" if e.attempts > 1 else ""
+        return Output("", time.perf_counter() - t_start, e.reason + suffix)
+
+
+def _backoff(n: int) -> float:
+    return min(BACKOFF_S * 2**n, 2.0, MAX_RETRY_WAIT)
 
 
 async def query_all(ep: Endpoint, cases: list[Case], cache: DiskCache) -> tuple[list[Output], Counts]:

@@ -24,15 +24,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import email.utils
 import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +37,9 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlops.cache import FileCache
 from mlops.errors import ConfigError, InfraError
+from mlops.retry import Retryable, retry_after_s, retrying
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +90,15 @@ class JudgeError(InfraError):
         self.kind = kind  # timeout | http | connection | bad_response | config
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: '1', '0.2', or an HTTP date. None if unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        secs = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        secs = when.timestamp() - time.time()
-    if secs != secs:  # NaN
-        return None
-    return max(0.0, secs)
+_retry_after_s = retry_after_s  # the tests' name for it
+
+
+class _Retry(Retryable):
+    """A judge failure worth another attempt; the JudgeError is what the caller finally sees."""
+
+    def __init__(self, error: JudgeError, wait_s: float | None = None) -> None:
+        super().__init__(error.reason, wait_s)
+        self.error = error
 
 
 class _LoopState:
@@ -123,6 +115,7 @@ class JudgeClient:
         self.spec = spec
         self.name = name or spec.model
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._cache = FileCache(self.cache_dir)
         self.calls = 0  # HTTP requests sent (every attempt, retries included)
         self.retries = 0
         self.cache_hits = 0  # answers served without a request (disk cache or an identical call in flight)
@@ -194,39 +187,14 @@ class JudgeClient:
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _cache_path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
-
     def _cache_get(self, key: str) -> str | None:
-        path = self._cache_path(key)
-        if path is None or not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None  # a torn or foreign file: treat as a miss, it will be rewritten
-        content = data.get("content") if isinstance(data, dict) else None
+        data = self._cache.get(key)
+        content = data.get("content") if data is not None else None
         return content if isinstance(content, str) else None
 
     def _cache_put(self, key: str, body: dict[str, Any], content: str) -> None:
-        path = self._cache_path(key)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "model": self.spec.model,
-            "base_url": self.spec.base_url,
-            "request": body,
-            "content": content,
-        }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        record = {"model": self.spec.model, "base_url": self.spec.base_url, "request": body, "content": content}
+        self._cache.put(key, record)
 
     # ---- the call ----------------------------------------------------------------------------
 
@@ -275,9 +243,8 @@ class JudgeClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         url = f"{spec.base_url}/chat/completions"
-        attempt = 0
-        while True:
-            wait_s: float | None = None
+
+        async def attempt() -> str:
             try:
                 async with st.sem:
                     if st.http is None:
@@ -289,37 +256,35 @@ class JudgeClient:
                     async with asyncio.timeout(spec.timeout_s):
                         resp = await st.http.post(url, json=body, headers=headers)
             except (TimeoutError, httpx.TimeoutException):
-                error = JudgeError(f"timeout after {spec.timeout_s:g}s", kind="timeout")
+                raise _Retry(JudgeError(f"timeout after {spec.timeout_s:g}s", kind="timeout")) from None
             except httpx.HTTPError as e:
-                error = JudgeError(self._scrub(f"connection error: {type(e).__name__}: {e}"), kind="connection")
-            else:
-                if 200 <= resp.status_code < 300:
-                    return self._parse(resp)
-                error = JudgeError(f"http {resp.status_code}{self._snippet(resp)}", kind="http")
-                if resp.status_code not in RETRY_STATUSES:
-                    raise error
-                if resp.status_code in RETRY_AFTER_STATUSES:
-                    ra = _retry_after_s(resp.headers.get("retry-after"))
-                    if ra is not None:
-                        wait_s = min(ra, spec.timeout_s)
-            if attempt >= spec.max_retries:
-                if attempt:
-                    error = JudgeError(f"{error.reason} (after {attempt + 1} attempts)", kind=error.kind)
+                msg = self._scrub(f"connection error: {type(e).__name__}: {e}")
+                raise _Retry(JudgeError(msg, kind="connection")) from None
+            if 200 <= resp.status_code < 300:
+                return self._parse(resp)
+            error = JudgeError(f"http {resp.status_code}{self._snippet(resp)}", kind="http")
+            if resp.status_code not in RETRY_STATUSES:
                 raise error
-            if wait_s is None:
-                backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)
-                wait_s = backoff * (0.8 + 0.4 * random.random())
-            attempt += 1
+            wait_s = None
+            if resp.status_code in RETRY_AFTER_STATUSES:
+                ra = retry_after_s(resp.headers.get("retry-after"))
+                wait_s = None if ra is None else min(ra, spec.timeout_s)
+            raise _Retry(error, wait_s)
+
+        def backoff(n: int) -> float:
+            return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**n) * (0.8 + 0.4 * random.random())
+
+        def on_retry(e: Retryable, n: int, wait_s: float) -> None:
             self.retries += 1
-            log.info(
-                "judge %s: %s; retry %d/%d in %.2fs",
-                self.name,
-                error.reason,
-                attempt,
-                spec.max_retries,
-                wait_s,
-            )
-            await asyncio.sleep(wait_s)
+            log.info("judge %s: %s; retry %d/%d in %.2fs", self.name, e.reason, n, spec.max_retries, wait_s)
+
+        try:
+            return await retrying(attempt, retries=spec.max_retries, backoff=backoff, on_retry=on_retry)
+        except _Retry as e:
+            error = e.error
+            if e.attempts > 1:
+                error = JudgeError(f"{error.reason} (after {e.attempts} attempts)", kind=error.kind)
+            raise error from None
 
     def _snippet(self, resp: httpx.Response) -> str:
         try:

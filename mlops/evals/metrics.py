@@ -16,27 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlops import plugins
 from mlops.errors import ConfigError
 from mlops.evals.types import Case, Metric, Output, Score
+from mlops.plugins import METRIC_NAMES
 
 MetricFactory = Callable[[dict[str, Any]], Metric]
 BUILTIN: dict[str, MetricFactory] = {}
 
-# Names that resolve in other modules; listed here so `mlops validate` can check a name without
-# importing deepeval or ragas. Each module registers the same names (a test keeps them in step).
-DEEPEVAL_NAMES = ("deepeval.exact_match", "deepeval.pattern_match", "deepeval.geval", "deepeval.answer_relevancy")
-RAGAS_NAMES = (
-    "ragas.bleu_score",
-    "ragas.rouge_score",
-    "ragas.chrf_score",
-    "ragas.string_similarity",
-    "ragas.string_presence",
-    "ragas.semantic_similarity",
-)
+# The other families' names live in the plugin table (so `validate` needs no deepeval/ragas);
+# re-exported here for the tests that keep each family's list in step.
+DEEPEVAL_NAMES = METRIC_NAMES["deepeval"]
+RAGAS_NAMES = METRIC_NAMES["ragas"]
 
 
 def known_metric_names() -> list[str]:
-    return sorted([*BUILTIN, *DEEPEVAL_NAMES, *RAGAS_NAMES])
+    return plugins.known_metric_names()
 
 
 def register(name: str) -> Callable[[MetricFactory], MetricFactory]:
@@ -199,18 +194,12 @@ def build_metric(spec: str | dict[str, Any], base_dir: Path, judges: dict[str, A
     if "callable" in params:
         fn = load_callable(str(params.pop("callable")), base_dir)
         return CallableMetric(name, fn, bool(params.pop("higher_is_better", True)))
-    if name in BUILTIN:
-        return BUILTIN[name](params)
-    if name.startswith("deepeval."):
-        from mlops.evals import deepeval_metrics
-
-        return deepeval_metrics.build(name, params, judges or {})
-    if name.startswith("ragas."):
-        from mlops.evals import ragas_metrics
-
-        return ragas_metrics.build(name, params, judges or {})
-    raise ConfigError(f"unknown metric {name!r}")
+    family = plugins.metric_family(name)
+    build: Callable[[str, dict[str, Any], dict[str, Any]], Metric] = plugins.load("metric family", family)
+    return build(name, params, judges or {})
 
 
-def metric_name(spec: str | dict[str, Any]) -> str:
-    return spec if isinstance(spec, str) else str(spec.get("name"))
+def build_builtin(name: str, params: dict[str, Any], judges: dict[str, Any]) -> Metric:
+    if name not in BUILTIN:
+        raise ConfigError(f"unknown metric {name!r}")
+    return BUILTIN[name](params)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mlops.serving.stats import percentile
+from mlops.util import percentile
 
 STATS = ("mean", "p50", "p95", "p99", "pass_rate")
 QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
@@ -65,7 +65,7 @@ def _vectorised(stat: str) -> Callable[[Any, int], Any]:
     if stat in ("mean", "pass_rate"):  # pass_rate arrives as 0/1 indicators
         return lambda x, axis: np.mean(x, axis=axis)
     q = QUANTILES[stat] * 100
-    return lambda x, axis: np.percentile(x, q, axis=axis)  # linear, like serving.stats.percentile
+    return lambda x, axis: np.percentile(x, q, axis=axis)  # linear, like mlops.util.percentile
 
 
 def paired_bootstrap(

@@ -28,6 +28,7 @@ from typing import Any
 
 from mlops.errors import ConflictError, IntegrityError, UsageError
 from mlops.registry.store import Store, atomic_write
+from mlops.util import now
 
 STAGES = ("production", "candidate", "previous", "canary")
 STATE_KEY = "state.json"
@@ -39,10 +40,6 @@ CAS_RETRIES = 60
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _dumps(obj: Any) -> bytes:

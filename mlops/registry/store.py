@@ -1,4 +1,4 @@
-"""Key/value stores with compare-and-swap, registered by name.
+"""Key/value stores with compare-and-swap, registered by URI scheme in `mlops.plugins`.
 
 Every store speaks bytes under '/'-separated keys. Writes are atomic: a reader sees the old
 value or the new one, never half of either. `if_match` / `if_none_match` make a write
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mlops import plugins
 from mlops.errors import ConfigError, ConflictError, InfraError
 
 
@@ -154,35 +155,17 @@ class LocalStore:
         return self._path(key)
 
 
-StoreFactory = Callable[[str], Store]
-STORES: dict[str, StoreFactory] = {}
-
-
-def register_store(scheme: str) -> Callable[[StoreFactory], StoreFactory]:
-    def deco(factory: StoreFactory) -> StoreFactory:
-        STORES[scheme] = factory
-        return factory
-
-    return deco
-
-
-@register_store("file")
-def _local(uri: str) -> Store:
+def open_local(uri: str) -> Store:
     return LocalStore(uri.removeprefix("file://"))
 
 
-@register_store("s3")
-def _s3(uri: str) -> Store:
-    from mlops.registry.s3 import S3Store  # boto3 is imported only when S3 is used
-
-    return S3Store.from_uri(uri)
-
-
 def open_store(uri: str, base_dir: Path | None = None) -> Store:
-    """`s3://bucket/prefix` or a directory (relative paths are relative to `base_dir`)."""
+    """`s3://bucket/prefix` or a directory (relative paths are relative to `base_dir`).
+
+    Schemes resolve through `mlops.plugins.STORES`, so boto3 is imported only when S3 is used.
+    """
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    if scheme not in STORES:
-        raise ConfigError(f"unknown storage scheme {scheme!r} (valid: {', '.join(sorted(STORES))})")
+    factory: Callable[[str], Store] = plugins.load("storage scheme", scheme)
     if scheme == "file" and base_dir is not None and not Path(uri.removeprefix("file://")).is_absolute():
         uri = str(base_dir / uri.removeprefix("file://"))
-    return STORES[scheme](uri)
+    return factory(uri)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -13,11 +12,13 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from mlops.config import Loaded
+from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
 from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
-from mlops.serving.server import ServerOptions, api_key_from_env, create_app
+from mlops.serving.server import ServerOptions, create_app
+from mlops.util import api_key_from_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # `mlops serve` runs torch with one intra-op thread: a small model's decode step is too short to
@@ -29,10 +30,7 @@ DRAIN_S = 10  # on shutdown, requests in flight get this long to finish
 
 
 def quiet_transformers() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    set_offline()  # kept by name: the backends call it before loading an engine
 
 
 def shadow_log_path(loaded: Loaded) -> Path:

@@ -23,7 +23,6 @@ import hmac
 import itertools
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -498,7 +497,3 @@ def _prometheus(ctx: _Ctx) -> str:
         lines.append(f'mlops_shadow_requests_total{{release="{rel}",outcome="differ"}} {total - agreed - errors}')
         lines.append(f'mlops_shadow_requests_total{{release="{rel}",outcome="error"}} {errors}')
     return "\n".join(lines) + "\n"
-
-
-def api_key_from_env(name: str | None) -> str | None:
-    return os.environ.get(name) if name else None

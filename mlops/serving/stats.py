@@ -7,17 +7,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from mlops.util import percentile
+
 WINDOW = 20_000  # recent requests kept per release: enough for any analysis step, bounded memory
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 @dataclass
@@ -61,31 +56,37 @@ class LiveStats:
         return out
 
     def prometheus(self, queue_depth: int, loaded: list[str]) -> str:
-        lines = [
-            "# HELP mlops_requests_total Requests answered, by release and outcome.",
-            "# TYPE mlops_requests_total counter",
-        ]
+        """The Prometheus text of these counters (same names and labels as before prometheus_client)."""
         with self._lock:
             items = [(k, v.total, v.errors, [r[1] for r in v.recent if r[2]]) for k, v in self._by_release.items()]
-        for rel, total, errors, _ in items:
-            lines.append(f'mlops_requests_total{{release="{rel}",outcome="ok"}} {total - errors}')
-            lines.append(f'mlops_requests_total{{release="{rel}",outcome="error"}} {errors}')
-        lines += [
-            "# HELP mlops_request_latency_seconds Recent request latency.",
-            "# TYPE mlops_request_latency_seconds summary",
-        ]
-        for rel, _, _, lat in items:
+        requests = CounterMetricFamily(
+            "mlops_requests", "Requests answered, by release and outcome.", labels=["release", "outcome"]
+        )
+        latency = Metric("mlops_request_latency_seconds", "Recent request latency.", "summary")
+        for rel, total, errors, lat in items:
+            requests.add_metric([rel, "ok"], total - errors)
+            requests.add_metric([rel, "error"], errors)
             for q in (0.5, 0.95, 0.99):
-                lines.append(
-                    f'mlops_request_latency_seconds{{release="{rel}",quantile="{q}"}} {percentile(lat, q):.6f}'
-                )
-            lines.append(f'mlops_request_latency_seconds_count{{release="{rel}"}} {len(lat)}')
-        lines += [
-            "# TYPE mlops_queue_depth gauge",
-            f"mlops_queue_depth {queue_depth}",
-            "# TYPE mlops_rejected_total counter",
-            f"mlops_rejected_total {self.rejected}",
-            "# TYPE mlops_release_loaded gauge",
-            *[f'mlops_release_loaded{{release="{r}"}} 1' for r in loaded],
-        ]
-        return "\n".join(lines) + "\n"
+                latency.add_sample(latency.name, {"release": rel, "quantile": str(q)}, percentile(lat, q))
+            latency.add_sample(latency.name + "_count", {"release": rel}, len(lat))
+        depth = GaugeMetricFamily("mlops_queue_depth", "Requests waiting for an engine.", value=queue_depth)
+        rejected = CounterMetricFamily("mlops_rejected", "Requests refused with 503 (queue full).", value=self.rejected)
+        released = GaugeMetricFamily("mlops_release_loaded", "Releases loaded in this server.", labels=["release"])
+        for r in loaded:
+            released.add_metric([r], 1)
+        return render([requests, latency, depth, rejected, released])
+
+
+class _Families:
+    """What `generate_latest` asks of a registry: the families to write, collected now."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def render(families: list[Metric]) -> str:
+    """Prometheus text exposition (format 0.0.4) of metric families built on the spot."""
+    return generate_latest(_Families(families)).decode()

@@ -1,0 +1,65 @@
+"""The Typer app: every command group registered on one `mlops` app (imported only when needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlops.cli import pipeline_cmds, registry_cmds
+from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
+from mlops.cli.validate import summary
+
+app = typer.Typer(
+    name="mlops",
+    help="Push to train, PR to evaluate, gates that roll back by themselves. Reads ./mlops.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+pipeline_cmds.register(app)
+registry_cmds.register(app)
+
+
+@app.command()
+def validate(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Check mlops.yaml: schema, references, dataset files. Exit 1 with file:line on the first error."""
+    info, human = summary(config, load_config(config, set_))
+    emit(info, json_, human)
+
+
+@app.command()
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of mlops.yaml (for editors: yaml-language-server)."""
+    from mlops.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        err.print(f"wrote {out}")
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="The repository to add the template to.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Add mlops.yaml, functions/, .github/workflows/ and an example eval to an existing repository."""
+    from mlops.scaffold import init as do_init
+
+    written = do_init(directory, force=force)
+    emit(
+        {"directory": str(directory), "files": written},
+        json_,
+        "\n".join(f"wrote {directory / n}" for n in written)
+        + "\nnext: mlops validate, then see README (GitHub Actions)",
+    )

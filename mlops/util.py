@@ -1,0 +1,27 @@
+"""Small helpers every layer may use: a percentile, a timestamp, an environment lookup."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def now() -> str:
+    """UTC, milliseconds, `Z`: the timestamp every record on disk carries."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """The value of the environment variable `mlops.yaml` names for the API key (never the key itself)."""
+    return os.environ.get(name) if name else None
