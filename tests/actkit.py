@@ -21,6 +21,7 @@ workflow starts, which secret-bearing variables it could see: tests assert on th
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -152,14 +153,19 @@ def action_flags(workflows: Path, repo_root: Path = ROOT) -> list[str]:
 
 # ---------------------------------------------------------------------------- the tool cache
 
+# Records names and a short sha256 of each value (never the value itself).
 PROBE = """
-import json, os, sys
+import hashlib, json, os, sys
 _log = os.environ.get("ACTKIT_PROBE_LOG")
 if _log:
-    _seen = sorted(k for k in %r if os.environ.get(k))
+    _seen = {k: hashlib.sha256(os.environ[k].encode()).hexdigest()[:16] for k in %r if os.environ.get(k)}
     with open(_log, "a") as _f:
         _f.write(json.dumps({"argv": sys.argv[:4], "secrets": _seen}) + "\\n")
 """
+
+
+def probe_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
 def tool_cache(dest: Path, version: str) -> Path:
@@ -182,6 +188,12 @@ def tool_cache(dest: Path, version: str) -> Path:
         (site / "sitecustomize.py").write_text(PROBE % (SECRET_NAMES,))
         (x64.parent / "x64.complete").touch()
     return dest
+
+
+def tool_python(dest: Path, version: str) -> Path:
+    """The interpreter setup-python will put on PATH (for a test that installs into it first)."""
+    tool_cache(dest, version)
+    return next((dest / "Python").glob("*/x64/bin/python"))
 
 
 def workflow_python(workflows: Path) -> str:

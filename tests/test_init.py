@@ -73,3 +73,43 @@ def test_the_wheel_ships_the_template(tmp_path: Path) -> None:
         shipped = {n.removeprefix("mlops/_template/") for n in z.namelist() if n.startswith("mlops/_template/")}
         assert shipped == set(template_files(REPO))
         assert z.read("mlops/_template/.github/workflows/ct.yml") == (REPO / ".github/workflows/ct.yml").read_bytes()
+
+
+def test_an_initialised_project_runs_under_act(tmp_path: Path) -> None:
+    """`mlops init` in a fresh repository, then a push to main under act: the release is promoted.
+    The runner's Python gets mlops the way a team's would: installed (a wheel built from these
+    sources), not from the project, which has none."""
+    import actkit
+    import yaml
+
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    (repo / "README.md").write_text("a project that existed before mlops\n")
+    out = mlops("init", str(repo), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = actkit.deep_merge(yaml.safe_load((repo / "mlops.yaml").read_text()), actkit.FAST)
+    cfg["gates"] = actkit.FAST["gates"]
+    (repo / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert mlops("validate", cwd=repo).returncode == 0
+    actkit.git(repo, "init", "-q", "-b", "main")
+    actkit.git(repo, "remote", "add", "origin", f"https://github.com/{actkit.REPO_NAME}.git")
+    actkit.git(repo, "add", "-A")
+    actkit.git(repo, "commit", "-qm", "mlops init")
+
+    act = actkit.Act(tmp_path / "act")
+    py = actkit.tool_python(act.work / "toolcache", actkit.workflow_python(repo / ".github" / "workflows"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "mlops", *{n.split("/")[0] for n in template_files(REPO)}):
+        s = REPO / name
+        (shutil.copytree if s.is_dir() else shutil.copy2)(s, src / name)  # type: ignore[operator]
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", str(src)]
+    installed = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+
+    registry = tmp_path / "registry"
+    res = act.run(repo, "push", actkit.push_event(repo), "ct.yml", vars={"MLOPS_STORAGE": str(registry)})
+    assert res.rc == 0, res.log[-4000:]
+    assert "Requirement already satisfied: mlops" in res.log
+    rel = mlops("releases", "--json", "--set", f"storage={registry}", cwd=repo)
+    assert json.loads(rel.stdout)["production"]
