@@ -159,6 +159,14 @@ class RolloutCfg(Strict):
     # Only rollback exists: a half-rolled-out candidate left in place would be recovered (rolled
     # back) by the next run anyway, so "stop" would promise something the pipeline does not keep.
     on_failure: Literal["rollback"] = "rollback"
+    lease_ttl: Duration = Field(
+        30.0,
+        gt=0,
+        description="Rollout lease: a pipeline that stops renewing it (killed) loses its canary traffic this long after.",
+    )
+    lease_wait: Duration = Field(
+        300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> RolloutCfg:
@@ -174,6 +182,7 @@ class ServerCfg(Strict):
     max_batch_size: int = Field(32, ge=1)
     max_queue: int = Field(256, ge=1)
     request_timeout: Duration = 30.0
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are answered 413.")
 
 
 class DeployCfg(Strict):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlops.config import Loaded, config_hash
+from mlops.contracts import ModelPlan, Plan
 from mlops.registry.releases import Registry, sha256_file
 
 TRAINING_CODE = Path(__file__).parent / "training"
@@ -39,24 +39,6 @@ def git_sha(root: Path) -> str | None:
     return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-@dataclass
-class ModelPlan:
-    model: str
-    fingerprint: str
-    lineage: dict[str, Any]
-    train: bool
-    reason: str
-    existing: str | None = None
-
-
-@dataclass
-class Plan:
-    models: list[ModelPlan] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"models": [asdict(m) for m in self.models]}
-
-
 def lineage(loaded: Loaded, model: str) -> dict[str, Any]:
     m = loaded.cfg.models[model]
     ds = loaded.dataset_path(m.dataset)
@@ -79,14 +61,12 @@ def make_plan(loaded: Loaded, registry: Registry, models: list[str] | None = Non
     for name in models or [loaded.cfg.deploy.model]:
         lin = lineage(loaded, name)
         existing = registry.find_by_fingerprint(name, lin["fingerprint"])
+        ids = {"model": name, "fingerprint": lin["fingerprint"], "lineage": lin}
         if force:
-            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, True, "forced (--force)"))
+            plan.models.append(ModelPlan(**ids, train=True, reason="forced (--force)"))
         elif existing is None:
-            plan.models.append(ModelPlan(name, lin["fingerprint"], lin, True, "data, config or training code changed"))
+            plan.models.append(ModelPlan(**ids, train=True, reason="data, config or training code changed"))
         else:
-            plan.models.append(
-                ModelPlan(
-                    name, lin["fingerprint"], lin, False, f"unchanged since release {existing['id']}", existing["id"]
-                )
-            )
+            reason = f"unchanged since release {existing['id']}"
+            plan.models.append(ModelPlan(**ids, train=False, reason=reason, existing=existing["id"]))
     return plan

@@ -57,7 +57,7 @@ def build_report(s: Any, release: str) -> dict[str, Any]:
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
     base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
-    gates = [g.to_json() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
+    gates = [g.model_dump() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
     if not evaluated:
         verdict = "not evaluated"
     elif not gates:

@@ -138,8 +138,22 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
     reg.require(target)
     backend.preflight(target)  # IntegrityError / InfraError (exit 4) before any pointer moves
 
-    new = backend.set_state(lambda st: _make_production(st, target), reason=reason, actor=actor)
+    from mlops.registry.lease import preempt
+
+    dropped: dict[str, Any] = {}
+    canary_of: list[str | None] = [None]
+
+    def change(st: State) -> State:
+        # an operator never waits for a pipeline: the lease goes in the same write that moves production
+        dropped.clear()
+        dropped.update(preempt(st) or {})
+        canary_of[0] = st.stages.get("canary") or st.stages.get("candidate")
+        return _make_production(st, target)
+
+    new = backend.set_state(change, reason=reason, actor=actor)
     reg.append_event(target, "rolled_back_to", by=actor, reason=reason)
+    if dropped and canary_of[0] and canary_of[0] != target:
+        reg.append_event(canary_of[0], "preempted", by=actor, reason=reason, lease_owner=dropped.get("owner"))
     return new, target
 
 

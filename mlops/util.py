@@ -23,5 +23,15 @@ def now() -> str:
 
 
 def api_key_from_env(name: str | None) -> str | None:
-    """The value of the environment variable `mlops.yaml` names for the API key (never the key itself)."""
-    return os.environ.get(name) if name else None
+    """The value of the environment variable `mlops.yaml` names for the API key (never the key
+    itself); None when no variable is named. A named variable that is unset or empty is a usage
+    error: serving without the key the config asks for would open the endpoint silently."""
+    if not name:
+        return None
+    key = os.environ.get(name, "")
+    if not key.strip():
+        from mlops.errors import UsageError
+
+        state = "empty" if name in os.environ else "not set"
+        raise UsageError(f"deploy.server.api_key_env names {name}, but {name} is {state}: set it (or drop api_key_env)")
+    return key

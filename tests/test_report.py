@@ -291,8 +291,8 @@ def test_a_candidate_is_compared_without_calling_production(tmp_path: Path) -> N
     assert seen.get(cand) == 40
     assert stored["heldout"] is not None and stored["heldout"]["release"] == prod
     verdicts = gate(s, cand, results, stored)
-    regression = next(g for g in verdicts if g["kind"] == "regression")
-    assert regression["n"] == 40 and regression["production"] is not None
+    regression = next(g for g in verdicts if g.kind == "regression")
+    assert regression.n == 40 and regression.production is not None
     out = mlops("report", "--release", cand, "--markdown", cwd=root, env={"GITHUB_STEP_SUMMARY": ""}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"vs production `{prod}`" in out.stdout

@@ -1,1 +1,1 @@
-"""The `mlops` command line: thin Typer commands over mlops.pipeline and the registry."""
+"""The `mlops` command line: thin Typer commands over mlops.flows (parse, call one flow, print)."""

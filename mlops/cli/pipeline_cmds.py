@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
-from mlops.errors import EXIT_GATE, UsageError
 
 ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
 
@@ -53,23 +52,9 @@ def _progress(json_mode: bool, total: int) -> Iterator[Any]:
 
 
 def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = None) -> Any:
-    from mlops.pipeline import Session
+    from mlops.flows.session import Session
 
     return Session.open(load_config(config, set_), say=say_fn(json_), progress=progress)
-
-
-def resolve_release(s: Any, ref: str) -> str:
-    st, _ = s.registry.read_state()
-    if ref in ("candidate", "production", "previous", "canary"):
-        rid = st.stages.get(ref)
-        if rid is None and ref == "candidate":  # a PR's candidate may already be the newest release
-            rel = s.registry.list()
-            rid = rel[0]["id"] if rel else None
-        if rid is None:
-            raise UsageError(f"there is no {ref} release yet")
-        return str(rid)
-    s.registry.require(ref)
-    return ref
 
 
 def register(app: typer.Typer) -> None:
@@ -81,7 +66,7 @@ def register(app: typer.Typer) -> None:
         s = _session(config, set_, json_)
         p = make_plan(s.loaded, s.registry, list(s.loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
-        emit(p.to_json(), json_, "\n".join(lines))
+        emit(p.model_dump(mode="json"), json_, "\n".join(lines))
 
     @app.command()
     def train(
@@ -92,12 +77,12 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Train even if nothing changed.")] = False,
     ) -> None:
         """Train a model and register it as the candidate release (skipped when nothing changed)."""
-        from mlops.pipeline import train as do_train
+        from mlops.flows.stages import train as do_train
 
         loaded = load_config(config, set_)
         name = model or loaded.cfg.deploy.model
         with _progress(json_, loaded.cfg.models[name].train.steps if name in loaded.cfg.models else 0) as prog:
-            from mlops.pipeline import Session
+            from mlops.flows.session import Session
 
             s = Session.open(loaded, say=say_fn(json_), progress=prog)
             res = do_train(s, name, force=force)
@@ -116,39 +101,12 @@ def register(app: typer.Typer) -> None:
         ] = True,
     ) -> None:
         """Evaluate a release through the endpoint, store results with it, and check gates."""
-        from mlops.pipeline import evaluate, gate, production_results
+        from mlops.flows.release import eval_release
 
-        s = _session(config, set_, json_)
-        rid = resolve_release(s, release)
-        for name in suite or []:
-            if name not in s.loaded.cfg.evals:
-                raise UsageError(f"unknown suite {name!r} (valid: {', '.join(s.loaded.cfg.evals)})")
-        if not url:
-            s.backend.prepare(rid)
-        cm = contextlib.nullcontext(url) if url else s.backend.serve()
-        with cm as base:
-            results = evaluate(s, rid, base, suite)
-            prod, prod_results = production_results(s, base)
-        # production re-evaluated (the nightly job) still answers to the absolute gates; the
-        # no-regression gates have nothing to compare it with
-        compare = prod_results if prod != rid else dict.fromkeys(results)
-        verdicts = gate(s, rid, results, compare) if gates else []
-        ok = all(g["passed"] for g in verdicts)
-        summary = {k: v["metrics"] for k, v in results.items()}
-        emit(
-            {
-                "release": rid,
-                "production": prod,
-                "passed": ok,
-                "metrics": summary,
-                "gates": verdicts,
-                "cost": {k: v["cost"] for k, v in results.items()},
-            },
-            json_,
-            f"{rid}: {'gates pass' if ok else 'gates FAIL'}",
-        )
-        if not ok:
-            raise typer.Exit(EXIT_GATE)
+        res = eval_release(_session(config, set_, json_), release, suite, url, gates)
+        emit(res.model_dump(mode="json"), json_, f"{res.release}: {'gates pass' if res.passed else 'gates FAIL'}")
+        if res.exit_code:
+            raise typer.Exit(res.exit_code)
 
     @app.command()
     def run(
@@ -158,8 +116,8 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
     ) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3)."""
-        from mlops.pipeline import Session
-        from mlops.pipeline import run as do_run
+        from mlops.flows.run import run as do_run
+        from mlops.flows.session import Session
         from mlops.rollout import kill_hook_from_env
 
         loaded = load_config(config, set_)
@@ -171,7 +129,7 @@ def register(app: typer.Typer) -> None:
             human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
         if "total" in res.timings:
             human += f"\nwall time {res.timings['total']:.2f}s"
-        emit(res.to_json(), json_, human)
+        emit(res.model_dump(mode="json"), json_, human)
         if res.exit_code:
             raise typer.Exit(res.exit_code)
 
@@ -183,39 +141,12 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
-        from mlops.pipeline import gate, production_results, recover, roll_out
-        from mlops.rollout import promote
+        from mlops.flows.release import deploy_release
 
-        s = _session(config, set_, json_)
-        cfg = s.loaded.cfg
-        recover(s)
-        rid = resolve_release(s, release)
-        s.backend.preflight(rid)
-        results = {suite: s.registry.get_eval(rid, suite) for suite in cfg.evals}
-        missing = [k for k, v in results.items() if v is None]
-        if missing:
-            raise UsageError(
-                f"{rid} has no eval results for {', '.join(missing)}: run `mlops eval --release {rid}` first"
-            )
-        with s.backend.serve() as url:
-            prod, prod_results = production_results(s, url)
-            if prod == rid:
-                emit({"release": rid, "status": "already production"}, json_, f"{rid} is already production")
-                return
-            verdicts = gate(s, rid, {k: v for k, v in results.items() if v}, prod_results)
-            if not all(g["passed"] for g in verdicts):
-                emit({"release": rid, "status": "rejected", "gates": verdicts}, json_, f"{rid}: gates FAIL")
-                raise typer.Exit(EXIT_GATE)
-            steps, failure = roll_out(s, rid, url, prod)
-            if failure is not None:
-                emit({"release": rid, "status": "rolled_back", "canary": steps}, json_, failure)
-                raise typer.Exit(EXIT_GATE)
-            promote(s.backend, rid, reason="deploy: gates and canary passed", actor="cli:deploy")
-        emit(
-            {"release": rid, "status": "promoted", "previous": prod, "canary": steps},
-            json_,
-            f"promoted {rid}",
-        )
+        res = deploy_release(_session(config, set_, json_), release)
+        emit(res.model_dump(mode="json", exclude_unset=True, exclude={"message"}), json_, res.message)
+        if res.exit_code:
+            raise typer.Exit(res.exit_code)
 
     @app.command()
     def serve(
@@ -256,6 +187,7 @@ def register(app: typer.Typer) -> None:
         import json
         import sys
 
+        from mlops.flows.session import resolve_release
         from mlops.report import build_report, to_markdown, write_step_summary
 
         s = _session(config, set_, json_)

@@ -11,7 +11,7 @@ from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, load_config, out,
 
 
 def _session(config: Path, set_: list[str] | None, json_: bool) -> Any:
-    from mlops.pipeline import Session
+    from mlops.flows.session import Session
 
     return Session.open(load_config(config, set_), say=say_fn(json_))
 
@@ -101,10 +101,9 @@ def register(app: typer.Typer) -> None:
         """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
         import getpass
 
-        from mlops.rollout import rollback as do_rollback
+        from mlops.flows.release import rollback_release
 
         s = _session(config, set_, json_)
-        before = s.registry.read_state()[0].stages.get("production")
         import os
 
         try:
@@ -113,14 +112,5 @@ def register(app: typer.Typer) -> None:
             actor = "user"
         if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_ACTOR"):
             actor = f"github:{os.environ['GITHUB_ACTOR']}"  # who dispatched the workflow, not the runner's user
-        state, target = do_rollback(s.backend, to, reason, actor)
-        emit(
-            {
-                "production": target,
-                "previous": state.stages.get("previous"),
-                "rolled_back_from": before,
-                "state_version": state.version,
-            },
-            json_,
-            f"production is now {target} (was {before})",
-        )
+        res = rollback_release(s, to, reason, actor)
+        emit(res.model_dump(mode="json"), json_, f"production is now {res.production} (was {res.rolled_back_from})")

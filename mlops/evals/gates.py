@@ -17,33 +17,12 @@ Each gate gives one GateResult per check, with the numbers and a one-line reason
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from mlops.config import GateCfg
+from mlops.contracts import GateResult
 from mlops.evals.stats import aggregate, paired_bootstrap, passes
-
-
-@dataclass
-class GateResult:
-    name: str  # suite.metric stat, e.g. "heldout.latency p95"
-    eval: str
-    metric: str
-    stat: str
-    kind: str  # absolute | regression
-    candidate: float | None  # the statistic over the candidate's cases
-    production: float | None  # the statistic over production's cases (regression: the paired cases)
-    delta: float | None  # candidate - production, in the metric's units
-    interval: tuple[float, float] | None  # bounds of delta; each end is a one-sided `confidence` bound
-    threshold: str  # the bound, as the report shows it
-    passed: bool
-    reason: str
-    n: int = 0  # cases behind `candidate` (regression: paired cases)
-    higher_is_better: bool = True
-    stat_threshold: float | None = None  # pass_rate: the per-case threshold
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -109,18 +88,10 @@ def check_gates(
             why = "suite was not evaluated" if res is None else f"metric {g.metric} is not in the results"
             out.append(
                 GateResult(
-                    name,
-                    g.eval,
-                    g.metric,
-                    g.stat,
-                    "absolute",
-                    None,
-                    None,
-                    None,
-                    None,
-                    _bounds(g),
-                    False,
-                    why,
+                    **_ids(g, name, "absolute"),
+                    threshold=_bounds(g),
+                    passed=False,
+                    reason=why,
                     stat_threshold=g.threshold,
                 )
             )
@@ -130,6 +101,11 @@ def check_gates(
         if g.max_regression is not None:
             out.append(_regression(g, name, sample, production.get(g.eval)))
     return out
+
+
+def _ids(g: GateCfg, name: str, kind: str) -> dict[str, str]:
+    """The fields that say which check a GateResult is."""
+    return {"name": name, "eval": g.eval, "metric": g.metric, "stat": g.stat, "kind": kind}
 
 
 def _bounds(g: GateCfg) -> str:
@@ -169,21 +145,14 @@ def _absolute(g: GateCfg, name: str, s: Sample) -> GateResult:
         b for b in (f">= {g.min:g}" if g.min is not None else "", f"<= {g.max:g}" if g.max is not None else "") if b
     )
     return GateResult(
-        name,
-        g.eval,
-        g.metric,
-        g.stat,
-        "absolute",
-        value,
-        None,
-        None,
-        None,
-        threshold,
-        passed,
-        reason,
-        n,
-        s.higher_is_better,
-        g.threshold,
+        **_ids(g, name, "absolute"),
+        candidate=value,
+        threshold=threshold,
+        passed=passed,
+        reason=reason,
+        n=n,
+        higher_is_better=s.higher_is_better,
+        stat_threshold=g.threshold,
     )
 
 
@@ -194,21 +163,14 @@ def _regression(g: GateCfg, name: str, s: Sample, prod_res: dict[str, Any] | Non
 
     def skip(reason: str) -> GateResult:
         return GateResult(
-            name,
-            g.eval,
-            g.metric,
-            g.stat,
-            "regression",
-            cand_all,
-            None,
-            None,
-            None,
-            threshold,
-            True,
-            reason,
-            len(s.values),
-            s.higher_is_better,
-            g.threshold,
+            **_ids(g, name, "regression"),
+            candidate=cand_all,
+            threshold=threshold,
+            passed=True,
+            reason=reason,
+            n=len(s.values),
+            higher_is_better=s.higher_is_better,
+            stat_threshold=g.threshold,
         )
 
     if prod_res is None:
@@ -247,19 +209,15 @@ def _regression(g: GateCfg, name: str, s: Sample, prod_res: dict[str, Any] | Non
     else:
         reason = f"no change ({paired})"
     return GateResult(
-        name,
-        g.eval,
-        g.metric,
-        g.stat,
-        "regression",
-        cand,
-        prod,
-        cand - prod,
-        (iv.low, iv.high),
-        threshold,
-        passed,
-        reason,
-        len(ids),
-        s.higher_is_better,
-        g.threshold,
+        **_ids(g, name, "regression"),
+        candidate=cand,
+        production=prod,
+        delta=cand - prod,
+        interval=(iv.low, iv.high),
+        threshold=threshold,
+        passed=passed,
+        reason=reason,
+        n=len(ids),
+        higher_is_better=s.higher_is_better,
+        stat_threshold=g.threshold,
     )

@@ -68,6 +68,8 @@ class State:
     updated_at: str | None = None
     reason: str | None = None
     actor: str | None = None
+    # the rollout lease (mlops/registry/lease.py): owner, token, heartbeat_at, expires_at (epoch s)
+    lease: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,7 +80,18 @@ class State:
             "updated_at": self.updated_at,
             "reason": self.reason,
             "actor": self.actor,
+            "lease": self.lease,
         }
+
+    def live_routing(self, at: float | None = None) -> dict[str, int]:
+        """The routing to serve now. Weights written under a lease whose holder stopped renewing it
+        (a killed pipeline) fall back to production once it expires: a canary never becomes
+        production by accident, even before the next run repairs the state."""
+        exp = self.lease.get("expires_at") if self.lease.get("token") else None
+        if exp is not None and self.routing and (time.time() if at is None else at) > float(exp):
+            prod = self.stages.get("production")
+            return {prod: 100} if prod else {}
+        return self.routing
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> State:
@@ -91,6 +104,7 @@ class State:
             d.get("updated_at"),
             d.get("reason"),
             d.get("actor"),
+            dict(d.get("lease") or {}),
         )
 
     def referenced(self) -> set[str]:
@@ -104,6 +118,8 @@ class Registry:
     def __init__(self, store: Store, cache_dir: Path | None = None) -> None:
         self.store = store
         self.cache_dir = cache_dir
+        # a held rollout lease (mlops.registry.lease.Lease): every state write is then conditional on it
+        self.lease: Any = None
 
     # ------------------------------------------------------------------ releases
 
@@ -246,9 +262,15 @@ class Registry:
             return State(), None
         return State.from_json(json.loads(blob.data)), blob.etag
 
-    def update_state(self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline") -> State:
+    def update_state(
+        self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline", *, quiet: bool = False
+    ) -> State:
         """Apply `change` by compare-and-swap, retrying on a lost race. Every release the new state
-        references must have a manifest, and routing weights must sum to 100 (or be empty)."""
+        references must have a manifest, and routing weights must sum to 100 (or be empty).
+        While this process holds the rollout lease, the change applies only if it still does.
+        `quiet` keeps the last reason and actor (a lease heartbeat is not a decision)."""
+        if self.lease is not None:
+            change = self.lease.guard(change)
         for attempt in range(CAS_RETRIES):
             current, etag = self.read_state()
             new = change(State.from_json(current.to_json()))
@@ -261,7 +283,8 @@ class Registry:
                 raise UsageError(f"routing weights must sum to 100, got {new.routing}")
             new.routing = {k: v for k, v in new.routing.items() if v > 0}
             new.version = current.version + 1
-            new.updated_at, new.reason, new.actor = now(), reason, actor
+            if not quiet:
+                new.updated_at, new.reason, new.actor = now(), reason, actor
             try:
                 if etag is None:
                     self.store.put(STATE_KEY, _dumps(new.to_json()), if_none_match=True)

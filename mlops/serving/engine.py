@@ -18,47 +18,21 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlops.errors import InfraError
+from mlops.serving import kvcache
+from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_params
+
+__all__ = ["BadRequest", "Engine", "EngineClosed", "GenRequest", "Overloaded"]
 
 # transformers' from_pretrained is not thread-safe: its meta-device initialisation is process-wide,
 # and two loads at once (the watcher preloading while a rollback preflight or a pinned request
 # loads) can leave parameters on the meta device, or worse, silently uninitialised. Loads are rare.
 _LOAD_LOCK = threading.Lock()
-
-
-class Overloaded(Exception):
-    """The queue is full: the server answers 503 with Retry-After."""
-
-
-class EngineClosed(Overloaded):
-    """The engine is draining (its release left the routing): route the request again."""
-
-
-@dataclass(eq=False)
-class GenRequest:
-    prompt: str
-    max_tokens: int = 16
-    temperature: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    # Filled by the engine, from its thread. `sink` gets each text piece, then None when finished;
-    # without a sink the pieces go to `tokens`. `on_done` (if set) is called once at the end.
-    tokens: queue.SimpleQueue[str | None] = field(default_factory=queue.SimpleQueue)
-    sink: Callable[[str | None], Any] | None = None
-    on_done: Callable[[GenRequest], Any] | None = None
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "length"
-    error: str | None = None
-    cancelled: bool = False
-    finished: bool = False
-    enqueued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
@@ -105,6 +79,10 @@ class Engine:
         pad = gen.get("pad_token_id")
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.max_positions = int(getattr(cfg, "n_positions", 0) or cfg.max_position_embeddings)
+        # An upper bound on the text one token stands for (a vocabulary entry is never shorter than
+        # what it decodes to): a prompt longer than context * this many characters cannot fit, and
+        # is refused without tokenizing it (tokenizing a 1 MB prompt took seconds, holding the GIL).
+        self.max_token_chars = max([1, *map(len, self.tok.get_vocab(with_added_tokens=True))])
         self.max_batch_size = max_batch_size
         self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
@@ -121,12 +99,34 @@ class Engine:
 
     # ------------------------------------------------------------------ public
 
+    def check(self, req: GenRequest) -> None:
+        """Raise BadRequest unless `req` can be served alone; tokenizes its prompt once. Anything
+        that could fail inside a batch is checked here, so one request never fails its batch."""
+        check_params(req, self.max_positions)
+        room = self.max_positions - 1  # at least one position is left to generate into
+        if len(req.prompt) > room * self.max_token_chars:
+            raise BadRequest(f"prompt is longer than the model's context ({self.max_positions} tokens)", "prompt")
+        try:
+            ids = self.tok.encode(req.prompt, add_special_tokens=False).ids
+        except Exception as e:
+            raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
+        if len(ids) > room:
+            raise BadRequest(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_positions} (at most {room} "
+                "for the prompt)",
+                "prompt",
+            )
+        req.prompt_ids = ids
+
     def submit(self, req: GenRequest) -> GenRequest:
-        """Queue `req`; raise Overloaded when the queue is full, EngineClosed when draining."""
+        """Queue `req`; raise BadRequest when it cannot be served (see `check`), Overloaded when the
+        queue is full, EngineClosed when draining."""
         if req.sink is None and req.on_done is None:
             req.sink = req.tokens.put
         if self._stop.is_set():
             raise EngineClosed("engine is draining")
+        if req.prompt_ids is None:
+            self.check(req)
         try:
             self._queue.put_nowait(req)
         except queue.Full:
@@ -192,7 +192,7 @@ class Engine:
             try:
                 if new:
                     joined, c2, m2 = self._prefill(new)
-                    running, cache, mask = self._join(running, cache, mask, joined, c2, m2)
+                    running, cache, mask = kvcache.join(running, cache, mask, joined, c2, m2)
                 if running:
                     running, cache, mask = self._decode(running, cache, mask)
             except Exception as e:  # report to every waiter, keep the worker alive
@@ -239,14 +239,31 @@ class Engine:
         if reason not in ("cancelled", "error"):
             r.finish_reason = reason
         self.requests_done += 1
+        try:  # a waiter's callback that fails (its event loop closed) concerns that request alone
+            if r.sink is not None:
+                r.sink(None)
+            if r.on_done is not None:
+                r.on_done(r)
+        except Exception:
+            r.cancelled = True
+
+    def _fail(self, r: GenRequest, e: BaseException) -> None:
+        """Fail one request (the rest of its batch carries on)."""
+        r.error = f"generation failed: {type(e).__name__}: {e}"
+        self._finish(r, "error")
+
+    def _deliver(self, r: GenRequest, piece: str) -> None:
         if r.sink is not None:
-            r.sink(None)
-        if r.on_done is not None:
-            r.on_done(r)
+            try:
+                r.sink(piece)
+            except Exception:  # the reader is gone: the request leaves the batch at its next token
+                r.cancelled = True
 
     def _emit(self, s: _Seq, t: int) -> bool:
         """Deliver token `t` to its request; True when the request is finished."""
         r = s.req
+        if r.finished:  # failed while sampling
+            return True
         if r.cancelled:
             self._finish(r, "cancelled")
             return True
@@ -263,12 +280,11 @@ class Engine:
             )
             if hit >= 0:
                 r.text = r.text[:hit]
-                if len(r.text) > before and r.sink is not None:
-                    r.sink(r.text[before:])
+                if len(r.text) > before:
+                    self._deliver(r, r.text[before:])
                 self._finish(r, "stop")
                 return True
-        if r.sink is not None:
-            r.sink(piece)
+        self._deliver(r, piece)
         s.budget -= 1
         s.last = t
         if s.budget <= 0:
@@ -282,8 +298,14 @@ class Engine:
         nxt = logits.argmax(-1)
         for i, s in enumerate(seqs):
             if s.req.temperature > 0:
-                probs = torch.softmax(logits[i] / s.req.temperature, -1)
-                nxt[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+                try:
+                    # in float64 (1e-300 is 0 in float32) and shifted by the max: with a tiny
+                    # temperature the top logit is 0 and the rest -inf, so softmax stays finite
+                    row = logits[i].double() - logits[i].max()
+                    probs = torch.softmax(row / s.req.temperature, -1)
+                    nxt[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+                except Exception as e:  # this request fails; the others keep their tokens
+                    self._fail(s.req, e)
         return [int(t) for t in nxt.tolist()]
 
     def _prefill(self, reqs: list[GenRequest]) -> tuple[list[_Seq], Any, Any]:
@@ -293,11 +315,20 @@ class Engine:
         self.prefills += 1
         seqs, encoded = [], []
         for r in reqs:
-            ids = self.tok.encode(r.prompt, add_special_tokens=False).ids[-(self.max_positions - 1) :]
+            try:  # per request: what fails here fails that request only
+                if r.prompt_ids is None:  # queued without `submit`
+                    self.check(r)
+                ids = list(r.prompt_ids or ())
+                gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            except Exception as err:
+                self._fail(r, err)
+                continue
             r.prompt_tokens = len(ids)
             encoded.append(ids or [self.eos_id])  # an empty prompt starts from the end-of-text token
-            gen = torch.Generator().manual_seed(int(r.seed)) if r.seed is not None else None
             seqs.append(_Seq(r, min(r.max_tokens, self.max_positions - len(encoded[-1])), len(encoded[-1]), 0, gen))
+        if not seqs:
+            return [], None, None
+        reqs = [s.req for s in seqs]
         width = max(len(e) for e in encoded)
         ids_t = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
@@ -313,53 +344,7 @@ class Engine:
         for s in seqs:
             if s.budget <= 0 and not s.req.finished:
                 self._finish(s.req, "length")
-        return self._select([seqs[i] for i in keep], keep, len(seqs), cache, mask)
-
-    @staticmethod
-    def _select(seqs: list[_Seq], keep: list[int], n: int, cache: Any, mask: Any) -> tuple[list[_Seq], Any, Any]:
-        """Keep rows `keep` of the batch, and drop leading cache columns no remaining row uses.
-        The cache object is reused as long as nothing changes (the common decode step)."""
-        import torch
-
-        if not keep:
-            return [], None, None
-        used = mask.any(0) if len(keep) == n else mask.index_select(0, torch.tensor(keep)).any(0)
-        first = int(used.to(torch.int8).argmax())  # the first column a remaining row uses
-        if len(keep) == n and first == 0:
-            return seqs, cache, mask
-        idx = torch.tensor(keep, dtype=torch.long)
-        tensors = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in _kv(cache)]
-        return seqs, _cache(tensors), mask.index_select(0, idx)[:, first:]
-
-    @staticmethod
-    def _join(a: list[_Seq], ca: Any, ma: Any, b: list[_Seq], cb: Any, mb: Any) -> tuple[list[_Seq], Any, Any]:
-        """One batch from two: left-pad the shorter cache with masked zeros, then stack rows."""
-        import torch
-
-        if not b:
-            return a, ca, ma
-        if not a:
-            return b, cb, mb
-        la, lb = ma.shape[1], mb.shape[1]
-        length = max(la, lb)
-
-        def pad(t: Any, n: int) -> Any:
-            if n == 0:
-                return t
-            dim = 2 if t.dim() == 4 else 1
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        tensors = [
-            (
-                torch.cat([pad(k1, length - la), pad(k2, length - lb)]),
-                torch.cat([pad(v1, length - la), pad(v2, length - lb)]),
-            )
-            for (k1, v1), (k2, v2) in zip(_kv(ca), _kv(cb), strict=True)
-        ]
-        mask = torch.cat([pad(ma, length - la), pad(mb, length - lb)])
-        return a + b, _cache(tensors), mask
+        return kvcache.select([seqs[i] for i in keep], keep, len(seqs), cache, mask)
 
     def _decode(self, seqs: list[_Seq], cache: Any, mask: Any) -> tuple[list[_Seq], Any, Any]:
         """One token for every running request (the model appends to `cache` in place)."""
@@ -380,14 +365,4 @@ class Engine:
             s.pos += 1
             if not self._emit(s, t):
                 keep.append(i)
-        return self._select([seqs[i] for i in keep], keep, len(seqs), out.past_key_values, mask)
-
-
-def _kv(cache: Any) -> list[tuple[Any, Any]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _cache(tensors: list[tuple[Any, Any]]) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(tensors)
+        return kvcache.select([seqs[i] for i in keep], keep, len(seqs), out.past_key_values, mask)

@@ -10,6 +10,10 @@ before traffic reaches it, so a request never waits for a model load. A release 
 the state stays loaded for `retain` seconds (the rollout's bake period) so that rolling back to it
 is instant, then its engine drains (requests in flight finish on it) and closes.
 
+A failed read of the state (an unreadable or partial object, a store that times out) is logged
+and retried with backoff (up to BACKOFF_MAX_S apart); the pool keeps serving its last good state,
+and `freshness()` (on `/health`) says how old that is and why: the watcher never dies of a read.
+
 After each load the pool calls `gc.freeze()`: a model and torch bring half a million long-lived
 objects, and a full collection that walks them all stops every thread for ~250 ms (measured), which
 was most of the p99 latency under load. Frozen objects are skipped by collections; unloading an
@@ -34,6 +38,8 @@ log = logging.getLogger("mlops.serve")
 
 DEFAULT_RETAIN_S = 600.0  # keep a release that left the routing loaded this long (instant rollback)
 LOAD_RETRY_S = 30.0  # a release that failed to load is tried again after this long
+STALE_AFTER_S = 10.0  # /health says "stale" when the state was last read successfully longer ago
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0  # between failed reads of the state: doubling, capped
 
 
 def _drain(eng: Engine) -> None:
@@ -82,6 +88,11 @@ class ReleasePool:
         self._serving = self._latest  # newest state whose releases are all loaded (or failed)
         self._state_sig: object = None
         self._read_at = time.monotonic()
+        self._checked_at = self._read_at  # last time the store's state was read or seen unchanged
+        self.stale_after = max(STALE_AFTER_S, 5 * remote_ttl)
+        self.read_error: str | None = None  # why the last read failed (None once a read succeeds)
+        self.read_failures = 0  # consecutive failed reads
+        self._retry_at = 0.0
         self._state_path: Path | None = registry.store.local_path(STATE_KEY)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -95,12 +106,17 @@ class ReleasePool:
             st = os.stat(self._state_path)
         except FileNotFoundError:
             return "missing"
+        except OSError as e:  # unreadable directory: `_reload` fails, logs and backs off
+            return f"stat failed: {e.errno}"
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def state(self) -> State:
         """The state requests are routed by; cheap enough to call on every request."""
-        if self._state_path is not None and self._signature() != self._state_sig:
-            self._reload()
+        if self._state_path is not None:
+            if self._signature() != self._state_sig:
+                self._reload()
+            elif self.read_error is None:
+                self._checked_at = time.monotonic()  # unchanged on disk: what we hold is current
         if self._latest is not self._serving:
             self._advance()
         return self._serving
@@ -114,14 +130,36 @@ class ReleasePool:
             sig = self._signature() if self._state_path is not None else None
             if self._state_path is not None and sig == self._state_sig:
                 return
+            now = time.monotonic()
+            if now < self._retry_at:  # backing off after a failed read
+                return
             try:
                 state, _ = self.registry.read_state()
-            except MlopsError as e:  # keep serving the last good state when the store hiccups
-                log.warning("cannot read state: %s", e.headline)
+            except Exception as e:  # partial object, bad JSON, store down: keep the last good state
+                self._read_failed(e, now)
                 return
-            self._state_sig, self._read_at = sig, time.monotonic()
+            if self.read_error is not None:
+                log.warning(
+                    "state readable again (version %d) after %d failed reads", state.version, self.read_failures
+                )
+            self.read_error, self.read_failures = None, 0
+            self._state_sig, self._read_at, self._checked_at = sig, now, now
             if state.version != self._latest.version or state.to_json() != self._latest.to_json():
                 self._latest = state
+
+    def _read_failed(self, e: Exception, now: float) -> None:
+        why = e.headline if isinstance(e, MlopsError) else f"{type(e).__name__}: {e}"
+        self.read_failures += 1
+        self._retry_at = now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.read_failures - 1))
+        if why != self.read_error:  # once per distinct error, not once per retry
+            log.warning("cannot read the routing state (serving version %d): %s", self._latest.version, why[:300])
+        self.read_error = why[:300]
+
+    def freshness(self) -> dict[str, object]:
+        """How current the served state is, for `/health`: seconds since the store's state was last
+        read (or seen unchanged), whether that is older than `stale_after`, and the last read error."""
+        age = time.monotonic() - self._checked_at
+        return {"state_age_s": round(age, 3), "stale": age > self.stale_after, "state_error": self.read_error}
 
     def _advance(self) -> None:
         """Serve the newest state if everything it routes to is loaded; else let the watcher load."""
@@ -147,16 +185,20 @@ class ReleasePool:
         while not self._stop.is_set():
             self._wake.wait(self.watch_interval)
             self._wake.clear()
-            if self._state_path is None and time.monotonic() - self._read_at > self.remote_ttl:
-                self._reload()
-            elif self._state_path is not None:
-                self.state()  # notices a change even when no request comes
-            st = self._latest
-            if st.version != version or self._latest is not self._serving:
-                version = st.version
-                self._sync(st)
-                self._advance()
-            self._expire()
+            try:
+                if self._state_path is None and time.monotonic() - self._read_at > self.remote_ttl:
+                    self._reload()
+                elif self._state_path is not None:
+                    self.state()  # notices a change even when no request comes
+                st = self._latest
+                if st.version != version or self._latest is not self._serving:
+                    version = st.version
+                    self._sync(st)
+                    self._advance()
+                self._expire()
+            except Exception:  # whatever it was, the next round tries again: this thread must live
+                log.exception("state watcher: unexpected error (retrying)")
+                self._stop.wait(BACKOFF_MAX_S)
 
     def _sync(self, st: State) -> None:
         """Load what `st` references; start the retention clock of what it no longer references."""

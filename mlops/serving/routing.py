@@ -17,7 +17,7 @@ def pick(state: State, key: str | None, pin: str | None = None, counter: int = 0
     without a key, `counter` spreads requests by weight deterministically."""
     if pin:
         return pin
-    routes = sorted(state.routing.items())  # sorted: the same order everywhere
+    routes = sorted(state.live_routing().items())  # sorted: the same order everywhere
     if not routes:
         return state.stages.get("production")
     point = bucket(key) if key else (counter * 7919) % 10_000

@@ -16,6 +16,7 @@ from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
+from mlops.serving.http import MAX_HEADER_BYTES, LimitedH11Protocol
 from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
 from mlops.serving.server import ServerOptions, create_app
 from mlops.util import api_key_from_env
@@ -62,6 +63,7 @@ def build(
         default_max_tokens=model.max_tokens,
         shadow_log=str(shadow_log_path(loaded)),
         fault=Fault.from_env(),
+        max_body_bytes=d.server.max_body_bytes,
     )
     return pool, opts
 
@@ -87,7 +89,14 @@ def start_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iter
         sock.close()
         raise InfraError(f"cannot bind {host}:{port}: {e.strerror}") from e
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=DRAIN_S
+        app,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        timeout_graceful_shutdown=DRAIN_S,
+        # the h11 protocol that answers 431/400 in JSON, with the cap on a request head
+        http=LimitedH11Protocol,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     server = uvicorn.Server(config)
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
@@ -142,6 +151,8 @@ def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -
             access_log=False,  # one line per request costs more than routing it
             lifespan="off",
             timeout_graceful_shutdown=DRAIN_S,
+            http=LimitedH11Protocol,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
     finally:
         pool.close()

@@ -1,0 +1,105 @@
+"""The results that cross module boundaries, as pydantic models (the bottom layer).
+
+The registry stores their `model_dump()`; the JSON on disk is what the earlier dataclasses' and
+dicts' JSON was, so registries written before read back unchanged. Built by keyword only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Contract(BaseModel):
+    # defer_build: `mlops validate` and `--help` import this module without paying for the models
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+
+class GateResult(Contract):
+    """One check of one gate, with the numbers and a one-line reason."""
+
+    name: str  # suite.metric stat, e.g. "heldout.latency p95"
+    eval: str
+    metric: str
+    stat: str
+    kind: str  # absolute | regression
+    candidate: float | None = None  # the statistic over the candidate's cases
+    production: float | None = None  # the statistic over production's cases (regression: the paired cases)
+    delta: float | None = None  # candidate - production, in the metric's units
+    interval: tuple[float, float] | None = None  # bounds of delta; each end is a one-sided `confidence` bound
+    threshold: str  # the bound, as the report shows it
+    passed: bool
+    reason: str
+    n: int = 0  # cases behind `candidate` (regression: paired cases)
+    higher_is_better: bool = True
+    stat_threshold: float | None = None  # pass_rate: the per-case threshold
+
+
+class ModelPlan(Contract):
+    model: str
+    fingerprint: str
+    lineage: dict[str, Any]
+    train: bool
+    reason: str
+    existing: str | None = None
+
+
+class Plan(Contract):
+    models: list[ModelPlan] = []
+
+
+class RunResult(Contract):
+    """What `mlops run` did: the status workflows branch on, and the numbers behind it."""
+
+    status: str  # promoted | rejected | rolled_back | unchanged
+    exit_code: int
+    release: str | None
+    production: str | None
+    previous: str | None = None
+    trained: bool = False
+    message: str = ""
+    evals: dict[str, dict[str, dict[str, Any]]] = {}  # suite -> metric -> summary
+    gates: list[GateResult] = []
+    canary: list[dict[str, Any]] = []  # the rollout's step verdicts, as recorded in history
+    endpoint: str | None = None
+    served_by: str | None = None
+    timings: dict[str, float] = {}
+    wandb_run: str | None = None
+
+
+class EvalOutcome(Contract):
+    """What `mlops eval` did: the release's metrics, and the gates against production."""
+
+    release: str
+    production: str | None
+    passed: bool
+    metrics: dict[str, dict[str, dict[str, Any]]]  # suite -> metric -> summary
+    gates: list[GateResult]
+    cost: dict[str, dict[str, Any]]  # suite -> calls, tokens, seconds
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 3
+
+
+class DeployOutcome(Contract):
+    """What `mlops deploy` did. Only the fields that belong to the status are set (and printed)."""
+
+    release: str
+    status: str  # promoted | rejected | rolled_back | already production
+    previous: str | None = None
+    gates: list[GateResult] | None = None
+    canary: list[dict[str, Any]] | None = None
+    message: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.status in ("rejected", "rolled_back") else 0
+
+
+class RollbackOutcome(Contract):
+    production: str
+    previous: str | None
+    rolled_back_from: str | None
+    state_version: int

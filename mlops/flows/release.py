@@ -1,0 +1,86 @@
+"""The flows on one release: `mlops eval`, `mlops deploy`, `mlops rollback` (one function each)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from mlops.contracts import DeployOutcome, EvalOutcome, RollbackOutcome
+from mlops.errors import UsageError
+from mlops.flows.session import Session, resolve_release
+from mlops.flows.stages import evaluate, gate, production_results, recover, roll_out
+
+
+def eval_release(
+    s: Session, ref: str, suites: list[str] | None = None, url: str | None = None, gates: bool = True
+) -> EvalOutcome:
+    """Evaluate a release through the endpoint (ours, or `url`), store the results, check gates."""
+    rid = resolve_release(s, ref)
+    for name in suites or []:
+        if name not in s.loaded.cfg.evals:
+            raise UsageError(f"unknown suite {name!r} (valid: {', '.join(s.loaded.cfg.evals)})")
+    if not url:
+        s.backend.prepare(rid)
+    cm = contextlib.nullcontext(url) if url else s.backend.serve()
+    with cm as base:
+        results = evaluate(s, rid, base, suites)
+        prod, prod_results = production_results(s, base)
+    # production re-evaluated (the nightly job) still answers to the absolute gates; the
+    # no-regression gates have nothing to compare it with
+    compare = prod_results if prod != rid else dict.fromkeys(results)
+    verdicts = gate(s, rid, results, compare) if gates else []
+    return EvalOutcome(
+        release=rid,
+        production=prod,
+        passed=all(g.passed for g in verdicts),
+        metrics={k: v["metrics"] for k, v in results.items()},
+        gates=verdicts,
+        cost={k: v["cost"] for k, v in results.items()},
+    )
+
+
+def deploy_release(s: Session, ref: str) -> DeployOutcome:
+    """Gates on the release's stored evals, canary steps with live analysis, promote or roll back;
+    holding the rollout lease (one pipeline writes the routing at a time)."""
+    from mlops.registry.lease import rollout_lease
+
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+        return _deploy(s, ref)
+
+
+def _deploy(s: Session, ref: str) -> DeployOutcome:
+    from mlops.rollout import promote
+
+    cfg = s.loaded.cfg
+    recover(s)
+    rid = resolve_release(s, ref)
+    s.backend.preflight(rid)
+    results = {suite: s.registry.get_eval(rid, suite) for suite in cfg.evals}
+    missing = [k for k, v in results.items() if v is None]
+    if missing:
+        raise UsageError(f"{rid} has no eval results for {', '.join(missing)}: run `mlops eval --release {rid}` first")
+    with s.backend.serve() as url:
+        prod, prod_results = production_results(s, url)
+        if prod == rid:
+            return DeployOutcome(release=rid, status="already production", message=f"{rid} is already production")
+        verdicts = gate(s, rid, {k: v for k, v in results.items() if v}, prod_results)
+        if not all(g.passed for g in verdicts):
+            return DeployOutcome(release=rid, status="rejected", gates=verdicts, message=f"{rid}: gates FAIL")
+        steps, failure = roll_out(s, rid, url, prod)
+        if failure is not None:
+            return DeployOutcome(release=rid, status="rolled_back", canary=steps, message=failure)
+        promote(s.backend, rid, reason="deploy: gates and canary passed", actor="cli:deploy")
+    return DeployOutcome(release=rid, status="promoted", previous=prod, canary=steps, message=f"promoted {rid}")
+
+
+def rollback_release(s: Session, to: str | None, reason: str, actor: str) -> RollbackOutcome:
+    """Route all traffic to `to` (default: the previous production) after checking its artifact."""
+    from mlops.rollout import rollback
+
+    before = s.registry.read_state()[0].stages.get("production")
+    state, target = rollback(s.backend, to, reason, actor)
+    return RollbackOutcome(
+        production=target,
+        previous=state.stages.get("previous"),
+        rolled_back_from=before,
+        state_version=state.version,
+    )

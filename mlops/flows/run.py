@@ -1,0 +1,172 @@
+"""`mlops run`: the whole loop, train -> register -> serve -> eval -> gates -> canary -> promote | reject/rollback."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+from mlops.contracts import RunResult
+from mlops.errors import EXIT_GATE, EXIT_OK, InfraError
+from mlops.flows.session import Session
+from mlops.flows.stages import _clear_candidate, _smoke, evaluate, gate, production_results, recover, roll_out, train
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+    """The whole loop, holding the rollout lease (one pipeline writes the routing at a time).
+    `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    from mlops.registry.lease import rollout_lease
+
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+        return _run(s, force, on_step)
+
+
+def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+    from mlops.plan import make_plan
+    from mlops.rollout import promote
+    from mlops.tracking import Tracker
+
+    mark = on_step or (lambda name: None)
+    cfg = s.loaded.cfg
+    t: dict[str, float] = {}
+    t_all = time.perf_counter()
+    recover(s)
+    state, _ = s.registry.read_state()
+    mp = make_plan(s.loaded, s.registry, [cfg.deploy.model], force=force).models[0]
+    if not mp.train and mp.existing is not None and mp.existing == state.stages.get("production"):
+        stored = {suite: s.registry.get_eval(mp.existing, suite) for suite in cfg.evals}
+        if all(stored.values()):
+            msg = f"nothing changed since release {mp.existing} (same data, config and training code): it is production"
+            s.say(msg)
+            t["total"] = round(time.perf_counter() - t_all, 3)
+            return RunResult(
+                status="unchanged",
+                exit_code=EXIT_OK,
+                release=mp.existing,
+                production=mp.existing,
+                previous=state.stages.get("previous"),
+                message=msg,
+                evals={k: v["metrics"] for k, v in stored.items() if v},
+                timings=t,
+            )
+
+    tracker = Tracker(s.loaded, "run", {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend})
+    exit_code = 1
+    try:
+        mark("train")
+        progress = s.progress
+
+        def logged(d: dict[str, float]) -> None:
+            if progress:
+                progress(d)
+            if int(d["step"]) % 25 == 0:
+                tracker.log({"train/loss": d["loss"], "train/tokens_per_s": d["tokens_per_s"]}, step=int(d["step"]))
+
+        s.progress = logged
+        with _timed(t, "train"):
+            tr = train(s, cfg.deploy.model, force=force)
+        s.progress = progress
+        release = str(tr["release"])
+        mark("registered")
+        s.backend.prepare(release)
+        with s.backend.serve() as url:
+            mark("served")
+            with _timed(t, "eval"):
+                results = evaluate(s, release, url)
+                prod, prod_results = production_results(s, url)
+            for suite, r in results.items():
+                tracker.log({f"eval/{suite}/{m}": v["mean"] for m, v in r["metrics"].items()})
+            mark("evaluated")
+            if prod == release:
+                msg = f"{release} is already production; re-evaluated it"
+                exit_code = EXIT_OK
+                return RunResult(
+                    status="unchanged",
+                    exit_code=EXIT_OK,
+                    release=release,
+                    production=prod,
+                    trained=tr["trained"],
+                    message=msg,
+                    evals={k: v["metrics"] for k, v in results.items()},
+                    endpoint=url,
+                    timings=t,
+                )
+            gates = gate(s, release, results, prod_results)
+            summary = {k: v["metrics"] for k, v in results.items()}
+            if not all(g.passed for g in gates):
+                failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
+                msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
+                s.backend.set_state(lambda st: _clear_candidate(st, release), reason="gates failed")
+                s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
+                s.say(msg)
+                exit_code = EXIT_GATE
+                served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env) if prod else None
+                return RunResult(
+                    status="rejected",
+                    exit_code=EXIT_GATE,
+                    release=release,
+                    production=prod,
+                    trained=tr["trained"],
+                    message=msg,
+                    evals=summary,
+                    gates=gates,
+                    endpoint=url,
+                    served_by=served,
+                    timings=t,
+                )
+            with _timed(t, "canary"):
+                verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
+            if failure is not None:
+                exit_code = EXIT_GATE
+                return RunResult(
+                    status="rolled_back",
+                    exit_code=EXIT_GATE,
+                    release=release,
+                    production=prod,
+                    trained=tr["trained"],
+                    message=failure,
+                    evals=summary,
+                    gates=gates,
+                    canary=verdicts,
+                    endpoint=url,
+                    served_by=_smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
+                    timings=t,
+                )
+            mark("promote")
+            new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
+            served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
+            if served != release:
+                raise InfraError(f"promoted {release} but the endpoint answered from {served}")
+            msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")
+            s.say(msg)
+            exit_code = EXIT_OK
+            t["total"] = round(time.perf_counter() - t_all, 3)
+            tracker.summary({"release": release, "status": "promoted"})
+            return RunResult(
+                status="promoted",
+                exit_code=EXIT_OK,
+                release=release,
+                production=release,
+                previous=new.stages.get("previous"),
+                trained=tr["trained"],
+                message=msg,
+                evals=summary,
+                gates=gates,
+                canary=verdicts,
+                endpoint=url,
+                served_by=served,
+                timings=t,
+                wandb_run=tracker.run_id,
+            )
+    finally:
+        t.setdefault("total", round(time.perf_counter() - t_all, 3))
+        tracker.finish(exit_code)

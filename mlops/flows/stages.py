@@ -1,0 +1,238 @@
+"""The stages every flow is made of: recover, train, evaluate, gate, roll out.
+
+Each is also reachable on its own (`mlops train`, `mlops eval`, ...) through a flow in this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from mlops.contracts import GateResult
+from mlops.errors import InfraError, UsageError
+from mlops.flows.session import Session, cache_dir
+from mlops.registry.releases import State
+
+# ---------------------------------------------------------------------------- stages
+
+
+def recover(s: Session) -> State | None:
+    """A rollout that was killed mid-way leaves canary weights: put all traffic back on production.
+    A rollout that still holds a live lease is someone else's, in progress: never torn down."""
+    from mlops.registry.lease import live
+    from mlops.rollout import abort_canary
+
+    st, _ = s.registry.read_state()
+    mine = s.registry.lease is not None and st.lease.get("token") == s.registry.lease.token
+    if live(st.lease) and not mine:
+        s.say(f"a rollout holding the lease is in progress ({st.lease.get('owner')}): leaving it alone")
+        return None
+    prod = st.stages.get("production")
+    if st.stages.get("canary") or st.shadow or (st.routing and st.routing != {prod: 100}):
+        s.say(f"recovering an interrupted rollout (state v{st.version}): all traffic back to {prod}")
+        return abort_canary(s.backend, reason="recovered an interrupted rollout", actor="pipeline:recover")
+    return None
+
+
+def train(s: Session, model: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Train `model` unless an identical release exists; register it as the candidate."""
+    from mlops.plan import make_plan
+    from mlops.training.train import TrainJob
+
+    cfg = s.loaded.cfg
+    name = model or cfg.deploy.model
+    if name not in cfg.models:
+        raise UsageError(f"unknown model {name!r} (valid: {', '.join(cfg.models)})")
+    mp = make_plan(s.loaded, s.registry, [name], force=force).models[0]
+    if not mp.train:
+        s.say(f"train: skipped, {mp.reason}")
+        return {"release": mp.existing, "trained": False, "reason": mp.reason, "lineage": mp.lineage}
+    m = cfg.models[name]
+    ds = cfg.datasets[m.dataset]
+    release = s.registry.new_id(name)
+    out = cache_dir(s.loaded) / "build" / release
+    job = TrainJob(
+        model_name=name,
+        dataset_path=str(s.loaded.dataset_path(m.dataset)),
+        out_dir=str(out),
+        base=m.base,
+        method=m.method,
+        prompt=m.prompt,
+        steps=m.train.steps,
+        batch_size=m.train.batch_size,
+        lr=m.train.lr,
+        seed=m.train.seed,
+        warmup_steps=min(m.train.warmup_steps, m.train.steps),
+        weight_decay=m.train.weight_decay,
+        threads=m.train.threads,
+        arch=m.arch.model_dump(),
+        lora=m.lora.model_dump(),
+        input_field=ds.input_field,
+        target_field=ds.target_field,
+    )
+    s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
+    result = s.backend.train(job, s.progress)
+    manifest: dict[str, Any] = {
+        "model": name,
+        "backend": cfg.backend,
+        "lineage": mp.lineage,
+        "train": asdict(result) | {"out_dir": None},
+        "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
+    }
+    manifest = s.registry.publish(release, out, manifest)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+
+    def mark(st: State) -> State:
+        st.stages["candidate"] = release
+        return st
+
+    s.backend.set_state(mark, reason=f"trained {release}")
+    s.say(
+        f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
+    )
+    return {"release": release, "trained": True, "reason": mp.reason, "lineage": mp.lineage, "train": asdict(result)}
+
+
+def evaluate(
+    s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
+) -> dict[str, dict[str, Any]]:
+    from mlops.evals.harness import run_suite
+    from mlops.util import api_key_from_env
+
+    s.registry.require(release)
+    key = api_key_from_env(s.loaded.cfg.deploy.server.api_key_env)
+    out = {}
+    for suite in suites or list(s.loaded.cfg.evals):
+        res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key)
+        if store:
+            s.registry.put_eval(release, suite, res)
+        cost = res["cost"]
+        means = ", ".join(f"{k} {v['mean']:.4g}" for k, v in res["metrics"].items())
+        judged = (
+            f", {cost['judge_calls']} judge calls ({cost['judge_cache_hits']} cached)" if s.loaded.cfg.judges else ""
+        )
+        s.say(
+            f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached{judged}, {cost['wall_s']:.2f}s)"
+        )
+        out[suite] = res
+    if store:
+        s.registry.append_event(
+            release,
+            "evaluated",
+            suites=list(out),
+            summary={k: {m: v["mean"] for m, v in r["metrics"].items()} for k, r in out.items()},
+            # every statistic a gate can chart, so the report's trend reads events, not result files
+            stats={
+                k: {m: {st: v[st] for st in ("mean", "p50", "p95", "p99")} for m, v in r["metrics"].items()}
+                for k, r in out.items()
+            },
+        )
+    return out
+
+
+def production_results(s: Session, base_url: str | None) -> tuple[str | None, dict[str, dict[str, Any] | None]]:
+    """Production's stored results per suite, so a candidate is compared without calling production.
+
+    Only a suite production was never evaluated on, or whose stored results lack a metric the
+    suite now names, is evaluated now (through `base_url`, and stored with production)."""
+    from mlops.config import metric_name
+
+    reg = s.production_registry
+    prod = reg.read_state()[0].stages.get("production")
+    if prod is None:
+        return None, dict.fromkeys(s.loaded.cfg.evals)
+    results: dict[str, dict[str, Any] | None] = {}
+    missing = []
+    for suite, ev in s.loaded.cfg.evals.items():
+        results[suite] = stored = reg.get_eval(prod, suite)
+        if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
+            missing.append(suite)
+    # a baseline registry is read only, and `base_url` serves this registry's releases, not its
+    if missing and base_url is not None and s.baseline is None:
+        results |= evaluate(s, prod, base_url, missing)
+    return prod, results
+
+
+def gate(
+    s: Session, release: str, results: dict[str, dict[str, Any]], production: dict[str, dict[str, Any] | None]
+) -> list[GateResult]:
+    from mlops.evals.gates import check_gates
+
+    verdicts = check_gates(s.loaded.cfg.gates, results, production)
+    passed = all(g.passed for g in verdicts)
+    event = "gates_passed" if passed else "gates_failed"
+    s.registry.append_event(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
+    for g in verdicts:
+        s.say(f"gate {'pass' if g.passed else 'FAIL'}: {g.name} {g.threshold}: {g.reason}")
+    return verdicts
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def roll_out(
+    s: Session, release: str, url: str, prod: str | None, on_step: Callable[[int], None] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
+    on a failing step the traffic is already back on production and the rollback is recorded."""
+    from mlops.evals.harness import load_cases
+    from mlops.rollout import abort_canary, canary
+
+    cfg = s.loaded.cfg
+    if prod is None:
+        s.say("no production release yet: promoting without a canary (nothing to compare with)")
+        return [], None
+    model_cfg = cfg.models[cfg.deploy.model]
+    cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
+    prompts = [model_cfg.prompt.format(input=c.input) for c in cases] or ["hello"]
+    steps = canary(
+        s.backend,
+        release,
+        url,
+        prompts,
+        cfg.deploy.rollout,
+        cfg.deploy.model,
+        model_cfg.max_tokens,
+        s.say,
+        on_step=on_step,
+    )
+    verdicts = [v.to_json() for v in steps]
+    if all(v.passed for v in steps):
+        return verdicts, None
+    why = "; ".join(steps[-1].reasons)
+    abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
+    msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
+    s.say(msg)
+    return verdicts, msg
+
+
+def _clear_candidate(st: State, release: str) -> State | None:
+    if st.stages.get("candidate") != release:
+        return None
+    st.stages["candidate"] = None
+    return st
+
+
+def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
+    """One request through the production route (no pin): which release answered?"""
+    import httpx
+
+    from mlops.util import api_key_from_env
+
+    key = api_key_from_env(api_key_env)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": model, "prompt": "a", "max_tokens": 1},
+            timeout=30,
+            headers=headers,
+            trust_env=False,
+        )
+    except httpx.HTTPError as e:
+        raise InfraError(f"endpoint {url} did not answer: {e}") from e
+    return r.headers.get("x-mlops-release")
