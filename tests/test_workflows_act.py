@@ -265,7 +265,7 @@ def test_fork_pr_gets_no_secrets_and_a_clear_verdict(story: Story) -> None:
 def test_pr_credentials_are_scoped(story: Story) -> None:
     """Defect 5, the other half: a same-repository PR's code got the PR-scoped token, not production's."""
     res = story.results["pr 7, push 1"]
-    tokens = {p["secrets"].get("MODAL_TOKEN_ID") for p in res.probes if p["argv"][0].endswith("/mlops")}
+    tokens = {p["secrets"]["MODAL_TOKEN_ID"] for p in res.probes if "MODAL_TOKEN_ID" in p["secrets"]}
     assert tokens == {actkit.probe_hash(PR_SECRETS["MODAL_PR_TOKEN_ID"])}, tokens  # the PR's own, never production's
     wf = yaml.safe_load((actkit.ROOT / ".github/workflows/pr-eval.yml").read_text())
     text = (actkit.ROOT / ".github/workflows/pr-eval.yml").read_text()
