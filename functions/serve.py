@@ -24,63 +24,13 @@ from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_imag
 
 from mlops.backends.modal import VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
+from mlops.serving.vllm_argv import chat_template_for, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
-VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"
 PORT = VLLM_PORT
 
 app = modal.App(settings.serve_app(RELEASE))
-
-
-def vllm_command(
-    model_dir: str | Path,
-    served_name: str,
-    port: int = PORT,
-    aliases: tuple[str, ...] = (),
-    chat_template: str | None = None,
-) -> list[str]:
-    """The `vllm serve` argv. The API key is NOT on it: `vllm_env` hands it over as VLLM_API_KEY,
-    which vLLM reads when `--api-key` is absent, so the key never shows in `ps` or in a log line."""
-    cmd = [
-        "vllm",
-        "serve",
-        str(model_dir),
-        "--served-model-name",
-        served_name,
-        *aliases,
-        "--host",
-        "0.0.0.0",  # inside the container; Modal's proxy is the only way in
-        "--port",
-        str(port),
-        # Scale-to-zero means frequent cold starts: skip CUDA-graph capture and torch.compile,
-        # which cost tens of seconds at start and buy little for small models.
-        "--enforce-eager",
-    ]
-    if chat_template:
-        cmd += ["--chat-template", chat_template]
-    return cmd
-
-
-def vllm_env(api_key_env: str = VLLM_KEY_ENV, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment, with the key from `$api_key_env` as VLLM_API_KEY (and the
-    gateway's client keys, which vLLM has no use for, left out). Refuses to start an open
-    server: a missing or empty key is an error."""
-    env = dict(os.environ if environ is None else environ)
-    key = env.pop(api_key_env, "")
-    if not key:
-        raise RuntimeError(f"{api_key_env} is not set: add it to the Modal Secret {settings.auth_secret!r}")
-    env.pop("MLOPS_API_KEYS", None)
-    env["VLLM_API_KEY"] = key
-    return env
-
-
-def chat_template_for(prompt: str) -> str:
-    """A Jinja chat template that does what the local server does: the last user turn, put into
-    the model's `prompt` (e.g. '{input}='). Models trained from scratch ship no template."""
-    head, _, tail = prompt.partition("{input}")
-    last_user = "(messages | selectattr('role', 'equalto', 'user') | list | last)['content']"
-    return f"{{{{ {json.dumps(head)} }}}}{{{{ {last_user} }}}}{{{{ {json.dumps(tail)} }}}}"
 
 
 def prepare_release(root: str | Path, release_id: str, expected_sha256: str) -> Path:
@@ -132,4 +82,6 @@ def serve() -> None:
         Path(template).write_text(chat_template_for(settings.prompt))
     cmd = vllm_command(model_dir, RELEASE, PORT, aliases=(settings.served_model,), chat_template=template)
     print("starting:", " ".join(cmd), flush=True)
-    subprocess.Popen(cmd, env=vllm_env())  # @modal.web_server waits for the port to open
+    subprocess.Popen(
+        cmd, env=vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
+    )  # @modal.web_server waits for the port to open

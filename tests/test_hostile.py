@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Trained, mlops
+from conftest import Trained, free_port, mlops
 
 from mlops.config import load
 from mlops.errors import UsageError
@@ -49,8 +52,8 @@ def server(trained: Trained) -> Iterator[tuple[str, Engine, ServerOptions]]:
         yield s
 
 
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
+def wait_for(cond: Callable[[], bool], what: str, bound: float = WAIT_S) -> None:
+    deadline = time.monotonic() + bound
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
@@ -138,6 +141,7 @@ BAD_BODIES = {
     "prompt beyond the context": ({"prompt": "a" * 200}, "prompt"),
     "stop too many": ({"prompt": "ab=", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "stream a string": ({"prompt": "ab=", "stream": "yes"}, "stream"),
+    "n 2": ({"prompt": "ab=", "n": 2}, "n"),
     "100k nested [": ("[" * 100_000, None),
     "not JSON": ("{'prompt': 1}", None),
     "not UTF-8": (b'{"prompt": "\xff"}', None),
@@ -225,3 +229,45 @@ def test_key_named_but_missing_refuses_to_start(trained: Trained, value: str | N
         mp.delenv("MLOPS_TEST_HOSTILE_KEY", raising=False)
         with pytest.raises(UsageError, match="MLOPS_TEST_HOSTILE_KEY"):
             build(loaded, Session.open(loaded).registry)  # `mlops run`'s own server: the same refusal
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmHWM:"):  # the high-water mark: a spike counts even if freed since
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def test_ten_megabyte_prompts_leave_mlops_serve_memory_flat(trained: Trained) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)],
+        cwd=trained.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"MLOPS_WANDB": "disabled"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # a process start imports torch and loads the model: minutes on a loaded 2-core machine
+        wait_for(lambda: proc.poll() is None and _loaded(url), "mlops serve to load its release", 180)
+        assert post(url, NORMAL).status_code == 200
+        before = _peak_rss_mb(proc.pid)
+        big = json.dumps({"prompt": "a" * 10_000_000})
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert_client_error(post(url, big), 413)
+        assert time.monotonic() - t0 < 10  # the issue's one took 55 s
+        grown = _peak_rss_mb(proc.pid) - before
+        assert grown < 30, f"peak RSS grew {grown:.0f} MB"  # it was +2.3 GB
+        assert post(url, NORMAL).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=WAIT_S)
+
+
+def _loaded(url: str) -> bool:
+    try:
+        return bool(httpx.get(f"{url}/health", timeout=2).json().get("loaded"))
+    except httpx.HTTPError:
+        return False

@@ -20,6 +20,7 @@ BASE = 0.0
 RANK: dict[str, float] = {
     # models of mlops.yaml and of results, data reading, errors, helpers, the plugin table
     "config": BASE,
+    "configdata": BASE,
     "contracts": BASE,
     "data": BASE,
     "errors": BASE,

@@ -20,8 +20,9 @@ import pytest
 from conftest import make_project, mlops, train_and_publish
 
 LEASE = {
-    # the 50% step bakes long enough for another process to act while the canary is live
-    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 8, "bake": "20s"}},
+    # the 50% step bakes long enough for another process to act while the canary is live, even
+    # on a loaded machine    # (a pre-empted pipeline wakes from it within a heartbeat, TTL/3)
+    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 8, "bake": "90s", "lease_ttl": "6s"}},
     "evals": {"heldout": {"limit": 8}},
     "models": {"tiny": {"max_tokens": 4, "train": {"steps": 4}}},
 }
@@ -105,7 +106,7 @@ def test_a_second_run_fails_naming_the_holder_or_waits_and_never_tears_down_the_
     proj: tuple[Path, str],
 ) -> None:
     root, prod = proj
-    with background_run(root, "models.tiny.train.seed=2") as first:
+    with background_run(root, "models.tiny.train.seed=2", "deploy.rollout.bake=45s") as first:
         wait_for(lambda: canary_live(root) or first.poll() is not None, "the canary to start")
         assert first.poll() is None, finish(first)[1][-3000:]
         cand = state(root)["stages"]["canary"]

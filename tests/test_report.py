@@ -78,14 +78,20 @@ def suite_result(release: str, rows: list[tuple[str, str, str, str, float]]) -> 
 
 
 def publish(
-    s: Session, rid: str, result: dict[str, Any], tmp: Path, production: bool = False, device: str = "cpu"
+    s: Session,
+    rid: str,
+    result: dict[str, Any],
+    tmp: Path,
+    production: bool = False,
+    device: str = "cpu",
+    run: dict[str, Any] | None = None,
 ) -> None:
     art = tmp / f"art-{rid}"
     art.mkdir()
     (art / "model.safetensors").write_bytes(b"not really weights")
     manifest = {
         "model": "tiny",
-        "train": {"seconds": 12.5, "device": device, "tokens_per_s": 1000.0},
+        "train": {"seconds": 12.5, "device": device, "tokens_per_s": 1000.0} | (run or {}),
         "lineage": {
             "git_sha": "0123456789abcdef",
             "dataset_hashes": {"train": "feedfacecafe"},
@@ -141,7 +147,7 @@ def regressed(tmp_path: Path) -> tuple[Session, str, str]:
 
 def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) -> None:
     s, prod, cand = regressed
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     lines = md.splitlines()
     assert lines[0] == MARKER
@@ -192,7 +198,7 @@ def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:
     s = project(tmp_path / "p")
     rid = RID.format(1, 1)
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda:0")
-    rep = build_report(s, rid)
+    rep = build_report(s.registry, s.loaded.cfg, rid)
     md = to_markdown(rep)
     assert rep["verdict"] == "pass" and rep["baseline"] is None
     assert "vs nothing (no production release yet)" in md.splitlines()[1]
@@ -222,7 +228,7 @@ def test_report_stays_under_the_comment_limit_with_10000_cases(tmp_path: Path) -
     publish(s, prod, suite_result(prod, prod_rows), tmp_path, production=True)
     publish(s, cand, suite_result(cand, cand_rows), tmp_path)
     t0 = time.perf_counter()
-    rep = build_report(s, cand)
+    rep = build_report(s.registry, s.loaded.cfg, cand)
     md = to_markdown(rep)
     elapsed = time.perf_counter() - t0
     assert len(md) < 65_000, len(md)
@@ -303,3 +309,14 @@ def test_a_candidate_is_compared_without_calling_production(tmp_path: Path) -> N
 def _no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     assert "GITHUB_STEP_SUMMARY" not in os.environ
+
+
+def test_report_shows_the_run_record_precision_memory_and_dollars(tmp_path: Path) -> None:
+    """What a GPU run records (issue 12): precision, peak memory, GPU type and its cost."""
+    s = project(tmp_path / "p")
+    rid = RID.format(1, 1)
+    run = {"precision": "bf16", "gpu_type": "A10G", "gpu_seconds": 3600.0, "peak_memory_mb": 20480.0}
+    publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda", run=run | {"cost_usd": 1.1})
+    rep = build_report(s.registry, s.loaded.cfg, rid)
+    assert rep["cost"]["train_cost_usd"] == 1.1 and rep["cost"]["gpu_seconds"] == 3600.0
+    assert "(3600.0 GPU-s, ≈12,500 tokens, bf16, peak 20,480 MiB, A10G ≈$1.1000)" in to_markdown(rep)

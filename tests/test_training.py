@@ -100,3 +100,126 @@ def test_lora_needs_a_pretrained_base(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="needs a pretrained base"):
         train_model(job(tmp_path / "x", method="lora"))
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 code path on CPU: the forward runs under autocast and its matmuls come out bf16."""
+    from mlops.training.model import TinyGPT
+
+    seen: list[tuple[bool, torch.dtype]] = []
+    forward = TinyGPT.forward
+
+    def spy(self: TinyGPT, ids: torch.Tensor) -> torch.Tensor:
+        out = forward(self, ids)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(TinyGPT, "forward", spy)
+    r = train_model(job(tmp_path / "bf16", steps=3, precision="bf16"))
+    assert r.precision == "bf16" and seen == [(True, torch.bfloat16)] * 3
+    assert r.final_loss == r.final_loss and r.final_loss < 10  # finite
+    seen.clear()
+    r32 = train_model(job(tmp_path / "fp32", steps=3))
+    assert r32.precision == "fp32" and seen == [(False, torch.float32)] * 3
+
+
+def test_gpu_only_options_are_refused_on_cpu_with_a_clear_message(tmp_path: Path) -> None:
+    from mlops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train_model(job(tmp_path / "x", precision="fp16"))
+    base = train_model(job(tmp_path / "base", steps=1))
+    with pytest.raises(ConfigError, match="qlora .*needs a CUDA GPU"):
+        train_model(job(tmp_path / "q", base=base.out_dir, method="qlora"))
+
+
+def test_lora_target_modules_are_checked_against_the_base(tmp_path: Path) -> None:
+    from mlops.errors import ConfigError
+
+    base = train_model(job(tmp_path / "base", steps=1))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_atn"]}
+    with pytest.raises(
+        ConfigError, match=r"'c_atn' is not a module .*did you mean 'c_attn'\? valid: c_attn, c_fc, c_proj"
+    ):
+        train_model(job(tmp_path / "x", base=base.out_dir, method="lora", lora=lora))
+
+
+def test_grad_accum_and_checkpointing_keep_the_math(tmp_path: Path) -> None:
+    """Gradient checkpointing recomputes the same numbers; accumulation is exact up to float sums."""
+    plain = train_model(job(tmp_path / "p", steps=3))
+    train_model(job(tmp_path / "c", steps=3, gradient_checkpointing=True))
+    assert sha256_file(tmp_path / "p" / "model.safetensors") == sha256_file(tmp_path / "c" / "model.safetensors")
+    # 2 micro-batches of 8 draw the same rows as one batch of 16 and weigh every token the same
+    accum = train_model(job(tmp_path / "a", steps=3, batch_size=8, grad_accum=2))
+    assert accum.tokens == plain.tokens
+    assert abs(accum.final_loss - plain.final_loss) < 1e-4, (accum.final_loss, plain.final_loss)
+    from safetensors.torch import load_file
+
+    wa, wp = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "p" / "model.safetensors"))
+    for k in wp:
+        torch.testing.assert_close(wa[k], wp[k], atol=1e-5, rtol=1e-4)
+
+
+def test_long_examples_error_or_truncate_with_max_seq_len(tmp_path: Path) -> None:
+    from mlops.errors import ConfigError
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"input": "x" * 40, "expected": "yz"}) + "\n")
+    with pytest.raises(ConfigError, match="set train.max_seq_len to truncate"):
+        train_model(job(tmp_path / "e", dataset_path=str(long), steps=1))
+    r = train_model(job(tmp_path / "t", dataset_path=str(long), steps=2, max_seq_len=16, eval_every=1))
+    assert r.steps == 2 and r.eval_loss is not None
+    with pytest.raises(ConfigError, match="over the model's context length 32"):
+        train_model(job(tmp_path / "o", dataset_path=str(long), steps=1, max_seq_len=64))
+
+
+def test_run_record_has_precision_memory_and_cost(tmp_path: Path) -> None:
+    from mlops.training.runtime import cost_usd
+
+    seen: list[dict[str, float]] = []
+    r = train_model(job(tmp_path / "m", steps=4, eval_every=2), progress=seen.append)
+    assert (r.precision, r.gpu_type, r.gpu_seconds, r.cost_usd) == ("fp32", None, 0.0, 0.0)
+    assert r.peak_memory_mb > 10 and r.tokens > 0 and r.tokens_per_s > 0
+    assert [("eval_loss" in d) for d in seen] == [False, True, False, True]
+    assert cost_usd("H100", 7200, {"H100": 3.95}) == 7.9 and cost_usd("X9", 1, {}) is None
+
+
+def test_peft_lora_merged_artifact_serves_like_the_merged_model(tmp_path: Path) -> None:
+    """LoRA via peft on a locally trained base, merged: the builtin engine serving the artifact
+    answers what the merged model in this process answers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlops.serving.engine import Engine, GenRequest
+
+    base = train_model(job(tmp_path / "base", steps=30, lr=1e-2))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn", "c_fc"]}
+    r = train_model(
+        job(
+            tmp_path / "m",
+            base=base.out_dir,
+            method="lora",
+            lora=lora,
+            steps=5,
+            lr=5e-2,
+            save_adapter=str(tmp_path / "ad"),
+        )
+    )
+    assert not (tmp_path / "m" / "adapter_config.json").exists()  # the artifact is a plain model
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.out_dir), str(tmp_path / "ad"))
+    merged = merged.merge_and_unload().eval()
+    served = AutoModelForCausalLM.from_pretrained(r.out_dir).eval()
+    tok = AutoTokenizer.from_pretrained(r.out_dir)
+    prompts = ["abc=", "hello=", "xyzzy="]
+    engine = Engine(r.out_dir, max_batch_size=4, threads=1)
+    try:
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            with torch.no_grad():
+                torch.testing.assert_close(served(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-4)
+                want = merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            expect = tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+            got = engine.generate(GenRequest(prompt=p, max_tokens=8), timeout=60)
+            assert got == expect, (p, got, expect)
+    finally:
+        engine.close()

@@ -94,8 +94,8 @@ def test_s3_watcher_survives_an_unreadable_state_and_follows_a_later_rollback(mo
 
     prefix = f"w-{uuid.uuid4().hex[:8]}"
     root = make_project(tmp_path / "p", {"storage": f"s3://{BUCKET}/{prefix}"})
-    a = train_and_publish(root, seed=0)
-    b = train_and_publish(root, seed=1)  # production b, previous a
+    a = train_and_publish(root, seed=0, steps=5)  # any weights will do: only who answers matters
+    b = train_and_publish(root, seed=1, steps=5)  # production b, previous a
     s3 = boto3.session.Session().client("s3", endpoint_url=moto_url)
     key = f"{prefix}/state.json"
     good = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()

@@ -54,8 +54,9 @@ from deepeval.test_case import LLMTestCase, SingleTurnParams  # noqa: E402
 from mlops.errors import ConfigError  # noqa: E402
 from mlops.evals.judges import JudgeClient, JudgeError, client_for, judge_sample, run_sync  # noqa: E402
 from mlops.evals.types import Case, Output, Score  # noqa: E402
+from mlops.plugins import METRIC_NAMES  # noqa: E402
 
-NAMES = ("deepeval.exact_match", "deepeval.pattern_match", "deepeval.geval", "deepeval.answer_relevancy")
+NAMES = METRIC_NAMES["deepeval"]  # listed once, in the plugin table (validate checks names without us)
 
 _EVAL_PARAMS = {
     "input": SingleTurnParams.INPUT,

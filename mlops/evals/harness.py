@@ -261,13 +261,10 @@ def build_metrics(loaded: Loaded, suite: str, cache_dir: Path | None = None) -> 
     ev = loaded.cfg.evals[suite]
     clients: dict[str, Any] = {}
     if loaded.cfg.judges:
-        from mlops.evals.judges import JudgeClient, JudgeSpec
+        from mlops.evals.judges import JudgeClient
 
         judge_dir = cache_dir / "judge" if cache_dir is not None else None
-        clients = {
-            name: JudgeClient(JudgeSpec(**j.model_dump()), judge_dir, name=name)
-            for name, j in loaded.cfg.judges.items()
-        }
+        clients = {name: JudgeClient(j, judge_dir, name=name) for name, j in loaded.cfg.judges.items()}
     metrics = []
     for spec in ev.metrics:
         if ev.judge and metric_name(spec) in JUDGE_BASED:

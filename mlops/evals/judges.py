@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlops.cache import FileCache
+from mlops.config import JudgeCfg
 from mlops.errors import ConfigError, InfraError
 from mlops.retry import Retryable, retry_after_s, retrying
 
@@ -56,29 +56,7 @@ BACKOFF_MAX_S = 8.0
 judge_sample: contextvars.ContextVar[int] = contextvars.ContextVar("judge_sample", default=0)
 
 
-class JudgeSpec(BaseModel):
-    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(description="model id sent in the request")
-    api_key_env: str | None = Field(
-        default=None, description="NAME of the environment variable holding the API key (never the key)"
-    )
-    timeout_s: float = Field(default=30, gt=0, description="wall-clock limit of one request, seconds")
-    max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
-    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
-    repeat: int = Field(default=1, ge=1, description="ask N times per case and take the median score (noisy judges)")
-    temperature: float = Field(default=0.0, ge=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        v = v.strip().rstrip("/")
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https://")
-        return v
+JudgeSpec = JudgeCfg  # what `mlops.yaml` says about a judge: one model, defined with the config
 
 
 class JudgeError(InfraError):

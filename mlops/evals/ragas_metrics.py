@@ -54,15 +54,9 @@ from ragas.metrics.collections import (  # noqa: E402
 from mlops.errors import ConfigError  # noqa: E402
 from mlops.evals.judges import run_sync  # noqa: E402
 from mlops.evals.types import Case, Output, Score  # noqa: E402
+from mlops.plugins import METRIC_NAMES  # noqa: E402
 
-NAMES = (
-    "ragas.bleu_score",
-    "ragas.rouge_score",
-    "ragas.chrf_score",
-    "ragas.string_similarity",
-    "ragas.string_presence",
-    "ragas.semantic_similarity",
-)
+NAMES = METRIC_NAMES["ragas"]  # listed once, in the plugin table (validate checks names without us)
 
 # Cases scored at once. The non-LLM metrics are CPU-bound and finish in one step each, so this only
 # bounds how many coroutines exist at a time.

@@ -43,7 +43,7 @@ def deploy_release(s: Session, ref: str) -> DeployOutcome:
     holding the rollout lease (one pipeline writes the routing at a time)."""
     from mlops.registry.lease import rollout_lease
 
-    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         return _deploy(s, ref)
 
 

@@ -26,13 +26,31 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     `on_step(name)` is called at each stage boundary (tests kill the process there)."""
     from mlops.registry.lease import rollout_lease
 
-    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say):
-        return _run(s, force, on_step)
+    with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
+        _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
+        try:
+            return _run(s, force, on_step)
+        finally:
+            _sweep(s)
+
+
+def _sweep(s: Session) -> None:
+    from mlops.errors import MlopsError
+    from mlops.flows.session import cache_dir
+    from mlops.registry.doctor import sweep
+
+    try:
+        gone = sweep(s.registry, cache_dir(s.loaded) / "build")
+    except (MlopsError, OSError) as e:  # cleaning up never fails a run; `mlops doctor` reports it
+        s.say(f"could not clean up orphans: {getattr(e, 'headline', e)}")
+        return
+    if gone:
+        s.say(f"cleaned up {len(gone)} orphan(s) left by an interrupted run: {', '.join(gone[:3])}")
 
 
 def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     from mlops.plan import make_plan
-    from mlops.rollout import promote
+    from mlops.rollout import promote, wait_served
     from mlops.tracking import Tracker
 
     mark = on_step or (lambda name: None)
@@ -102,6 +120,8 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 )
             gates = gate(s, release, results, prod_results)
             summary = {k: v["metrics"] for k, v in results.items()}
+            # what every outcome from here on reports alongside its status
+            common = {"release": release, "trained": tr["trained"], "evals": summary, "gates": gates, "endpoint": url}
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
@@ -111,15 +131,11 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 exit_code = EXIT_GATE
                 served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env) if prod else None
                 return RunResult(
+                    **common,
                     status="rejected",
                     exit_code=EXIT_GATE,
-                    release=release,
                     production=prod,
-                    trained=tr["trained"],
                     message=msg,
-                    evals=summary,
-                    gates=gates,
-                    endpoint=url,
                     served_by=served,
                     timings=t,
                 )
@@ -127,22 +143,20 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
                 exit_code = EXIT_GATE
+                served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
                 return RunResult(
+                    **common,
                     status="rolled_back",
                     exit_code=EXIT_GATE,
-                    release=release,
                     production=prod,
-                    trained=tr["trained"],
                     message=failure,
-                    evals=summary,
-                    gates=gates,
                     canary=verdicts,
-                    endpoint=url,
-                    served_by=_smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env),
+                    served_by=served,
                     timings=t,
                 )
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
+            wait_served(url, new.version)  # on S3 the endpoint re-reads the state on a timer
             served = _smoke(url, cfg.deploy.model, cfg.deploy.server.api_key_env)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
@@ -152,17 +166,13 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             t["total"] = round(time.perf_counter() - t_all, 3)
             tracker.summary({"release": release, "status": "promoted"})
             return RunResult(
+                **common,
                 status="promoted",
                 exit_code=EXIT_OK,
-                release=release,
                 production=release,
                 previous=new.stages.get("previous"),
-                trained=tr["trained"],
                 message=msg,
-                evals=summary,
-                gates=gates,
                 canary=verdicts,
-                endpoint=url,
                 served_by=served,
                 timings=t,
                 wandb_run=tracker.run_id,

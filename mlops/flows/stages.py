@@ -38,7 +38,7 @@ def recover(s: Session) -> State | None:
 def train(s: Session, model: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train `model` unless an identical release exists; register it as the candidate."""
     from mlops.plan import make_plan
-    from mlops.training.train import TrainJob
+    from mlops.training.train import job_from_config
 
     cfg = s.loaded.cfg
     name = model or cfg.deploy.model
@@ -49,47 +49,40 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
         s.say(f"train: skipped, {mp.reason}")
         return {"release": mp.existing, "trained": False, "reason": mp.reason, "lineage": mp.lineage}
     m = cfg.models[name]
-    ds = cfg.datasets[m.dataset]
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
-    job = TrainJob(
-        model_name=name,
-        dataset_path=str(s.loaded.dataset_path(m.dataset)),
-        out_dir=str(out),
-        base=m.base,
-        method=m.method,
-        prompt=m.prompt,
-        steps=m.train.steps,
-        batch_size=m.train.batch_size,
-        lr=m.train.lr,
-        seed=m.train.seed,
-        warmup_steps=min(m.train.warmup_steps, m.train.steps),
-        weight_decay=m.train.weight_decay,
-        threads=m.train.threads,
-        arch=m.arch.model_dump(),
-        lora=m.lora.model_dump(),
-        input_field=ds.input_field,
-        target_field=ds.target_field,
-    )
+    gpu = m.resources.gpu if cfg.backend == "modal" else None
+    job = job_from_config(s.loaded, name, out, gpu)
+    from mlops.monitor.datachecks import before_training
+
+    data_lineage = before_training(s.loaded, s.registry, name)  # refuses on a failed data check (exit 1)
     s.say(f"train: {name} on {cfg.backend} ({mp.reason}), {m.train.steps} steps")
-    result = s.backend.train(job, s.progress)
-    manifest: dict[str, Any] = {
-        "model": name,
-        "backend": cfg.backend,
-        "lineage": mp.lineage,
-        "train": asdict(result) | {"out_dir": None},
-        "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
-    }
-    manifest = s.registry.publish(release, out, manifest)
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
+    from mlops.registry.damage import working
+
+    # the lock tells the next run's sweep that this output is in use (dropped even on kill -9)
+    with working(out.parent / f".{release}.lock"):
+        try:
+            result = s.backend.train(job, s.progress)
+            manifest: dict[str, Any] = {
+                "model": name,
+                "backend": cfg.backend,
+                "lineage": mp.lineage | data_lineage,
+                "train": asdict(result) | {"out_dir": None},
+                "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
+            }
+            manifest = s.registry.publish(release, out, manifest)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def mark(st: State) -> State:
         st.stages["candidate"] = release
         return st
 
     s.backend.set_state(mark, reason=f"trained {release}")
+    if result.resumed_from_step:
+        s.say(f"train: resumed from the checkpoint at step {result.resumed_from_step} of {result.steps}")
     s.say(
         f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
     )
@@ -179,7 +172,7 @@ def roll_out(
     """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
     on a failing step the traffic is already back on production and the rollback is recorded."""
     from mlops.evals.harness import load_cases
-    from mlops.rollout import abort_canary, canary
+    from mlops.rollout import abort_canary, canary, wait_served
 
     cfg = s.loaded.cfg
     if prod is None:
@@ -203,7 +196,8 @@ def roll_out(
     if all(v.passed for v in steps):
         return verdicts, None
     why = "; ".join(steps[-1].reasons)
-    abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
+    wait_served(url, back.version)  # so the smoke check that follows sees production answer
     s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)

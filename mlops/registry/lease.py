@@ -69,12 +69,22 @@ class Lease:
     """A held rollout lease. Install it on a Registry (`registry.lease = lease`) so that every state
     write this process makes is conditional on still holding it."""
 
-    def __init__(self, registry: Registry, owner: str, ttl: float = DEFAULT_TTL_S) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        owner: str,
+        ttl: float = DEFAULT_TTL_S,
+        publish: Callable[[State], None] | None = None,
+    ) -> None:
         self.registry = registry
+        # where the serving side reads the state when it is not the store (Modal's Dict): lease
+        # writes (recovery, renewals) must reach it too, or the gateway would see the lease expire
+        self.publish = publish
         self.owner = owner
         self.ttl = ttl
         self.token = secrets.token_hex(8)
         self.lost: str | None = None
+        self.lost_event = threading.Event()  # set the moment this process learns it lost the lease
         self.recovered = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -110,6 +120,7 @@ class Lease:
         else:
             who = f"{st.actor or 'someone'} took it at {st.updated_at} ({st.reason or 'no reason given'})"
         self.lost = f"lost the rollout lease: {who}"
+        self.lost_event.set()
         return LeaseLost(f"{self.lost}; stopped without promoting (run `mlops releases` to see the routing)")
 
     # ------------------------------------------------------------------ acquire / renew / release
@@ -132,7 +143,7 @@ class Lease:
                 st.lease = self._mine(time.time())
                 return st
 
-            st = self.registry.update_state(take, reason=f"rollout lease taken by {self.owner}", actor=self.owner)
+            st = self._write(take, reason=f"rollout lease taken by {self.owner}")
             if (st.lease or {}).get("token") == self.token:
                 if self.recovered:
                     say(
@@ -157,7 +168,13 @@ class Lease:
 
     def renew(self) -> None:
         # update_state applies the guard (which renews) since this lease is installed on the registry
-        self.registry.update_state(lambda st: st, reason="lease heartbeat", actor=self.owner, quiet=True)
+        self._write(lambda st: st, reason="lease heartbeat", quiet=True)
+
+    def _write(self, change: Callable[[State], State | None], reason: str, quiet: bool = False) -> State:
+        st = self.registry.update_state(change, reason=reason, actor=self.owner, quiet=quiet)
+        if self.publish is not None:
+            self.publish(st)
+        return st
 
     def _heartbeat(self) -> None:
         # a third of the TTL: two heartbeats may fail (store hiccup) before the lease expires
@@ -187,7 +204,7 @@ class Lease:
             return st
 
         with contextlib.suppress(Exception):  # an expired lease is as good as released
-            self.registry.update_state(drop, reason=f"rollout lease released by {self.owner}", actor=self.owner)
+            self._write(drop, reason=f"rollout lease released by {self.owner}")
 
 
 def owner_name(kind: str) -> str:
@@ -196,9 +213,14 @@ def owner_name(kind: str) -> str:
 
 @contextlib.contextmanager
 def held(
-    registry: Registry, kind: str, ttl: float, wait: float, say: Callable[[str], None] = lambda m: None
+    registry: Registry,
+    kind: str,
+    ttl: float,
+    wait: float,
+    say: Callable[[str], None] = lambda m: None,
+    publish: Callable[[State], None] | None = None,
 ) -> Iterator[Lease]:
-    lease = Lease(registry, owner_name(kind), ttl).acquire(wait, say)
+    lease = Lease(registry, owner_name(kind), ttl, publish).acquire(wait, say)
     try:
         yield lease
     finally:
@@ -206,10 +228,21 @@ def held(
 
 
 def rollout_lease(
-    registry: Registry, rollout: Any, say: Callable[[str], None]
+    registry: Registry, rollout: Any, say: Callable[[str], None], publish: Callable[[State], None] | None = None
 ) -> contextlib.AbstractContextManager[Lease]:
-    """The pipeline's lease, with the TTL and bounded wait of `deploy.rollout`."""
-    return held(registry, "pipeline", float(rollout.lease_ttl), float(rollout.lease_wait), say)
+    """The pipeline's lease, with the TTL and bounded wait of `deploy.rollout`; `publish` is the
+    backend's hook that pushes a state to the serving side."""
+    return held(registry, "pipeline", float(rollout.lease_ttl), float(rollout.lease_wait), say, publish)
+
+
+def bake(registry: Registry, seconds: float) -> None:
+    """Sleep through a canary's bake, but wake (LeaseLost) as soon as the heartbeat finds the lease
+    taken away: a pre-empted pipeline stops within a heartbeat, not at the end of a long bake."""
+    lease = registry.lease
+    if lease is None:
+        time.sleep(seconds)
+    elif lease.lost_event.wait(seconds):
+        raise lease._lost(registry.read_state()[0])
 
 
 def preempt(st: State) -> dict[str, Any] | None:

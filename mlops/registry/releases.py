@@ -14,12 +14,14 @@ never a routing table that points at a release the stages do not know, or at a m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import random
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import ConflictError, IntegrityError, UsageError
+from mlops.registry.damage import RegistryDamaged, loads, working
 from mlops.registry.store import Store, atomic_write
 from mlops.util import now
 
@@ -132,13 +135,34 @@ class Registry:
         """Upload the artifact, then write the manifest once. A crash in between leaves only an
         orphan artifact directory, never a manifest that points at missing files."""
         files: dict[str, str] = {}
-        for p in sorted(Path(artifact_dir).rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(artifact_dir).as_posix()
-                if rel.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
-                    raise IntegrityError(f"refusing to publish {rel}: weights must be safetensors (no pickle)")
-                files[rel] = sha256_file(p)
-                self.store.put_file(f"artifacts/{release_id}/{rel}", p)
+        local = self.store.local_path(f"artifacts/{release_id}")
+        # an flock beside the upload: a sweeper can tell a dead upload (kill -9) from a live one
+        busy = working(local / ".publishing") if local is not None else contextlib.nullcontext()
+        with busy:
+            try:
+                for p in sorted(Path(artifact_dir).rglob("*")):
+                    if p.is_file():
+                        rel = p.relative_to(artifact_dir).as_posix()
+                        if rel.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+                            raise IntegrityError(f"refusing to publish {rel}: weights must be safetensors (no pickle)")
+                        files[rel] = sha256_file(p)
+                        self.store.put_file(f"artifacts/{release_id}/{rel}", p)
+                manifest = self._manifest(release_id, manifest, files)
+            except BaseException:
+                if self.store.get(f"releases/{release_id}/manifest.json") is None:
+                    self._unpublish(release_id, local)  # disk full, read-only, interrupted: no orphan left
+                raise
+        self.append_event(release_id, "registered", by=str(manifest.get("registered_by", "pipeline")))
+        return manifest
+
+    def _unpublish(self, release_id: str, local: Path | None) -> None:
+        with contextlib.suppress(Exception):
+            for key in self.store.list(f"artifacts/{release_id}"):
+                self.store.delete(key)
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def _manifest(self, release_id: str, manifest: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
         manifest = dict(manifest) | {
             "id": release_id,
             "created_at": manifest.get("created_at") or now(),
@@ -149,12 +173,15 @@ class Registry:
             },
         }
         self.store.put(f"releases/{release_id}/manifest.json", _dumps(manifest), if_none_match=True)
-        self.append_event(release_id, "registered", by=str(manifest.get("registered_by", "pipeline")))
         return manifest
 
     def manifest(self, release_id: str) -> dict[str, Any] | None:
         blob = self.store.get(f"releases/{release_id}/manifest.json")
-        return json.loads(blob.data) if blob else None
+        return self._loads(blob.data, f"releases/{release_id}/manifest.json", dict) if blob else None
+
+    def _loads(self, data: bytes, key: str, expect: type = object) -> Any:
+        """A registry document, or RegistryDamaged naming it and pointing to `mlops doctor` (exit 4)."""
+        return loads(data, f"{self.store.uri}/{key}", expect)
 
     def require(self, release_id: str) -> dict[str, Any]:
         m = self.manifest(release_id)
@@ -165,14 +192,14 @@ class Registry:
 
     def history(self, release_id: str) -> list[dict[str, Any]]:
         blob = self.store.get(f"releases/{release_id}/history.json")
-        return list(json.loads(blob.data)) if blob else []
+        return list(self._loads(blob.data, f"releases/{release_id}/history.json", list)) if blob else []
 
     def append_event(self, release_id: str, event: str, by: str = "pipeline", **detail: Any) -> None:
         key = f"releases/{release_id}/history.json"
         entry = {"at": now(), "event": event, "by": by} | ({"detail": detail} if detail else {})
         for attempt in range(CAS_RETRIES):
             blob = self.store.get(key)
-            items = json.loads(blob.data) if blob else []
+            items = self._loads(blob.data, key, list) if blob else []
             items.append(entry)
             try:
                 if blob is None:
@@ -189,7 +216,7 @@ class Registry:
 
     def get_eval(self, release_id: str, suite: str) -> dict[str, Any] | None:
         blob = self.store.get(f"releases/{release_id}/evals/{suite}.json")
-        return json.loads(blob.data) if blob else None
+        return self._loads(blob.data, f"releases/{release_id}/evals/{suite}.json", dict) if blob else None
 
     def release_ids(self) -> list[str]:
         ids = {k.split("/")[1] for k in self.store.list("releases") if k.endswith("/manifest.json")}
@@ -260,7 +287,11 @@ class Registry:
         blob = self.store.get(STATE_KEY)
         if blob is None:
             return State(), None
-        return State.from_json(json.loads(blob.data)), blob.etag
+        doc = self._loads(blob.data, STATE_KEY, dict)
+        try:
+            return State.from_json(doc), blob.etag
+        except (TypeError, ValueError, AttributeError) as e:
+            raise RegistryDamaged(f"{self.store.uri}/{STATE_KEY}", f"unexpected content: {e}") from e
 
     def update_state(
         self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline", *, quiet: bool = False
@@ -278,6 +309,11 @@ class Registry:
                 return current
             for rid in new.referenced():
                 if self.manifest(rid) is None:
+                    if rid in current.referenced():  # not this change's doing: the registry is damaged
+                        raise RegistryDamaged(
+                            f"{self.store.uri}/releases/{rid}/manifest.json",
+                            "missing, but state.json routes or points to it",
+                        )
                     raise IntegrityError(f"refusing to route to {rid}: it has no manifest")
             if new.routing and sum(new.routing.values()) != 100:
                 raise UsageError(f"routing weights must sum to 100, got {new.routing}")

@@ -129,8 +129,12 @@ class LocalStore:
         return etag_of(data)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise InfraError(f"cannot delete {self._path(key)}: {e.strerror}") from e
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -143,13 +147,20 @@ class LocalStore:
         return sorted(out)
 
     def put_file(self, key: str, path: Path) -> None:
-        atomic_write(self._path(key), Path(path).read_bytes())
+        # disk full or read-only: one line naming the file (exit 4), not an internal OSError
+        try:
+            atomic_write(self._path(key), Path(path).read_bytes())
+        except OSError as e:
+            raise InfraError(f"cannot write {self._path(key)}: {e.strerror or e}") from e
 
     def get_file(self, key: str, path: Path) -> None:
         src = self._path(key)
         if not src.exists():
             raise InfraError(f"{self.uri}/{key} is missing")
-        atomic_write(Path(path), src.read_bytes())
+        try:
+            atomic_write(Path(path), src.read_bytes())
+        except OSError as e:
+            raise InfraError(f"cannot copy {src} to {path}: {e.strerror or e}") from e
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

@@ -30,9 +30,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mlops import plugins
 from mlops.errors import InfraError, MlopsError
 from mlops.registry.releases import STATE_KEY, Registry, State
-from mlops.serving.engine import Engine
+from mlops.serving.base import Engine, EngineFactory
 
 log = logging.getLogger("mlops.serve")
 
@@ -70,8 +71,10 @@ class ReleasePool:
         watch_interval: float = 0.02,
         threads: int | None = None,
         retain: float = DEFAULT_RETAIN_S,
+        engine: str = "builtin",  # deploy.engine: a name in mlops.plugins.ENGINES
     ) -> None:
         self.registry = registry
+        self.engine_name = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.threads = threads
@@ -245,7 +248,8 @@ class ReleasePool:
                 return eng
             try:
                 path = self.registry.artifact_dir(release_id)
-                eng = Engine(path, max_batch_size=self.max_batch_size, max_queue=self.max_queue, threads=self.threads)
+                factory: EngineFactory = plugins.load("engine", self.engine_name)
+                eng = factory(path, max_batch_size=self.max_batch_size, max_queue=self.max_queue, threads=self.threads)
             except MlopsError as err:
                 self._failed[release_id] = (err.headline, time.monotonic())
                 raise

@@ -13,6 +13,7 @@ limits (documented in the README's "Serving limits" table):
     temperature       a finite number in 0 .. 2; null means 0 (greedy)
     seed              an integer in [-2^63, 2^64)
     stop              a string or a list of at most 4 strings of at most 256 characters
+    n                 1 (one choice per request)
     model             a name of at most 128 characters; an unknown one is 404, echoed truncated
 """
 
@@ -106,6 +107,8 @@ def gen_request(body: dict[str, Any], chat: bool, template: str, default_max_tok
     temperature = _number(body, "temperature")
     if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
         raise ClientError(400, f"temperature must be within 0..{MAX_TEMPERATURE:g}, got {temperature:g}", "temperature")
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):  # one choice per request
+        raise ClientError(400, f"n must be 1 (one choice per request), got {shown(body.get('n'))}", "n")
     if not isinstance(body.get("stream", False), bool):
         raise ClientError(400, "stream must be true or false", "stream")
     user = body.get("user")

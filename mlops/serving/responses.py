@@ -11,8 +11,9 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from mlops.errors import InfraError, MlopsError
+from mlops.serving.base import Engine
 from mlops.serving.context import Ctx, overloaded, record_shadow
-from mlops.serving.engine import Engine, EngineClosed, GenRequest, Overloaded
+from mlops.serving.engine import EngineClosed, GenRequest, Overloaded
 from mlops.serving.http import HEADER
 
 Meta = tuple[str, int, bool]  # (response id, created, chat)

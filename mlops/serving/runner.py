@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from starlette.applications import Starlette
 from mlops.config import Loaded
 from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
+from mlops.monitor.capture import wrap as capture_wrap
 from mlops.registry.releases import Registry
 from mlops.serving.faults import Fault
 from mlops.serving.http import MAX_HEADER_BYTES, LimitedH11Protocol
@@ -54,6 +57,7 @@ def build(
         max_queue=d.server.max_queue,
         threads=threads,
         retain=retain,
+        engine=d.engine,
     )
     opts = ServerOptions(
         model_name=d.model,
@@ -136,15 +140,24 @@ def serve_in_thread(
         pool.close()
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in the main thread, so `finally` blocks run and an engine
+    that owns a child process (vllm) stops it rather than orphaning it. uvicorn handles SIGTERM
+    itself while it serves (graceful drain), then restores this handler and re-raises to it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -> None:
     import uvicorn
 
     pool, opts = build(loaded, registry, threads=SERVE_THREADS)
     check_bind(host, opts.api_key)
-    pool.start()
+    exit_on_sigterm()
     try:
+        pool.start()
         uvicorn.run(
-            create_app(pool, opts),
+            capture_wrap(create_app(pool, opts), loaded, registry.store),  # user traffic only; flushed at exit
             host=host,
             port=port,
             log_level="info",

@@ -36,8 +36,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mlops.errors import InfraError, MlopsError
+from mlops.serving.base import Engine
 from mlops.serving.context import Ctx, ServerOptions, overloaded, record_shadow
-from mlops.serving.engine import BadRequest, Engine, EngineClosed, GenRequest, Overloaded
+from mlops.serving.engine import BadRequest, EngineClosed, GenRequest, Overloaded
 from mlops.serving.exposition import prometheus
 from mlops.serving.http import HEADER, ReleaseHeader, error
 from mlops.serving.pool import ReleasePool

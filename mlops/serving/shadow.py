@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mlops.registry.releases import State
-from mlops.serving.engine import Engine, GenRequest
+from mlops.serving.base import Engine
+from mlops.serving.engine import GenRequest
 from mlops.serving.routing import bucket
 from mlops.serving.stats import percentile
 

@@ -43,6 +43,7 @@ class TinyGPT(nn.Module):
         self.wpe = nn.Embedding(n_positions, n_embd)
         self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, eps=1e-5)
+        self.gradient_checkpointing = False  # recompute each block in backward: memory for compute
         # GPT-2's initialisation: N(0, 0.02), residual projections scaled by depth
         for name, p in self.named_parameters():
             if p.dim() == 2:
@@ -55,7 +56,12 @@ class TinyGPT(nn.Module):
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.wte(ids) + self.wpe(pos)
         for blk in self.h:
-            x = blk(x)
+            if self.gradient_checkpointing and self.training:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.ln_f(x) @ self.wte.weight.T  # tied head, as GPT-2
 
     def hf_state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Train one model and save it in Hugging Face format (config, safetensors, tokenizer.json).
 
 `train_model(job)` is a plain function: the local backend calls it in-process and
-`functions/train.py` wraps the very same function in a Modal GPU function.
+`functions/train.py` wraps the very same function in a Modal GPU function. With `runs_dir` set it
+checkpoints (see checkpoint.py) and a call with the same fingerprint resumes where the last one
+stopped, ending with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -11,55 +13,27 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mlops.errors import ConfigError
 from mlops.training.data import read_jsonl
+from mlops.training.job import NOT_WEIGHTS, TrainJob, TrainResult, job_from_config
+from mlops.training.setup import Setup, build
+
+__all__ = ["Progress", "TrainJob", "TrainResult", "job_from_config", "train_model"]
 
 Progress = Callable[[dict[str, float]], None]
+EVAL_SAMPLE = 64  # examples in the fixed eval sample (eval_every)
 
 
-@dataclass
-class TrainJob:
-    model_name: str
-    dataset_path: str
-    out_dir: str
-    base: str = "scratch"
-    method: str = "full"
-    prompt: str = "{input}"
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    threads: int | None = None
-    arch: dict[str, int] = field(default_factory=lambda: {"n_layer": 3, "n_embd": 128, "n_head": 4, "n_positions": 64})
-    lora: dict[str, Any] = field(
-        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]}
-    )
-    input_field: str = "input"
-    target_field: str = "expected"
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    steps: int
-    final_loss: float
-    seconds: float
-    tokens_per_s: float
-    parameters: int
-    device: str
-
-
-def _lr_at(step: int, job: TrainJob) -> float:
+def _lr_factor(step: int, job: TrainJob) -> float:
+    """Linear warmup, then cosine down to 10% of the peak."""
     if step < job.warmup_steps:
-        return job.lr * (step + 1) / job.warmup_steps
+        return (step + 1) / job.warmup_steps
     progress = (step - job.warmup_steps) / max(1, job.steps - job.warmup_steps)
-    return job.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -67,135 +41,211 @@ def _encode(tok: Any, text: str) -> list[int]:
     return ids
 
 
-def train_model(job: TrainJob, progress: Progress | None = None) -> TrainResult:  # noqa: C901 - one linear recipe
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+def encode_pairs(job: TrainJob, s: Setup, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (prompt, completion + eos); over the limit: an error, or cut with max_seq_len."""
+    if job.max_seq_len is not None and job.max_seq_len > s.max_len:
+        raise ConfigError(f"train.max_seq_len {job.max_seq_len} is over the model's context length {s.max_len}")
+    limit = job.max_seq_len or s.max_len
+    out = []
+    for p, c in pairs:
+        pi, ci = _encode(s.tok, p), [*_encode(s.tok, c), s.eos_id]
+        if len(pi) + len(ci) > limit:
+            if job.max_seq_len is None:
+                raise ConfigError(
+                    f"{job.dataset_path}: an example is {len(pi) + len(ci)} tokens, over n_positions={limit} "
+                    "(set train.max_seq_len to truncate)"
+                )
+            # keep the completion (what is learnt) and the end of the prompt, nearest to it
+            ci = ci[: limit - 1]
+            pi = pi[len(pi) - (limit - len(ci)) :] if limit > len(ci) else []
+        out.append((pi, ci))
+    return out
 
-    from mlops.training.lora import apply_lora, merge_lora
-    from mlops.training.model import TinyGPT
-    from mlops.training.tokenizer import EOS, PAD, build_char_tokenizer, save_tokenizer
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(p) + len(c) for p, c in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (p, c) in enumerate(batch):
+        seq = p + c
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(p) : len(seq)] = torch.tensor(c)  # loss on the completion only
+    return ids, labels, mask
+
+
+def _loss_sum(s: Setup, ids: Any, labels: Any, mask: Any) -> Any:
+    """Summed token loss (the caller divides by the step's token count, so accumulation is exact)."""
+    import torch.nn.functional as F  # noqa: N812
+
+    if s.lean:  # the lean GPT-2 (right padding, so causal attention suffices)
+        logits = s.model(ids)
+    else:
+        logits = s.model(input_ids=ids, attention_mask=mask).logits
+    logits = logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), reduction="sum")
+
+
+def _eval_loss(s: Setup, sample: list[tuple[list[int], list[int]]], dev: str, prec: str) -> float:
+    import torch
+
+    from mlops.training.runtime import autocast
+
+    s.model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad(), autocast(prec, dev):
+        for i in range(0, len(sample), 16):
+            ids, labels, mask = (t.to(dev) for t in _collate(sample[i : i + 16], s.pad_id))
+            total += float(_loss_sum(s, ids, labels, mask))
+            n += int((labels[:, 1:] != -100).sum())
+    s.model.train()
+    return total / max(n, 1)
+
+
+def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/checkpoint/runtime
+    job: TrainJob, progress: Progress | None = None, on_checkpoint: Callable[[Path], None] | None = None
+) -> TrainResult:
+    import torch
+
+    from mlops.training import runtime
+    from mlops.training.checkpoint import Checkpointer, fingerprint, rng_state, set_rng_state
 
     t0 = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
+    dev = runtime.device()
+    prec = runtime.resolve_precision(job.precision, dev, job.method)
+    runtime.reset_peak(dev)
     torch.manual_seed(job.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = read_jsonl(Path(job.dataset_path), job.input_field, job.target_field)
     pairs = [(job.prompt.format(input=r.input), r.expected or "") for r in rows]
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    model: Any
-    hf_model: Any
-    if job.base == "scratch":
-        if job.method == "lora":
-            raise ConfigError("method: lora needs a pretrained base, not 'scratch'")
-        hf_tok = None
-        tok = build_char_tokenizer([p + c for p, c in pairs])
-        pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
-        arch: dict[str, Any] = dict(job.arch)
-        cfg = GPT2Config(
-            vocab_size=tok.get_vocab_size(), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **arch
-        )
-        hf_model = GPT2LMHeadModel(cfg)
-        model = TinyGPT(cfg.vocab_size, **job.arch)
-        max_len = job.arch["n_positions"]
-    else:
-        from transformers import AutoTokenizer
-
-        hf_model = None
-        hf_tok = AutoTokenizer.from_pretrained(job.base)
-        tok = hf_tok.backend_tokenizer
-        eos_id = hf_tok.eos_token_id
-        pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos_id
-        model = AutoModelForCausalLM.from_pretrained(job.base, dtype=torch.float32)
-        max_len = int(getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
-
-    encoded = []
-    for p, c in pairs:
-        pi, ci = _encode(tok, p), [*_encode(tok, c), eos_id]
-        if len(pi) + len(ci) > max_len:
-            raise ConfigError(
-                f"{job.dataset_path}: an example is {len(pi) + len(ci)} tokens, over n_positions={max_len}"
-            )
-        encoded.append((pi, ci))
-
-    if job.method == "lora":
-        params = apply_lora(
-            model, **{k: job.lora[k] for k in ("r", "alpha", "dropout")}, targets=job.lora["target_modules"]
-        )
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    model.to(device).train()
+    s = build(job, pairs, dev, prec)
+    encoded = encode_pairs(job, s, pairs)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    trainable = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, job))
+    scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
     gen = torch.Generator().manual_seed(job.seed)
-    n = len(encoded)
-    tokens_seen, loss_ema, last = 0, float("nan"), 0.0
-    t_train = time.perf_counter()
-    for step in range(job.steps):
-        idx = torch.randint(0, n, (job.batch_size,), generator=gen).tolist()
-        batch = [encoded[i] for i in idx]
-        width = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (p, c) in enumerate(batch):
-            seq = p + c
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, len(p) : len(seq)] = torch.tensor(c)  # loss on the completion only
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, job)
-        if hf_model is not None:  # from scratch: the lean GPT-2 (right padding, so causal attention suffices)
-            logits = model(ids)[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        else:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    fp = fingerprint({k: v for k, v in asdict(job).items() if k not in NOT_WEIGHTS}, Path(job.dataset_path))
+    ck: Checkpointer | None = None
+    start, tokens_seen, loss_ema, prior_s, eval_loss = 0, 0, float("nan"), 0.0, None
+    if job.runs_dir:
+        ck = Checkpointer(Path(job.runs_dir) / f"{job.model_name}-{fp[:16]}", fp, job.keep_checkpoints, on_checkpoint)
+        resumed = ck.latest(trainable)
+        if resumed is not None:
+            st = resumed.state
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            if scaler is not None and st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            set_rng_state(st["rng"], gen)
+            start, tokens_seen, loss_ema = resumed.step, int(st["tokens"]), float(st["loss_ema"])
+            prior_s, eval_loss = float(st["train_seconds"]), st.get("eval_loss")
+    resumed_from = start
+    sample = encoded[:EVAL_SAMPLE]
+    s.model.train()
+    n, last = len(encoded), loss_ema
+    session_tokens = 0
+    t_train = last_ck = time.perf_counter()
+    for step in range(start, job.steps):
+        micro = [
+            [encoded[i] for i in torch.randint(0, n, (job.batch_size,), generator=gen).tolist()]
+            for _ in range(job.grad_accum)
+        ]
+        n_tok = sum(len(c) for b in micro for _, c in b)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for b in micro:
+            ids, labels, mask = (t.to(dev) for t in _collate(b, s.pad_id))
+            with runtime.autocast(prec, dev):
+                loss = _loss_sum(s, ids, labels, mask) / n_tok
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.item()
+            session_tokens += int(mask.sum())
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        tokens_seen += int(mask.sum())
-        last = loss.item()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        last = step_loss
         loss_ema = last if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * last
+        done = step + 1
+        evaluated = bool(job.eval_every and done % job.eval_every == 0)
+        if evaluated:
+            eval_loss = _eval_loss(s, sample, dev, prec)
+        now = time.perf_counter()
+        due = (job.checkpoint_every_steps and done % job.checkpoint_every_steps == 0) or (
+            job.checkpoint_every_s is not None and now - last_ck >= job.checkpoint_every_s
+        )
+        if ck is not None and due and done < job.steps:
+            state = {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "rng": rng_state(gen),
+                "tokens": tokens_seen + session_tokens,
+                "loss_ema": loss_ema,
+                "train_seconds": prior_s + now - t_train,
+                "eval_loss": eval_loss,
+            }
+            ck.save(done, trainable, state, {"loss_ema": loss_ema})
+            last_ck = time.perf_counter()
         if progress is not None:
             elapsed = time.perf_counter() - t_train
-            progress({"step": step + 1, "loss": loss_ema, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
-    if not math.isfinite(last):
+            tick = {"step": done, "loss": loss_ema, "tokens_per_s": session_tokens / max(elapsed, 1e-9)}
+            progress(tick | ({"eval_loss": eval_loss} if evaluated and eval_loss is not None else {}))
+    if start < job.steps and not math.isfinite(last):
         from mlops.errors import InfraError
 
         raise InfraError(f"training diverged: loss is {last}")
     seconds = time.perf_counter() - t_train
 
-    if job.method == "lora":
-        merge_lora(model)
-    if hf_model is not None:
-        missing, unexpected = hf_model.load_state_dict(model.cpu().hf_state_dict(), strict=False)
-        if unexpected or any(not k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
-            raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
-        model = hf_model
-    model.eval().to("cpu")
-    model.generation_config.pad_token_id = pad_id
-    model.generation_config.eos_token_id = eos_id
-    model.generation_config.do_sample = False
-    model.save_pretrained(str(out), safe_serialization=True)
-    if hf_tok is not None:
-        hf_tok.save_pretrained(str(out))
-    else:
-        save_tokenizer(tok, out, max_len)
+    export = s.export(job)
+    export.eval().to("cpu")
+    export.generation_config.pad_token_id = s.pad_id
+    export.generation_config.eos_token_id = s.eos_id
+    export.generation_config.do_sample = False
+    export.save_pretrained(str(out), safe_serialization=True)
+    s.save_tokenizer(out)
+    gpu, count = runtime.gpu_type(job.gpu, dev)
+    gpu_seconds = round((prior_s + seconds) * count, 3)
     result = TrainResult(
         out_dir=str(out),
         steps=job.steps,
         final_loss=loss_ema,
         seconds=round(time.perf_counter() - t0, 3),
-        tokens_per_s=round(tokens_seen / max(seconds, 1e-9), 1),
-        parameters=sum(p.numel() for p in model.parameters()),
-        device=device,
+        tokens_per_s=round(session_tokens / max(seconds, 1e-9), 1),
+        parameters=sum(p.numel() for p in export.parameters()),
+        device=dev,
+        precision=prec,
+        tokens=tokens_seen + session_tokens,
+        gpu_type=gpu,
+        gpu_count=count,
+        gpu_seconds=gpu_seconds,
+        peak_memory_mb=runtime.peak_memory_mb(dev),
+        cost_usd=runtime.cost_usd(gpu, gpu_seconds, job.gpu_prices),
+        resumed_from_step=resumed_from,
+        checkpoints_written=ck.written if ck is not None else 0,
+        eval_loss=eval_loss,
+        fingerprint=fp,
     )
     meta = {
-        "job": asdict(job) | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path)},
+        "job": asdict(job) | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path), "runs_dir": None},
         "result": asdict(result) | {"out_dir": None},
     }
     (out / "mlops_train.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if ck is not None:
+        ck.clear()  # the artifact is written: this run is done and its checkpoints are spent
     return result

@@ -1,0 +1,139 @@
+"""Monitoring costs: what capture adds to serving, and `mlops monitor` over 100k captured requests.
+
+    python benchmarks/bench_monitor.py [--steps 40] [--requests 400] [--reps 5] [--captured 100000]
+
+Trains one release of the shipped example's architecture briefly in a temporary copy of the
+example project, then:
+
+(i)  capture overhead: two `mlops serve` processes on the same registry, one with capture off
+     (`monitor.enabled=false`), one with the default capture (full text, every request); `--requests`
+     completions at concurrency 16 against each, alternating which goes first, `--reps` times.
+     Reported: p99 latency per side (the median over the reps) and on / off. Target <= 1.05.
+(ii) `mlops monitor --json` (the real CLI, its own process) over `--captured` requests written as
+     the capture writer writes them (1,000 per file, the example's kind of prompts, realistic
+     outputs, a few errors), embedding drift included. Reported: wall time and the child's peak
+     RSS (getrusage). Targets <= 10 s and <= 500 MB.
+
+Bounded: fixed request counts, deadlines on every phase, servers stopped before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serving import fixed_load, load_avg, make_project, mlops_serve, prompts  # noqa: E402
+
+from mlops.config import load  # noqa: E402
+from mlops.monitor.capture import chunk_key  # noqa: E402
+from mlops.pipeline import Session, train  # noqa: E402
+from mlops.rollout import promote  # noqa: E402
+
+
+def overhead(root: Path, requests: int, reps: int, max_seconds: float) -> dict[str, list[float]]:
+    bodies = prompts(requests)
+    p99: dict[str, list[float]] = {"off": [], "on": []}
+    with mlops_serve(root, "monitor.enabled=false") as off, mlops_serve(root) as on:
+        urls = {"off": off, "on": on}
+        for url in urls.values():
+            asyncio.run(fixed_load(url, bodies[:64], 16, time.monotonic() + 60))  # warm up
+        for rep in range(reps):
+            for name in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                r = asyncio.run(fixed_load(urls[name], bodies, 16, time.monotonic() + max_seconds))
+                assert r["failed"] == 0, r
+                p99[name].append(r["p99"])
+    return p99
+
+
+def write_capture(root: Path, n: int, per_file: int = 1000) -> None:
+    """`n` records as the capture writer writes them, over the last hour."""
+    rng = random.Random(0)
+    base = root / ".mlops"
+    now = time.time() - 3600
+    rel = json.loads((base / "state.json").read_text())["stages"]["production"]
+    for start in range(0, n, per_file):
+        lines = []
+        for i in range(start, min(n, start + per_file)):
+            x = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 10)))
+            out = x[::-1] if rng.random() < 0.9 else ""
+            status = 200 if rng.random() > 0.002 else 503
+            rec = {
+                "v": 1, "id": f"cmpl-{uuid.UUID(int=rng.getrandbits(128)).hex[:16]}", "time": now + i * 0.03,
+                "source": "local", "release": rel, "route": "completions", "status": status,
+                "latency_s": rng.uniform(0.005, 0.05), "stream": False, "max_tokens": 16,
+                "prompt_tokens": len(x) + 1, "completion_tokens": len(out) + 1, "finish_reason": "stop",
+                "prompt_len": len(x) + 1, "output_len": len(out), "prompt": x + "=", "output": out,
+            }  # fmt: skip
+            lines.append(json.dumps(rec, separators=(",", ":")))
+        first, last = json.loads(lines[0])["time"], json.loads(lines[-1])["time"]
+        path = base / chunk_key(first, last, "local")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+
+
+def monitor_run(root: Path) -> tuple[float, float, dict[str, object]]:
+    """(wall s, peak RSS MB, report) of `mlops monitor --json` in its own process."""
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "mlops.cli.main", "monitor", "--json"],
+        cwd=root, capture_output=True, text=True, timeout=300, env=os.environ | {"MLOPS_WANDB": "disabled"},
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    if r.returncode not in (0, 3):
+        raise SystemExit(f"mlops monitor failed ({r.returncode}): {r.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    return wall, peak, json.loads(r.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="training steps (brief)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per run, concurrency 16")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions of on and off")
+    ap.add_argument("--captured", type=int, default=100_000, help="captured requests for mlops monitor")
+    ap.add_argument("--max-seconds", type=float, default=240, help="deadline of each measured run")
+    ap.add_argument("--skip-serving", action="store_true", help="only (ii)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
+    try:
+        root = make_project(tmp, args.steps)
+        s = Session.open(load(root / "mlops.yaml"))
+        rid = str(train(s, "tiny")["release"])
+        promote(s.backend, rid, reason="bench")
+        print(f"trained {rid}; load average {load_avg()} on {os.cpu_count()} cores")
+        gc.collect()
+        gc.freeze()
+        if not args.skip_serving:
+            p99 = overhead(root, args.requests, args.reps, args.max_seconds)
+            off, on = statistics.median(p99["off"]), statistics.median(p99["on"])
+            print(f"(i) p99 at c=16, capture off: {off * 1000:.1f} ms  {[round(v * 1000, 1) for v in p99['off']]}")
+            print(f"    p99 at c=16, capture on:  {on * 1000:.1f} ms  {[round(v * 1000, 1) for v in p99['on']]}")
+            print(f"    ratio on / off (medians of {args.reps}): {on / off:.3f}   target <= 1.05")
+            shutil.rmtree(root / ".mlops" / "monitor", ignore_errors=True)  # (ii) reads only its own
+        write_capture(root, args.captured)
+        wall, peak, rep = monitor_run(root)
+        print(
+            f"(ii) mlops monitor over {rep['requests']:,} requests ({rep['files']} files): "
+            f"{wall:.1f} s, peak RSS {peak:.0f} MB   targets <= 10 s, <= 500 MB; verdict {rep['verdict']}"
+        )
+        print(f"load average at the end: {load_avg()}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Monitoring commands: `mlops monitor` (drift, cost, SLOs, live quality; exit 3 on drift) and
+`mlops feedback` (a label for a captured request)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.errors import GateFailed, UsageError
+
+
+def _registry(loaded: Any) -> Any:
+    from mlops.registry.releases import Registry
+    from mlops.registry.store import open_store
+
+    return Registry(open_store(loaded.cfg.storage, base_dir=loaded.root))
+
+
+def _reference(text: str | None, now: float) -> tuple[float, float] | None:
+    """'7d..1d': traffic from 7 days ago until 1 day ago."""
+    from mlops.monitor.traffic import parse_age
+
+    if text is None:
+        return None
+    old, sep, new = text.partition("..")
+    if not sep:
+        raise UsageError(f"--reference {text!r}: expected OLDEST..NEWEST ages, e.g. 7d..1d")
+    a, b = now - parse_age(old), now - parse_age(new or "0")
+    if a >= b:
+        raise UsageError(f"--reference {text!r}: the first age must be the older one")
+    return a, b
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def monitor(
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+        since: Annotated[
+            str | None, typer.Option("--since", help="Window: 24h, 30m, 7d (default monitor.window).")
+        ] = None,
+        release: Annotated[str | None, typer.Option("--release", help="Only this release's traffic.")] = None,
+        reference: Annotated[
+            str | None, typer.Option("--reference", help="Compare with earlier traffic, e.g. 7d..1d (default: data).")
+        ] = None,
+        markdown: Annotated[bool, typer.Option("--markdown", help="Print the markdown report (the default).")] = False,
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report to a file.")] = None,
+    ) -> None:
+        """Drift of captured traffic against the serving release's data; cost, SLOs, live quality.
+
+        Exit 3 when a statistic crosses its threshold in `monitor.thresholds` (named on stderr);
+        0 when all are within, or when there is no traffic in the window."""
+        from mlops.monitor.analyze import analyze
+        from mlops.monitor.report import to_markdown
+        from mlops.monitor.traffic import parse_age
+        from mlops.report import write_step_summary
+
+        loaded = load_config(config, set_)
+        now = time.time()
+        window = parse_age(since) if since is not None else loaded.cfg.monitor.window
+        ref = _reference(reference, now)
+        reg = _registry(loaded)
+        rep = analyze(loaded, reg, now - window, now, release, ref, say=say_fn(json_))
+        md = to_markdown(rep)
+        write_step_summary(md)
+        if out is not None:
+            out.write_text(json.dumps(rep, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
+            err.print(f"wrote {out}", markup=False)
+        if json_:
+            emit(rep, True)
+        elif markdown or out is None:
+            sys.stdout.write(md)
+        _track(loaded, rep)
+        if rep["verdict"] == "no traffic":
+            err.print(rep["message"], markup=False, highlight=False)
+        if rep["drifted"]:
+            crossed = [c for c in rep["checks"] if c["drifted"]]
+            names = ", ".join(f"{c['name']} {c['value']:.4g} (threshold {c['threshold']:g})" for c in crossed)
+            raise GateFailed(f"drift: {names}")
+
+    @app.command()
+    def feedback(
+        request_id: Annotated[str, typer.Argument(help="The `id` of a served response (captured).")],
+        label: Annotated[str, typer.Argument(help="The answer it should have given.")],
+        config: ConfigOpt = Path("mlops.yaml"),
+        set_: SetOpt = None,
+        json_: JsonOpt = False,
+    ) -> None:
+        """Attach a label to a captured request; `mlops monitor` scores labelled traffic with the suite."""
+        from mlops.monitor.traffic import add_feedback
+
+        loaded = load_config(config, set_)
+        doc = add_feedback(_registry(loaded).store, request_id, label, loaded.cfg.monitor.sample_rate)
+        emit(doc, json_, f"labelled {request_id} (release {doc['release']})")
+
+
+def _track(loaded: Any, rep: dict[str, Any]) -> None:
+    """One W&B run per monitor run (offline by default, as everywhere)."""
+    from mlops.tracking import Tracker
+
+    if rep["verdict"] == "no traffic":
+        return
+    t = Tracker(loaded, "monitor", {"release": rep["release"], "since": rep["since"], "until": rep["until"]})
+    try:
+        values = {f"monitor/{c['name']}": c["value"] for c in rep["checks"] if c["value"] is not None}
+        t.log(values | {"monitor/requests": rep["requests"], "monitor/drifted": len(rep["drifted"])})
+        t.summary({"verdict": rep["verdict"], "drifted": ",".join(rep["drifted"])})
+    finally:
+        t.finish(3 if rep["drifted"] else 0)
+
+
+def validate_data(loaded: Any, json_: bool) -> None:
+    """`mlops validate --data`: every dataset's checks; exit 1 on an error-level finding."""
+    from mlops.errors import ConfigError
+    from mlops.monitor.datachecks import run_checks
+
+    res = run_checks(loaded)
+    if json_:
+        emit(res, True)
+    else:
+        for name, d in res["datasets"].items():
+            worst = "error" if any(f["severity"] == "error" for f in d["findings"]) else "ok"
+            err.print(f"{name}: {d['rows']} rows, {worst}", markup=False, highlight=False)
+            for f in d["findings"]:
+                err.print(f"  {f['severity']}: {f['line']}", markup=False, highlight=False, soft_wrap=True)
+    if not res["ok"]:
+        bad = [f["line"] for d in res["datasets"].values() for f in d["findings"] if f["severity"] == "error"]
+        raise ConfigError(f"data checks failed: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    emit({}, False, f"data checks passed ({len(res['datasets'])} dataset(s))") if not json_ else None

@@ -1,0 +1,227 @@
+"""Data checks declared per dataset (`datasets.<name>.checks`), and a dataset's profile for drift.
+
+Checks: JSON rows, required fields and their types, input length range (`min_length: 1` refuses
+empty inputs), duplicate inputs, and leakage (a training row whose input is also in an eval set).
+`mlops validate --data` runs them all; training runs those of its dataset and refuses to start on
+an error, naming the rows by line number. Findings at `warn` are reported and do not block.
+
+The profile (row count, input length histogram, character counts) is stored in a release's lineage;
+the next release of the model records its dataset drift against it (PSI of length, JS of chars).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlops.config import Loaded
+from mlops.errors import ConfigError, InfraError
+
+TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+}
+SHOW_ROWS = 10  # line numbers named per finding
+DRIFT_ENV = "MLOPS_DRIFT_REPORT"
+
+
+class DataCheckFailed(ConfigError):
+    """A dataset failed an error-level check: training does not start (exit 1)."""
+
+
+@dataclass
+class Finding:
+    dataset: str
+    check: str
+    severity: str  # "error" | "warn"
+    message: str
+    rows: list[int] = field(default_factory=list)  # 1-based line numbers
+
+    def line(self, path: str) -> str:
+        shown = ", ".join(str(r) for r in self.rows[:SHOW_ROWS])
+        more = f" and {len(self.rows) - SHOW_ROWS} more" if len(self.rows) > SHOW_ROWS else ""
+        where = f" (lines {shown}{more})" if self.rows else ""
+        return f"{path}: {self.check}: {self.message}{where}"
+
+
+def _read(path: Path) -> tuple[list[tuple[int, Any]], list[int]]:
+    """(line number, parsed row) for every non-blank line, and the lines that are not JSON."""
+    rows, bad = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise InfraError(f"cannot read {path}: {e.strerror}") from e
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except ValueError:
+            bad.append(i)
+    return rows, bad
+
+
+def _inputs(loaded: Loaded, name: str) -> dict[str, list[int]]:
+    ds = loaded.cfg.datasets[name]
+    out: dict[str, list[int]] = {}
+    for i, row in _read(loaded.dataset_path(name))[0]:
+        if isinstance(row, dict) and isinstance(row.get(ds.input_field), str):
+            out.setdefault(row[ds.input_field], []).append(i)
+    return out
+
+
+def check_dataset(loaded: Loaded, name: str) -> tuple[int, list[Finding]]:
+    """(rows, findings) of one dataset's declared checks, leakage included."""
+    ds = loaded.cfg.datasets[name]
+    ck = ds.checks
+    rows, bad = _read(loaded.dataset_path(name))
+    found: list[Finding] = []
+    if bad:
+        found.append(Finding(name, "json", "error", f"{len(bad)} line(s) are not JSON", bad))
+    if not rows and not bad:
+        found.append(Finding(name, "empty", "error", "the dataset has no rows"))
+    required = ck.required or {ds.input_field: "str", ds.target_field: "str"}
+    not_obj = [i for i, r in rows if not isinstance(r, dict)]
+    if not_obj:
+        found.append(Finding(name, "json", "error", f"{len(not_obj)} row(s) are not JSON objects", not_obj))
+    objs = [(i, r) for i, r in rows if isinstance(r, dict)]
+    for key, tname in required.items():
+        missing = [i for i, r in objs if r.get(key) is None]
+        wrong = [i for i, r in objs if r.get(key) is not None and not _is(r[key], tname)]
+        if missing:
+            found.append(Finding(name, "required", "error", f"{len(missing)} row(s) lack {key!r}", missing))
+        if wrong:
+            found.append(Finding(name, "types", "error", f"{len(wrong)} row(s) have {key!r} not a {tname}", wrong))
+    inputs = [(i, r[ds.input_field]) for i, r in objs if isinstance(r.get(ds.input_field), str)]
+    short = [i for i, x in inputs if len(x.strip()) < ck.min_length]
+    if short:
+        what = "empty" if ck.min_length <= 1 else f"shorter than {ck.min_length} characters"
+        found.append(Finding(name, "length", "error", f"{len(short)} input(s) {what}", short))
+    if ck.max_length is not None:
+        long = [i for i, x in inputs if len(x) > ck.max_length]
+        if long:
+            msg = f"{len(long)} input(s) longer than {ck.max_length} characters"
+            found.append(Finding(name, "length", "error", msg, long))
+    if ck.duplicates != "allow":
+        seen: set[str] = set()
+        dups = []
+        for i, x in inputs:
+            if x in seen:
+                dups.append(i)
+            seen.add(x)
+        if dups:
+            found.append(Finding(name, "duplicates", ck.duplicates, f"{len(dups)} row(s) repeat an input", dups))
+    if ck.leakage != "allow" and name in {m.dataset for m in loaded.cfg.models.values()}:
+        for suite, ev in sorted(loaded.cfg.evals.items()):
+            if ev.dataset == name:
+                continue
+            held = set(_inputs(loaded, ev.dataset))
+            train_rows = [i for i, x in inputs if x in held]
+            if train_rows:
+                msg = f"{len(train_rows)} training row(s) have an input that is in eval set {suite!r}"
+                found.append(Finding(name, "leakage", ck.leakage, msg, train_rows))
+    return len(rows), found
+
+
+def _is(value: Any, tname: str) -> bool:
+    if tname in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, TYPES[tname])
+
+
+def run_checks(loaded: Loaded, names: list[str] | None = None) -> dict[str, Any]:
+    """Every dataset's checks (or `names`'): what `mlops validate --data` prints."""
+    result: dict[str, Any] = {"ok": True, "datasets": {}}
+    for name in names or list(loaded.cfg.datasets):
+        n, found = check_dataset(loaded, name)
+        path = loaded.cfg.datasets[name].path
+        result["datasets"][name] = {
+            "path": path,
+            "rows": n,
+            "findings": [asdict(f) | {"line": f.line(path)} for f in found],
+        }
+        if any(f.severity == "error" for f in found):
+            result["ok"] = False
+    return result
+
+
+def require_clean(loaded: Loaded, model: str) -> dict[str, Any]:
+    """Training's gate: the model's dataset passes its checks, or DataCheckFailed names the rows."""
+    name = loaded.cfg.models[model].dataset
+    res = run_checks(loaded, [name])
+    errors = [f["line"] for f in res["datasets"][name]["findings"] if f["severity"] == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more failed check(s); `mlops validate --data`)" if len(errors) > 1 else ""
+        raise DataCheckFailed(f"training refused: {errors[0]}{more}")
+    return res
+
+
+def profile(loaded: Loaded, name: str) -> dict[str, Any]:
+    """What the next release compares its data with: rows, input lengths, characters."""
+    ds = loaded.cfg.datasets[name]
+    rows, _ = _read(loaded.dataset_path(name))
+    xs = [r[ds.input_field] for _, r in rows if isinstance(r, dict) and isinstance(r.get(ds.input_field), str)]
+    lengths = Counter(len(x) for x in xs)
+    chars = Counter("".join(xs)).most_common(200)
+    return {
+        "dataset": name,
+        "rows": len(xs),
+        "lengths": {str(k): v for k, v in sorted(lengths.items())},
+        "chars": dict(chars),
+    }
+
+
+def profile_drift(prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
+    """Dataset drift between two profiles: PSI of input length, Jensen-Shannon of characters."""
+    from mlops.monitor import stats
+
+    def expand(lengths: dict[str, int]) -> list[int]:
+        return [int(k) for k, v in lengths.items() for _ in range(int(v))]
+
+    cd = stats.char_drift(Counter(prev.get("chars", {})), Counter(cur.get("chars", {})))
+    return {
+        "rows": [prev.get("rows"), cur.get("rows")],
+        "input_length_psi": round(stats.psi(expand(prev.get("lengths", {})), expand(cur.get("lengths", {}))), 6),
+        "char_js": round(cd["js"], 6),
+    }
+
+
+def before_training(loaded: Loaded, registry: Any, model: str) -> dict[str, Any]:
+    """Training's hook: refuse on a failed check (DataCheckFailed names the rows); otherwise the
+    lineage entries: this data's profile, and its drift against the previous release's data."""
+    require_clean(loaded, model)
+    prof = profile(loaded, loaded.cfg.models[model].dataset)
+    prev_id = registry.read_state()[0].stages.get("production")
+    prev = registry.manifest(prev_id) if prev_id else None
+    prev_prof = (prev or {}).get("lineage", {}).get("data_profile") if (prev or {}).get("model") == model else None
+    drift = profile_drift(prev_prof, prof) | {"against": prev_id} if prev_prof else None
+    return {"data_profile": prof, "dataset_drift": drift, "drift_trigger": drift_trigger()}
+
+
+def drift_trigger() -> dict[str, Any] | None:
+    """The monitor report that started this training, when the nightly workflow passes one:
+    `mlops monitor --json --out drift.json` exits 3, then `MLOPS_DRIFT_REPORT=drift.json mlops run`."""
+    path = os.environ.get(DRIFT_ENV)
+    if not path:
+        return None
+    try:
+        rep = json.loads(Path(path).read_text(encoding="utf-8"))
+        crossed = [c for c in rep["checks"] if c.get("drifted")]
+        return {
+            "release": rep.get("release"),
+            "window": [rep.get("since"), rep.get("until")],
+            "requests": rep.get("requests"),
+            "drifted": [{k: c.get(k) for k in ("name", "value", "threshold")} for c in crossed],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{DRIFT_ENV}={path}: not a readable `mlops monitor --json` report ({e})") from e

@@ -1,0 +1,118 @@
+"""The monitor report as markdown, with the PR report's conventions: a hidden marker line (the
+nightly workflow finds its one issue by it), the verdict first, one table of checks, a Mermaid
+chart, then the details. Only our own text goes in; no captured prompt or output is quoted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MARKER = "<!-- mlops-monitor-report -->"
+GROUPS = {"input": "input drift", "response": "response drift", "cost": "cost", "slo": "SLO", "quality": "live quality"}
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def _own(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def _plain(v: float) -> str:
+    s = f"{v:.6f}".rstrip("0").rstrip(".")
+    return s if s not in ("-0", "") else "0"
+
+
+def _threshold(c: dict[str, Any]) -> str:
+    if c["threshold"] is None:
+        return "— (reported)"
+    op = "<=" if c["direction"] == "max" else ">="
+    return f"{op} {_num(c['threshold'])}" + (" and p < α" if c["p_value"] is not None else "")
+
+
+def _verdict(c: dict[str, Any]) -> str:
+    if c["drifted"]:
+        return "❌ drift"
+    return "✅ ok" if c["judged"] else "➖ not judged"
+
+
+def _chart(h: dict[str, Any]) -> list[str]:
+    edges = h.get("edges") or []
+    if len(edges) < 3:
+        return []
+    labels = ", ".join(f'"{a}-{b - 1}"' if b - 1 > a else f'"{a}"' for a, b in zip(edges, edges[1:], strict=False))
+    top = max([*h["reference"], *h["traffic"], 0.01]) * 1.1
+    return [
+        "",
+        "_Prompt length (characters), share of requests: first line the reference, second the traffic._",
+        "",
+        "```mermaid",
+        "xychart-beta",
+        '    title "Prompt length: reference vs traffic"',
+        f"    x-axis [{labels}]",
+        f'    y-axis "share" 0 --> {_plain(top)}',
+        f"    line [{', '.join(_plain(v) for v in h['reference'])}]",
+        f"    line [{', '.join(_plain(v) for v in h['traffic'])}]",
+        "```",
+    ]
+
+
+def to_markdown(rep: dict[str, Any]) -> str:
+    release = f"`{rep['release']}`" if rep.get("release") else "no production release"
+    lines = [MARKER, f"## {_icon(rep)} Monitor report: {release}, {rep['since']} → {rep['until']}", ""]
+    if rep["verdict"] == "no traffic":
+        lines.append(f"**No traffic**: {rep['message']}.")
+        return "\n".join(lines) + "\n"
+    drifted = rep["drifted"]
+    judged = [c for c in rep["checks"] if c["judged"]]
+    if drifted:
+        names = ", ".join(f"`{n}`" for n in drifted)
+        lines.append(f"**Verdict: DRIFT**: {len(drifted)} of {len(judged)} checks crossed their thresholds: {names}.")
+    elif rep["verdict"] == "ok":
+        lines.append(f"**Verdict: OK**: all {len(judged)} judged checks are within their thresholds.")
+    else:
+        lines.append(f"**Verdict: NOT JUDGED**: {rep['requests']} requests, fewer than `monitor.min_requests`.")
+    lines.append("")
+    skipped = rep["skipped"]
+    ref = rep.get("reference", {})
+    where = (
+        f"datasets {', '.join(ref.get('datasets', []))}"
+        if ref.get("kind") == "data"
+        else f"traffic {' → '.join(ref.get('window', []))}"
+    )
+    lines.append(
+        f"{rep['requests']:,} captured requests in {rep['files']} files; reference: {where} "
+        f"({ref.get('prompts', 0):,} prompts, {ref.get('outputs', 0):,} outputs)."
+    )
+    if skipped["files"] or skipped["lines"]:
+        lines.append(f"Skipped: {skipped['lines']} malformed or truncated lines, {skipped['files']} unreadable files.")
+    if rep.get("dropped"):
+        lines.append(f"The capture queue was full for {rep['dropped']} requests (dropped, not in these figures).")
+    for note in [*ref.get("notes", []), *([rep["notes_capture"]] if rep.get("notes_capture") else [])]:
+        lines.append(f"_Note: {_own(note)}._")
+    lines += ["", "| check | group | value | threshold | verdict | detail |", "|---|---|---:|---|---|---|"]
+    order = sorted(rep["checks"], key=lambda c: (not c["drifted"], list(GROUPS).index(c["group"])))
+    for c in order:
+        lines.append(
+            f"| `{c['name']}` | {GROUPS[c['group']]} | {_num(c['value'])} | {_threshold(c)} | {_verdict(c)} "
+            f"| {_own(c['detail'])} |"
+        )
+    lines += _chart(rep.get("histogram", {}).get("prompt_length", {}))
+    q = rep.get("quality") or {}
+    if q.get("sample") or q.get("labelled", {}).get("n"):
+        lines += ["", f"### Live quality (suite `{q.get('suite')}`)", ""]
+        for name, s in q.get("sample", {}).items():
+            ref_mean = f" (eval: {_num(s['eval_mean'])})" if s.get("eval_mean") is not None else ""
+            lines.append(f"- `{name}` on {s['n']} sampled requests: mean {_num(s['mean'])}{ref_mean}")
+        lab = q.get("labelled", {})
+        for name, s in lab.get("metrics", {}).items():
+            lines.append(f"- `{name}` on {s['n']} labelled requests (`mlops feedback`): mean {_num(s['mean'])}")
+        if not lab.get("n"):
+            lines.append("- no labelled requests in this window (`mlops feedback <request-id> <label>`)")
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(rep.get("statuses", {}).items()))
+    lines += ["", f"<sub>statuses {statuses} · exit 3 on drift · `mlops monitor --json` for every number</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def _icon(rep: dict[str, Any]) -> str:
+    return {"drift": "❌", "ok": "✅", "no traffic": "➖"}.get(rep["verdict"], "⚠️")

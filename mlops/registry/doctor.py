@@ -1,0 +1,288 @@
+"""`mlops doctor`: find what is damaged in a registry and repair what can be repaired.
+
+Dry run by default (what is wrong, what `--repair` would do); `--repair` applies it and records
+each repair in the affected releases' histories. What it knows:
+
+- `state.json` unreadable: rebuilt from the release histories (production := the release last
+  promoted or rolled back to that still has a valid manifest; previous := the one before it).
+- a manifest unreadable: moved aside (`manifest.json.damaged`); its release stops existing for the
+  registry (its artifact is then an orphan), and routing that named it is repaired as below.
+- a history unreadable: every complete event is salvaged, the damaged copy kept beside it.
+- stored eval results unreadable: moved aside (`mlops eval` recomputes them).
+- the state routes to a release with no (valid) manifest: production falls back to previous, or
+  to the newest release ever promoted; all traffic to production; the canary dropped.
+- a rollout lease that expired with canary weights in place: all traffic back to production.
+- orphans: artifact directories with no manifest whose writer is gone, and `.tmp` files left by a
+  write that was killed. The pipeline sweeps these itself (`sweep`) at the start and end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlops.registry.damage import abandoned, parse
+from mlops.registry.lease import live, recover_routing
+from mlops.registry.releases import STATE_KEY, Registry, State, _dumps
+from mlops.util import now
+
+TMP_GRACE_S = 2.0  # a live small write holds its .tmp for milliseconds
+
+
+@dataclass
+class Finding:
+    kind: str
+    key: str
+    problem: str
+    repair: str
+    repaired: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _doc(reg: Registry, key: str) -> tuple[bool, Any, str | None]:
+    """(exists, document or None, why unreadable or None)."""
+    blob = reg.store.get(key)
+    if blob is None:
+        return False, None, None
+    doc, why = parse(blob.data)
+    return True, doc, why
+
+
+def _valid_manifest(reg: Registry, rid: str) -> bool:
+    _, doc, why = _doc(reg, f"releases/{rid}/manifest.json")
+    return why is None and isinstance(doc, dict) and isinstance(doc.get("artifact"), dict)
+
+
+def _salvage_events(data: bytes) -> list[dict[str, Any]]:
+    """Every complete event object of a truncated history list."""
+    text = data.decode("utf-8", "replace")
+    dec, out, i = json.JSONDecoder(), [], text.find("[") + 1
+    while 0 < i < len(text):
+        j = text.find("{", i)
+        if j < 0:
+            break
+        try:
+            obj, i = dec.raw_decode(text, j)
+        except ValueError:
+            break
+        if isinstance(obj, dict) and "event" in obj:
+            out.append(obj)
+    return out
+
+
+def _release_ids(reg: Registry) -> set[str]:
+    return {k.split("/")[1] for k in reg.store.list("releases") if k.count("/") >= 2}
+
+
+def _local_root(reg: Registry) -> Path | None:
+    return reg.store.local_path("")
+
+
+# ---------------------------------------------------------------------------- orphans
+
+
+def orphan_findings(reg: Registry, tmp_grace: float = TMP_GRACE_S) -> list[Finding]:
+    out = []
+    manifests = {rid for rid in _release_ids(reg) if reg.store.get(f"releases/{rid}/manifest.json") is not None}
+    artifacts = {k.split("/")[1] for k in reg.store.list("artifacts") if k.count("/") >= 2}
+    root = _local_root(reg)
+    if root is not None and (root / "artifacts").is_dir():  # a dir may hold only a lock or .tmp files
+        artifacts |= {p.name for p in (root / "artifacts").iterdir() if p.is_dir()}
+    for rid in sorted(artifacts - manifests):
+        if root is not None and not abandoned(root / "artifacts" / rid / ".publishing"):
+            continue  # a live process is uploading it
+        out.append(Finding("orphan_artifact", f"artifacts/{rid}/", "artifact with no manifest", "delete it"))
+    if root is not None:
+        cutoff = time.time() - tmp_grace
+        for p in sorted(root.rglob(".*.tmp")):
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                key = p.relative_to(root).as_posix()
+                out.append(Finding("tmp_file", key, "left by an interrupted write", "delete it"))
+    return out
+
+
+def _remove_orphan(reg: Registry, f: Finding) -> None:
+    root = _local_root(reg)
+    if f.kind == "tmp_file" and root is not None:
+        (root / f.key).unlink(missing_ok=True)
+        return
+    rid = f.key.split("/")[1]
+    if root is not None and not abandoned(root / "artifacts" / rid / ".publishing"):
+        return
+    if reg.store.get(f"releases/{rid}/manifest.json") is not None:
+        return  # published between the look and now
+    for key in reg.store.list(f"artifacts/{rid}"):
+        reg.store.delete(key)
+    if root is not None:
+        shutil.rmtree(root / "artifacts" / rid, ignore_errors=True)
+    f.repaired = True
+
+
+def sweep(reg: Registry, build_dir: Path | None = None) -> list[str]:
+    """What a pipeline cleans by itself: orphan artifacts and stale .tmp files (local stores only:
+    on S3 nothing tells a dead uploader from a slow one, so `mlops doctor --repair` does it), and
+    training outputs in `build_dir` that no live process is writing."""
+    done = []
+    if _local_root(reg) is not None:
+        for f in orphan_findings(reg):
+            _remove_orphan(reg, f)
+            done.append(f.key)
+    if build_dir is not None and build_dir.is_dir():
+        for p in build_dir.iterdir():
+            if p.is_dir() and abandoned(build_dir / f".{p.name}.lock"):
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(str(p))
+    return done
+
+
+# ---------------------------------------------------------------------------- examine
+
+
+def examine(reg: Registry) -> list[Finding]:
+    found: list[Finding] = []
+    for rid in sorted(_release_ids(reg)):
+        base = f"releases/{rid}"
+        exists, doc, why = _doc(reg, f"{base}/manifest.json")
+        if exists and (why or not isinstance(doc, dict) or not isinstance(doc.get("artifact"), dict)):
+            found.append(Finding("damaged_manifest", f"{base}/manifest.json", why or "not a manifest", "move it aside"))
+        exists, doc, why = _doc(reg, f"{base}/history.json")
+        if exists and (why or not isinstance(doc, list)):
+            found.append(
+                Finding("damaged_history", f"{base}/history.json", why or "not a list", "keep every complete event")
+            )
+        for key in reg.store.list(f"{base}/evals"):
+            if key.endswith(".json") and _doc(reg, key)[2]:
+                found.append(Finding("damaged_eval", key, str(_doc(reg, key)[2]), "move it aside (re-run eval)"))
+    exists, doc, why = _doc(reg, STATE_KEY)
+    if exists and (why or not isinstance(doc, dict)):
+        found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))
+    elif exists:
+        st = State.from_json(doc)
+        missing = sorted(r for r in st.referenced() if not _valid_manifest(reg, r))
+        if missing:
+            found.append(
+                Finding(
+                    "missing_release",
+                    STATE_KEY,
+                    f"routes or points to {', '.join(missing)}, which has no valid manifest",
+                    "route to the last good production",
+                )
+            )
+        elif st.lease.get("token") and not live(st.lease) and recover_routing(State.from_json(doc)):
+            found.append(
+                Finding(
+                    "expired_lease",
+                    STATE_KEY,
+                    f"canary weights of {st.lease.get('owner')}, whose lease expired",
+                    "all traffic back to production",
+                )
+            )
+    return found + orphan_findings(reg)
+
+
+# ---------------------------------------------------------------------------- repair
+
+
+def _promotions(reg: Registry, valid: set[str]) -> list[tuple[str, str]]:
+    """(at, release) of every promotion or rollback-to, oldest first, for releases still valid."""
+    out = []
+    for rid in valid:
+        _, hist, why = _doc(reg, f"releases/{rid}/history.json")
+        for e in hist if why is None and isinstance(hist, list) else []:
+            if isinstance(e, dict) and e.get("event") in ("promoted", "rolled_back_to"):
+                out.append((str(e.get("at", "")), rid))
+    return sorted(out)
+
+
+def _good_state(reg: Registry, old: State | None) -> State:
+    valid = {r for r in _release_ids(reg) if _valid_manifest(reg, r)}
+    st = State.from_json(old.to_json()) if old else State()
+    for stage, rid in st.stages.items():
+        if rid and rid not in valid:
+            st.stages[stage] = None
+    if st.stages.get("production") is None:
+        history = [r for _, r in _promotions(reg, valid)]
+        prev = st.stages.get("previous")
+        st.stages["production"] = prev or (history[-1] if history else None)
+        if prev:
+            st.stages["previous"] = None
+        older = [r for r in history if r != st.stages["production"]]
+        st.stages["previous"] = st.stages.get("previous") or (older[-1] if older else None)
+    st.routing = {r: w for r, w in st.routing.items() if r in valid}
+    if sum(st.routing.values()) != 100 or (st.shadow.get("release") not in valid and st.shadow):
+        st.routing, st.shadow = {}, {}
+    if not live(st.lease):  # a live rollout keeps its canary; a dead one's weights go
+        st.lease = {}
+        recover_routing(st)
+    prod = st.stages.get("production")
+    if not st.routing and prod:
+        st.routing = {prod: 100}
+    return st
+
+
+def _move_aside(reg: Registry, key: str) -> None:
+    blob = reg.store.get(key)
+    if blob is not None:
+        reg.store.put(f"{key}.damaged", blob.data)
+        reg.store.delete(key)
+
+
+def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
+    touched: dict[str, list[str]] = {}
+    for f in findings:
+        rid = f.key.split("/")[1] if f.key.startswith("releases/") else None
+        if f.kind == "damaged_history" and rid:
+            blob = reg.store.get(f.key)
+            events = _salvage_events(blob.data) if blob else []
+            if blob is not None:
+                reg.store.put(f"{f.key}.damaged", blob.data)
+            reg.store.put(f.key, _dumps(events))
+            f.repaired, f.repair = True, f"kept {len(events)} complete event(s)"
+        elif f.kind in ("damaged_manifest", "damaged_eval"):
+            _move_aside(reg, f.key)
+            f.repaired = True
+        if rid and f.repaired:
+            touched.setdefault(rid, []).append(f"{f.kind}: {f.key} ({f.problem})")
+    state_fix = [f for f in findings if f.kind in ("damaged_state", "missing_release", "expired_lease")]
+    if state_fix or any(f.kind == "damaged_manifest" for f in findings):
+        blob = reg.store.get(STATE_KEY)
+        doc, why = parse(blob.data) if blob else (None, None)
+        old = State.from_json(doc) if why is None and isinstance(doc, dict) else None
+        st = _good_state(reg, old)
+        m = re.search(rb'"version":\s*(\d+)', blob.data) if blob else None
+        # above any version a server has seen, so every watcher takes the repaired state (a
+        # version lost with the file: seconds since the epoch exceed any count of writes)
+        salvaged = max(old.version if old else 0, int(m.group(1)) if m else 0)
+        st.version = salvaged + 1 if salvaged else int(time.time())
+        st.updated_at, st.reason, st.actor = now(), "mlops doctor --repair", actor
+        if old is None or st.to_json() != old.to_json():
+            data = _dumps(st.to_json())
+            if blob is None:
+                reg.store.put(STATE_KEY, data, if_none_match=True)
+            else:
+                reg.store.put(STATE_KEY, data, if_match=blob.etag)
+        for f in state_fix:
+            f.repaired = True
+        prod = st.stages.get("production")
+        if prod:
+            touched.setdefault(prod, []).extend(f"{f.kind}: {f.problem}" for f in state_fix)
+    # a manifest moved aside leaves its artifact an orphan: look again after the repairs above
+    seen = {f.key for f in findings}
+    findings = findings + [f for f in orphan_findings(reg) if f.key not in seen]
+    for f in findings:
+        if f.kind == "tmp_file":
+            _remove_orphan(reg, f)
+            f.repaired = True
+        elif f.kind == "orphan_artifact":
+            _remove_orphan(reg, f)
+    for rid, what in touched.items():
+        if _valid_manifest(reg, rid):
+            reg.append_event(rid, "doctor_repair", by=actor, repairs=what)
+    return findings

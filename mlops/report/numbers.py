@@ -1,0 +1,264 @@
+"""The report's numbers: a release against its baseline, from stored results only (no model is called).
+
+`build_report` returns a JSON-able dict: what `mlops report --json` prints and what
+`mlops.report.markdown` renders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlops.config import Config
+from mlops.evals.gates import Sample, check_gates
+from mlops.registry.releases import Registry
+
+WORST_CASES = 8  # per suite
+MAX_WORST = 12  # in all
+TREND_RELEASES = 10
+JSON_TEXT = 2_000  # characters of case text kept in the JSON report
+STATUS_EVENTS = ("promoted", "rejected", "rolled_back", "gates_passed", "gates_failed", "evaluated")
+
+
+def build_report(reg: Registry, cfg: Config, release: str, production: Registry | None = None) -> dict[str, Any]:
+    """Everything the report shows, for `release` against production (or, for production itself,
+    against the previous release). `production`: the registry production lives in when it is not
+    `reg` (a pull request's own registry), read only."""
+    prod_reg = production or reg
+    manifest = reg.require(release)
+    history = reg.history(release)
+    st, _ = prod_reg.read_state()
+    prod = st.stages.get("production")
+    baseline: str | None
+    baseline_stage: str | None
+    if prod and prod != release:
+        baseline, baseline_stage = prod, "production"
+    elif prod == release and st.stages.get("previous"):
+        baseline, baseline_stage = st.stages.get("previous"), "previous"
+    else:
+        baseline, baseline_stage = None, None
+    cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
+    base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
+    evaluated = {k: v for k, v in cand.items() if v is not None}
+    gates = [g.model_dump() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
+    if not evaluated:
+        verdict = "not evaluated"
+    elif not gates:
+        verdict = "not gated"
+    else:
+        verdict = "pass" if all(g["passed"] for g in gates) else "fail"
+    rows = _rows(evaluated, base, gates)
+    return {
+        "release": release,
+        "model": manifest.get("model"),
+        "baseline": baseline,
+        "baseline_stage": baseline_stage,
+        "production": prod,
+        "status": next((h["event"] for h in reversed(history) if h["event"] in STATUS_EVENTS), "registered"),
+        "verdict": verdict,
+        "gates": gates,
+        "metrics": rows,
+        "worst_cases": _worst_cases(evaluated, base, gates),
+        "trend": _trend(reg, release, cfg.gates, rows),
+        "cost": _cost(manifest, evaluated),
+        "suites": {k: {"n": v.get("n"), "created_at": v.get("created_at")} for k, v in evaluated.items()},
+        "lineage": manifest.get("lineage", {}),
+    }
+
+
+def stat_key(stat: str, threshold: float | None) -> str:
+    return f"pass_rate@{threshold:g}" if stat == "pass_rate" and threshold is not None else stat
+
+
+def _rows(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for suite, res in evaluated.items():
+        for metric, summ in res["metrics"].items():
+            mine = [g for g in gates if g["eval"] == suite and g["metric"] == metric]
+            stats = list(dict.fromkeys((g["stat"], g["stat_threshold"]) for g in mine)) or [("mean", None)]
+            c = Sample.of(res, metric)
+            b = Sample.of(base[suite], metric) if base.get(suite) else None
+            for stat, thr in stats:
+                assert c is not None
+                cval = c.stat(stat, thr)
+                bval = b.stat(stat, thr) if b is not None else None
+                these = [g for g in mine if (g["stat"], g["stat_threshold"]) == (stat, thr)]
+                reg = next((g for g in these if g["kind"] == "regression" and g["interval"]), None)
+                rows.append(
+                    {
+                        "suite": suite,
+                        "metric": metric,
+                        "stat": stat,
+                        "stat_threshold": thr,
+                        "higher_is_better": summ["higher_is_better"],
+                        "production": bval,
+                        "candidate": cval,
+                        "delta": None if bval is None else cval - bval,
+                        "interval": list(reg["interval"]) if reg else None,
+                        "paired_cases": reg["n"] if reg else None,
+                        "threshold": "; ".join(g["threshold"] for g in these),
+                        "verdict": ("pass" if all(g["passed"] for g in these) else "fail") if these else None,
+                        "failed_cases": summ.get("failed", 0),
+                        "n": summ.get("n", len(c.values)),
+                    }
+                )
+    return rows
+
+
+def _primary_metric(suite: str, res: dict[str, Any], gates: list[dict[str, Any]]) -> str | None:
+    mine = [g for g in gates if g["eval"] == suite and g["metric"] in res["metrics"]]
+    for g in sorted(mine, key=lambda g: g["kind"] != "regression"):
+        return str(g["metric"])
+    return next((m for m, v in res["metrics"].items() if v["higher_is_better"]), next(iter(res["metrics"]), None))
+
+
+def _clip(text: Any, limit: int = JSON_TEXT) -> Any:
+    if not isinstance(text, str) or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def _worst_cases(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cases that lost most against the baseline on each suite's primary metric (its first
+    regression-gated metric), or, with no baseline, the lowest-scoring cases."""
+    picked: list[dict[str, Any]] = []
+    compared = any(base.get(s) for s in evaluated)
+    for suite, res in evaluated.items():
+        metric = _primary_metric(suite, res, gates)
+        if metric is None:
+            continue
+        better = 1.0 if res["metrics"][metric]["higher_is_better"] else -1.0
+        prev = {c["id"]: c for c in (base.get(suite) or {}).get("cases", [])}
+        scored = [c for c in res["cases"] if metric in c["scores"]]
+        best = max((better * c["scores"][metric] for c in scored), default=0.0)
+        ranked = []
+        for c in scored:
+            value = c["scores"][metric]
+            failed = metric in c.get("failed", ())
+            p = prev.get(c["id"])
+            if prev:  # against the baseline: what got worse, or newly failed
+                if p is None or metric not in p["scores"]:
+                    continue
+                loss = better * (p["scores"][metric] - value)
+                if loss <= 0 and not (failed and metric not in p.get("failed", ())):
+                    continue
+            else:  # no baseline: the lowest-scoring cases (not those at the suite's best)
+                loss = best - better * value
+                if loss <= 0 and not failed:
+                    continue
+            ranked.append((loss, c, p))
+        ranked.sort(key=lambda t: (-t[0], t[1]["id"]))
+        for loss, c, p in ranked[:WORST_CASES]:
+            error = c.get("error")
+            if error is None and metric in c.get("failed", ()):
+                error = (c.get("reasons") or {}).get(metric)
+            picked.append(
+                {
+                    "suite": suite,
+                    "metric": metric,
+                    "id": c["id"],
+                    "loss": loss,
+                    "input": _clip(c["input"]),
+                    "expected": _clip(c.get("expected")),
+                    "candidate": _clip(c.get("output")),
+                    "candidate_score": c["scores"][metric],
+                    "candidate_error": _clip(error),
+                    "production": _clip(p.get("output")) if p else None,
+                    "production_score": p["scores"].get(metric) if p else None,
+                }
+            )
+    picked.sort(key=lambda r: -r["loss"])
+    return {"compared": compared, "cases": picked[:MAX_WORST]}
+
+
+def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float | None]) -> float | None:
+    suite, metric, stat, thr = key
+    for h in reversed(history):
+        d = h.get("detail") or {}
+        if h["event"] in ("gates_passed", "gates_failed"):
+            for g in d.get("gates", []):
+                if (g.get("eval"), g.get("metric"), g.get("stat"), g.get("stat_threshold")) == key:
+                    if g.get("candidate") is not None:
+                        return float(g["candidate"])
+        if h["event"] == "evaluated" and stat != "pass_rate":
+            v = (d.get("stats") or {}).get(suite, {}).get(metric, {}).get(stat)
+            if v is None and stat == "mean":
+                v = (d.get("summary") or {}).get(suite, {}).get(metric)
+            if v is not None:
+                return float(v)
+    return None
+
+
+def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each gated statistic over the last releases up to this one, oldest first, from history
+    events (small), never from result files (which can be large)."""
+    manifests = reg.list()  # newest first, with history
+    ids = [m["id"] for m in manifests]
+    start = ids.index(release) if release in ids else 0
+    window = list(reversed(manifests[start : start + TREND_RELEASES]))
+    st, _ = reg.read_state()
+    prod = st.stages.get("production")
+    out = []
+    keys = list(dict.fromkeys((g.eval, g.metric, g.stat, g.threshold) for g in gates_cfg))
+    for key in keys:
+        suite, metric, stat, thr = key
+        now = next(
+            (r["candidate"] for r in rows if (r["suite"], r["metric"], r["stat"], r["stat_threshold"]) == key), None
+        )
+        points = []
+        for m in window:
+            v = now if m["id"] == release else _event_value(m.get("history", []), key)
+            if v is not None:
+                points.append(
+                    {"release": m["id"], "value": v, "production": m["id"] == prod, "this": m["id"] == release}
+                )
+        bounds = [
+            b
+            for g in gates_cfg
+            if (g.eval, g.metric, g.stat, g.threshold) == key
+            for b in (g.min, g.max)
+            if b is not None
+        ]
+        out.append(
+            {
+                "suite": suite,
+                "metric": metric,
+                "stat": stat,
+                "stat_threshold": thr,
+                "label": f"{suite}.{metric} {stat_key(stat, thr)}",
+                "points": points,
+                "bounds": bounds,
+            }
+        )
+    return out
+
+
+def _cost(manifest: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    train = manifest.get("train") or {}
+    seconds = train.get("seconds")
+    device = str(train.get("device") or "")
+    on_gpu = any(k in device.lower() for k in ("cuda", "gpu"))
+
+    def total(key: str) -> int:
+        return int(sum((r.get("cost") or {}).get(key, 0) or 0 for r in evaluated.values()))
+
+    return {
+        "train_seconds": seconds,
+        "train_device": device or None,
+        "gpu_seconds": train.get("gpu_seconds", (seconds or 0.0) if on_gpu else 0.0),
+        "train_tokens": train.get("tokens") or int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+        # the run record of issue 12 (absent from older manifests)
+        "train_precision": train.get("precision"),
+        "gpu_type": train.get("gpu_type"),
+        "peak_memory_mb": train.get("peak_memory_mb"),
+        "train_cost_usd": train.get("cost_usd"),
+        "endpoint_calls": total("endpoint_calls"),
+        "cache_hits": total("cache_hits"),
+        "retries": total("retries"),
+        "errors": total("errors"),
+        "completion_tokens": total("completion_tokens"),
+        "eval_seconds": round(sum((r.get("cost") or {}).get("wall_s", 0.0) for r in evaluated.values()), 3),
+        "judge_calls": total("judge_calls"),
+        "judge_cache_hits": total("judge_cache_hits"),
+        "judge_failures": total("judge_failures"),
+        "judge_tokens": total("judge_prompt_tokens") + total("judge_completion_tokens"),
+    }

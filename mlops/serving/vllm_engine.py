@@ -1,0 +1,356 @@
+"""The `vllm` engine: vLLM's OpenAI server for one release, as a child process on 127.0.0.1.
+
+`deploy.engine: vllm` puts this behind the local server instead of the builtin engine; routing,
+canary, shadow, stats and keys stay the server's. The child runs the very argv `functions/serve.py`
+runs on Modal (mlops/serving/vllm_argv.py) plus the CPU flags, in vLLM's own virtualenv
+(`make install-vllm`, or $MLOPS_VLLM_PYTHON), behind a key made for this engine alone, so nothing
+else on the machine can use it.
+
+Requests go over as token ids (the prompt tokenized and cut exactly as the builtin engine does,
+with max_tokens capped by the position table), greedy unless a temperature is given, streamed, so
+each piece reaches the request's sink as vLLM makes it. `max_batch_size` threads forward requests
+at once; vLLM batches them itself.
+
+Start-up is slow (35 s on a quiet 2-core machine, minutes under load): the engine is ready only
+after `/health` answers and one real generation has succeeded, because a model vLLM cannot run
+(e.g. an unsupported attention head size on CPU) passes `/health` and fails at its first request.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlops.errors import InfraError
+from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_params
+from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
+
+log = logging.getLogger("mlops.serve")
+
+STARTUP_TIMEOUT_ENV = "MLOPS_VLLM_STARTUP_TIMEOUT"
+STARTUP_TIMEOUT_S = 600.0  # ~35 s quiet, ~3.5 min measured on a loaded 2-core machine
+STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL to the child's whole process group
+REQUEST_TIMEOUT_S = 300.0  # per forwarded request; the server enforces its own, shorter, deadline
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of the child's log, for a one-line error."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if "Error" in ln and not ln.lstrip().startswith("File ")]
+    pick = errors[-1] if errors else (lines[-1] if lines else "empty log")
+    return pick.strip()[-300:]
+
+
+class VllmEngine:
+    """Serves one model directory through a vLLM OpenAI server it starts and stops."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        threads: int | None = None,  # the builtin engine's torch threads; vLLM sizes its own
+        start: bool = True,
+    ) -> None:
+        import httpx
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model_dir)
+        self.name = self.model_dir.name
+        self.python = vllm_python(Path.cwd())
+        if not Path(self.python).is_file():
+            raise InfraError(f"no vLLM interpreter at {self.python}: run `make install-vllm` or set $MLOPS_VLLM_PYTHON")
+        cfg = json.loads((self.model_dir / "config.json").read_text())
+        gen_path = self.model_dir / "generation_config.json"
+        gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        self.max_positions = int(cfg.get("n_positions") or cfg["max_position_embeddings"])
+        self.eos_id = int(gen.get("eos_token_id") or cfg.get("eos_token_id") or 0)
+        self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.max_token_chars = max([1, *map(len, self.tok.get_vocab(with_added_tokens=True))])
+        self.steps = self.step_rows = self.prefills = self.requests_done = 0
+        self.max_batch_size = max_batch_size
+        self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._inflight = 0
+        self._count_lock = threading.Lock()
+        self._key = secrets.token_urlsafe(24)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self._key}"},
+            timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
+            limits=httpx.Limits(max_connections=max_batch_size + 2, max_keepalive_connections=max_batch_size + 2),
+        )
+        self._logdir = Path(tempfile.mkdtemp(prefix=f"mlops-vllm-{self.name}-"))
+        self.log_path = self._logdir / "vllm.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0
+        self._workers = [
+            threading.Thread(target=self._run, name=f"vllm-{self.name}-{i}", daemon=True) for i in range(max_batch_size)
+        ]
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def command(self) -> list[str]:
+        return vllm_command(
+            self.model_dir,
+            self.name,
+            self.port,
+            host="127.0.0.1",
+            python=self.python,
+            extra=cpu_extra(self.max_positions),
+        )
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the child and wait (bounded) until it has answered one real generation."""
+        if timeout is None:
+            timeout = float(os.environ.get(STARTUP_TIMEOUT_ENV) or STARTUP_TIMEOUT_S)
+        cmd = self.command()
+        env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: self._key}))
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as out:
+            # its own session, so stopping it reaches vLLM's engine-core and worker processes too
+            self._proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        atexit.register(self._kill)
+        log.info("starting vLLM for %s on port %d (log: %s)", self.name, self.port, self.log_path)
+        try:
+            self._wait_ready(t0 + timeout)
+        except BaseException:
+            self._kill()
+            self._http.close()
+            raise
+        self.startup_s = time.monotonic() - t0
+        log.info("vLLM for %s ready in %.1fs", self.name, self.startup_s)
+        for w in self._workers:
+            w.start()
+
+    def _wait_ready(self, deadline: float) -> None:
+        import httpx
+
+        assert self._proc is not None
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise InfraError(
+                    f"vLLM exited with code {code} at start: {_last_error(self.log_path)} (log: {self.log_path})"
+                )
+            if time.monotonic() > deadline:
+                raise InfraError(
+                    f"vLLM did not become ready in time: {_last_error(self.log_path)} (log: {self.log_path})"
+                )
+            try:
+                if self._http.get("/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)  # polling a child that is still importing torch; bounded by `deadline`
+        body = {"model": self.name, "prompt": [self.eos_id], "max_tokens": 1}
+        try:
+            r = self._http.post("/v1/completions", json=body, timeout=max(5.0, deadline - time.monotonic()))
+        except httpx.HTTPError as e:
+            raise InfraError(f"vLLM's first generation failed: {type(e).__name__} (log: {self.log_path})") from e
+        if r.status_code != 200:
+            raise InfraError(
+                f"vLLM's first generation answered {r.status_code}: {_last_error(self.log_path)} (log: {self.log_path})"
+            )
+
+    def _kill(self) -> None:
+        """SIGTERM the child's process group, SIGKILL what is left after STOP_TIMEOUT_S (vLLM's
+        engine-core and worker processes can outlive their parent)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    # ------------------------------------------------------------------ the Engine protocol
+
+    def check(self, req: GenRequest) -> None:
+        """The builtin engine's rules (so both answer the same 400s): parameters, then the prompt's
+        tokens against the context, refusing an oversized prompt before tokenizing it."""
+        check_params(req, self.max_positions)
+        room = self.max_positions - 1  # at least one position is left to generate into
+        if len(req.prompt) > room * self.max_token_chars:
+            raise BadRequest(f"prompt is longer than the model's context ({self.max_positions} tokens)", "prompt")
+        try:
+            ids = self.tok.encode(req.prompt, add_special_tokens=False).ids
+        except Exception as e:
+            raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
+        if len(ids) > room:
+            raise BadRequest(f"prompt has {len(ids)} tokens; this model's context is {self.max_positions}", "prompt")
+        req.prompt_ids = ids
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if req.sink is None and req.on_done is None:
+            req.sink = req.tokens.put
+        if self._stop.is_set():
+            raise EngineClosed("engine is draining")
+        if req.prompt_ids is None:
+            self.check(req)
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            raise Overloaded("queue full") from None
+        return req
+
+    def generate(self, req: GenRequest, timeout: float = 30.0) -> str:
+        """The whole text of `req` (for scripts and tests; the server streams through `submit`)."""
+        self.submit(req)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                piece = req.tokens.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                req.cancelled = True
+                raise TimeoutError("generation timed out") from None
+            if piece is None:
+                break
+        if req.error:
+            raise InfraError(req.error)
+        return req.text
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        return self._queue.qsize() + self._inflight
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def stop_accepting(self) -> None:
+        self._stop.set()
+
+    def close(self, drain_timeout: float = 30.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + drain_timeout
+        for w in self._workers:
+            if w.is_alive():
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._kill()
+        self._http.close()
+        atexit.unregister(self._kill)
+        if self._proc is not None and self._proc.returncode in (0, -signal.SIGTERM):
+            shutil.rmtree(self._logdir, ignore_errors=True)  # keep the log of a child that failed
+
+    # ------------------------------------------------------------------ forwarding
+
+    def _run(self) -> None:
+        while True:
+            try:
+                req = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            with self._count_lock:
+                self._inflight += 1
+            try:
+                if req.cancelled:
+                    self._finish(req, "cancelled")
+                else:
+                    self._forward(req)
+            except Exception as e:  # report to the waiter, keep the thread alive
+                req.error = f"generation failed: {type(e).__name__}: {e}"
+                self._finish(req, "error")
+            finally:
+                with self._count_lock:
+                    self._inflight -= 1
+
+    def _body(self, req: GenRequest) -> dict[str, Any]:
+        """As the builtin engine: the checked prompt tokens (an empty prompt starts from
+        end-of-text), at most as many new tokens as the position table has left."""
+        if req.prompt_ids is None:  # queued without `submit`
+            self.check(req)
+        req.prompt_tokens = len(req.prompt_ids or ())
+        ids = list(req.prompt_ids or ()) or [self.eos_id]
+        body: dict[str, Any] = {
+            "model": self.name,
+            "prompt": ids,
+            "max_tokens": max(1, min(req.max_tokens, self.max_positions - len(ids))),
+            "temperature": req.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        return body
+
+    def _forward(self, req: GenRequest) -> None:
+        reason = "length"
+        with self._http.stream("POST", "/v1/completions", json=self._body(req)) as r:
+            if r.status_code != 200:
+                r.read()
+                raise RuntimeError(f"vLLM answered {r.status_code}: {r.text[:200]}")
+            for line in r.iter_lines():
+                if req.cancelled:  # closing the stream makes vLLM abort the request
+                    self._finish(req, "cancelled")
+                    return
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    req.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+                for choice in chunk.get("choices") or []:
+                    piece = choice.get("text") or ""
+                    if piece:
+                        req.text += piece
+                        if req.sink is not None:
+                            req.sink(piece)
+                    if choice.get("finish_reason"):
+                        reason = "stop" if choice["finish_reason"] == "stop" else "length"
+        self._finish(req, reason)
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        if reason not in ("cancelled", "error"):
+            r.finish_reason = reason
+        self.requests_done += 1
+        if r.sink is not None:
+            r.sink(None)
+        if r.on_done is not None:
+            r.on_done(r)

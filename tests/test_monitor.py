@@ -1,0 +1,182 @@
+"""Monitoring, for real: traffic through `mlops serve` (the capture hook of the user-facing server),
+`mlops monitor` in a subprocess on what was captured, `mlops feedback`, and the bad-input rules.
+
+The must-show pair: the shipped example's kind of inputs -> exit 0; the same server sent longer,
+differently distributed strings -> exit 3 naming the drifted statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import free_port, make_project, mlops, train_and_publish
+
+N = 120  # requests per phase: above monitor.min_requests (30), small enough for a loaded 2-core box
+TIMEOUT = 60.0
+
+
+def example_inputs(n: int, seed: int) -> list[str]:
+    """What the shipped example is asked: lowercase words of 3-10 letters."""
+    rng = random.Random(seed)
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) for _ in range(n)]
+
+
+def shifted_inputs(n: int, seed: int) -> list[str]:
+    """Longer strings from another alphabet: digits, capitals, spaces and punctuation."""
+    rng = random.Random(seed)
+    alphabet = string.ascii_uppercase + string.digits + " ,.;:!?-"
+    return ["".join(rng.choices(alphabet, k=rng.randint(16, 20))) for _ in range(n)]
+
+
+@dataclass
+class Captured:
+    root: Path
+    release: str
+    responses: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def mlops_serve(root: Path) -> Iterator[str]:
+    """`mlops serve` in a subprocess, as a user runs it; stopped with SIGTERM, as a supervisor does."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"MLOPS_WANDB": "disabled"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise
+
+
+def send(root: Path, inputs: list[str]) -> list[dict[str, Any]]:
+    """Send each input as the model's prompt to `mlops serve`; return the answers once it stopped."""
+    out = []
+    with mlops_serve(root) as url, httpx.Client(timeout=TIMEOUT) as c:
+        for i, x in enumerate(inputs):
+            if i % 10 == 9:  # some chat turns too: the server applies the prompt template to them
+                body = {"model": "tiny", "messages": [{"role": "user", "content": x}], "max_tokens": 8}
+                r = c.post(f"{url}/v1/chat/completions", json=body)
+            else:
+                r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"{x}=", "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            out.append(r.json() | {"release_header": r.headers["x-mlops-release"]})
+    return out  # the server has stopped: what it had queued for capture was written at exit
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Captured:
+    root = make_project(tmp_path_factory.mktemp("monitor"))
+    rid = train_and_publish(root)
+    return Captured(root, rid, send(root, example_inputs(N, seed=1)))
+
+
+def records(root: Path) -> list[dict[str, Any]]:
+    files = sorted((root / ".mlops" / "monitor" / "capture").rglob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def monitor(root: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    r = mlops("monitor", "--json", *args, cwd=root, timeout=300)
+    assert r.returncode in (0, 3), r.stderr
+    return r.returncode, json.loads(r.stdout), r.stderr
+
+
+def test_capture_records_every_request_off_the_request_path(captured: Captured) -> None:
+    recs = {r["id"]: r for r in records(captured.root)}
+    assert len(recs) == N
+    for resp in captured.responses:
+        rec = recs[resp["id"]]  # the id a client sees is the id `mlops feedback` takes
+        assert rec["release"] == resp["release_header"] == captured.release
+        assert rec["status"] == 200 and rec["latency_s"] > 0
+        choice = resp["choices"][0]
+        assert rec["output"] == choice.get("text", (choice.get("message") or {}).get("content"))
+        assert rec["completion_tokens"] == resp["usage"]["completion_tokens"]
+    chat = [r for r in recs.values() if r["route"] == "chat"]
+    assert chat and all(r["prompt"].endswith("=") for r in chat)  # the template the model saw
+
+
+def test_unshifted_traffic_exits_0(captured: Captured) -> None:
+    rc, rep, err = monitor(captured.root)
+    assert rc == 0, (rep["drifted"], err)
+    assert rep["verdict"] == "ok" and rep["requests"] == N and rep["release"] == captured.release
+    judged = {c["name"] for c in rep["checks"] if c["judged"]}
+    assert {"prompt_length_psi", "prompt_length_ks", "char_js", "embedding_auc", "error_rate"} <= judged
+
+
+def test_shifted_traffic_exits_3_naming_the_statistic(captured: Captured, tmp_path: Path) -> None:
+    root = tmp_path / "shifted"  # the same project and release, without the unshifted capture
+    shutil.copytree(captured.root, root, ignore=shutil.ignore_patterns("monitor"))
+    send(root, shifted_inputs(N, seed=2))
+    rc, rep, err = monitor(root)
+    assert rc == 3
+    assert {"prompt_length_psi", "prompt_length_ks", "char_js", "embedding_auc"} <= set(rep["drifted"])
+    assert "drift: prompt_length_psi" in err
+    md = mlops("monitor", "--markdown", cwd=root, timeout=300)
+    assert md.returncode == 3 and "**Verdict: DRIFT**" in md.stdout and "`prompt_length_psi`" in md.stdout
+
+
+def test_feedback_labels_a_request_and_refuses_an_unknown_id(captured: Captured) -> None:
+    resp = captured.responses[0]
+    expected = "".join(reversed(resp["choices"][0]["text"]))  # any label: what it should have said
+    r = mlops("feedback", resp["id"], expected, "--json", cwd=captured.root)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["release"] == captured.release
+    r = mlops("feedback", "cmpl-doesnotexist0000", "x", cwd=captured.root)
+    assert r.returncode == 1 and "cmpl-doesnotexist0000" in r.stderr
+    _, rep, _ = monitor(captured.root)
+    lab = rep["quality"]["labelled"]
+    assert lab["n"] == 1 and lab["metrics"]["exact_match"]["n"] == 1
+
+
+def test_bad_capture_files_are_skipped_and_counted(captured: Captured, tmp_path: Path) -> None:
+    root = tmp_path / "bad"
+    shutil.copytree(captured.root, root)
+    day = next((root / ".mlops" / "monitor" / "capture").iterdir())
+    good = sorted(day.glob("*.jsonl"))[0]
+    text = good.read_text()
+    (day / "1-9999999999999-local-truncated.jsonl").write_text(text[: len(text) // 2])  # cut mid-line
+    (day / "1-9999999999999-local-garbage.jsonl").write_bytes(b"\xff\xfe not json\n{}\n[1, 2]\n")
+    rc, rep, _ = monitor(root)
+    assert rc == 0
+    assert rep["skipped"]["lines"] >= 4  # the cut line, the garbage line, {} and [1, 2]
+    assert rep["requests"] > N  # the truncated file's whole lines still count
+
+
+def test_an_empty_window_says_no_traffic_and_exits_0(project: Path) -> None:
+    r = mlops("monitor", "--since", "1h", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "no traffic since" in r.stderr and "No traffic" in r.stdout
