@@ -120,9 +120,8 @@ def test_regressed_push_is_rejected_and_goes_red(story: Story) -> None:
     prod = story.releases()["production"]
     res = story.push("regressed push", config={"models": {"tiny": {"train": {"steps": 1}}}})
     assert res.rc != 0, explain(res)
-    assert ("Gate failed", "the candidate failed a gate and was rolled back or not promoted; see the job summary") in (
-        res.errors()
-    )
+    # act (like GitHub) keeps the job summary, a file: the verdict lines are asserted there
+    assert "**Gate failed** (exit 3)" in res.summary
     rel = story.releases()
     assert rel["production"] == prod
     assert rel["releases"][0]["status"] in ("rejected", "rolled_back")
@@ -136,7 +135,6 @@ def test_noop_push_reports_production(story: Story) -> None:
     rejected = story.releases()["releases"][0]["id"]
     res = story.push("docs only", config={"models": {"tiny": {"train": {"steps": 40}}}}, files={"NOTES.md": "x\n"})
     assert res.rc == 0, explain(res)
-    assert "nothing changed" in res.log or "already production" in res.log or "unchanged" in res.log, explain(res)
     head = res.summary.splitlines()[1]
     assert f"`{prod}`" in head and rejected not in head, head
 
@@ -145,8 +143,7 @@ def test_main_without_shared_registry_fails_clearly(story: Story) -> None:
     """Defect 8: no vars.MLOPS_STORAGE and a committed `.mlops`: red, saying what to set."""
     res = story.run("push without MLOPS_STORAGE", "push", actkit.push_event(story.repo), "ct.yml", vars={})
     assert res.rc != 0
-    [(title, msg)] = [e for e in res.errors() if e[0] == "No shared registry"]
-    assert "MLOPS_STORAGE" in msg
+    assert "**No shared registry**" in res.summary and "set the repository variable MLOPS_STORAGE" in res.summary
     assert res.step_ok("mlops run") is None  # never trained into a throwaway registry
 
 
@@ -161,8 +158,10 @@ def test_missing_cloud_credentials_are_a_config_error(story: Story) -> None:
     )
     assert res.rc != 0
     assert "retrying" not in res.log
-    assert "no AWS credentials for s3://mlops-registry/prod" in res.log, explain(res)
-    assert ("mlops run failed", "exit 1 (a config or usage error: see the log)") in res.errors()
+    assert (
+        "**mlops run failed** (exit 1, a config or usage error): error: no AWS credentials for s3://mlops-registry/prod"
+        in (res.summary)
+    ), explain(res)
 
 
 # ---------------------------------------------------------------------------- pull requests
@@ -210,7 +209,7 @@ def test_regressed_pr_goes_red(story: Story) -> None:
     actkit.commit(story.repo, "pr 8: one step", config={"models": {"tiny": {"train": {"steps": 1}}}})
     res = pr(story, "pr 8, regressed", 8)
     assert res.rc != 0
-    assert any(t == "Gate failed" for t, _ in res.errors()), explain(res)
+    assert "**Gate failed** (exit 3)" in res.summary, explain(res)
     [c] = comments(story, 8)
     assert "**Verdict: FAIL**" in c["body"]
     actkit.git(story.repo, "checkout", "-q", "main")
@@ -239,7 +238,6 @@ def test_superseded_pr_run_leaves_the_comment_alone(story: Story) -> None:
     res = story.run("pr 9, superseded", "pull_request", payload, "pr-eval.yml")
     assert res.rc == 0, explain(res)
     assert [c["method"] for c in res.calls] == ["GET"], res.calls  # looked, wrote nothing
-    assert "superseded by ffff" in res.log
     assert comments(story, 9) == before
     actkit.git(story.repo, "checkout", "-q", "main")
 
@@ -252,9 +250,9 @@ def test_fork_pr_gets_no_secrets_and_a_clear_verdict(story: Story) -> None:
     before = production_files(story.registry)
     res = pr(story, "pr 10, fork", 10, fork=True, vars={"MLOPS_STORAGE": "s3://mlops-registry/prod"})
     assert res.rc != 0
-    assert [t for t, _ in res.errors()] == ["Gate failed"], explain(res)
-    assert "heldout.ragas.chrf_score mean >= 0.05" in res.log and "Infrastructure" not in res.log
-    assert "a fork PR gets no credentials" in res.log
+    assert "**Gate failed** (exit 3)" in res.summary, explain(res)
+    assert "`heldout.ragas.chrf_score mean` >= 0.05: mean" in res.summary and "Infrastructure" not in res.log
+    assert "No production to compare with: a fork PR gets no credentials" in res.summary
     mlops_procs = [p for p in res.probes if p["argv"][0].endswith("/mlops")]
     assert mlops_procs and all(p["secrets"] == {} for p in res.probes), res.probes
     assert comments(story, 10) == [] and res.calls == []  # no write token, no comment job
@@ -340,6 +338,5 @@ def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) 
     actkit.commit(story.repo, "raise the bar", config={"gates": gates})
     res = story.run("nightly, gate broken", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
     assert res.rc != 0
-    assert ("Production fails a gate", "production no longer meets an absolute gate; see the job summary") in (
-        res.errors()
-    ), explain(res)
+    assert "**Production fails a gate** (exit 3)" in res.summary, explain(res)
+    assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in res.summary
