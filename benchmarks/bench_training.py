@@ -7,8 +7,9 @@ Each configuration runs `mlops.training.train.train_model` (the real loop: the l
 scratch, AdamW, clipping, the LR schedule) in its own subprocess on the same synthetic dataset
 (reversal of random letter strings, as the shipped example, but long enough that activations
 matter), so every peak-memory figure is that process's own. Reported per configuration: tokens/s
-over the timed steps (the first `--warmup` steps are excluded), the training's peak memory (CPU:
-peak resident set minus the resident set before training started; CUDA: torch's peak allocated),
+over the timed steps (the first `--warmup` steps are excluded), the training's peak memory up to its
+last step, before the export (CPU: peak resident set minus the resident set before training
+started, so it includes the model build; CUDA: torch's peak allocated),
 and ratios against the fp32 baseline measured in the same run.
 
 MFU (CUDA only) = achieved FLOP/s / the GPU's peak dense bf16 FLOP/s, counting 6 N FLOPs per token
@@ -62,8 +63,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     stamps: list[tuple[int, float]] = []
+    peaks: list[float] = []
     before = _rss_mb()
-    r = train_model(TrainJob(**spec["job"]), progress=lambda d: stamps.append((int(d["step"]), time.perf_counter())))
+
+    def tick(d: dict[str, float]) -> None:
+        stamps.append((int(d["step"]), time.perf_counter()))
+        # the high-water mark while training, read before the export (which copies the weights)
+        peaks.append(peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu"))
+
+    r = train_model(TrainJob(**spec["job"]), progress=tick)
     warm = spec["warmup"]
     (s0, t0), (s1, t1) = stamps[warm - 1], stamps[-1]
     tokens_per_step = r.tokens / r.steps  # every row has the same length: equal tokens per step
@@ -75,10 +83,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_step": tokens_per_step,
     }
     if r.device == "cuda":
-        out["peak_mb"] = peak_memory_mb("cuda")
+        out["peak_mb"] = peaks[-1]
         out["gpu"] = torch.cuda.get_device_name(0)
     else:
-        out["peak_mb"] = peak_memory_mb("cpu") - before
+        out["peak_mb"] = peaks[-1] - before
     return out
 
 
@@ -95,7 +103,11 @@ def lean_vs_hf(iters: int = 30) -> tuple[float, float]:
     out = []
     for lean in (True, False):
         torch.manual_seed(0)
-        model: Any = TinyGPT(40, **arch) if lean else GPT2LMHeadModel(GPT2Config(vocab_size=40, **arch))
+        model: Any = (
+            TinyGPT(40, **arch)
+            if lean
+            else GPT2LMHeadModel(GPT2Config(vocab_size=40, bos_token_id=0, eos_token_id=0, **arch))
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         times = []
         for _ in range(iters):

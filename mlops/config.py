@@ -10,50 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from mlops import plugins
+from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-exported
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
+from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
+from mlops.configtrain import MODAL_GPU_PRICES, PricesCfg, StepsOrDuration, TrainCfg  # noqa: F401 - re-exported
 from mlops.errors import ConfigError
 from mlops.yamlload import Loc, load_yaml_file
 
 BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
-
-
-def _duration(v: Any) -> Any:
-    """'30m', '10s', '1h', '250ms' or a number of seconds -> float seconds."""
-    if isinstance(v, bool):
-        raise ValueError("expected a duration like 30s, 10m or 1h")
-    if isinstance(v, int | float):
-        return float(v)
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", v)
-        if m:
-            return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    raise ValueError("expected a duration like 30s, 10m or 1h")
-
-
-Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
-
-
-class Strict(BaseModel):
-    # defer_build: a model is built on first use, so `validate` builds one validator (Config, with
-    # the others inside it) instead of one per class at import (measured: benchmarks/bench_startup.py)
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class WandbCfg(Strict):
@@ -68,58 +46,7 @@ class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg()
 
 
-# ---------------------------------------------------------------- monitor (issue 10): data checks + drift
-
-
-class DataChecksCfg(Strict):
-    """Checks `mlops validate --data` runs and training runs before it starts (a failure refuses it)."""
-
-    required: dict[str, Literal["str", "int", "float", "bool", "list", "dict"]] = Field(
-        {}, description="Fields every row must have, with their JSON type (default: input and target as str)."
-    )
-    min_length: int = Field(1, ge=0, description="Shortest input (characters); 1 refuses empty inputs.")
-    max_length: int | None = Field(None, ge=1, description="Longest input (characters).")
-    duplicates: Literal["error", "warn", "allow"] = Field("warn", description="Rows whose input repeats.")
-    leakage: Literal["error", "warn", "allow"] = Field(
-        "error", description="Training rows whose input appears in an eval set of the same model."
-    )
-
-
-class MonitorThresholds(Strict):
-    """A statistic crosses its threshold -> `mlops monitor` exits 3 naming it; null: reported only."""
-
-    p_value: float = Field(0.01, gt=0, lt=1, description="Significance for KS and chi-square (with an effect size).")
-    prompt_length_psi: float | None = Field(0.2, ge=0, description="PSI of prompt length, at most.")
-    prompt_length_ks: float | None = Field(0.2, ge=0, le=1, description="KS statistic D of prompt length, at most.")
-    char_js: float | None = Field(0.2, ge=0, le=1, description="Jensen-Shannon distance of characters, at most.")
-    embedding_auc: float | None = Field(0.8, ge=0.5, le=1, description="MiniLM domain-classifier AUC, at most.")
-    output_length_psi: float | None = Field(0.25, ge=0, description="PSI of output length vs the eval outputs.")
-    empty_rate: float | None = Field(0.5, ge=0, le=1, description="Share of empty answers, at most.")
-    truncated_rate: float | None = Field(None, ge=0, le=1, description="Share stopped by max_tokens, at most.")
-    error_rate: float | None = Field(0.05, ge=0, le=1, description="Share of 5xx/429 answers, at most.")
-    p95_latency: Duration | None = Field(2.0, description="p95 latency of captured requests, at most.")
-    tokens_per_request: float | None = Field(None, ge=0, description="Mean prompt+completion tokens, at most.")
-    cost_per_1k_requests: float | None = Field(None, ge=0, description="At most (needs cost_per_1k_tokens).")
-    min_quality: dict[str, float] = Field({}, description="Suite metric -> lowest mean on labelled traffic.")
-
-
-class MonitorCfg(Strict):
-    enabled: bool = Field(True, description="Capture traffic on the local server (and the Modal gateway).")
-    capture: Literal["full", "metadata"] = Field(
-        "full", description="full keeps prompt and output text; metadata keeps lengths and sha256 only."
-    )
-    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured.")
-    batch_size: int = Field(1000, ge=1, description="Requests per capture file.")
-    flush_interval: Duration = Field(5.0, description="A partial batch is written after this long.")
-    queue_size: int = Field(10000, ge=1, description="Requests waiting for the writer; more are dropped, counted.")
-    window: Duration = Field(86400.0, description="Default `mlops monitor --since`.")
-    min_requests: int = Field(30, ge=1, description="Fewer captured requests: statistics reported, not judged.")
-    embedding_sample: int = Field(100, ge=0, description="Texts per side for embedding drift (0: off).")
-    quality_sample: int = Field(200, ge=0, description="Traffic sample scored by reference-free suite metrics.")
-    eval: str | None = Field(None, description="Suite whose metrics score labelled traffic (default: the first).")
-    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price of 1k tokens, for cost per 1k requests.")
-    on_drift: Literal["report", "retrain"] = Field("report", description="What the nightly workflow does on drift.")
-    thresholds: MonitorThresholds = MonitorThresholds()
+# monitor (issue 10): data checks + drift, in mlops/configmonitor.py
 
 
 class DatasetCfg(Strict):
@@ -129,99 +56,7 @@ class DatasetCfg(Strict):
     checks: DataChecksCfg = DataChecksCfg()
 
 
-# ---- training (issue 12): precision, accumulation, checkpoints. Kept as one block on purpose.
-
-_DURATION_TEXT = r"^\s*\d+(\.\d+)?\s*(s|m|h)\s*$"
-
-
-def _steps_or_duration(v: Any) -> Any:
-    """A number of steps (int >= 1) or a duration string like 10m; anything else is one clear error."""
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
-        return v
-    if isinstance(v, str) and re.fullmatch(_DURATION_TEXT, v):
-        return v.strip()
-    raise ValueError("expected a number of steps (e.g. 200) or a duration (e.g. 10m, 30s, 1h)")
-
-
-StepsOrDuration = Annotated[
-    int | str,
-    BeforeValidator(_steps_or_duration),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _DURATION_TEXT}]}),
-]
-
-
-class TrainCfg(Strict):
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(
-        64, ge=1, description="Sequences per micro-batch (one optimizer step sees batch_size * grad_accum)."
-    )
-    lr: float = Field(3e-3, gt=0)
-    seed: int = 0
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    threads: int | None = Field(None, ge=1, description="CPU threads for local training (default: all cores).")
-    precision: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None,
-        description="Mixed precision (autocast; master weights stay fp32 for a full fine-tune). "
-        "Default: bf16 on a GPU (fp16 where the GPU has no bf16), fp32 on CPU. fp16 needs CUDA.",
-    )
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, ~30% more compute."
-    )
-    max_seq_len: int | None = Field(
-        None,
-        ge=8,
-        description="Truncate examples to this many tokens (the prompt's start is cut first). "
-        "Default: the model's context length, and a longer example is an error.",
-    )
-    eval_every: int | None = Field(
-        None, ge=1, description="Every N steps, the loss on a fixed sample of the training data (no gradient)."
-    )
-    checkpoint_every: StepsOrDuration | None = Field(
-        "10m",
-        description="Write a resumable checkpoint every N steps (a number) or every duration (10m, 30s, 1h); "
-        "null: never. A run started again with the same data, config and code resumes from the last one.",
-    )
-    keep_checkpoints: int = Field(2, ge=1, description="How many of a run's newest checkpoints to keep.")
-
-    def checkpoint_interval(self) -> tuple[int | None, float | None]:
-        """(every N steps, every S seconds): one of them set, or neither."""
-        if self.checkpoint_every is None:
-            return None, None
-        if isinstance(self.checkpoint_every, int):
-            return self.checkpoint_every, None
-        return None, float(_duration(self.checkpoint_every))
-
-
-# Modal's list prices, USD per GPU-hour (modal.com/pricing, 2026); `prices.gpu_per_hour` overrides entries.
-MODAL_GPU_PRICES: dict[str, float] = {
-    "T4": 0.59,
-    "L4": 0.80,
-    "A10G": 1.10,
-    "L40S": 1.95,
-    "A100-40GB": 2.10,
-    "A100-80GB": 2.50,
-    "H100": 3.95,
-    "H200": 4.54,
-    "B200": 6.25,
-}
-
-
-class PricesCfg(Strict):
-    gpu_per_hour: dict[str, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: dict(MODAL_GPU_PRICES),
-        description="USD per GPU-hour by Modal GPU type; the run record's cost comes from here. "
-        "Entries you give replace the defaults of the same name; the rest stay.",
-    )
-
-    @field_validator("gpu_per_hour", mode="after")
-    @classmethod
-    def _over_defaults(cls, v: dict[str, float]) -> dict[str, float]:
-        return MODAL_GPU_PRICES | v
-
-
-# ---- end of the training block
+# training (issue 12): precision, accumulation, checkpoints, in mlops/configtrain.py
 
 
 class ArchCfg(Strict):

@@ -36,6 +36,25 @@ class GateResult(Contract):
     stat_threshold: float | None = None  # pass_rate: the per-case threshold
 
 
+class StepVerdict(Contract):
+    """One step of a rollout (shadow or canary): the live numbers of both releases and the decision."""
+
+    step: int
+    percent: int
+    candidate: dict[str, float]
+    production: dict[str, float]
+    passed: bool
+    reasons: list[str] = []
+    decided_by: str = "pipeline:analysis"
+    mode: str = "canary"  # canary | shadow
+    notes: list[str] = []
+    extra: dict[str, Any] = {}  # step-specific numbers (shadow agreement), recorded flat beside the rest
+
+    def to_json(self) -> dict[str, Any]:
+        """The `canary_step` event's detail: the fields, `verdict: pass|fail`, and `extra` flattened."""
+        return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
+
+
 class ModelPlan(Contract):
     model: str
     fingerprint: str

@@ -16,11 +16,11 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mlops.backends.base import Backend
 from mlops.config import RolloutCfg
+from mlops.contracts import StepVerdict
 from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry, State
 
@@ -32,35 +32,6 @@ MIN_LATENCY_SAMPLES = 20
 LATENCY_SLACK_S = 0.005  # differences below 5 ms are scheduling noise, not a regression
 SHADOW_SETTLE_S = 30.0  # how long the analysis waits for mirrored requests still running
 TOP_UP_LIMIT = 4  # a step sends at most this many times `requests_per_step`
-
-
-@dataclass
-class StepVerdict:
-    step: int
-    percent: int
-    candidate: dict[str, float]
-    production: dict[str, float]
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
-    decided_by: str = "pipeline:analysis"
-    mode: str = "canary"  # canary | shadow
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "percent": self.percent,
-            "mode": self.mode,
-            "candidate": self.candidate,
-            "production": self.production,
-            "passed": self.passed,
-            "verdict": "pass" if self.passed else "fail",
-            "reasons": self.reasons,
-            "notes": self.notes,
-            "decided_by": self.decided_by,
-            **self.extra,
-        }
 
 
 def analyse(
@@ -88,7 +59,16 @@ def analyse(
         notes.append(f"latency not judged: {ok_c} candidate / {ok_p} production samples < {MIN_LATENCY_SAMPLES}")
     elif p95c > cfg.max_p95_ratio * p95p and p95c - p95p > LATENCY_SLACK_S:
         reasons.append(f"p95 {p95c * 1000:.1f} ms > {cfg.max_p95_ratio:g} x production's {p95p * 1000:.1f} ms")
-    return StepVerdict(step, pct, cand, prod, not reasons, reasons, mode=mode, notes=notes)
+    return StepVerdict(
+        step=step,
+        percent=pct,
+        candidate=cand,
+        production=prod,
+        passed=not reasons,
+        reasons=reasons,
+        mode=mode,
+        notes=notes,
+    )
 
 
 def _make_production(st: State, release: str) -> State:

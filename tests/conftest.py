@@ -149,3 +149,11 @@ class InThreadServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+    def running(self) -> Iterator[Any]:
+        """Start, yield self, always stop: the body of a module-scoped stand-in fixture."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()

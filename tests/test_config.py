@@ -59,6 +59,30 @@ CASES = [
     ),
     ("wrong type int", edit("steps: 500", "steps: many"), "models.tiny.train.steps", "steps: many"),
     ("negative steps", edit("steps: 500", "steps: -5"), "greater than or equal to 1", "steps: -5"),
+    (
+        "train key typo (issue 12)",
+        edit("warmup_steps: 30}", "warmup_steps: 30, precison: bf16}"),
+        "unknown key 'precison' (did you mean 'precision'?",
+        "precison",
+    ),
+    (
+        "bad precision",
+        edit("warmup_steps: 30}", "warmup_steps: 30, precision: fp8}"),
+        "models.tiny.train.precision: Input should be 'bf16', 'fp16' or 'fp32'",
+        "fp8",
+    ),
+    (
+        "bad checkpoint_every",
+        edit("warmup_steps: 30}", "warmup_steps: 30, checkpoint_every: 10 minutes}"),
+        "expected a number of steps (e.g. 200) or a duration (e.g. 10m, 30s, 1h)",
+        "checkpoint_every",
+    ),
+    (
+        "method typo (qlora)",
+        edit("method: full", "method: qlor"),
+        "models.tiny.method: Input should be 'full', 'lora' or 'qlora'",
+        "method: qlor",
+    ),
     ("bad enum", edit("method: full", "method: half"), "models.tiny.method", "method: half"),
     (
         "unknown backend",

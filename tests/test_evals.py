@@ -105,12 +105,7 @@ class FakeEndpoint(InThreadServer):
 
 @pytest.fixture(scope="module")
 def fake_endpoint() -> Iterator[FakeEndpoint]:
-    srv = FakeEndpoint()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from FakeEndpoint().running()
 
 
 @pytest.fixture

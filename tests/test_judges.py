@@ -162,12 +162,7 @@ class JudgeServer(InThreadServer):
 
 @pytest.fixture(scope="module")
 def judge_server() -> Iterator[JudgeServer]:
-    srv = JudgeServer()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from JudgeServer().running()
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ RANK: dict[str, float] = {
     # models of mlops.yaml and of results, data reading, errors, helpers, the plugin table
     "config": BASE,
     "configdata": BASE,
+    "configtrain": BASE,
+    "configmonitor": BASE,
+    "configbase": BASE,
     "contracts": BASE,
     "data": BASE,
     "errors": BASE,

@@ -20,9 +20,10 @@ import pytest
 from conftest import make_project, mlops, train_and_publish
 
 LEASE = {
-    # the 50% step bakes long enough for another process to act while the canary is live, even
-    # on a loaded machine    # (a pre-empted pipeline wakes from it within a heartbeat, TTL/3)
-    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 8, "bake": "90s", "lease_ttl": "6s"}},
+    # The 50% step bakes long enough for another process to act while the canary is live, even on
+    # a loaded machine: at load 18 a `mlops rollback` took over 90 s to arrive. A pre-empted
+    # pipeline wakes within a heartbeat (TTL/3), so a long bake costs nothing when the test passes.
+    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 8, "bake": "300s", "lease_ttl": "6s"}},
     "evals": {"heldout": {"limit": 8}},
     "models": {"tiny": {"max_tokens": 4, "train": {"steps": 4}}},
 }

@@ -113,3 +113,23 @@ def test_remote_store_artifacts_are_downloaded_and_checked(tmp_path: Path) -> No
     (tmp_path / "remote/artifacts/r1/model.safetensors").write_bytes(b"evil")
     with pytest.raises(IntegrityError):
         reg.artifact_dir("r1")
+
+
+def test_finding_a_release_reads_the_index_not_every_manifest_and_history(reg: Registry, tmp_path: Path) -> None:
+    for i in range(3):
+        reg.publish(f"r{i}", artifact(tmp_path), {"model": "tiny", "lineage": {"fingerprint": f"f{i}"}})
+    # a registry from before the index: r0's entry is missing, and is added back from its manifest
+    (tmp_path / "store" / "index" / "releases" / "r0.json").unlink()
+    assert {e["id"] for e in reg.index()} == {"r0", "r1", "r2"}
+    assert (tmp_path / "store" / "index" / "releases" / "r0.json").is_file()
+    read: list[str] = []
+    get = reg.store.get
+
+    def counting_get(key: str):  # type: ignore[no-untyped-def]
+        read.append(key)
+        return get(key)
+
+    reg.store.get = counting_get  # type: ignore[method-assign]
+    assert reg.find_by_fingerprint("tiny", "f1")["id"] == "r1"  # type: ignore[index]
+    assert not [k for k in read if k.endswith(("history.json", "/manifest.json")) and "/r1/" not in k], read
+    assert reg.find_by_fingerprint("tiny", "nope") is None

@@ -314,3 +314,59 @@ def test_a_missing_vllm_install_is_one_clear_error(release: Release, monkeypatch
     monkeypatch.setenv("MLOPS_VLLM_PYTHON", str(release.root / "no-such-venv" / "bin" / "python"))
     with pytest.raises(InfraError, match="no vLLM interpreter at .*: run `make install-vllm` or set"):
         VllmEngine(release.model_dir)
+
+
+def test_merged_lora_artifact_serves_the_same_through_vllm(tmp_path: Path) -> None:
+    """Issue 12: LoRA through peft on a locally trained base, merged before the artifact is written:
+    vLLM serves that artifact as any model, with the builtin engine's greedy answers."""
+    from mlops.training.train import TrainJob, train_model
+
+    arch = {"n_layer": 1, "n_embd": 32, "n_head": 1, "n_positions": 32}  # head size 32: vLLM-CPU runs it
+    common: dict[str, object] = {
+        "model_name": "t",
+        "dataset_path": str(REPO / "data" / "train.jsonl"),
+        "prompt": "{input}=",
+        "batch_size": 32,
+        "warmup_steps": 2,
+        "threads": 1,
+        "arch": arch,
+    }
+    base = train_model(TrainJob(out_dir=str(tmp_path / "base"), steps=40, lr=1e-2, **common))  # type: ignore[arg-type]
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn", "c_fc"]}
+    merged = train_model(
+        TrainJob(
+            out_dir=str(tmp_path / "merged"), base=base.out_dir, method="lora", lora=lora, steps=10, lr=5e-2, **common
+        )  # type: ignore[arg-type]
+    )
+    model_dir = Path(merged.out_dir)
+    assert not (model_dir / "adapter_config.json").exists()  # a plain model, not an adapter
+    cases = [json.loads(x) for x in (REPO / "evals" / "heldout.jsonl").read_text().splitlines() if x.strip()][:40]
+    prompts = [f"{c['input']}=" for c in cases]
+    want = builtin_texts(model_dir, prompts)
+
+    template = tmp_path / "chat_template.jinja"
+    template.write_text(chat_template_for("{input}="))
+    port, key = free_port(), secrets.token_hex(16)
+    argv = vllm_command(
+        model_dir,
+        "merged",
+        port,
+        aliases=("tiny",),
+        chat_template=str(template),
+        host="127.0.0.1",
+        python=vllm_python(),
+        extra=cpu_extra(arch["n_positions"]),
+    )
+    env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: key}))
+    log = tmp_path / "vllm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, proc, log)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+        got = [client.completions.create(model="tiny", prompt=p, max_tokens=16).choices[0].text for p in prompts]
+    finally:
+        stop_group(proc)
+    differ = [(p, w, g) for p, w, g in zip(prompts, want, got, strict=True) if w != g]
+    assert not differ, f"{len(differ)}/{len(prompts)} differ, e.g. {differ[:3]}"

@@ -66,7 +66,7 @@ def resolve_release(s: Session, ref: str) -> str:
     if ref in STAGE_REFS:
         rid = st.stages.get(ref)
         if rid is None and ref == "candidate":  # a PR's candidate may already be the newest release
-            rel = s.registry.list()
+            rel = s.registry.index()
             rid = rel[0]["id"] if rel else None
         if rid is None:
             raise UsageError(f"there is no {ref} release yet")

@@ -6,6 +6,8 @@ Layout on the store:
     releases/<release>/manifest.json     written once (if-none-match), only after the artifact
     releases/<release>/history.json      status events, appended by compare-and-swap
     releases/<release>/evals/<suite>.json  eval results, stored with the release
+    index/releases/<release>.json        id, model, created_at, fingerprint: what finding a release
+                                         needs, without reading every manifest and history
     state.json                           stage pointers AND routing weights in one document
 
 Stages and routing live in one document so that one atomic compare-and-swap moves both: there is
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlops.errors import ConflictError, IntegrityError, UsageError
+from mlops.errors import ConflictError, InfraError, IntegrityError, UsageError
 from mlops.registry.damage import RegistryDamaged, loads, working
 from mlops.registry.store import Store, atomic_write
 from mlops.util import now
@@ -43,6 +45,19 @@ CAS_RETRIES = 60
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+
+
+INDEX = "index/releases"
+IndexEntries = list[dict[str, Any]]  # (a module-level name: inside Registry, `list` is the method)
+
+
+def _index_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": manifest["id"],
+        "model": manifest.get("model"),
+        "created_at": manifest.get("created_at"),
+        "fingerprint": (manifest.get("lineage") or {}).get("fingerprint"),
+    }
 
 
 def _dumps(obj: Any) -> bytes:
@@ -173,6 +188,7 @@ class Registry:
             },
         }
         self.store.put(f"releases/{release_id}/manifest.json", _dumps(manifest), if_none_match=True)
+        self.store.put(f"{INDEX}/{release_id}.json", _dumps(_index_entry(manifest)))
         return manifest
 
     def manifest(self, release_id: str) -> dict[str, Any] | None:
@@ -186,7 +202,7 @@ class Registry:
     def require(self, release_id: str) -> dict[str, Any]:
         m = self.manifest(release_id)
         if m is None:
-            known = [r["id"] for r in self.list()][:5]
+            known = [r["id"] for r in self.index()][:5]
             raise UsageError(f"unknown release {release_id!r} (recent: {', '.join(known) or 'none'})")
         return m
 
@@ -236,10 +252,28 @@ class Registry:
         out.sort(key=lambda m: (m.get("created_at", ""), m["id"]), reverse=True)
         return out
 
+    def index(self) -> IndexEntries:
+        """id, model, created_at and fingerprint of every release, newest first: one small object
+        each, no manifest or history read. A release from before the index is read from its
+        manifest once and added (so old registries migrate on read)."""
+        entries: dict[str, dict[str, Any]] = {}
+        for key in self.store.list(INDEX):
+            blob = self.store.get(key)
+            if blob is not None:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    e = json.loads(blob.data)
+                    entries[str(e["id"])] = e
+        for rid in self.release_ids():
+            if rid not in entries and (m := self.manifest(rid)) is not None:
+                entries[rid] = _index_entry(m)
+                with contextlib.suppress(InfraError):  # a read-only store still lists, just slower
+                    self.store.put(f"{INDEX}/{rid}.json", _dumps(entries[rid]))
+        return sorted(entries.values(), key=lambda e: (e.get("created_at") or "", e["id"]), reverse=True)
+
     def find_by_fingerprint(self, model: str, fingerprint: str) -> dict[str, Any] | None:
-        for m in self.list():
-            if m.get("model") == model and m.get("lineage", {}).get("fingerprint") == fingerprint:
-                return m
+        for e in self.index():
+            if e.get("model") == model and e.get("fingerprint") == fingerprint:
+                return self.manifest(e["id"])
         return None
 
     # ------------------------------------------------------------------ artifacts
