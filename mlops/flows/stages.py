@@ -132,16 +132,18 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
     suite now names, is evaluated now (through `base_url`, and stored with production)."""
     from mlops.config import metric_name
 
-    prod = s.registry.read_state()[0].stages.get("production")
+    reg = s.production_registry
+    prod = reg.read_state()[0].stages.get("production")
     if prod is None:
         return None, dict.fromkeys(s.loaded.cfg.evals)
     results: dict[str, dict[str, Any] | None] = {}
     missing = []
     for suite, ev in s.loaded.cfg.evals.items():
-        results[suite] = stored = s.registry.get_eval(prod, suite)
+        results[suite] = stored = reg.get_eval(prod, suite)
         if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
             missing.append(suite)
-    if missing and base_url is not None:
+    # a baseline registry is read only, and `base_url` serves this registry's releases, not its
+    if missing and base_url is not None and s.baseline is None:
         results |= evaluate(s, prod, base_url, missing)
     return prod, results
 
