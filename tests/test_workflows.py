@@ -50,6 +50,7 @@ CLI: dict[str, set[str]] = {
     "run": {"--json"},
     "schema": set(),
     "report": {"--markdown", "--out", "--release"},
+    "monitor": {"--json", "--markdown", "--out", "--since"},
 }
 TRUSTED_ACTIONS = {  # name -> the SHA used (each corroborated, see the report)
     "actions/checkout": "08c6903cd8c0fde910a37f88322edcfb5dd907a8",
@@ -187,7 +188,9 @@ def test_pr_comment_is_sticky() -> None:
 
 def test_ct_branches_on_exit_codes() -> None:
     wf = load_workflow("ct.yml")
-    assert wf["on"] == {"push": {"branches": ["main"]}}
+    # push to main, and the nightly's drift-triggered dispatch carrying the monitor report
+    assert wf["on"]["push"] == {"branches": ["main"]} and set(wf["on"]) == {"push", "workflow_dispatch"}
+    assert set(wf["on"]["workflow_dispatch"]["inputs"]) == {"drift_report"}
     script = "\n".join(s.get("run", "") for s in steps(wf))
     assert '"$code" -ne 4' in script  # 4 = infra: retried once
     assert re.search(r"^\s*3\)", script, re.M) and "GITHUB_STEP_SUMMARY" in script  # 3 = gate failed

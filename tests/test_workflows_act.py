@@ -16,23 +16,29 @@ variable -> test_main_without_shared_registry_*; 9 concurrency -> test_rollback_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import actkit  # noqa: E402
-from conftest import mlops  # noqa: E402
+from conftest import free_port, mlops  # noqa: E402
+from test_monitor import example_inputs, shifted_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 MARKER = "<!-- mlops-eval-report -->"
+DRIFT_MARKER = "<!-- mlops-monitor-report -->"
 PR_SECRETS = {"MODAL_PR_TOKEN_ID": "pr-token-id-planted", "MODAL_PR_TOKEN_SECRET": "pr-token-secret-planted"}
 PROD_SECRETS = {"MODAL_TOKEN_ID": "prod-token-id-planted", "MODAL_TOKEN_SECRET": "prod-token-secret-planted"}
 
@@ -329,10 +335,62 @@ def test_rollback_has_its_own_concurrency() -> None:
     assert groups["ct.yml"]["cancel-in-progress"] is False
 
 
+def serve_traffic(story: Story, inputs: list[str]) -> None:
+    """Production traffic: `mlops serve` on the shared registry (capture on, as shipped) answers each
+    input as the example's prompt; stopped with SIGTERM, so its capture is flushed to the registry."""
+    before = captured(story)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port), "--set", f"storage={story.registry}"],
+        cwd=story.repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"MLOPS_WANDB": "disabled"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "mlops serve did not come up"
+            time.sleep(0.1)
+        with httpx.Client(timeout=60) as c:
+            for x in inputs:
+                r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"{x}=", "max_tokens": 16})
+                assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise
+    assert captured(story) == before + len(inputs)  # all flushed to the shared registry at SIGTERM
+
+
+def captured(story: Story) -> int:
+    """Requests captured in the shared registry (what `mlops monitor` reads)."""
+    files = (story.registry / "monitor" / "capture").rglob("*.jsonl")
+    return sum(len(f.read_text().splitlines()) for f in files)
+
+
+def drift_writes(res: actkit.ActResult) -> list[tuple[str, str]]:
+    return [(c["method"], c["path"]) for c in res.calls if c["method"] != "GET"]
+
+
 def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) -> None:
-    """Defect 7: production re-evaluated below an absolute gate: red, not a green job with FAIL inside."""
+    """Defect 7: production re-evaluated below an absolute gate: red, not a green job with FAIL inside.
+    Issue 10, the quiet half: production answered the example's kind of inputs, nothing is opened."""
+    serve_traffic(story, example_inputs(120, seed=1))
     ok = story.run("nightly", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
     assert ok.rc == 0, explain(ok)
+    assert ok.step_ok("Monitor traffic") and "no drift in the last 24 h" in ok.log, explain(ok)
+    assert drift_writes(ok) == [] and ok.state["issues"] == [] and ok.state["dispatches"] == []
     gates = yaml.safe_load((story.repo / "mlops.yaml").read_text())["gates"]
     gates[0]["min"] = 0.9  # the bar moves above what production scores (~0.18)
     actkit.commit(story.repo, "raise the bar", config={"gates": gates})
@@ -340,3 +398,44 @@ def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) 
     assert res.rc != 0
     assert "**Production fails a gate** (exit 3)" in res.summary, explain(res)
     assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in res.summary
+
+
+def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10, the loop: production answered longer, differently distributed strings; the nightly
+    run opens one issue with the monitor's markdown report and dispatches ct.yml with the drift
+    report (`monitor.on_drift: retrain`); the next nightly updates that issue, opens no second one."""
+    actkit.commit(story.repo, "gates back, retrain on drift", config={"gates": actkit.FAST["gates"]})
+    actkit.commit(story.repo, "retrain on drift", config={"monitor": {"on_drift": "retrain"}})
+    serve_traffic(story, shifted_inputs(120, seed=2))
+    prod = story.releases()["production"]
+    first = story.run("nightly, drift", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
+    assert first.rc == 0, explain(first)
+    [issue] = first.state["issues"]
+    assert issue["body"].startswith(DRIFT_MARKER) and "prompt_length_psi" in issue["body"], issue
+    assert "prompt_length_psi" in issue["title"] and "/actions/runs/" in issue["body"]
+    [dispatch] = first.state["dispatches"]
+    assert dispatch["workflow"] == "ct.yml" and dispatch["ref"] == "main"
+    report = json.loads(dispatch["inputs"]["drift_report"])  # what ct.yml hands `mlops run`
+    assert report["release"] == prod and "prompt_length_psi" in report["drifted"] and report["requests"] >= 240
+    assert {c["name"] for c in report["checks"] if c["drifted"]} == set(report["drifted"])
+    assert sorted(drift_writes(first)) == [  # the issue and retrain jobs may run in either order
+        ("POST", "/repos/acme/tiny/actions/workflows/ct.yml/dispatches"),
+        ("POST", "/repos/acme/tiny/issues"),
+    ]
+    assert all(c["auth"] for c in first.calls)
+
+    second = story.run("nightly, drift again", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
+    assert second.rc == 0, explain(second)
+    [again] = second.state["issues"]
+    assert again["number"] == issue["number"] and again["body"].startswith(DRIFT_MARKER)
+    assert again["body"] != issue["body"]  # this run's report and run link
+    assert ("PATCH", f"/repos/acme/tiny/issues/{issue['number']}") in drift_writes(second)
+    assert len(second.state["dispatches"]) == 2
+    # the dispatched input is what `mlops run` accepts as MLOPS_DRIFT_REPORT (the lineage's drift_trigger)
+    from mlops.monitor import datachecks
+
+    path = story.root / "dispatched-drift.json"
+    path.write_text(dispatch["inputs"]["drift_report"])
+    monkeypatch.setenv(datachecks.DRIFT_ENV, str(path))
+    trigger = datachecks.drift_trigger()
+    assert trigger and trigger["release"] == prod and trigger["drifted"]

@@ -222,6 +222,7 @@ def analyze(
         "checks": [],
         "drifted": [],
         "verdict": "no traffic",
+        "on_drift": m.on_drift,  # what the nightly workflow does with this report (open an issue / retrain)
     }
     if not w.records:
         rep["message"] = f"no traffic since {rep['since']}" + (f" for release {release}" if release else "")
