@@ -39,6 +39,7 @@ from test_monitor import example_inputs, shifted_inputs  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 MARKER = "<!-- mlops-eval-report -->"
 DRIFT_MARKER = "<!-- mlops-monitor-report -->"
+QUIET_OUTPUT_LENGTH = {"monitor": {"thresholds": {"output_length_psi": None}}}
 PR_SECRETS = {"MODAL_PR_TOKEN_ID": "pr-token-id-planted", "MODAL_PR_TOKEN_SECRET": "pr-token-secret-planted"}
 PROD_SECRETS = {"MODAL_TOKEN_ID": "prod-token-id-planted", "MODAL_TOKEN_SECRET": "prod-token-secret-planted"}
 
@@ -386,6 +387,9 @@ def drift_writes(res: actkit.ActResult) -> list[tuple[str, str]]:
 def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) -> None:
     """Defect 7: production re-evaluated below an absolute gate: red, not a green job with FAIL inside.
     Issue 10, the quiet half: production answered the example's kind of inputs, nothing is opened."""
+    # This 40-step model answers 1-2 characters; against its 20 eval outputs the output-length PSI
+    # reads ~0.4 even for the example's own inputs: reported, not judged, here (input drift is the story)
+    actkit.commit(story.repo, "monitor: output length reported only", config=QUIET_OUTPUT_LENGTH)
     serve_traffic(story, example_inputs(120, seed=1))
     ok = story.run("nightly", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
     assert ok.rc == 0, explain(ok)
