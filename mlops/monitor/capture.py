@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.config import Loaded, MonitorCfg
@@ -253,6 +254,8 @@ class CaptureMiddleware:
         self.app, self.writer, self.sample_rate = app, writer, sample_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # flush what is queued before the server reports it has stopped
+            return await self.app(scope, receive, self._flush_at_shutdown(send))
         route = PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
         if route is None or (self.sample_rate < 1.0 and random.random() >= self.sample_rate):
             return await self.app(scope, receive, send)
@@ -287,6 +290,14 @@ class CaptureMiddleware:
         finally:
             status = int(meta["status"] or 500)  # an app that raised before answering: a server error
             self.writer.submit(Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp))
+
+    def _flush_at_shutdown(self, send: Send) -> Send:
+        async def snd(msg: Message) -> None:
+            if msg["type"] == "lifespan.shutdown.complete":
+                await run_in_threadpool(self.writer.close)
+            await send(msg)
+
+        return snd
 
 
 def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, source: str) -> ASGIApp:
