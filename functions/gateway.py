@@ -1,19 +1,25 @@
 """The stable HTTPS endpoint: authenticates, picks a release by the routing state, forwards to its vLLM.
 
-    modal secret create <app>-auth MLOPS_API_KEYS=<key>[,<key>...] MLOPS_VLLM_API_KEY=<random>
-    modal deploy functions/gateway.py
+    modal secret create mlops-<project>-auth MLOPS_API_KEYS=<key>[,<key>...] MLOPS_VLLM_API_KEY=<random> \
+        MLOPS_PROXY_TOKEN_ID=wk-... MLOPS_PROXY_TOKEN_SECRET=ws-...
+    modal deploy functions/gateway.py      # ModalBackend also redeploys it whenever the code changes
 
 Every request needs `Authorization: Bearer <key>` with a key from MLOPS_API_KEYS (or from the env
 var named by mlops.yaml `deploy.server.api_key_env`, if the Secret sets it); anything else gets 401
 before any state is read or any model is touched. MLOPS_VLLM_API_KEY, which every vLLM server
-requires, reaches only the gateway and those servers: the per-release URLs are no way around here.
+requires, and the Proxy Auth Token that every per-release URL requires, reach only the gateway.
 
-The routing State lives in a `modal.Dict` ("state"), written by ModalBackend on every
-compare-and-swap in the registry; release URLs live next to it ("url:<release>"). The gateway reads
-both through a short in-memory cache, so a rollback reaches every container within `STATE_TTL_S`.
+The routing State lives in a `modal.Dict` ("state"), written by ModalBackend whenever routing
+moves, with a durable copy on the Volume (Dict entries expire after 7 idle days: the gateway falls
+back to the copy and puts it back). A release's URL is looked up from its app name. Both go through
+a short in-memory cache, so a rollback reaches the gateway within `STATE_TTL_S`.
+
+The gateway measures every forwarded request per release and serves the window at
+`/v1/mlops/stats` (what the canary analysis reads), so it runs as one container (`max_containers=1`:
+it only waits on upstreams, and one container's stats are the whole traffic).
 
 `create_gateway_app` is plain Starlette: tests run it under uvicorn on 127.0.0.1 against a fake
-upstream; on Modal the same app is served by `@modal.asgi_app()`.
+upstream; `gateway_body` builds it from a `ModalAPI`: Modal's in the container, the twin's here.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
 import httpx
@@ -38,17 +44,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mlops.backends.modal_api import ModalAPI, ModalSDK
+from mlops.backends.modal_settings import (
+    KEYS_ENV,
+    PROXY_ID_ENV,
+    PROXY_SECRET_ENV,
+    STATE_FILE,
+    STATE_KEY,
+    VLLM_KEY_ENV,
+)
 from mlops.registry.releases import State
 from mlops.serving.routing import pick
+from mlops.serving.stats import LiveStats
 
 HEADER = "x-mlops-release"
 STATE_TTL_S = 2.0  # how stale routing may be: a Dict read per container per 2 s, not per request
 URL_TTL_S = 30.0  # release URLs change only on redeploy
-VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"
-KEYS_ENV = "MLOPS_API_KEYS"
 
 # Upstream timeouts: a scaled-to-zero vLLM container may take minutes to answer its first request.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=600.0, write=60.0, pool=60.0)
+# The gateway's own function timeout must outlast the longest upstream wait, or Modal cuts a
+# request that vLLM would still have answered.
+GATEWAY_TIMEOUT_S = int(UPSTREAM_TIMEOUT.read or 0) + 120
 
 app = modal.App(settings.gateway_app)
 
@@ -95,6 +112,7 @@ def create_gateway_app(
     upstream_api_key: str | None = None,
     model_name: str | None = None,
     timeout: httpx.Timeout = UPSTREAM_TIMEOUT,
+    upstream_headers: Mapping[str, str] | None = None,
 ) -> Starlette:
     """An OpenAI-compatible router. `get_state()` returns the routing State, `upstream_url_for(id)`
     the base URL of a release's server (or None), `api_keys` the accepted bearer keys (required:
@@ -105,6 +123,8 @@ def create_gateway_app(
         raise ValueError("the gateway needs at least one API key")
     counter = itertools.count()
     clients: list[httpx.AsyncClient] = []
+    stats = LiveStats()
+    proxy = dict(upstream_headers or {})  # Modal-Key / Modal-Secret: per-release URLs require them
 
     def authorized(request: Request) -> bool:
         got = request.headers.get("authorization", "")
@@ -128,7 +148,40 @@ def create_gateway_app(
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "mlops"} for i in ids]
         return JSONResponse({"object": "list", "data": data}, headers={HEADER: st.stages.get("production") or "none"})
 
+    async def live_stats(request: Request) -> Response:
+        if not authorized(request):
+            return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+        try:
+            since = float(request.query_params.get("since", "0") or 0)
+        except ValueError:
+            return _error(400, "since must be a number (unix time)", "invalid_request_error")
+        st = await run_in_threadpool(get_state)
+        body = {
+            "now": time.time(),
+            "state_version": st.version,
+            "releases": stats.window(since),
+            "rejected": stats.rejected,
+            "shadow": {},  # the gateway mirrors nothing: deploy.rollout.shadow is local-only
+            "shadow_pending": 0,
+        }
+        return JSONResponse(body, headers={HEADER: st.stages.get("production") or "none"})
+
+    async def release_health(request: Request) -> Response:
+        """A release server's /health, for the client that deploys it (it holds no proxy token)."""
+        if not authorized(request):
+            return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+        release = request.path_params["release"]
+        base = await run_in_threadpool(upstream_url_for, release)
+        if not base:
+            return _error(404, f"release {release!r} is not deployed", "invalid_request_error", release)
+        try:
+            r = await clients[0].get(f"{base.rstrip('/')}/health", headers=proxy)
+        except httpx.HTTPError as e:
+            return _error(502, f"release {release} did not answer ({type(e).__name__})", "server_error", release)
+        return JSONResponse({"status": r.status_code}, status_code=r.status_code, headers={HEADER: release})
+
     async def forward(request: Request, path: str) -> Response:
+        t0 = time.perf_counter()
         if not authorized(request):
             return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
         try:
@@ -159,7 +212,7 @@ def create_gateway_app(
                 release,
             )
         body["model"] = release  # vLLM serves each release under its id
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        headers = {"content-type": "application/json", "accept-encoding": "identity", **proxy}
         if upstream_api_key:
             headers["authorization"] = f"Bearer {upstream_api_key}"
         client = clients[0]
@@ -169,11 +222,14 @@ def create_gateway_app(
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as e:
+            stats.record(release, time.perf_counter() - t0, ok=False)
             return _error(502, f"release {release} did not answer ({type(e).__name__})", "server_error", release)
         out_headers = {HEADER: release}
+        ok = resp.status_code < 500
         media = resp.headers.get("content-type", "application/json")
         if body.get("stream") and resp.status_code == 200:
             out_headers["cache-control"] = "no-cache"
+            stats.record(release, time.perf_counter() - t0, ok=ok)  # time to first byte
             return StreamingResponse(
                 resp.aiter_raw(),
                 status_code=resp.status_code,
@@ -184,9 +240,11 @@ def create_gateway_app(
         try:
             content = await resp.aread()
         except httpx.HTTPError as e:
+            stats.record(release, time.perf_counter() - t0, ok=False)
             return _error(502, f"release {release} broke off ({type(e).__name__})", "server_error", release)
         finally:
             await resp.aclose()
+        stats.record(release, time.perf_counter() - t0, ok=ok)
         return Response(content, status_code=resp.status_code, media_type=media, headers=out_headers)
 
     async def completions(request: Request) -> Response:
@@ -209,16 +267,50 @@ def create_gateway_app(
         Route("/v1/models", models),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/mlops/stats", live_stats),
+        Route("/v1/mlops/releases/{release}/health", release_health),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def modal_state_sources(dict_obj: Any) -> tuple[Callable[[], State], Callable[[str], str | None]]:
-    """Cached readers of the routing State and release URLs from a `modal.Dict` (or any mapping
-    with `.get`)."""
-    state_cache = TTLCache(lambda _: State.from_json(dict_obj.get("state") or {}), STATE_TTL_S)
-    url_cache = TTLCache(lambda rid: dict_obj.get(f"url:{rid}"), URL_TTL_S)
+def routing_sources(api: ModalAPI) -> tuple[Callable[[], State], Callable[[str], str | None]]:
+    """Cached readers of the routing State (the Dict, else its durable copy on the Volume, which
+    is then put back) and of release URLs (from each release's app: nothing to expire)."""
+
+    def read_state(_: str) -> State:
+        raw = api.dict_get(STATE_KEY)
+        if raw is None:
+            try:
+                raw = json.loads(b"".join(api.volume_read(STATE_FILE)))
+            except FileNotFoundError:
+                return State()  # nothing published yet
+            api.dict_put(STATE_KEY, raw)
+        return State.from_json(raw)
+
+    state_cache = TTLCache(read_state, STATE_TTL_S)
+    url_cache = TTLCache(lambda rid: api.web_url(api.settings.serve_app(rid), "serve"), URL_TTL_S)
     return (lambda: state_cache()), url_cache
+
+
+def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None) -> Starlette:
+    """The gateway app from the Secret's variables in `environ`; refuses to start open."""
+    env = os.environ if environ is None else environ
+    s = api.settings
+    get_state, url_for = routing_sources(api)
+    keys = parse_keys(env.get(KEYS_ENV), env.get(s.api_key_env or ""))
+    upstream_key = env.get(VLLM_KEY_ENV)
+    proxy_id, proxy_secret = env.get(PROXY_ID_ENV), env.get(PROXY_SECRET_ENV)
+    if not keys or not upstream_key or not proxy_id or not proxy_secret:
+        need = f"{KEYS_ENV}, {VLLM_KEY_ENV}, {PROXY_ID_ENV} and {PROXY_SECRET_ENV}"
+        raise RuntimeError(f"the Modal Secret {s.auth_secret!r} needs {need}")
+    return create_gateway_app(
+        get_state,
+        url_for,
+        keys,
+        upstream_api_key=upstream_key,
+        model_name=s.served_model,
+        upstream_headers={"Modal-Key": proxy_id, "Modal-Secret": proxy_secret},
+    )
 
 
 @app.function(
@@ -226,15 +318,11 @@ def modal_state_sources(dict_obj: Any) -> tuple[Callable[[], State], Callable[[s
     secrets=[auth_secret(), *extra_secrets()],
     env=settings.env(),
     min_containers=settings.min_containers,
+    max_containers=1,  # the canary reads live stats from it: one container sees all traffic
     scaledown_window=settings.scaledown_window,
+    timeout=GATEWAY_TIMEOUT_S,
 )
-@modal.concurrent(max_inputs=256)  # it only waits on upstreams: one small container takes many
+@modal.concurrent(max_inputs=1000)  # it only waits on upstreams: one small container takes many
 @modal.asgi_app()
 def gateway() -> Starlette:
-    d = modal.Dict.from_name(settings.state_dict, environment_name=settings.environment, create_if_missing=True)
-    get_state, url_for = modal_state_sources(d)
-    keys = parse_keys(os.environ.get(KEYS_ENV), os.environ.get(settings.api_key_env or ""))
-    upstream_key = os.environ.get(VLLM_KEY_ENV)
-    if not keys or not upstream_key:  # refuse to start open, or unable to reach any vLLM
-        raise RuntimeError(f"the Modal Secret {settings.auth_secret!r} needs {KEYS_ENV} and {VLLM_KEY_ENV}")
-    return create_gateway_app(get_state, url_for, keys, upstream_api_key=upstream_key, model_name=settings.served_model)
+    return gateway_body(ModalSDK(settings))

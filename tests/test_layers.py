@@ -51,6 +51,7 @@ RANK: dict[str, float] = {
     # the orchestrator
     "flows": 3.0,
     "pipeline": 3.0,
+    "scaffold": 3.0,  # mlops init: copies the template (a flow of its own)
     "rollout": 3.0,
     # parse, call one flow, print
     "cli": 4.0,

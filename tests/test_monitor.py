@@ -180,3 +180,13 @@ def test_an_empty_window_says_no_traffic_and_exits_0(project: Path) -> None:
     r = mlops("monitor", "--since", "1h", cwd=project)
     assert r.returncode == 0, r.stderr
     assert "no traffic since" in r.stderr and "No traffic" in r.stdout
+
+
+def test_a_window_of_earlier_traffic_can_be_the_reference(captured: Captured) -> None:
+    rc, rep, _ = monitor(captured.root, "--reference", "1h..0s")  # the same traffic on both sides
+    assert rc == 0 and rep["reference"]["kind"] == "window" and rep["reference"]["prompts"] == N
+    psi = next(c for c in rep["checks"] if c["name"] == "prompt_length_psi")
+    assert psi["value"] == 0.0
+    for bad in (["--reference", "1h"], ["--reference", "0s..1h"], ["--since", "yesterday"]):
+        r = mlops("monitor", *bad, cwd=captured.root)
+        assert r.returncode == 1 and bad[1] in r.stderr, (bad, r.stderr)

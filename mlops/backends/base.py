@@ -1,5 +1,12 @@
-"""The backend protocol. The base class does the cross-cutting work (timing, logging, records,
-preflight); a backend implements the private hooks. `local.py` and `modal.py` stay short and parallel.
+"""The backend protocol, split by the roles a backend plays:
+
+    Trainer  train a TrainJob somewhere, leave the model in `job.out_dir`
+    Server   make a release servable, serve the routed state, say where the endpoint is
+    Router   move stages/routing in the registry and publish them to where serving reads them
+
+The base classes do the cross-cutting work (timing, logging, preflight checks); an implementation
+fills in the private hooks. `Backend` plays all three (local, modal); a training-only backend
+(Ray, SkyPilot) implements `Trainer` alone and is paired with a server by its config.
 """
 
 from __future__ import annotations
@@ -18,7 +25,14 @@ from mlops.training.train import Progress, TrainJob, TrainResult
 log = logging.getLogger("mlops.backend")
 
 
-class Backend(ABC):
+def routing_view(st: State) -> tuple[Any, ...]:
+    """What the serving side acts on. Bookkeeping (`candidate`, version, reason) is not in it, so a
+    job that only records a candidate (a PR's eval) never publishes its registry's routing."""
+    stages = tuple(st.stages.get(k) for k in ("production", "previous", "canary"))
+    return stages, sorted(st.routing.items()), sorted(st.shadow.items())
+
+
+class _Role:
     name: ClassVar[str]
 
     def __init__(self, loaded: Loaded, registry: Registry) -> None:
@@ -26,8 +40,8 @@ class Backend(ABC):
         self.cfg = loaded.cfg
         self.registry = registry
 
-    # ------------------------------------------------------------------ public API
 
+class Trainer(_Role, ABC):
     def train(self, job: TrainJob, progress: Progress | None = None) -> TrainResult:
         t0 = time.perf_counter()
         log.info("train %s on %s: %d steps", job.model_name, self.name, job.steps)
@@ -35,6 +49,11 @@ class Backend(ABC):
         log.info("trained %s in %.1fs (loss %.4f)", job.model_name, time.perf_counter() - t0, result.final_loss)
         return result
 
+    @abstractmethod
+    def _train(self, job: TrainJob, progress: Progress | None) -> TrainResult: ...
+
+
+class Server(_Role, ABC):
     @contextlib.contextmanager
     def serve(self) -> Iterator[str]:
         """Serve whatever the registry's state routes to; yield the endpoint's base URL."""
@@ -42,12 +61,6 @@ class Backend(ABC):
         with self._serve() as url:
             log.info("endpoint %s up in %.1fs", url, time.perf_counter() - t0)
             yield url
-
-    def set_state(self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline") -> State:
-        """Move stages/routing in the registry (one compare-and-swap), then publish to the serving side."""
-        state = self.registry.update_state(change, reason=reason, actor=actor)
-        self._publish(state)
-        return state
 
     def preflight(self, release_id: str) -> dict[str, Any]:
         """Refuse to route to a release whose artifact is missing, corrupt, or does not load."""
@@ -63,16 +76,14 @@ class Backend(ABC):
     def endpoint(self) -> str | None:
         return self._endpoint()
 
-    # ------------------------------------------------------------------ hooks
+    def client_key(self) -> str | None:
+        """The bearer key this machine presents to the endpoint (evals, canary, smoke)."""
+        from mlops.util import api_key_from_env
 
-    @abstractmethod
-    def _train(self, job: TrainJob, progress: Progress | None) -> TrainResult: ...
+        return api_key_from_env(self.cfg.deploy.server.api_key_env)
 
     @abstractmethod
     def _serve(self) -> contextlib.AbstractContextManager[str]: ...
-
-    def _publish(self, state: State) -> None:  # noqa: B027 - optional hook
-        """Push a new state to where the serving side reads it (the local server reads the store)."""
 
     def _preflight(self, release_id: str) -> None:  # noqa: B027 - optional hook
         """Prove the release loads before any pointer moves."""
@@ -82,3 +93,21 @@ class Backend(ABC):
 
     def _endpoint(self) -> str | None:
         return None
+
+
+class Router(_Role):
+    def set_state(self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline") -> State:
+        """Move stages/routing in the registry (one compare-and-swap), then publish to the serving
+        side, only when what serving acts on changed (see `routing_view`)."""
+        before, _ = self.registry.read_state()
+        state = self.registry.update_state(change, reason=reason, actor=actor)
+        if routing_view(state) != routing_view(before):
+            self._publish(state)
+        return state
+
+    def _publish(self, state: State) -> None:  # noqa: B027 - optional hook
+        """Push a new state to where the serving side reads it (the local server reads the store)."""
+
+
+class Backend(Trainer, Server, Router):
+    """A backend that trains, serves and routes (what `mlops run` needs)."""

@@ -1,214 +1,49 @@
 """The production backend: train on a Modal GPU, serve with vLLM behind a Modal gateway.
 
-What runs where (the names below are shared with `functions/*.py` through `ModalSettings`):
-
-    {app}-train     functions/train.py      `train`: trains on a GPU, writes runs/<run>/ on the Volume
-    {app}-eval      functions/evaluate.py   `evaluate`: scores a shard of cases (fanned out with .map())
-    {app}-gateway   functions/gateway.py    `gateway`: the stable HTTPS endpoint; routes by the Dict's state
-    {app}-serve-<release>  functions/serve.py  `serve`: vLLM's OpenAI server for one release
-    {app}-artifacts  a Modal Volume         runs/<run>/ (training output), releases/<id>/ (what vLLM serves)
-    {app}-state      a Modal Dict           "state": the routing State; "url:<release>": its vLLM URL
-    {app}-auth       a Modal Secret (yours)  MLOPS_API_KEYS (gateway keys, comma-separated) and
-                                            MLOPS_VLLM_API_KEY (the key the gateway presents to vLLM)
+The names of every app, the Volume, the Dict and the Secret are in `modal_settings.py`; Modal itself
+is behind `modal_api.ModalAPI` (the SDK, or the local twin with MLOPS_MODAL_TWIN=DIR).
 
 The registry (a local directory or S3) stays the source of truth, on the client: a trained model is
 downloaded from the Volume (sha256-checked) and published from here, exactly as on the local backend;
 a release is copied into the Volume, with its manifest, before it is served, and the vLLM container
 checks every file against that manifest (and the manifest against the digest given at deploy) first.
 
-`modal` is imported inside methods only: `mlops validate` and `--help` never load it.
+The train and gateway apps are redeployed whenever the code they would run (the `mlops` package,
+functions/*.py, the settings) differs from what they were deployed with, so a push that changes the
+training code trains with that code. This machine reaches a release only through the gateway
+(per-release URLs require a Modal Proxy Auth Token that only the gateway holds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import re
 import secrets
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mlops.backends.base import Backend
-from mlops.config import Config
+from mlops.backends.modal_api import ModalAPI, open_api
+from mlops.backends.modal_settings import (
+    CLIENT_KEY_ENV,
+    SETTINGS_ENV,
+    STATE_FILE,
+    STATE_KEY,
+    ModalSettings,
+    code_digest,
+)
 from mlops.errors import ConfigError, InfraError, IntegrityError
-from mlops.registry.releases import State, sha256_file
+from mlops.registry.releases import State
 from mlops.training.train import Progress, TrainJob, TrainResult
 
-SETTINGS_ENV = "MLOPS_MODAL_SETTINGS"  # JSON of ModalSettings, set on every function's container
-VOLUME_MOUNT = "/vol"
-STATE_KEY = "state"
-VLLM_PORT = 8000
-DEPLOY_TIMEOUT_S = 40 * 60  # building the vLLM image the first time takes 10-20 minutes
-HEALTH_POLL_S = 5.0
-
-_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_APP_NAME = 63  # Modal's limit on App names (and a DNS label for the web URL)
-
-
-def modal_name(*parts: str) -> str:
-    """A valid Modal object name from `parts`; too long a name keeps its head and gets a digest."""
-    cleaned = (_NAME_OK.sub("-", p).strip("-") for p in parts)
-    name = "-".join(p for p in cleaned if p).lower()
-    if len(name) <= _MAX_APP_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: _MAX_APP_NAME - 9].rstrip('-')}-{digest}"
-
-
-@dataclass(frozen=True)
-class ModalSettings:
-    """Everything `functions/*.py` and ModalBackend must agree on, derived from mlops.yaml.
-
-    It travels to containers as JSON in `MLOPS_MODAL_SETTINGS`, because mlops.yaml is not there:
-    a container re-imports its module and must build the same decorators it was deployed with.
-    """
-
-    app: str = "mlops"
-    environment: str | None = None
-    secrets: tuple[str, ...] = ()  # extra Modal Secrets (names) attached to every function
-    served_model: str = "model"  # the deploy model's name; vLLM also answers to it
-    prompt: str = "{input}"  # how a chat turn becomes a prompt, as on the local server
-    api_key_env: str | None = None  # mlops.yaml deploy.server.api_key_env: also accepted by the gateway
-    train_gpu: str | None = "A10G"
-    train_timeout: int = 1800
-    serve_gpu: str | None = "L4"
-    min_containers: int = 0
-    max_containers: int = 4
-    max_inputs: int = 32  # concurrent requests per vLLM container; vLLM batches them itself
-    scaledown_window: int = 300  # idle seconds before a GPU container stops: scale to zero, cheaply
-    startup_timeout: int = 900  # vLLM's first start loads weights and may compile kernels
-    eval_timeout: int = 900
-
-    # ------------------------------------------------------------------ names
-
-    @property
-    def volume(self) -> str:
-        return modal_name(self.app, "artifacts")
-
-    @property
-    def state_dict(self) -> str:
-        return modal_name(self.app, "state")
-
-    @property
-    def auth_secret(self) -> str:
-        return modal_name(self.app, "auth")
-
-    @property
-    def train_app(self) -> str:
-        return modal_name(self.app, "train")
-
-    @property
-    def eval_app(self) -> str:
-        return modal_name(self.app, "eval")
-
-    @property
-    def gateway_app(self) -> str:
-        return modal_name(self.app, "gateway")
-
-    def serve_app(self, release_id: str) -> str:
-        return modal_name(self.app, "serve", release_id) if release_id else modal_name(self.app, "serve")
-
-    # ------------------------------------------------------------------ transport
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str) -> ModalSettings:
-        data = json.loads(raw)
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        if "secrets" in data:
-            data["secrets"] = tuple(data["secrets"])
-        return cls(**data)
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> ModalSettings:
-        model = cfg.models[cfg.deploy.model]
-        return cls(
-            app=modal_name(cfg.modal.app_name or f"mlops-{cfg.project}"),
-            environment=cfg.modal.environment,
-            secrets=tuple(cfg.modal.secrets),
-            served_model=cfg.deploy.model,
-            prompt=model.prompt,
-            api_key_env=cfg.deploy.server.api_key_env,
-            train_gpu=model.resources.gpu,
-            train_timeout=int(model.resources.timeout),
-            serve_gpu=cfg.deploy.resources.gpu,
-            min_containers=cfg.deploy.resources.min_containers,
-            max_containers=cfg.deploy.resources.max_containers,
-            max_inputs=cfg.deploy.server.max_batch_size,
-        )
-
-    def env(self, **extra: str) -> dict[str, str | None]:
-        """The `env=` of a Modal function: these settings, plus `extra`."""
-        return {SETTINGS_ENV: self.to_json(), **extra}
-
-
-def current_settings(environ: dict[str, str] | None = None) -> ModalSettings:
-    """In a container: the settings it was deployed with. Locally: from `$MLOPS_CONFIG` (default
-    ./mlops.yaml), or defaults where there is no config (so a module imports anywhere)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(SETTINGS_ENV)
-    if raw:
-        return ModalSettings.from_json(raw)
-    path = Path(env.get("MLOPS_CONFIG", "mlops.yaml"))
-    if path.is_file():
-        from mlops.config import load
-
-        return ModalSettings.from_config(load(path, check_files=False).cfg)
-    return ModalSettings()
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-@contextlib.contextmanager
-def modal_errors(what: str, deploy: str | None = None) -> Iterator[None]:
-    """Modal's exceptions -> one-line InfraError (exit 4) that says what to run."""
-    mx = _modal().exception
-    try:
-        yield
-    except mx.AuthError as e:
-        raise InfraError(
-            f"{what}: Modal is not authenticated ({_first_line(e)}); run `modal token new` "
-            "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
-        ) from e
-    except mx.NotFoundError as e:
-        hint = f"; run `{deploy}`" if deploy else ""
-        raise InfraError(f"{what}: not found on Modal ({_first_line(e)}){hint}") from e
-    except mx.Error as e:
-        raise InfraError(f"{what}: Modal {type(e).__name__}: {_first_line(e)}") from e
-
-
-def _modal() -> Any:
-    """The modal SDK, imported on first use (never at import of mlops)."""
-    try:
-        import modal
-    except ImportError as e:
-        raise ConfigError("backend: modal needs the Modal SDK: pip install 'mlops[cloud]'") from e
-    return modal
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def _run_cli(cmd: Sequence[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run the `modal` CLI (a seam: tests replace it with a recorder)."""
-    return subprocess.run(list(cmd), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-# ---------------------------------------------------------------------------- the backend
+HEALTH_POLL_S = 2.0
+HEALTH_CHECK_S = 10.0
+LIVE_WAIT_S = 60.0  # the gateway re-reads the state every STATE_TTL_S (2 s); a cold one starts first  # "is it up?" before a redeploy: one request, answered at once by a warm app
 
 
 @dataclass
@@ -231,21 +66,44 @@ class _Remote:
 
 class ModalBackend(Backend):
     name: ClassVar[str] = "modal"
+    _api: ModalAPI | None = None
 
     @property
     def settings(self) -> ModalSettings:
         return ModalSettings.from_config(self.cfg)
 
-    def _function(self, app: str, name: str) -> Any:
-        return _modal().Function.from_name(app, name, environment_name=self.settings.environment)
+    @property
+    def api(self) -> ModalAPI:
+        if self._api is None:
+            self._api = open_api(self.settings)
+        return self._api
 
-    def _dict(self) -> Any:
-        s = self.settings
-        return _modal().Dict.from_name(s.state_dict, environment_name=s.environment, create_if_missing=True)
+    @property
+    def functions_dir(self) -> Path:
+        return self.loaded.root / "functions"
 
-    def _volume(self) -> Any:
+    def ensure_current(self, script: str, app: str) -> None:
+        """Deploy `functions/<script>` as `app` unless it is deployed with the code it would run now."""
         s = self.settings
-        return _modal().Volume.from_name(s.volume, environment_name=s.environment, create_if_missing=True)
+        path = self.functions_dir / script
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: backend: modal deploys the apps in functions/")
+        digest = code_digest(self.functions_dir, s)
+        if self.api.dict_get(f"code:{app}") == digest and app in self.api.deployed():
+            return
+        self.api.deploy(path, app, {SETTINGS_ENV: s.to_json()})
+        self.api.dict_put(f"code:{app}", digest)
+
+    def client_key(self) -> str | None:
+        """One of the gateway's keys: from `deploy.server.api_key_env` if set, else $MLOPS_API_KEY."""
+        env = self.cfg.deploy.server.api_key_env or CLIENT_KEY_ENV
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"backend: modal needs a gateway key in ${env} (one of MLOPS_API_KEYS in the Modal Secret "
+                f"{self.settings.auth_secret!r})"
+            )
+        return key
 
     # ------------------------------------------------------------------ train
 
@@ -261,179 +119,161 @@ class ModalBackend(Backend):
         if not dataset.is_file():
             raise ConfigError(f"dataset {dataset} does not exist")
         run_id = f"{job.model_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-        with modal_errors(f"train {job.model_name} on Modal", deploy="modal deploy functions/train.py"):
-            fn = self._function(s.train_app, "train")
-            if options:
-                fn = fn.with_options(**options)
-            # The dataset travels with the call (Modal moves large arguments as blobs); the container
-            # has no copy of the repository.
-            out = fn.remote(asdict(job), dataset.read_bytes(), run_id)
+        self.ensure_current("train.py", s.train_app)
+        # The dataset travels with the call (Modal moves large arguments as blobs); the container
+        # has no copy of the repository.
+        out = self.api.call(s.train_app, "train", asdict(job), dataset.read_bytes(), run_id, options=options)
         remote = _Remote.parse(out)
         self._download(remote, Path(job.out_dir))
         if progress is not None:
-            progress(
-                {
-                    "step": float(remote.result.steps),
-                    "loss": remote.result.final_loss,
-                    "tokens_per_s": remote.result.tokens_per_s,
-                }
-            )
+            r = remote.result
+            progress({"step": float(r.steps), "loss": r.final_loss, "tokens_per_s": r.tokens_per_s})
         remote.result.out_dir = job.out_dir
         return remote.result
 
     def _download(self, remote: _Remote, dest: Path) -> None:
         """Copy runs/<run>/ from the Volume to `dest`, checking each file against its sha256."""
         dest.mkdir(parents=True, exist_ok=True)
-        with modal_errors("download the trained model from the Modal Volume"):
-            vol = self._volume()
-            for rel, want in sorted(remote.files.items()):
-                if rel.startswith("/") or ".." in rel.split("/"):
-                    raise IntegrityError(f"the Modal train function returned an unsafe path {rel!r}")
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                with target.open("wb") as f:
-                    for chunk in vol.read_file(f"{remote.volume_dir}/{rel}"):
-                        h.update(chunk)
-                        f.write(chunk)
-                if h.hexdigest() != want:
-                    target.unlink()
-                    raise IntegrityError(f"{rel} downloaded from the Modal Volume does not match its sha256")
+        for rel, want in sorted(remote.files.items()):
+            if rel.startswith("/") or ".." in rel.split("/"):
+                raise IntegrityError(f"the Modal train function returned an unsafe path {rel!r}")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with target.open("wb") as f:
+                for chunk in self.api.volume_read(f"{remote.volume_dir}/{rel}"):
+                    h.update(chunk)
+                    f.write(chunk)
+            if h.hexdigest() != want:
+                target.unlink()
+                raise IntegrityError(f"{rel} downloaded from the Modal Volume does not match its sha256")
 
     # ------------------------------------------------------------------ serve / route
 
     @contextlib.contextmanager
     def _serve(self) -> Iterator[str]:
-        state, _ = self.registry.read_state()
-        self._publish(state)  # the gateway routes by what the registry says, starting now
+        # Publishing is set_state's job alone: a PR's eval must not put its registry's routing live.
         url = self._gateway_url()
+        prod = self.registry.read_state()[0].stages.get("production")
+        if prod:  # scaled to zero: wake production before smoke requests and its evals hit it cold
+            self._wait_healthy(url, prod, float(self.settings.startup_timeout + 60))
         yield url  # serverless: nothing to stop when the caller is done
 
     def _gateway_url(self) -> str:
         s = self.settings
-        with modal_errors("find the gateway", deploy="modal deploy functions/gateway.py"):
-            url = self._function(s.gateway_app, "gateway").get_web_url()
+        self.ensure_current("gateway.py", s.gateway_app)
+        url = self.api.web_url(s.gateway_app, "gateway")
         if not url:
             raise InfraError(f"{s.gateway_app}/gateway has no web URL; run `modal deploy functions/gateway.py`")
-        return str(url).rstrip("/")
+        return url
 
     def _endpoint(self) -> str | None:
         return self._gateway_url()
 
     def _publish(self, state: State) -> None:
-        with modal_errors("publish the routing state to the Modal Dict"):
-            self._dict()[STATE_KEY] = state.to_json()
+        raw = state.to_json()
+        # The Volume copy outlives Dict expiry (7 idle days); the gateway falls back to it.
+        self.api.volume_put({STATE_FILE: json.dumps(raw, sort_keys=True).encode()})
+        self.api.dict_put(STATE_KEY, raw)
+        self._await_live(state.version)
+        self.stop_unreferenced(state)
+
+    def _await_live(self, version: int) -> None:
+        """Return once the gateway routes by `version` (it caches the Dict for a moment), so the
+        next request (a smoke test, a canary step) already sees the move, as on the local server."""
+        import httpx
+
+        url = self.api.web_url(self.settings.gateway_app, "gateway")
+        if not url:
+            return  # no gateway yet: it will read this state when it starts
+        deadline = time.monotonic() + LIVE_WAIT_S
+        seen = None
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(
+                    f"{url}/v1/mlops/stats",
+                    params={"since": time.time()},
+                    headers={"authorization": f"Bearer {self.client_key()}"},
+                    timeout=30.0,
+                    trust_env=False,
+                )
+                seen = r.json().get("state_version") if r.status_code == 200 else f"HTTP {r.status_code}"
+                if isinstance(seen, int) and seen >= version:
+                    return
+            except (httpx.HTTPError, ValueError) as e:
+                seen = type(e).__name__
+            time.sleep(0.25)
+        raise InfraError(f"the gateway did not pick up routing state v{version} in {LIVE_WAIT_S:.0f}s ({seen})")
+
+    def stop_unreferenced(self, state: State) -> list[str]:
+        """Stop every release app the state no longer routes to or keeps (production, previous,
+        canary): with min_containers > 0 each would keep a GPU warm for nothing."""
+        s = self.settings
+        keep = {s.serve_app(r) for r in state.referenced()}
+        prefix = s.serve_app("") + "-"
+        stopped = sorted(a for a in self.api.deployed() if a.startswith(prefix) and a not in keep)
+        for app in stopped:
+            self.api.stop(app)
+        return stopped
 
     def _prepare(self, release_id: str) -> None:
         self.preflight(release_id)  # a release is evaluated through its own vLLM app, so deploy it first
 
     def _preflight(self, release_id: str) -> None:
-        """Stage the release on the Volume, deploy its vLLM app, record its URL, wait for /health."""
+        """Stage the release on the Volume and deploy its vLLM app, unless it is up; wait for /health."""
         s = self.settings
+        app = s.serve_app(release_id)
+        url = self._gateway_url()
+        if app in self.api.deployed() and self._healthy(url, release_id, HEALTH_CHECK_S):
+            return  # e.g. a rollback to `previous`: no redeploy, no cold start
         manifest = self.registry.require(release_id)
         self._stage(release_id, manifest)
-        self._deploy_serve(release_id, str(manifest["artifact"]["sha256"]))
-        with modal_errors(f"find the vLLM server of {release_id}", deploy="mlops deploy"):
-            url = self._function(s.serve_app(release_id), "serve").get_web_url()
-        if not url:
-            raise InfraError(f"{s.serve_app(release_id)}/serve has no web URL")
-        url = str(url).rstrip("/")
-        with modal_errors("record the release URL in the Modal Dict"):
-            self._dict()[f"url:{release_id}"] = url
-        self._wait_healthy(release_id, url, timeout=float(s.startup_timeout + 60))
+        env = {SETTINGS_ENV: s.to_json(), "MLOPS_RELEASE": release_id}
+        self.api.deploy(self.functions_dir / "serve.py", app, env | {"MLOPS_RELEASE_SHA256": manifest_sha(manifest)})
+        self._wait_healthy(url, release_id, float(s.startup_timeout + 60))
 
     def _stage(self, release_id: str, manifest: dict[str, Any]) -> None:
         src = self.registry.artifact_dir(release_id)  # verified (and downloaded, for S3) first
         staged = {"id": release_id, "artifact": manifest["artifact"]}
-        with modal_errors(f"copy {release_id} to the Modal Volume"):
-            vol = self._volume()
-            with vol.batch_upload(force=True) as batch:
-                batch.put_directory(str(src), f"/releases/{release_id}/model")
-                batch.put_file(
-                    io.BytesIO(json.dumps(staged, sort_keys=True).encode()),
-                    f"/releases/{release_id}/manifest.json",
-                )
-
-    def _deploy_serve(self, release_id: str, sha256: str) -> None:
-        s = self.settings
-        script = self.loaded.root / "functions" / "serve.py"
-        cmd = [sys.executable, "-m", "modal", "deploy", str(script), "--name", s.serve_app(release_id)]
-        if s.environment:
-            cmd += ["--env", s.environment]
-        env = dict(os.environ) | {
-            SETTINGS_ENV: s.to_json(),
-            "MLOPS_RELEASE": release_id,
-            "MLOPS_RELEASE_SHA256": sha256,
+        files: dict[str, Path | bytes] = {
+            f"releases/{release_id}/model/{p.relative_to(src).as_posix()}": p
+            for p in sorted(src.rglob("*"))
+            if p.is_file()
         }
-        try:
-            proc = _run_cli(cmd, env, self.loaded.root, DEPLOY_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise InfraError(f"deploy {s.serve_app(release_id)}: {type(e).__name__}: {e}") from e
-        if proc.returncode != 0:
-            tail = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-            why = tail[-1].strip()[:300] if tail else f"exit {proc.returncode}"
-            hint = " (run `modal token new`)" if "token" in why.lower() or "auth" in why.lower() else ""
-            raise InfraError(f"`modal deploy functions/serve.py` for {release_id} failed: {why}{hint}")
+        files[f"releases/{release_id}/manifest.json"] = json.dumps(staged, sort_keys=True).encode()
+        self.api.volume_put(files)
 
-    def _wait_healthy(self, release_id: str, url: str, timeout: float) -> None:
-        """vLLM answers /health without a key once the model is loaded (a cold start may take minutes)."""
+    def _healthy(self, url: str, release_id: str, timeout: float) -> bool:
         import httpx
 
+        try:
+            r = httpx.get(
+                f"{url}/v1/mlops/releases/{release_id}/health",
+                headers={"authorization": f"Bearer {self.client_key()}"},
+                timeout=timeout,
+                follow_redirects=True,
+                trust_env=False,
+            )
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def _wait_healthy(self, url: str, release_id: str, timeout: float) -> None:
+        """Poll the release's /health through the gateway; a cold vLLM start may take minutes, a
+        server that died at start fails at once with the end of its log."""
+        app = self.settings.serve_app(release_id)
         deadline = time.monotonic() + timeout
-        last = "no answer"
-        while True:
-            try:
-                r = httpx.get(f"{url}/health", timeout=30.0, follow_redirects=True)
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                last = type(e).__name__
+        while not self._healthy(url, release_id, min(60.0, timeout)):
+            failure = self.api.failure(app)
+            if failure:
+                raise InfraError(f"the vLLM server of {release_id} failed to start: {failure}")
             if time.monotonic() >= deadline:
-                raise InfraError(f"the vLLM server of {release_id} did not become healthy in {timeout:.0f}s ({last})")
+                raise InfraError(
+                    f"the vLLM server of {release_id} did not become healthy in {timeout:.0f}s "
+                    f"(see `modal app logs {app}`)"
+                )
             time.sleep(HEALTH_POLL_S)
 
-    # ------------------------------------------------------------------ evaluation fan-out
 
-    def score_cases(
-        self,
-        metrics: list[Any],
-        cases: list[dict[str, Any]],
-        outputs: list[dict[str, Any]],
-        shard_size: int = 64,
-    ) -> dict[str, Any]:
-        """Score cases remotely: one `evaluate` call per shard, fanned out with `.map()`, merged in order."""
-        shards = make_shards(metrics, cases, outputs, shard_size)
-        if not shards:
-            return {"scores": {}, "higher_is_better": {}}
-        with modal_errors("score on Modal", deploy="modal deploy functions/evaluate.py"):
-            fn = self._function(self.settings.eval_app, "evaluate")
-            parts = list(fn.map(shards))
-        return merge_shards(parts)
-
-
-def make_shards(
-    metrics: list[Any], cases: list[dict[str, Any]], outputs: list[dict[str, Any]], shard_size: int
-) -> list[dict[str, Any]]:
-    if len(cases) != len(outputs):
-        raise ValueError("cases and outputs differ in length")
-    size = max(1, shard_size)
-    return [
-        {"metrics": metrics, "cases": cases[i : i + size], "outputs": outputs[i : i + size]}
-        for i in range(0, len(cases), size)
-    ]
-
-
-def merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    scores: dict[str, list[dict[str, Any]]] = {}
-    better: dict[str, bool] = {}
-    for part in parts:
-        for name, rows in part["scores"].items():
-            scores.setdefault(name, []).extend(rows)
-        better.update(part["higher_is_better"])
-    return {"scores": scores, "higher_is_better": better}
-
-
-def files_with_sha256(root: Path) -> dict[str, str]:
-    """`relative/path -> sha256` for every file under `root` (what the train function reports)."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+def manifest_sha(manifest: dict[str, Any]) -> str:
+    return str(manifest["artifact"]["sha256"])

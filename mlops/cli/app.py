@@ -54,3 +54,21 @@ def schema(
     else:
         out.write_text(text)
         err.print(f"wrote {out}")
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="The repository to add the template to.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Add mlops.yaml, functions/, .github/workflows/ and an example eval to an existing repository."""
+    from mlops.scaffold import init as do_init
+
+    written = do_init(directory, force=force)
+    emit(
+        {"directory": str(directory), "files": written},
+        json_,
+        "\n".join(f"wrote {directory / n}" for n in written)
+        + "\nnext: mlops validate, then see README (GitHub Actions)",
+    )

@@ -192,7 +192,7 @@ def register(app: typer.Typer) -> None:
 
         s = _session(config, set_, json_)
         rid = resolve_release(s, release)
-        rep = build_report(s.registry, s.loaded.cfg, rid)
+        rep = build_report(s.registry, s.loaded.cfg, rid, production=s.production_registry)
         md = to_markdown(rep)
         write_step_summary(md)
         if out is not None:

@@ -104,9 +104,13 @@ def register(app: typer.Typer) -> None:
         from mlops.flows.release import rollback_release
 
         s = _session(config, set_, json_)
+        import os
+
         try:
             actor = f"user:{getpass.getuser()}"
         except (KeyError, OSError):
             actor = "user"
+        if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_ACTOR"):
+            actor = f"github:{os.environ['GITHUB_ACTOR']}"  # who dispatched the workflow, not the runner's user
         res = rollback_release(s, to, reason, actor)
         emit(res.model_dump(mode="json"), json_, f"production is now {res.production} (was {res.rolled_back_from})")

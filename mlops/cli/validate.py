@@ -25,6 +25,7 @@ def summary(config: Path, loaded: Loaded) -> tuple[dict[str, Any], str]:
         "config": str(loaded.path),
         "project": cfg.project,
         "backend": cfg.backend,
+        "storage": cfg.storage,
         "models": list(cfg.models),
         "evals": list(cfg.evals),
         "gates": len(cfg.gates),

@@ -32,6 +32,12 @@ class Session:
     backend: Backend
     say: Say = _quiet
     progress: Callable[[dict[str, float]], None] | None = None
+    # production's registry when it is not `registry` (a pull request's own storage): read only
+    baseline: Registry | None = None
+
+    @property
+    def production_registry(self) -> Registry:
+        return self.baseline or self.registry
 
     @classmethod
     def open(
@@ -40,7 +46,11 @@ class Session:
         store = open_store(loaded.cfg.storage, base_dir=loaded.root)
         registry = Registry(store, cache_dir=cache_dir(loaded))
         backend = backend_class(loaded.cfg.backend)(loaded, registry)
-        return cls(loaded, registry, backend, say, progress)
+        baseline = None
+        if loaded.cfg.baseline_storage:
+            base_store = open_store(loaded.cfg.baseline_storage, base_dir=loaded.root)
+            baseline = Registry(base_store, cache_dir=cache_dir(loaded) / "baseline")
+        return cls(loaded, registry, backend, say, progress, baseline)
 
 
 def cache_dir(loaded: Loaded) -> Path:

@@ -93,10 +93,9 @@ def evaluate(
     s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
 ) -> dict[str, dict[str, Any]]:
     from mlops.evals.harness import run_suite
-    from mlops.util import api_key_from_env
 
     s.registry.require(release)
-    key = api_key_from_env(s.loaded.cfg.deploy.server.api_key_env)
+    key = s.backend.client_key()
     out = {}
     for suite in suites or list(s.loaded.cfg.evals):
         res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key)
@@ -133,16 +132,18 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
     suite now names, is evaluated now (through `base_url`, and stored with production)."""
     from mlops.config import metric_name
 
-    prod = s.registry.read_state()[0].stages.get("production")
+    reg = s.production_registry
+    prod = reg.read_state()[0].stages.get("production")
     if prod is None:
         return None, dict.fromkeys(s.loaded.cfg.evals)
     results: dict[str, dict[str, Any] | None] = {}
     missing = []
     for suite, ev in s.loaded.cfg.evals.items():
-        results[suite] = stored = s.registry.get_eval(prod, suite)
+        results[suite] = stored = reg.get_eval(prod, suite)
         if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
             missing.append(suite)
-    if missing and base_url is not None:
+    # a baseline registry is read only, and `base_url` serves this registry's releases, not its
+    if missing and base_url is not None and s.baseline is None:
         results |= evaluate(s, prod, base_url, missing)
     return prod, results
 
@@ -209,13 +210,10 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, api_key_env: str | None = None) -> str | None:
+def _smoke(url: str, model: str, key: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
-    from mlops.util import api_key_from_env
-
-    key = api_key_from_env(api_key_env)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.post(

@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 from boto3.exceptions import Boto3Error
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from mlops.errors import ConfigError, ConflictError, InfraError
 from mlops.registry.store import Blob
@@ -92,6 +92,11 @@ class S3Store:
             if code in _MISSING_CODES:
                 raise InfraError(f"{where} is missing") from e
             raise InfraError(f"S3 {op} {where} failed: {code}") from e
+        except (NoCredentialsError, PartialCredentialsError) as e:
+            # not worth a retry: nothing will appear by itself (in Actions: vars.AWS_ROLE_ARN + id-token)
+            raise ConfigError(
+                f"no AWS credentials for {where}: set them up (environment, profile, or OIDC in CI)"
+            ) from e
         except BotoCoreError as e:
             raise InfraError(
                 f"S3 {op} {where} failed: {type(e).__name__} (endpoint {self.client.meta.endpoint_url})"

@@ -19,12 +19,14 @@ JSON_TEXT = 2_000  # characters of case text kept in the JSON report
 STATUS_EVENTS = ("promoted", "rejected", "rolled_back", "gates_passed", "gates_failed", "evaluated")
 
 
-def build_report(reg: Registry, cfg: Config, release: str) -> dict[str, Any]:
+def build_report(reg: Registry, cfg: Config, release: str, production: Registry | None = None) -> dict[str, Any]:
     """Everything the report shows, for `release` against production (or, for production itself,
-    against the previous release)."""
+    against the previous release). `production`: the registry production lives in when it is not
+    `reg` (a pull request's own registry), read only."""
+    prod_reg = production or reg
     manifest = reg.require(release)
     history = reg.history(release)
-    st, _ = reg.read_state()
+    st, _ = prod_reg.read_state()
     prod = st.stages.get("production")
     baseline: str | None
     baseline_stage: str | None
@@ -35,7 +37,7 @@ def build_report(reg: Registry, cfg: Config, release: str) -> dict[str, Any]:
     else:
         baseline, baseline_stage = None, None
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
-    base = {suite: reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
+    base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
     gates = [g.model_dump() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
     if not evaluated:

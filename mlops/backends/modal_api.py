@@ -1,0 +1,198 @@
+"""The narrow seam between ModalBackend (and the gateway) and Modal: deploy or stop an app, the
+routing Dict, the artifacts Volume, call a function, a web URL.
+
+Two implementations: `ModalSDK`, the real thing (the only place the backend touches the `modal`
+package, always inside a method), and `TwinAPI` in `modal_twin.py`, which runs the same
+`functions/*.py` bodies on this machine. `open_api()` picks the twin when `MLOPS_MODAL_TWIN` names
+a directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from mlops.backends.modal_settings import TWIN_ENV, ModalSettings
+from mlops.errors import ConfigError, InfraError
+
+DEPLOY_TIMEOUT_S = 40 * 60  # building the vLLM image the first time takes 10-20 minutes
+
+
+class ModalAPI(Protocol):
+    settings: ModalSettings
+
+    def deploy(self, script: Path, name: str, env: Mapping[str, str]) -> None:
+        """`modal deploy script --name name` with `env` in the deploying process's environment."""
+
+    def stop(self, name: str) -> None: ...
+
+    def deployed(self) -> set[str]:
+        """The names of the apps deployed now."""
+
+    def dict_get(self, key: str) -> Any: ...
+
+    def dict_put(self, key: str, value: Any) -> None: ...
+
+    def volume_put(self, files: Mapping[str, Path | bytes]) -> None:
+        """Upload (overwriting): Volume path -> a local file or its content."""
+
+    def volume_read(self, path: str) -> Iterator[bytes]:
+        """The file's content in chunks; FileNotFoundError where there is none."""
+
+    def failure(self, name: str) -> str | None:
+        """Why an app's server died at start (with the end of its log), where that is known."""
+
+    def call(self, app: str, function: str, *args: Any, options: Mapping[str, Any] | None = None) -> Any: ...
+
+    def web_url(self, app: str, function: str) -> str | None: ...
+
+
+def open_api(settings: ModalSettings, environ: Mapping[str, str] | None = None) -> ModalAPI:
+    """The twin where `$MLOPS_MODAL_TWIN` is set, Modal otherwise."""
+    twin = (os.environ if environ is None else environ).get(TWIN_ENV)
+    if twin:
+        from mlops.backends.modal_twin import TwinAPI
+
+        return TwinAPI(Path(twin), settings)
+    return ModalSDK(settings)
+
+
+def _modal() -> Any:
+    """The modal SDK, imported on first use (never at import of mlops)."""
+    try:
+        import modal
+    except ImportError as e:
+        raise ConfigError("backend: modal needs the Modal SDK: pip install 'mlops[cloud]'") from e
+    return modal
+
+
+def _first_line(e: BaseException | str) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def modal_errors(what: str, deploy: str | None = None) -> Iterator[None]:
+    """Modal's exceptions -> one-line InfraError (exit 4) that says what to run."""
+    mx = _modal().exception
+    try:
+        yield
+    except mx.AuthError as e:
+        raise InfraError(
+            f"{what}: Modal is not authenticated ({_first_line(e)}); run `modal token new` "
+            "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+        ) from e
+    except mx.NotFoundError as e:
+        hint = f"; run `{deploy}`" if deploy else ""
+        raise InfraError(f"{what}: not found on Modal ({_first_line(e)}){hint}") from e
+    except mx.Error as e:
+        raise InfraError(f"{what}: Modal {type(e).__name__}: {_first_line(e)}") from e
+
+
+def run_cli(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run the `modal` CLI (a seam: tests replace it with a recorder)."""
+    return subprocess.run(
+        list(cmd), env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class ModalSDK:
+    """The real Modal: the SDK for objects and calls, the `modal` CLI for deploy/stop/list."""
+
+    def __init__(self, settings: ModalSettings) -> None:
+        self.settings = settings
+        self._env = {"environment_name": settings.environment}
+
+    def _cli(self, what: str, *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+        cmd = [sys.executable, "-m", "modal", *args]
+        if self.settings.environment:
+            cmd += ["--env", self.settings.environment]
+        try:
+            proc = run_cli(cmd, dict(os.environ) | dict(env or {}), cwd or Path.cwd(), DEPLOY_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise InfraError(f"{what}: {type(e).__name__}: {e}") from e
+        if proc.returncode != 0:
+            tail = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+            why = tail[-1].strip()[:300] if tail else f"exit {proc.returncode}"
+            hint = " (run `modal token new`)" if "token" in why.lower() or "auth" in why.lower() else ""
+            raise InfraError(f"{what} failed: {why}{hint}")
+        return proc.stdout or ""
+
+    def deploy(self, script: Path, name: str, env: Mapping[str, str]) -> None:
+        root = script.resolve().parent.parent
+        self._cli(
+            f"`modal deploy {script.parent.name}/{script.name}` ({name})",
+            "deploy",
+            str(script),
+            "--name",
+            name,
+            env=env,
+            cwd=root,
+        )
+
+    def stop(self, name: str) -> None:
+        self._cli(f"`modal app stop {name}`", "app", "stop", "--yes", name)
+
+    def deployed(self) -> set[str]:
+        # `--json` keys are the columns in snake_case (modal/cli/utils.py: _col_name_to_json_key)
+        rows = json.loads(self._cli("`modal app list`", "app", "list", "--json") or "[]")
+        return {str(r.get("description")) for r in rows if str(r.get("state", "")) == "deployed"}
+
+    def _dict(self) -> Any:
+        return _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
+
+    def _volume(self) -> Any:
+        return _modal().Volume.from_name(self.settings.volume, create_if_missing=True, **self._env)
+
+    def dict_get(self, key: str) -> Any:
+        with modal_errors(f"read {key!r} from the Modal Dict {self.settings.state_dict}"):
+            return self._dict().get(key)
+
+    def dict_put(self, key: str, value: Any) -> None:
+        with modal_errors(f"write {key!r} to the Modal Dict {self.settings.state_dict}"):
+            self._dict().put(key, value)
+
+    def volume_put(self, files: Mapping[str, Path | bytes]) -> None:
+        with modal_errors(f"upload to the Modal Volume {self.settings.volume}"):
+            with self._volume().batch_upload(force=True) as batch:
+                for dest, src in files.items():
+                    batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else str(src), dest)
+
+    def volume_read(self, path: str) -> Iterator[bytes]:
+        mx = _modal().exception
+        with modal_errors(f"read {path} from the Modal Volume {self.settings.volume}"):
+            try:
+                yield from self._volume().read_file(path)
+            except mx.NotFoundError as e:
+                raise FileNotFoundError(path) from e
+
+    def _function(self, app: str, function: str) -> Any:
+        return _modal().Function.from_name(app, function, **self._env)
+
+    def call(self, app: str, function: str, *args: Any, options: Mapping[str, Any] | None = None) -> Any:
+        with modal_errors(f"call {app}/{function} on Modal", deploy=f"mlops deploy (or modal deploy) for {app}"):
+            fn = self._function(app, function)
+            if options:
+                fn = fn.with_options(**options)
+            return fn.remote(*args)
+
+    def failure(self, name: str) -> str | None:
+        return None  # Modal keeps it in `modal app logs <name>`, which the timeout error names
+
+    def web_url(self, app: str, function: str) -> str | None:
+        mx = _modal().exception
+        try:
+            with modal_errors(f"find {app}/{function} on Modal"):
+                url = self._function(app, function).get_web_url()
+        except InfraError as e:
+            if isinstance(e.__cause__, mx.NotFoundError):
+                return None
+            raise
+        return str(url).rstrip("/") if url else None

@@ -1,0 +1,167 @@
+"""The names and settings that `ModalBackend` and `functions/*.py` must agree on.
+
+What runs where (every name below is derived here from mlops.yaml, never typed twice):
+
+    {app}-train            functions/train.py    `train`: trains on a GPU, writes runs/<run>/ on the Volume
+    {app}-gateway          functions/gateway.py  `gateway`: the stable HTTPS endpoint; routes by the state
+    {app}-serve-<release>  functions/serve.py    `serve`: vLLM's OpenAI server for one release
+    {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
+                                      routing/state.json (the durable copy of the routing state)
+    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with
+    {app}-auth       a Modal Secret (yours)   MLOPS_API_KEYS, MLOPS_VLLM_API_KEY,
+                                              MLOPS_PROXY_TOKEN_ID, MLOPS_PROXY_TOKEN_SECRET
+
+`{app}` is `modal.app_name`, or `mlops-<project>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from mlops.config import Config
+from mlops.registry.releases import sha256_file
+
+SETTINGS_ENV = "MLOPS_MODAL_SETTINGS"  # JSON of ModalSettings, set on every function's container
+TWIN_ENV = "MLOPS_MODAL_TWIN"  # a directory: run Modal's part on this machine (see modal_twin.py)
+VOLUME_MOUNT = "/vol"
+VLLM_PORT = 8000
+STATE_KEY = "state"
+STATE_FILE = "routing/state.json"  # Dict entries expire after 7 idle days; the Volume keeps this one
+KEYS_ENV = "MLOPS_API_KEYS"  # the gateway's client keys (comma-separated), in the auth Secret
+VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"  # the key the gateway presents to vLLM, in the auth Secret
+PROXY_ID_ENV = "MLOPS_PROXY_TOKEN_ID"  # a Modal Proxy Auth Token: release URLs require it
+PROXY_SECRET_ENV = "MLOPS_PROXY_TOKEN_SECRET"
+CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
+
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_APP_NAME = 63  # Modal's limit on App names (and a DNS label for the web URL)
+
+
+def modal_name(*parts: str) -> str:
+    """A valid Modal object name from `parts`; too long a name keeps its head and gets a digest."""
+    cleaned = (_NAME_OK.sub("-", p).strip("-") for p in parts)
+    name = "-".join(p for p in cleaned if p).lower()
+    if len(name) <= _MAX_APP_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: _MAX_APP_NAME - 9].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True)
+class ModalSettings:
+    """Everything `functions/*.py` and ModalBackend must agree on, derived from mlops.yaml.
+
+    It travels to containers as JSON in `MLOPS_MODAL_SETTINGS`, because mlops.yaml is not there:
+    a container re-imports its module and must build the same decorators it was deployed with.
+    """
+
+    app: str = "mlops"
+    environment: str | None = None
+    secrets: tuple[str, ...] = ()  # extra Modal Secrets (names) attached to every function
+    served_model: str = "model"  # the deploy model's name; vLLM also answers to it
+    prompt: str = "{input}"  # how a chat turn becomes a prompt, as on the local server
+    api_key_env: str | None = None  # mlops.yaml deploy.server.api_key_env: also accepted by the gateway
+    train_gpu: str | None = "A10G"
+    train_timeout: int = 1800
+    serve_gpu: str | None = "L4"
+    min_containers: int = 0
+    max_containers: int = 4
+    max_inputs: int = 32  # concurrent requests per vLLM container; vLLM batches them itself
+    scaledown_window: int = 300  # idle seconds before a GPU container stops: scale to zero, cheaply
+    startup_timeout: int = 900  # vLLM's first start loads weights and may compile kernels
+
+    @property
+    def volume(self) -> str:
+        return modal_name(self.app, "artifacts")
+
+    @property
+    def state_dict(self) -> str:
+        return modal_name(self.app, "state")
+
+    @property
+    def auth_secret(self) -> str:
+        return modal_name(self.app, "auth")
+
+    @property
+    def train_app(self) -> str:
+        return modal_name(self.app, "train")
+
+    @property
+    def gateway_app(self) -> str:
+        return modal_name(self.app, "gateway")
+
+    def serve_app(self, release_id: str) -> str:
+        return modal_name(self.app, "serve", release_id) if release_id else modal_name(self.app, "serve")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> ModalSettings:
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        if "secrets" in data:
+            data["secrets"] = tuple(data["secrets"])
+        return cls(**data)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ModalSettings:
+        model = cfg.models[cfg.deploy.model]
+        return cls(
+            app=modal_name(cfg.modal.app_name or f"mlops-{cfg.project}"),
+            environment=cfg.modal.environment,
+            secrets=tuple(cfg.modal.secrets),
+            served_model=cfg.deploy.model,
+            prompt=model.prompt,
+            api_key_env=cfg.deploy.server.api_key_env,
+            train_gpu=model.resources.gpu,
+            train_timeout=int(model.resources.timeout),
+            serve_gpu=cfg.deploy.resources.gpu,
+            min_containers=cfg.deploy.resources.min_containers,
+            max_containers=cfg.deploy.resources.max_containers,
+            max_inputs=cfg.deploy.server.max_batch_size,
+        )
+
+    def env(self, **extra: str) -> dict[str, str | None]:
+        """The `env=` of a Modal function: these settings, plus `extra`."""
+        return {SETTINGS_ENV: self.to_json(), **extra}
+
+
+def current_settings(environ: dict[str, str] | None = None) -> ModalSettings:
+    """In a container: the settings it was deployed with. Locally: from `$MLOPS_CONFIG` (default
+    ./mlops.yaml), or defaults where there is no config (so a module imports anywhere)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(SETTINGS_ENV)
+    if raw:
+        return ModalSettings.from_json(raw)
+    path = Path(env.get("MLOPS_CONFIG", "mlops.yaml"))
+    if path.is_file():
+        from mlops.config import load
+
+        return ModalSettings.from_config(load(path, check_files=False).cfg)
+    return ModalSettings()
+
+
+def files_with_sha256(root: Path) -> dict[str, str]:
+    """`relative/path -> sha256` for every file under `root` (what the train function reports)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def code_digest(functions_dir: Path, settings: ModalSettings) -> str:
+    """What an app deployed from `functions_dir` runs: the `mlops` package, functions/*.py and
+    the settings. A deployed app whose recorded digest differs runs stale code and is redeployed."""
+    import mlops
+
+    h = hashlib.sha256(settings.to_json().encode())
+    roots = [(Path(mlops.__file__).resolve().parent, "mlops"), (functions_dir.resolve(), "functions")]
+    for root, label in roots:
+        for p in sorted(root.rglob("*.py")):
+            h.update(f"{label}/{p.relative_to(root).as_posix()}\n".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

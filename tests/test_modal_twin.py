@@ -1,0 +1,210 @@
+"""`backend: modal` end to end through the local twin of Modal (mlops/backends/modal_twin.py).
+
+What is real: the CLI, training (functions/train.py's body in its own process), each release's
+serve app (functions/serve.py's body in its own process, the builtin engine standing in for vLLM,
+behind a proxy that enforces requires_proxy_auth), the gateway (functions/gateway.py's ASGI app
+under uvicorn), the registry, the Dict and Volume (files). What is not: Modal's cloud.
+Every process the twin starts is stopped at the end of each test (`stop-all`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import REPO, make_project, mlops
+
+STATE_TTL_S = 2.0  # functions/gateway.py: how long the gateway caches the routing state
+
+KEY = "key-1"  # one of MLOPS_API_KEYS; what the runner presents as $MLOPS_API_KEY
+APP = "mlops-tiny-reverse"
+
+
+def twin(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The twin's `modal ...` CLI, as the README tells it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlops.backends.modal_twin", *args],
+        cwd=cwd,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+class Twin:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.dir = Path(env["MLOPS_MODAL_TWIN"])
+
+    def run(self, *args: str, code: int | None = 0) -> dict[str, Any]:
+        r = mlops(*args, "--json", cwd=self.root, env=self.env)
+        assert code is None or r.returncode == code, (args, r.returncode, r.stderr[-3000:])
+        return dict(json.loads(r.stdout)) if r.stdout.strip() else {"stderr": r.stderr}
+
+    def apps(self) -> dict[str, Any]:
+        p = self.dir / "apps.json"
+        return dict(json.loads(p.read_text())) if p.is_file() else {}
+
+    def serve_apps(self) -> set[str]:
+        return {a.removeprefix(f"{APP}-serve-") for a in self.apps() if a.startswith(f"{APP}-serve-")}
+
+    def deploys(self) -> list[str]:
+        p = self.dir / "deploys.log"
+        return p.read_text().split() if p.is_file() else []
+
+    @property
+    def gateway(self) -> str:
+        return str(self.apps()[f"{APP}-gateway"]["url"])
+
+    def ask(self, key: str | None = KEY, **headers: str) -> httpx.Response:
+        h = ({"authorization": f"Bearer {key}"} if key else {}) | headers
+        body = {"model": "tiny", "prompt": "abc=", "max_tokens": 4}
+        return httpx.post(f"{self.gateway}/v1/completions", json=body, headers=h, timeout=60, trust_env=False)
+
+
+CFG: dict[str, Any] = {
+    "backend": "modal",
+    "models": {"tiny": {"train": {"steps": 80}}},
+    # the fast model's exact match is ~0: its character F-score tells it from a 1-step model
+    "gates": [{"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.1}],
+    "evals": {"heldout": {"limit": 12, "concurrency": 4}},
+    "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
+}
+
+
+def setup_twin(tmp_path: Path) -> Twin:
+    """A project with `backend: modal`, and the twin set up with the README's commands."""
+    root = make_project(tmp_path / "p", CFG)
+    shutil.copytree(REPO / "functions", root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin"), "MLOPS_API_KEY": KEY, "MLOPS_WANDB": "disabled"}
+    t = Twin(root, env)
+    tok = twin("proxy-token", "create", env=env, cwd=root)
+    assert tok.returncode == 0, tok.stderr
+    values = [
+        f"MLOPS_API_KEYS={KEY},key-2",
+        "MLOPS_VLLM_API_KEY=vllm-secret",
+        *tok.stdout.split(),
+    ]
+    r = twin("secret", "create", f"{APP}-auth", *values, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr
+    return t
+
+
+@pytest.fixture
+def t(tmp_path: Path) -> Iterator[Twin]:
+    tw = setup_twin(tmp_path)
+    try:
+        yield tw
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)
+
+
+@pytest.mark.timeout(900)  # five CLI runs, each starting processes: ~2.5 min quiet, ~6 min on a loaded machine
+def test_the_whole_modal_loop_through_the_twin(t: Twin) -> None:
+    a = t.run("run")
+    assert a["status"] == "promoted" and a["served_by"] == a["release"]
+    ev = a["evals"]["heldout"]
+    assert ev["exact_match"]["failed"] == 0 and ev["ragas.chrf_score"]["mean"] > 0  # the client had the key
+    assert t.ask(key=None).status_code == 401 and t.ask(key="wrong").status_code == 401
+
+    b = t.run("run", "--set", "models.tiny.train.seed=1")
+    assert b["status"] == "promoted" and b["previous"] == a["release"]
+    steps = b["canary"]
+    assert [s["percent"] for s in steps] == [50, 100]
+    assert all(s["candidate"]["requests"] > 0 for s in steps)  # live stats, per release, from the gateway
+    assert t.ask().headers["x-mlops-release"] == b["release"]
+    # a release's own URL is not public: Modal's proxy (the twin's) wants the Proxy Auth Token
+    url = t.apps()[f"{APP}-serve-{b['release']}"]["url"]
+    assert httpx.get(f"{url}/health", timeout=30, trust_env=False).status_code == 401
+
+    bad = t.run("run", "--set", "models.tiny.train.steps=1", code=3)
+    assert bad["status"] == "rejected" and bad["production"] == b["release"]
+    assert bad["served_by"] == b["release"] and t.ask().headers["x-mlops-release"] == b["release"]
+    assert f"{APP}-serve-{bad['release']}" in t.deploys()  # evaluated through its own app
+
+    before = t.deploys()
+    back = t.run("rollback")
+    assert back["production"] == a["release"]
+    assert f"{APP}-serve-{a['release']}" not in t.deploys()[len(before) :]  # it was up: no redeploy
+    assert t.ask().headers["x-mlops-release"] == a["release"]
+    # production and previous stay; the rejected release's app is stopped
+    assert t.serve_apps() == {a["release"], b["release"]}
+
+    # a PR's job: its own (empty) registry, the same Modal apps; it trains and evaluates a
+    # candidate, and must not publish its registry's routing (production would answer 503)
+    pr = Twin(make_project(t.root.parent / "pr", CFG), t.env)
+    shutil.copytree(REPO / "functions", pr.root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
+    cand = pr.run("train", "--set", "models.tiny.train.seed=2")["release"]
+    pr.run("eval", "--release", str(cand), "--set", "models.tiny.train.seed=2", code=None)
+    assert t.ask().headers["x-mlops-release"] == a["release"]
+
+    # eight idle days later Modal has dropped every Dict entry: the gateway still routes
+    (t.dir / "clock").write_text(str(8 * 24 * 3600))
+    deadline = time.monotonic() + 3 * STATE_TTL_S  # past the gateway's state cache
+    while time.monotonic() < deadline:
+        r = t.ask()
+        assert r.status_code == 200 and r.headers["x-mlops-release"] == a["release"], r.text
+
+
+def test_a_server_that_dies_at_start_fails_fast_with_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops.backends.modal import ModalBackend
+    from mlops.config import load
+    from mlops.errors import InfraError
+    from mlops.registry.releases import Registry
+    from mlops.registry.store import LocalStore
+
+    tw = setup_twin(tmp_path)
+    for k, v in tw.env.items():
+        monkeypatch.setenv(k, v)
+    registry = Registry(LocalStore(tw.root / ".mlops"), cache_dir=tmp_path / "cache")
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    (art / "model.safetensors").write_bytes(b"not weights")  # sha256-consistent, but it cannot load
+    rid = "tiny-20250101-000000-abcdef"
+    registry.publish(rid, art, {"model": "tiny"})
+    backend = ModalBackend(load(tw.root / "mlops.yaml"), registry)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(InfraError, match=f"the vLLM server of {rid} failed to start") as e:
+            backend.prepare(rid)
+        assert "did not load" in e.value.headline  # the end of the server's own log
+        assert time.monotonic() - t0 < 300  # not startup_timeout (900 s) + 60
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)
+
+
+def test_train_and_gateway_apps_are_redeployed_when_their_code_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployed app runs the code of its deploy (the twin snapshots it, as Modal mounts it): a
+    change to the code it would run redeploys it before it is used."""
+    from mlops.backends.modal import ModalBackend
+    from mlops.config import load
+    from mlops.registry.releases import Registry
+    from mlops.registry.store import LocalStore
+
+    tw = setup_twin(tmp_path)
+    for k, v in tw.env.items():
+        monkeypatch.setenv(k, v)
+    backend = ModalBackend(load(tw.root / "mlops.yaml"), Registry(LocalStore(tw.root / ".mlops")))
+    app = f"{APP}-train"
+    backend.ensure_current("train.py", app)
+    backend.ensure_current("train.py", app)
+    assert tw.deploys() == [app]  # unchanged: deployed once
+    with (tw.root / "functions" / "train.py").open("a") as f:
+        f.write("\nCHANGED = True  # a push that changes the training code\n")
+    backend.ensure_current("train.py", app)
+    assert tw.deploys() == [app, app]
+    assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "functions" / "train.py").read_text()

@@ -1,0 +1,342 @@
+"""The four workflows, executed for real by `act` (host mode, loopback only), event by event.
+
+One shared registry directory plays `vars.MLOPS_STORAGE` for a whole story: pushes to main, pull
+requests (same repository and fork), rollbacks and the nightly run against it in order, so one
+trained base serves every scenario. The stand-in GitHub API (tests/actkit.py) records the comment
+calls; a probe in the runner's Python records which secrets each process could see.
+
+Defects of issue 8 and where each is caught: 1 rollback pipefail -> test_rollback_*;
+2 PR candidate from the shared registry -> test_docs_only_pr_*; 3 CT report naming another release
+-> test_noop_push_reports_production; 4 PRs writing production -> test_pr_sticky_comment_*;
+5 PR credentials -> test_fork_pr_* and test_pr_credentials_are_scoped; 6 fork storage ->
+test_fork_pr_*; 7 nightly green on a broken gate -> test_nightly_*; 8 storage from the repository
+variable -> test_main_without_shared_registry_*; 9 concurrency -> test_rollback_has_its_own_concurrency;
+10 superseded comment -> test_superseded_pr_run_*; 11 missing credentials -> test_missing_cloud_credentials_*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import actkit  # noqa: E402
+from conftest import mlops  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+MARKER = "<!-- mlops-eval-report -->"
+PR_SECRETS = {"MODAL_PR_TOKEN_ID": "pr-token-id-planted", "MODAL_PR_TOKEN_SECRET": "pr-token-secret-planted"}
+PROD_SECRETS = {"MODAL_TOKEN_ID": "prod-token-id-planted", "MODAL_TOKEN_SECRET": "prod-token-secret-planted"}
+
+
+class Story:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repo = actkit.make_repo(root / "repo")
+        self.act = actkit.Act(root / "act")
+        self.registry = root / "registry"  # vars.MLOPS_STORAGE: on a self-hosted runner, a persistent dir
+        self.vars = {"MLOPS_STORAGE": str(self.registry)}
+        self.results: dict[str, actkit.ActResult] = {}
+        self.started = time.monotonic()
+
+    def push(self, name: str, **commit: Any) -> actkit.ActResult:
+        actkit.commit(self.repo, name, **commit)
+        return self.run(name, "push", actkit.push_event(self.repo), "ct.yml")
+
+    def run(self, name: str, event: str, payload: dict[str, Any], wf: str, **kw: Any) -> actkit.ActResult:
+        kw.setdefault("vars", self.vars)
+        kw.setdefault("secrets", PROD_SECRETS | PR_SECRETS)
+        res = self.act.run(self.repo, event, payload, wf, **kw)
+        self.results[name] = res
+        return res
+
+    def releases(self, storage: Path | str | None = None) -> dict[str, Any]:
+        out = mlops("releases", "--json", "--set", f"storage={storage or self.registry}", cwd=self.repo)
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    def history(self, release: str) -> list[dict[str, Any]]:
+        out = mlops("history", release, "--json", "--set", f"storage={self.registry}", cwd=self.repo)
+        assert out.returncode == 0, out.stderr
+        return list(json.loads(out.stdout)["history"])
+
+
+def production_files(registry: Path) -> dict[str, str]:
+    """sha256 of every file of the production registry (a PR's own pr-N registry excluded)."""
+    return {
+        str(p.relative_to(registry)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(registry.rglob("*"))
+        if p.is_file() and not p.relative_to(registry).parts[0].startswith("pr-")
+    }
+
+
+def explain(res: actkit.ActResult) -> str:
+    return f"exit {res.rc}; errors {res.errors()}\n{res.log[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    s = Story(tmp_path_factory.mktemp("act"))
+    yield s
+    total = sum(sec for _, sec in s.act.runs)
+    lines = ", ".join(f"{n} {sec:.0f}s" for n, sec in s.act.runs)
+    print(f"\nact: {len(s.act.runs)} workflow runs, {total:.0f}s in act ({lines})")
+
+
+# ---------------------------------------------------------------------------- push to main
+
+
+def test_first_push_promotes(story: Story) -> None:
+    res = story.run("first push", "push", actkit.push_event(story.repo), "ct.yml")
+    assert res.rc == 0, explain(res)
+    rel = story.releases()
+    assert rel["production"] and len(rel["releases"]) == 1
+    assert "promoting without a canary" in res.log
+    # the job summary names the release this run promoted
+    assert f"`{rel['production']}`" in res.summary.splitlines()[1], res.summary[:500]
+    # the workflow's install step installed the repo under test (offline), and mlops ran from it
+    assert res.step_ok("Install") and res.step_ok("mlops run")
+
+
+def test_second_push_canaries_and_promotes(story: Story) -> None:
+    first = story.releases()["production"]
+    res = story.push("second push", config={"models": {"tiny": {"train": {"seed": 1}}}})
+    assert res.rc == 0, explain(res)
+    rel = story.releases()
+    assert rel["production"] != first and rel["previous"] == first
+    events = [e["event"] for e in story.history(rel["production"])]
+    assert events.count("canary_step") == 2 and "promoted" in events, events
+
+
+def test_regressed_push_is_rejected_and_goes_red(story: Story) -> None:
+    prod = story.releases()["production"]
+    res = story.push("regressed push", config={"models": {"tiny": {"train": {"steps": 1}}}})
+    assert res.rc != 0, explain(res)
+    # act (like GitHub) keeps the job summary, a file: the verdict lines are asserted there
+    assert "**Gate failed** (exit 3)" in res.summary
+    rel = story.releases()
+    assert rel["production"] == prod
+    assert rel["releases"][0]["status"] in ("rejected", "rolled_back")
+    # the summary is about the rejected candidate, by name
+    assert f"`{rel['releases'][0]['id']}`" in res.summary.splitlines()[1]
+
+
+def test_noop_push_reports_production(story: Story) -> None:
+    """Defect 3: the report names the release this run is about, not the registry's newest."""
+    prod = story.releases()["production"]
+    rejected = story.releases()["releases"][0]["id"]
+    res = story.push("docs only", config={"models": {"tiny": {"train": {"steps": 40}}}}, files={"NOTES.md": "x\n"})
+    assert res.rc == 0, explain(res)
+    head = res.summary.splitlines()[1]
+    assert f"`{prod}`" in head and rejected not in head, head
+
+
+def test_main_without_shared_registry_fails_clearly(story: Story) -> None:
+    """Defect 8: no vars.MLOPS_STORAGE and a committed `.mlops`: red, saying what to set."""
+    res = story.run("push without MLOPS_STORAGE", "push", actkit.push_event(story.repo), "ct.yml", vars={})
+    assert res.rc != 0
+    assert "**No shared registry**" in res.summary and "set the repository variable MLOPS_STORAGE" in res.summary
+    assert res.step_ok("mlops run") is None  # never trained into a throwaway registry
+
+
+def test_missing_cloud_credentials_are_a_config_error(story: Story) -> None:
+    """Defect 11: s3:// storage and no credentials: exit 1 once, not exit 4 and a retry."""
+    res = story.run(
+        "push, s3 without credentials",
+        "push",
+        actkit.push_event(story.repo),
+        "ct.yml",
+        vars={"MLOPS_STORAGE": "s3://mlops-registry/prod"},
+    )
+    assert res.rc != 0
+    assert "retrying" not in res.log
+    assert (
+        "**mlops run failed** (exit 1, a config or usage error): error: no AWS credentials for s3://mlops-registry/prod"
+        in (res.summary)
+    ), explain(res)
+
+
+# ---------------------------------------------------------------------------- pull requests
+
+
+def pr(story: Story, name: str, number: int, fork: bool = False, **kw: Any) -> actkit.ActResult:
+    payload = actkit.pr_event(story.repo, number, fork=fork)
+    story.act.set_pull_head(number, payload["pull_request"]["head"]["sha"])
+    return story.run(name, "pull_request", payload, "pr-eval.yml", **kw)
+
+
+def comments(story: Story, number: int) -> list[dict[str, Any]]:
+    return [c for c in story.act.state["comments"] if c["issue"] == number]
+
+
+def test_pr_sticky_comment_created_then_updated(story: Story) -> None:
+    """One comment per PR, updated in place; the PR never writes the production registry (4)."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-7")
+    before = production_files(story.registry)
+    prod = story.releases()["production"]
+    sha1 = actkit.commit(story.repo, "pr 7: seed 2", config={"models": {"tiny": {"train": {"seed": 2}}}})
+    first = pr(story, "pr 7, push 1", 7)
+    assert first.rc == 0, explain(first)
+    [c1] = comments(story, 7)
+    assert c1["body"].startswith(MARKER) and f"vs production `{prod}`" in c1["body"]
+    assert f"head {sha1}" in c1["body"] and "/actions/runs/" in c1["body"]
+    sha2 = actkit.commit(story.repo, "pr 7: seed 3", config={"models": {"tiny": {"train": {"seed": 3}}}})
+    second = pr(story, "pr 7, push 2", 7)
+    assert second.rc == 0, explain(second)
+    [c2] = comments(story, 7)
+    assert c2["id"] == c1["id"] and f"head {sha2}" in c2["body"] and c2["body"] != c1["body"]
+    methods = [(c["method"], c["path"].rsplit("/", 2)[-2]) for c in second.calls if c["method"] != "GET"]
+    assert methods == [("PATCH", "comments")], second.calls
+    assert all(c["auth"] for c in first.calls + second.calls)
+    # production untouched; both candidates live in the PR's own registry
+    assert production_files(story.registry) == before
+    own = story.releases(story.registry / "pr-7")
+    assert len(own["releases"]) == 2 and own["production"] is None
+    assert own["releases"][0]["id"] in c2["body"] and own["releases"][1]["id"] in c1["body"]
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_regressed_pr_goes_red(story: Story) -> None:
+    actkit.git(story.repo, "checkout", "-qb", "pr-8")
+    actkit.commit(story.repo, "pr 8: one step", config={"models": {"tiny": {"train": {"steps": 1}}}})
+    res = pr(story, "pr 8, regressed", 8)
+    assert res.rc != 0
+    assert "**Gate failed** (exit 3)" in res.summary, explain(res)
+    [c] = comments(story, 8)
+    assert "**Verdict: FAIL**" in c["body"]
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_docs_only_pr_reports_its_own_state(story: Story) -> None:
+    """Defect 2: a docs-only PR is about itself, not the candidate another PR left behind."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-9")
+    actkit.commit(story.repo, "pr 9: docs", files={"docs/usage.md": "How to use it.\n"})
+    prod = story.releases()["production"]
+    res = pr(story, "pr 9, docs only", 9)
+    assert res.rc == 0, explain(res)
+    [c] = comments(story, 9)
+    assert f"No model change: production `{prod}` stands" in c["body"]
+    others = {r["id"] for n in (7, 8) for r in story.releases(story.registry / f"pr-{n}")["releases"]}
+    assert not any(o in c["body"] for o in others)
+    commands = [p["argv"][1] for p in res.probes if p["argv"][0].endswith("/mlops") and len(p["argv"]) > 1]
+    assert "plan" in commands and "train" not in commands and "eval" not in commands, commands
+
+
+def test_superseded_pr_run_leaves_the_comment_alone(story: Story) -> None:
+    """Defect 10: a run whose head is no longer the PR's head writes no comment."""
+    before = comments(story, 9)
+    payload = actkit.pr_event(story.repo, 9)
+    story.act.set_pull_head(9, "f" * 40)  # a newer push landed meanwhile
+    res = story.run("pr 9, superseded", "pull_request", payload, "pr-eval.yml")
+    assert res.rc == 0, explain(res)
+    assert [c["method"] for c in res.calls] == ["GET"], res.calls  # looked, wrote nothing
+    assert comments(story, 9) == before
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_fork_pr_gets_no_secrets_and_a_clear_verdict(story: Story) -> None:
+    """Defects 5 and 6: a fork's code sees no secret, uses a local registry, and ends green or red
+    for a reason (here: red, its model fails the absolute gate), never exit 4."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-10")
+    actkit.commit(story.repo, "pr 10: fork, one step", config={"models": {"tiny": {"train": {"steps": 1}}}})
+    before = production_files(story.registry)
+    res = pr(story, "pr 10, fork", 10, fork=True, vars={"MLOPS_STORAGE": "s3://mlops-registry/prod"})
+    assert res.rc != 0
+    assert "**Gate failed** (exit 3)" in res.summary, explain(res)
+    assert "`heldout.ragas.chrf_score mean` >= 0.05: mean" in res.summary and "Infrastructure" not in res.log
+    assert "No production to compare with: a fork PR gets no credentials" in res.summary
+    mlops_procs = [p for p in res.probes if p["argv"][0].endswith("/mlops")]
+    assert mlops_procs and all(p["secrets"] == {} for p in res.probes), res.probes
+    assert comments(story, 10) == [] and res.calls == []  # no write token, no comment job
+    assert production_files(story.registry) == before
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_pr_credentials_are_scoped(story: Story) -> None:
+    """Defect 5, the other half: a same-repository PR's code got the PR-scoped token, not production's."""
+    res = story.results["pr 7, push 1"]
+    tokens = {p["secrets"]["MODAL_TOKEN_ID"] for p in res.probes if "MODAL_TOKEN_ID" in p["secrets"]}
+    assert tokens == {actkit.probe_hash(PR_SECRETS["MODAL_PR_TOKEN_ID"])}, tokens  # the PR's own, never production's
+    wf = yaml.safe_load((actkit.ROOT / ".github/workflows/pr-eval.yml").read_text())
+    text = (actkit.ROOT / ".github/workflows/pr-eval.yml").read_text()
+    assert "secrets.MODAL_TOKEN_ID" not in text and "vars.AWS_ROLE_ARN" not in text
+    assert wf["jobs"]["eval"]["environment"] == "mlops-pr"
+    assert "pull-requests" not in wf["jobs"]["eval"]["permissions"]
+    assert not any("checkout" in s.get("uses", "") for s in wf["jobs"]["comment"]["steps"])
+
+
+def test_closed_pr_removes_its_registry(story: Story) -> None:
+    assert (story.registry / "pr-7").is_dir()
+    payload = actkit.pr_event(story.repo, 7, action="closed")
+    res = story.run("pr 7, closed", "pull_request", payload, "pr-eval.yml")
+    assert res.rc == 0, explain(res)
+    assert not (story.registry / "pr-7").exists() and story.releases()["production"]
+
+
+# ---------------------------------------------------------------------------- rollback and nightly
+
+
+def test_rollback_to_an_unknown_release_goes_red(story: Story) -> None:
+    """Defect 1: `mlops rollback | tee` under pipefail."""
+    prod = story.releases()["production"]
+    payload = actkit.dispatch_event({"release": "tiny-no-such-release", "reason": "drill"})
+    res = story.run("rollback, unknown release", "workflow_dispatch", payload, "rollback.yml")
+    assert res.rc != 0 and res.step_ok("mlops rollback") is False, explain(res)
+    assert story.releases()["production"] == prod
+
+
+def test_rollback_with_no_previous_release_goes_red(story: Story, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-registry"
+    payload = actkit.dispatch_event({"release": "", "reason": "drill"})
+    res = story.run(
+        "rollback, nothing to go back to",
+        "workflow_dispatch",
+        payload,
+        "rollback.yml",
+        vars={"MLOPS_STORAGE": str(empty)},
+    )
+    assert res.rc != 0 and res.step_ok("mlops rollback") is False, explain(res)
+
+
+def test_rollback_records_actor_and_reason(story: Story) -> None:
+    rel = story.releases()
+    prod, previous = rel["production"], rel["previous"]
+    payload = actkit.dispatch_event({"release": "", "reason": "p95 regression seen by on-call"})
+    res = story.run("rollback", "workflow_dispatch", payload, "rollback.yml", actor="oncall-ana")
+    assert res.rc == 0, explain(res)
+    assert story.releases()["production"] == previous != prod
+    [ev] = [e for e in story.history(previous) if e["event"] == "rolled_back_to"]
+    assert ev["by"] == "github:oncall-ana" and "p95 regression seen by on-call" in json.dumps(ev["detail"])
+    assert "Rollback by @oncall-ana" in res.summary
+
+
+def test_rollback_has_its_own_concurrency() -> None:
+    """Defect 9: a rollback neither waits behind training nor is cancelled by a push."""
+    groups = {}
+    for name in ("ct.yml", "rollback.yml", "nightly.yml"):
+        wf = yaml.safe_load((actkit.ROOT / ".github/workflows" / name).read_text())
+        groups[name] = wf["concurrency"]
+    assert groups["rollback.yml"]["group"] != groups["ct.yml"]["group"]
+    assert groups["rollback.yml"]["cancel-in-progress"] is False
+    assert groups["ct.yml"]["cancel-in-progress"] is False
+
+
+def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) -> None:
+    """Defect 7: production re-evaluated below an absolute gate: red, not a green job with FAIL inside."""
+    ok = story.run("nightly", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
+    assert ok.rc == 0, explain(ok)
+    gates = yaml.safe_load((story.repo / "mlops.yaml").read_text())["gates"]
+    gates[0]["min"] = 0.9  # the bar moves above what production scores (~0.18)
+    actkit.commit(story.repo, "raise the bar", config={"gates": gates})
+    res = story.run("nightly, gate broken", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
+    assert res.rc != 0
+    assert "**Production fails a gate** (exit 3)" in res.summary, explain(res)
+    assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in res.summary
