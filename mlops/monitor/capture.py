@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.config import Loaded, MonitorCfg
+from mlops.configmonitor import NOT_CAPTURED
 from mlops.registry.store import Store
 
 log = logging.getLogger("mlops.monitor")
@@ -41,6 +42,7 @@ CAPTURE_PREFIX = "monitor/capture"
 PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 MAX_BODY = 1 << 20  # bytes kept of one body: a capture never holds more than this per side
 RELEASE_HEADER = b"x-mlops-release"
+_SKIP = [(k.encode(), v.encode()) for k, v in NOT_CAPTURED.items()]
 _STOP = object()
 
 
@@ -258,6 +260,8 @@ class CaptureMiddleware:
             return await self.app(scope, receive, self._flush_at_shutdown(send))
         route = PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
         if route is None or (self.sample_rate < 1.0 and random.random() >= self.sample_rate):
+            return await self.app(scope, receive, send)
+        if any(h in _SKIP for h in scope.get("headers", [])):  # mlops's own evals and canary traffic
             return await self.app(scope, receive, send)
         t0, wall = time.perf_counter(), time.time()
         req: list[bytes] = []
