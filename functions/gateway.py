@@ -18,6 +18,13 @@ The gateway measures every forwarded request per release and serves the window a
 `/v1/mlops/stats` (what the canary analysis reads), so it runs as one container (`max_containers=1`:
 it only waits on upstreams, and one container's stats are the whole traffic).
 
+With `monitor.enabled` in mlops.yaml, the gateway captures traffic as the local server does
+(mlops/monitor/capture.py, `source: gateway`): each exchange, with the release that answered it,
+goes off the request path to a writer thread that appends JSONL batches to the registry's
+storage, flushed on shutdown. On Modal that storage must be S3 (a local path would be the
+container's disk): the image carries boto3, and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+AWS_DEFAULT_REGION come from a Modal Secret named in mlops.yaml `modal.secrets`.
+
 `create_gateway_app` is plain Starlette: tests run it under uvicorn on 127.0.0.1 against a fake
 upstream; `gateway_body` builds it from a `ModalAPI`: Modal's in the container, the twin's here.
 """
@@ -43,6 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from mlops.backends.modal_api import ModalAPI, ModalSDK
 from mlops.backends.modal_settings import (
@@ -52,6 +60,7 @@ from mlops.backends.modal_settings import (
     STATE_FILE,
     STATE_KEY,
     VLLM_KEY_ENV,
+    ModalSettings,
 )
 from mlops.registry.releases import State
 from mlops.serving.routing import pick
@@ -292,7 +301,24 @@ def routing_sources(api: ModalAPI) -> tuple[Callable[[], State], Callable[[str],
     return (lambda: state_cache()), url_cache
 
 
-def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None) -> Starlette:
+def with_capture(app: ASGIApp, s: ModalSettings, *, local_storage: bool = True) -> ASGIApp:
+    """`app` with traffic capture into the registry's storage, as mlops.yaml `monitor:` says.
+    `local_storage=False` (on Modal): a directory would be the container's own disk, so only an
+    S3 storage is written to."""
+    if not s.storage or not s.monitor_json:
+        return app
+    if "://" not in s.storage and not local_storage:
+        print(f"gateway: no traffic capture: storage {s.storage!r} is not reachable from Modal (use s3://)")
+        return app
+    from mlops.configmonitor import MonitorCfg
+    from mlops.monitor.capture import wrap_with
+    from mlops.registry.store import open_store
+
+    monitor = MonitorCfg.model_validate_json(s.monitor_json)
+    return wrap_with(app, open_store(s.storage), monitor, s.prompt, source="gateway")
+
+
+def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, local_storage: bool = True) -> ASGIApp:
     """The gateway app from the Secret's variables in `environ`; refuses to start open."""
     env = os.environ if environ is None else environ
     s = api.settings
@@ -303,7 +329,7 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None) -> Sta
     if not keys or not upstream_key or not proxy_id or not proxy_secret:
         need = f"{KEYS_ENV}, {VLLM_KEY_ENV}, {PROXY_ID_ENV} and {PROXY_SECRET_ENV}"
         raise RuntimeError(f"the Modal Secret {s.auth_secret!r} needs {need}")
-    return create_gateway_app(
+    app = create_gateway_app(
         get_state,
         url_for,
         keys,
@@ -311,6 +337,7 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None) -> Sta
         model_name=s.served_model,
         upstream_headers={"Modal-Key": proxy_id, "Modal-Secret": proxy_secret},
     )
+    return with_capture(app, s, local_storage=local_storage)
 
 
 @app.function(
@@ -324,5 +351,5 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None) -> Sta
 )
 @modal.concurrent(max_inputs=1000)  # it only waits on upstreams: one small container takes many
 @modal.asgi_app()
-def gateway() -> Starlette:
-    return gateway_body(ModalSDK(settings))
+def gateway() -> ASGIApp:
+    return gateway_body(ModalSDK(settings), local_storage=False)

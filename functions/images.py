@@ -40,8 +40,9 @@ TRAIN_PACKAGES = [
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 
 # Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
-# (prometheus_client: mlops.serving.stats, behind its live per-release stats).
-GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", *MLOPS_CORE]
+# (prometheus_client: mlops.serving.stats, behind its live per-release stats; boto3: traffic
+# capture into an s3:// registry, see gateway.py).
+GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", "boto3==1.44.8", *MLOPS_CORE]
 
 
 def _with_sources(image: modal.Image) -> modal.Image:

@@ -8,6 +8,11 @@ from pydantic import Field
 
 from mlops.configbase import Duration, Strict
 
+# The header mlops's own requests carry (evals, canary traffic, smoke requests): the capture
+# middleware skips them, as eval traffic is not user traffic. It reaches the Modal gateway too,
+# where the runner's requests share production's endpoint with users.
+NOT_CAPTURED = {"x-mlops-capture": "off"}
+
 
 class DataChecksCfg(Strict):
     """Checks `mlops validate --data` runs and training runs before it starts (a failure refuses it)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from mlops.backends.base import Backend
 from mlops.config import RolloutCfg
+from mlops.configmonitor import NOT_CAPTURED
 from mlops.contracts import StepVerdict
 from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry, State
@@ -138,7 +139,7 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+    return {**NOT_CAPTURED, **({"authorization": f"Bearer {api_key}"} if api_key else {})}
 
 
 async def _drive(

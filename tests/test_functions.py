@@ -565,3 +565,21 @@ def test_gateway_serves_per_release_live_stats(gateway: tuple[str, list[dict[str
         f"{url}/v1/mlops/stats", params={"since": time.time() + 1}, headers={"authorization": "Bearer key-1"}
     )
     assert all(v["requests"] == 0 for v in later.json()["releases"].values())
+
+
+def test_gateway_captures_only_into_storage_it_can_reach(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    """On Modal a directory would be the container's disk: only s3:// is written to there; the
+    twin (local_storage=True) writes to a directory; `monitor.enabled: false` captures nothing."""
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.configmonitor import MonitorCfg
+    from mlops.monitor.capture import CaptureMiddleware
+
+    gw = fns["gateway"]
+    app = Starlette()
+    on = ModalSettings(storage=str(tmp_path), monitor_json=MonitorCfg().model_dump_json())
+    off = ModalSettings(storage=str(tmp_path), monitor_json=MonitorCfg(enabled=False).model_dump_json())
+    assert gw.with_capture(app, on, local_storage=False) is app
+    assert gw.with_capture(app, off) is app and gw.with_capture(app, ModalSettings()) is app
+    wrapped = gw.with_capture(app, on)
+    assert isinstance(wrapped, CaptureMiddleware) and wrapped.writer.source == "gateway"
+    wrapped.writer.close()

@@ -83,9 +83,9 @@ CFG: dict[str, Any] = {
 }
 
 
-def setup_twin(tmp_path: Path) -> Twin:
+def setup_twin(tmp_path: Path, cfg: dict[str, Any] = CFG) -> Twin:
     """A project with `backend: modal`, and the twin set up with the README's commands."""
-    root = make_project(tmp_path / "p", CFG)
+    root = make_project(tmp_path / "p", cfg)
     shutil.copytree(REPO / "functions", root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
     env = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin"), "MLOPS_API_KEY": KEY, "MLOPS_WANDB": "disabled"}
     t = Twin(root, env)
@@ -208,3 +208,26 @@ def test_train_and_gateway_apps_are_redeployed_when_their_code_changes(
     backend.ensure_current("train.py", app)
     assert tw.deploys() == [app, app]
     assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "functions" / "train.py").read_text()
+
+
+@pytest.mark.timeout(600)  # one `mlops run` (~1 min quiet)
+def test_the_gateway_captures_traffic_into_the_registry(tmp_path: Path) -> None:
+    """Requests through the Modal gateway land as capture records in the registry's storage,
+    naming the release that answered, and `mlops monitor` reads them."""
+    tw = setup_twin(tmp_path, CFG | {"deploy": {"rollout": {"steps": [100], "requests_per_step": 4}}})
+    try:
+        a = tw.run("run")
+        assert a["status"] == "promoted"
+        for _ in range(3):
+            r = tw.ask()
+            assert r.status_code == 200 and r.headers["x-mlops-release"] == a["release"], r.text
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)  # SIGTERM: the gateway flushes what is queued
+    files = sorted((tw.root / ".mlops" / "monitor" / "capture").rglob("*-gateway-*.jsonl"))
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    # only the users' requests: the run's own smoke, eval and canary requests are not captured
+    assert [(x["prompt"], x["release"], x["source"], x["status"]) for x in records] == [
+        ("abc=", a["release"], "gateway", 200)
+    ] * 3
+    m = tw.run("monitor", "--since", "1h")  # exit 0: the traffic is the eval data's
+    assert m["release"] == a["release"] and m["requests"] == len(records) == m["statuses"]["200"], m

@@ -70,7 +70,7 @@ class ModalBackend(Backend):
 
     @property
     def settings(self) -> ModalSettings:
-        return ModalSettings.from_config(self.cfg)
+        return ModalSettings.from_config(self.cfg, self.loaded.root)
 
     @property
     def api(self) -> ModalAPI:

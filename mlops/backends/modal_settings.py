@@ -74,6 +74,10 @@ class ModalSettings:
     max_inputs: int = 32  # concurrent requests per vLLM container; vLLM batches them itself
     scaledown_window: int = 300  # idle seconds before a GPU container stops: scale to zero, cheaply
     startup_timeout: int = 900  # vLLM's first start loads weights and may compile kernels
+    # Traffic capture by the gateway (issue 10): the registry's storage (s3://... in production;
+    # a directory, made absolute, for the twin) and mlops.yaml `monitor:` as JSON ("": no capture).
+    storage: str = ""
+    monitor_json: str = ""
 
     @property
     def volume(self) -> str:
@@ -111,8 +115,12 @@ class ModalSettings:
         return cls(**data)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ModalSettings:
+    def from_config(cls, cfg: Config, root: Path | None = None) -> ModalSettings:
+        """`root`: the config's directory, against which a relative local `storage` resolves."""
         model = cfg.models[cfg.deploy.model]
+        storage = cfg.storage
+        if "://" not in storage and root is not None:
+            storage = str((root / storage).resolve())
         return cls(
             app=modal_name(cfg.modal.app_name or f"mlops-{cfg.project}"),
             environment=cfg.modal.environment,
@@ -126,6 +134,8 @@ class ModalSettings:
             min_containers=cfg.deploy.resources.min_containers,
             max_containers=cfg.deploy.resources.max_containers,
             max_inputs=cfg.deploy.server.max_batch_size,
+            storage=storage,
+            monitor_json=cfg.monitor.model_dump_json(),
         )
 
     def env(self, **extra: str) -> dict[str, str | None]:
@@ -144,7 +154,7 @@ def current_settings(environ: dict[str, str] | None = None) -> ModalSettings:
     if path.is_file():
         from mlops.config import load
 
-        return ModalSettings.from_config(load(path, check_files=False).cfg)
+        return ModalSettings.from_config(load(path, check_files=False).cfg, path.resolve().parent)
     return ModalSettings()
 
 

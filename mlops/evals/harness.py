@@ -31,6 +31,7 @@ import httpx
 
 from mlops.cache import SegmentCache as DiskCache
 from mlops.config import Loaded, metric_name
+from mlops.configmonitor import NOT_CAPTURED
 from mlops.data import read_jsonl
 from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
@@ -103,7 +104,7 @@ async def _ask(
     client: httpx.AsyncClient, ep: Endpoint, body: dict[str, Any], sem: asyncio.Semaphore, counts: Counts
 ) -> Output:
     url = ep.base_url.rstrip("/") + "/v1/completions"
-    headers = {"x-mlops-release": ep.release, **ep.headers}
+    headers = {"x-mlops-release": ep.release, **NOT_CAPTURED, **ep.headers}
     if ep.api_key:
         headers["authorization"] = f"Bearer {ep.api_key}"
     t_start = time.perf_counter()

@@ -214,7 +214,9 @@ def _smoke(url: str, model: str, key: str | None = None) -> str | None:
     """One request through the production route (no pin): which release answered?"""
     import httpx
 
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+    from mlops.configmonitor import NOT_CAPTURED
+
+    headers = {**NOT_CAPTURED, **({"authorization": f"Bearer {key}"} if key else {})}
     try:
         r = httpx.post(
             f"{url}/v1/completions",

@@ -30,9 +30,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.config import Loaded, MonitorCfg
+from mlops.configmonitor import NOT_CAPTURED
 from mlops.registry.store import Store
 
 log = logging.getLogger("mlops.monitor")
@@ -40,6 +42,7 @@ CAPTURE_PREFIX = "monitor/capture"
 PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 MAX_BODY = 1 << 20  # bytes kept of one body: a capture never holds more than this per side
 RELEASE_HEADER = b"x-mlops-release"
+_SKIP = [(k.encode(), v.encode()) for k, v in NOT_CAPTURED.items()]
 _STOP = object()
 
 
@@ -253,8 +256,12 @@ class CaptureMiddleware:
         self.app, self.writer, self.sample_rate = app, writer, sample_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # flush what is queued before the server reports it has stopped
+            return await self.app(scope, receive, self._flush_at_shutdown(send))
         route = PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
         if route is None or (self.sample_rate < 1.0 and random.random() >= self.sample_rate):
+            return await self.app(scope, receive, send)
+        if any(h in _SKIP for h in scope.get("headers", [])):  # mlops's own evals and canary traffic
             return await self.app(scope, receive, send)
         t0, wall = time.perf_counter(), time.time()
         req: list[bytes] = []
@@ -287,6 +294,14 @@ class CaptureMiddleware:
         finally:
             status = int(meta["status"] or 500)  # an app that raised before answering: a server error
             self.writer.submit(Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp))
+
+    def _flush_at_shutdown(self, send: Send) -> Send:
+        async def snd(msg: Message) -> None:
+            if msg["type"] == "lifespan.shutdown.complete":
+                await run_in_threadpool(self.writer.close)
+            await send(msg)
+
+        return snd
 
 
 def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, source: str) -> ASGIApp:
