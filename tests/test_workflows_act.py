@@ -404,10 +404,11 @@ def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) 
     assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in res.summary
 
 
-def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story) -> None:
     """Issue 10, the loop: production answered longer, differently distributed strings; the nightly
     run opens one issue with the monitor's markdown report and dispatches ct.yml with the drift
-    report (`monitor.on_drift: retrain`); the next nightly updates that issue, opens no second one."""
+    report (`monitor.on_drift: retrain`); the next nightly updates that issue, opens no second one;
+    ct.yml run with the dispatched input records the report in the new release's lineage."""
     actkit.commit(story.repo, "gates back, retrain on drift", config={"gates": actkit.FAST["gates"]})
     actkit.commit(story.repo, "retrain on drift", config={"monitor": {"on_drift": "retrain"}})
     serve_traffic(story, shifted_inputs(120, seed=2))
@@ -435,11 +436,11 @@ def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story, monkey
     assert again["body"] != issue["body"]  # this run's report and run link
     assert ("PATCH", f"/repos/acme/tiny/issues/{issue['number']}") in drift_writes(second)
     assert len(second.state["dispatches"]) == 2
-    # the dispatched input is what `mlops run` accepts as MLOPS_DRIFT_REPORT (the lineage's drift_trigger)
-    from mlops.monitor import datachecks
-
-    path = story.root / "dispatched-drift.json"
-    path.write_text(dispatch["inputs"]["drift_report"])
-    monkeypatch.setenv(datachecks.DRIFT_ENV, str(path))
-    trigger = datachecks.drift_trigger()
-    assert trigger and trigger["release"] == prod and trigger["drifted"]
+    # the dispatch, run: ct.yml retrains with MLOPS_DRIFT_REPORT, the new release's lineage says why
+    ct = story.run("ct, dispatched on drift", "workflow_dispatch", actkit.dispatch_event(dispatch["inputs"]), "ct.yml")
+    assert ct.rc == 0 and ct.step_ok("Drift report"), explain(ct)
+    new = story.releases()["releases"][0]["id"]
+    assert new != prod
+    lineage = json.loads((story.registry / "releases" / new / "manifest.json").read_text())["lineage"]
+    trigger = lineage["drift_trigger"]
+    assert trigger["release"] == prod and "prompt_length_psi" in {d["name"] for d in trigger["drifted"]}, trigger
