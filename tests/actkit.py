@@ -54,6 +54,8 @@ FAST = {
     },
     "evals": {"heldout": {"limit": 20}},
     "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
+    # the monitor's 2 s p95 SLO would judge this machine's load, not the traffic's drift
+    "monitor": {"thresholds": {"p95_latency": 60.0}},
     # chrF of this model: 0.09-0.19 after 40 steps depending on the seed, ~0.01 after 1 step
     # (measured): a one-step model fails the absolute gate, a reseeded one passes both
     "gates": [

@@ -190,3 +190,16 @@ def test_a_window_of_earlier_traffic_can_be_the_reference(captured: Captured) ->
     for bad in (["--reference", "1h"], ["--reference", "0s..1h"], ["--since", "yesterday"]):
         r = mlops("monitor", *bad, cwd=captured.root)
         assert r.returncode == 1 and bad[1] in r.stderr, (bad, r.stderr)
+
+
+def test_output_length_is_not_judged_against_a_few_eval_outputs(captured: Captured) -> None:
+    """Last in this module: it stores an eval of 10 cases with the release. 10 outputs are too few
+    quantiles for a PSI (the act story's 20 scored 0.40 on unshifted traffic)."""
+    r = mlops("eval", "--release", captured.release, "--set", "evals.heldout.limit=10", cwd=captured.root)
+    assert r.returncode in (0, 3), r.stderr
+    rc, rep, _ = monitor(captured.root)
+    out = next(c for c in rep["checks"] if c["name"] == "output_length_psi")
+    assert rep["reference"]["outputs"] == 10, rep["reference"]
+    assert out["value"] is not None and not out["judged"] and not out["drifted"], out
+    assert "fewer than monitor.min_requests" in out["detail"], out
+    assert "output_length_psi" not in rep["drifted"] and rc == (3 if rep["drifted"] else 0), rep["drifted"]

@@ -256,7 +256,18 @@ def analyze(
     ref_out = ref.get("output_lens") or ([len(o) for o in ref["outputs"]] if ref.get("outputs") else None)
     if ok:
         psi_out = stats.psi(ref_out, out_lens) if ref_out else None
-        c.add("output_length_psi", "response", psi_out, t.output_length_psi if ref_out else None)
+        # A handful of eval outputs makes quantile bins too coarse to judge: 20 outputs of 1-3
+        # characters scored PSI 0.40 against unshifted traffic. The same floor as for traffic.
+        small = bool(ref_out) and len(ref_out or []) < m.min_requests
+        why = f"reference of {len(ref_out or [])} eval outputs, fewer than monitor.min_requests: not judged"
+        c.add(
+            "output_length_psi",
+            "response",
+            psi_out,
+            t.output_length_psi if ref_out else None,
+            why if small else "",
+            judged=c.judged and not small,
+        )
         c.add("empty_rate", "response", sum(1 for n in out_lens if n == 0) / len(ok), t.empty_rate)
         trunc = sum(1 for r in ok if r.get("finish_reason") == "length") / len(ok)
         c.add("truncated_rate", "response", trunc, t.truncated_rate, "finish_reason = length")
