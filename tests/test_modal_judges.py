@@ -145,3 +145,56 @@ def test_a_self_hosted_judge_scores_through_the_eval_function(tmp_path: Path) ->
         assert len(map_calls(t)) == 2  # nothing heavy left to fan out
     finally:
         twin("stop-all", env=t.env, cwd=t.root)
+
+
+def test_a_judge_app_is_redeployed_when_its_model_changes_and_sources_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployed when what it would serve changes (like a release's app), not on every eval; the
+    model staged on the Volume with a manifest the container checks; a source that is neither a
+    directory, a release nor a Hub id is a one-line config error."""
+    from mlops.backends.modal import ModalBackend
+    from mlops.backends.modal_eval import _model, sync_judges
+    from mlops.config import load
+    from mlops.errors import ConfigError
+    from mlops.registry.releases import Registry, tree_sha256
+    from mlops.registry.store import LocalStore
+
+    t = setup_twin(tmp_path, judge_cfg())
+    for k, v in t.env.items():
+        monkeypatch.setenv(k, v)
+    model = t.root / "judge-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    (model / "model.safetensors").write_bytes(b"weights v1")  # it need not load: deploys are counted
+    backend = ModalBackend(load(t.root / "mlops.yaml"), Registry(LocalStore(t.root / ".mlops")))
+    app = f"{APP}-judge-referee"
+    try:
+        assert sync_judges(backend) == {"referee": app}
+        sync_judges(backend)
+        assert t.deploys() == [app]  # unchanged: deployed once
+        staged = t.dir / "volumes" / f"{APP}-artifacts" / "judges" / "referee"
+        manifest = json.loads((staged / "manifest.json").read_text())
+        assert manifest["artifact"]["sha256"] == tree_sha256(manifest["artifact"]["files"])
+        assert (staged / "model" / "model.safetensors").read_bytes() == b"weights v1"
+        assert (
+            t.apps()[app]["env"]["MLOPS_SERVE_GPU"] == "L4" and t.apps()[app]["env"]["MLOPS_JUDGE_MODEL"] == "referee"
+        )
+
+        (model / "model.safetensors").write_bytes(b"weights v2")
+        sync_judges(backend)
+        assert t.deploys() == [app, app]
+        assert (staged / "model" / "model.safetensors").read_bytes() == b"weights v2"
+    finally:
+        twin("stop-all", env=t.env, cwd=t.root)
+
+    rid = "referee-20250101-000000-abcdef"
+    backend.registry.publish(rid, model, {"model": "referee", "config": {"prompt": "Judge: {input}"}})
+    from_release = backend.cfg.judges["referee"].model_copy(update={"source": f"release:{rid}"})
+    path, artifact, prompt = _model(backend, "referee", from_release)
+    assert path is not None and (path / "model.safetensors").read_bytes() == b"weights v2"
+    assert artifact["sha256"] == backend.registry.require(rid)["artifact"]["sha256"] and prompt == "Judge: {input}"
+    hub = _model(backend, "referee", backend.cfg.judges["referee"].model_copy(update={"source": "org/judge-7b"}))
+    assert hub[0] is None and hub[1]["hf"] == "org/judge-7b"
+    with pytest.raises(ConfigError, match=r"judges.referee.source: './nowhere' is neither a directory"):
+        _model(backend, "referee", backend.cfg.judges["referee"].model_copy(update={"source": "./nowhere"}))
