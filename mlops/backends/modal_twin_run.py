@@ -127,7 +127,7 @@ def _run(name: str) -> int:
     check = api.proxy_token_ok if spec["proxy_auth"] else None
     box: Container | None = None
     if spec["web"] == "web_server":
-        command = standalone_command(mod, api.settings.prompt)
+        command = standalone_command(mod, getattr(mod, "PROMPT", api.settings.prompt))  # a judge's own prompt
         body = getattr(mod, fn + _BODY)
         box = Container(api, name, lambda port: body(root=api.volume_dir, port=port, command=command))
         if box.scale_to_zero:
