@@ -96,9 +96,10 @@ def evaluate(
 
     s.registry.require(release)
     key = s.backend.client_key()
+    remote = s.backend.remote_scoring()  # Modal: heavy metrics fan out to functions/evaluate.py
     out = {}
     for suite in suites or list(s.loaded.cfg.evals):
-        res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key)
+        res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key, remote=remote)
         if store:
             s.registry.put_eval(release, suite, res)
         cost = res["cost"]
@@ -210,8 +211,9 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, key: str | None = None) -> str | None:
-    """One request through the production route (no pin): which release answered?"""
+def _smoke(url: str, model: str, key: str | None = None, timeout: float = 30.0) -> str | None:
+    """One request through the production route (no pin): which release answered? `timeout`:
+    deploy.server.request_timeout, what a warm server takes at most to answer (or refuse)."""
     import httpx
 
     from mlops.configmonitor import NOT_CAPTURED
@@ -221,7 +223,7 @@ def _smoke(url: str, model: str, key: str | None = None) -> str | None:
         r = httpx.post(
             f"{url}/v1/completions",
             json={"model": model, "prompt": "a", "max_tokens": 1},
-            timeout=30,
+            timeout=timeout,
             headers=headers,
             trust_env=False,
         )
