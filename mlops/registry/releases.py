@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from mlops.contracts import EvalResult
 from mlops.errors import ConflictError, InfraError, IntegrityError, UsageError
 from mlops.registry.damage import RegistryDamaged, loads, working
 from mlops.registry.store import Store, atomic_write
@@ -58,6 +61,16 @@ def _index_entry(manifest: dict[str, Any]) -> dict[str, Any]:
         "created_at": manifest.get("created_at"),
         "fingerprint": (manifest.get("lineage") or {}).get("fingerprint"),
     }
+
+
+def read_eval(doc: Any) -> tuple[EvalResult | None, str | None]:
+    """(the stored eval result, None) or (None, why the document is not one): for `get_eval` and `mlops doctor`."""
+    try:
+        return EvalResult.model_validate(doc), None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        return None, f"not an eval result: {where}: {err['msg']}"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -227,12 +240,18 @@ class Registry:
                 _backoff(attempt)
         raise ConflictError(f"could not append to {key}: too many concurrent writers")
 
-    def put_eval(self, release_id: str, suite: str, result: dict[str, Any]) -> None:
-        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result))
+    def put_eval(self, release_id: str, suite: str, result: EvalResult) -> None:
+        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result.model_dump()))
 
-    def get_eval(self, release_id: str, suite: str) -> dict[str, Any] | None:
-        blob = self.store.get(f"releases/{release_id}/evals/{suite}.json")
-        return self._loads(blob.data, f"releases/{release_id}/evals/{suite}.json", dict) if blob else None
+    def get_eval(self, release_id: str, suite: str) -> EvalResult | None:
+        key = f"releases/{release_id}/evals/{suite}.json"
+        blob = self.store.get(key)
+        if blob is None:
+            return None
+        result, why = read_eval(self._loads(blob.data, key, dict))
+        if result is None:  # valid JSON, but not a result: damaged like a truncated file
+            raise RegistryDamaged(f"{self.store.uri}/{key}", str(why))
+        return result
 
     def release_ids(self) -> list[str]:
         ids = {k.split("/")[1] for k in self.store.list("releases") if k.endswith("/manifest.json")}
