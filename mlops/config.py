@@ -188,11 +188,20 @@ class DeployCfg(Strict):
 
 
 class JudgeCfg(Strict):
-    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it.
+    """One judge in `mlops.yaml`: an OpenAI-compatible endpoint and how to call it, or a model that
+    `backend: modal` serves as the judge's own vLLM app (`source` and `gpu`; see functions/serve.py).
     (`mlops.evals.judges.JudgeSpec` is this class: one definition for the file and the client.)"""
 
-    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(description="model id sent in the request")
+    base_url: str | None = Field(
+        default=None, description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (or `source`)"
+    )
+    model: str = Field(description="model id sent in the request (a self-hosted judge's served name)")
+    source: str | None = Field(
+        default=None,
+        description="self-hosted judge (backend: modal): a local model directory (relative to mlops.yaml), "
+        "release:<id> from the registry, or a Hugging Face id; served as its own vLLM app",
+    )
+    gpu: str | None = Field(default=None, description="the Modal GPU of a self-hosted judge's app (default L4)")
     api_key_env: str | None = Field(
         default=None, description="NAME of the environment variable holding the API key (never the key)"
     )
@@ -201,14 +210,31 @@ class JudgeCfg(Strict):
     concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
     repeat: int = Field(default=1, ge=1, description="ask N times per case and take the median score (noisy judges)")
     temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="completion limit sent with each request (a server's default may cut an answer)"
+    )
 
     @field_validator("base_url")
     @classmethod
-    def _strip_slash(cls, v: str) -> str:
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         v = v.strip().rstrip("/")
         if not v.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> JudgeCfg:
+        if (self.base_url is None) == (self.source is None):
+            raise ValueError("a judge needs exactly one of base_url (an endpoint) or source (a model to serve)")
+        if self.gpu is not None and self.source is None:
+            raise ValueError("gpu is only for a self-hosted judge (one with source)")
+        return self
+
+    @property
+    def self_hosted(self) -> bool:
+        return self.source is not None
 
 
 class ModalCfg(Strict):
@@ -301,6 +327,13 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
             raise fail(("models", name, "arch", "n_head"), "n_embd must be divisible by n_head")
+    for name, j in cfg.judges.items():
+        if j.self_hosted and cfg.backend != "modal":  # only the Modal backend deploys a judge's own app
+            raise fail(
+                ("judges", name, "source"),
+                f"a self-hosted judge is served on backend: modal (backend is {cfg.backend!r}); "
+                "give it a base_url instead to use it here",
+            )
     known = set(plugins.known_metric_names())
     for name, ev in cfg.evals.items():
         ref(("evals", name, "dataset"), ev.dataset, cfg.datasets, "dataset")

@@ -28,10 +28,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,9 @@ FAST = {
     "gates": [
         {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.05},
         {"eval": "heldout", "metric": "ragas.chrf_score", "max_regression": 0.1, "confidence": 0.95},
-        {"eval": "heldout", "metric": "latency", "stat": "p95", "max": 10.0},
+        # p95 latency on a loaded shared machine (measured 17.7 s with two act stories running): the
+        # gate is the mechanism under test, not this machine's speed
+        {"eval": "heldout", "metric": "latency", "stat": "p95", "max": 60.0},
     ],
 }
 
@@ -137,19 +142,28 @@ def pinned_actions(workflows: Path) -> dict[str, str]:
     return pins
 
 
+VENDORED = ROOT / "tests" / "vendor" / "gha-actions"  # actions shared/ lacks (upload-artifact)
+
+
 def action_flags(workflows: Path, repo_root: Path = ROOT) -> list[str]:
-    """One `--local-repository` per pinned action; a clear failure naming any missing snapshot."""
+    """One `--local-repository` per pinned action, from tests/vendor/gha-actions or shared/gha-actions
+    (each folder listed with its commit in that directory's README.md); a clear failure naming any
+    missing snapshot."""
     shared = shared_dir(repo_root)
-    assert shared is not None, f"no shared/gha-actions beside or above {repo_root}: the pinned action snapshots"
-    index = (shared / "gha-actions" / "README.md").read_text()
+    roots = [VENDORED] + ([shared / "gha-actions"] if shared else [])
     flags = []
     for action, sha in sorted(pinned_actions(workflows).items()):
-        folder = shared / "gha-actions" / action.replace("/", "__")
-        assert folder.is_dir() and re.search(rf"\|\s*{re.escape(action)}\s*\|\s*{sha}\s*\|", index), (
-            f"no snapshot of {action}@{sha} in {shared / 'gha-actions'}: add that commit's files as "
-            f"{folder.name}/ and a row in its README.md"
+        found = [
+            d / action.replace("/", "__")
+            for d in roots
+            if (d / action.replace("/", "__")).is_dir()
+            and re.search(rf"\|\s*{re.escape(action)}\s*\|\s*{sha}\s*\|", (d / "README.md").read_text())
+        ]
+        assert found, (
+            f"no snapshot of {action}@{sha} in {' or '.join(map(str, roots))}: add that commit's files as "
+            f"{action.replace('/', '__')}/ and a row in that directory's README.md"
         )
-        flags += ["--local-repository", f"{action}@{sha}={folder}"]
+        flags += ["--local-repository", f"{action}@{sha}={found[0]}"]
     return flags
 
 
@@ -228,7 +242,8 @@ def pr_event(repo: Path, number: int, action: str = "synchronize", fork: bool = 
         "pull_request": {
             "number": number,
             "head": {"sha": sha, "ref": f"pr-{number}", "repo": {"full_name": head_repo}},
-            "base": {"ref": "main", "repo": {"full_name": REPO_NAME}},
+            # the commit the PR branched from (what GitHub sends as base.sha for a fresh PR)
+            "base": {"ref": "main", "sha": git(repo, "merge-base", "HEAD", "main"), "repo": {"full_name": REPO_NAME}},
         },
         "repository": _repository(),
     }
@@ -254,6 +269,15 @@ class ActResult:
     probes: list[dict[str, Any]]
     seconds: float
     state: dict[str, Any] = field(default_factory=dict)
+    artifact_dir: Path | None = None
+
+    def artifacts(self) -> dict[str, dict[str, bytes]]:
+        """What upload-artifact sent to act's artifact server: name -> {file in the zip: content}."""
+        out: dict[str, dict[str, bytes]] = {}
+        for z in sorted(self.artifact_dir.rglob("*.zip")) if self.artifact_dir else []:
+            with zipfile.ZipFile(z) as f:
+                out[z.stem] = {n: f.read(n) for n in f.namelist()}
+        return out
 
     @property
     def summary(self) -> str:
@@ -290,6 +314,16 @@ class Act:
     def state(self) -> dict[str, Any]:
         return dict(json.loads(self.state_file.read_text()))
 
+    def seed_comments(self, number: int, count: int) -> None:
+        """People's comments on PR `number` (more than a page of them: the sticky one comes after)."""
+        st = self.state
+        for i in range(count):
+            st["comments"].append(
+                {"id": st["next_id"], "issue": number, "body": f"review {i}", "user": {"type": "User"}}
+            )
+            st["next_id"] += 1
+        self.state_file.write_text(json.dumps(st))
+
     def set_pull_head(self, number: int, sha: str) -> None:
         """What the stand-in answers for GET /pulls/N: a newer head makes a run superseded."""
         st = self.state
@@ -318,6 +352,8 @@ class Act:
         cmd += action_flags(repo / ".github" / "workflows")
         cmd += ["--cache-server-addr", "127.0.0.1", "--cache-server-port", "0"]
         cmd += ["--cache-server-path", str(self.work / "actcache")]
+        # upload-artifact's uploads land in the run's own directory (the port: _drive, in the namespace)
+        cmd += ["--artifact-server-path", str(run_dir / "artifacts"), "--artifact-server-addr", "127.0.0.1"]
         run_env = {
             "AGENT_TOOLSDIRECTORY": str(tc),  # setup-python reads it as RUNNER_TOOL_CACHE
             "PIP_NO_INDEX": "1",
@@ -355,7 +391,8 @@ class Act:
             if (run_dir / "probe.jsonl").is_file()
             else []
         )
-        return ActResult(res["rc"], (run_dir / "act.log").read_text(), res["calls"], probes, seconds, self.state)
+        log = (run_dir / "act.log").read_text()
+        return ActResult(res["rc"], log, res["calls"], probes, seconds, self.state, run_dir / "artifacts")
 
 
 def _clean_env() -> dict[str, str]:
@@ -392,13 +429,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: calls are recorded instead
         pass
 
-    def _reply(self, code: int, body: Any) -> None:
+    def _reply(self, code: int, body: Any, link: str = "") -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
+        if link:
+            self.send_header("link", link)
         self.end_headers()
         self.wfile.write(data)
+
+    def _page(self, items: list[dict[str, Any]]) -> None:
+        """A list as GitHub pages it: `per_page` (default 30, at most 100), `page`, a Link header."""
+        path, _, query = self.path.partition("?")
+        q = dict(urllib.parse.parse_qsl(query))
+        per, page = min(int(q.get("per_page", 30)), 100), max(int(q.get("page", 1)), 1)
+        last = max(1, -(-len(items) // per))
+
+        def url(n: int) -> str:
+            return f"<{self.server.url}{path}?{urllib.parse.urlencode(q | {'per_page': per, 'page': n})}>"
+
+        rels = {"next": page + 1, "last": last} if page < last else {}
+        rels |= {"first": 1, "prev": page - 1} if page > 1 else {}
+        link = ", ".join(f'{url(n)}; rel="{rel}"' for rel, n in rels.items())
+        self._reply(200, items[(page - 1) * per : page * per], link)
 
     def _handle(self) -> None:
         length = int(self.headers.get("content-length") or 0)
@@ -408,6 +462,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.calls.append(
                 {"method": self.command, "path": path, "body": body, "auth": bool(self.headers.get("authorization"))}
+                | {"query": self.path.partition("?")[2]}
             )
             m = re.fullmatch(r"/repos/([^/]+/[^/]+)/(.*)", path)
             rest = m.group(2) if m else ""
@@ -417,13 +472,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if (cm := re.fullmatch(r"issues/(\d+)/comments", rest)) and self.command in ("GET", "POST"):
                 number = int(cm.group(1))
                 if self.command == "GET":
-                    return self._reply(200, [c for c in st["comments"] if c["issue"] == number])
+                    return self._page([c for c in st["comments"] if c["issue"] == number])
                 c = {"id": st["next_id"], "issue": number, "body": body["body"], "user": {"type": "Bot"}}
                 st["next_id"] += 1
                 st["comments"].append(c)
                 return self._reply(201, c)
-            if rest == "issues" and self.command == "GET":  # ?state=open&per_page=100: one page
-                return self._reply(200, [i for i in st["issues"] if i["state"] == "open"])
+            if rest == "issues" and self.command == "GET":  # ?state=open
+                return self._page([i for i in st["issues"] if i["state"] == "open"])
             if rest == "issues" and self.command == "POST":
                 i = {"number": 100 + len(st["issues"]), "state": "open", "title": body["title"], "body": body["body"]}
                 st["issues"].append(i)
@@ -459,6 +514,9 @@ def _drive(spec_path: str) -> None:
     env = os.environ | {"XDG_CACHE_HOME": spec["home"] + "/cache", "HOME": spec["home"]}
     Path(spec["home"]).mkdir(parents=True, exist_ok=True)
     cmd = spec["cmd"] + ["--env", f"GITHUB_API_URL={server.url}"]
+    with socket.socket() as s:  # a free port in this namespace for act's artifact server
+        s.bind(("127.0.0.1", 0))
+        cmd += ["--artifact-server-port", str(s.getsockname()[1])]
     with open(spec["log"], "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=spec["cwd"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -146,6 +146,19 @@ CASES = [
         "at least one of",
         "stat: p95}",
     ),
+    (
+        "judge with both an endpoint and a model to serve",
+        GOOD + "judges:\n  ref: {model: r, base_url: 'http://127.0.0.1:9/v1', source: ./judge}\n",
+        "exactly one of base_url (an endpoint) or source (a model to serve)",
+        "ref: {",
+    ),
+    ("judge with neither", GOOD + "judges:\n  ref: {model: r}\n", "exactly one of base_url", "ref: {"),
+    (
+        "self-hosted judge on the local backend",
+        GOOD + "judges:\n  ref: {model: r, source: ./judge, gpu: L4}\n",
+        "a self-hosted judge is served on backend: modal (backend is 'local')",
+        "ref: {",
+    ),
 ]
 
 

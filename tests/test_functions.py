@@ -30,7 +30,7 @@ from mlops.serving.routing import pick
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
-MODULES = ("images", "train", "serve", "gateway")
+MODULES = ("images", "train", "serve", "gateway", "evaluate")
 
 
 def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> dict[str, ModuleType]:
@@ -38,7 +38,8 @@ def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None
     each file a top-level module. Fresh modules every call (settings are read at import)."""
     monkeypatch.syspath_prepend(str(FUNCTIONS))
     monkeypatch.setenv("MLOPS_CONFIG", str(ROOT / "mlops.yaml"))
-    for var in ("MLOPS_MODAL_SETTINGS", "MLOPS_RELEASE", "MLOPS_RELEASE_SHA256"):
+    judge = ("MLOPS_JUDGE", "MLOPS_JUDGE_MODEL", "MLOPS_JUDGE_HF", "MLOPS_JUDGE_PROMPT", "MLOPS_SERVE_GPU")
+    for var in ("MLOPS_MODAL_SETTINGS", "MLOPS_RELEASE", "MLOPS_RELEASE_SHA256", *judge):
         monkeypatch.delenv(var, raising=False)
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
@@ -66,7 +67,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     import modal
 
     images = fns["images"]
-    for name in ("train_image", "vllm_image", "gateway_image"):
+    for name in ("train_image", "vllm_image", "gateway_image", "eval_image"):
         assert isinstance(getattr(images, name), modal.Image)
     assert isinstance(images.volume, modal.Volume)
     # names come from the shipped mlops.yaml (project tiny-reverse, no modal.app_name)
@@ -76,6 +77,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
         "train": ("mlops-tiny-reverse-train", "train", False),
         "serve": ("mlops-tiny-reverse-serve", "serve", True),
         "gateway": ("mlops-tiny-reverse-gateway", "gateway", True),
+        "evaluate": ("mlops-tiny-reverse-eval", "score", False),
     }
     for mod, (app_name, fn_name, web) in expected.items():
         app, fn = fns[mod].app, getattr(fns[mod], fn_name)
@@ -87,6 +89,22 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     assert fns["train"].train._spec_.gpus == "A10G"  # models.tiny.resources.gpu
     assert fns["serve"].serve._spec_.gpus == "L4"  # deploy.resources.gpu
     assert fns["gateway"].gateway._spec_.gpus is None  # the gateway never needs a GPU
+    assert fns["evaluate"].score._spec_.gpus is None  # judges run on their own apps' GPUs
+
+
+def test_a_judge_is_the_serve_app_with_its_own_name_gpu_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A self-hosted judge: functions/serve.py deployed with MLOPS_JUDGE (mlops/backends/modal_eval.py)."""
+    from mlops.backends.modal_twin_run import _functions
+
+    env = {"MLOPS_JUDGE": "referee", "MLOPS_JUDGE_MODEL": "ref-1", "MLOPS_SERVE_GPU": "A100", "MLOPS_JUDGE_HF": "org/m"}
+    serve = import_functions(monkeypatch, env)["serve"]
+    assert serve.app.name == "mlops-tiny-reverse-judge-referee"
+    assert serve.serve._spec_.gpus == "A100"
+    assert _functions(serve)["serve"]["proxy_auth"] is True  # only the eval function reaches it
+    # the container rebuilds the module from these (a Hub judge is the one that may download)
+    assert serve.judge_env() == env | {"MLOPS_JUDGE_PROMPT": "{input}", "HF_HUB_OFFLINE": "0"}
+    argv = serve.vllm_command("org/m", serve.JUDGE_MODEL, 8000, aliases=())
+    assert argv[argv.index("--model") + 1] == "org/m" and argv[argv.index("--served-model-name") + 1] == "ref-1"
 
 
 def test_serve_app_is_named_after_its_release(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -525,7 +543,7 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
         keys = {kv.split("=", 1)[0] for kv in values.split()}
         assert keys == {ms.KEYS_ENV, ms.VLLM_KEY_ENV, ms.PROXY_ID_ENV, ms.PROXY_SECRET_ENV}
     available = {s.auth_secret, *s.secrets}
-    for mod in ("train", "serve", "gateway"):
+    for mod in ("train", "serve", "gateway", "evaluate"):
         for fn, spec in _functions(fns[mod]).items():
             assert set(spec["secrets"]) <= available, (mod, fn, spec["secrets"])
     assert _functions(fns["gateway"])["gateway"]["secrets"] == [s.auth_secret]
@@ -533,9 +551,11 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
     deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
     assert deployed and all((ROOT / d).is_file() for d in deployed)
     names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
+    names |= {s.eval_app, s.judge_app("") + "-<name>"}
     shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
     assert shown and shown <= names, shown - names
-    assert {s.train_app, s.gateway_app, s.auth_secret} <= shown
+    assert {s.train_app, s.gateway_app, s.auth_secret, s.eval_app, s.judge_app("") + "-<name>"} <= shown
+    assert _functions(fns["evaluate"])["score"]["secrets"] == [s.auth_secret]  # the judges' proxy token and key
     assert f"export {ms.CLIENT_KEY_ENV}=" in readme  # the runner's gateway key is documented
 
 

@@ -89,6 +89,7 @@ class JudgeServer(InThreadServer):
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()  # prompt -> requests seen
         self.auth: list[str | None] = []
+        self.proxy: list[tuple[str | None, str | None]] = []  # Modal-Key / Modal-Secret seen
         self.throttle: tuple[int, str] | None = None  # (status, Retry-After) for each prompt's first request
         self.status: int | None = None  # answer everything with this status
         self.echo_auth = False  # error bodies quote the Authorization header (as some APIs do)
@@ -110,6 +111,7 @@ class JudgeServer(InThreadServer):
         with self.lock:
             self.requests.clear()
             self.auth.clear()
+            self.proxy.clear()
         self.throttle = None
         self.status = None
         self.echo_auth = False
@@ -122,6 +124,7 @@ class JudgeServer(InThreadServer):
             nth = self.requests[prompt]
             self.requests[prompt] += 1
             self.auth.append(auth)
+            self.proxy.append((request.headers.get("modal-key"), request.headers.get("modal-secret")))
         if self.status is not None:
             detail = f"rejected; header was {auth}" if self.echo_auth else "rejected"
             return JSONResponse({"error": {"message": detail}}, status_code=self.status)
@@ -471,3 +474,95 @@ def test_geval_repeat_takes_the_median(server: JudgeServer) -> None:
     assert not score.failed
     assert score.value == pytest.approx(0.8)  # judge said 2, 9, 8 out of 10: median 8
     assert "median of 3" in (score.reason or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# self-hosted judges and the eval function's batch (mlops/evals/fanout.py, functions/evaluate.py)
+
+
+def test_a_self_hosted_judge_has_no_endpoint_until_the_backend_gives_one() -> None:
+    client = JudgeClient(JudgeSpec(source="judge-model", model="ref"), name="ref")
+    with pytest.raises(JudgeError, match="self-hosted .*served on backend: modal") as e:
+        client.complete_sync(msgs("q"))
+    assert e.value.kind == "config" and client.calls == 0
+
+
+def test_the_eval_function_scores_a_batch_through_a_self_hosted_judge(
+    server: JudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`score_body`'s work: the judge's app URL from the payload, its vLLM key and the Proxy Auth
+    Token from the container's environment; per-case scores and judge counters back."""
+    from mlops.evals.fanout import batches, score_payload
+    from mlops.evals.types import Case, Output
+
+    env = {"MLOPS_VLLM_API_KEY": "vllm-k", "MLOPS_PROXY_TOKEN_ID": "wk-1", "MLOPS_PROXY_TOKEN_SECRET": "ws-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    judge = JudgeSpec(source="judge-model", model="judge-1", max_tokens=40)
+    payload = {
+        "metrics": [{"name": "deepeval.geval", "judge": "ref", "criteria": "The actual output equals the expected."}],
+        "judges": {"ref": {"spec": judge.model_dump(mode="json"), "url": server.url}},
+        "cases": [Case(id=str(i), input=f"q{i}", expected=f"a{i}") for i in range(3)],
+        "outputs": [Output(text="a0"), Output(text="a1 BADJSON"), Output(text="a2")],
+    }
+    out = score_payload(payload, env, startup_s=10)
+    scores = out["scores"]["deepeval.geval"]
+    assert [(v, f) for v, _, f in scores] == [(1.0, False), (0.0, True), (1.0, False)]
+    assert "JSON" in scores[1][1]  # a judge answer that does not parse: a failed case with its reason
+    assert set(server.auth) == {"Bearer vllm-k"} and set(server.proxy) == {("wk-1", "ws-1")}
+    assert out["judges"]["ref"]["calls"] == server.total >= 3
+    assert [len(r) for r in batches(9)] == [4, 4, 1] and batches(0) == []
+    assert len(batches(1000)) <= 32 and sum(map(len, batches(1000))) == 1000
+
+
+def test_fanned_out_scores_are_the_local_harness_result(server: JudgeServer) -> None:
+    """The same suite scored here and through the fan-out (each batch through `score_payload`,
+    the eval function's body, with a base_url judge) gives the same summary and rows; only heavy
+    metrics travel, and the judge's calls are counted on the runner's client."""
+    from mlops.evals.fanout import remote_metrics, score_payload
+    from mlops.evals.harness import score
+    from mlops.evals.metrics import build_metric
+    from mlops.evals.types import Case, Output
+
+    specs: list[Any] = [
+        "exact_match",
+        {"name": "deepeval.geval", "judge": "ref", "criteria": "The actual output equals the expected."},
+    ]
+    judge = spec(server)
+    cases = [Case(id=str(i), input=f"q{i}", expected=f"a{i}") for i in range(9)]
+    outputs = [Output(text=f"a{i}" if i % 3 else f"b{i} BADJSON") for i in range(9)]
+
+    def metrics() -> tuple[list[Any], dict[str, Any]]:
+        clients = {"ref": JudgeClient(judge, name="ref")}
+        return [build_metric(s, Path("."), clients) for s in specs], clients
+
+    local_metrics, _ = metrics()
+    want = score(local_metrics, cases, outputs)
+    sent: list[dict[str, Any]] = []
+
+    def run_map(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent.extend(inputs)
+        return [score_payload(x, {}) for x in inputs]
+
+    built, clients = metrics()
+    judges = {"ref": {"spec": judge.model_dump(mode="json")}}
+    server.reset()
+    got = score(remote_metrics(specs, built, judges, clients, run_map), cases, outputs)
+    assert got == want
+    assert [len(x["cases"]) for x in sent] == [4, 4, 1] and all(x["metrics"] == specs[1:] for x in sent)
+    assert clients["ref"].calls == server.total > 0  # counted for the cost report
+
+
+def test_the_eval_function_scores_embeddings_offline() -> None:
+    from mlops.evals.fanout import heavy, score_payload
+    from mlops.evals.types import Case, Output
+
+    assert heavy("ragas.semantic_similarity") and not heavy("ragas.chrf_score")
+    payload = {
+        "metrics": ["ragas.semantic_similarity"],
+        "judges": {},
+        "cases": [Case(id="1", input="q", expected="the cat sat on the mat")],
+        "outputs": [Output(text="the cat sat on the mat")],
+    }
+    [[value, _, failed]] = score_payload(payload, {})["scores"]["ragas.semantic_similarity"]
+    assert not failed and value > 0.99

@@ -56,6 +56,10 @@ class Recorder:
         self.calls.append(("remote", args))
         return {"ok": True}
 
+    def map(self, inputs: list[Any], order_outputs: bool = True) -> Iterator[Any]:
+        self.calls.append(("map", list(inputs), order_outputs))
+        return iter([{"n": x} for x in inputs])  # Modal yields results as they come: ordered here
+
     def get_web_url(self) -> str | None:
         return self.url
 
@@ -166,6 +170,9 @@ def test_sdk_objects_calls_and_names(sdk: Recorder) -> None:
     assert ("Volume.from_name", "acme-artifacts", env | {"create_if_missing": True}) in sdk.calls
     assert ("Function.from_name", "acme-train", "train", env) in sdk.calls
     assert ("with_options", {"gpu": "H100"}) in sdk.calls and ("remote", ({"job": 1}, b"data")) in sdk.calls
+    # the eval fan-out: Function.map over the batches, results in input order
+    assert api.map("acme-eval", "score", [1, 2, 3]) == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert ("Function.from_name", "acme-eval", "score", env) in sdk.calls and ("map", [1, 2, 3], True) in sdk.calls
 
 
 def test_sdk_errors_are_one_line_with_the_fix(sdk: Recorder) -> None:

@@ -141,10 +141,14 @@ def test_shifted_traffic_exits_3_naming_the_statistic(captured: Captured, tmp_pa
     root = tmp_path / "shifted"  # the same project and release, without the unshifted capture
     shutil.copytree(captured.root, root, ignore=shutil.ignore_patterns("monitor"))
     send(root, shifted_inputs(N, seed=2))
-    rc, rep, err = monitor(root)
+    # one run writes both reports (the nightly workflow's JSON for CT and markdown for the issue)
+    rc, rep, err = monitor(root, "--out", str(tmp_path / "drift.json"), "--markdown-out", str(tmp_path / "drift.md"))
     assert rc == 3
     assert {"prompt_length_psi", "prompt_length_ks", "char_js", "embedding_auc"} <= set(rep["drifted"])
     assert "drift: prompt_length_psi" in err
+    assert json.loads((tmp_path / "drift.json").read_text()) == rep
+    written = (tmp_path / "drift.md").read_text()
+    assert "**Verdict: DRIFT**" in written and f"{rep['requests']}" in written
     md = mlops("monitor", "--markdown", cwd=root, timeout=300)
     assert md.returncode == 3 and "**Verdict: DRIFT**" in md.stdout and "`prompt_length_psi`" in md.stdout
 

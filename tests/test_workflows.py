@@ -50,13 +50,14 @@ CLI: dict[str, set[str]] = {
     "run": {"--json"},
     "schema": set(),
     "report": {"--markdown", "--out", "--release"},
-    "monitor": {"--json", "--markdown", "--out", "--since"},
+    "monitor": {"--json", "--markdown", "--out", "--markdown-out", "--since"},
 }
 TRUSTED_ACTIONS = {  # name -> the SHA used (each corroborated, see the report)
     "actions/checkout": "08c6903cd8c0fde910a37f88322edcfb5dd907a8",
     "actions/setup-python": "e797f83bcb11b83ae66e0230d6156d7c80228e7c",
     "actions/github-script": "ed597411d8f924073f98dfc5c65a23a2325f34cd",
     "aws-actions/configure-aws-credentials": "00943011d9042930efac3dcd3a170e4273319bc8",
+    "actions/upload-artifact": "330a01c490aca151604b8cf639adc76d48f6c5d4",  # v5.0.0, tests/vendor/gha-actions
 }
 
 

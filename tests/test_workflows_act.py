@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,13 @@ def explain(res: actkit.ActResult) -> str:
     return f"exit {res.rc}; errors {res.errors()}\n{res.log[-4000:]}"
 
 
+def uploaded(res: actkit.ActResult, name: str) -> dict[str, bytes]:
+    """The files of artifact `name` as act's artifact server received them from upload-artifact."""
+    arts = res.artifacts()
+    assert name in arts, f"no artifact {name!r} reached act's artifact server (got {sorted(arts)}); {explain(res)}"
+    return arts[name]
+
+
 @pytest.fixture(scope="module")
 def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     s = Story(tmp_path_factory.mktemp("act"))
@@ -111,6 +119,12 @@ def test_first_push_promotes(story: Story) -> None:
     assert f"`{rel['production']}`" in res.summary.splitlines()[1], res.summary[:500]
     # the workflow's install step installed the repo under test (offline), and mlops ran from it
     assert res.step_ok("Install") and res.step_ok("mlops run")
+    # the run's JSON (eval summaries, gate verdicts) and the report, kept as the run's artifact
+    art = uploaded(res, "mlops-run")
+    assert sorted(art) == ["report.md", "run.json"]
+    run = json.loads(art["run.json"])
+    assert run["release"] == rel["production"] and run["evals"] and run["gates"], run
+    assert f"`{rel['production']}`" in art["report.md"].decode()
 
 
 def test_second_push_canaries_and_promotes(story: Story) -> None:
@@ -134,6 +148,9 @@ def test_regressed_push_is_rejected_and_goes_red(story: Story) -> None:
     assert rel["releases"][0]["status"] in ("rejected", "rolled_back")
     # the summary is about the rejected candidate, by name
     assert f"`{rel['releases'][0]['id']}`" in res.summary.splitlines()[1]
+    # a red run keeps its evidence too: the failed gates are in the uploaded run JSON
+    run = json.loads(uploaded(res, "mlops-run")["run.json"])
+    assert run["release"] == rel["releases"][0]["id"] and any(not g["passed"] for g in run["gates"]), run["gates"]
 
 
 def test_noop_push_reports_production(story: Story) -> None:
@@ -208,6 +225,11 @@ def test_pr_sticky_comment_created_then_updated(story: Story) -> None:
     own = story.releases(story.registry / "pr-7")
     assert len(own["releases"]) == 2 and own["production"] is None
     assert own["releases"][0]["id"] in c2["body"] and own["releases"][1]["id"] in c1["body"]
+    # the candidate, its eval results and the comment's report, as the run's artifact
+    art = uploaded(second, "mlops-pr-eval")
+    assert sorted(art) == ["eval.json", "report.md", "train.json"]
+    assert json.loads(art["train.json"])["release"] == own["releases"][0]["id"]
+    assert json.loads(art["eval.json"]) and c2["body"].startswith(art["report.md"].decode().rstrip())
     actkit.git(story.repo, "checkout", "-q", "main")
 
 
@@ -247,6 +269,65 @@ def test_superseded_pr_run_leaves_the_comment_alone(story: Story) -> None:
     assert [c["method"] for c in res.calls] == ["GET"], res.calls  # looked, wrote nothing
     assert comments(story, 9) == before
     actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_evals_only_pr_evaluates_production_under_its_gates(story: Story) -> None:
+    """A PR that changes only the gates (or eval suites) is not "no model change": production is
+    evaluated under the PR's gates, in the PR's own registry (production's only read), and reported."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-11", "main")
+    before = production_files(story.registry)
+    prod = story.releases()["production"]
+    gates = yaml.safe_load((story.repo / "mlops.yaml").read_text())["gates"]
+    gates[0]["min"] = 0.9  # a stricter bar than production's chrF (~0.18)
+    actkit.commit(story.repo, "pr 11: a stricter chrF gate", config={"gates": gates})
+    res = pr(story, "pr 11, gates only", 11)
+    assert res.rc != 0 and "**Gate failed** (exit 3)" in res.summary, explain(res)
+    [c] = comments(story, 11)
+    assert "No model change" not in c["body"] and "**Verdict: FAIL**" in c["body"] and f"`{prod}`" in c["body"]
+    assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in c["body"], c["body"][:1500]
+    commands = [p["argv"][1] for p in res.probes if p["argv"][0].endswith("/mlops") and len(p["argv"]) > 1]
+    assert "eval" in commands and "train" not in commands, commands
+    assert production_files(story.registry) == before
+    assert [r["id"] for r in story.releases(story.registry / "pr-11")["releases"]] == [prod]
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_sticky_comment_found_past_the_first_page(story: Story) -> None:
+    """GitHub lists comments a page at a time (the stand-in too): on a PR with 105 comments the
+    sticky one is the 106th, on page 2 at 100 a page; the next run updates it, never adds a second."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-12", "main")
+    story.act.seed_comments(12, 105)
+    actkit.commit(story.repo, "pr 12: docs", files={"docs/faq.md": "Questions.\n"})
+    first = pr(story, "pr 12, push 1", 12)
+    assert first.rc == 0, explain(first)
+    sha2 = actkit.commit(story.repo, "pr 12: more docs", files={"docs/faq.md": "Questions, answers.\n"})
+    second = pr(story, "pr 12, push 2", 12)
+    assert second.rc == 0, explain(second)
+    mine = [c for c in comments(story, 12) if c["body"].startswith(MARKER)]
+    assert len(mine) == 1 and f"head {sha2}" in mine[0]["body"] and len(comments(story, 12)) == 106
+    listed = [c["query"] for c in second.calls if c["method"] == "GET" and c["path"].endswith("/comments")]
+    assert any("page=2" in q for q in listed), listed  # the lookup followed the Link header
+    assert [c["method"] for c in second.calls if c["method"] != "GET"] == ["PATCH"], second.calls
+    actkit.git(story.repo, "checkout", "-q", "main")
+
+
+def test_the_stand_in_pages_like_github() -> None:
+    """The stand-in's own contract: 30 a page by default, at most 100, a Link header to the next."""
+    server = actkit.GitHubStandIn(
+        {"comments": [{"id": i, "issue": 1, "body": str(i)} for i in range(75)], "pulls": {}, "issues": []}
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"{server.url}/repos/acme/tiny/issues/1/comments"
+        r = httpx.get(url, timeout=10)
+        assert [c["id"] for c in r.json()] == list(range(30)) and 'rel="next"' in r.headers["link"]
+        nxt = r.headers["link"].split(">;")[0].lstrip("<")
+        assert [c["id"] for c in httpx.get(nxt, timeout=10).json()] == list(range(30, 60))
+        last = httpx.get(url, params={"per_page": 1000, "page": 1}, timeout=10)
+        assert len(last.json()) == 75 and "link" not in last.headers  # 100 a page at most: one page
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_fork_pr_gets_no_secrets_and_a_clear_verdict(story: Story) -> None:
@@ -402,6 +483,11 @@ def test_nightly_goes_red_when_production_breaks_an_absolute_gate(story: Story) 
     assert res.rc != 0
     assert "**Production fails a gate** (exit 3)" in res.summary, explain(res)
     assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in res.summary
+    # production's eval results and report, and the monitor's (no drift) report, as artifacts
+    art = uploaded(res, "mlops-nightly")
+    assert sorted(art) == ["drift.json", "drift.md", "nightly.json", "report.md"], sorted(art)
+    assert "❌ `heldout.ragas.chrf_score mean` >= 0.9" in art["report.md"].decode()
+    assert json.loads(art["drift.json"])["drifted"] == [] and json.loads(art["nightly.json"])
 
 
 def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story) -> None:
@@ -428,6 +514,9 @@ def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story) -> Non
         ("POST", "/repos/acme/tiny/issues"),
     ]
     assert all(c["auth"] for c in first.calls)
+    art = uploaded(first, "mlops-nightly")
+    assert json.loads(art["drift.json"])["drifted"] == report["drifted"]
+    assert issue["body"].startswith(art["drift.md"].decode().rstrip())  # one monitor run, both reports
 
     second = story.run("nightly, drift again", "workflow_dispatch", actkit.dispatch_event({}), "nightly.yml")
     assert second.rc == 0, explain(second)

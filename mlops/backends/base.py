@@ -76,6 +76,11 @@ class Server(_Role, ABC):
     def endpoint(self) -> str | None:
         return self._endpoint()
 
+    def remote_scoring(self) -> Any:
+        """None (metrics score on this machine), or `f(suite, metrics, judge_clients) -> metrics`
+        that swaps the heavy ones for ones scored elsewhere (Modal: functions/evaluate.py)."""
+        return None
+
     def client_key(self) -> str | None:
         """The bearer key this machine presents to the endpoint (evals, canary, smoke)."""
         from mlops.util import api_key_from_env

@@ -205,13 +205,22 @@ class ModalBackend(Backend):
             time.sleep(0.25)
         raise InfraError(f"the gateway did not pick up routing state v{version} in {LIVE_WAIT_S:.0f}s ({seen})")
 
+    def remote_scoring(self) -> Any:
+        """Self-hosted judges deployed (or stopped), heavy metrics mapped over `{app}-eval`."""
+        from mlops.backends.modal_eval import remote_scoring
+
+        return remote_scoring(self)
+
     def stop_unreferenced(self, state: State) -> list[str]:
         """Stop every release app the state no longer routes to or keeps (production, previous,
-        canary): with min_containers > 0 each would keep a GPU warm for nothing."""
+        canary): with min_containers > 0 each would keep a GPU warm for nothing; and every judge
+        app mlops.yaml no longer declares."""
         s = self.settings
         keep = {s.serve_app(r) for r in state.referenced()}
+        keep |= {s.judge_app(n) for n, j in self.cfg.judges.items() if j.self_hosted}
         prefix = s.serve_app("") + "-"
-        stopped = sorted(a for a in self.api.deployed() if a.startswith(prefix) and a not in keep)
+        judges = s.judge_app("") + "-"
+        stopped = sorted(a for a in self.api.deployed() if a.startswith((prefix, judges)) and a not in keep)
         for app in stopped:
             self.api.stop(app)
         return stopped

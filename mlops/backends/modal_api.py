@@ -51,6 +51,9 @@ class ModalAPI(Protocol):
 
     def call(self, app: str, function: str, *args: Any, options: Mapping[str, Any] | None = None) -> Any: ...
 
+    def map(self, app: str, function: str, inputs: Sequence[Any]) -> list[Any]:
+        """`Function.map(inputs)`: one call per input, run in parallel; results in input order."""
+
     def web_url(self, app: str, function: str) -> str | None: ...
 
 
@@ -182,6 +185,10 @@ class ModalSDK:
             if options:
                 fn = fn.with_options(**options)
             return fn.remote(*args)
+
+    def map(self, app: str, function: str, inputs: Sequence[Any]) -> list[Any]:
+        with modal_errors(f"map {app}/{function} on Modal", deploy=f"mlops deploy (or modal deploy) for {app}"):
+            return list(self._function(app, function).map(list(inputs), order_outputs=True))
 
     def failure(self, name: str) -> str | None:
         return None  # Modal keeps it in `modal app logs <name>`, which the timeout error names

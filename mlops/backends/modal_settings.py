@@ -5,6 +5,8 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
     {app}-train            functions/train.py    `train`: trains on a GPU, writes runs/<run>/ on the Volume
     {app}-gateway          functions/gateway.py  `gateway`: the stable HTTPS endpoint; routes by the state
     {app}-serve-<release>  functions/serve.py    `serve`: vLLM's OpenAI server for one release
+    {app}-judge-<name>     functions/serve.py    `serve` with MLOPS_JUDGE: a self-hosted judge's vLLM
+    {app}-eval             functions/evaluate.py `score`: heavy metrics (judges, embeddings) over case batches
     {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
                                       routing/state.json (the durable copy of the routing state)
     {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with
@@ -101,6 +103,14 @@ class ModalSettings:
 
     def serve_app(self, release_id: str) -> str:
         return modal_name(self.app, "serve", release_id) if release_id else modal_name(self.app, "serve")
+
+    def judge_app(self, judge: str) -> str:
+        """A self-hosted judge's vLLM app (functions/serve.py with MLOPS_JUDGE set)."""
+        return modal_name(self.app, "judge", judge) if judge else modal_name(self.app, "judge")
+
+    @property
+    def eval_app(self) -> str:
+        return modal_name(self.app, "eval")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from mlops.errors import InfraError
 
 DICT_TTL_S = 7 * 24 * 3600  # Modal drops a Dict entry after 7 days with no read or write
 STOP_WAIT_S = 10.0
+MAP_WORKERS = 2  # inputs of one `map` run at once (each a process; this machine has few cores)
 
 
 def free_port() -> int:
@@ -267,7 +268,20 @@ class TwinAPI:
         a = self._apps().get(app)
         return str(a["url"]) if a and a.get("web") == function else None
 
+    def map(self, app: str, function: str, inputs: Sequence[Any]) -> list[Any]:
+        """Modal runs each input in a container of its own, in parallel: here, a process each
+        (MAP_WORKERS at a time). Every input is one line in `calls.log`, what tests count."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._locked(), (self.root / "calls.log").open("a") as f:
+            f.write("".join(f"map {app}/{function}\n" for _ in inputs))
+        with ThreadPoolExecutor(max_workers=MAP_WORKERS) as pool:
+            return list(pool.map(lambda x: self._run_call(app, function, (x,), None), inputs))
+
     def call(self, app: str, function: str, *args: Any, options: Mapping[str, Any] | None = None) -> Any:
+        return self._run_call(app, function, args, options)
+
+    def _run_call(self, app: str, function: str, args: tuple[Any, ...], options: Mapping[str, Any] | None) -> Any:
         a = self._apps().get(app)
         if a is None or function not in a["functions"]:
             raise InfraError(f"{app}/{function}: not found on Modal (twin); run `modal deploy` for {app}")
@@ -291,7 +305,8 @@ class TwinAPI:
 
 def app_name(script: Path, settings: ModalSettings) -> str:
     """The app a `functions/<x>.py` defines, named as the module does (for `deploy` without --name)."""
-    return {"train": settings.train_app, "gateway": settings.gateway_app}.get(script.stem, settings.serve_app(""))
+    apps = {"train": settings.train_app, "gateway": settings.gateway_app, "evaluate": settings.eval_app}
+    return apps.get(script.stem, settings.serve_app(""))
 
 
 def twin_from_env() -> TwinAPI:

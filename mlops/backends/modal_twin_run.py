@@ -114,7 +114,7 @@ def _run(name: str) -> int:
     child: subprocess.Popen[str] | None = None
     if spec["web"] == "web_server":
         port = free_port()
-        command = standalone_command(mod, api.settings.prompt)
+        command = standalone_command(mod, getattr(mod, "PROMPT", api.settings.prompt))  # a judge's own prompt
         child = getattr(mod, fn + _BODY)(root=api.volume_dir, port=port, command=command)
         asgi = _proxy(f"http://127.0.0.1:{port}", check)
     else:

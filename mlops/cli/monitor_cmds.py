@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         markdown: Annotated[bool, typer.Option("--markdown", help="Print the markdown report (the default).")] = False,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report to a file.")] = None,
+        markdown_out: Annotated[
+            Path | None,
+            typer.Option("--markdown-out", help="Also write the markdown report here (with --json: both, one run)."),
+        ] = None,
     ) -> None:
         """Drift of captured traffic against the serving release's data; cost, SLOs, live quality.
 
@@ -73,6 +77,9 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             out.write_text(json.dumps(rep, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
+        if markdown_out is not None:  # one analysis for the machines' JSON and the humans' markdown
+            markdown_out.write_text(md, encoding="utf-8")
+            err.print(f"wrote {markdown_out}", markup=False)
         if json_:
             emit(rep, True)
         elif markdown or out is None:

@@ -263,20 +263,26 @@ def build_metrics(loaded: Loaded, suite: str, cache_dir: Path | None = None) -> 
     that use one judge share one JudgeClient (one concurrency limit, one set of counters) whose
     answers are cached under `cache_dir/judge`.
     """
-    ev = loaded.cfg.evals[suite]
     clients: dict[str, Any] = {}
     if loaded.cfg.judges:
         from mlops.evals.judges import JudgeClient
 
         judge_dir = cache_dir / "judge" if cache_dir is not None else None
         clients = {name: JudgeClient(j, judge_dir, name=name) for name, j in loaded.cfg.judges.items()}
-    metrics = []
+    metrics = [build_metric(spec, loaded.root, clients) for spec in metric_specs(loaded, suite)]
+    return metrics, clients
+
+
+def metric_specs(loaded: Loaded, suite: str) -> list[str | dict[str, Any]]:
+    """The suite's metric entries, judge-based ones with the suite's default judge filled in."""
+    ev = loaded.cfg.evals[suite]
+    specs: list[str | dict[str, Any]] = []
     for spec in ev.metrics:
         if ev.judge and metric_name(spec) in JUDGE_BASED:
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
             spec.setdefault("judge", ev.judge)
-        metrics.append(build_metric(spec, loaded.root, clients))
-    return metrics, clients
+        specs.append(spec)
+    return specs
 
 
 def _judge_cost(clients: dict[str, Any]) -> dict[str, Any]:
@@ -288,9 +294,17 @@ def _judge_cost(clients: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_suite(
-    loaded: Loaded, suite: str, release: str, base_url: str, cache_dir: Path | None, api_key: str | None = None
+    loaded: Loaded,
+    suite: str,
+    release: str,
+    base_url: str,
+    cache_dir: Path | None,
+    api_key: str | None = None,
+    remote: Any = None,
 ) -> EvalResult:
-    """Evaluate `release` (pinned through the endpoint) on one suite; return its result."""
+    """Evaluate `release` (pinned through the endpoint) on one suite; return its result.
+    `remote(suite, metrics, clients)` may swap metrics for ones scored elsewhere (the backend's
+    eval function: see mlops/evals/fanout.py)."""
     t0 = time.perf_counter()
     cfg = loaded.cfg
     ev = cfg.evals[suite]
@@ -303,6 +317,8 @@ def run_suite(
             f"models.{cfg.deploy.model}.prompt {model.prompt!r}: only {{input}} may be used ({e!r})"
         ) from e
     metrics, clients = build_metrics(loaded, suite, cache_dir)
+    if remote is not None:
+        metrics = remote(suite, metrics, clients)
     ep = Endpoint(base_url, release, model.prompt, model.max_tokens, ev.concurrency, ev.timeout, ev.retries, api_key)
     cache = DiskCache(cache_dir / "eval" if cache_dir is not None else None)
     outputs, counts = asyncio.run(query_all(ep, cases, cache))

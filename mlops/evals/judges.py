@@ -89,8 +89,17 @@ class _LoopState:
 class JudgeClient:
     """Calls one judge. Safe to share between metrics; state is kept per event loop."""
 
-    def __init__(self, spec: JudgeSpec, cache_dir: Path | None = None, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: JudgeSpec,
+        cache_dir: Path | None = None,
+        *,
+        name: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.spec = spec
+        # sent with every request: a self-hosted judge's app on Modal wants a Proxy Auth Token
+        self.headers = dict(headers or {})
         self.name = name or spec.model
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache = FileCache(self.cache_dir)
@@ -154,7 +163,8 @@ class JudgeClient:
         return text
 
     def request_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"model": self.spec.model, "messages": messages, "temperature": self.spec.temperature}
+        body = {"model": self.spec.model, "messages": messages, "temperature": self.spec.temperature}
+        return body | ({"max_tokens": self.spec.max_tokens} if self.spec.max_tokens else {})
 
     def cache_key(self, body: dict[str, Any], sample: int = 0) -> str:
         blob = json.dumps(
@@ -216,7 +226,12 @@ class JudgeClient:
 
     async def _call(self, st: _LoopState, body: dict[str, Any]) -> str:
         spec = self.spec
-        headers = {"Content-Type": "application/json"}
+        if not spec.base_url:  # a self-hosted judge: the Modal backend fills in its app's URL
+            raise JudgeError(
+                f"judge {self.name} is self-hosted (source: {spec.source}): it is served on backend: modal",
+                kind="config",
+            )
+        headers = {"Content-Type": "application/json", **self.headers}
         key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"

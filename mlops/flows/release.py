@@ -6,7 +6,7 @@ import contextlib
 
 from mlops.contracts import DeployOutcome, EvalOutcome, RollbackOutcome
 from mlops.errors import UsageError
-from mlops.flows.session import Session, resolve_release
+from mlops.flows.session import STAGE_REFS, Session, resolve_release
 from mlops.flows.stages import evaluate, gate, production_results, recover, roll_out
 
 
@@ -14,6 +14,7 @@ def eval_release(
     s: Session, ref: str, suites: list[str] | None = None, url: str | None = None, gates: bool = True
 ) -> EvalOutcome:
     """Evaluate a release through the endpoint (ours, or `url`), store the results, check gates."""
+    adopt_from_baseline(s, ref)
     rid = resolve_release(s, ref)
     for name in suites or []:
         if name not in s.loaded.cfg.evals:
@@ -36,6 +37,19 @@ def eval_release(
         gates=verdicts,
         cost={k: v.cost for k, v in results.items()},
     )
+
+
+def adopt_from_baseline(s: Session, ref: str) -> None:
+    """A release only the baseline registry holds (a pull request's own registry evaluating
+    production under the PR's new eval suites or gates) is copied into this registry first: it is
+    evaluated, stored and reported here, and production's registry is only read."""
+    if s.baseline is None or ref in STAGE_REFS or s.registry.manifest(ref) is not None:
+        return
+    manifest = s.baseline.manifest(ref)
+    if manifest is None:
+        return  # unknown in both: resolve_release names the release
+    s.say(f"{ref}: copied from {s.baseline.store.uri} (read only) to evaluate it here")
+    s.registry.publish(ref, s.baseline.artifact_dir(ref), {k: v for k, v in manifest.items() if k != "artifact"})
 
 
 def deploy_release(s: Session, ref: str) -> DeployOutcome:

@@ -96,9 +96,10 @@ def evaluate(
 
     s.registry.require(release)
     key = s.backend.client_key()
+    remote = s.backend.remote_scoring()  # Modal: heavy metrics fan out to functions/evaluate.py
     out: dict[str, EvalResult] = {}
     for suite in suites or list(s.loaded.cfg.evals):
-        res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key)
+        res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key, remote=remote)
         if store:
             s.registry.put_eval(release, suite, res)
         cost = res.cost
