@@ -129,7 +129,11 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, s.backend.client_key()) if prod else None
+                served = (
+                    _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
+                    if prod
+                    else None
+                )
                 return RunResult(
                     **common,
                     status="rejected",
@@ -143,7 +147,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, s.backend.client_key())
+                served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
                 return RunResult(
                     **common,
                     status="rolled_back",
@@ -157,7 +161,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
             wait_served(url, new.version)  # on S3 the endpoint re-reads the state on a timer
-            served = _smoke(url, cfg.deploy.model, s.backend.client_key())
+            served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
             msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")

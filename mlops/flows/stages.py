@@ -209,8 +209,9 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, key: str | None = None) -> str | None:
-    """One request through the production route (no pin): which release answered?"""
+def _smoke(url: str, model: str, key: str | None = None, timeout: float = 30.0) -> str | None:
+    """One request through the production route (no pin): which release answered? `timeout`:
+    deploy.server.request_timeout, what a warm server takes at most to answer (or refuse)."""
     import httpx
 
     from mlops.configmonitor import NOT_CAPTURED
@@ -220,7 +221,7 @@ def _smoke(url: str, model: str, key: str | None = None) -> str | None:
         r = httpx.post(
             f"{url}/v1/completions",
             json={"model": model, "prompt": "a", "max_tokens": 1},
-            timeout=30,
+            timeout=timeout,
             headers=headers,
             trust_env=False,
         )
