@@ -513,3 +513,56 @@ def test_the_eval_function_scores_a_batch_through_a_self_hosted_judge(
     assert out["judges"]["ref"]["calls"] == server.total >= 3
     assert [len(r) for r in batches(9)] == [4, 4, 1] and batches(0) == []
     assert len(batches(1000)) <= 32 and sum(map(len, batches(1000))) == 1000
+
+
+def test_fanned_out_scores_are_the_local_harness_result(server: JudgeServer) -> None:
+    """The same suite scored here and through the fan-out (each batch through `score_payload`,
+    the eval function's body, with a base_url judge) gives the same summary and rows; only heavy
+    metrics travel, and the judge's calls are counted on the runner's client."""
+    from mlops.evals.fanout import remote_metrics, score_payload
+    from mlops.evals.harness import score
+    from mlops.evals.metrics import build_metric
+    from mlops.evals.types import Case, Output
+
+    specs: list[Any] = [
+        "exact_match",
+        {"name": "deepeval.geval", "judge": "ref", "criteria": "The actual output equals the expected."},
+    ]
+    judge = spec(server)
+    cases = [Case(id=str(i), input=f"q{i}", expected=f"a{i}") for i in range(9)]
+    outputs = [Output(text=f"a{i}" if i % 3 else f"b{i} BADJSON") for i in range(9)]
+
+    def metrics() -> tuple[list[Any], dict[str, Any]]:
+        clients = {"ref": JudgeClient(judge, name="ref")}
+        return [build_metric(s, Path("."), clients) for s in specs], clients
+
+    local_metrics, _ = metrics()
+    want = score(local_metrics, cases, outputs)
+    sent: list[dict[str, Any]] = []
+
+    def run_map(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent.extend(inputs)
+        return [score_payload(x, {}) for x in inputs]
+
+    built, clients = metrics()
+    judges = {"ref": {"spec": judge.model_dump(mode="json")}}
+    server.reset()
+    got = score(remote_metrics(specs, built, judges, clients, run_map), cases, outputs)
+    assert got == want
+    assert [len(x["cases"]) for x in sent] == [4, 4, 1] and all(x["metrics"] == specs[1:] for x in sent)
+    assert clients["ref"].calls == server.total > 0  # counted for the cost report
+
+
+def test_the_eval_function_scores_embeddings_offline() -> None:
+    from mlops.evals.fanout import heavy, score_payload
+    from mlops.evals.types import Case, Output
+
+    assert heavy("ragas.semantic_similarity") and not heavy("ragas.chrf_score")
+    payload = {
+        "metrics": ["ragas.semantic_similarity"],
+        "judges": {},
+        "cases": [Case(id="1", input="q", expected="the cat sat on the mat")],
+        "outputs": [Output(text="the cat sat on the mat")],
+    }
+    [[value, _, failed]] = score_payload(payload, {})["scores"]["ragas.semantic_similarity"]
+    assert not failed and value > 0.99

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def test_a_judge_app_is_redeployed_when_its_model_changes_and_sources_are_checke
     from mlops.backends.modal import ModalBackend
     from mlops.backends.modal_eval import _model, sync_judges
     from mlops.config import load
-    from mlops.errors import ConfigError
+    from mlops.errors import ConfigError, InfraError
     from mlops.registry.releases import Registry, tree_sha256
     from mlops.registry.store import LocalStore
 
@@ -185,6 +186,22 @@ def test_a_judge_app_is_redeployed_when_its_model_changes_and_sources_are_checke
         sync_judges(backend)
         assert t.deploys() == [app, app]
         assert (staged / "model" / "model.safetensors").read_bytes() == b"weights v2"
+
+        # a judge that died at start fails the eval at once with its log, rather than after the
+        # eval function has waited out the start-up timeout (960 s) for its /health
+        from mlops.backends.modal_eval import remote_scoring
+        from mlops.evals.harness import build_metrics
+        from mlops.evals.types import Case, Output
+
+        deadline = time.monotonic() + 120
+        while backend.api.failure(app) is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # bounded: the stand-in server loads torch before it gives up
+        metrics, clients = build_metrics(backend.loaded, "heldout")
+        swapped = remote_scoring(backend)("heldout", metrics, clients)
+        t0 = time.monotonic()
+        with pytest.raises(InfraError, match=f"the judge app {app}: .*did not load"):
+            swapped[1].score_batch([Case("a", "abc", "cba")], [Output("cba")])
+        assert time.monotonic() - t0 < 120 and f"{APP}-eval" in t.apps()
     finally:
         twin("stop-all", env=t.env, cwd=t.root)
 

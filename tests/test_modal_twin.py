@@ -231,3 +231,39 @@ def test_the_gateway_captures_traffic_into_the_registry(tmp_path: Path) -> None:
     ] * 3
     m = tw.run("monitor", "--since", "1h")  # exit 0: the traffic is the eval data's
     assert m["release"] == a["release"] and m["requests"] == len(records) == m["statuses"]["200"], m
+
+
+@pytest.mark.timeout(900)  # two `mlops run`s and three cold starts: ~2 min quiet
+def test_production_scaled_to_zero_is_woken_before_the_smoke_request(tmp_path: Path) -> None:
+    """Modal stops an idle release's container (scale to zero) and a request then waits for a cold
+    start, minutes for vLLM: longer than the smoke request waits (deploy.server.request_timeout).
+    `mlops run` wakes production through the gateway first, so a rejected run still answers
+    which release serves (exit 3), rather than failing on a timeout (exit 4)."""
+    cold_s, smoke_s = 12, 4  # each container start takes 12 s more than the stand-in server's own
+    cfg = CFG | {
+        "deploy": {"rollout": {"steps": [100], "requests_per_step": 4}, "server": {"request_timeout": smoke_s}}
+    }
+    tw = setup_twin(tmp_path, cfg)
+    (tw.dir / "cold_start").write_text(str(cold_s))
+
+    def tasks(release: str) -> int:  # running containers, as `modal app list` shows them
+        return int((tw.dir / "apps" / f"{APP}-serve-{release}" / "tasks").read_text())
+
+    try:
+        a = tw.run("run")
+        assert a["status"] == "promoted" and a["served_by"] == a["release"]
+        assert tasks(a["release"]) == 1
+        # production idles past scaledown_window (300 s by default): age the twin's clock, and
+        # wait (bounded) until the twin has stopped its container
+        (tw.dir / "clock").write_text(str(301))
+        deadline = time.monotonic() + 60
+        while tasks(a["release"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tasks(a["release"]) == 0, "the idle production app was not scaled to zero"
+
+        bad = tw.run("run", "--set", "models.tiny.train.steps=1", code=3)
+        assert bad["status"] == "rejected" and bad["served_by"] == a["release"], bad
+        assert tasks(a["release"]) == 1  # woken, not redeployed
+        assert tw.deploys().count(f"{APP}-serve-{a['release']}") == 1
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)

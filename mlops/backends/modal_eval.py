@@ -100,15 +100,21 @@ def remote_scoring(backend: ModalBackend) -> Any:
     apps = sync_judges(backend)
     ready: list[bool] = []
 
+    def failed_judges() -> list[str]:
+        return [f"{a}: {f}" for a in apps.values() if (f := api.failure(a))]
+
     def run_map(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not ready:
             backend.ensure_current("evaluate.py", s.eval_app)
             ready.append(True)
+        dead = failed_judges()  # known already (the twin knows at once): fail now, not after the
+        if dead:  # eval function has waited out a judge's whole start-up timeout
+            raise InfraError(f"the judge app {dead[0]}")
         try:
             return list(api.map(s.eval_app, "score", inputs))
         except InfraError as e:
-            why = [f"{a}: {f}" for a in apps.values() if (f := api.failure(a))]
-            raise InfraError(f"{e.headline}{' (judge app failed: ' + why[0] + ')' if why else ''}") from e
+            dead = failed_judges()
+            raise InfraError(f"{e.headline}{' (judge app ' + dead[0] + ')' if dead else ''}") from e
 
     def swap(suite: str, metrics: list[Any], clients: dict[str, Any]) -> list[Any]:
         judges: dict[str, dict[str, Any]] = {}

@@ -109,16 +109,15 @@ def score_payload(
     payload: dict[str, Any], environ: Mapping[str, str] | None = None, startup_s: float = 960.0
 ) -> dict[str, Any]:
     """Score one batch: {"scores": {metric: [[value, reason, failed], ...]}, "judges": {name: stats}}."""
-    from mlops.evals.harness import score
+    # the harness's own per-metric scoring: a metric that raises fails only the cases it cannot score
+    from mlops.evals.harness import _score_metric
     from mlops.evals.metrics import build_metric
 
     env = os.environ if environ is None else environ
     clients = judge_clients(payload["judges"], env, startup_s)
     metrics = [build_metric(spec, Path.cwd(), clients) for spec in payload["metrics"]]
-    _, rows = score(metrics, list(payload["cases"]), list(payload["outputs"]))
-    scores = {
-        m.name: [[r["scores"][m.name], r["reasons"].get(m.name), m.name in r["failed"]] for r in rows] for m in metrics
-    }
+    cases, outputs = list(payload["cases"]), list(payload["outputs"])
+    scores = {m.name: [[s.value, s.reason, s.failed] for s in _score_metric(m, cases, outputs)] for m in metrics}
     return {"scores": scores, "judges": {n: c.stats() for n, c in clients.items()}}
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from mlops.registry import events
 from mlops.registry.damage import abandoned, parse
 from mlops.registry.lease import live, recover_routing
-from mlops.registry.releases import STATE_KEY, Registry, State, _dumps
+from mlops.registry.releases import STATE_KEY, Registry, State, _dumps, read_eval
 from mlops.util import now
 
 TMP_GRACE_S = 2.0  # a live small write holds its .tmp for milliseconds
@@ -55,6 +55,14 @@ def _doc(reg: Registry, key: str) -> tuple[bool, Any, str | None]:
         return False, None, None
     doc, why = parse(blob.data)
     return True, doc, why
+
+
+def _eval_damage(reg: Registry, key: str) -> str | None:
+    """Why a stored eval result cannot be read (unparsable, or not the EvalResult contract), or None."""
+    exists, doc, why = _doc(reg, key)
+    if not exists:
+        return None
+    return why or read_eval(doc)[1]
 
 
 def _valid_manifest(reg: Registry, rid: str) -> bool:
@@ -164,8 +172,8 @@ def examine(reg: Registry) -> list[Finding]:
             if exists and (why or not isinstance(doc, dict) or "event" not in doc):
                 found.append(Finding("damaged_event", key, why or "not an event", "move it aside (keep the others)"))
         for key in reg.store.list(f"{base}/evals"):
-            if key.endswith(".json") and _doc(reg, key)[2]:
-                found.append(Finding("damaged_eval", key, str(_doc(reg, key)[2]), "move it aside (re-run eval)"))
+            if key.endswith(".json") and (bad := _eval_damage(reg, key)):
+                found.append(Finding("damaged_eval", key, bad, "move it aside (re-run eval)"))
     exists, doc, why = _doc(reg, STATE_KEY)
     if exists and (why or not isinstance(doc, dict)):
         found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from mlops.contracts import EvalResult
 from mlops.errors import ConflictError, InfraError, IntegrityError, UsageError
 from mlops.registry import events
 from mlops.registry.damage import RegistryDamaged, loads, working
@@ -52,6 +55,16 @@ def _backoff(attempt: int) -> None:
 
 IndexEntries = list[dict[str, Any]]  # (a module-level name: inside Registry, `list` is the method)
 _index_entry = events.index_entry
+
+
+def read_eval(doc: Any) -> tuple[EvalResult | None, str | None]:
+    """(the stored eval result, None) or (None, why the document is not one): for `get_eval` and `mlops doctor`."""
+    try:
+        return EvalResult.model_validate(doc), None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        return None, f"not an eval result: {where}: {err['msg']}"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -211,12 +224,18 @@ class Registry:
         head = events.write(self.store, release_id, entry)
         events.appended(self.store, release_id, head, event, detail)
 
-    def put_eval(self, release_id: str, suite: str, result: dict[str, Any]) -> None:
-        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result))
+    def put_eval(self, release_id: str, suite: str, result: EvalResult) -> None:
+        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result.model_dump()))
 
-    def get_eval(self, release_id: str, suite: str) -> dict[str, Any] | None:
-        blob = self.store.get(f"releases/{release_id}/evals/{suite}.json")
-        return self._loads(blob.data, f"releases/{release_id}/evals/{suite}.json", dict) if blob else None
+    def get_eval(self, release_id: str, suite: str) -> EvalResult | None:
+        key = f"releases/{release_id}/evals/{suite}.json"
+        blob = self.store.get(key)
+        if blob is None:
+            return None
+        result, why = read_eval(self._loads(blob.data, key, dict))
+        if result is None:  # valid JSON, but not a result: damaged like a truncated file
+            raise RegistryDamaged(f"{self.store.uri}/{key}", str(why))
+        return result
 
     def release_ids(self, keys: Sequence[str] | None = None) -> list[str]:
         keys = self.store.list("releases") if keys is None else keys
