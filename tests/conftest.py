@@ -6,12 +6,14 @@ real servers on 127.0.0.1. Processes and servers a test starts are stopped by th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ import pytest
 import yaml
 
 from mlops.env import set_offline
+from mlops.testing import mlops_serve
+from mlops.util import free_port
+
+__all__ = ["free_port", "mlops_serve"]  # for the tests, with the fixtures below
 
 REPO = Path(__file__).resolve().parent.parent
 set_offline()
@@ -30,12 +36,6 @@ FAST_MODEL = {
     "arch": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
     "train": {"steps": 40, "batch_size": 32, "lr": 1.0e-2, "seed": 0, "warmup_steps": 5, "threads": 1},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -160,3 +160,131 @@ class InThreadServer:
             yield self
         finally:
             self.stop()
+
+
+S3_BUCKET = "mlops-test"  # in moto's server; a test keeps to its own prefix
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server) on 127.0.0.1 with `S3_BUCKET`; $MLOPS_S3_ENDPOINT_URL points
+    the S3 store at it. Yields its URL."""
+    import logging
+    import threading
+
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    with pytest.MonkeyPatch.context() as mp:
+        # Fake credentials, and no profile or config file that could point at a real account.
+        for var, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }.items():
+            mp.setenv(var, value)
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(var, raising=False)
+        # moto checks If-Match/If-None-Match and then writes without a lock, so two racing puts
+        # can both pass the check; real S3 decides atomically. Serialize moto's put handler (it
+        # runs in this process) so the race test exercises our retry loop, not a moto gap.
+        s3_responses = pytest.importorskip("moto.s3.responses")
+        put_object, put_lock = s3_responses.S3Response.put_object, threading.Lock()
+
+        def atomic_put_object(self: object) -> object:
+            with put_lock:
+                return put_object(self)
+
+        mp.setattr(s3_responses.S3Response, "put_object", atomic_put_object)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: a line per request
+        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            assert host == "127.0.0.1"
+            url = f"http://127.0.0.1:{port}"
+            mp.setenv("MLOPS_S3_ENDPOINT_URL", url)
+            boto3.session.Session().client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
+            yield url
+        finally:
+            server.stop()
+
+
+@dataclass
+class Served:
+    """The real server app (the one `mlops serve` runs) under uvicorn in this process."""
+
+    url: str
+    pool: Any  # mlops.serving.pool.ReleasePool
+    opts: Any  # mlops.serving.server.ServerOptions
+
+    def post(self, body: dict[str, Any] | None = None, **kw: Any) -> Any:
+        """A completion (the tiny example's defaults, updated with `body`); the httpx response."""
+        import httpx
+
+        body = {"model": "tiny", "prompt": "abc=", "max_tokens": 8} | (body or {})
+        return httpx.post(f"{self.url}/v1/completions", json=body, timeout=WAIT_S, **kw)
+
+
+@contextlib.contextmanager
+def serving(
+    root: Path,
+    sets: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    retain: float | None = None,
+    stale_after: float | None = None,
+) -> Iterator[Served]:
+    """The server of the project at `root` (with `--set` overrides `sets`) on a free 127.0.0.1
+    port, following its registry; stopped on exit. `env` is set while the config is read and the
+    pool built, as `mlops serve` reads it; `stale_after` shortens when /health says "stale"."""
+    from mlops.config import load
+    from mlops.pipeline import Session
+    from mlops.serving.runner import build, start_server
+    from mlops.serving.server import create_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
+        loaded = load(root / "mlops.yaml", list(sets))
+        pool, opts = build(loaded, Session.open(loaded).registry, retain=retain)
+    if stale_after is not None:
+        pool.stale_after = stale_after
+    pool.start()
+    try:
+        with start_server(create_app(pool, opts)) as url:
+            yield Served(url, pool, opts)
+    finally:
+        pool.close()
+
+
+WAIT_S = 30.0  # bound on a test's wait for a server-side effect (a loaded 2-core machine)
+
+
+def wait_for(cond: Callable[[], bool], what: str, bound: float = WAIT_S, poll: float = 0.01) -> None:
+    """Poll `cond` until it holds; fail the test naming `what` past `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+class Hold:
+    """Holds an engine's worker at its next prefill until released: a real blocked engine."""
+
+    def __init__(self, engine: Any) -> None:
+        import threading
+
+        self.engine, self.entered, self.go = engine, threading.Event(), threading.Event()
+        self._orig = engine._prefill
+
+        def held(reqs: Any) -> Any:
+            self.entered.set()
+            assert self.go.wait(WAIT_S), "test never released the engine"
+            return self._orig(reqs)
+
+        engine._prefill = held
+
+    def release(self) -> None:
+        self.engine._prefill = self._orig
+        self.go.set()

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_project, train_and_publish
-from test_rollout import Served, Zygote, consistent, served_by, serving, wait_for
+from conftest import Served, make_project, serving, train_and_publish, wait_for
+from test_rollout import Zygote, consistent, served_by
 
 from mlops.config import load
 from mlops.pipeline import Session

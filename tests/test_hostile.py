@@ -10,22 +10,22 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import conftest
 import httpx
 import pytest
-from conftest import Trained, free_port, mlops
+from conftest import Hold, Trained, free_port, mlops, wait_for
 
 from mlops.config import load
 from mlops.errors import UsageError
 from mlops.pipeline import Session
 from mlops.serving.engine import Engine
-from mlops.serving.runner import build, start_server
-from mlops.serving.server import ServerOptions, create_app
+from mlops.serving.runner import build
+from mlops.serving.server import ServerOptions
 
 WAIT_S = 30.0  # bound on every wait (a loaded 2-core machine)
 NORMAL = {"model": "tiny", "prompt": "abc=", "max_tokens": 8}
@@ -33,16 +33,10 @@ NORMAL = {"model": "tiny", "prompt": "abc=", "max_tokens": 8}
 
 @contextlib.contextmanager
 def serving(trained: Trained, *sets: str) -> Iterator[tuple[str, Engine, ServerOptions]]:
-    loaded = load(trained.root / "mlops.yaml", list(sets))
-    pool, opts = build(loaded, Session.open(loaded).registry)
-    pool.start()
-    try:
-        with start_server(create_app(pool, opts)) as url:
-            engine = pool.engine(trained.release)
-            assert engine is not None
-            yield url, engine, opts
-    finally:
-        pool.close()
+    with conftest.serving(trained.root, sets) as s:
+        engine = s.pool.engine(trained.release)
+        assert engine is not None
+        yield s.url, engine, s.opts
 
 
 @pytest.fixture(scope="module")
@@ -50,32 +44,6 @@ def server(trained: Trained) -> Iterator[tuple[str, Engine, ServerOptions]]:
     # one batch holds every request of the isolation test
     with serving(trained, "deploy.server.max_batch_size=64") as s:
         yield s
-
-
-def wait_for(cond: Callable[[], bool], what: str, bound: float = WAIT_S) -> None:
-    deadline = time.monotonic() + bound
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-class Hold:
-    """Holds the engine's worker at its next prefill until released (a real blocked engine)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.entered, self.go = engine, threading.Event(), threading.Event()
-        self._orig = engine._prefill
-
-        def held(reqs: Any) -> Any:
-            self.entered.set()
-            assert self.go.wait(WAIT_S), "test never released the engine"
-            return self._orig(reqs)
-
-        engine._prefill = held  # type: ignore[method-assign]
-
-    def release(self) -> None:
-        self.engine._prefill = self._orig  # type: ignore[method-assign]
-        self.go.set()
 
 
 def post(url: str, body: Any, **kw: Any) -> httpx.Response:

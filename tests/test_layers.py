@@ -55,6 +55,8 @@ RANK: dict[str, float] = {
     "rollout": 3.0,
     # parse, call one flow, print
     "cli": 4.0,
+    # `mlops serve` in a subprocess, for tests and benchmarks (nothing in mlops imports it)
+    "testing": 4.0,
 }
 
 

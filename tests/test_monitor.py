@@ -7,23 +7,17 @@ differently distributed strings -> exit 3 naming the drifted statistics.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
 import string
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, make_project, mlops, train_and_publish
+from conftest import make_project, mlops, mlops_serve, train_and_publish
 
 N = 120  # requests per phase: above monitor.min_requests (30), small enough for a loaded 2-core box
 TIMEOUT = 60.0
@@ -47,39 +41,6 @@ class Captured:
     root: Path
     release: str
     responses: list[dict[str, Any]]
-
-
-@contextlib.contextmanager
-def mlops_serve(root: Path) -> Iterator[str]:
-    """`mlops serve` in a subprocess, as a user runs it; stopped with SIGTERM, as a supervisor does."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"MLOPS_WANDB": "disabled"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            raise
 
 
 def send(root: Path, inputs: list[str]) -> list[dict[str, Any]]:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, make_project, mlops
+from conftest import make_project, mlops, mlops_serve
 
 
 @pytest.fixture(scope="module")
@@ -29,36 +26,8 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, di
 @pytest.fixture(scope="module")
 def server(example: tuple[Path, dict[str, object], float]) -> Iterator[str]:
     """`mlops serve` in the foreground of a subprocess, as a user runs it in a second shell."""
-    root = example[0]
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"MLOPS_WANDB": "disabled"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+    with mlops_serve(example[0]) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def served_by(url: str, n: int = 10) -> set[str]:

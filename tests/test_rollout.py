@@ -9,21 +9,20 @@ fault-injection hook (MLOPS_FAULT_RELEASE / MLOPS_FAULT_RATE, see mlops/serving/
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import make_project, mlops, train_and_publish
+from conftest import Served, make_project, mlops, serving, train_and_publish, wait_for
 
 from mlops.config import Loaded, load
 from mlops.pipeline import Session
@@ -31,19 +30,9 @@ from mlops.pipeline import run as run_pipeline
 from mlops.registry.releases import Registry, State
 from mlops.rollout import abort_canary, canary
 from mlops.serving.faults import Fault
-from mlops.serving.pool import ReleasePool
-from mlops.serving.runner import build, start_server
-from mlops.serving.server import ServerOptions, create_app
 
 H = "x-mlops-release"
 WAIT_S = 20.0
-
-
-@dataclass
-class Served:
-    url: str
-    pool: ReleasePool
-    opts: ServerOptions
 
 
 @dataclass
@@ -64,32 +53,6 @@ def quiet(msg: str) -> None:
 def prompts_of(loaded: Loaded) -> list[str]:
     rows = [json.loads(line) for line in (loaded.root / "evals" / "heldout.jsonl").read_text().splitlines()]
     return [loaded.cfg.models["tiny"].prompt.format(input=r["input"]) for r in rows[:40]]
-
-
-@contextlib.contextmanager
-def serving(root: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
-    """The real server for `root`, in a thread; the environment is read as `mlops serve` reads it."""
-    mp = pytest.MonkeyPatch()
-    for k, v in (env or {}).items():
-        mp.setenv(k, v)
-    try:
-        loaded = load(root / "mlops.yaml")
-        pool, opts = build(loaded, Session.open(loaded).registry)
-    finally:
-        mp.undo()
-    pool.start()
-    try:
-        with start_server(create_app(pool, opts)) as url:
-            yield Served(url, pool, opts)
-    finally:
-        pool.close()
-
-
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def served_by(url: str, n: int = 12, prompt: str = "abc=") -> list[str]:
@@ -133,7 +96,7 @@ def rp(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
 
 @pytest.fixture(scope="module")
 def server(rp: Rollout) -> Iterator[Served]:
-    with serving(rp.root, {"MLOPS_FAULT_RELEASE": rp.bad, "MLOPS_FAULT_RATE": "0.1"}) as s:
+    with serving(rp.root, env={"MLOPS_FAULT_RELEASE": rp.bad, "MLOPS_FAULT_RATE": "0.1"}) as s:
         assert s.opts.fault == Fault(rp.bad, 0.1)
         yield s
 

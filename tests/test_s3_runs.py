@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import S3_BUCKET as BUCKET
 from conftest import make_project
-from test_stores import BUCKET, moto_endpoint  # noqa: F401 - the real moto server fixture
 
 from mlops.config import load
 from mlops.pipeline import Session

@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import conftest
 import httpx
 import openai
 import pytest
-from conftest import make_project, mlops, train_and_publish
+from conftest import Hold, Served, make_project, mlops, train_and_publish, wait_for
 
 from mlops.config import load
 from mlops.errors import UsageError
 from mlops.pipeline import Session
 from mlops.registry.releases import Registry, State
-from mlops.serving.engine import Engine
-from mlops.serving.pool import ReleasePool
-from mlops.serving.runner import build, check_bind, start_server
-from mlops.serving.server import ServerOptions, create_app
+from mlops.serving.runner import check_bind
 
 H = "x-mlops-release"
 WAIT_S = 20.0  # bound on every wait for a condition (a loaded 2-core machine)
@@ -56,17 +54,6 @@ class Proj:
         return self.registry().update_state(change, reason="test reset", actor="test")
 
 
-@dataclass
-class Served:
-    url: str
-    pool: ReleasePool
-    opts: ServerOptions
-
-    def post(self, body: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
-        body = {"model": "tiny", "prompt": "abc=", "max_tokens": 8} | (body or {})
-        return httpx.post(f"{self.url}/v1/completions", json=body, timeout=WAIT_S, **kw)
-
-
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory: pytest.TempPathFactory) -> Proj:
     root = make_project(tmp_path_factory.mktemp("serve"))
@@ -78,48 +65,14 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Proj:
 @contextlib.contextmanager
 def serving(proj: Proj, sets: tuple[str, ...] = (), retain: float | None = None) -> Iterator[Served]:
     proj.reset()
-    loaded = load(proj.root / "mlops.yaml", list(sets))
-    pool, opts = build(loaded, Session.open(loaded).registry, retain=retain)
-    pool.start()
-    try:
-        with start_server(create_app(pool, opts)) as url:
-            yield Served(url, pool, opts)
-    finally:
-        pool.close()
+    with conftest.serving(proj.root, sets, retain=retain) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def server(proj: Proj) -> Iterator[Served]:
     with serving(proj) as s:
         yield s
-
-
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-class Hold:
-    """Holds an engine's worker at its next prefill until released: a real blocked engine."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.entered = threading.Event()
-        self.go = threading.Event()
-        self._orig = engine._prefill
-
-        def held(reqs: Any) -> Any:
-            self.entered.set()
-            assert self.go.wait(WAIT_S), "test never released the engine"
-            return self._orig(reqs)
-
-        engine._prefill = held  # type: ignore[method-assign]
-
-    def release(self) -> None:
-        self.engine._prefill = self._orig  # type: ignore[method-assign]
-        self.go.set()
 
 
 def in_background(fn: Callable[[], httpx.Response]) -> Callable[[], httpx.Response]:

@@ -7,57 +7,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import S3_BUCKET
 
 from mlops.errors import ConflictError, InfraError
 from mlops.registry.releases import Registry
 from mlops.registry.store import Blob, LocalStore, Store, open_store
 
-BUCKET = "mlops-test"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as mp:
-        # Fake credentials, and no profile or config file that could point at a real account.
-        for var, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
-            mp.setenv(var, value)
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        # moto checks If-Match/If-None-Match and then writes without a lock, so two racing puts
-        # can both pass the check; real S3 decides atomically. Serialize moto's put handler (it
-        # runs in this process) so the race test exercises our retry loop, not a moto gap.
-        s3_responses = pytest.importorskip("moto.s3.responses")
-        put_object, put_lock = s3_responses.S3Response.put_object, threading.Lock()
-
-        def atomic_put_object(self: object) -> object:
-            with put_lock:
-                return put_object(self)
-
-        mp.setattr(s3_responses.S3Response, "put_object", atomic_put_object)
-        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            assert host == "127.0.0.1"
-            url = f"http://127.0.0.1:{port}"
-            mp.setenv("MLOPS_S3_ENDPOINT_URL", url)
-            boto3.session.Session().client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-            yield url
-        finally:
-            server.stop()
+BUCKET = S3_BUCKET
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,74 +7,26 @@ process on free ports and every one is stopped by its test."""
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import httpx
-import pytest
-from conftest import Trained, make_project, mlops, train_and_publish
+from conftest import S3_BUCKET as BUCKET
+from conftest import Trained, make_project, mlops, train_and_publish, wait_for
 
-from mlops.config import load
-from mlops.pipeline import Session
 from mlops.serving.pool import ReleasePool
-from mlops.serving.runner import build, start_server
-from mlops.serving.server import create_app
 
 WAIT_S = 30.0  # bound on every wait (a loaded 2-core machine; the backoff is at most 5 s)
-BUCKET = "mlops-watch"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as mp:
-        # fake credentials, and no profile or config file that could point at a real account
-        for var, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
-            mp.setenv(var, value)
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: a line per request
-        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            url = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-            mp.setenv("MLOPS_S3_ENDPOINT_URL", url)
-            boto3.session.Session().client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-            yield url
-        finally:
-            server.stop()
 
 
 @contextlib.contextmanager
 def serving(root: Path) -> Iterator[tuple[str, ReleasePool]]:
-    loaded = load(root / "mlops.yaml")
-    pool, opts = build(loaded, Session.open(loaded).registry)
-    pool.stale_after = 3.0  # "stale" within the test (default 10 s), still above S3 re-reads (1 s)
-    pool.start()
-    try:
-        with start_server(create_app(pool, opts)) as url:
-            yield url, pool
-    finally:
-        pool.close()
-
-
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    # "stale" within the test (default 10 s), still above S3 re-reads (1 s)
+    with conftest.serving(root, stale_after=3.0) as s:
+        yield s.url, s.pool
 
 
 def health(url: str) -> dict[str, Any]:
@@ -89,14 +41,16 @@ def answered_by(url: str) -> str:
     return r.headers["x-mlops-release"]
 
 
-def test_s3_watcher_survives_an_unreadable_state_and_follows_a_later_rollback(moto_url: str, tmp_path: Path) -> None:
+def test_s3_watcher_survives_an_unreadable_state_and_follows_a_later_rollback(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
     import boto3
 
     prefix = f"w-{uuid.uuid4().hex[:8]}"
     root = make_project(tmp_path / "p", {"storage": f"s3://{BUCKET}/{prefix}"})
     a = train_and_publish(root, seed=0, steps=5)  # any weights will do: only who answers matters
     b = train_and_publish(root, seed=1, steps=5)  # production b, previous a
-    s3 = boto3.session.Session().client("s3", endpoint_url=moto_url)
+    s3 = boto3.session.Session().client("s3", endpoint_url=moto_endpoint)
     key = f"{prefix}/state.json"
     good = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     with serving(root) as (url, _):

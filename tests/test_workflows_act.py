@@ -16,11 +16,8 @@ variable -> test_main_without_shared_registry_*; 9 concurrency -> test_rollback_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import actkit  # noqa: E402
-from conftest import free_port, mlops  # noqa: E402
+from conftest import mlops, mlops_serve  # noqa: E402
 from test_monitor import example_inputs, shifted_inputs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -422,37 +419,10 @@ def serve_traffic(story: Story, inputs: list[str]) -> None:
     """Production traffic: `mlops serve` on the shared registry (capture on, as shipped) answers each
     input as the example's prompt; stopped with SIGTERM, so its capture is flushed to the registry."""
     before = captured(story)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port), "--set", f"storage={story.registry}"],
-        cwd=story.repo,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"MLOPS_WANDB": "disabled"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "mlops serve did not come up"
-            time.sleep(0.1)
-        with httpx.Client(timeout=60) as c:
-            for x in inputs:
-                r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"{x}=", "max_tokens": 16})
-                assert r.status_code == 200, r.text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            raise
+    with mlops_serve(story.repo, "--set", f"storage={story.registry}") as url, httpx.Client(timeout=60) as c:
+        for x in inputs:
+            r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"{x}=", "max_tokens": 16})
+            assert r.status_code == 200, r.text
     assert captured(story) == before + len(inputs)  # all flushed to the shared registry at SIGTERM
 
 
