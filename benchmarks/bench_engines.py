@@ -23,14 +23,10 @@ import argparse
 import asyncio
 import contextlib
 import os
-import random
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,15 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
-import yaml  # noqa: E402
+from _common import REPO, example_release, free_port, load_avg, prompts  # noqa: E402
 
-from mlops.config import load  # noqa: E402
-from mlops.pipeline import Session, train  # noqa: E402
-from mlops.rollout import promote  # noqa: E402
 from mlops.serving.vllm_argv import (  # noqa: E402
     VLLM_KEY_ENV,
     cpu_env,
@@ -59,29 +50,6 @@ from mlops.serving.vllm_argv import (  # noqa: E402
 
 MAX_TOKENS = 8
 STARTUP_S = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_project(root: Path, steps: int) -> Path:
-    shutil.copytree(REPO / "data", root / "data")
-    shutil.copytree(REPO / "evals", root / "evals")
-    cfg = yaml.safe_load((REPO / "mlops.yaml").read_text())
-    cfg["tracking"] = {"wandb": {"mode": "disabled"}}
-    cfg["models"]["tiny"]["train"].update({"steps": steps, "warmup_steps": min(10, steps)})
-    (root / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return root
-
-
-def prompts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(6, 10))) + "=" for _ in range(n)
-    ]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -154,12 +122,6 @@ def measure(name: str, ctx: contextlib.AbstractContextManager[float], url: str, 
     return {"startup": startup, "c1": c1, "c16": c16}
 
 
-def load_avg() -> str:
-    with contextlib.suppress(OSError):
-        return Path("/proc/loadavg").read_text().split()[0]
-    return "?"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="training steps of the release served")
@@ -167,13 +129,7 @@ def main() -> None:
     ap.add_argument("--no-direct", action="store_true", help="skip vLLM's own server without mlops in front")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    try:
-        root = make_project(tmp / "proj", args.steps)
-        loaded = load(root / "mlops.yaml")
-        s = Session.open(loaded)
-        rid = str(train(s, "tiny")["release"])
-        promote(s.backend, rid, reason="benchmark")
+    with example_release("bench-engines-", args.steps) as (root, s, rid, _):
         model_dir = Path(s.registry.artifact_dir(rid))
         bodies = prompts(args.requests)
         env = os.environ | {"MLOPS_WANDB": "disabled", "MLOPS_VLLM_PYTHON": vllm_python(REPO)}
@@ -185,7 +141,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             argv = [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)]
             argv += ["--set", f"deploy.engine={engine}"]
-            ctx = launched(argv, root, env, url, {}, "tiny", tmp / f"{engine}.log")
+            ctx = launched(argv, root, env, url, {}, "tiny", root.parent / f"{engine}.log")
             results[engine] = measure(engine, ctx, url, {}, "tiny", bodies)
 
         if not args.no_direct:
@@ -195,11 +151,9 @@ def main() -> None:
                                 python=vllm_python(REPO), extra=cpu_extra(32))  # fmt: skip
             venv = cpu_env(vllm_env(VLLM_KEY_ENV, env | {VLLM_KEY_ENV: key}))
             auth = {"Authorization": f"Bearer {key}"}
-            ctx = launched(argv, root, venv, url, auth, "tiny", tmp / "vllm-direct.log")
+            ctx = launched(argv, root, venv, url, auth, "tiny", root.parent / "vllm-direct.log")
             results["vllm direct"] = measure("vllm direct", ctx, url, auth, "tiny", bodies)
         print(f"load average at end: {load_avg()}", file=sys.stderr)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     b = results["builtin"]
     print(f"\n{args.requests} completions per level, up to {MAX_TOKENS} tokens, greedy; one httpx.AsyncClient\n")

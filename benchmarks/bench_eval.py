@@ -20,46 +20,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from mlops.env import set_offline  # noqa: E402
-
-set_offline()
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
-import yaml  # noqa: E402
+from _common import example_release  # noqa: E402
 
-from mlops.config import Loaded, load  # noqa: E402
 from mlops.evals.harness import Endpoint, load_cases, run_suite  # noqa: E402
-from mlops.pipeline import Session, train  # noqa: E402
-from mlops.rollout import promote  # noqa: E402
 from mlops.serving.runner import serve_in_thread  # noqa: E402
 
 SUITE = "heldout"
 
 
-def make_project(root: Path, n: int, steps: int) -> Loaded:
-    shutil.copytree(REPO / "data", root / "data")
-    shutil.copytree(REPO / "evals", root / "evals")
-    cfg = yaml.safe_load((REPO / "mlops.yaml").read_text())
-    cfg["tracking"] = {"wandb": {"mode": "disabled"}}
-    cfg["models"]["tiny"]["train"].update({"steps": steps, "warmup_steps": min(10, steps)})
-    cfg["evals"][SUITE]["metrics"] = ["exact_match", "latency"]
-    if n != 200:  # more (or fewer) cases: the shipped inputs again, under new ids
-        rows = [json.loads(x) for x in (root / "evals" / "heldout.jsonl").read_text().splitlines() if x.strip()]
-        out = [r | {"id": f"{r['id']}-{k // len(rows)}"} for k, r in ((k, rows[k % len(rows)]) for k in range(n))]
-        (root / "evals" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
-        cfg["datasets"][SUITE]["path"] = "evals/bench.jsonl"
-    (root / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return load(root / "mlops.yaml")
+def with_cases(n: int) -> Callable[[dict[str, Any], Path], None]:
+    """Edit the example's config to score exact match and latency on `n` cases of the heldout suite."""
+
+    def edit(cfg: dict[str, Any], root: Path) -> None:
+        cfg["evals"][SUITE]["metrics"] = ["exact_match", "latency"]
+        if n != 200:  # more (or fewer) cases: the shipped inputs again, under new ids
+            rows = [json.loads(x) for x in (root / "evals" / "heldout.jsonl").read_text().splitlines() if x.strip()]
+            out = [r | {"id": f"{r['id']}-{k // len(rows)}"} for k, r in ((k, rows[k % len(rows)]) for k in range(n))]
+            (root / "evals" / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+            cfg["datasets"][SUITE]["path"] = "evals/bench.jsonl"
+
+    return edit
 
 
 async def raw(url: str, bodies: list[dict[str, Any]], release: str, concurrency: int, timeout: float) -> list[str]:
@@ -85,14 +74,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="training steps of the example model")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    try:
-        loaded = make_project(tmp / "p", args.n, args.steps)
-        s = Session.open(loaded)
-        t0 = time.perf_counter()
-        rid = str(train(s, "tiny")["release"])
-        promote(s.backend, rid, reason="benchmark")
-        print(f"trained {rid} ({args.steps} steps, {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    with example_release("bench-eval-", args.steps, with_cases(args.n)) as (root, s, rid, took):
+        loaded = s.loaded
+        print(f"trained {rid} ({args.steps} steps, {took:.1f}s)", file=sys.stderr)
         ev = loaded.cfg.evals[SUITE]
         model = loaded.cfg.models["tiny"]
         cases = load_cases(loaded, SUITE)
@@ -102,7 +86,7 @@ def main() -> None:
             asyncio.run(raw(url, bodies, rid, ev.concurrency, ev.timeout))  # warm: load weights, JIT paths
             raw_s, harness_s, rerun_s = [], [], []
             for rep in range(args.reps):
-                cache = tmp / f"cache-{rep}"
+                cache = root.parent / f"cache-{rep}"
                 order = ("raw", "harness") if rep % 2 == 0 else ("harness", "raw")
                 for what in order:
                     t0 = time.perf_counter()
@@ -118,8 +102,6 @@ def main() -> None:
                 again = run_suite(loaded, SUITE, rid, url, cache)  # unchanged rerun: all from the cache
                 rerun_s.append(time.perf_counter() - t0)
                 assert again.cost.endpoint_calls == 0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     ratios = [h / r for h, r in zip(harness_s, raw_s, strict=True)]
     rerun_ratios = [r2 / h for r2, h in zip(rerun_s, harness_s, strict=True)]

@@ -25,20 +25,15 @@ import gc
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import RawConn, load_avg, make_project, mlops_serve, pct, prompts  # noqa: E402
-
-from mlops.config import load  # noqa: E402
-from mlops.pipeline import Session, train  # noqa: E402
-from mlops.rollout import promote  # noqa: E402
+from _common import example_release, load_avg, mlops_serve, pct, prompts  # noqa: E402
+from bench_serving import RawConn  # noqa: E402
 
 EVERY = 50  # one request in this many is hostile
 MAX_TOKENS = 8
@@ -114,14 +109,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=240, help="deadline for each phase")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
-    try:
-        root = make_project(tmp, args.steps)
-        s = Session.open(load(root / "mlops.yaml"))
-        t0 = time.perf_counter()
-        rid = str(train(s, "tiny")["release"])
-        promote(s.backend, rid, reason="bench")
-        print(f"trained {rid} ({args.steps} steps) in {time.perf_counter() - t0:.1f}s")
+    with example_release("bench-hostile-", args.steps) as (root, _, rid, took):
+        print(f"trained {rid} ({args.steps} steps) in {took:.1f}s")
         print(f"load average at start: {load_avg()} on {os.cpu_count()} cores; {args.clients} clients")
         gc.collect()
         gc.freeze()  # this process trained with torch: keep its collections out of the latencies
@@ -133,8 +122,6 @@ def main() -> None:
                 for name in ("clean", "hostile") if rep % 2 == 0 else ("hostile", "clean"):
                     deadline = time.monotonic() + args.max_seconds
                     runs[name].append(asyncio.run(phase(url, bodies, args.clients, name == "hostile", deadline)))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n| phase ({args.requests} normal requests, {args.clients} clients) | req/s | p50 ms | p99 ms | failed |")
     print("|---|---:|---:|---:|---:|")

@@ -29,18 +29,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import fixed_load, load_avg, make_project, mlops_serve, prompts  # noqa: E402
+from _common import example_release, load_avg, mlops_serve, prompts  # noqa: E402
+from bench_serving import fixed_load  # noqa: E402
 
-from mlops.config import load  # noqa: E402
 from mlops.monitor.capture import chunk_key  # noqa: E402
-from mlops.pipeline import Session, train  # noqa: E402
-from mlops.rollout import promote  # noqa: E402
 
 
 def overhead(root: Path, requests: int, reps: int, max_seconds: float) -> dict[str, list[float]]:
@@ -120,12 +117,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=240, help="deadline of each measured run")
     ap.add_argument("--skip-serving", action="store_true", help="only (ii)")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
-    try:
-        root = make_project(tmp, args.steps)
-        s = Session.open(load(root / "mlops.yaml"))
-        rid = str(train(s, "tiny")["release"])
-        promote(s.backend, rid, reason="bench")
+    with example_release("bench-monitor-", args.steps) as (root, _, rid, _):
         print(f"trained {rid}; load average {load_avg()} on {os.cpu_count()} cores")
         gc.collect()
         gc.freeze()
@@ -143,8 +135,6 @@ def main() -> None:
             f"(CPU {cpu:.1f} s), peak RSS {peak:.0f} MB   targets <= 10 s, <= 500 MB; verdict {rep['verdict']}"
         )
         print(f"load average at the end: {load_avg()}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,104 +29,27 @@ import contextlib
 import gc
 import json
 import os
-import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from mlops.env import set_offline  # noqa: E402
-
-set_offline()
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
-import yaml  # noqa: E402
+from _common import load_avg, make_project, mlops_serve, pct, prompts, train_release  # noqa: E402
 
 from mlops.config import load  # noqa: E402
-from mlops.pipeline import Session, train  # noqa: E402
+from mlops.pipeline import Session  # noqa: E402
 from mlops.registry.releases import Registry, State  # noqa: E402
-from mlops.rollout import promote  # noqa: E402
 
 H = "x-mlops-release"
 MAX_TOKENS = 8
 WARMUP = 300  # requests before the steady phase is measured (connections, first batches)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def make_project(root: Path, steps: int) -> Path:
-    shutil.copytree(REPO / "data", root / "data")
-    shutil.copytree(REPO / "evals", root / "evals")
-    cfg = yaml.safe_load((REPO / "mlops.yaml").read_text())
-    cfg["tracking"] = {"wandb": {"mode": "disabled"}}
-    cfg["models"]["tiny"]["train"].update({"steps": steps, "warmup_steps": min(10, steps)})
-    (root / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mlops_serve(root: Path, *sets: str) -> Iterator[str]:
-    """`mlops serve` in its own process on a free port; stopped (drained) on exit."""
-    port = free_port()
-    args = [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)]
-    for s in sets:
-        args += ["--set", s]
-    proc = subprocess.Popen(
-        args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=os.environ | {"MLOPS_WANDB": "disabled"},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"mlops serve exited: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("loaded"):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("mlops serve did not come up in 120 s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def prompts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(6, 10))) + "=" for _ in range(n)
-    ]
 
 
 # --------------------------------------------------------------------------- clients
@@ -327,13 +250,6 @@ async def flips_under_load(
 # --------------------------------------------------------------------------- main
 
 
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="training steps per release (brief)")
@@ -352,15 +268,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         root = make_project(tmp, args.steps)
-        loaded = load(root / "mlops.yaml")
-        s = Session.open(loaded)
-        t0 = time.perf_counter()
-        a = str(train(s, "tiny")["release"])
-        promote(s.backend, a, reason="bench")
-        s = Session.open(load(root / "mlops.yaml", ["models.tiny.train.seed=1"]))
-        b = str(train(s, "tiny")["release"])
-        promote(s.backend, b, reason="bench")  # production b, previous a: both preloaded
-        print(f"trained {a} and {b} ({args.steps} steps each) in {time.perf_counter() - t0:.1f}s")
+        _, a, ta = train_release(root)
+        _, b, tb = train_release(root, ["models.tiny.train.seed=1"])  # production b, previous a: both preloaded
+        print(f"trained {a} and {b} ({args.steps} steps each) in {ta + tb:.1f}s")
         print(f"load average at start: {load_avg()} on {os.cpu_count()} cores; client: {CLIENT}")
         # this process trained with torch: freeze those objects so that the load generator's own
         # garbage collections do not show up as server latency (the server does the same)

@@ -6,13 +6,9 @@ Load order: safe YAML (lines recorded) -> `${VAR}` from the environment -> `--se
 pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metrics, backend).
 """
 
-from __future__ import annotations
-
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import (
     BaseModel,
@@ -43,7 +39,7 @@ class WandbCfg(Strict):
 
 
 class TrackingCfg(Strict):
-    wandb: WandbCfg = WandbCfg()
+    wandb: WandbCfg = WandbCfg.model_construct()
 
 
 # monitor (issue 10): data checks + drift, in mlops/configmonitor.py
@@ -53,7 +49,7 @@ class DatasetCfg(Strict):
     path: str = Field(description="JSONL file, relative to mlops.yaml.")
     input_field: str = "input"
     target_field: str = "expected"
-    checks: DataChecksCfg = DataChecksCfg()
+    checks: DataChecksCfg = DataChecksCfg.model_construct()
 
 
 # training (issue 12): precision, accumulation, checkpoints, in mlops/configtrain.py
@@ -98,10 +94,10 @@ class ModelCfg(Strict):
     dataset: str = Field(description="Name of a dataset under `datasets`.")
     prompt: str = Field("{input}", description="How a case's input becomes the prompt, e.g. '{input}='.")
     max_tokens: int = Field(32, ge=1, description="Completion budget when evaluating this model.")
-    train: TrainCfg = TrainCfg()
-    arch: ArchCfg = ArchCfg()
-    lora: LoraCfg = LoraCfg()
-    resources: ResourcesCfg = ResourcesCfg()
+    train: TrainCfg = TrainCfg.model_construct()
+    arch: ArchCfg = ArchCfg.model_construct()
+    lora: LoraCfg = LoraCfg.model_construct()
+    resources: ResourcesCfg = ResourcesCfg.model_construct()
 
 
 MetricEntry = Union[str, dict[str, Any]]  # noqa: UP007 - pydantic json schema reads it better
@@ -128,7 +124,7 @@ class GateCfg(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
     @model_validator(mode="after")
-    def _some_bound(self) -> GateCfg:
+    def _some_bound(self) -> Self:
         if self.min is None and self.max is None and self.max_regression is None:
             raise ValueError("a gate needs at least one of min, max, max_regression")
         return self
@@ -158,7 +154,7 @@ class RolloutCfg(Strict):
     )
 
     @model_validator(mode="after")
-    def _increasing(self) -> RolloutCfg:
+    def _increasing(self) -> Self:
         if self.steps != sorted(set(self.steps)) or self.steps[-1] != 100:
             raise ValueError("rollout.steps must increase strictly and end at 100")
         return self
@@ -182,9 +178,9 @@ class DeployCfg(Strict):
         "or vllm (vLLM's OpenAI server as a child process; `make install-vllm`).",
         json_schema_extra={"enum": list(plugins.ENGINES)},
     )
-    resources: ResourcesCfg = ResourcesCfg(gpu="L4")
-    rollout: RolloutCfg = RolloutCfg()
-    server: ServerCfg = ServerCfg()
+    resources: ResourcesCfg = ResourcesCfg.model_construct(gpu="L4")
+    rollout: RolloutCfg = RolloutCfg.model_construct()
+    server: ServerCfg = ServerCfg.model_construct()
 
 
 class JudgeCfg(Strict):
@@ -252,22 +248,24 @@ class Config(Strict):
         description="A registry read (never written) for production's results to compare with: a pull "
         "request's candidate lives in its own storage and is gated against this one's production.",
     )
-    tracking: TrackingCfg = TrackingCfg()
+    tracking: TrackingCfg = TrackingCfg.model_construct()
     datasets: dict[str, DatasetCfg]
     models: dict[str, ModelCfg] = Field(min_length=1)
     evals: dict[str, EvalCfg] = {}
     gates: list[GateCfg] = []
     judges: dict[str, JudgeCfg] = {}
     deploy: DeployCfg
-    modal: ModalCfg = ModalCfg()
-    monitor: MonitorCfg = MonitorCfg()
-    prices: PricesCfg = PricesCfg()
+    modal: ModalCfg = ModalCfg.model_construct()
+    monitor: MonitorCfg = MonitorCfg.model_construct()
+    prices: PricesCfg = PricesCfg.model_construct()
 
 
 class Loaded(BaseModel):
     """A validated config plus where it came from."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    # Built by `load` from a validated Config (model_construct: nothing left to check), so its own
+    # validator, which would hold a second copy of Config's, is never built (measured: bench_startup).
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, defer_build=True)
 
     cfg: Config
     path: Path
@@ -301,7 +299,7 @@ def load(path: str | Path = "mlops.yaml", overrides: Sequence[str] = (), check_f
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise pydantic_error(Config, e, src, lines, overridden) from None
-    loaded = Loaded(cfg=cfg, path=p.resolve(), raw=data)
+    loaded = Loaded.model_construct(cfg=cfg, path=p.resolve(), raw=data)
     _check_references(loaded, src, lines, overridden, check_files)
     return loaded
 
@@ -385,6 +383,9 @@ def config_hash(obj: Any) -> str:
     """sha256 of the canonical JSON of a config section: what the plan compares between runs."""
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json")
+    import hashlib
+    import json  # here, not at import: `validate` needs neither
+
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

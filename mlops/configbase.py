@@ -1,7 +1,5 @@
 """What every section of mlops.yaml's schema shares: strict frozen models and durations."""
 
-from __future__ import annotations
-
 import re
 from typing import Annotated, Any
 
@@ -26,5 +24,9 @@ Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
 
 class Strict(BaseModel):
     # defer_build: a model is built on first use, so `validate` builds one validator (Config, with
-    # the others inside it) instead of one per class at import (measured: benchmarks/bench_startup.py)
+    # the others inside it) instead of one per class at import (measured: benchmarks/bench_startup.py).
+    # A section's default is therefore `XCfg.model_construct()`, not `XCfg()`: calling the class at
+    # import would build its validator there (14 of them), and its defaults need no validating.
+    # The schema modules (config*.py) also leave out `from __future__ import annotations`: pydantic
+    # would compile each of their ~150 annotation strings back into objects at import.
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)

@@ -1,7 +1,5 @@
 """mlops.yaml's `monitor:` section and the per-dataset `checks:` (issue 10): data checks and drift."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import Field
@@ -62,4 +60,4 @@ class MonitorCfg(Strict):
     eval: str | None = Field(None, description="Suite whose metrics score labelled traffic (default: the first).")
     cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price of 1k tokens, for cost per 1k requests.")
     on_drift: Literal["report", "retrain"] = Field("report", description="What the nightly workflow does on drift.")
-    thresholds: MonitorThresholds = MonitorThresholds()
+    thresholds: MonitorThresholds = MonitorThresholds.model_construct()

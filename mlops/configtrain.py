@@ -1,7 +1,5 @@
 """mlops.yaml's `models.<name>.train:` and `prices:` (issue 12): precision, accumulation, checkpoints."""
 
-from __future__ import annotations
-
 import re
 from typing import Annotated, Any, Literal
 

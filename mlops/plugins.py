@@ -7,7 +7,6 @@ store, an engine or a metric family is one new module plus one line here.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any
 
@@ -65,6 +64,8 @@ _TABLES: dict[str, dict[str, str]] = {
 def did_you_mean(name: str, valid: Any) -> str:
     """`(did you mean 'modal'? valid: local, modal)`: the hint every unknown name gets."""
     names = sorted(str(v) for v in valid)
+    import difflib  # only on a miss: `validate` of a good config never needs it
+
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"({hint}valid: {', '.join(names)})" if names else ""

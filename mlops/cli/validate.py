@@ -6,7 +6,6 @@ app handles the command as before: the fast path can only answer what it fully u
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import types
@@ -88,5 +87,10 @@ def fast_validate(argv: list[str]) -> int | None:
 
     set_offline()
     info, human = summary(config, load(config, sets, check_files=True))
-    sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n" if json_ else human + "\n")
+    if json_:
+        import json  # not at import: only --json prints JSON (every module counts here)
+
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(human + "\n")
     return 0
