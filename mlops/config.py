@@ -221,7 +221,7 @@ class JudgeCfg(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_endpoint(self) -> JudgeCfg:
+    def _one_endpoint(self) -> Self:
         if (self.base_url is None) == (self.source is None):
             raise ValueError("a judge needs exactly one of base_url (an endpoint) or source (a model to serve)")
         if self.gpu is not None and self.source is None:
