@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Served, make_project, serving, train_and_publish, wait_for
-from test_rollout import Zygote, consistent, served_by
+from conftest import Served, make_project, wait_for
+from test_rollout import Zygote, consistent, killable, served_by
 
 from mlops.config import load
 from mlops.pipeline import Session
@@ -32,14 +32,8 @@ ROUNDS = 5
 
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Served, Zygote]]:
-    root = make_project(tmp_path_factory.mktemp("crash"), CRASH)
-    zygote = Zygote()
-    try:
-        train_and_publish(root, seed=0)
-        with serving(root) as s:  # follows the registry, as `mlops serve` would
-            yield root, s, zygote
-    finally:
-        zygote.close()
+    with killable(make_project(tmp_path_factory.mktemp("crash"), CRASH)) as k:
+        yield k
 
 
 def orphans(root: Path) -> list[str]:

@@ -9,6 +9,7 @@ fault-injection hook (MLOPS_FAULT_RELEASE / MLOPS_FAULT_RATE, see mlops/serving/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -305,16 +306,23 @@ class Zygote:
             self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def kp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Served, Zygote]]:
-    root = make_project(tmp_path_factory.mktemp("kill"), KILL)
+@contextlib.contextmanager
+def killable(root: Path) -> Iterator[tuple[Path, Served, Zygote]]:
+    """`root` with one release in production, a server that follows the registry (as `mlops serve`
+    would), and a zygote that forks the pipeline runs a test kills."""
     zygote = Zygote()
     try:
         train_and_publish(root, seed=0)
-        with serving(root) as s:  # a server that follows the registry, as `mlops serve` would
+        with serving(root) as s:
             yield root, s, zygote
     finally:
         zygote.close()
+
+
+@pytest.fixture(scope="module")
+def kp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Served, Zygote]]:
+    with killable(make_project(tmp_path_factory.mktemp("kill"), KILL)) as k:
+        yield k
 
 
 @pytest.mark.parametrize("boundary", BOUNDARIES)
