@@ -126,7 +126,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
                 s.backend.set_state(lambda st: _clear_candidate(st, release), reason="gates failed")
-                s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
+                s.backend.record(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
                 served = (

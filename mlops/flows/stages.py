@@ -110,7 +110,7 @@ def evaluate(
         )
         out[suite] = res
     if store:
-        s.registry.append_event(
+        s.backend.record(
             release,
             "evaluated",
             suites=list(out),
@@ -155,7 +155,7 @@ def gate(
     verdicts = check_gates(s.loaded.cfg.gates, results, production)
     passed = all(g.passed for g in verdicts)
     event = "gates_passed" if passed else "gates_failed"
-    s.registry.append_event(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
+    s.backend.record(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
     for g in verdicts:
         s.say(f"gate {'pass' if g.passed else 'FAIL'}: {g.name} {g.threshold}: {g.reason}")
     return verdicts
@@ -196,7 +196,7 @@ def roll_out(
     why = "; ".join(steps[-1].reasons)
     back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
     wait_served(url, back.version)  # so the smoke check that follows sees production answer
-    s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
+    s.backend.record(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)
     return verdicts, msg

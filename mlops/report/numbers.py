@@ -198,10 +198,10 @@ def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float 
 def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each gated statistic over the last releases up to this one, oldest first, from history
     events (small), never from result files (which can be large)."""
-    manifests = reg.list()  # newest first, with history
-    ids = [m["id"] for m in manifests]
+    ids = [m["id"] for m in reg.list()]  # newest first, from the index
     start = ids.index(release) if release in ids else 0
-    window = list(reversed(manifests[start : start + TREND_RELEASES]))
+    # only the charted releases' histories are read, not every release's
+    window = [{"id": rid, "history": reg.history(rid)} for rid in reversed(ids[start : start + TREND_RELEASES])]
     st, _ = reg.read_state()
     prod = st.stages.get("production")
     out = []
