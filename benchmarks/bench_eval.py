@@ -113,11 +113,11 @@ def main() -> None:
                     else:
                         res = run_suite(loaded, SUITE, rid, url, cache)
                         harness_s.append(time.perf_counter() - t0)
-                        assert res["cost"]["endpoint_calls"] == len(cases) and res["cost"]["errors"] == 0
+                        assert res.cost.endpoint_calls == len(cases) and res.cost.errors == 0
                 t0 = time.perf_counter()
                 again = run_suite(loaded, SUITE, rid, url, cache)  # unchanged rerun: all from the cache
                 rerun_s.append(time.perf_counter() - t0)
-                assert again["cost"]["endpoint_calls"] == 0
+                assert again.cost.endpoint_calls == 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -73,7 +73,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 production=mp.existing,
                 previous=state.stages.get("previous"),
                 message=msg,
-                evals={k: v["metrics"] for k, v in stored.items() if v},
+                evals={k: v.metrics for k, v in stored.items() if v},
                 timings=t,
             )
 
@@ -102,7 +102,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 results = evaluate(s, release, url)
                 prod, prod_results = production_results(s, url)
             for suite, r in results.items():
-                tracker.log({f"eval/{suite}/{m}": v["mean"] for m, v in r["metrics"].items()})
+                tracker.log({f"eval/{suite}/{m}": v for m, v in r.means().items()})
             mark("evaluated")
             if prod == release:
                 msg = f"{release} is already production; re-evaluated it"
@@ -114,19 +114,19 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                     production=prod,
                     trained=tr["trained"],
                     message=msg,
-                    evals={k: v["metrics"] for k, v in results.items()},
+                    evals={k: v.metrics for k, v in results.items()},
                     endpoint=url,
                     timings=t,
                 )
             gates = gate(s, release, results, prod_results)
-            summary = {k: v["metrics"] for k, v in results.items()}
+            summary = {k: v.metrics for k, v in results.items()}
             # what every outcome from here on reports alongside its status
             common = {"release": release, "trained": tr["trained"], "evals": summary, "gates": gates, "endpoint": url}
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
                 s.backend.set_state(lambda st: _clear_candidate(st, release), reason="gates failed")
-                s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
+                s.backend.record(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
                 served = (
