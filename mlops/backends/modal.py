@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -121,7 +121,7 @@ class ModalBackend(Backend):
         self.ensure_current("train.py", s.train_app)
         # The dataset travels with the call (Modal moves large arguments as blobs); the container
         # has no copy of the repository.
-        out = self.api.call(s.train_app, "train", asdict(job), dataset.read_bytes(), run_id, options=options)
+        out = self.api.call(s.train_app, "train", job.model_dump(), dataset.read_bytes(), run_id, options=options)
         remote = _Remote.parse(out)
         self._download(remote, Path(job.out_dir))
         if progress is not None:
