@@ -1,4 +1,4 @@
-"""Small helpers every layer may use: a percentile, a timestamp, an environment lookup."""
+"""Small helpers every layer may use: a percentile, a timestamp, an environment lookup, a free port."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def api_key_from_env(name: str | None) -> str | None:
         state = "empty" if name in os.environ else "not set"
         raise UsageError(f"deploy.server.api_key_env names {name}, but {name} is {state}: set it (or drop api_key_env)")
     return key
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -27,7 +27,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +97,7 @@ class State:
     lease: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "stages": self.stages,
-            "routing": self.routing,
-            "shadow": self.shadow,
-            "updated_at": self.updated_at,
-            "reason": self.reason,
-            "actor": self.actor,
-            "lease": self.lease,
-        }
+        return asdict(self)
 
     def live_routing(self, at: float | None = None) -> dict[str, int]:
         """The routing to serve now. Weights written under a lease whose holder stopped renewing it

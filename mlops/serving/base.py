@@ -10,16 +10,21 @@ gauges; how tokens are made is the engine's business. Two implementations, chose
 An engine delivers each text piece to `req.sink` as it is made, then `None`; or, when the caller
 set `req.on_done` instead, calls it once at the end. Errors go in `req.error`, never raised from
 the engine's own threads. Adding an engine: one module with a class that fits `Engine` and is
-built by `EngineFactory`, plus one line in `mlops.plugins.ENGINES`.
+built by `EngineFactory` (subclassing `QueuedEngine` gives it the checks, the queue and
+draining), plus one line in `mlops.plugins.ENGINES`.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from mlops.serving.genrequest import GenRequest
+from mlops.errors import InfraError
+from mlops.serving.genrequest import EngineClosed, GenRequest, Overloaded, check_request
 
 
 class Engine(Protocol):
@@ -61,3 +66,112 @@ class EngineFactory(Protocol):
     def __call__(
         self, model_dir: str | Path, max_batch_size: int = ..., max_queue: int = ..., threads: int | None = ...
     ) -> Engine: ...
+
+
+class QueuedEngine:
+    """The front both engines share (as SkyPilot's base wraps `_provision`): the 400 checks, a
+    bounded queue, streaming a request's pieces, draining. A subclass sets the attributes below in
+    its `__init__`, keeps `_active` (requests taken off the queue and not finished), and implements
+    generation and `close`."""
+
+    tok: Any  # a tokenizers.Tokenizer
+    max_positions: int
+    max_batch_size: int
+    # An upper bound on the text one token stands for (a vocabulary entry is never shorter than
+    # what it decodes to): a prompt longer than context * this many characters cannot fit, and is
+    # refused without tokenizing it (tokenizing a 1 MB prompt took seconds, holding the GIL).
+    max_token_chars: int
+    _queue: queue.Queue[GenRequest]
+    _stop: threading.Event
+    _active: int
+
+    def _open_front(self, tok: Any, max_positions: int, max_batch_size: int, max_queue: int) -> None:
+        """Set the shared state; a subclass calls it from `__init__` once its tokenizer is loaded."""
+        self.tok = tok
+        self.max_positions = max_positions
+        self.max_token_chars = max([1, *map(len, tok.get_vocab(with_added_tokens=True))])
+        self.max_batch_size = max_batch_size
+        self._queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._active = 0
+        # counters for /metrics and the benchmark
+        self.steps = 0
+        self.step_rows = 0  # sum of batch sizes over decode steps
+        self.prefills = 0
+        self.requests_done = 0
+
+    def check(self, req: GenRequest) -> None:
+        """Raise BadRequest unless `req` can be served alone; tokenizes its prompt once. Anything
+        that could fail inside a batch is checked here, so one request never fails its batch."""
+        check_request(req, self.tok, self.max_positions, self.max_token_chars)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Queue `req`; raise BadRequest when it cannot be served (see `check`), Overloaded when the
+        queue is full, EngineClosed when draining."""
+        if req.sink is None and req.on_done is None:
+            req.sink = req.tokens.put
+        if self._stop.is_set():
+            raise EngineClosed("engine is draining")
+        if req.prompt_ids is None:
+            self.check(req)
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            raise Overloaded("queue full") from None
+        return req
+
+    def stream(self, req: GenRequest, timeout: float) -> Iterator[str]:
+        """Yield text pieces of `req` as they are generated; raise TimeoutError past `timeout`."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            try:
+                if left <= 0:
+                    raise queue.Empty
+                piece = req.tokens.get(timeout=left)
+            except queue.Empty:
+                req.cancelled = True
+                raise TimeoutError("generation timed out") from None
+            if piece is None:
+                if req.error:
+                    raise InfraError(req.error)
+                return
+            yield piece
+
+    def generate(self, req: GenRequest, timeout: float = 30.0) -> str:
+        """The whole text of `req` (for scripts and tests; the server streams through `submit`)."""
+        self.submit(req)
+        return "".join(self.stream(req, timeout))
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        """End `r` once: its finish reason, the counter, then its sink's None and `on_done`."""
+        if r.finished:
+            return
+        r.finished = True
+        if reason not in ("cancelled", "error"):
+            r.finish_reason = reason
+        self.requests_done += 1
+        try:  # a waiter's callback that fails (its event loop closed) concerns that request alone
+            if r.sink is not None:
+                r.sink(None)
+            if r.on_done is not None:
+                r.on_done(r)
+        except Exception:
+            r.cancelled = True
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        """Requests queued or being generated."""
+        return self._queue.qsize() + self._active
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def stop_accepting(self) -> None:
+        """From now on `submit` raises EngineClosed; what is queued or running still finishes."""
+        self._stop.set()

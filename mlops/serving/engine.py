@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlops.errors import InfraError
 from mlops.serving import kvcache
-from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_params
+from mlops.serving.base import QueuedEngine
+from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded
 
 __all__ = ["BadRequest", "Engine", "EngineClosed", "GenRequest", "Overloaded"]
 
@@ -46,7 +45,7 @@ class _Seq:
     generator: Any = None  # torch.Generator for temperature sampling with a seed
 
 
-class Engine:
+class Engine(QueuedEngine):
     """Loads a saved Hugging Face causal LM and serves generation requests in one running batch."""
 
     def __init__(
@@ -78,99 +77,14 @@ class Engine:
         self.eos_id = int(gen.get("eos_token_id") or cfg.eos_token_id or 0)
         pad = gen.get("pad_token_id")
         self.pad_id = int(pad) if pad is not None else self.eos_id
-        self.max_positions = int(getattr(cfg, "n_positions", 0) or cfg.max_position_embeddings)
-        # An upper bound on the text one token stands for (a vocabulary entry is never shorter than
-        # what it decodes to): a prompt longer than context * this many characters cannot fit, and
-        # is refused without tokenizing it (tokenizing a 1 MB prompt took seconds, holding the GIL).
-        self.max_token_chars = max([1, *map(len, self.tok.get_vocab(with_added_tokens=True))])
-        self.max_batch_size = max_batch_size
-        self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-        self._running = 0
+        context = int(getattr(cfg, "n_positions", 0) or cfg.max_position_embeddings)
+        self._open_front(self.tok, context, max_batch_size, max_queue)
         self._piece_cache: dict[int, str] = {}
-        # counters for /metrics and the benchmark
-        self.steps = 0
-        self.step_rows = 0  # sum of batch sizes over decode steps
-        self.prefills = 0
-        self.requests_done = 0
         self._worker = threading.Thread(target=self._run, name=f"engine-{self.model_dir.name}", daemon=True)
         if start:
             self._worker.start()
 
     # ------------------------------------------------------------------ public
-
-    def check(self, req: GenRequest) -> None:
-        """Raise BadRequest unless `req` can be served alone; tokenizes its prompt once. Anything
-        that could fail inside a batch is checked here, so one request never fails its batch."""
-        check_params(req, self.max_positions)
-        room = self.max_positions - 1  # at least one position is left to generate into
-        if len(req.prompt) > room * self.max_token_chars:
-            raise BadRequest(f"prompt is longer than the model's context ({self.max_positions} tokens)", "prompt")
-        try:
-            ids = self.tok.encode(req.prompt, add_special_tokens=False).ids
-        except Exception as e:
-            raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
-        if len(ids) > room:
-            raise BadRequest(
-                f"prompt has {len(ids)} tokens; this model's context is {self.max_positions} (at most {room} "
-                "for the prompt)",
-                "prompt",
-            )
-        req.prompt_ids = ids
-
-    def submit(self, req: GenRequest) -> GenRequest:
-        """Queue `req`; raise BadRequest when it cannot be served (see `check`), Overloaded when the
-        queue is full, EngineClosed when draining."""
-        if req.sink is None and req.on_done is None:
-            req.sink = req.tokens.put
-        if self._stop.is_set():
-            raise EngineClosed("engine is draining")
-        if req.prompt_ids is None:
-            self.check(req)
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise Overloaded("queue full") from None
-        return req
-
-    def stream(self, req: GenRequest, timeout: float) -> Iterator[str]:
-        """Yield text pieces of `req` as they are generated; raise TimeoutError past `timeout`."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            left = deadline - time.perf_counter()
-            try:
-                if left <= 0:
-                    raise queue.Empty
-                piece = req.tokens.get(timeout=left)
-            except queue.Empty:
-                req.cancelled = True
-                raise TimeoutError("generation timed out") from None
-            if piece is None:
-                if req.error:
-                    raise InfraError(req.error)
-                return
-            yield piece
-
-    def generate(self, req: GenRequest, timeout: float = 30.0) -> str:
-        self.submit(req)
-        return "".join(self.stream(req, timeout))
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
-    @property
-    def busy(self) -> int:
-        """Requests queued or in the running batch."""
-        return self._queue.qsize() + self._running
-
-    @property
-    def closed(self) -> bool:
-        return self._stop.is_set()
-
-    def stop_accepting(self) -> None:
-        """From now on `submit` raises EngineClosed; what is queued or running still finishes."""
-        self._stop.set()
 
     def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests; let queued and running ones finish (bounded), then stop the worker."""
@@ -188,7 +102,7 @@ class Engine:
             new = self._admit(block=not running)
             if new is None:  # stopped and drained
                 return
-            self._running = len(running) + len(new)
+            self._active = len(running) + len(new)
             try:
                 if new:
                     joined, c2, m2 = self._prefill(new)
@@ -200,10 +114,10 @@ class Engine:
                     s.req.error = f"generation failed: {type(e).__name__}: {e}"
                     self._finish(s.req, "error")
                 running, cache, mask = [], None, None
-            self._running = len(running)
+            self._active = len(running)
 
     def _admit(self, block: bool) -> list[GenRequest] | None:
-        room = self.max_batch_size - self._running
+        room = self.max_batch_size - self._active
         out: list[GenRequest] = []
         if block:
             while True:
@@ -231,21 +145,6 @@ class Engine:
         if p is None:
             p = self._piece_cache[t] = self.tok.decode([t])
         return p
-
-    def _finish(self, r: GenRequest, reason: str) -> None:
-        if r.finished:
-            return
-        r.finished = True
-        if reason not in ("cancelled", "error"):
-            r.finish_reason = reason
-        self.requests_done += 1
-        try:  # a waiter's callback that fails (its event loop closed) concerns that request alone
-            if r.sink is not None:
-                r.sink(None)
-            if r.on_done is not None:
-                r.on_done(r)
-        except Exception:
-            r.cancelled = True
 
     def _fail(self, r: GenRequest, e: BaseException) -> None:
         """Fail one request (the rest of its batch carries on)."""

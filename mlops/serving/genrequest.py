@@ -77,3 +77,23 @@ def check_params(req: GenRequest, context: int) -> None:
         req.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest("prompt is not valid Unicode (a lone surrogate?)", "prompt") from None
+
+
+def check_request(req: GenRequest, tok: Any, context: int, max_token_chars: int) -> None:
+    """Every engine's rules (so all answer the same 400s): parameters, then the prompt's tokens
+    against the context, refusing an oversized prompt before tokenizing it; sets `prompt_ids`.
+    `tok` is a `tokenizers.Tokenizer`; `max_token_chars` its longest token's length in characters."""
+    check_params(req, context)
+    room = context - 1  # at least one position is left to generate into
+    if len(req.prompt) > room * max_token_chars:
+        raise BadRequest(f"prompt is longer than the model's context ({context} tokens)", "prompt")
+    try:
+        ids = tok.encode(req.prompt, add_special_tokens=False).ids
+    except Exception as e:
+        raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
+    if len(ids) > room:
+        raise BadRequest(
+            f"prompt has {len(ids)} tokens; this model's context is {context} (at most {room} for the prompt)",
+            "prompt",
+        )
+    req.prompt_ids = ids

@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +46,8 @@ class Pair:
         return self.error is None and self.production_error is None and self.production_output == self.shadow_output
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "at": self.at,
-            "prompt": self.prompt,
-            "production": self.production,
-            "shadow": self.shadow,
-            "production_output": self.production_output,
-            "shadow_output": self.shadow_output,
-            "agree": self.agree,
-            "production_s": round(self.production_s, 6),
-            "shadow_s": round(self.shadow_s, 6),
-            "error": self.error,
-            "production_error": self.production_error,
-        }
+        rounded = {"production_s": round(self.production_s, 6), "shadow_s": round(self.shadow_s, 6)}
+        return asdict(self) | rounded | {"agree": self.agree}
 
 
 @dataclass

@@ -27,7 +27,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -36,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import InfraError
+from mlops.serving.base import QueuedEngine
 from mlops.serving.childguard import Guard
-from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_params
+from mlops.serving.genrequest import GenRequest
 from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
+from mlops.util import free_port
 
 log = logging.getLogger("mlops.serve")
 
@@ -46,12 +47,6 @@ STARTUP_TIMEOUT_ENV = "MLOPS_VLLM_STARTUP_TIMEOUT"
 STARTUP_TIMEOUT_S = 600.0  # ~35 s quiet, ~3.5 min measured on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL to the child's whole process group
 REQUEST_TIMEOUT_S = 300.0  # per forwarded request; the server enforces its own, shorter, deadline
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _last_error(log_path: Path) -> str:
@@ -65,7 +60,7 @@ def _last_error(log_path: Path) -> str:
     return pick.strip()[-300:]
 
 
-class VllmEngine:
+class VllmEngine(QueuedEngine):
     """Serves one model directory through a vLLM OpenAI server it starts and stops."""
 
     def __init__(
@@ -87,18 +82,12 @@ class VllmEngine:
         cfg = json.loads((self.model_dir / "config.json").read_text())
         gen_path = self.model_dir / "generation_config.json"
         gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        self.max_positions = int(cfg.get("n_positions") or cfg["max_position_embeddings"])
         self.eos_id = int(gen.get("eos_token_id") or cfg.get("eos_token_id") or 0)
-        self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self.max_token_chars = max([1, *map(len, self.tok.get_vocab(with_added_tokens=True))])
-        self.steps = self.step_rows = self.prefills = self.requests_done = 0
-        self.max_batch_size = max_batch_size
-        self._queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-        self._inflight = 0
+        tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self._open_front(tok, int(cfg.get("n_positions") or cfg["max_position_embeddings"]), max_batch_size, max_queue)
         self._count_lock = threading.Lock()
         self._key = secrets.token_urlsafe(24)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._http = httpx.Client(
             base_url=self.url,
@@ -208,65 +197,6 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ the Engine protocol
 
-    def check(self, req: GenRequest) -> None:
-        """The builtin engine's rules (so both answer the same 400s): parameters, then the prompt's
-        tokens against the context, refusing an oversized prompt before tokenizing it."""
-        check_params(req, self.max_positions)
-        room = self.max_positions - 1  # at least one position is left to generate into
-        if len(req.prompt) > room * self.max_token_chars:
-            raise BadRequest(f"prompt is longer than the model's context ({self.max_positions} tokens)", "prompt")
-        try:
-            ids = self.tok.encode(req.prompt, add_special_tokens=False).ids
-        except Exception as e:
-            raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
-        if len(ids) > room:
-            raise BadRequest(f"prompt has {len(ids)} tokens; this model's context is {self.max_positions}", "prompt")
-        req.prompt_ids = ids
-
-    def submit(self, req: GenRequest) -> GenRequest:
-        if req.sink is None and req.on_done is None:
-            req.sink = req.tokens.put
-        if self._stop.is_set():
-            raise EngineClosed("engine is draining")
-        if req.prompt_ids is None:
-            self.check(req)
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise Overloaded("queue full") from None
-        return req
-
-    def generate(self, req: GenRequest, timeout: float = 30.0) -> str:
-        """The whole text of `req` (for scripts and tests; the server streams through `submit`)."""
-        self.submit(req)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                piece = req.tokens.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                req.cancelled = True
-                raise TimeoutError("generation timed out") from None
-            if piece is None:
-                break
-        if req.error:
-            raise InfraError(req.error)
-        return req.text
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
-    @property
-    def busy(self) -> int:
-        return self._queue.qsize() + self._inflight
-
-    @property
-    def closed(self) -> bool:
-        return self._stop.is_set()
-
-    def stop_accepting(self) -> None:
-        self._stop.set()
-
     def close(self, drain_timeout: float = 30.0) -> None:
         self._stop.set()
         deadline = time.monotonic() + drain_timeout
@@ -290,7 +220,7 @@ class VllmEngine:
                     return
                 continue
             with self._count_lock:
-                self._inflight += 1
+                self._active += 1
             try:
                 if req.cancelled:
                     self._finish(req, "cancelled")
@@ -301,7 +231,7 @@ class VllmEngine:
                 self._finish(req, "error")
             finally:
                 with self._count_lock:
-                    self._inflight -= 1
+                    self._active -= 1
 
     def _body(self, req: GenRequest) -> dict[str, Any]:
         """As the builtin engine: the checked prompt tokens (an empty prompt starts from
@@ -348,15 +278,3 @@ class VllmEngine:
                     if choice.get("finish_reason"):
                         reason = "stop" if choice["finish_reason"] == "stop" else "length"
         self._finish(req, reason)
-
-    def _finish(self, r: GenRequest, reason: str) -> None:
-        if r.finished:
-            return
-        r.finished = True
-        if reason not in ("cancelled", "error"):
-            r.finish_reason = reason
-        self.requests_done += 1
-        if r.sink is not None:
-            r.sink(None)
-        if r.on_done is not None:
-            r.on_done(r)
