@@ -133,6 +133,16 @@ class StepVerdict(Contract):
         return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
 
 
+class TrainOutcome(Contract):
+    """What `mlops train` did: the new release, or the identical one that exists, and why."""
+
+    release: str | None
+    trained: bool
+    reason: str
+    lineage: dict[str, Any]  # the manifest's lineage (free-form: git, data and config hashes)
+    train: dict[str, Any] | None = None  # the run record (training.job.TrainResult), set only when it trained
+
+
 class ModelPlan(Contract):
     model: str
     fingerprint: str

@@ -213,3 +213,14 @@ def test_flows_write_history_only_through_their_backend() -> None:
         if ".append_event(" in p.read_text() and p.parent.name != "registry" and p not in door
     ]
     assert offenders == []
+
+
+def test_an_evaluation_noted_after_a_later_event_still_sets_the_summary(reg: Registry, tmp_path: Path) -> None:
+    """Two writers: the later event's status is noted first, the earlier evaluation's summary after."""
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    reg.append_event("r1", "promoted")
+    [registered, promoted] = [k.rsplit("/", 1)[1] for k in events.event_keys(reg.store, "r1")]
+    earlier = registered.replace(".json", "0.json")  # sorts between the two
+    events.note(reg.store, "r1", earlier, {"status": "evaluated", "summary": {"s": {"m": 0.5}}})
+    [e] = reg.list()
+    assert (e["status"], e["head"], e["summary"]) == ("promoted", promoted, {"s": {"m": 0.5}})

@@ -93,7 +93,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
         with _timed(t, "train"):
             tr = train(s, cfg.deploy.model, force=force)
         s.progress = progress
-        release = str(tr["release"])
+        release = str(tr.release)
         mark("registered")
         s.backend.prepare(release)
         with s.backend.serve() as url:
@@ -112,7 +112,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                     exit_code=EXIT_OK,
                     release=release,
                     production=prod,
-                    trained=tr["trained"],
+                    trained=tr.trained,
                     message=msg,
                     evals={k: v.metrics for k, v in results.items()},
                     endpoint=url,
@@ -121,7 +121,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             gates = gate(s, release, results, prod_results)
             summary = {k: v.metrics for k, v in results.items()}
             # what every outcome from here on reports alongside its status
-            common = {"release": release, "trained": tr["trained"], "evals": summary, "gates": gates, "endpoint": url}
+            common = {"release": release, "trained": tr.trained, "evals": summary, "gates": gates, "endpoint": url}
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"

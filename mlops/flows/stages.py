@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from mlops.contracts import EvalResult, GateResult
+from mlops.contracts import EvalResult, GateResult, TrainOutcome
 from mlops.errors import InfraError, UsageError
 from mlops.flows.session import Session, cache_dir
 from mlops.registry.releases import State
@@ -35,7 +35,7 @@ def recover(s: Session) -> State | None:
     return None
 
 
-def train(s: Session, model: str | None = None, force: bool = False) -> dict[str, Any]:
+def train(s: Session, model: str | None = None, force: bool = False) -> TrainOutcome:
     """Train `model` unless an identical release exists; register it as the candidate."""
     from mlops.plan import make_plan
     from mlops.training.train import job_from_config
@@ -47,7 +47,7 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     mp = make_plan(s.loaded, s.registry, [name], force=force).models[0]
     if not mp.train:
         s.say(f"train: skipped, {mp.reason}")
-        return {"release": mp.existing, "trained": False, "reason": mp.reason, "lineage": mp.lineage}
+        return TrainOutcome(release=mp.existing, trained=False, reason=mp.reason, lineage=mp.lineage)
     m = cfg.models[name]
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
@@ -86,7 +86,7 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     s.say(
         f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
     )
-    return {"release": release, "trained": True, "reason": mp.reason, "lineage": mp.lineage, "train": asdict(result)}
+    return TrainOutcome(release=release, trained=True, reason=mp.reason, lineage=mp.lineage, train=asdict(result))
 
 
 def evaluate(

@@ -127,7 +127,9 @@ def status_of(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def note(store: Store, release_id: str, head: str, fields: dict[str, Any]) -> None:
-    """Set `fields` in the release's index entry if `head` is newer than the one it records.
+    """Set `fields` in the release's index entry where `head` is newer than the event they came from:
+    the status against the entry's `head`, the eval summary against its own `summary_head` (an
+    evaluation noted after a later event, by a slower writer, still counts).
 
     A compare-and-swap on a small cache entry: a lost race re-reads, and a writer that gives up (or
     is killed first) leaves a head the next listing sees is stale and rebuilds."""
@@ -140,11 +142,17 @@ def note(store: Store, release_id: str, head: str, fields: dict[str, Any]) -> No
             entry = json.loads(blob.data)
         except ValueError:
             return  # a damaged entry is rebuilt from the manifest by Registry.index()
-        if not isinstance(entry, dict) or _order(head) <= _order(entry.get("head")):
+        if not isinstance(entry, dict):
             return
-        entry |= fields | {"head": head}
+        new: dict[str, Any] = {}
+        if _order(head) > _order(entry.get("head")):
+            new = {k: v for k, v in fields.items() if k != "summary"} | {"head": head}
+        if "summary" in fields and _order(head) > _order(entry.get("summary_head")):
+            new |= {"summary": fields["summary"], "summary_head": head}
+        if not new:
+            return
         try:
-            store.put(key, _dumps(entry), if_match=blob.etag)
+            store.put(key, _dumps(entry | new), if_match=blob.etag)
             return
         except ConflictError:
             continue
@@ -152,7 +160,6 @@ def note(store: Store, release_id: str, head: str, fields: dict[str, Any]) -> No
 
 def appended(store: Store, release_id: str, head: str, event: str, detail: dict[str, Any]) -> None:
     """Record a new event's status in the index (best effort: the event itself is already stored)."""
-
     fields = {"status": event} | ({"summary": detail.get("summary")} if event == "evaluated" else {})
     with contextlib.suppress(InfraError, ConflictError):
         note(store, release_id, head, fields)
