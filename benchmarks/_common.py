@@ -74,7 +74,7 @@ def train_release(root: Path, overrides: list[str] | None = None) -> tuple[Any, 
 
     s = Session.open(load(root / "mlops.yaml", overrides or []))
     t0 = time.perf_counter()
-    rid = str(train(s, "tiny")["release"])
+    rid = str(train(s, "tiny").release)
     promote(s.backend, rid, reason="benchmark")
     return s, rid, time.perf_counter() - t0
 

@@ -97,11 +97,11 @@ def main() -> None:
                     else:
                         res = run_suite(loaded, SUITE, rid, url, cache)
                         harness_s.append(time.perf_counter() - t0)
-                        assert res["cost"]["endpoint_calls"] == len(cases) and res["cost"]["errors"] == 0
+                        assert res.cost.endpoint_calls == len(cases) and res.cost.errors == 0
                 t0 = time.perf_counter()
                 again = run_suite(loaded, SUITE, rid, url, cache)  # unchanged rerun: all from the cache
                 rerun_s.append(time.perf_counter() - t0)
-                assert again["cost"]["endpoint_calls"] == 0
+                assert again.cost.endpoint_calls == 0
 
     ratios = [h / r for h, r in zip(harness_s, raw_s, strict=True)]
     rerun_ratios = [r2 / h for r2, h in zip(rerun_s, harness_s, strict=True)]

@@ -8,12 +8,90 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Contract(BaseModel):
     # defer_build: `mlops validate` and `--help` import this module without paying for the models
     model_config = ConfigDict(extra="forbid", defer_build=True)
+
+
+class MetricSummary(Contract):
+    """One metric over one suite's cases (`evals.stats.aggregate` of the per-case values)."""
+
+    higher_is_better: bool
+    n: int
+    failed: int  # cases the metric could not score (they count at the metric's worst value)
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+
+
+class CaseRow(Contract):
+    """One case of a suite: what was asked, what came back, and each metric's score on it.
+
+    Defaults are what results stored by earlier versions lack (`cached`, `failed`), so they read back."""
+
+    id: str
+    input: str
+    expected: str | None
+    output: str
+    latency_s: float
+    error: str | None  # set when the endpoint call failed: the case fails every metric
+    cached: bool = False
+    scores: dict[str, float]
+    reasons: dict[str, str]
+    failed: list[str] = []  # metrics that could not score this case
+
+
+class JudgeStats(Contract):
+    """One judge's calls during a suite (`evals.judges.JudgeClient.stats`)."""
+
+    judge: str
+    model: str
+    calls: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EvalCost(Contract):
+    """What one suite cost: endpoint calls, judge calls and time (zeros where earlier versions kept none)."""
+
+    endpoint_calls: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    completion_tokens: int = 0
+    query_s: float = 0.0
+    wall_s: float = 0.0
+    judge_calls: int = 0
+    judge_cache_hits: int = 0
+    judge_retries: int = 0
+    judge_failures: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    judges: list[JudgeStats] = []
+
+
+class EvalResult(Contract):
+    """One suite's result for one release: what `run_suite` returns and the registry stores
+    (`releases/<id>/evals/<suite>.json`, the `model_dump()`)."""
+
+    suite: str
+    release: str
+    created_at: str | None = None
+    n: int
+    metrics: dict[str, MetricSummary]  # metric -> summary, in the suite's order
+    metric_names: list[str]
+    cases: list[CaseRow]
+    cost: EvalCost = Field(default_factory=EvalCost)
+
+    def means(self) -> dict[str, float]:
+        return {m: v.mean for m, v in self.metrics.items()}
 
 
 class GateResult(Contract):
@@ -55,6 +133,16 @@ class StepVerdict(Contract):
         return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
 
 
+class TrainOutcome(Contract):
+    """What `mlops train` did: the new release, or the identical one that exists, and why."""
+
+    release: str | None
+    trained: bool
+    reason: str
+    lineage: dict[str, Any]  # the manifest's lineage (free-form: git, data and config hashes)
+    train: dict[str, Any] | None = None  # the run record (training.job.TrainResult), set only when it trained
+
+
 class ModelPlan(Contract):
     model: str
     fingerprint: str
@@ -78,7 +166,7 @@ class RunResult(Contract):
     previous: str | None = None
     trained: bool = False
     message: str = ""
-    evals: dict[str, dict[str, dict[str, Any]]] = {}  # suite -> metric -> summary
+    evals: dict[str, dict[str, MetricSummary]] = {}  # suite -> metric -> summary
     gates: list[GateResult] = []
     canary: list[dict[str, Any]] = []  # the rollout's step verdicts, as recorded in history
     endpoint: str | None = None
@@ -93,9 +181,9 @@ class EvalOutcome(Contract):
     release: str
     production: str | None
     passed: bool
-    metrics: dict[str, dict[str, dict[str, Any]]]  # suite -> metric -> summary
+    metrics: dict[str, dict[str, MetricSummary]]  # suite -> metric -> summary
     gates: list[GateResult]
-    cost: dict[str, dict[str, Any]]  # suite -> calls, tokens, seconds
+    cost: dict[str, EvalCost]  # suite -> calls, tokens, seconds
 
     @property
     def exit_code(self) -> int:

@@ -87,7 +87,7 @@ def _make_production(st: State, release: str) -> State:
 
 def promote(backend: Backend, release: str, reason: str, actor: str = "pipeline") -> State:
     state = backend.set_state(lambda st: _make_production(st, release), reason=reason, actor=actor)
-    backend.registry.append_event(release, "promoted", by=actor, reason=reason)
+    backend.record(release, "promoted", by=actor, reason=reason)
     return state
 
 
@@ -132,9 +132,9 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
         return _make_production(st, target)
 
     new = backend.set_state(change, reason=reason, actor=actor)
-    reg.append_event(target, "rolled_back_to", by=actor, reason=reason)
+    backend.record(target, "rolled_back_to", by=actor, reason=reason)
     if dropped and canary_of[0] and canary_of[0] != target:
-        reg.append_event(canary_of[0], "preempted", by=actor, reason=reason, lease_owner=dropped.get("owner"))
+        backend.record(canary_of[0], "preempted", by=actor, reason=reason, lease_owner=dropped.get("owner"))
     return new, target
 
 
@@ -279,7 +279,7 @@ def canary(
 
     def record(v: StepVerdict) -> None:
         verdicts.append(v)
-        reg.append_event(release, "canary_step", by=v.decided_by, **v.to_json())
+        backend.record(release, "canary_step", by=v.decided_by, **v.to_json())
         c = v.candidate
         what = f"shadow {cfg.shadow:.0%}" if v.mode == "shadow" else f"canary {v.percent:>3}%"
         extra = f", agree {v.extra['agreement']:.0%}" if v.mode == "shadow" else ""

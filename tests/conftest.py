@@ -95,7 +95,7 @@ def train_and_publish(root: Path, seed: int = 0, steps: int | None = None, promo
     sets = [f"models.tiny.train.seed={seed}"] + ([f"models.tiny.train.steps={steps}"] if steps else [])
     loaded = load(root / "mlops.yaml", sets)
     s = Session.open(loaded)
-    rid = str(train(s, "tiny")["release"])
+    rid = str(train(s, "tiny").release)
     if promote:
         do_promote(s.backend, rid, reason="test fixture")
     return rid

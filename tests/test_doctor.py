@@ -64,7 +64,8 @@ def manifest_a(root: Path, a: str, b: str) -> Path:
 
 
 def history_b(root: Path, a: str, b: str) -> Path:
-    return root / ".mlops" / "releases" / b / "history.json"
+    """B's newest event object (its promotion)."""
+    return sorted((root / ".mlops" / "releases" / b / "events").glob("*.json"))[-1]
 
 
 def manifest_b(root: Path, a: str, b: str) -> Path:
@@ -75,7 +76,7 @@ def manifest_b(root: Path, a: str, b: str) -> Path:
 CASES: dict[str, tuple[Callable[[Path, str, str], Path], str, list[str]]] = {
     "truncated state": (state_file, "state.json", ["releases"]),
     "truncated manifest": (manifest_a, "manifest.json", ["releases"]),
-    "truncated history": (history_b, "history.json", ["history", "<b>"]),
+    "truncated history": (history_b, "/events/", ["history", "<b>"]),
     "deleted production manifest": (manifest_b, "manifest.json", ["rollback"]),
 }
 

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from mlops.config import Loaded, load  # noqa: E402
+from mlops.contracts import EvalResult  # noqa: E402
 from mlops.evals.harness import DiskCache, Endpoint, query_all, run_suite  # noqa: E402
 from mlops.evals.types import Case  # noqa: E402
 
@@ -148,15 +149,15 @@ def cache_of(loaded: Loaded) -> Path:
     return loaded.root / ".mlops" / "cache"
 
 
-def assert_whole(res: dict[str, Any], n: int) -> None:
+def assert_whole(res: EvalResult, n: int) -> None:
     """No case lost, every score a finite number."""
-    assert res["n"] == n and len(res["cases"]) == n
-    assert len({c["id"] for c in res["cases"]}) == n
-    for c in res["cases"]:
-        assert set(c["scores"]) == set(res["metric_names"])
-        assert all(math.isfinite(v) for v in c["scores"].values()), c
-    for summ in res["metrics"].values():
-        assert all(math.isfinite(summ[k]) for k in ("mean", "p50", "p95", "p99"))
+    assert res.n == n and len(res.cases) == n
+    assert len({c.id for c in res.cases}) == n
+    for c in res.cases:
+        assert set(c.scores) == set(res.metric_names)
+        assert all(math.isfinite(v) for v in c.scores.values()), c
+    for summ in res.metrics.values():
+        assert all(math.isfinite(getattr(summ, k)) for k in ("mean", "p50", "p95", "p99"))
 
 
 # ---------------------------------------------------------------------------- hangs and throttling
@@ -171,16 +172,16 @@ def test_one_hanging_case_in_50_fails_within_the_timeout(endpoint: FakeEndpoint,
     elapsed = time.monotonic() - t0
     assert elapsed < 1 + 1, f"eval took {elapsed:.2f}s with a 1 s timeout"
     assert_whole(res, 50)
-    by_id = {c["id"]: c for c in res["cases"]}
-    assert by_id["c17"]["error"] == "timeout after 1s"
-    assert by_id["c17"]["failed"] == ["exact_match", "latency"]
-    assert by_id["c17"]["scores"]["exact_match"] == 0.0
-    assert [c["id"] for c in res["cases"] if c["error"]] == ["c17"]
-    assert all(c["scores"]["exact_match"] == 1.0 for c in res["cases"] if c["id"] != "c17")
-    assert res["metrics"]["exact_match"]["mean"] == pytest.approx(49 / 50)
-    assert res["metrics"]["exact_match"]["failed"] == 1
-    assert res["cost"]["endpoint_calls"] == 50  # the timed-out call was not retried
-    assert res["cost"]["errors"] == 1
+    by_id = {c.id: c for c in res.cases}
+    assert by_id["c17"].error == "timeout after 1s"
+    assert by_id["c17"].failed == ["exact_match", "latency"]
+    assert by_id["c17"].scores["exact_match"] == 0.0
+    assert [c.id for c in res.cases if c.error] == ["c17"]
+    assert all(c.scores["exact_match"] == 1.0 for c in res.cases if c.id != "c17")
+    assert res.metrics["exact_match"].mean == pytest.approx(49 / 50)
+    assert res.metrics["exact_match"].failed == 1
+    assert res.cost.endpoint_calls == 50  # the timed-out call was not retried
+    assert res.cost.errors == 1
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(429, "0.3"), (503, None)])
@@ -193,10 +194,10 @@ def test_throttled_cases_are_retried_and_none_is_lost(
     res = run_suite(loaded, "s", RELEASE, endpoint.url, cache_of(loaded))
     elapsed = time.monotonic() - t0
     assert_whole(res, 50)
-    assert [c["error"] for c in res["cases"]] == [None] * 50
-    assert res["metrics"]["exact_match"]["mean"] == 1.0
+    assert [c.error for c in res.cases] == [None] * 50
+    assert res.metrics["exact_match"].mean == 1.0
     assert all(n == 2 for n in endpoint.prompts.values()) and len(endpoint.prompts) == 50
-    assert (res["cost"]["endpoint_calls"], res["cost"]["retries"]) == (100, 50)
+    assert (res.cost.endpoint_calls, res.cost.retries) == (100, 50)
     if retry_after is not None:
         assert elapsed >= 0.3  # it waited as told
 
@@ -207,8 +208,8 @@ def test_retries_are_bounded_and_exhausted_cases_fail_with_reasons(endpoint: Fak
     res = run_suite(loaded, "s", RELEASE, endpoint.url, cache_of(loaded))
     assert_whole(res, 20)
     assert endpoint.total == 40  # 1 + 1 retry each
-    assert all(c["error"].startswith("HTTP 503") and c["error"].endswith("(after 2 attempts)") for c in res["cases"])
-    assert res["metrics"]["exact_match"]["mean"] == 0.0 and res["metrics"]["exact_match"]["failed"] == 20
+    assert all(c.error.startswith("HTTP 503") and c.error.endswith("(after 2 attempts)") for c in res.cases)
+    assert res.metrics["exact_match"].mean == 0.0 and res.metrics["exact_match"].failed == 20
 
 
 # ---------------------------------------------------------------------------- failures are cases
@@ -233,18 +234,18 @@ def test_every_kind_of_failure_is_a_failed_case_with_a_reason(endpoint: FakeEndp
     loaded = suite_project(tmp_path / "p", xs, {"metrics": metrics}, files={"metrics.py": PICKY})
     res = run_suite(loaded, "s", RELEASE, endpoint.url, cache_of(loaded))
     assert_whole(res, 10)
-    by_id = {c["id"]: c for c in res["cases"]}
-    assert by_id["c0"]["error"].startswith("HTTP 500")
-    assert by_id["c1"]["error"].startswith("bad response")
-    assert by_id["c2"]["error"] == f"answered by release tiny-someone-else, not {RELEASE}"
+    by_id = {c.id: c for c in res.cases}
+    assert by_id["c0"].error.startswith("HTTP 500")
+    assert by_id["c1"].error.startswith("bad response")
+    assert by_id["c2"].error == f"answered by release tiny-someone-else, not {RELEASE}"
     assert endpoint.total == 10  # 500 and a bad body are not transient: no retry
     # a metric that raises, or returns NaN, fails only that case, with its reason
-    assert by_id["c3"]["failed"] == ["picky"] and "cannot score c3" in by_id["c3"]["reasons"]["picky"]
-    assert by_id["c4"]["failed"] == ["picky"] and "nan" in by_id["c4"]["reasons"]["picky"]
-    assert [by_id[f"c{i}"]["scores"]["picky"] for i in range(5, 10)] == [1.0] * 5
-    assert res["metrics"]["picky"]["failed"] == 5  # c0-c2 (no output) and c3, c4
+    assert by_id["c3"].failed == ["picky"] and "cannot score c3" in by_id["c3"].reasons["picky"]
+    assert by_id["c4"].failed == ["picky"] and "nan" in by_id["c4"].reasons["picky"]
+    assert [by_id[f"c{i}"].scores["picky"] for i in range(5, 10)] == [1.0] * 5
+    assert res.metrics["picky"].failed == 5  # c0-c2 (no output) and c3, c4
     # a failed case is the worst value on a lower-is-better metric: it cannot flatter a latency SLO
-    assert by_id["c0"]["scores"]["latency"] >= 1e9
+    assert by_id["c0"].scores["latency"] >= 1e9
 
 
 def test_an_unreachable_endpoint_fails_every_case_quickly(tmp_path: Path) -> None:
@@ -256,8 +257,8 @@ def test_an_unreachable_endpoint_fails_every_case_quickly(tmp_path: Path) -> Non
     res = run_suite(loaded, "s", RELEASE, f"http://127.0.0.1:{port}", cache_of(loaded))
     assert time.monotonic() - t0 < 5
     assert_whole(res, 5)
-    assert all("ConnectError" in c["error"] for c in res["cases"])
-    assert res["cost"]["endpoint_calls"] == 10
+    assert all("ConnectError" in c.error for c in res.cases)
+    assert res.cost.endpoint_calls == 10
 
 
 # ---------------------------------------------------------------------------- caches
@@ -307,20 +308,20 @@ def test_unchanged_rerun_makes_no_endpoint_or_judge_calls(
     first = run_suite(loaded, "s", RELEASE, endpoint.url, cache_of(loaded))
     t_first = time.perf_counter() - t0
     assert_whole(first, 20)
-    assert first["metrics"]["deepeval.geval"]["mean"] == 1.0  # the judge agreed with every case
-    assert first["cost"]["endpoint_calls"] == 20 and first["cost"]["judge_calls"] == 21  # 20 cases + G-Eval's steps
-    assert first["cost"]["judges"][0]["judge"] == "local"
+    assert first.metrics["deepeval.geval"].mean == 1.0  # the judge agreed with every case
+    assert first.cost.endpoint_calls == 20 and first.cost.judge_calls == 21  # 20 cases + G-Eval's steps
+    assert first.cost.judges[0].judge == "local"
     calls_seen = (endpoint.total, judge_server.total)
 
     t0 = time.perf_counter()
     rerun = run_suite(loaded, "s", RELEASE, endpoint.url, cache_of(loaded))
     t_rerun = time.perf_counter() - t0
     assert (endpoint.total, judge_server.total) == calls_seen  # neither server saw a request
-    cost = rerun["cost"]
-    assert (cost["endpoint_calls"], cost["cache_hits"]) == (0, 20)
-    asked = first["cost"]["judge_calls"] + first["cost"]["judge_cache_hits"]  # every judge request of run 1
-    assert (cost["judge_calls"], cost["judge_cache_hits"]) == (0, asked)
-    assert [c["scores"] for c in rerun["cases"]] == [c["scores"] for c in first["cases"]]
+    cost = rerun.cost
+    assert (cost.endpoint_calls, cost.cache_hits) == (0, 20)
+    asked = first.cost.judge_calls + first.cost.judge_cache_hits  # every judge request of run 1
+    assert (cost.judge_calls, cost.judge_cache_hits) == (0, asked)
+    assert [c.scores for c in rerun.cases] == [c.scores for c in first.cases]
     assert list((cache_of(loaded) / "judge").rglob("*.json")) and list((cache_of(loaded) / "eval").rglob("*.jsonl"))
     print(f"\nunchanged rerun: {t_rerun:.3f}s vs first run {t_first:.3f}s (ratio {t_rerun / t_first:.3f})")
 
@@ -335,7 +336,7 @@ import sys
 from mlops.config import load
 from mlops.evals.harness import run_suite
 res = run_suite(load({str(loaded.path)!r}), "s", {RELEASE!r}, {endpoint.url!r}, None)
-assert res["metrics"]["exact_match"]["mean"] == 1.0, res["metrics"]
+assert res.metrics["exact_match"].mean == 1.0, res.metrics
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"deepeval", "ragas", "torch", "transformers"}})
 print(",".join(heavy))
 """

@@ -1,6 +1,6 @@
 """Gates on result documents: absolute bounds, pass rates, latency SLOs, paired no-regression.
 
-Pure: result documents are built here, in the shape the harness stores, so each test states the
+Pure: results are built here, as the harness returns them (EvalResult), so each test states the
 per-case numbers it gates on.
 """
 
@@ -12,27 +12,47 @@ from typing import Any
 import pytest
 
 from mlops.config import GateCfg
+from mlops.contracts import CaseRow, EvalResult, MetricSummary
 from mlops.evals.gates import GateResult, check_gates
 from mlops.evals.stats import aggregate, paired_bootstrap
 
 
 def result(
     values: dict[str, float] | list[float], metric: str = "m", higher: bool = True, failed: set[str] | None = None
-) -> dict[str, Any]:
+) -> EvalResult:
     vals = values if isinstance(values, dict) else {f"c{i}": v for i, v in enumerate(values)}
     failed = failed or set()
     cases = [
-        {"id": k, "scores": {metric: v}, "failed": [metric] if k in failed else [], "error": None}
+        CaseRow(
+            id=k,
+            input=k,
+            expected=None,
+            output="",
+            latency_s=0.0,
+            error=None,
+            scores={metric: v},
+            reasons={},
+            failed=[metric] if k in failed else [],
+        )
         for k, v in vals.items()
     ]
-    return {"metrics": {metric: {"higher_is_better": higher}}, "cases": cases, "n": len(cases)}
+    xs = list(vals.values())
+    summary = MetricSummary(
+        higher_is_better=higher,
+        n=len(xs),
+        failed=len(failed),
+        **{st: aggregate(xs, st) for st in ("mean", "p50", "p95", "p99")},
+    )
+    return EvalResult(
+        suite="s", release="r", n=len(cases), metrics={metric: summary}, metric_names=[metric], cases=cases
+    )
 
 
 def gate(**kw: Any) -> GateCfg:
     return GateCfg(**({"eval": "s", "metric": "m"} | kw))
 
 
-def one(g: GateCfg, cand: dict[str, Any], prod: dict[str, Any] | None = None) -> GateResult:
+def one(g: GateCfg, cand: EvalResult, prod: EvalResult | None = None) -> GateResult:
     (res,) = check_gates([g], {"s": cand}, {"s": prod})
     return res
 

@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 from conftest import make_project, mlops, train_and_publish
 
+from mlops.registry.releases import Registry
+from mlops.registry.store import LocalStore
+
 LEASE = {
     # The 50% step bakes long enough for another process to act while the canary is live, even on
     # a loaded machine: at load 18 a `mlops rollback` took over 90 s to arrive. A pre-empted
@@ -34,7 +37,7 @@ def state(root: Path) -> dict[str, Any]:
 
 
 def history(root: Path, rid: str) -> list[str]:
-    return [e["event"] for e in json.loads((root / ".mlops" / "releases" / rid / "history.json").read_text())]
+    return [e["event"] for e in Registry(LocalStore(root / ".mlops")).history(rid)]
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 240) -> None:

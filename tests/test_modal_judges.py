@@ -91,7 +91,15 @@ def train_judge(root: Path) -> Path:
     out = root / "judge-model"
     arch = {"n_layer": 1, "n_embd": 48, "n_head": 2, "n_positions": 1152}
     job = TrainJob(
-        "referee", str(data), str(out), steps=250, batch_size=8, lr=2e-2, warmup_steps=5, threads=1, arch=arch
+        model_name="referee",
+        dataset_path=str(data),
+        out_dir=str(out),
+        steps=250,
+        batch_size=8,
+        lr=2e-2,
+        warmup_steps=5,
+        threads=1,
+        arch=arch,
     )
     train_model(job)
     return out

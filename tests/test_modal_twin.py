@@ -231,3 +231,53 @@ def test_the_gateway_captures_traffic_into_the_registry(tmp_path: Path) -> None:
     ] * 3
     m = tw.run("monitor", "--since", "1h")  # exit 0: the traffic is the eval data's
     assert m["release"] == a["release"] and m["requests"] == len(records) == m["statuses"]["200"], m
+
+
+@pytest.mark.timeout(1200)  # three `mlops run`s, a rollback, five cold starts: ~4 min quiet
+def test_releases_scaled_to_zero_are_woken_not_hit_cold_or_redeployed(tmp_path: Path) -> None:
+    """Modal stops an idle release's container (scale to zero) and a request then waits for a cold
+    start, minutes for vLLM: longer than the smoke request waits (deploy.server.request_timeout).
+    `mlops run` wakes production through the gateway first, so a rejected run still answers
+    which release serves (exit 3), rather than failing on a timeout (exit 4); and a rollback to a
+    release whose app is deployed but cold wakes it rather than redeploying it."""
+    cold_s, smoke_s = 12, 4  # each container start takes 12 s more than the stand-in server's own
+    cfg = CFG | {
+        "deploy": {"rollout": {"steps": [100], "requests_per_step": 4}, "server": {"request_timeout": smoke_s}}
+    }
+    tw = setup_twin(tmp_path, cfg)
+    (tw.dir / "cold_start").write_text(str(cold_s))
+    aged = 0
+
+    def tasks(release: str) -> int:  # running containers: the Tasks column of Modal's app list
+        return int((tw.dir / "apps" / f"{APP}-serve-{release}" / "tasks").read_text())
+
+    def idle(*releases: str) -> None:
+        """Age the twin's clock past scaledown_window (300 s); wait (bounded) for the scale-down."""
+        nonlocal aged
+        aged += 301
+        (tw.dir / "clock").write_text(str(aged))
+        deadline = time.monotonic() + 60
+        while any(tasks(r) for r in releases) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [tasks(r) for r in releases] == [0] * len(releases), "idle apps were not scaled to zero"
+
+    try:
+        a = tw.run("run")
+        assert a["status"] == "promoted" and a["served_by"] == a["release"]
+        assert tasks(a["release"]) == 1
+        idle(a["release"])
+        bad = tw.run("run", "--set", "models.tiny.train.steps=1", code=3)
+        assert bad["status"] == "rejected" and bad["served_by"] == a["release"], bad
+        assert tasks(a["release"]) == 1  # woken, not redeployed
+        assert tw.deploys().count(f"{APP}-serve-{a['release']}") == 1
+
+        b = tw.run("run", "--set", "models.tiny.train.seed=1")
+        assert b["status"] == "promoted" and b["previous"] == a["release"]
+        idle(a["release"], b["release"])
+        before = tw.deploys()
+        back = tw.run("rollback")
+        assert back["production"] == a["release"]
+        assert f"{APP}-serve-{a['release']}" not in tw.deploys()[len(before) :]  # woken, not redeployed
+        assert tasks(a["release"]) == 1 and tw.ask().headers["x-mlops-release"] == a["release"]
+    finally:
+        twin("stop-all", env=tw.env, cwd=tw.root)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
+import mlops
 from mlops.errors import ConflictError, IntegrityError, UsageError
+from mlops.registry import events
+from mlops.registry.damage import RegistryDamaged
+from mlops.registry.doctor import examine, repair
 from mlops.registry.releases import Registry, State
 from mlops.registry.store import LocalStore
 
@@ -133,3 +139,88 @@ def test_finding_a_release_reads_the_index_not_every_manifest_and_history(reg: R
     assert reg.find_by_fingerprint("tiny", "f1")["id"] == "r1"  # type: ignore[index]
     assert not [k for k in read if k.endswith(("history.json", "/manifest.json")) and "/r1/" not in k], read
     assert reg.find_by_fingerprint("tiny", "nope") is None
+
+
+def _as_old_code_left_it(reg: Registry, tmp_path: Path, rid: str, hist: list[dict[str, object]]) -> None:
+    """A release as registries before event objects held it: history.json, an index entry without status."""
+    root = tmp_path / "store"
+    shutil.rmtree(root / "releases" / rid / "events")
+    (root / "releases" / rid / "history.json").write_text(json.dumps(hist, indent=2, sort_keys=True))
+    entry = json.loads((root / "index" / "releases" / f"{rid}.json").read_text())
+    entry = {k: entry[k] for k in ("id", "model", "created_at", "fingerprint")}
+    (root / "index" / "releases" / f"{rid}.json").write_text(json.dumps(entry, indent=2, sort_keys=True))
+
+
+OLD = [
+    {"at": "2026-01-01T00:00:00.000Z", "event": "registered", "by": "pipeline"},
+    {"at": "2026-01-01T00:01:00.000Z", "event": "evaluated", "by": "pipeline", "detail": {"summary": {"s": {"m": 1}}}},
+    {"at": "2026-01-01T00:02:00.000Z", "event": "promoted", "by": "pipeline", "detail": {"reason": "gates passed"}},
+]
+
+
+def test_a_registry_from_before_event_objects_reads_back_and_migrates_on_read(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny", "lineage": {"git_sha": "abc"}})
+    _as_old_code_left_it(reg, tmp_path, "r1", OLD)
+    assert reg.history("r1") == OLD
+    [e] = reg.list()
+    assert (e["status"], e["summary"], e["git_sha"]) == ("promoted", {"s": {"m": 1}}, "abc")
+    reg.append_event("r1", "rolled_back_to", by="ops", reason="drill")
+    assert [h["event"] for h in reg.history("r1")] == ["registered", "evaluated", "promoted", "rolled_back_to"]
+    assert reg.list()[0]["status"] == "rolled_back_to"
+    assert json.loads((tmp_path / "store/releases/r1/history.json").read_text()) == OLD, (
+        "the old list is never rewritten"
+    )
+
+
+def test_doctor_moves_a_damaged_event_aside_and_keeps_the_others(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    reg.append_event("r1", "evaluated", summary={})
+    reg.append_event("r1", "promoted")
+    [key] = [k for k in events.event_keys(reg.store, "r1") if b'"promoted"' in reg.store.get(k).data]  # type: ignore[union-attr]
+    path = tmp_path / "store" / key
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(RegistryDamaged, match=key):
+        reg.history("r1")
+    found = examine(reg)
+    assert [(f.kind, f.key) for f in found] == [("damaged_event", key)]
+    repair(reg, found, actor="doctor:test")
+    assert [e["event"] for e in reg.history("r1")] == ["registered", "evaluated", "doctor_repair"]
+    assert (tmp_path / "store" / f"{key}.damaged").is_file() and examine(reg) == []
+
+
+def test_doctor_salvages_a_damaged_history_json_of_an_old_registry(reg: Registry, tmp_path: Path) -> None:
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    _as_old_code_left_it(reg, tmp_path, "r1", OLD)
+    path = tmp_path / "store/releases/r1/history.json"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(RegistryDamaged, match="history.json"):
+        reg.history("r1")
+    found = examine(reg)
+    assert [f.kind for f in found] == ["damaged_history"]
+    repair(reg, found, actor="doctor:test")
+    assert [e["event"] for e in reg.history("r1")] == ["registered", "doctor_repair"]
+    assert examine(reg) == []
+
+
+def test_flows_write_history_only_through_their_backend() -> None:
+    """One door: state through `Router.set_state`, events through `Router.record`; only the
+    registry itself (and that door) calls `append_event`."""
+    pkg = Path(mlops.__file__).parent
+    door = {pkg / "backends" / "base.py"}
+    offenders = [
+        str(p.relative_to(pkg))
+        for p in pkg.rglob("*.py")
+        if ".append_event(" in p.read_text() and p.parent.name != "registry" and p not in door
+    ]
+    assert offenders == []
+
+
+def test_an_evaluation_noted_after_a_later_event_still_sets_the_summary(reg: Registry, tmp_path: Path) -> None:
+    """Two writers: the later event's status is noted first, the earlier evaluation's summary after."""
+    reg.publish("r1", artifact(tmp_path), {"model": "tiny"})
+    reg.append_event("r1", "promoted")
+    [registered, promoted] = [k.rsplit("/", 1)[1] for k in events.event_keys(reg.store, "r1")]
+    earlier = registered.replace(".json", "0.json")  # sorts between the two
+    events.note(reg.store, "r1", earlier, {"status": "evaluated", "summary": {"s": {"m": 0.5}}})
+    [e] = reg.list()
+    assert (e["status"], e["head"], e["summary"]) == ("promoted", promoted, {"s": {"m": 0.5}})

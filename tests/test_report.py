@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mlops.config import load
+from mlops.contracts import EvalCost, EvalResult
 from mlops.evals.harness import score
 from mlops.evals.metrics import ExactMatch, Latency
 from mlops.evals.types import Case, Output
@@ -52,35 +53,26 @@ def project(root: Path, gates: list[dict[str, Any]] | None = None) -> Session:
     return Session.open(load(root / "mlops.yaml"))
 
 
-def suite_result(release: str, rows: list[tuple[str, str, str, str, float]]) -> dict[str, Any]:
+def suite_result(release: str, rows: list[tuple[str, str, str, str, float]]) -> EvalResult:
     """A stored result from (id, input, expected, output, latency) rows, scored by the real metrics."""
     cases = [Case(i, x, e) for i, x, e, _, _ in rows]
     outputs = [Output(o, lat) for _, _, _, o, lat in rows]
     summary, per_case = score([ExactMatch({}), Latency({})], cases, outputs)
-    return {
-        "suite": "heldout",
-        "release": release,
-        "n": len(cases),
-        "metrics": summary,
-        "metric_names": list(summary),
-        "cases": per_case,
-        "cost": {
-            "endpoint_calls": len(cases),
-            "cache_hits": 0,
-            "retries": 0,
-            "errors": 0,
-            "completion_tokens": 3 * len(cases),
-            "wall_s": 1.5,
-            "judge_calls": 0,
-            "judge_cache_hits": 0,
-        },
-    }
+    return EvalResult(
+        suite="heldout",
+        release=release,
+        n=len(cases),
+        metrics=summary,
+        metric_names=list(summary),
+        cases=per_case,
+        cost=EvalCost(endpoint_calls=len(cases), completion_tokens=3 * len(cases), wall_s=1.5),
+    )
 
 
 def publish(
     s: Session,
     rid: str,
-    result: dict[str, Any],
+    result: EvalResult,
     tmp: Path,
     production: bool = False,
     device: str = "cpu",
@@ -105,8 +97,8 @@ def publish(
         rid,
         "evaluated",
         suites=["heldout"],
-        summary={"heldout": {m: v["mean"] for m, v in result["metrics"].items()}},
-        stats={"heldout": {m: {k: v[k] for k in ("mean", "p50", "p95", "p99")} for m, v in result["metrics"].items()}},
+        summary={"heldout": result.means()},
+        stats={"heldout": {m: v.model_dump(include={"mean", "p50", "p95", "p99"}) for m, v in result.metrics.items()}},
     )
     if production:
 
@@ -295,7 +287,7 @@ def test_a_candidate_is_compared_without_calling_production(tmp_path: Path) -> N
         seen = _requests_by_release(url, t1)
     assert seen.get(prod, 0) == 0, seen
     assert seen.get(cand) == 40
-    assert stored["heldout"] is not None and stored["heldout"]["release"] == prod
+    assert stored["heldout"] is not None and stored["heldout"].release == prod
     verdicts = gate(s, cand, results, stored)
     regression = next(g for g in verdicts if g.kind == "regression")
     assert regression.n == 40 and regression.production is not None

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,7 @@ def job(out: Path, **kw: object) -> TrainJob:
 def run_child(j: TrainJob, stop: int) -> tuple[subprocess.Popen[str], list[str]]:
     """Start the child; read its lines until `step {stop}` (or its end), within a bounded wait."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, json.dumps(asdict(j)), str(stop)],
+        [sys.executable, "-c", CHILD, j.model_dump_json(), str(stop)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -186,7 +185,7 @@ def test_a_retried_modal_input_resumes_from_the_volume(monkeypatch: pytest.Monke
 
     fn = import_functions(monkeypatch)["train"]
     assert isinstance(fn.TRAIN_RETRIES, modal.Retries)
-    job_dict = asdict(job(Path("/client/out"), steps=6, checkpoint_every_steps=2))
+    job_dict = job(Path("/client/out"), steps=6, checkpoint_every_steps=2).model_dump()
     data = (REPO / "data" / "train.jsonl").read_bytes()
     commits: list[str] = []
 

@@ -8,12 +8,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import S3_BUCKET
 
 from mlops.errors import ConflictError, InfraError
-from mlops.registry.store import LocalStore, Store, open_store
+from mlops.registry.releases import Registry
+from mlops.registry.store import Blob, LocalStore, Store, open_store
 
 BUCKET = S3_BUCKET
 
@@ -177,3 +179,71 @@ def test_open_store_s3_uri(moto_endpoint: str) -> None:
     assert isinstance(store, S3Store)
     assert (store.bucket, store.prefix, store.uri) == (BUCKET, "some/prefix", f"s3://{BUCKET}/some/prefix")
     assert store.local_path("k") is None
+
+
+# ---------------------------------------------------------------------------- release history on each store
+
+
+def _published(store: Store, tmp_path: Path, n: int) -> Registry:
+    art = tmp_path / "art"
+    art.mkdir(exist_ok=True)
+    (art / "model.safetensors").write_bytes(b"w")
+    reg = Registry(store, cache_dir=tmp_path / "cache")
+    for i in range(n):
+        reg.publish(f"r{i}", art, {"model": "tiny", "created_at": f"2026-01-0{i + 1}T00:00:00Z"})
+    return reg
+
+
+def test_concurrent_appenders_lose_no_event(store: Store, tmp_path: Path) -> None:
+    """Each event is its own object (if-none-match): writers never contend on one document."""
+    reg = _published(store, tmp_path, 1)
+    threads, each = 6, 8
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(each):
+                reg.append_event("r0", "canary_step", by=f"w{w}", i=i)
+        except BaseException as e:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=120)
+    assert not errors, errors
+    hist = reg.history("r0")
+    assert hist[0]["event"] == "registered" and len(hist) == 1 + threads * each
+    got = sorted((e["by"], e["detail"]["i"]) for e in hist[1:])
+    assert got == sorted((f"w{w}", i) for w in range(threads) for i in range(each))
+    for w in range(threads):  # one writer's events keep their order
+        assert [e["detail"]["i"] for e in hist if e["by"] == f"w{w}"] == list(range(each))
+    reg.append_event("r0", "promoted", by="x")
+    assert reg.list()[0]["status"] == "promoted"
+
+
+class CountingStore:
+    """The real store, with every `get` recorded."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.uri, self.read = inner, inner.uri, list[str]()
+
+    def get(self, key: str) -> Blob | None:
+        self.read.append(key)
+        return self.inner.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_listing_releases_reads_no_manifest_or_history(store: Store, tmp_path: Path) -> None:
+    counting = CountingStore(store)
+    reg = _published(counting, tmp_path, 3)  # type: ignore[arg-type]
+    reg.append_event("r1", "evaluated", suites=["s"], summary={"s": {"exact_match": 0.5}})
+    reg.append_event("r2", "rejected", by="pipeline:gates")
+    counting.read.clear()
+    items = reg.list()
+    assert [(e["id"], e["status"]) for e in items] == [("r2", "rejected"), ("r1", "evaluated"), ("r0", "registered")]
+    assert items[1]["summary"] == {"s": {"exact_match": 0.5}}
+    assert counting.read and all(k.startswith("index/releases/") for k in counting.read), counting.read

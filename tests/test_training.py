@@ -223,3 +223,30 @@ def test_peft_lora_merged_artifact_serves_like_the_merged_model(tmp_path: Path) 
             assert got == expect, (p, got, expect)
     finally:
         engine.close()
+
+
+def test_the_job_carries_every_train_key_and_round_trips_as_json(tmp_path: Path) -> None:
+    """TrainJob is derived from the config's TrainCfg: every `train:` key reaches it without a
+    line in job.py, and what crosses into Modal (`model_dump()` as JSON) builds the same job."""
+    import yaml
+
+    from mlops.config import load
+    from mlops.configtrain import TrainCfg
+    from mlops.training.job import job_from_config
+
+    cfg = yaml.safe_load((REPO / "mlops.yaml").read_text())
+    name = cfg["deploy"]["model"]
+    cfg["models"][name]["train"] |= {"steps": 7, "warmup_steps": 50, "grad_accum": 3, "checkpoint_every": 4}
+    (tmp_path / "mlops.yaml").write_text(yaml.safe_dump(cfg))
+    for d in ("data", "evals"):
+        (tmp_path / d).symlink_to(REPO / d)
+    loaded = load(tmp_path / "mlops.yaml")
+    j = job_from_config(loaded, name, tmp_path / "out", gpu="H100")
+    t = loaded.cfg.models[name].train
+    for key in set(TrainCfg.model_fields) - {"checkpoint_every", "warmup_steps"}:
+        assert getattr(j, key) == getattr(t, key), key
+    assert (j.warmup_steps, j.checkpoint_every_steps, j.checkpoint_every_s) == (7, 4, None)  # warmup <= steps
+    assert (j.model_name, j.gpu, j.arch) == (name, "H100", loaded.cfg.models[name].arch.model_dump())
+    sent = json.loads(j.model_dump_json())
+    assert "checkpoint_every" not in sent  # resolved into the two fields above
+    assert TrainJob(**sent) == j

@@ -206,6 +206,7 @@ def test_pr_sticky_comment_created_then_updated(story: Story) -> None:
     sha1 = actkit.commit(story.repo, "pr 7: seed 2", config={"models": {"tiny": {"train": {"seed": 2}}}})
     first = pr(story, "pr 7, push 1", 7)
     assert first.rc == 0, explain(first)
+    assert production_files(story.registry) == before  # defect 4: checked first, and again after push 2
     [c1] = comments(story, 7)
     assert c1["body"].startswith(MARKER) and f"vs production `{prod}`" in c1["body"]
     assert f"head {sha1}" in c1["body"] and "/actions/runs/" in c1["body"]
@@ -262,8 +263,8 @@ def test_superseded_pr_run_leaves_the_comment_alone(story: Story) -> None:
     payload = actkit.pr_event(story.repo, 9)
     story.act.set_pull_head(9, "f" * 40)  # a newer push landed meanwhile
     res = story.run("pr 9, superseded", "pull_request", payload, "pr-eval.yml")
-    assert res.rc == 0, explain(res)
     assert [c["method"] for c in res.calls] == ["GET"], res.calls  # looked, wrote nothing
+    assert res.rc == 0, explain(res)
     assert comments(story, 9) == before
     actkit.git(story.repo, "checkout", "-q", "main")
 

@@ -2,7 +2,8 @@
 
     Trainer  train a TrainJob somewhere, leave the model in `job.out_dir`
     Server   make a release servable, serve the routed state, say where the endpoint is
-    Router   move stages/routing in the registry and publish them to where serving reads them
+    Router   move stages/routing in the registry and publish them to where serving reads them;
+             record the decisions in the release's history (the flows' one door to the registry)
 
 The base classes do the cross-cutting work (timing, logging, preflight checks); an implementation
 fills in the private hooks. `Backend` plays all three (local, modal); a training-only backend
@@ -109,6 +110,12 @@ class Router(_Role):
         if routing_view(state) != routing_view(before):
             self._publish(state)
         return state
+
+    def record(self, release: str, event: str, by: str = "pipeline", **detail: Any) -> None:
+        """Append a decision to a release's history, in the registry this router moves state in
+        (on every backend the one production is read from). With `set_state`, the one door flows
+        use to the registry: they never write history past it."""
+        self.registry.append_event(release, event, by, **detail)
 
     def _publish(self, state: State) -> None:  # noqa: B027 - optional hook
         """Push a new state to where the serving side reads it (the local server reads the store)."""

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,8 +42,7 @@ from mlops.registry.releases import State
 from mlops.training.train import Progress, TrainJob, TrainResult
 
 HEALTH_POLL_S = 2.0
-HEALTH_CHECK_S = 10.0
-LIVE_WAIT_S = 60.0  # the gateway re-reads the state every STATE_TTL_S (2 s); a cold one starts first  # "is it up?" before a redeploy: one request, answered at once by a warm app
+LIVE_WAIT_S = 60.0  # the gateway re-reads the state every STATE_TTL_S (2 s); a cold one starts first
 
 
 @dataclass
@@ -122,7 +121,7 @@ class ModalBackend(Backend):
         self.ensure_current("train.py", s.train_app)
         # The dataset travels with the call (Modal moves large arguments as blobs); the container
         # has no copy of the repository.
-        out = self.api.call(s.train_app, "train", asdict(job), dataset.read_bytes(), run_id, options=options)
+        out = self.api.call(s.train_app, "train", job.model_dump(), dataset.read_bytes(), run_id, options=options)
         remote = _Remote.parse(out)
         self._download(remote, Path(job.out_dir))
         if progress is not None:
@@ -233,8 +232,10 @@ class ModalBackend(Backend):
         s = self.settings
         app = s.serve_app(release_id)
         url = self._gateway_url()
-        if app in self.api.deployed() and self._healthy(url, release_id, HEALTH_CHECK_S):
-            return  # e.g. a rollback to `previous`: no redeploy, no cold start
+        # e.g. a rollback to `previous`: a deployed app is woken (scaled to zero, its first request
+        # waits for a cold start), not redeployed; only one that does not answer is redeployed
+        if app in self.api.deployed() and self._healthy(url, release_id, float(s.startup_timeout + 60)):
+            return
         manifest = self.registry.require(release_id)
         self._stage(release_id, manifest)
         env = {SETTINGS_ENV: s.to_json(), "MLOPS_RELEASE": release_id}

@@ -11,7 +11,8 @@ What it models, and how:
   edits are not seen until the next deploy), checks that every Secret the functions name exists,
   and starts each web function as a process on its own 127.0.0.1 port: `serve` runs `serve_body`
   (the builtin engine through `mlops.serving.standalone` stands in for vLLM) behind a proxy that
-  enforces `requires_proxy_auth`; `gateway` runs `gateway_body` under uvicorn.
+  enforces `requires_proxy_auth`; `gateway` runs `gateway_body` under uvicorn. With a file
+  `cold_start` (seconds) a serve app scales to zero as on Modal (see modal_twin_scale.py).
 - `call` runs a function's plain body (`<name>_body`) in a process, with the Volume at its root.
 - The Dict is a JSON file whose entries expire after 7 days without a read or write (clock: the
   file `clock` holds seconds to add, so tests can age it); the Volume is a directory; Secrets

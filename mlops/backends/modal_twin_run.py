@@ -15,14 +15,16 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from mlops.backends.modal_settings import TWIN_ENV, current_settings
+from mlops.backends.modal_twin_scale import Container
 
 _BODY = "_body"  # `train` runs `train_body`, `serve` runs `serve_body`, `gateway` runs `gateway_body`
 
@@ -68,9 +70,11 @@ def standalone_command(mod: ModuleType, prompt: str) -> Callable[..., list[str]]
     return build
 
 
-def _proxy(upstream: str, check: Callable[[str | None, str | None], bool] | None) -> Any:
+def _proxy(box: Container, check: Callable[[str | None, str | None], bool] | None) -> Any:
     """Modal's web proxy, as far as the backend relies on it: 401 without a Proxy Auth Token when
-    the function requires one; everything else forwarded as is (streams included)."""
+    the function requires one (and no container boots); everything else waits for a container
+    (see modal_twin_scale) and is forwarded as is (streams included)."""
+    import anyio
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
@@ -78,22 +82,34 @@ def _proxy(upstream: str, check: Callable[[str | None, str | None], bool] | None
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(600.0), trust_env=False)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0), trust_env=False)
 
     async def forward(request: Request) -> Response:
         if check is not None and not check(request.headers.get("modal-key"), request.headers.get("modal-secret")):
             return PlainTextResponse("modal-http: missing credentials for proxy authorization", status_code=401)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        body = await request.body()
+        try:
+            upstream = await anyio.to_thread.run_sync(box.begin)
+        except Exception:  # the server failed to start: the container dies, with its log
+            traceback.print_exc()
+            os._exit(1)
         req = client.build_request(
-            request.method, request.url.path, params=request.query_params, headers=headers, content=await request.body()
+            request.method, upstream + request.url.path, params=request.query_params, headers=headers, content=body
         )
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as e:
+            box.end()
             return PlainTextResponse(f"modal-http: app unreachable ({type(e).__name__})", status_code=502)
+
+        async def done() -> None:
+            await resp.aclose()
+            box.end()
+
         out = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         return StreamingResponse(
-            resp.aiter_raw(), status_code=resp.status_code, headers=out, background=BackgroundTask(resp.aclose)
+            resp.aiter_raw(), status_code=resp.status_code, headers=out, background=BackgroundTask(done)
         )
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
@@ -103,28 +119,31 @@ def _proxy(upstream: str, check: Callable[[str | None, str | None], bool] | None
 def _run(name: str) -> int:
     import uvicorn
 
-    from mlops.backends.modal_twin import free_port
-
     api = _twin()
     app = api._apps()[name]
     mod = importlib.import_module(app["module"])
     fn = app["web"]
     spec = app["functions"][fn]
     check = api.proxy_token_ok if spec["proxy_auth"] else None
-    child: subprocess.Popen[str] | None = None
+    box: Container | None = None
     if spec["web"] == "web_server":
-        port = free_port()
         command = standalone_command(mod, getattr(mod, "PROMPT", api.settings.prompt))  # a judge's own prompt
-        child = getattr(mod, fn + _BODY)(root=api.volume_dir, port=port, command=command)
-        asgi = _proxy(f"http://127.0.0.1:{port}", check)
+        body = getattr(mod, fn + _BODY)
+        box = Container(api, name, lambda port: body(root=api.volume_dir, port=port, command=command))
+        if box.scale_to_zero:
+            threading.Thread(target=box.reap_forever, daemon=True, name="scaledown").start()
+        else:  # one container from the deploy on; a server that fails to start ends this process
+            box.begin()
+            box.end()
+        asgi = _proxy(box, check)
     else:
         asgi = getattr(mod, fn + _BODY)(api)
         if check is not None:
             asgi = _proxy_wrap(asgi, check)
 
     def stop(signum: int, frame: Any) -> None:
-        if child is not None:
-            child.kill()
+        if box is not None:
+            box.kill()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -132,8 +151,8 @@ def _run(name: str) -> int:
     try:
         uvicorn.run(asgi, host="127.0.0.1", port=int(app["port"]), log_level="warning")
     finally:
-        if child is not None:
-            child.kill()
+        if box is not None:
+            box.kill()
     return 0
 
 

@@ -86,7 +86,11 @@ def register(app: typer.Typer) -> None:
 
             s = Session.open(loaded, say=say_fn(json_), progress=prog)
             res = do_train(s, name, force=force)
-        emit(res, json_, f"{res['release']} ({'trained' if res['trained'] else 'unchanged'})")
+        emit(
+            res.model_dump(mode="json", exclude_unset=True),
+            json_,
+            f"{res.release} ({'trained' if res.trained else 'unchanged'})",
+        )
 
     @app.command("eval")
     def eval_(

@@ -24,7 +24,11 @@ def register(app: typer.Typer) -> None:
 
         s = _session(config, set_, json_)
         st, _ = s.registry.read_state()
-        items = s.registry.list()
+        # the table reads the index alone (--json keeps its shape: each manifest with its history),
+        # and the few manifests the stages name, so a damaged one is named here (exit 4, see doctor)
+        for rid in sorted(st.referenced()):
+            s.registry.manifest(rid)
+        items = s.registry.list(full=json_)
         doc = {
             **{k: st.stages.get(k) for k in ("production", "previous", "candidate", "canary")},
             "routing": st.routing,
@@ -37,9 +41,7 @@ def register(app: typer.Typer) -> None:
         stage_of = {v: k for k, v in st.stages.items() if v}
         t = Table("release", "stage", "status", "traffic", "created", "exact/metrics", "git")
         for m in items:
-            ev = next(
-                (h.get("detail", {}).get("summary") for h in reversed(m["history"]) if h["event"] == "evaluated"), None
-            )
+            ev = m.get("summary")
             metrics = "; ".join(
                 f"{k}: " + ", ".join(f"{n} {v:.3g}" for n, v in d.items()) for k, d in (ev or {}).items()
             )
@@ -48,9 +50,9 @@ def register(app: typer.Typer) -> None:
                 stage_of.get(m["id"], ""),
                 m["status"],
                 f"{st.routing.get(m['id'], 0)}%",
-                m.get("created_at", "")[:19],
+                (m.get("created_at") or "")[:19],
                 metrics,
-                str(m.get("lineage", {}).get("git_sha") or "")[:12],
+                str(m.get("git_sha") or "")[:12],
             )
         out.print(t)
 

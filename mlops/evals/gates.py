@@ -18,33 +18,32 @@ Each gate gives one GateResult per check, with the numbers and a one-line reason
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from mlops.config import GateCfg
-from mlops.contracts import GateResult
+from mlops.contracts import EvalResult, GateResult
 from mlops.evals.stats import aggregate, paired_bootstrap, passes
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One metric of one result document: per-case values and failure flags, keyed by case id."""
+    """One metric of one suite's result: per-case values and failure flags, keyed by case id."""
 
     values: dict[str, float]
     failed: dict[str, bool]
     higher_is_better: bool
 
     @classmethod
-    def of(cls, result: dict[str, Any], metric: str) -> Sample | None:
-        summary = result.get("metrics", {}).get(metric)
+    def of(cls, result: EvalResult, metric: str) -> Sample | None:
+        summary = result.metrics.get(metric)
         if summary is None:
             return None
         values: dict[str, float] = {}
         failed: dict[str, bool] = {}
-        for c in result.get("cases", []):
-            if metric in c.get("scores", {}):
-                values[c["id"]] = float(c["scores"][metric])
-                failed[c["id"]] = metric in c.get("failed", ()) or c.get("error") is not None
-        return cls(values, failed, bool(summary.get("higher_is_better", True)))
+        for c in result.cases:
+            if metric in c.scores:
+                values[c.id] = c.scores[metric]
+                failed[c.id] = metric in c.failed or c.error is not None
+        return cls(values, failed, summary.higher_is_better)
 
     def stat(self, stat: str, threshold: float | None, ids: list[str] | None = None) -> float:
         keys = list(self.values) if ids is None else ids
@@ -75,8 +74,8 @@ def _num(v: float) -> str:
 
 def check_gates(
     gates: list[GateCfg],
-    candidate: dict[str, dict[str, Any]],
-    production: dict[str, dict[str, Any] | None],
+    candidate: dict[str, EvalResult],
+    production: dict[str, EvalResult | None],
 ) -> list[GateResult]:
     """Every check of every gate. `production` maps suite -> stored result, or None (first release)."""
     out: list[GateResult] = []
@@ -156,7 +155,7 @@ def _absolute(g: GateCfg, name: str, s: Sample) -> GateResult:
     )
 
 
-def _regression(g: GateCfg, name: str, s: Sample, prod_res: dict[str, Any] | None) -> GateResult:
+def _regression(g: GateCfg, name: str, s: Sample, prod_res: EvalResult | None) -> GateResult:
     margin = float(g.max_regression or 0.0)
     threshold = f"regression <= {margin:g} @ {g.confidence:.0%}"
     cand_all = s.stat(g.stat, g.threshold)

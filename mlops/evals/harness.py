@@ -32,6 +32,7 @@ import httpx
 from mlops.cache import SegmentCache as DiskCache
 from mlops.config import Loaded, metric_name
 from mlops.configmonitor import NOT_CAPTURED
+from mlops.contracts import CaseRow, EvalCost, EvalResult, JudgeStats, MetricSummary
 from mlops.data import read_jsonl
 from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
@@ -216,39 +217,42 @@ def _score_metric(m: Metric, cases: list[Case], outputs: list[Output]) -> list[S
 
 def score(
     metrics: list[Metric], cases: list[Case], outputs: list[Output]
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, MetricSummary], list[CaseRow]]:
     """(summary per metric, one row per case). Rows keep every case, scored or failed."""
-    rows: list[dict[str, Any]] = [
-        {
-            "id": c.id,
-            "input": c.input,
-            "expected": c.expected,
-            "output": o.text,
-            "latency_s": round(o.latency_s, 6),
-            "error": o.error,
-            "cached": o.cached,
-            "scores": {},
-            "reasons": {},
-            "failed": [],
-        }
+    rows = [
+        CaseRow(
+            id=c.id,
+            input=c.input,
+            expected=c.expected,
+            output=o.text,
+            latency_s=round(o.latency_s, 6),
+            error=o.error,
+            cached=o.cached,
+            scores={},
+            reasons={},
+            failed=[],
+        )
         for c, o in zip(cases, outputs, strict=True)
     ]
-    summary: dict[str, Any] = {}
+    summary: dict[str, MetricSummary] = {}
     for m in metrics:
         scores = _score_metric(m, cases, outputs)
         for row, s in zip(rows, scores, strict=True):
-            row["scores"][m.name] = s.value
+            row.scores[m.name] = s.value
             if s.reason:
-                row["reasons"][m.name] = s.reason
+                row.reasons[m.name] = s.reason
             if s.failed:
-                row["failed"].append(m.name)
+                row.failed.append(m.name)
         vals = [s.value for s in scores]
-        summary[m.name] = {
-            "higher_is_better": bool(m.higher_is_better),
-            "n": len(vals),
-            "failed": sum(1 for s in scores if s.failed),
-            **{st: aggregate(vals, st) for st in ("mean", "p50", "p95", "p99")},
-        }
+        summary[m.name] = MetricSummary(
+            higher_is_better=bool(m.higher_is_better),
+            n=len(vals),
+            failed=sum(1 for s in scores if s.failed),
+            mean=aggregate(vals, "mean"),
+            p50=aggregate(vals, "p50"),
+            p95=aggregate(vals, "p95"),
+            p99=aggregate(vals, "p99"),
+        )
     return summary, rows
 
 
@@ -281,13 +285,12 @@ def metric_specs(loaded: Loaded, suite: str) -> list[str | dict[str, Any]]:
     return specs
 
 
-def judge_cost(clients: dict[str, Any]) -> dict[str, Any]:
-    stats = [c.stats() for c in clients.values()]
-    total = {
-        k: sum(int(s[k]) for s in stats)
-        for k in ("calls", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens")
-    }
-    return {f"judge_{k}": v for k, v in total.items()} | {"judges": [s for s in stats if s["calls"] or s["cache_hits"]]}
+def _judge_cost(clients: dict[str, Any]) -> dict[str, Any]:
+    """The judge counters of a suite, as EvalCost's `judge_*` fields (keyword arguments)."""
+    stats = [JudgeStats(**c.stats()) for c in clients.values()]
+    fields = ("calls", "cache_hits", "retries", "failures", "prompt_tokens", "completion_tokens")
+    total = {k: sum(int(getattr(s, k)) for s in stats) for k in fields}
+    return {f"judge_{k}": v for k, v in total.items()} | {"judges": [s for s in stats if s.calls or s.cache_hits]}
 
 
 def run_suite(
@@ -298,8 +301,8 @@ def run_suite(
     cache_dir: Path | None,
     api_key: str | None = None,
     remote: Any = None,
-) -> dict[str, Any]:
-    """Evaluate `release` (pinned through the endpoint) on one suite; return the result document.
+) -> EvalResult:
+    """Evaluate `release` (pinned through the endpoint) on one suite; return its result.
     `remote(suite, metrics, clients)` may swap metrics for ones scored elsewhere (the backend's
     eval function: see mlops/evals/fanout.py)."""
     t0 = time.perf_counter()
@@ -321,19 +324,19 @@ def run_suite(
     outputs, counts = asyncio.run(query_all(ep, cases, cache))
     t_query = time.perf_counter() - t0
     summary, rows = score(metrics, cases, outputs)
-    return {
-        "suite": suite,
-        "release": release,
-        "created_at": now(),
-        "n": len(cases),
-        "metrics": summary,
-        "metric_names": [m.name for m in metrics],
-        "cases": rows,
-        "cost": asdict(counts)
-        | {
-            "completion_tokens": sum(o.completion_tokens for o in outputs),
-            "query_s": round(t_query, 3),
-            "wall_s": round(time.perf_counter() - t0, 3),
-        }
-        | judge_cost(clients),
-    }
+    return EvalResult(
+        suite=suite,
+        release=release,
+        created_at=now(),
+        n=len(cases),
+        metrics=summary,
+        metric_names=[m.name for m in metrics],
+        cases=rows,
+        cost=EvalCost(
+            **asdict(counts),
+            completion_tokens=sum(o.completion_tokens for o in outputs),
+            query_s=round(t_query, 3),
+            wall_s=round(time.perf_counter() - t0, 3),
+            **_judge_cost(clients),
+        ),
+    )

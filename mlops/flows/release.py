@@ -33,9 +33,9 @@ def eval_release(
         release=rid,
         production=prod,
         passed=all(g.passed for g in verdicts),
-        metrics={k: v["metrics"] for k, v in results.items()},
+        metrics={k: v.metrics for k, v in results.items()},
         gates=verdicts,
-        cost={k: v["cost"] for k, v in results.items()},
+        cost={k: v.cost for k, v in results.items()},
     )
 
 

@@ -73,7 +73,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 production=mp.existing,
                 previous=state.stages.get("previous"),
                 message=msg,
-                evals={k: v["metrics"] for k, v in stored.items() if v},
+                evals={k: v.metrics for k, v in stored.items() if v},
                 timings=t,
             )
 
@@ -93,7 +93,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
         with _timed(t, "train"):
             tr = train(s, cfg.deploy.model, force=force)
         s.progress = progress
-        release = str(tr["release"])
+        release = str(tr.release)
         mark("registered")
         s.backend.prepare(release)
         with s.backend.serve() as url:
@@ -102,7 +102,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 results = evaluate(s, release, url)
                 prod, prod_results = production_results(s, url)
             for suite, r in results.items():
-                tracker.log({f"eval/{suite}/{m}": v["mean"] for m, v in r["metrics"].items()})
+                tracker.log({f"eval/{suite}/{m}": v for m, v in r.means().items()})
             mark("evaluated")
             if prod == release:
                 msg = f"{release} is already production; re-evaluated it"
@@ -112,24 +112,28 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                     exit_code=EXIT_OK,
                     release=release,
                     production=prod,
-                    trained=tr["trained"],
+                    trained=tr.trained,
                     message=msg,
-                    evals={k: v["metrics"] for k, v in results.items()},
+                    evals={k: v.metrics for k, v in results.items()},
                     endpoint=url,
                     timings=t,
                 )
             gates = gate(s, release, results, prod_results)
-            summary = {k: v["metrics"] for k, v in results.items()}
+            summary = {k: v.metrics for k, v in results.items()}
             # what every outcome from here on reports alongside its status
-            common = {"release": release, "trained": tr["trained"], "evals": summary, "gates": gates, "endpoint": url}
+            common = {"release": release, "trained": tr.trained, "evals": summary, "gates": gates, "endpoint": url}
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
                 s.backend.set_state(lambda st: _clear_candidate(st, release), reason="gates failed")
-                s.registry.append_event(release, "rejected", by="pipeline:gates", failed=failed)
+                s.backend.record(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, s.backend.client_key()) if prod else None
+                served = (
+                    _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
+                    if prod
+                    else None
+                )
                 return RunResult(
                     **common,
                     status="rejected",
@@ -143,7 +147,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, s.backend.client_key())
+                served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
                 return RunResult(
                     **common,
                     status="rolled_back",
@@ -157,7 +161,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
             wait_served(url, new.version)  # on S3 the endpoint re-reads the state on a timer
-            served = _smoke(url, cfg.deploy.model, s.backend.client_key())
+            served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
             msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from mlops.contracts import GateResult
+from mlops.contracts import EvalResult, GateResult, TrainOutcome
 from mlops.errors import InfraError, UsageError
 from mlops.flows.session import Session, cache_dir
 from mlops.registry.releases import State
@@ -35,7 +35,7 @@ def recover(s: Session) -> State | None:
     return None
 
 
-def train(s: Session, model: str | None = None, force: bool = False) -> dict[str, Any]:
+def train(s: Session, model: str | None = None, force: bool = False) -> TrainOutcome:
     """Train `model` unless an identical release exists; register it as the candidate."""
     from mlops.plan import make_plan
     from mlops.training.train import job_from_config
@@ -47,7 +47,7 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     mp = make_plan(s.loaded, s.registry, [name], force=force).models[0]
     if not mp.train:
         s.say(f"train: skipped, {mp.reason}")
-        return {"release": mp.existing, "trained": False, "reason": mp.reason, "lineage": mp.lineage}
+        return TrainOutcome(release=mp.existing, trained=False, reason=mp.reason, lineage=mp.lineage)
     m = cfg.models[name]
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
@@ -86,47 +86,45 @@ def train(s: Session, model: str | None = None, force: bool = False) -> dict[str
     s.say(
         f"registered {release} (artifact sha256 {manifest['artifact']['sha256'][:12]}…, loss {result.final_loss:.4f}, {result.seconds:.1f}s)"
     )
-    return {"release": release, "trained": True, "reason": mp.reason, "lineage": mp.lineage, "train": asdict(result)}
+    return TrainOutcome(release=release, trained=True, reason=mp.reason, lineage=mp.lineage, train=asdict(result))
 
 
 def evaluate(
     s: Session, release: str, base_url: str, suites: list[str] | None = None, store: bool = True
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, EvalResult]:
     from mlops.evals.harness import run_suite
 
     s.registry.require(release)
     key = s.backend.client_key()
     remote = s.backend.remote_scoring()  # Modal: heavy metrics fan out to functions/evaluate.py
-    out = {}
+    out: dict[str, EvalResult] = {}
     for suite in suites or list(s.loaded.cfg.evals):
         res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key, remote=remote)
         if store:
             s.registry.put_eval(release, suite, res)
-        cost = res["cost"]
-        means = ", ".join(f"{k} {v['mean']:.4g}" for k, v in res["metrics"].items())
-        judged = (
-            f", {cost['judge_calls']} judge calls ({cost['judge_cache_hits']} cached)" if s.loaded.cfg.judges else ""
-        )
+        cost = res.cost
+        means = ", ".join(f"{k} {v.mean:.4g}" for k, v in res.metrics.items())
+        judged = f", {cost.judge_calls} judge calls ({cost.judge_cache_hits} cached)" if s.loaded.cfg.judges else ""
         s.say(
-            f"eval {suite} on {release}: {means} ({res['n']} cases, {cost['endpoint_calls']} calls, {cost['cache_hits']} cached{judged}, {cost['wall_s']:.2f}s)"
+            f"eval {suite} on {release}: {means} ({res.n} cases, {cost.endpoint_calls} calls, {cost.cache_hits} cached{judged}, {cost.wall_s:.2f}s)"
         )
         out[suite] = res
     if store:
-        s.registry.append_event(
+        s.backend.record(
             release,
             "evaluated",
             suites=list(out),
-            summary={k: {m: v["mean"] for m, v in r["metrics"].items()} for k, r in out.items()},
+            summary={k: r.means() for k, r in out.items()},
             # every statistic a gate can chart, so the report's trend reads events, not result files
             stats={
-                k: {m: {st: v[st] for st in ("mean", "p50", "p95", "p99")} for m, v in r["metrics"].items()}
+                k: {m: v.model_dump(include={"mean", "p50", "p95", "p99"}) for m, v in r.metrics.items()}
                 for k, r in out.items()
             },
         )
     return out
 
 
-def production_results(s: Session, base_url: str | None) -> tuple[str | None, dict[str, dict[str, Any] | None]]:
+def production_results(s: Session, base_url: str | None) -> tuple[str | None, dict[str, EvalResult | None]]:
     """Production's stored results per suite, so a candidate is compared without calling production.
 
     Only a suite production was never evaluated on, or whose stored results lack a metric the
@@ -137,11 +135,11 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
     prod = reg.read_state()[0].stages.get("production")
     if prod is None:
         return None, dict.fromkeys(s.loaded.cfg.evals)
-    results: dict[str, dict[str, Any] | None] = {}
+    results: dict[str, EvalResult | None] = {}
     missing = []
     for suite, ev in s.loaded.cfg.evals.items():
         results[suite] = stored = reg.get_eval(prod, suite)
-        if stored is None or any(metric_name(m) not in stored.get("metrics", {}) for m in ev.metrics):
+        if stored is None or any(metric_name(m) not in stored.metrics for m in ev.metrics):
             missing.append(suite)
     # a baseline registry is read only, and `base_url` serves this registry's releases, not its
     if missing and base_url is not None and s.baseline is None:
@@ -150,14 +148,14 @@ def production_results(s: Session, base_url: str | None) -> tuple[str | None, di
 
 
 def gate(
-    s: Session, release: str, results: dict[str, dict[str, Any]], production: dict[str, dict[str, Any] | None]
+    s: Session, release: str, results: dict[str, EvalResult], production: dict[str, EvalResult | None]
 ) -> list[GateResult]:
     from mlops.evals.gates import check_gates
 
     verdicts = check_gates(s.loaded.cfg.gates, results, production)
     passed = all(g.passed for g in verdicts)
     event = "gates_passed" if passed else "gates_failed"
-    s.registry.append_event(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
+    s.backend.record(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
     for g in verdicts:
         s.say(f"gate {'pass' if g.passed else 'FAIL'}: {g.name} {g.threshold}: {g.reason}")
     return verdicts
@@ -198,7 +196,7 @@ def roll_out(
     why = "; ".join(steps[-1].reasons)
     back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
     wait_served(url, back.version)  # so the smoke check that follows sees production answer
-    s.registry.append_event(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
+    s.backend.record(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)
     return verdicts, msg
@@ -211,8 +209,9 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, key: str | None = None) -> str | None:
-    """One request through the production route (no pin): which release answered?"""
+def _smoke(url: str, model: str, key: str | None = None, timeout: float = 30.0) -> str | None:
+    """One request through the production route (no pin): which release answered? `timeout`:
+    deploy.server.request_timeout, what a warm server takes at most to answer (or refuse)."""
     import httpx
 
     from mlops.configmonitor import NOT_CAPTURED
@@ -222,7 +221,7 @@ def _smoke(url: str, model: str, key: str | None = None) -> str | None:
         r = httpx.post(
             f"{url}/v1/completions",
             json={"model": model, "prompt": "a", "max_tokens": 1},
-            timeout=30,
+            timeout=timeout,
             headers=headers,
             trust_env=False,
         )

@@ -69,9 +69,7 @@ def data_reference(loaded: Loaded, registry: Registry, release: str | None) -> d
         for suite in cfg.evals:
             res = registry.get_eval(release, suite)
             if res:
-                outputs = (outputs or []) + [
-                    str(c.get("output") or "") for c in res.get("cases", []) if not c.get("error")
-                ]
+                outputs = (outputs or []) + [c.output for c in res.cases if not c.error]
     if outputs is None:
         notes.append("no stored eval outputs for the release: output length is reported, not judged")
     return {"kind": "data", "datasets": names, "prompts": prompts, "outputs": outputs, "notes": notes}
@@ -168,7 +166,8 @@ def _quality(
     from mlops.evals.metrics import build_metric
 
     specs = loaded.cfg.evals[suite].metrics
-    stored = (registry.get_eval(release, suite) or {}).get("metrics", {}) if release else {}
+    res = registry.get_eval(release, suite) if release else None
+    stored = res.metrics if res is not None else {}
     n = loaded.cfg.monitor.quality_sample
     sample = random.Random(0).sample(texts, min(n, len(texts)))
     # only these are built for the sample: the others may load heavy libraries (ragas, a judge)
@@ -178,8 +177,8 @@ def _quality(
         outs = [Output(str(r["output"]), float(r.get("latency_s") or 0)) for r in sample]
         summary, _ = score(free, cases, outs)
         for name, s in summary.items():
-            eval_mean = stored.get(name, {}).get("mean")
-            out["sample"][name] = {"n": s["n"], "mean": s["mean"], "eval_mean": eval_mean}
+            eval_mean = stored[name].mean if name in stored else None
+            out["sample"][name] = {"n": s.n, "mean": s.mean, "eval_mean": eval_mean}
     labels = load_feedback(registry.store)
     labelled = [r for r in texts if r["id"] in labels]
     out["labelled"]["n"] = len(labelled)
@@ -188,7 +187,7 @@ def _quality(
         cases = [Case(str(r["id"]), str(r.get("prompt") or ""), labels[r["id"]]["label"]) for r in labelled]
         outs = [Output(str(r["output"]), float(r.get("latency_s") or 0)) for r in labelled]
         summary, _ = score(metrics, cases, outs)
-        out["labelled"]["metrics"] = {k: {"n": v["n"], "mean": v["mean"]} for k, v in summary.items()}
+        out["labelled"]["metrics"] = {k: {"n": v.n, "mean": v.mean} for k, v in summary.items()}
     for name, floor in c.t.min_quality.items():
         mean = out["labelled"]["metrics"].get(name, {}).get("mean")
         c.add(

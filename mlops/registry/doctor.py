@@ -7,7 +7,8 @@ each repair in the affected releases' histories. What it knows:
   promoted or rolled back to that still has a valid manifest; previous := the one before it).
 - a manifest unreadable: moved aside (`manifest.json.damaged`); its release stops existing for the
   registry (its artifact is then an orphan), and routing that named it is repaired as below.
-- a history unreadable: every complete event is salvaged, the damaged copy kept beside it.
+- a history unreadable: every complete event is salvaged, the damaged copy kept beside it (an
+  older registry's `history.json`); an unreadable event object is moved aside, the others stay.
 - stored eval results unreadable: moved aside (`mlops eval` recomputes them).
 - the state routes to a release with no (valid) manifest: production falls back to previous, or
   to the newest release ever promoted; all traffic to production; the canary dropped.
@@ -26,9 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlops.registry import events
 from mlops.registry.damage import abandoned, parse
 from mlops.registry.lease import live, recover_routing
-from mlops.registry.releases import STATE_KEY, Registry, State, _dumps
+from mlops.registry.releases import STATE_KEY, Registry, State, _dumps, read_eval
 from mlops.util import now
 
 TMP_GRACE_S = 2.0  # a live small write holds its .tmp for milliseconds
@@ -53,6 +55,14 @@ def _doc(reg: Registry, key: str) -> tuple[bool, Any, str | None]:
         return False, None, None
     doc, why = parse(blob.data)
     return True, doc, why
+
+
+def _eval_damage(reg: Registry, key: str) -> str | None:
+    """Why a stored eval result cannot be read (unparsable, or not the EvalResult contract), or None."""
+    exists, doc, why = _doc(reg, key)
+    if not exists:
+        return None
+    return why or read_eval(doc)[1]
 
 
 def _valid_manifest(reg: Registry, rid: str) -> bool:
@@ -152,14 +162,18 @@ def examine(reg: Registry) -> list[Finding]:
         exists, doc, why = _doc(reg, f"{base}/manifest.json")
         if exists and (why or not isinstance(doc, dict) or not isinstance(doc.get("artifact"), dict)):
             found.append(Finding("damaged_manifest", f"{base}/manifest.json", why or "not a manifest", "move it aside"))
-        exists, doc, why = _doc(reg, f"{base}/history.json")
+        exists, doc, why = _doc(reg, f"{base}/{events.LEGACY}")
         if exists and (why or not isinstance(doc, list)):
             found.append(
-                Finding("damaged_history", f"{base}/history.json", why or "not a list", "keep every complete event")
+                Finding("damaged_history", f"{base}/{events.LEGACY}", why or "not a list", "keep every complete event")
             )
+        for key in events.event_keys(reg.store, rid):
+            exists, doc, why = _doc(reg, key)
+            if exists and (why or not isinstance(doc, dict) or "event" not in doc):
+                found.append(Finding("damaged_event", key, why or "not an event", "move it aside (keep the others)"))
         for key in reg.store.list(f"{base}/evals"):
-            if key.endswith(".json") and _doc(reg, key)[2]:
-                found.append(Finding("damaged_eval", key, str(_doc(reg, key)[2]), "move it aside (re-run eval)"))
+            if key.endswith(".json") and (bad := _eval_damage(reg, key)):
+                found.append(Finding("damaged_eval", key, bad, "move it aside (re-run eval)"))
     exists, doc, why = _doc(reg, STATE_KEY)
     if exists and (why or not isinstance(doc, dict)):
         found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))
@@ -194,8 +208,12 @@ def _promotions(reg: Registry, valid: set[str]) -> list[tuple[str, str]]:
     """(at, release) of every promotion or rollback-to, oldest first, for releases still valid."""
     out = []
     for rid in valid:
-        _, hist, why = _doc(reg, f"releases/{rid}/history.json")
-        for e in hist if why is None and isinstance(hist, list) else []:
+        _, hist, why = _doc(reg, f"releases/{rid}/{events.LEGACY}")
+        readable = list(hist) if why is None and isinstance(hist, list) else []
+        for key in events.event_keys(reg.store, rid):
+            _, e, why = _doc(reg, key)
+            readable += [e] if why is None else []
+        for e in readable:
             if isinstance(e, dict) and e.get("event") in ("promoted", "rolled_back_to"):
                 out.append((str(e.get("at", "")), rid))
     return sorted(out)
@@ -245,7 +263,7 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
                 reg.store.put(f"{f.key}.damaged", blob.data)
             reg.store.put(f.key, _dumps(events))
             f.repaired, f.repair = True, f"kept {len(events)} complete event(s)"
-        elif f.kind in ("damaged_manifest", "damaged_eval"):
+        elif f.kind in ("damaged_manifest", "damaged_eval", "damaged_event"):
             _move_aside(reg, f.key)
             f.repaired = True
         if rid and f.repaired:

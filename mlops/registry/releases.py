@@ -4,10 +4,11 @@ Layout on the store:
 
     artifacts/<release>/<file>           model files, written first
     releases/<release>/manifest.json     written once (if-none-match), only after the artifact
-    releases/<release>/history.json      status events, appended by compare-and-swap
+    releases/<release>/events/<stamp>-<random>.json  one status event each (mlops/registry/events.py;
+                                         history.json, the list older registries kept, still reads)
     releases/<release>/evals/<suite>.json  eval results, stored with the release
-    index/releases/<release>.json        id, model, created_at, fingerprint: what finding a release
-                                         needs, without reading every manifest and history
+    index/releases/<release>.json        id, model, created_at, fingerprint, status: what finding and
+                                         listing releases need, without reading every manifest and history
     state.json                           stage pointers AND routing weights in one document
 
 Stages and routing live in one document so that one atomic compare-and-swap moves both: there is
@@ -25,13 +26,18 @@ import random
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from mlops.contracts import EvalResult
 from mlops.errors import ConflictError, InfraError, IntegrityError, UsageError
+from mlops.registry import events
 from mlops.registry.damage import RegistryDamaged, loads, working
+from mlops.registry.events import INDEX
 from mlops.registry.store import Store, atomic_write
 from mlops.util import now
 
@@ -47,17 +53,18 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
-INDEX = "index/releases"
 IndexEntries = list[dict[str, Any]]  # (a module-level name: inside Registry, `list` is the method)
+_index_entry = events.index_entry
 
 
-def _index_entry(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": manifest["id"],
-        "model": manifest.get("model"),
-        "created_at": manifest.get("created_at"),
-        "fingerprint": (manifest.get("lineage") or {}).get("fingerprint"),
-    }
+def read_eval(doc: Any) -> tuple[EvalResult | None, str | None]:
+    """(the stored eval result, None) or (None, why the document is not one): for `get_eval` and `mlops doctor`."""
+    try:
+        return EvalResult.model_validate(doc), None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        return None, f"not an eval result: {where}: {err['msg']}"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -198,55 +205,70 @@ class Registry:
         return m
 
     def history(self, release_id: str) -> list[dict[str, Any]]:
-        blob = self.store.get(f"releases/{release_id}/history.json")
-        return list(self._loads(blob.data, f"releases/{release_id}/history.json", list)) if blob else []
+        """Every event, oldest first: a registry's legacy history.json, then the event objects."""
+        return events.read(self.store, release_id)
 
     def append_event(self, release_id: str, event: str, by: str = "pipeline", **detail: Any) -> None:
-        key = f"releases/{release_id}/history.json"
+        """Store one event (its own object: concurrent appenders lose nothing), then note it as the
+        release's status in the index. Flows reach this through their backend (`Router.record`)."""
         entry = {"at": now(), "event": event, "by": by} | ({"detail": detail} if detail else {})
-        for attempt in range(CAS_RETRIES):
-            blob = self.store.get(key)
-            items = self._loads(blob.data, key, list) if blob else []
-            items.append(entry)
-            try:
-                if blob is None:
-                    self.store.put(key, _dumps(items), if_none_match=True)
-                else:
-                    self.store.put(key, _dumps(items), if_match=blob.etag)
-                return
-            except ConflictError:
-                _backoff(attempt)
-        raise ConflictError(f"could not append to {key}: too many concurrent writers")
+        head = events.write(self.store, release_id, entry)
+        events.appended(self.store, release_id, head, event, detail)
 
-    def put_eval(self, release_id: str, suite: str, result: dict[str, Any]) -> None:
-        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result))
+    def put_eval(self, release_id: str, suite: str, result: EvalResult) -> None:
+        self.store.put(f"releases/{release_id}/evals/{suite}.json", _dumps(result.model_dump()))
 
-    def get_eval(self, release_id: str, suite: str) -> dict[str, Any] | None:
-        blob = self.store.get(f"releases/{release_id}/evals/{suite}.json")
-        return self._loads(blob.data, f"releases/{release_id}/evals/{suite}.json", dict) if blob else None
+    def get_eval(self, release_id: str, suite: str) -> EvalResult | None:
+        key = f"releases/{release_id}/evals/{suite}.json"
+        blob = self.store.get(key)
+        if blob is None:
+            return None
+        result, why = read_eval(self._loads(blob.data, key, dict))
+        if result is None:  # valid JSON, but not a result: damaged like a truncated file
+            raise RegistryDamaged(f"{self.store.uri}/{key}", str(why))
+        return result
 
-    def release_ids(self) -> list[str]:
-        ids = {k.split("/")[1] for k in self.store.list("releases") if k.endswith("/manifest.json")}
-        return sorted(ids)
+    def release_ids(self, keys: Sequence[str] | None = None) -> list[str]:
+        keys = self.store.list("releases") if keys is None else keys
+        return sorted({k.split("/")[1] for k in keys if k.endswith("/manifest.json") and k.count("/") == 2})
 
-    def list(self) -> list[dict[str, Any]]:
-        """Manifests (with history and current status), newest first."""
+    def list(self, full: bool = False) -> IndexEntries:
+        """Every release with its status (and last eval summary), newest first, from the index alone:
+        no manifest or history is read, except to rebuild the entry of a release whose newest event
+        the index has not seen (a writer killed in between, a registry from before event objects).
+        `full`: each release's manifest and history too (`mlops releases --json` keeps that shape)."""
+        keys = self.store.list("releases")
+        head, ids = events.heads(keys), set(self.release_ids(keys))
         out = []
-        for rid in self.release_ids():
-            m = self.manifest(rid)
-            if m is None:
-                continue
-            hist = self.history(rid)
-            m["history"] = hist
-            m["status"] = hist[-1]["event"] if hist else "registered"
-            out.append(m)
-        out.sort(key=lambda m: (m.get("created_at", ""), m["id"]), reverse=True)
+        for e in self.index(keys):
+            rid = e["id"]
+            if rid not in ids:
+                continue  # its manifest was moved aside (`mlops doctor`): the release is gone
+            hist = self.history(rid) if full or e.get("head") != head.get(rid) else []
+            if e.get("head") != head.get(rid):
+                e |= self._reindex(rid, head.get(rid), hist, e)
+            if full:
+                if (m := self.manifest(rid)) is None:
+                    continue
+                e = m | {"history": hist, "status": events.status_of(hist)["status"]}
+            out.append(e | {"status": e.get("status") or "registered"})
         return out
 
-    def index(self) -> IndexEntries:
+    def _reindex(self, rid: str, head: str | None, hist: IndexEntries, e: dict[str, Any]) -> dict[str, Any]:
+        """An index entry's status rebuilt from the whole history (and fields an older index lacks)."""
+        fields = events.status_of(hist)
+        if "git_sha" not in e and (m := self.manifest(rid)) is not None:
+            fields |= _index_entry(m)
+        if head is not None:
+            with contextlib.suppress(InfraError):  # a read-only store lists, rebuilding each time
+                events.note(self.store, rid, head, fields)
+        return fields
+
+    def index(self, keys: Sequence[str] | None = None) -> IndexEntries:
         """id, model, created_at and fingerprint of every release, newest first: one small object
         each, no manifest or history read. A release from before the index is read from its
-        manifest once and added (so old registries migrate on read)."""
+        manifest once and added (so old registries migrate on read). `keys`: a listing of
+        `releases` the caller already has."""
         entries: dict[str, dict[str, Any]] = {}
         for key in self.store.list(INDEX):
             blob = self.store.get(key)
@@ -254,7 +276,7 @@ class Registry:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     e = json.loads(blob.data)
                     entries[str(e["id"])] = e
-        for rid in self.release_ids():
+        for rid in self.release_ids(keys):
             if rid not in entries and (m := self.manifest(rid)) is not None:
                 entries[rid] = _index_entry(m)
                 with contextlib.suppress(InfraError):  # a read-only store still lists, just slower

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlops.config import Config
+from mlops.contracts import CaseRow, EvalResult
 from mlops.evals.gates import Sample, check_gates
 from mlops.registry.releases import Registry
 
@@ -60,7 +61,7 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         "worst_cases": _worst_cases(evaluated, base, gates),
         "trend": _trend(reg, release, cfg.gates, rows),
         "cost": _cost(manifest, evaluated),
-        "suites": {k: {"n": v.get("n"), "created_at": v.get("created_at")} for k, v in evaluated.items()},
+        "suites": {k: {"n": v.n, "created_at": v.created_at} for k, v in evaluated.items()},
         "lineage": manifest.get("lineage", {}),
     }
 
@@ -69,14 +70,17 @@ def stat_key(stat: str, threshold: float | None) -> str:
     return f"pass_rate@{threshold:g}" if stat == "pass_rate" and threshold is not None else stat
 
 
-def _rows(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     rows = []
     for suite, res in evaluated.items():
-        for metric, summ in res["metrics"].items():
+        b_res = base.get(suite)
+        for metric, summ in res.metrics.items():
             mine = [g for g in gates if g["eval"] == suite and g["metric"] == metric]
             stats = list(dict.fromkeys((g["stat"], g["stat_threshold"]) for g in mine)) or [("mean", None)]
             c = Sample.of(res, metric)
-            b = Sample.of(base[suite], metric) if base.get(suite) else None
+            b = Sample.of(b_res, metric) if b_res is not None else None
             for stat, thr in stats:
                 assert c is not None
                 cval = c.stat(stat, thr)
@@ -89,7 +93,7 @@ def _rows(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str,
                         "metric": metric,
                         "stat": stat,
                         "stat_threshold": thr,
-                        "higher_is_better": summ["higher_is_better"],
+                        "higher_is_better": summ.higher_is_better,
                         "production": bval,
                         "candidate": cval,
                         "delta": None if bval is None else cval - bval,
@@ -97,18 +101,18 @@ def _rows(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str,
                         "paired_cases": reg["n"] if reg else None,
                         "threshold": "; ".join(g["threshold"] for g in these),
                         "verdict": ("pass" if all(g["passed"] for g in these) else "fail") if these else None,
-                        "failed_cases": summ.get("failed", 0),
-                        "n": summ.get("n", len(c.values)),
+                        "failed_cases": summ.failed,
+                        "n": summ.n,
                     }
                 )
     return rows
 
 
-def _primary_metric(suite: str, res: dict[str, Any], gates: list[dict[str, Any]]) -> str | None:
-    mine = [g for g in gates if g["eval"] == suite and g["metric"] in res["metrics"]]
+def _primary_metric(suite: str, res: EvalResult, gates: list[dict[str, Any]]) -> str | None:
+    mine = [g for g in gates if g["eval"] == suite and g["metric"] in res.metrics]
     for g in sorted(mine, key=lambda g: g["kind"] != "regression"):
         return str(g["metric"])
-    return next((m for m, v in res["metrics"].items() if v["higher_is_better"]), next(iter(res["metrics"]), None))
+    return next((m for m, v in res.metrics.items() if v.higher_is_better), next(iter(res.metrics), None))
 
 
 def _clip(text: Any, limit: int = JSON_TEXT) -> Any:
@@ -117,7 +121,9 @@ def _clip(text: Any, limit: int = JSON_TEXT) -> Any:
     return text[: limit - 1] + "…"
 
 
-def _worst_cases(evaluated: dict[str, Any], base: dict[str, Any], gates: list[dict[str, Any]]) -> dict[str, Any]:
+def _worst_cases(
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The cases that lost most against the baseline on each suite's primary metric (its first
     regression-gated metric), or, with no baseline, the lowest-scoring cases."""
     picked: list[dict[str, Any]] = []
@@ -126,44 +132,45 @@ def _worst_cases(evaluated: dict[str, Any], base: dict[str, Any], gates: list[di
         metric = _primary_metric(suite, res, gates)
         if metric is None:
             continue
-        better = 1.0 if res["metrics"][metric]["higher_is_better"] else -1.0
-        prev = {c["id"]: c for c in (base.get(suite) or {}).get("cases", [])}
-        scored = [c for c in res["cases"] if metric in c["scores"]]
-        best = max((better * c["scores"][metric] for c in scored), default=0.0)
-        ranked = []
+        better = 1.0 if res.metrics[metric].higher_is_better else -1.0
+        b_res = base.get(suite)
+        prev = {c.id: c for c in (b_res.cases if b_res is not None else [])}
+        scored = [c for c in res.cases if metric in c.scores]
+        best = max((better * c.scores[metric] for c in scored), default=0.0)
+        ranked: list[tuple[float, CaseRow, CaseRow | None]] = []
         for c in scored:
-            value = c["scores"][metric]
-            failed = metric in c.get("failed", ())
-            p = prev.get(c["id"])
+            value = c.scores[metric]
+            failed = metric in c.failed
+            p = prev.get(c.id)
             if prev:  # against the baseline: what got worse, or newly failed
-                if p is None or metric not in p["scores"]:
+                if p is None or metric not in p.scores:
                     continue
-                loss = better * (p["scores"][metric] - value)
-                if loss <= 0 and not (failed and metric not in p.get("failed", ())):
+                loss = better * (p.scores[metric] - value)
+                if loss <= 0 and not (failed and metric not in p.failed):
                     continue
             else:  # no baseline: the lowest-scoring cases (not those at the suite's best)
                 loss = best - better * value
                 if loss <= 0 and not failed:
                     continue
             ranked.append((loss, c, p))
-        ranked.sort(key=lambda t: (-t[0], t[1]["id"]))
+        ranked.sort(key=lambda t: (-t[0], t[1].id))
         for loss, c, p in ranked[:WORST_CASES]:
-            error = c.get("error")
-            if error is None and metric in c.get("failed", ()):
-                error = (c.get("reasons") or {}).get(metric)
+            error = c.error
+            if error is None and metric in c.failed:
+                error = c.reasons.get(metric)
             picked.append(
                 {
                     "suite": suite,
                     "metric": metric,
-                    "id": c["id"],
+                    "id": c.id,
                     "loss": loss,
-                    "input": _clip(c["input"]),
-                    "expected": _clip(c.get("expected")),
-                    "candidate": _clip(c.get("output")),
-                    "candidate_score": c["scores"][metric],
+                    "input": _clip(c.input),
+                    "expected": _clip(c.expected),
+                    "candidate": _clip(c.output),
+                    "candidate_score": c.scores[metric],
                     "candidate_error": _clip(error),
-                    "production": _clip(p.get("output")) if p else None,
-                    "production_score": p["scores"].get(metric) if p else None,
+                    "production": _clip(p.output) if p else None,
+                    "production_score": p.scores.get(metric) if p else None,
                 }
             )
     picked.sort(key=lambda r: -r["loss"])
@@ -191,10 +198,10 @@ def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float 
 def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each gated statistic over the last releases up to this one, oldest first, from history
     events (small), never from result files (which can be large)."""
-    manifests = reg.list()  # newest first, with history
-    ids = [m["id"] for m in manifests]
+    ids = [m["id"] for m in reg.list()]  # newest first, from the index
     start = ids.index(release) if release in ids else 0
-    window = list(reversed(manifests[start : start + TREND_RELEASES]))
+    # only the charted releases' histories are read, not every release's
+    window = [{"id": rid, "history": reg.history(rid)} for rid in reversed(ids[start : start + TREND_RELEASES])]
     st, _ = reg.read_state()
     prod = st.stages.get("production")
     out = []
@@ -232,14 +239,14 @@ def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[st
     return out
 
 
-def _cost(manifest: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+def _cost(manifest: dict[str, Any], evaluated: dict[str, EvalResult]) -> dict[str, Any]:
     train = manifest.get("train") or {}
     seconds = train.get("seconds")
     device = str(train.get("device") or "")
     on_gpu = any(k in device.lower() for k in ("cuda", "gpu"))
 
     def total(key: str) -> int:
-        return int(sum((r.get("cost") or {}).get(key, 0) or 0 for r in evaluated.values()))
+        return int(sum(getattr(r.cost, key) for r in evaluated.values()))
 
     return {
         "train_seconds": seconds,
@@ -256,7 +263,7 @@ def _cost(manifest: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]
         "retries": total("retries"),
         "errors": total("errors"),
         "completion_tokens": total("completion_tokens"),
-        "eval_seconds": round(sum((r.get("cost") or {}).get("wall_s", 0.0) for r in evaluated.values()), 3),
+        "eval_seconds": round(sum(r.cost.wall_s for r in evaluated.values()), 3),
         "judge_calls": total("judge_calls"),
         "judge_cache_hits": total("judge_cache_hits"),
         "judge_failures": total("judge_failures"),

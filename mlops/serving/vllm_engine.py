@@ -36,6 +36,7 @@ from typing import Any
 
 from mlops.errors import InfraError
 from mlops.serving.base import QueuedEngine
+from mlops.serving.childguard import Guard
 from mlops.serving.genrequest import GenRequest
 from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
 from mlops.util import free_port
@@ -97,6 +98,7 @@ class VllmEngine(QueuedEngine):
         self._logdir = Path(tempfile.mkdtemp(prefix=f"mlops-vllm-{self.name}-"))
         self.log_path = self._logdir / "vllm.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._guard: Guard | None = None
         self.startup_s = 0.0
         self._workers = [
             threading.Thread(target=self._run, name=f"vllm-{self.name}-{i}", daemon=True) for i in range(max_batch_size)
@@ -128,6 +130,7 @@ class VllmEngine(QueuedEngine):
             self._proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        self._guard = Guard(self._proc.pid)  # a `kill -9` of this process still stops that session
         atexit.register(self._kill)
         log.info("starting vLLM for %s on port %d (log: %s)", self.name, self.port, self.log_path)
         try:
@@ -188,6 +191,9 @@ class VllmEngine(QueuedEngine):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        if self._guard is not None:
+            self._guard.release()
+            self._guard = None
 
     # ------------------------------------------------------------------ the Engine protocol
 

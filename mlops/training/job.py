@@ -2,46 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from mlops.config import ArchCfg, LoraCfg
+from mlops.configtrain import StepsOrDuration, TrainCfg
 
 if TYPE_CHECKING:
     from mlops.config import Loaded
 
 
-@dataclass
-class TrainJob:
+class TrainJob(TrainCfg):
+    """Every `models.<name>.train` key (inherited from TrainCfg, so a new key needs no edit here),
+    the model keys training reads, and what only the run knows (paths, GPU, prices).
+
+    It crosses into Modal as `model_dump()` (plain JSON) and comes back with `TrainJob(**d)`; the
+    run record keeps the same dump. `checkpoint_every` is resolved into the two fields below it."""
+
+    checkpoint_every: StepsOrDuration | None = Field(None, exclude=True)
+    # the model's keys
     model_name: str
     dataset_path: str
     out_dir: str
     base: str = "scratch"
     method: str = "full"
     prompt: str = "{input}"
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    threads: int | None = None
-    arch: dict[str, int] = field(default_factory=lambda: {"n_layer": 3, "n_embd": 128, "n_head": 4, "n_positions": 64})
-    lora: dict[str, Any] = field(
-        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]}
-    )
+    arch: dict[str, int] = Field(default_factory=lambda: ArchCfg().model_dump())
+    lora: dict[str, Any] = Field(default_factory=lambda: LoraCfg().model_dump())
     input_field: str = "input"
     target_field: str = "expected"
-    precision: str | None = None  # bf16 | fp16 | fp32; None: bf16 on a GPU, fp32 on CPU
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    max_seq_len: int | None = None
-    eval_every: int | None = None
+    # the run's
     checkpoint_every_steps: int | None = None
     checkpoint_every_s: float | None = None
-    keep_checkpoints: int = 2
     runs_dir: str | None = None  # where resumable checkpoints live; None: no checkpoints
     gpu: str | None = None  # the Modal GPU type asked for (`H100:2`): what the cost is computed from
-    gpu_prices: dict[str, float] = field(default_factory=dict)
+    gpu_prices: dict[str, float] = {}
     save_adapter: str | None = None  # LoRA: also keep the unmerged peft adapter in this directory
 
 
@@ -55,31 +53,15 @@ def job_from_config(loaded: Loaded, name: str, out_dir: Path, gpu: str | None = 
     runs = loaded.root / ".mlops" / "cache" if "://" in storage else (loaded.root / storage)
     every_steps, every_s = t.checkpoint_interval()
     return TrainJob(
+        **(t.model_dump() | {"warmup_steps": min(t.warmup_steps, t.steps), "checkpoint_every": None}),
+        **m.model_dump(include={"base", "method", "prompt", "arch", "lora"}),
         model_name=name,
         dataset_path=str(loaded.dataset_path(m.dataset)),
         out_dir=str(out_dir),
-        base=m.base,
-        method=m.method,
-        prompt=m.prompt,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        seed=t.seed,
-        warmup_steps=min(t.warmup_steps, t.steps),
-        weight_decay=t.weight_decay,
-        threads=t.threads,
-        arch=m.arch.model_dump(),
-        lora=m.lora.model_dump(),
         input_field=ds.input_field,
         target_field=ds.target_field,
-        precision=t.precision,
-        grad_accum=t.grad_accum,
-        gradient_checkpointing=t.gradient_checkpointing,
-        max_seq_len=t.max_seq_len,
-        eval_every=t.eval_every,
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
-        keep_checkpoints=t.keep_checkpoints,
         runs_dir=str(runs.resolve() / "checkpoints"),
         gpu=gpu,
         gpu_prices=dict(loaded.cfg.prices.gpu_per_hour),

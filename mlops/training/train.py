@@ -134,7 +134,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
     gen = torch.Generator().manual_seed(job.seed)
 
-    fp = fingerprint({k: v for k, v in asdict(job).items() if k not in NOT_WEIGHTS}, Path(job.dataset_path))
+    fp = fingerprint(job.model_dump(exclude=NOT_WEIGHTS), Path(job.dataset_path))
     ck: Checkpointer | None = None
     start, tokens_seen, loss_ema, prior_s, eval_loss = 0, 0, float("nan"), 0.0, None
     if job.runs_dir:
@@ -242,7 +242,8 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         fingerprint=fp,
     )
     meta = {
-        "job": asdict(job) | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path), "runs_dir": None},
+        "job": job.model_dump()
+        | {"out_dir": None, "dataset_path": os.path.basename(job.dataset_path), "runs_dir": None},
         "result": asdict(result) | {"out_dir": None},
     }
     (out / "mlops_train.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
