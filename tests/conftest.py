@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -24,6 +24,9 @@ import yaml
 from mlops.env import set_offline
 from mlops.testing import mlops_serve
 from mlops.util import free_port
+
+if TYPE_CHECKING:
+    from mlops.training.train import TrainJob
 
 __all__ = ["free_port", "mlops_serve"]  # for the tests, with the fixtures below
 
@@ -99,6 +102,25 @@ def train_and_publish(root: Path, seed: int = 0, steps: int | None = None, promo
     if promote:
         do_promote(s.backend, rid, reason="test fixture")
     return rid
+
+
+def train_job(out: Path, **kw: Any) -> TrainJob:
+    """A TrainJob for the training tests: FAST_MODEL's architecture on the example's data (`kw`
+    overrides any field)."""
+    from mlops.training.train import TrainJob
+
+    base = {
+        "model_name": "t",
+        "dataset_path": str(REPO / "data/train.jsonl"),
+        "out_dir": str(out),
+        "prompt": "{input}=",
+        "steps": 8,
+        "batch_size": 16,
+        "warmup_steps": 2,
+        "threads": 1,
+        "arch": FAST_MODEL["arch"],
+    }
+    return TrainJob(**(base | kw))
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train_job
 
 from mlops.registry.releases import sha256_file
 from mlops.training.checkpoint import Checkpointer
 from mlops.training.train import TrainJob, train_model
-
-ARCH = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}
 
 # The child trains and reports each step; at `stop` it parks on stdin, where the test kills it.
 CHILD = """
@@ -40,18 +38,7 @@ print(f"done resumed_from={r.resumed_from_step}", flush=True)
 
 
 def job(out: Path, **kw: object) -> TrainJob:
-    base = {
-        "model_name": "t",
-        "dataset_path": str(REPO / "data/train.jsonl"),
-        "out_dir": str(out),
-        "prompt": "{input}=",
-        "steps": 12,
-        "batch_size": 8,
-        "warmup_steps": 2,
-        "threads": 1,
-        "arch": ARCH,
-    }
-    return TrainJob(**(base | kw))  # type: ignore[arg-type]
+    return train_job(out, **({"steps": 12, "batch_size": 8} | kw))
 
 
 def run_child(j: TrainJob, stop: int) -> tuple[subprocess.Popen[str], list[str]]:

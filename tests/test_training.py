@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train_job
 
 from mlops.registry.releases import sha256_file
 from mlops.training.train import TrainJob, train_model
@@ -16,18 +16,7 @@ ARCH = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}
 
 
 def job(out: Path, **kw: object) -> TrainJob:
-    base = {
-        "model_name": "t",
-        "dataset_path": str(REPO / "data/train.jsonl"),
-        "out_dir": str(out),
-        "prompt": "{input}=",
-        "steps": 8,
-        "batch_size": 16,
-        "warmup_steps": 2,
-        "threads": 1,
-        "arch": ARCH,
-    }
-    return TrainJob(**(base | kw))  # type: ignore[arg-type]
+    return train_job(out, **kw)
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
