@@ -1,4 +1,4 @@
-"""Small helpers every layer may use: a percentile, a timestamp, an environment lookup, a free port."""
+"""Small helpers every layer may use: a percentile, a timestamp, an environment lookup, a free port, an fsync."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file, or a directory's entries (after a rename into it), to disk: the last step
+    of every write that must survive a crash (registry objects, checkpoints)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

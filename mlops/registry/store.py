@@ -19,6 +19,7 @@ from typing import Protocol
 
 from mlops import plugins
 from mlops.errors import ConfigError, ConflictError, InfraError
+from mlops.util import fsync
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,6 @@ class Store(Protocol):
         ...
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """temp file in the same directory + fsync + rename + fsync(dir): all or nothing on a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +70,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 class LocalStore:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlops.util import fsync
+
 TRAINING_CODE = Path(__file__).parent
 PREFIX = "ckpt-"
 log = logging.getLogger("mlops.training")
@@ -83,22 +85,6 @@ def set_rng_state(state: dict[str, Any], gen: Any) -> None:
 # ---------------------------------------------------------------------------- files
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Resumed:
     step: int
@@ -137,13 +123,13 @@ class Checkpointer:
         meta = meta | {"step": step, "fingerprint": self.fingerprint, "code_hash": code_hash()}
         (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
         for name in ("weights.safetensors", "state.pt", "meta.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync(tmp / name)
+        fsync(tmp)
         if final.exists():  # the same step from an earlier attempt: identical content, keep that one
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(self.run_dir)
+        fsync(self.run_dir)
         self.written += 1
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
