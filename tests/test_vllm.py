@@ -13,6 +13,7 @@ STARTUP_S. vLLM comes from $MLOPS_VLLM_PYTHON (`make test` sets it) or `.venv-vl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -117,19 +118,27 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 @pytest.fixture(scope="module")
 def vllm_server(release: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    tmp = tmp_path_factory.mktemp("vllm")
+    with launched_vllm(tmp_path_factory.mktemp("vllm"), release.model_dir, release.rid, release.prompt, 32) as server:
+        print(f"\nvLLM ready in {server.startup_s:.1f}s", file=sys.stderr)
+        yield server
+
+
+@contextlib.contextmanager
+def launched_vllm(tmp: Path, model_dir: Path, rid: str, prompt: str, positions: int) -> Iterator[VllmServer]:
+    """vLLM on CPU on a free 127.0.0.1 port, serving model_dir as `rid` (alias `tiny`) with
+    `prompt` as its chat template; healthy when yielded, its process group stopped on exit."""
     template = tmp / "chat_template.jinja"
-    template.write_text(chat_template_for(release.prompt))
+    template.write_text(chat_template_for(prompt))
     port, key = free_port(), secrets.token_hex(16)
     argv = vllm_command(
-        release.model_dir,
-        release.rid,
+        model_dir,
+        rid,
         port,
         aliases=("tiny",),
         chat_template=str(template),
         host="127.0.0.1",
         python=vllm_python(),
-        extra=cpu_extra(32),
+        extra=cpu_extra(positions),
     )
     env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: key}))
     log = tmp / "vllm.log"
@@ -138,8 +147,7 @@ def vllm_server(release: Release, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         url = f"http://127.0.0.1:{port}"
         startup = wait_health(url, proc, log)
-        print(f"\nvLLM ready in {startup:.1f}s", file=sys.stderr)
-        yield VllmServer(url, key, release.rid, log, argv, startup)
+        yield VllmServer(url, key, rid, log, argv, startup)
     finally:
         stop_group(proc)
 
@@ -344,29 +352,8 @@ def test_merged_lora_artifact_serves_the_same_through_vllm(tmp_path: Path) -> No
     prompts = [f"{c['input']}=" for c in cases]
     want = builtin_texts(model_dir, prompts)
 
-    template = tmp_path / "chat_template.jinja"
-    template.write_text(chat_template_for("{input}="))
-    port, key = free_port(), secrets.token_hex(16)
-    argv = vllm_command(
-        model_dir,
-        "merged",
-        port,
-        aliases=("tiny",),
-        chat_template=str(template),
-        host="127.0.0.1",
-        python=vllm_python(),
-        extra=cpu_extra(arch["n_positions"]),
-    )
-    env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: key}))
-    log = tmp_path / "vllm.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_health(url, proc, log)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    with launched_vllm(tmp_path, model_dir, "merged", "{input}=", arch["n_positions"]) as server:
+        client = server.client()
         got = [client.completions.create(model="tiny", prompt=p, max_tokens=16).choices[0].text for p in prompts]
-    finally:
-        stop_group(proc)
     differ = [(p, w, g) for p, w, g in zip(prompts, want, got, strict=True) if w != g]
     assert not differ, f"{len(differ)}/{len(prompts)} differ, e.g. {differ[:3]}"
