@@ -28,6 +28,7 @@ from mlops.config import load
 from mlops.errors import UsageError
 from mlops.pipeline import Session
 from mlops.registry.releases import Registry, State
+from mlops.serving.base import Engine
 from mlops.serving.runner import check_bind
 
 H = "x-mlops-release"
@@ -180,12 +181,21 @@ def _counter(text: str, release: str) -> int:
 # --------------------------------------------------------------------------- load shedding
 
 
+@contextlib.contextmanager
+def held(s: Served, release: str) -> Iterator[tuple[Engine, Hold]]:
+    """`release`'s engine in `s`, its worker held at the next prefill until the block exits."""
+    engine = s.pool.engine(release)
+    assert engine is not None
+    hold = Hold(engine)
+    try:
+        yield engine, hold
+    finally:
+        hold.release()
+
+
 def test_full_queue_answers_503_with_retry_after(proj: Proj) -> None:
     with serving(proj, ("deploy.server.max_queue=2",)) as s:
-        engine = s.pool.engine(proj.b)
-        assert engine is not None
-        hold = Hold(engine)
-        try:
+        with held(s, proj.b) as (engine, hold):
             first = in_background(lambda: s.post({"user": "u0"}))
             assert hold.entered.wait(WAIT_S)  # the worker took it and is held in its forward pass
             queued = [in_background(lambda i=i: s.post({"user": f"u{i}"})) for i in (1, 2)]
@@ -194,24 +204,17 @@ def test_full_queue_answers_503_with_retry_after(proj: Proj) -> None:
             assert shed.status_code == 503 and shed.headers["retry-after"] == "1" and shed.headers[H] == proj.b
             stream = s.post({"user": "u4", "stream": True})
             assert stream.status_code == 503, "a stream is refused before its 200, not inside it"
-        finally:
-            hold.release()
         assert [r().status_code for r in (first, *queued)] == [200, 200, 200]
         assert s.post().status_code == 200
 
 
 def test_request_timeout_answers_504_and_frees_the_slot(proj: Proj) -> None:
     with serving(proj, ("deploy.server.request_timeout=0.3",)) as s:
-        engine = s.pool.engine(proj.b)
-        assert engine is not None
-        hold = Hold(engine)
-        try:
+        with held(s, proj.b) as (engine, _):
             t0 = time.perf_counter()
             r = s.post()
             assert r.status_code == 504 and r.json()["error"]["type"] == "timeout" and r.headers[H] == proj.b
             assert time.perf_counter() - t0 < 5
-        finally:
-            hold.release()
         wait_for(lambda: engine.busy == 0, "the timed-out request to leave the engine")
         assert s.post().status_code == 200
 
@@ -299,10 +302,7 @@ def test_requests_in_flight_during_a_rollback_finish_on_the_release_that_took_th
 
     with serving(proj, retain=0.0) as s:  # the hard case: b's engine is closed as soon as it leaves
         expected = {i: s.post({"prompt": f"{'abcde'[: i + 2]}=", "user": f"u{i}"}).json() for i in range(3)}
-        engine = s.pool.engine(proj.b)
-        assert engine is not None
-        hold = Hold(engine)
-        try:
+        with held(s, proj.b) as (engine, hold):
             first = in_background(lambda: s.post({"prompt": "ab=", "user": "u0"}))
             assert hold.entered.wait(WAIT_S)
             rest = [
@@ -319,8 +319,6 @@ def test_requests_in_flight_during_a_rollback_finish_on_the_release_that_took_th
 
             backend.set_state(forget, reason="test", actor="test")
             wait_for(lambda: engine.closed, "b to stop taking requests (drain)")
-        finally:
-            hold.release()
         done = [first(), *(r() for r in rest)]
         for i, r in enumerate(done):
             assert r.status_code == 200 and r.headers[H] == proj.b, "finished on the release that took it"
