@@ -62,6 +62,13 @@ class _PerCase:
         return out
 
 
+class _Plain(_PerCase):
+    """Base for per-case metrics that take no parameters."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        pass
+
+
 def _norm(s: str | None) -> str:
     return (s or "").strip()
 
@@ -110,11 +117,8 @@ class Regex(_PerCase):
 
 
 @register("json_valid")
-class JsonValid(_PerCase):
+class JsonValid(_Plain):
     name = "json_valid"
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        pass
 
     def score(self, case: Case, output: Output) -> float:
         try:
@@ -125,26 +129,20 @@ class JsonValid(_PerCase):
 
 
 @register("length")
-class Length(_PerCase):
+class Length(_Plain):
     name = "length"
     higher_is_better = False
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        pass
 
     def score(self, case: Case, output: Output) -> float:
         return float(len(output.text))
 
 
 @register("latency")
-class Latency(_PerCase):
+class Latency(_Plain):
     """Seconds from request to the full response, as the harness measured it."""
 
     name = "latency"
     higher_is_better = False
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        pass
 
     def score(self, case: Case, output: Output) -> float:
         return float(output.latency_s)
