@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from mlops.contracts import RunResult
 from mlops.errors import EXIT_GATE, EXIT_OK, InfraError
@@ -122,6 +123,24 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             summary = {k: v.metrics for k, v in results.items()}
             # what every outcome from here on reports alongside its status
             common = {"release": release, "trained": tr.trained, "evals": summary, "gates": gates, "endpoint": url}
+
+            def smoke() -> str | None:
+                """The release the endpoint answers from now."""
+                return _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
+
+            def kept_out(status: str, message: str, served: str | None, **more: Any) -> RunResult:
+                """The candidate stays out of production: the gate's exit code, production unchanged."""
+                return RunResult(
+                    **common,
+                    status=status,
+                    exit_code=EXIT_GATE,
+                    production=prod,
+                    message=message,
+                    served_by=served,
+                    timings=t,
+                    **more,
+                )
+
             if not all(g.passed for g in gates):
                 failed = [f"{g.name} {g.threshold}" for g in gates if not g.passed]
                 msg = f"candidate {release} rejected: gate failed ({', '.join(failed)}); production stays {prod or 'empty'}"
@@ -129,39 +148,16 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 s.backend.record(release, "rejected", by="pipeline:gates", failed=failed)
                 s.say(msg)
                 exit_code = EXIT_GATE
-                served = (
-                    _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
-                    if prod
-                    else None
-                )
-                return RunResult(
-                    **common,
-                    status="rejected",
-                    exit_code=EXIT_GATE,
-                    production=prod,
-                    message=msg,
-                    served_by=served,
-                    timings=t,
-                )
+                return kept_out("rejected", msg, smoke() if prod else None)
             with _timed(t, "canary"):
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
                 exit_code = EXIT_GATE
-                served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
-                return RunResult(
-                    **common,
-                    status="rolled_back",
-                    exit_code=EXIT_GATE,
-                    production=prod,
-                    message=failure,
-                    canary=verdicts,
-                    served_by=served,
-                    timings=t,
-                )
+                return kept_out("rolled_back", failure, smoke(), canary=verdicts)
             mark("promote")
             new = promote(s.backend, release, reason="gates and canary passed" if prod else "first release")
             wait_served(url, new.version)  # on S3 the endpoint re-reads the state on a timer
-            served = _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
+            served = smoke()
             if served != release:
                 raise InfraError(f"promoted {release} but the endpoint answered from {served}")
             msg = f"promoted {release} to production" + (f" (previous: {prod})" if prod else "")
