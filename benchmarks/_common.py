@@ -7,6 +7,7 @@ puts the checkout first on sys.path, so a benchmark measures this tree's code.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -34,12 +35,25 @@ __all__ = [
     "example_release",
     "free_port",
     "load_avg",
+    "load_options",
     "make_project",
     "mlops_serve",
     "pct",
     "prompts",
     "train_release",
 ]
+
+
+def load_options(doc: str | None, requests: tuple[int, str], reps: tuple[int, str]) -> argparse.ArgumentParser:
+    """The options of a benchmark that puts load on `mlops serve`: training steps, requests per
+    measured run and interleaved repetitions (each a default and its help), a deadline per phase;
+    the script adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each release (brief)")
+    ap.add_argument("--requests", type=int, default=requests[0], help=requests[1])
+    ap.add_argument("--reps", type=int, default=reps[0], help=reps[1])
+    ap.add_argument("--max-seconds", type=float, default=240, help="deadline of each measured phase")
+    return ap
 
 
 def pct(values: list[float], q: float) -> float:

@@ -19,7 +19,6 @@ script exits. Prints a table and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import itertools
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import example_release, load_avg, mlops_serve, pct, prompts  # noqa: E402
+from _common import example_release, load_avg, load_options, mlops_serve, pct, prompts  # noqa: E402
 from bench_serving import RawConn  # noqa: E402
 
 EVERY = 50  # one request in this many is hostile
@@ -101,12 +100,10 @@ async def phase(url: str, bodies: list[str], clients: int, hostile: bool, deadli
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40, help="training steps (brief)")
-    ap.add_argument("--requests", type=int, default=1000, help="normal requests per phase")
-    ap.add_argument("--reps", type=int, default=3, help="interleaved clean/hostile pairs")
+    ap = load_options(
+        __doc__, requests=(1000, "normal requests per phase"), reps=(3, "interleaved clean/hostile pairs")
+    )
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--max-seconds", type=float, default=240, help="deadline for each phase")
     args = ap.parse_args()
 
     with example_release("bench-hostile-", args.steps) as (root, _, rid, took):

@@ -19,7 +19,6 @@ Bounded: fixed request counts, deadlines on every phase, servers stopped before 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -34,7 +33,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import example_release, load_avg, mlops_serve, prompts  # noqa: E402
+from _common import example_release, load_avg, load_options, mlops_serve, prompts  # noqa: E402
 from bench_serving import fixed_load  # noqa: E402
 
 from mlops.monitor.capture import chunk_key  # noqa: E402
@@ -109,12 +108,10 @@ def monitor_run(root: Path) -> tuple[float, float, float, dict[str, object]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40, help="training steps (brief)")
-    ap.add_argument("--requests", type=int, default=400, help="requests per run, concurrency 16")
-    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions of on and off")
+    ap = load_options(
+        __doc__, requests=(400, "requests per run, concurrency 16"), reps=(5, "alternating repetitions of on and off")
+    )
     ap.add_argument("--captured", type=int, default=100_000, help="captured requests for mlops monitor")
-    ap.add_argument("--max-seconds", type=float, default=240, help="deadline of each measured run")
     ap.add_argument("--skip-serving", action="store_true", help="only (ii)")
     args = ap.parse_args()
     with example_release("bench-monitor-", args.steps) as (root, _, rid, _):

@@ -23,7 +23,6 @@ the servers are stopped before the script exits. Prints a table and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -41,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
-from _common import load_avg, make_project, mlops_serve, pct, prompts, train_release  # noqa: E402
+from _common import load_avg, load_options, make_project, mlops_serve, pct, prompts, train_release  # noqa: E402
 
 from mlops.config import load  # noqa: E402
 from mlops.pipeline import Session  # noqa: E402
@@ -251,15 +250,15 @@ async def flips_under_load(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per release (brief)")
-    ap.add_argument("--requests", type=int, default=200, help="requests per throughput run")
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the throughput runs")
+    ap = load_options(
+        __doc__,
+        requests=(200, "requests per throughput run"),
+        reps=(3, "interleaved repetitions of the throughput runs"),
+    )
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--flips", type=int, default=20)
     ap.add_argument("--gap", type=float, default=0.25, help="seconds between two flips")
     ap.add_argument("--steady", type=int, default=1500, help="requests in the steady phase")
-    ap.add_argument("--max-seconds", type=float, default=240, help="deadline for each measured phase")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="the load generator (see RawConn)")
     args = ap.parse_args()
     global CLIENT
