@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from conftest import make_project, mlops
 
@@ -27,7 +28,8 @@ def test_train_eval_deploy_canary_rollback(tmp_path: Path) -> None:
 
     b = j("train", "--set", "models.tiny.train.seed=1", cwd=root)
     assert b["trained"] is True and b["release"] != a["release"]
-    assert j("eval", "--release", "candidate", "--set", "models.tiny.train.seed=1", cwd=root)["passed"] is True
+    ev_b = j("eval", "--release", "candidate", "--set", "models.tiny.train.seed=1", cwd=root)
+    assert ev_b["passed"] is True
     dep = j("deploy", "--release", str(b["release"]), cwd=root)
     assert dep["status"] == "promoted" and dep["previous"] == a["release"]
     assert [s["percent"] for s in dep["canary"]] == [50, 100]  # type: ignore[union-attr]
@@ -43,6 +45,7 @@ def test_train_eval_deploy_canary_rollback(tmp_path: Path) -> None:
 
     rep = j("report", "--release", str(b["release"]), cwd=root)
     assert rep["release"] == b["release"]
+    assert_report_shape(rep, ev_b, production=str(a["release"]))
     md = mlops("report", "--release", str(b["release"]), "--markdown", cwd=root)
     assert md.returncode == 0 and md.stdout.startswith("<!-- mlops-eval-report -->")
 
@@ -54,3 +57,45 @@ def test_deploy_without_eval_results_is_a_usage_error(tmp_path: Path) -> None:
     assert r.returncode == 1 and "has no eval results" in r.stderr and r.stderr.strip().count("\n") == 0
     r = mlops("eval", "--release", "nope", cwd=root)
     assert r.returncode == 1 and "unknown release 'nope'" in r.stderr
+
+
+# The workflows read `mlops report --json`: its keys, in this order, are a contract (report/model.py).
+REPORT_KEYS = "release model baseline baseline_stage production status verdict gates metrics worst_cases trend"
+ROW_KEYS = "suite metric stat stat_threshold higher_is_better production candidate delta interval paired_cases"
+CASE_KEYS = "suite metric id loss input expected candidate candidate_score candidate_error production production_score"
+COST_KEYS = (
+    "train_seconds train_device gpu_seconds train_tokens train_precision gpu_type peak_memory_mb train_cost_usd"
+    " endpoint_calls cache_hits retries errors completion_tokens eval_seconds judge_calls judge_cache_hits"
+    " judge_failures judge_tokens"
+)
+GATE_KEYS = (
+    "name eval metric stat kind candidate production delta interval threshold passed reason n higher_is_better"
+    " stat_threshold"
+)
+
+
+def assert_report_shape(rep: dict[str, Any], ev: dict[str, Any], production: str) -> None:
+    """The report of a release evaluated against `production`: its shape, and numbers that match `mlops eval`."""
+    assert list(rep) == [*REPORT_KEYS.split(), "cost", "suites", "lineage"]
+    assert rep["baseline"] == production and rep["baseline_stage"] == "production" and rep["production"] == production
+    assert rep["verdict"] == "pass" and rep["model"] == "tiny"
+    assert [list(g) for g in rep["gates"]] == [GATE_KEYS.split()] * len(ev["gates"])
+    assert [g["name"] for g in rep["gates"]] == [g["name"] for g in ev["gates"]]
+    assert rep["metrics"] and all(
+        list(r) == [*ROW_KEYS.split(), "threshold", "verdict", "failed_cases", "n"] for r in rep["metrics"]
+    )
+    for r in rep["metrics"]:
+        if r["stat"] == "mean":  # the candidate's mean is what `mlops eval` reported
+            assert r["candidate"] == ev["metrics"][r["suite"]][r["metric"]]["mean"], r
+            assert isinstance(r["higher_is_better"], bool) and r["n"] == ev["metrics"][r["suite"]][r["metric"]]["n"]
+    assert list(rep["worst_cases"]) == ["compared", "cases"] and rep["worst_cases"]["compared"] is True
+    assert all(list(c) == CASE_KEYS.split() for c in rep["worst_cases"]["cases"])
+    assert all(
+        list(t) == ["suite", "metric", "stat", "stat_threshold", "label", "points", "bounds"] for t in rep["trend"]
+    )
+    assert all(list(p) == ["release", "value", "production", "this"] for t in rep["trend"] for p in t["points"])
+    assert list(rep["cost"]) == COST_KEYS.split()
+    assert rep["cost"]["endpoint_calls"] == sum(c["endpoint_calls"] for c in ev["cost"].values()) > 0
+    assert rep["cost"]["train_device"] and rep["cost"]["train_seconds"] > 0
+    assert list(rep["suites"]) == list(ev["metrics"]) and list(rep["suites"]["heldout"]) == ["n", "created_at"]
+    assert rep["lineage"]["fingerprint"]

@@ -165,12 +165,9 @@ def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) ->
     assert "### Worst regressed cases (heldout.exact_match)" in md
     case_rows = [ln for ln in lines if ln.startswith("| rev-")]
     assert len(case_rows) == 8
-    first = rep["worst_cases"]["cases"][0]
-    assert first["production"] == first["expected"] and first["candidate"] == first["input"][:3]
-    assert (
-        f"| {first['id']} | {first['input']} | {first['expected']} | {first['expected']} (1) | {first['input'][:3]} (0) |"
-        in md
-    )
+    first = rep.worst_cases.cases[0]
+    assert first.production == first.expected and first.candidate == first.input[:3]
+    assert f"| {first.id} | {first.input} | {first.expected} | {first.expected} (1) | {first.input[:3]} (0) |" in md
     # a trend chart per gated statistic, over the releases up to this one
     charts = re.findall(r"```mermaid\n(.*?)```", md, re.S)
     assert len(charts) == 2
@@ -182,8 +179,8 @@ def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) ->
     # cost
     assert "**Cost**: training 12.5 s on cpu (0 GPU-s, ≈12,500 tokens); eval 200 endpoint calls" in md
     assert "judges 0 calls" in md
-    assert rep["cost"]["gpu_seconds"] == 0.0
-    json.dumps(rep)  # the machine form is plain JSON
+    assert rep.cost.gpu_seconds == 0.0
+    json.dumps(rep.model_dump())  # the machine form is plain JSON
 
 
 def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:
@@ -192,11 +189,11 @@ def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda:0")
     rep = build_report(s.registry, s.loaded.cfg, rid)
     md = to_markdown(rep)
-    assert rep["verdict"] == "pass" and rep["baseline"] is None
+    assert rep.verdict == "pass" and rep.baseline is None
     assert "vs nothing (no production release yet)" in md.splitlines()[1]
     assert "no production results to compare with (first release)" in md
     assert "### Lowest-scoring cases (heldout.exact_match; no production to compare with)" in md
-    assert rep["cost"]["gpu_seconds"] == 12.5 and "(12.5 GPU-s" in md
+    assert rep.cost.gpu_seconds == 12.5 and "(12.5 GPU-s" in md
     assert "```mermaid" not in md  # one release: no trend to draw
 
 
@@ -229,7 +226,7 @@ def test_report_stays_under_the_comment_limit_with_10000_cases(tmp_path: Path) -
     assert "<script>" not in md and "</details>" not in md and "@octocat" not in md
     assert "@\u200bocto" in md  # mentions are defused, not dropped
     assert "### Worst regressed cases" in md and "```mermaid" in md and "**Cost**" in md
-    assert len(json.dumps(rep)) < 200_000  # the machine form is bounded too
+    assert len(json.dumps(rep.model_dump())) < 200_000  # the machine form is bounded too
     assert elapsed < 30
 
 
@@ -310,5 +307,5 @@ def test_report_shows_the_run_record_precision_memory_and_dollars(tmp_path: Path
     run = {"precision": "bf16", "gpu_type": "A10G", "gpu_seconds": 3600.0, "peak_memory_mb": 20480.0}
     publish(s, rid, suite_result(rid, rows(50, set(range(40)))), tmp_path, device="cuda", run=run | {"cost_usd": 1.1})
     rep = build_report(s.registry, s.loaded.cfg, rid)
-    assert rep["cost"]["train_cost_usd"] == 1.1 and rep["cost"]["gpu_seconds"] == 3600.0
+    assert rep.cost.train_cost_usd == 1.1 and rep.cost.gpu_seconds == 3600.0
     assert "(3600.0 GPU-s, ≈12,500 tokens, bf16, peak 20,480 MiB, A10G ≈$1.1000)" in to_markdown(rep)

@@ -199,10 +199,11 @@ def register(app: typer.Typer) -> None:
         rep = build_report(s.registry, s.loaded.cfg, rid, production=s.production_registry)
         md = to_markdown(rep)
         write_step_summary(md)
+        doc = rep.model_dump()  # the JSON the workflows read: keys and order as declared in report.model
         if out is not None:
-            out.write_text(json.dumps(rep, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
+            out.write_text(json.dumps(doc, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
         if json_:
-            emit(rep, True)
+            emit(doc, True)
         elif markdown or out is None:
             sys.stdout.write(md)  # not rich: it would wrap long lines and break tables and charts

@@ -19,6 +19,7 @@ import html
 import os
 from typing import Any
 
+from mlops.report.model import Report, ReportCost, TrendSeries
 from mlops.report.numbers import stat_key
 
 MARKER = "<!-- mlops-eval-report -->"
@@ -63,23 +64,23 @@ def _plain(v: float) -> str:
     return s if s not in ("-0", "") else "0"
 
 
-def _chart(series: dict[str, Any]) -> str | None:
-    pts = series["points"]
+def _chart(series: TrendSeries) -> str | None:
+    pts = series.points
     if len(pts) < 2:
         return None
-    values = [p["value"] for p in pts]
-    lo, hi = min(values + series["bounds"]), max(values + series["bounds"])
+    values = [p.value for p in pts]
+    lo, hi = min(values + series.bounds), max(values + series.bounds)
     pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
     lo, hi = lo - pad, hi + pad
-    if 0 <= min(values + series["bounds"]) and lo < 0:
+    if 0 <= min(values + series.bounds) and lo < 0:
         lo = 0.0
     labels = []
     for p in pts:
-        tag = " (this)" if p["this"] else " (prod)" if p["production"] else ""
-        labels.append(f'"{p["release"][-6:]}{tag}"')
-    title = series["label"].replace('"', "'")
-    bounds = ", ".join(_plain(b) for b in series["bounds"])
-    caption = f"_{_own(series['label'])} per release, oldest first" + (
+        tag = " (this)" if p.this else " (prod)" if p.production else ""
+        labels.append(f'"{p.release[-6:]}{tag}"')
+    title = series.label.replace('"', "'")
+    bounds = ", ".join(_plain(b) for b in series.bounds)
+    caption = f"_{_own(series.label)} per release, oldest first" + (
         f"; flat line: the gate's bound ({bounds})" if bounds else ""
     )
     lines = [
@@ -90,45 +91,45 @@ def _chart(series: dict[str, Any]) -> str | None:
         "xychart-beta",
         f'    title "{title} over the last {len(pts)} releases"',
         f"    x-axis [{', '.join(labels)}]",
-        f'    y-axis "{series["metric"]}" {_plain(lo)} --> {_plain(hi)}',
+        f'    y-axis "{series.metric}" {_plain(lo)} --> {_plain(hi)}',
         f"    line [{', '.join(_plain(v) for v in values)}]",
     ]
-    lines += [f"    line [{', '.join([_plain(b)] * len(pts))}]" for b in series["bounds"]]
+    lines += [f"    line [{', '.join([_plain(b)] * len(pts))}]" for b in series.bounds]
     lines.append("```")
     return "\n".join(lines)
 
 
-def _verdict_head(rep: dict[str, Any]) -> list[str]:
-    icon = {"pass": "✅", "fail": "❌", "not gated": "➖", "not evaluated": "⚠️"}[rep["verdict"]]
-    if rep["baseline"]:
-        base = f"{rep['baseline_stage']} `{rep['baseline']}`"
-    elif rep["release"] == rep["production"]:
+def _verdict_head(rep: Report) -> list[str]:
+    icon = {"pass": "✅", "fail": "❌", "not gated": "➖", "not evaluated": "⚠️"}[rep.verdict]
+    if rep.baseline:
+        base = f"{rep.baseline_stage} `{rep.baseline}`"
+    elif rep.release == rep.production:
         base = "nothing (it is production, with no previous release)"
     else:
         base = "nothing (no production release yet)"
-    lines = [MARKER, f"## {icon} Eval report: `{rep['release']}` vs {base}", ""]
-    gates = rep["gates"]
-    failed = [g for g in gates if not g["passed"]]
-    if rep["verdict"] == "not evaluated":
-        head = f"**Verdict: NOT EVALUATED**: `{rep['release']}` has no stored eval results (run `mlops eval`)."
-    elif rep["verdict"] == "not gated":
+    lines = [MARKER, f"## {icon} Eval report: `{rep.release}` vs {base}", ""]
+    gates = rep.gates
+    failed = [g for g in gates if not g.passed]
+    if rep.verdict == "not evaluated":
+        head = f"**Verdict: NOT EVALUATED**: `{rep.release}` has no stored eval results (run `mlops eval`)."
+    elif rep.verdict == "not gated":
         head = "**Verdict: NOT GATED**: no gates are declared in mlops.yaml."
     elif failed:
         head = f"**Verdict: FAIL**: {len(failed)} of {len(gates)} gate checks failed."
     else:
         head = f"**Verdict: PASS**: all {len(gates)} gate checks passed."
-    lines.append(f"{head} Release status: `{rep['status']}`.")
+    lines.append(f"{head} Release status: `{rep.status}`.")
     lines.append("")
-    ordered = failed + [g for g in gates if g["passed"]]
+    ordered = failed + [g for g in gates if g.passed]
     for g in ordered[:MAX_GATE_LINES]:
-        mark = "✅" if g["passed"] else "❌"
-        lines.append(f"- {mark} `{g['name']}` {_own(g['threshold'])}: {_own(g['reason'])}")
+        mark = "✅" if g.passed else "❌"
+        lines.append(f"- {mark} `{g.name}` {_own(g.threshold)}: {_own(g.reason)}")
     if len(ordered) > MAX_GATE_LINES:
         lines.append(f"- … and {len(ordered) - MAX_GATE_LINES} more (all passed or listed in `--json`)")
     return lines
 
 
-def _table(rep: dict[str, Any], budget: int) -> tuple[str, int]:
+def _table(rep: Report, budget: int) -> tuple[str, int]:
     head = [
         "",
         "| metric | production | candidate | delta | interval | threshold | verdict |",
@@ -136,25 +137,19 @@ def _table(rep: dict[str, Any], budget: int) -> tuple[str, int]:
     ]
     body: list[str] = []
     used = sum(len(x) + 1 for x in head)
-    for r in rep["metrics"]:
-        name = f"{r['suite']}.{r['metric']}" + (
-            "" if r["stat"] == "mean" else f" {stat_key(r['stat'], r['stat_threshold'])}"
-        )
-        if r["failed_cases"]:
-            name += f" ({r['failed_cases']} of {r['n']} cases failed)"
-        iv = f"[{r['interval'][0]:+.3g}, {r['interval'][1]:+.3g}]" if r["interval"] else "—"
-        verdict = {"pass": "✅ pass", "fail": "❌ fail", None: "—"}[r["verdict"]]
-        arrow = (
-            ""
-            if r["delta"] is None or r["delta"] == 0
-            else (" ↑" if (r["delta"] > 0) == r["higher_is_better"] else " ↓")
-        )
+    for r in rep.metrics:
+        name = f"{r.suite}.{r.metric}" + ("" if r.stat == "mean" else f" {stat_key(r.stat, r.stat_threshold)}")
+        if r.failed_cases:
+            name += f" ({r.failed_cases} of {r.n} cases failed)"
+        iv = f"[{r.interval[0]:+.3g}, {r.interval[1]:+.3g}]" if r.interval else "—"
+        verdict = {"pass": "✅ pass", "fail": "❌ fail", None: "—"}[r.verdict]
+        arrow = "" if r.delta is None or r.delta == 0 else (" ↑" if (r.delta > 0) == r.higher_is_better else " ↓")
         line = (
-            f"| {_own(name, 120)} | {_num(r['production'])} | {_num(r['candidate'])} | {_signed(r['delta'])}{arrow}"
-            f" | {iv} | {_own(r['threshold'] or '—', 120)} | {verdict} |"
+            f"| {_own(name, 120)} | {_num(r.production)} | {_num(r.candidate)} | {_signed(r.delta)}{arrow}"
+            f" | {iv} | {_own(r.threshold or '—', 120)} | {verdict} |"
         )
         if used + len(line) + 1 > budget:
-            body.append(f"| … {len(rep['metrics']) - len(body)} more rows in `mlops report --json` | | | | | | |")
+            body.append(f"| … {len(rep.metrics) - len(body)} more rows in `mlops report --json` | | | | | | |")
             break
         body.append(line)
         used += len(line) + 1
@@ -167,52 +162,52 @@ def _table(rep: dict[str, Any], budget: int) -> tuple[str, int]:
     return text, len(body)
 
 
-def _worst_block(rep: dict[str, Any]) -> str:
-    w = rep["worst_cases"]
-    if not w["cases"]:
+def _worst_block(rep: Report) -> str:
+    w = rep.worst_cases
+    if not w.cases:
         return ""
-    metrics = ", ".join(dict.fromkeys(f"{c['suite']}.{c['metric']}" for c in w["cases"]))
-    if w["compared"]:
+    metrics = ", ".join(dict.fromkeys(f"{c.suite}.{c.metric}" for c in w.cases))
+    if w.compared:
         title = f"### Worst regressed cases ({metrics})"
         cols = "| case | input | expected | production | candidate |"
     else:
         title = f"### Lowest-scoring cases ({metrics}; no production to compare with)"
         cols = "| case | input | expected | — | candidate |"
     lines = ["", title, "", cols, "|---|---|---|---|---|"]
-    for c in w["cases"]:
-        cand = _text(c["candidate"]) + f" ({_num(c['candidate_score'])})"
-        if c.get("candidate_error"):
-            cand += f"<br>**failed**: {_text(c['candidate_error'], 120)}"
-        prod = _text(c["production"]) + f" ({_num(c['production_score'])})" if w["compared"] else "—"
-        lines.append(f"| {_text(c['id'], 40)} | {_text(c['input'])} | {_text(c['expected'])} | {prod} | {cand} |")
+    for c in w.cases:
+        cand = _text(c.candidate) + f" ({_num(c.candidate_score)})"
+        if c.candidate_error:
+            cand += f"<br>**failed**: {_text(c.candidate_error, 120)}"
+        prod = _text(c.production) + f" ({_num(c.production_score)})" if w.compared else "—"
+        lines.append(f"| {_text(c.id, 40)} | {_text(c.input)} | {_text(c.expected)} | {prod} | {cand} |")
     return "\n".join(lines)
 
 
-def _cost_block(rep: dict[str, Any]) -> str:
-    c = rep["cost"]
-    if c["train_seconds"] is None:
+def _cost_block(rep: Report) -> str:
+    c: ReportCost = rep.cost
+    if c.train_seconds is None:
         train = "training: —"
     else:
-        gpu = f"{c['gpu_seconds']:.1f} GPU-s" if c["gpu_seconds"] else "0 GPU-s"
-        tokens = f", ≈{c['train_tokens']:,} tokens" if c["train_tokens"] else ""
+        gpu = f"{c.gpu_seconds:.1f} GPU-s" if c.gpu_seconds else "0 GPU-s"
+        tokens = f", ≈{c.train_tokens:,} tokens" if c.train_tokens else ""
         run = ""
-        if c.get("train_precision"):
-            run += f", {c['train_precision']}"
-        if c.get("peak_memory_mb"):
-            run += f", peak {c['peak_memory_mb']:,.0f} MiB"
-        if c.get("gpu_type"):
-            usd = c.get("train_cost_usd")
-            run += f", {c['gpu_type']} ≈${usd:,.4f}" if usd is not None else f", {c['gpu_type']} (no price)"
-        train = f"training {c['train_seconds']:.1f} s on {c['train_device'] or '?'} ({gpu}{tokens}{run})"
+        if c.train_precision:
+            run += f", {c.train_precision}"
+        if c.peak_memory_mb:
+            run += f", peak {c.peak_memory_mb:,.0f} MiB"
+        if c.gpu_type:
+            usd = c.train_cost_usd
+            run += f", {c.gpu_type} ≈${usd:,.4f}" if usd is not None else f", {c.gpu_type} (no price)"
+        train = f"training {c.train_seconds:.1f} s on {c.train_device or '?'} ({gpu}{tokens}{run})"
     evals = (
-        f"eval {c['endpoint_calls']:,} endpoint calls ({c['cache_hits']:,} cached, {c['retries']} retries, "
-        f"{c['errors']} failed), {c['completion_tokens']:,} completion tokens, {c['eval_seconds']:.1f} s"
+        f"eval {c.endpoint_calls:,} endpoint calls ({c.cache_hits:,} cached, {c.retries} retries, "
+        f"{c.errors} failed), {c.completion_tokens:,} completion tokens, {c.eval_seconds:.1f} s"
     )
     judges = (
-        f"judges {c['judge_calls']:,} calls ({c['judge_cache_hits']:,} cached, {c['judge_failures']} failed), "
-        f"{c['judge_tokens']:,} tokens"
+        f"judges {c.judge_calls:,} calls ({c.judge_cache_hits:,} cached, {c.judge_failures} failed), "
+        f"{c.judge_tokens:,} tokens"
     )
-    lin = rep["lineage"] or {}
+    lin = rep.lineage or {}
     data = ", ".join(f"{k}:{str(v)[:8]}" for k, v in (lin.get("dataset_hashes") or {}).items()) or "—"
     return "\n".join(
         [
@@ -225,7 +220,7 @@ def _cost_block(rep: dict[str, Any]) -> str:
     )
 
 
-def to_markdown(rep: dict[str, Any], max_chars: int = MAX_CHARS) -> str:
+def to_markdown(rep: Report, max_chars: int = MAX_CHARS) -> str:
     """The PR comment: verdict first, at most `max_chars` characters."""
     reserve = 400  # for the closing note
     md = "\n".join(_verdict_head(rep))
@@ -233,7 +228,7 @@ def to_markdown(rep: dict[str, Any], max_chars: int = MAX_CHARS) -> str:
     md += "\n" + table
     left_out = []
     blocks = [("worst cases", _worst_block(rep))]
-    charts = [c for c in (_chart(t) for t in rep["trend"]) if c]
+    charts = [c for c in (_chart(t) for t in rep.trend) if c]
     if charts:
         blocks.append(("trend charts", "\n".join(["", "### Trend", *charts])))
     blocks.append(("cost", _cost_block(rep)))

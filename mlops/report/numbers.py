@@ -1,17 +1,27 @@
 """The report's numbers: a release against its baseline, from stored results only (no model is called).
 
-`build_report` returns a JSON-able dict: what `mlops report --json` prints and what
-`mlops.report.markdown` renders.
+`build_report` returns a `model.Report`: its `model_dump()` is what `mlops report --json` prints,
+and `mlops.report.markdown` renders it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mlops.config import Config
-from mlops.contracts import CaseRow, EvalResult
+from mlops.config import Config, GateCfg
+from mlops.contracts import CaseRow, EvalResult, GateResult
 from mlops.evals.gates import Sample, check_gates
 from mlops.registry.releases import Registry
+from mlops.report.model import (
+    MetricRow,
+    Report,
+    ReportCost,
+    SuiteInfo,
+    TrendPoint,
+    TrendSeries,
+    WorstCase,
+    WorstCases,
+)
 
 WORST_CASES = 8  # per suite
 MAX_WORST = 12  # in all
@@ -20,7 +30,7 @@ JSON_TEXT = 2_000  # characters of case text kept in the JSON report
 STATUS_EVENTS = ("promoted", "rejected", "rolled_back", "gates_passed", "gates_failed", "evaluated")
 
 
-def build_report(reg: Registry, cfg: Config, release: str, production: Registry | None = None) -> dict[str, Any]:
+def build_report(reg: Registry, cfg: Config, release: str, production: Registry | None = None) -> Report:
     """Everything the report shows, for `release` against production (or, for production itself,
     against the previous release). `production`: the registry production lives in when it is not
     `reg` (a pull request's own registry), read only."""
@@ -40,30 +50,30 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
     base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
-    gates = [g.model_dump() for g in check_gates(cfg.gates, evaluated, base)] if evaluated else []
+    gates = check_gates(cfg.gates, evaluated, base) if evaluated else []
     if not evaluated:
         verdict = "not evaluated"
     elif not gates:
         verdict = "not gated"
     else:
-        verdict = "pass" if all(g["passed"] for g in gates) else "fail"
+        verdict = "pass" if all(g.passed for g in gates) else "fail"
     rows = _rows(evaluated, base, gates)
-    return {
-        "release": release,
-        "model": manifest.get("model"),
-        "baseline": baseline,
-        "baseline_stage": baseline_stage,
-        "production": prod,
-        "status": next((h["event"] for h in reversed(history) if h["event"] in STATUS_EVENTS), "registered"),
-        "verdict": verdict,
-        "gates": gates,
-        "metrics": rows,
-        "worst_cases": _worst_cases(evaluated, base, gates),
-        "trend": _trend(reg, release, cfg.gates, rows),
-        "cost": _cost(manifest, evaluated),
-        "suites": {k: {"n": v.n, "created_at": v.created_at} for k, v in evaluated.items()},
-        "lineage": manifest.get("lineage", {}),
-    }
+    return Report(
+        release=release,
+        model=manifest.get("model"),
+        baseline=baseline,
+        baseline_stage=baseline_stage,
+        production=prod,
+        status=next((h["event"] for h in reversed(history) if h["event"] in STATUS_EVENTS), "registered"),
+        verdict=verdict,
+        gates=gates,
+        metrics=rows,
+        worst_cases=_worst_cases(evaluated, base, gates),
+        trend=_trend(reg, release, cfg.gates, rows),
+        cost=_cost(manifest, evaluated),
+        suites={k: SuiteInfo(n=v.n, created_at=v.created_at) for k, v in evaluated.items()},
+        lineage=manifest.get("lineage", {}),
+    )
 
 
 def stat_key(stat: str, threshold: float | None) -> str:
@@ -71,62 +81,64 @@ def stat_key(stat: str, threshold: float | None) -> str:
 
 
 def _rows(
-    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
+) -> list[MetricRow]:
     rows = []
     for suite, res in evaluated.items():
         b_res = base.get(suite)
         for metric, summ in res.metrics.items():
-            mine = [g for g in gates if g["eval"] == suite and g["metric"] == metric]
-            stats = list(dict.fromkeys((g["stat"], g["stat_threshold"]) for g in mine)) or [("mean", None)]
+            mine = [g for g in gates if g.eval == suite and g.metric == metric]
+            stats = list(dict.fromkeys((g.stat, g.stat_threshold) for g in mine)) or [("mean", None)]
             c = Sample.of(res, metric)
             b = Sample.of(b_res, metric) if b_res is not None else None
             for stat, thr in stats:
                 assert c is not None
                 cval = c.stat(stat, thr)
                 bval = b.stat(stat, thr) if b is not None else None
-                these = [g for g in mine if (g["stat"], g["stat_threshold"]) == (stat, thr)]
-                reg = next((g for g in these if g["kind"] == "regression" and g["interval"]), None)
+                these = [g for g in mine if (g.stat, g.stat_threshold) == (stat, thr)]
+                reg = next((g for g in these if g.kind == "regression" and g.interval), None)
                 rows.append(
-                    {
-                        "suite": suite,
-                        "metric": metric,
-                        "stat": stat,
-                        "stat_threshold": thr,
-                        "higher_is_better": summ.higher_is_better,
-                        "production": bval,
-                        "candidate": cval,
-                        "delta": None if bval is None else cval - bval,
-                        "interval": list(reg["interval"]) if reg else None,
-                        "paired_cases": reg["n"] if reg else None,
-                        "threshold": "; ".join(g["threshold"] for g in these),
-                        "verdict": ("pass" if all(g["passed"] for g in these) else "fail") if these else None,
-                        "failed_cases": summ.failed,
-                        "n": summ.n,
-                    }
+                    MetricRow(
+                        suite=suite,
+                        metric=metric,
+                        stat=stat,
+                        stat_threshold=thr,
+                        higher_is_better=summ.higher_is_better,
+                        production=bval,
+                        candidate=cval,
+                        delta=None if bval is None else cval - bval,
+                        interval=reg.interval if reg else None,
+                        paired_cases=reg.n if reg else None,
+                        threshold="; ".join(g.threshold for g in these),
+                        verdict=("pass" if all(g.passed for g in these) else "fail") if these else None,
+                        failed_cases=summ.failed,
+                        n=summ.n,
+                    )
                 )
     return rows
 
 
-def _primary_metric(suite: str, res: EvalResult, gates: list[dict[str, Any]]) -> str | None:
-    mine = [g for g in gates if g["eval"] == suite and g["metric"] in res.metrics]
-    for g in sorted(mine, key=lambda g: g["kind"] != "regression"):
-        return str(g["metric"])
+def _primary_metric(suite: str, res: EvalResult, gates: list[GateResult]) -> str | None:
+    mine = [g for g in gates if g.eval == suite and g.metric in res.metrics]
+    for g in sorted(mine, key=lambda g: g.kind != "regression"):
+        return g.metric
     return next((m for m, v in res.metrics.items() if v.higher_is_better), next(iter(res.metrics), None))
 
 
-def _clip(text: Any, limit: int = JSON_TEXT) -> Any:
-    if not isinstance(text, str) or len(text) <= limit:
-        return text
-    return text[: limit - 1] + "…"
+def _cut(text: str, limit: int = JSON_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clip(text: str | None) -> str | None:
+    return None if text is None else _cut(text)
 
 
 def _worst_cases(
-    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[dict[str, Any]]
-) -> dict[str, Any]:
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
+) -> WorstCases:
     """The cases that lost most against the baseline on each suite's primary metric (its first
     regression-gated metric), or, with no baseline, the lowest-scoring cases."""
-    picked: list[dict[str, Any]] = []
+    picked: list[WorstCase] = []
     compared = any(base.get(s) for s in evaluated)
     for suite, res in evaluated.items():
         metric = _primary_metric(suite, res, gates)
@@ -159,22 +171,22 @@ def _worst_cases(
             if error is None and metric in c.failed:
                 error = c.reasons.get(metric)
             picked.append(
-                {
-                    "suite": suite,
-                    "metric": metric,
-                    "id": c.id,
-                    "loss": loss,
-                    "input": _clip(c.input),
-                    "expected": _clip(c.expected),
-                    "candidate": _clip(c.output),
-                    "candidate_score": c.scores[metric],
-                    "candidate_error": _clip(error),
-                    "production": _clip(p.output) if p else None,
-                    "production_score": p.scores.get(metric) if p else None,
-                }
+                WorstCase(
+                    suite=suite,
+                    metric=metric,
+                    id=c.id,
+                    loss=loss,
+                    input=_cut(c.input),
+                    expected=_clip(c.expected),
+                    candidate=_cut(c.output),
+                    candidate_score=c.scores[metric],
+                    candidate_error=_clip(error),
+                    production=_clip(p.output) if p else None,
+                    production_score=p.scores.get(metric) if p else None,
+                )
             )
-    picked.sort(key=lambda r: -r["loss"])
-    return {"compared": compared, "cases": picked[:MAX_WORST]}
+    picked.sort(key=lambda r: -r.loss)
+    return WorstCases(compared=compared, cases=picked[:MAX_WORST])
 
 
 def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float | None]) -> float | None:
@@ -195,7 +207,7 @@ def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float 
     return None
 
 
-def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _trend(reg: Registry, release: str, gates_cfg: list[GateCfg], rows: list[MetricRow]) -> list[TrendSeries]:
     """Each gated statistic over the last releases up to this one, oldest first, from history
     events (small), never from result files (which can be large)."""
     ids = [m["id"] for m in reg.list()]  # newest first, from the index
@@ -208,16 +220,12 @@ def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[st
     keys = list(dict.fromkeys((g.eval, g.metric, g.stat, g.threshold) for g in gates_cfg))
     for key in keys:
         suite, metric, stat, thr = key
-        now = next(
-            (r["candidate"] for r in rows if (r["suite"], r["metric"], r["stat"], r["stat_threshold"]) == key), None
-        )
+        now = next((r.candidate for r in rows if (r.suite, r.metric, r.stat, r.stat_threshold) == key), None)
         points = []
         for m in window:
             v = now if m["id"] == release else _event_value(m.get("history", []), key)
             if v is not None:
-                points.append(
-                    {"release": m["id"], "value": v, "production": m["id"] == prod, "this": m["id"] == release}
-                )
+                points.append(TrendPoint(release=m["id"], value=v, production=m["id"] == prod, this=m["id"] == release))
         bounds = [
             b
             for g in gates_cfg
@@ -226,20 +234,20 @@ def _trend(reg: Registry, release: str, gates_cfg: list[Any], rows: list[dict[st
             if b is not None
         ]
         out.append(
-            {
-                "suite": suite,
-                "metric": metric,
-                "stat": stat,
-                "stat_threshold": thr,
-                "label": f"{suite}.{metric} {stat_key(stat, thr)}",
-                "points": points,
-                "bounds": bounds,
-            }
+            TrendSeries(
+                suite=suite,
+                metric=metric,
+                stat=stat,
+                stat_threshold=thr,
+                label=f"{suite}.{metric} {stat_key(stat, thr)}",
+                points=points,
+                bounds=bounds,
+            )
         )
     return out
 
 
-def _cost(manifest: dict[str, Any], evaluated: dict[str, EvalResult]) -> dict[str, Any]:
+def _cost(manifest: dict[str, Any], evaluated: dict[str, EvalResult]) -> ReportCost:
     train = manifest.get("train") or {}
     seconds = train.get("seconds")
     device = str(train.get("device") or "")
@@ -248,24 +256,24 @@ def _cost(manifest: dict[str, Any], evaluated: dict[str, EvalResult]) -> dict[st
     def total(key: str) -> int:
         return int(sum(getattr(r.cost, key) for r in evaluated.values()))
 
-    return {
-        "train_seconds": seconds,
-        "train_device": device or None,
-        "gpu_seconds": train.get("gpu_seconds", (seconds or 0.0) if on_gpu else 0.0),
-        "train_tokens": train.get("tokens") or int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
+    return ReportCost(
+        train_seconds=seconds,
+        train_device=device or None,
+        gpu_seconds=train.get("gpu_seconds", (seconds or 0.0) if on_gpu else 0.0),
+        train_tokens=train.get("tokens") or int((train.get("tokens_per_s") or 0) * (seconds or 0)) or None,
         # the run record of issue 12 (absent from older manifests)
-        "train_precision": train.get("precision"),
-        "gpu_type": train.get("gpu_type"),
-        "peak_memory_mb": train.get("peak_memory_mb"),
-        "train_cost_usd": train.get("cost_usd"),
-        "endpoint_calls": total("endpoint_calls"),
-        "cache_hits": total("cache_hits"),
-        "retries": total("retries"),
-        "errors": total("errors"),
-        "completion_tokens": total("completion_tokens"),
-        "eval_seconds": round(sum(r.cost.wall_s for r in evaluated.values()), 3),
-        "judge_calls": total("judge_calls"),
-        "judge_cache_hits": total("judge_cache_hits"),
-        "judge_failures": total("judge_failures"),
-        "judge_tokens": total("judge_prompt_tokens") + total("judge_completion_tokens"),
-    }
+        train_precision=train.get("precision"),
+        gpu_type=train.get("gpu_type"),
+        peak_memory_mb=train.get("peak_memory_mb"),
+        train_cost_usd=train.get("cost_usd"),
+        endpoint_calls=total("endpoint_calls"),
+        cache_hits=total("cache_hits"),
+        retries=total("retries"),
+        errors=total("errors"),
+        completion_tokens=total("completion_tokens"),
+        eval_seconds=round(sum(r.cost.wall_s for r in evaluated.values()), 3),
+        judge_calls=total("judge_calls"),
+        judge_cache_hits=total("judge_cache_hits"),
+        judge_failures=total("judge_failures"),
+        judge_tokens=total("judge_prompt_tokens") + total("judge_completion_tokens"),
+    )

@@ -1,0 +1,121 @@
+"""The report document as pydantic contracts: what `build_report` returns, `to_markdown` renders
+and `mlops report --json` prints (`Report.model_dump()`).
+
+The workflows read that JSON, so its shape is frozen: fields are declared in the order the keys
+were printed, and numbers read from a release's manifest keep their JSON type (`int | float`, not
+`float`, which would turn a stored 3600 into 3600.0). Built by keyword only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlops.contracts import Contract, GateResult
+
+Number = int | float  # a manifest's number as stored: int first, so pydantic's smart union keeps an int an int
+
+
+class MetricRow(Contract):
+    """One statistic of one metric: production against the candidate, with its gates' verdict."""
+
+    suite: str
+    metric: str
+    stat: str
+    stat_threshold: float | None
+    higher_is_better: bool
+    production: float | None
+    candidate: float
+    delta: float | None
+    interval: tuple[float, float] | None  # the regression gate's bounds of delta
+    paired_cases: int | None
+    threshold: str  # every gate's bound on this statistic, "; "-joined
+    verdict: str | None  # pass | fail, None when no gate checks it
+    failed_cases: int
+    n: int
+
+
+class WorstCase(Contract):
+    """A case that lost most against the baseline (or scored lowest), its text cut for the JSON."""
+
+    suite: str
+    metric: str
+    id: str
+    loss: float
+    input: str
+    expected: str | None
+    candidate: str
+    candidate_score: float
+    candidate_error: str | None
+    production: str | None
+    production_score: float | None
+
+
+class WorstCases(Contract):
+    compared: bool  # against a baseline's cases, or (False) the lowest-scoring cases
+    cases: list[WorstCase]
+
+
+class TrendPoint(Contract):
+    release: str
+    value: float
+    production: bool
+    this: bool
+
+
+class TrendSeries(Contract):
+    """One gated statistic over the last releases, oldest first, with the gate's bounds."""
+
+    suite: str
+    metric: str
+    stat: str
+    stat_threshold: float | None
+    label: str
+    points: list[TrendPoint]
+    bounds: list[float]
+
+
+class ReportCost(Contract):
+    """Training (from the manifest's run record, None where an older manifest lacks it) and eval cost."""
+
+    train_seconds: Number | None
+    train_device: str | None
+    gpu_seconds: Number | None
+    train_tokens: int | None
+    train_precision: str | None
+    gpu_type: str | None
+    peak_memory_mb: Number | None
+    train_cost_usd: Number | None
+    endpoint_calls: int
+    cache_hits: int
+    retries: int
+    errors: int
+    completion_tokens: int
+    eval_seconds: float
+    judge_calls: int
+    judge_cache_hits: int
+    judge_failures: int
+    judge_tokens: int
+
+
+class SuiteInfo(Contract):
+    n: int
+    created_at: str | None
+
+
+class Report(Contract):
+    """A release against its baseline (production, or for production itself the previous release)."""
+
+    release: str
+    model: str | None
+    baseline: str | None
+    baseline_stage: str | None  # production | previous
+    production: str | None
+    status: str  # the release's last status event, or "registered"
+    verdict: str  # pass | fail | not gated | not evaluated
+    gates: list[GateResult]
+    metrics: list[MetricRow]
+    worst_cases: WorstCases
+    trend: list[TrendSeries]
+    cost: ReportCost
+    suites: dict[str, SuiteInfo]
+    lineage: dict[str, Any]  # the manifest's lineage, free-form (git, data and config hashes)
