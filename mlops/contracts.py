@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
 class Contract(BaseModel):
@@ -133,6 +133,11 @@ class StepVerdict(Contract):
         return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
 
 
+def _steps_json(steps: list[StepVerdict]) -> list[dict[str, Any]]:
+    """A result's canary steps in the JSON the workflows read: each step's `canary_step` event detail."""
+    return [v.to_json() for v in steps]
+
+
 class TrainOutcome(Contract):
     """What `mlops train` did: the new release, or the identical one that exists, and why."""
 
@@ -168,11 +173,15 @@ class RunResult(Contract):
     message: str = ""
     evals: dict[str, dict[str, MetricSummary]] = {}  # suite -> metric -> summary
     gates: list[GateResult] = []
-    canary: list[dict[str, Any]] = []  # the rollout's step verdicts, as recorded in history
+    canary: list[StepVerdict] = []  # the rollout's steps, dumped as history records them
     endpoint: str | None = None
     served_by: str | None = None
     timings: dict[str, float] = {}
     wandb_run: str | None = None
+
+    @field_serializer("canary")
+    def _canary(self, steps: list[StepVerdict]) -> list[dict[str, Any]]:
+        return _steps_json(steps)
 
 
 class EvalOutcome(Contract):
@@ -197,8 +206,12 @@ class DeployOutcome(Contract):
     status: str  # promoted | rejected | rolled_back | already production
     previous: str | None = None
     gates: list[GateResult] | None = None
-    canary: list[dict[str, Any]] | None = None
+    canary: list[StepVerdict] | None = None  # dumped as history records them
     message: str = ""
+
+    @field_serializer("canary")
+    def _canary(self, steps: list[StepVerdict] | None) -> list[dict[str, Any]] | None:
+        return None if steps is None else _steps_json(steps)
 
     @property
     def exit_code(self) -> int:

@@ -147,3 +147,42 @@ def test_a_document_that_is_not_a_result_is_damage_named_with_its_field(reg: Reg
         reg.get_eval("r1", "heldout")
     # `mlops doctor`, which the error points to, finds the same document
     assert [(f.kind, f.key) for f in examine(reg) if f.kind == "damaged_eval"] == [("damaged_eval", KEY)]
+
+
+def test_canary_steps_print_as_history_records_them() -> None:
+    """`mlops run/deploy --json` print each canary step as its `canary_step` event: the fields, `verdict`
+    and `extra` flat, as when the results held those dicts; the result itself holds StepVerdicts."""
+    from mlops.contracts import DeployOutcome, RunResult, StepVerdict
+
+    step = StepVerdict(
+        step=1,
+        percent=50,
+        candidate={"p95": 0.2, "errors": 0.0},
+        production={"p95": 0.1, "errors": 0.0},
+        passed=False,
+        reasons=["p95 ratio 2 > 1.5"],
+        mode="shadow",
+        extra={"agreement": 0.75},
+    )
+    recorded = {
+        "step": 1,
+        "percent": 50,
+        "candidate": {"p95": 0.2, "errors": 0.0},
+        "production": {"p95": 0.1, "errors": 0.0},
+        "passed": False,
+        "reasons": ["p95 ratio 2 > 1.5"],
+        "decided_by": "pipeline:analysis",
+        "mode": "shadow",
+        "notes": [],
+        "verdict": "fail",
+        "agreement": 0.75,
+    }
+    run = RunResult(status="rolled_back", exit_code=3, release="r2", production="r1", canary=[step])
+    assert run.canary[0] is step
+    assert json.dumps(run.model_dump(mode="json")["canary"]) == json.dumps([recorded])
+    assert RunResult(status="unchanged", exit_code=0, release=None, production="r1").model_dump()["canary"] == []
+    dep = DeployOutcome(release="r2", status="rolled_back", canary=[step], message="rolled back")
+    assert json.dumps(dep.model_dump(mode="json", exclude_unset=True)) == json.dumps(
+        {"release": "r2", "status": "rolled_back", "canary": [recorded], "message": "rolled back"}
+    )
+    assert "canary" not in DeployOutcome(release="r2", status="rejected").model_dump(mode="json", exclude_unset=True)

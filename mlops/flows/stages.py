@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from mlops.contracts import EvalResult, GateResult, TrainOutcome
+from mlops.contracts import EvalResult, GateResult, StepVerdict, TrainOutcome
 from mlops.errors import InfraError, UsageError
 from mlops.flows.session import Session, cache_dir
 from mlops.registry.releases import State
@@ -166,7 +166,7 @@ def gate(
 
 def roll_out(
     s: Session, release: str, url: str, prod: str | None, on_step: Callable[[int], None] | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
+) -> tuple[list[StepVerdict], str | None]:
     """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
     on a failing step the traffic is already back on production and the rollback is recorded."""
     from mlops.evals.harness import load_cases
@@ -190,16 +190,15 @@ def roll_out(
         s.say,
         on_step=on_step,
     )
-    verdicts = [v.to_json() for v in steps]
     if all(v.passed for v in steps):
-        return verdicts, None
+        return steps, None
     why = "; ".join(steps[-1].reasons)
     back = abort_canary(s.backend, reason=f"canary failed: {why}", actor="pipeline:analysis")
     wait_served(url, back.version)  # so the smoke check that follows sees production answer
     s.backend.record(release, "rolled_back", by="pipeline:analysis", reasons=steps[-1].reasons)
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)
-    return verdicts, msg
+    return steps, msg
 
 
 def _clear_candidate(st: State, release: str) -> State | None:
