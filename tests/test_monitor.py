@@ -133,7 +133,10 @@ def test_bad_capture_files_are_skipped_and_counted(captured: Captured, tmp_path:
     day = next((root / ".mlops" / "monitor" / "capture").iterdir())
     good = sorted(day.glob("*.jsonl"))[0]
     text = good.read_text()
-    (day / "1-9999999999999-local-truncated.jsonl").write_text(text[: len(text) // 2])  # cut mid-line
+    # cut inside the last line (half the text could end on a newline: seen once, 3 lines skipped)
+    lines = text.splitlines(keepends=True)
+    cut = "".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2]
+    (day / "1-9999999999999-local-truncated.jsonl").write_text(cut)
     (day / "1-9999999999999-local-garbage.jsonl").write_bytes(b"\xff\xfe not json\n{}\n[1, 2]\n")
     rc, rep, _ = monitor(root)
     assert rc == 0
