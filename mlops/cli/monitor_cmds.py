@@ -7,12 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
 from mlops.errors import GateFailed, UsageError
+
+if TYPE_CHECKING:  # pydantic models load with the command that builds them, not with `--help`
+    from mlops.monitor.model import MonitorReport
 
 
 def _registry(loaded: Any) -> Any:
@@ -73,23 +76,24 @@ def register(app: typer.Typer) -> None:
         reg = _registry(loaded)
         rep = analyze(loaded, reg, now - window, now, release, ref, say=say_fn(json_))
         md = to_markdown(rep)
+        doc = rep.model_dump()  # the JSON: the report's keys as they always were
         write_step_summary(md)
         if out is not None:
-            out.write_text(json.dumps(rep, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
+            out.write_text(json.dumps(doc, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
         if markdown_out is not None:  # one analysis for the machines' JSON and the humans' markdown
             markdown_out.write_text(md, encoding="utf-8")
             err.print(f"wrote {markdown_out}", markup=False)
         if json_:
-            emit(rep, True)
+            emit(doc, True)
         elif markdown or out is None:
             sys.stdout.write(md)
         _track(loaded, rep)
-        if rep["verdict"] == "no traffic":
-            err.print(rep["message"], markup=False, highlight=False)
-        if rep["drifted"]:
-            crossed = [c for c in rep["checks"] if c["drifted"]]
-            names = ", ".join(f"{c['name']} {c['value']:.4g} (threshold {c['threshold']:g})" for c in crossed)
+        if rep.verdict == "no traffic":
+            err.print(rep.message, markup=False, highlight=False)
+        if rep.drifted:
+            crossed = [c for c in rep.checks if c.drifted]
+            names = ", ".join(f"{c.name} {c.value:.4g} (threshold {c.threshold:g})" for c in crossed)
             raise GateFailed(f"drift: {names}")
 
     @app.command()
@@ -108,19 +112,19 @@ def register(app: typer.Typer) -> None:
         emit(doc, json_, f"labelled {request_id} (release {doc['release']})")
 
 
-def _track(loaded: Any, rep: dict[str, Any]) -> None:
+def _track(loaded: Any, rep: MonitorReport) -> None:
     """One W&B run per monitor run (offline by default, as everywhere)."""
     from mlops.tracking import Tracker
 
-    if rep["verdict"] == "no traffic":
+    if rep.verdict == "no traffic":
         return
-    t = Tracker(loaded, "monitor", {"release": rep["release"], "since": rep["since"], "until": rep["until"]})
+    t = Tracker(loaded, "monitor", {"release": rep.release, "since": rep.since, "until": rep.until})
     try:
-        values = {f"monitor/{c['name']}": c["value"] for c in rep["checks"] if c["value"] is not None}
-        t.log(values | {"monitor/requests": rep["requests"], "monitor/drifted": len(rep["drifted"])})
-        t.summary({"verdict": rep["verdict"], "drifted": ",".join(rep["drifted"])})
+        values = {f"monitor/{c.name}": c.value for c in rep.checks if c.value is not None}
+        t.log(values | {"monitor/requests": rep.requests, "monitor/drifted": len(rep.drifted)})
+        t.summary({"verdict": rep.verdict, "drifted": ",".join(rep.drifted)})
     finally:
-        t.finish(3 if rep["drifted"] else 0)
+        t.finish(3 if rep.drifted else 0)
 
 
 def validate_data(loaded: Any, json_: bool) -> None:

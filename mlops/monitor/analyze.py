@@ -25,6 +25,17 @@ from typing import Any
 
 from mlops.config import Loaded
 from mlops.monitor import stats
+from mlops.monitor.model import (
+    Check,
+    Histogram,
+    Labelled,
+    LabelledMetric,
+    MonitorReport,
+    Quality,
+    Reference,
+    SampleMetric,
+    Skipped,
+)
 from mlops.monitor.traffic import Window, load_feedback, load_window
 from mlops.registry.releases import Registry, sha256_file
 
@@ -92,7 +103,7 @@ class Checks:
     def __init__(self, loaded: Loaded, judged: bool) -> None:
         self.t = loaded.cfg.monitor.thresholds
         self.judged = judged
-        self.items: list[dict[str, Any]] = []
+        self.items: list[Check] = []
 
     def add(
         self,
@@ -112,17 +123,17 @@ class Checks:
             if p_value is not None:  # an effect size counts only where the test says it is real
                 crossed = crossed and p_value < self.t.p_value
         self.items.append(
-            {
-                "name": name,
-                "group": group,
-                "value": None if value is None else round(float(value), 6),
-                "threshold": threshold,
-                "direction": direction,
-                "p_value": None if p_value is None else float(f"{p_value:.4g}"),
-                "judged": judged and threshold is not None and value is not None,
-                "drifted": crossed,
-                "detail": detail,
-            }
+            Check(
+                name=name,
+                group=group,
+                value=None if value is None else round(float(value), 6),
+                threshold=threshold,
+                direction=direction,
+                p_value=None if p_value is None else float(f"{p_value:.4g}"),
+                judged=judged and threshold is not None and value is not None,
+                drifted=crossed,
+                detail=detail,
+            )
         )
 
 
@@ -150,15 +161,13 @@ def _suite(loaded: Loaded) -> str | None:
     return m.eval or next(iter(loaded.cfg.evals), None)
 
 
-def _quality(
-    loaded: Loaded, registry: Registry, release: str | None, ok: list[dict[str, Any]], c: Checks
-) -> dict[str, Any]:
+def _quality(loaded: Loaded, registry: Registry, release: str | None, ok: list[dict[str, Any]], c: Checks) -> Quality:
     """Reference-free suite metrics on a traffic sample; all suite metrics on labelled traffic."""
     from mlops.evals.harness import build_metrics, score
     from mlops.evals.types import Case, Output
 
     suite = _suite(loaded)
-    out: dict[str, Any] = {"suite": suite, "sample": {}, "labelled": {"n": 0, "metrics": {}}}
+    out = Quality(suite=suite, sample={}, labelled=Labelled(n=0, metrics={}))
     texts = [r for r in ok if isinstance(r.get("output"), str)]
     if suite is None or not texts:
         return out
@@ -178,18 +187,19 @@ def _quality(
         summary, _ = score(free, cases, outs)
         for name, s in summary.items():
             eval_mean = stored[name].mean if name in stored else None
-            out["sample"][name] = {"n": s.n, "mean": s.mean, "eval_mean": eval_mean}
+            out.sample[name] = SampleMetric(n=s.n, mean=s.mean, eval_mean=eval_mean)
     labels = load_feedback(registry.store)
     labelled = [r for r in texts if r["id"] in labels]
-    out["labelled"]["n"] = len(labelled)
+    out.labelled.n = len(labelled)
     if labelled:
         metrics, _ = build_metrics(loaded, suite)
         cases = [Case(str(r["id"]), str(r.get("prompt") or ""), labels[r["id"]]["label"]) for r in labelled]
         outs = [Output(str(r["output"]), float(r.get("latency_s") or 0)) for r in labelled]
         summary, _ = score(metrics, cases, outs)
-        out["labelled"]["metrics"] = {k: {"n": v.n, "mean": v.mean} for k, v in summary.items()}
+        out.labelled.metrics = {k: LabelledMetric(n=v.n, mean=v.mean) for k, v in summary.items()}
     for name, floor in c.t.min_quality.items():
-        mean = out["labelled"]["metrics"].get(name, {}).get("mean")
+        got = out.labelled.metrics.get(name)
+        mean = got.mean if got is not None else None
         c.add(
             f"quality.{name}", "quality", mean, floor, f"{len(labelled)} labelled requests", None, "min", bool(labelled)
         )
@@ -204,28 +214,25 @@ def analyze(
     release: str | None = None,
     reference: tuple[float, float] | None = None,
     say: Say = lambda _: None,
-) -> dict[str, Any]:
-    """The monitor report as a JSON-able dict; `report["drifted"]` lists the crossed checks."""
+) -> MonitorReport:
+    """The monitor report; `report.drifted` lists the crossed checks."""
     m = loaded.cfg.monitor
     t = m.thresholds
     serving = release or registry.read_state()[0].stages.get("production")
     w = load_window(registry.store, since, until, release)
-    rep: dict[str, Any] = {
+    head: dict[str, Any] = {  # what every report has, traffic or not
         "release": serving,
         "since": _iso(since),
         "until": _iso(w.until),
         "requests": len(w.records),
         "files": w.files,
-        "skipped": {"files": w.skipped_files, "lines": w.skipped_lines},
+        "skipped": Skipped(files=w.skipped_files, lines=w.skipped_lines),
         "dropped": sum(int(r.get("dropped_before") or 0) for r in w.records),
-        "checks": [],
-        "drifted": [],
-        "verdict": "no traffic",
         "on_drift": m.on_drift,  # what the nightly workflow does with this report (open an issue / retrain)
     }
     if not w.records:
-        rep["message"] = f"no traffic since {rep['since']}" + (f" for release {release}" if release else "")
-        return rep
+        message = f"no traffic since {head['since']}" + (f" for release {release}" if release else "")
+        return MonitorReport(**head, verdict="no traffic", message=message)
     say(f"monitor: {len(w.records)} requests from {w.files} capture files")
     if reference is not None:
         ref = window_reference(load_window(registry.store, reference[0], reference[1], release))
@@ -236,6 +243,7 @@ def analyze(
     ok = [r for r in recs if r.get("status") == 200]
     judged = len(recs) >= m.min_requests
     c = Checks(loaded, judged)
+    notes_capture = None
     lens = [r.get("prompt_len") or 0 for r in recs]
     if ref_prompt_lens:
         c.add("prompt_length_psi", "input", stats.psi(ref_prompt_lens, lens), t.prompt_length_psi)
@@ -250,7 +258,7 @@ def analyze(
         auc, how = _embedding_auc(ref["prompts"], texts, m.embedding_sample, say)
         c.add("embedding_auc", "input", auc, t.embedding_auc, how)
     elif not texts:
-        rep["notes_capture"] = "metadata capture: no text, so character and embedding drift are not computed"
+        notes_capture = "metadata capture: no text, so character and embedding drift are not computed"
     out_lens = [r.get("output_len") or 0 for r in ok]
     ref_out = ref.get("output_lens") or ([len(o) for o in ref["outputs"]] if ref.get("outputs") else None)
     if ok:
@@ -278,22 +286,30 @@ def analyze(
         c.add("p95_latency", "slo", stats.percentile([r.get("latency_s") or 0 for r in ok], 95), t.p95_latency)
     errors = sum(1 for r in recs if (r.get("status") or 0) >= 500 or r.get("status") == 429)
     c.add("error_rate", "slo", errors / len(recs), t.error_rate, f"{errors} of {len(recs)} answered 5xx/429")
-    if texts:
-        rep["quality"] = _quality(loaded, registry, serving, ok, c)
-    rep["checks"] = c.items
-    rep["drifted"] = [x["name"] for x in c.items if x["drifted"]]
-    rep["judged"] = judged
-    rep["verdict"] = "drift" if rep["drifted"] else ("ok" if judged else "too few requests")
-    rep["reference"] = {k: v for k, v in ref.items() if k in ("kind", "datasets", "window", "notes")} | {
-        "prompts": len(ref_prompt_lens),
-        "outputs": len(ref_out) if ref_out else 0,
-    }
-    rep["histogram"] = {"prompt_length": stats.histogram(ref_prompt_lens, lens)}
-    rep["cost"] = {"cost_per_1k_tokens": m.cost_per_1k_tokens}
-    rep["statuses"] = _count(str(r.get("status")) for r in recs)
-    if not math.isfinite(sum(x["value"] or 0 for x in c.items)):
+    quality = _quality(loaded, registry, serving, ok, c) if texts else None
+    drifted = [x.name for x in c.items if x.drifted]
+    if not math.isfinite(sum(x.value or 0 for x in c.items)):
         raise ValueError("a statistic is not finite")  # a bug, not drift: never report NaN as a verdict
-    return rep
+    return MonitorReport(
+        **head,
+        checks=c.items,
+        drifted=drifted,
+        verdict="drift" if drifted else ("ok" if judged else "too few requests"),
+        notes_capture=notes_capture,
+        quality=quality,
+        judged=judged,
+        reference=Reference(
+            kind=ref["kind"],
+            datasets=ref.get("datasets"),
+            window=ref.get("window"),
+            notes=ref["notes"],
+            prompts=len(ref_prompt_lens),
+            outputs=len(ref_out) if ref_out else 0,
+        ),
+        histogram={"prompt_length": Histogram(**stats.histogram(ref_prompt_lens, lens))},
+        cost={"cost_per_1k_tokens": m.cost_per_1k_tokens},
+        statuses=_count(str(r.get("status")) for r in recs),
+    )
 
 
 def _count(values: Any) -> dict[str, int]:

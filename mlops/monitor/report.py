@@ -4,7 +4,7 @@ chart, then the details. Only our own text goes in; no captured prompt or output
 
 from __future__ import annotations
 
-from typing import Any
+from mlops.monitor.model import Check, Histogram, MonitorReport, Reference
 
 MARKER = "<!-- mlops-monitor-report -->"
 GROUPS = {"input": "input drift", "response": "response drift", "cost": "cost", "slo": "SLO", "quality": "live quality"}
@@ -23,25 +23,25 @@ def _plain(v: float) -> str:
     return s if s not in ("-0", "") else "0"
 
 
-def _threshold(c: dict[str, Any]) -> str:
-    if c["threshold"] is None:
+def _threshold(c: Check) -> str:
+    if c.threshold is None:
         return "— (reported)"
-    op = "<=" if c["direction"] == "max" else ">="
-    return f"{op} {_num(c['threshold'])}" + (" and p < α" if c["p_value"] is not None else "")
+    op = "<=" if c.direction == "max" else ">="
+    return f"{op} {_num(c.threshold)}" + (" and p < α" if c.p_value is not None else "")
 
 
-def _verdict(c: dict[str, Any]) -> str:
-    if c["drifted"]:
+def _verdict(c: Check) -> str:
+    if c.drifted:
         return "❌ drift"
-    return "✅ ok" if c["judged"] else "➖ not judged"
+    return "✅ ok" if c.judged else "➖ not judged"
 
 
-def _chart(h: dict[str, Any]) -> list[str]:
-    edges = h.get("edges") or []
-    if len(edges) < 3:
+def _chart(h: Histogram | None) -> list[str]:
+    if h is None or len(h.edges) < 3:
         return []
+    edges = h.edges
     labels = ", ".join(f'"{a}-{b - 1}"' if b - 1 > a else f'"{a}"' for a, b in zip(edges, edges[1:], strict=False))
-    top = max([*h["reference"], *h["traffic"], 0.01]) * 1.1
+    top = max([*h.reference, *h.traffic, 0.01]) * 1.1
     return [
         "",
         "_Prompt length (characters), share of requests: first line the reference, second the traffic._",
@@ -51,68 +51,66 @@ def _chart(h: dict[str, Any]) -> list[str]:
         '    title "Prompt length: reference vs traffic"',
         f"    x-axis [{labels}]",
         f'    y-axis "share" 0 --> {_plain(top)}',
-        f"    line [{', '.join(_plain(v) for v in h['reference'])}]",
-        f"    line [{', '.join(_plain(v) for v in h['traffic'])}]",
+        f"    line [{', '.join(_plain(v) for v in h.reference)}]",
+        f"    line [{', '.join(_plain(v) for v in h.traffic)}]",
         "```",
     ]
 
 
-def to_markdown(rep: dict[str, Any]) -> str:
-    release = f"`{rep['release']}`" if rep.get("release") else "no production release"
-    lines = [MARKER, f"## {_icon(rep)} Monitor report: {release}, {rep['since']} → {rep['until']}", ""]
-    if rep["verdict"] == "no traffic":
-        lines.append(f"**No traffic**: {rep['message']}.")
+def to_markdown(rep: MonitorReport) -> str:
+    release = f"`{rep.release}`" if rep.release else "no production release"
+    lines = [MARKER, f"## {_icon(rep)} Monitor report: {release}, {rep.since} → {rep.until}", ""]
+    if rep.verdict == "no traffic":
+        lines.append(f"**No traffic**: {rep.message}.")
         return "\n".join(lines) + "\n"
-    drifted = rep["drifted"]
-    judged = [c for c in rep["checks"] if c["judged"]]
+    drifted = rep.drifted
+    judged = [c for c in rep.checks if c.judged]
     if drifted:
         names = ", ".join(f"`{n}`" for n in drifted)
         lines.append(f"**Verdict: DRIFT**: {len(drifted)} of {len(judged)} checks crossed their thresholds: {names}.")
-    elif rep["verdict"] == "ok":
+    elif rep.verdict == "ok":
         lines.append(f"**Verdict: OK**: all {len(judged)} judged checks are within their thresholds.")
     else:
-        lines.append(f"**Verdict: NOT JUDGED**: {rep['requests']} requests, fewer than `monitor.min_requests`.")
+        lines.append(f"**Verdict: NOT JUDGED**: {rep.requests} requests, fewer than `monitor.min_requests`.")
     lines.append("")
-    skipped = rep["skipped"]
-    ref = rep.get("reference", {})
+    skipped = rep.skipped
+    # a report with traffic always has its reference; the empty one keeps the renderer total
+    ref = rep.reference or Reference(kind="", notes=[], prompts=0, outputs=0)
     where = (
-        f"datasets {', '.join(ref.get('datasets', []))}"
-        if ref.get("kind") == "data"
-        else f"traffic {' → '.join(ref.get('window', []))}"
+        f"datasets {', '.join(ref.datasets or [])}" if ref.kind == "data" else f"traffic {' → '.join(ref.window or [])}"
     )
     lines.append(
-        f"{rep['requests']:,} captured requests in {rep['files']} files; reference: {where} "
-        f"({ref.get('prompts', 0):,} prompts, {ref.get('outputs', 0):,} outputs)."
+        f"{rep.requests:,} captured requests in {rep.files} files; reference: {where} "
+        f"({ref.prompts:,} prompts, {ref.outputs:,} outputs)."
     )
-    if skipped["files"] or skipped["lines"]:
-        lines.append(f"Skipped: {skipped['lines']} malformed or truncated lines, {skipped['files']} unreadable files.")
-    if rep.get("dropped"):
-        lines.append(f"The capture queue was full for {rep['dropped']} requests (dropped, not in these figures).")
-    for note in [*ref.get("notes", []), *([rep["notes_capture"]] if rep.get("notes_capture") else [])]:
+    if skipped.files or skipped.lines:
+        lines.append(f"Skipped: {skipped.lines} malformed or truncated lines, {skipped.files} unreadable files.")
+    if rep.dropped:
+        lines.append(f"The capture queue was full for {rep.dropped} requests (dropped, not in these figures).")
+    for note in [*ref.notes, *([rep.notes_capture] if rep.notes_capture else [])]:
         lines.append(f"_Note: {_own(note)}._")
     lines += ["", "| check | group | value | threshold | verdict | detail |", "|---|---|---:|---|---|---|"]
-    order = sorted(rep["checks"], key=lambda c: (not c["drifted"], list(GROUPS).index(c["group"])))
+    order = sorted(rep.checks, key=lambda c: (not c.drifted, list(GROUPS).index(c.group)))
     for c in order:
         lines.append(
-            f"| `{c['name']}` | {GROUPS[c['group']]} | {_num(c['value'])} | {_threshold(c)} | {_verdict(c)} "
-            f"| {_own(c['detail'])} |"
+            f"| `{c.name}` | {GROUPS[c.group]} | {_num(c.value)} | {_threshold(c)} | {_verdict(c)} | {_own(c.detail)} |"
         )
-    lines += _chart(rep.get("histogram", {}).get("prompt_length", {}))
-    q = rep.get("quality") or {}
-    if q.get("sample") or q.get("labelled", {}).get("n"):
-        lines += ["", f"### Live quality (suite `{q.get('suite')}`)", ""]
-        for name, s in q.get("sample", {}).items():
-            ref_mean = f" (eval: {_num(s['eval_mean'])})" if s.get("eval_mean") is not None else ""
-            lines.append(f"- `{name}` on {s['n']} sampled requests: mean {_num(s['mean'])}{ref_mean}")
-        lab = q.get("labelled", {})
-        for name, s in lab.get("metrics", {}).items():
-            lines.append(f"- `{name}` on {s['n']} labelled requests (`mlops feedback`): mean {_num(s['mean'])}")
-        if not lab.get("n"):
+    lines += _chart((rep.histogram or {}).get("prompt_length"))
+    q = rep.quality
+    if q is not None and (q.sample or q.labelled.n):
+        lines += ["", f"### Live quality (suite `{q.suite}`)", ""]
+        for name, s in q.sample.items():
+            ref_mean = f" (eval: {_num(s.eval_mean)})" if s.eval_mean is not None else ""
+            lines.append(f"- `{name}` on {s.n} sampled requests: mean {_num(s.mean)}{ref_mean}")
+        lab = q.labelled
+        for name, ls in lab.metrics.items():
+            lines.append(f"- `{name}` on {ls.n} labelled requests (`mlops feedback`): mean {_num(ls.mean)}")
+        if not lab.n:
             lines.append("- no labelled requests in this window (`mlops feedback <request-id> <label>`)")
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(rep.get("statuses", {}).items()))
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted((rep.statuses or {}).items()))
     lines += ["", f"<sub>statuses {statuses} · exit 3 on drift · `mlops monitor --json` for every number</sub>"]
     return "\n".join(lines) + "\n"
 
 
-def _icon(rep: dict[str, Any]) -> str:
-    return {"drift": "❌", "ok": "✅", "no traffic": "➖"}.get(rep["verdict"], "⚠️")
+def _icon(rep: MonitorReport) -> str:
+    return {"drift": "❌", "ok": "✅", "no traffic": "➖"}.get(rep.verdict, "⚠️")
