@@ -134,14 +134,14 @@ def validate_data(loaded: Any, json_: bool) -> None:
 
     res = run_checks(loaded)
     if json_:
-        emit(res, True)
+        emit(res.model_dump(), True)
     else:
-        for name, d in res["datasets"].items():
-            worst = "error" if any(f["severity"] == "error" for f in d["findings"]) else "ok"
-            err.print(f"{name}: {d['rows']} rows, {worst}", markup=False, highlight=False)
-            for f in d["findings"]:
-                err.print(f"  {f['severity']}: {f['line']}", markup=False, highlight=False, soft_wrap=True)
-    if not res["ok"]:
-        bad = [f["line"] for d in res["datasets"].values() for f in d["findings"] if f["severity"] == "error"]
+        for name, d in res.datasets.items():
+            worst = "error" if any(f.severity == "error" for f in d.findings) else "ok"
+            err.print(f"{name}: {d.rows} rows, {worst}", markup=False, highlight=False)
+            for f in d.findings:
+                err.print(f"  {f.severity}: {f.line}", markup=False, highlight=False, soft_wrap=True)
+    if not res.ok:
+        bad = [f.line for d in res.datasets.values() for f in d.findings if f.severity == "error"]
         raise ConfigError(f"data checks failed: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    emit({}, False, f"data checks passed ({len(res['datasets'])} dataset(s))") if not json_ else None
+    emit({}, False, f"data checks passed ({len(res.datasets)} dataset(s))") if not json_ else None

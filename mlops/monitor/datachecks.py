@@ -20,6 +20,7 @@ from typing import Any
 
 from mlops.config import Loaded
 from mlops.errors import ConfigError, InfraError
+from mlops.monitor.model import DataChecks, DatasetChecks, FindingRow
 
 TYPES: dict[str, type | tuple[type, ...]] = {
     "str": str,
@@ -139,27 +140,24 @@ def _is(value: Any, tname: str) -> bool:
     return isinstance(value, TYPES[tname])
 
 
-def run_checks(loaded: Loaded, names: list[str] | None = None) -> dict[str, Any]:
+def run_checks(loaded: Loaded, names: list[str] | None = None) -> DataChecks:
     """Every dataset's checks (or `names`'): what `mlops validate --data` prints."""
-    result: dict[str, Any] = {"ok": True, "datasets": {}}
+    datasets: dict[str, DatasetChecks] = {}
     for name in names or list(loaded.cfg.datasets):
         n, found = check_dataset(loaded, name)
         path = loaded.cfg.datasets[name].path
-        result["datasets"][name] = {
-            "path": path,
-            "rows": n,
-            "findings": [asdict(f) | {"line": f.line(path)} for f in found],
-        }
-        if any(f.severity == "error" for f in found):
-            result["ok"] = False
-    return result
+        datasets[name] = DatasetChecks(
+            path=path, rows=n, findings=[FindingRow(**asdict(f), line=f.line(path)) for f in found]
+        )
+    ok = all(f.severity != "error" for d in datasets.values() for f in d.findings)
+    return DataChecks(ok=ok, datasets=datasets)
 
 
-def require_clean(loaded: Loaded, model: str) -> dict[str, Any]:
+def require_clean(loaded: Loaded, model: str) -> DataChecks:
     """Training's gate: the model's dataset passes its checks, or DataCheckFailed names the rows."""
     name = loaded.cfg.models[model].dataset
     res = run_checks(loaded, [name])
-    errors = [f["line"] for f in res["datasets"][name]["findings"] if f["severity"] == "error"]
+    errors = [f.line for f in res.datasets[name].findings if f.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more failed check(s); `mlops validate --data`)" if len(errors) > 1 else ""
         raise DataCheckFailed(f"training refused: {errors[0]}{more}")

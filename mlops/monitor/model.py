@@ -115,3 +115,27 @@ class MonitorReport(Contract):
         # the keys a report of this kind never had stay out (None is a value only for `release`)
         d: dict[str, Any] = handler(self)
         return {k: v for k, v in d.items() if k == "release" or v is not None}
+
+
+class FindingRow(Contract):
+    """One data-check finding as `mlops validate --data --json` prints it."""
+
+    dataset: str
+    check: str
+    severity: str  # error | warn
+    message: str
+    rows: list[int]  # 1-based line numbers
+    line: str  # the one-line message: path, check, message, the first rows
+
+
+class DatasetChecks(Contract):
+    path: str
+    rows: int
+    findings: list[FindingRow]
+
+
+class DataChecks(Contract):
+    """`run_checks`: every dataset's findings; `ok` is False when one is error-level."""
+
+    ok: bool
+    datasets: dict[str, DatasetChecks]  # dataset name -> its rows and findings
