@@ -5,16 +5,39 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlops.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Example:
+    """One row of any dataset format, as training, evals and data checks all see it.
+
+    - pairs: `input` / `expected` as written.
+    - completion: `input` is the prompt, `expected` the completion.
+    - chat (OpenAI fine-tuning format): `messages` is the conversation up to, not including, its final
+      assistant turn (system, user, earlier assistant and tool turns, each an OpenAI message dict);
+      `input` is the last user turn's content and `expected` the final assistant turn's content
+      (None when the conversation ends on a user turn: an eval case with no reference).
+    `context` holds retrieved contexts (RAG), `tags` name the slices a gate may look at.
+    """
+
     id: str
     input: str
     expected: str | None
     context: tuple[str, ...] = ()
+    messages: tuple[dict[str, Any], ...] = ()
+    tags: tuple[str, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    format: str = "pairs"
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The whole chat to learn from: the prompt turns plus the final assistant answer."""
+        turns = [dict(m) for m in self.messages]
+        if self.expected is not None:
+            turns.append({"role": "assistant", "content": self.expected})
+        return turns
 
 
 def read_jsonl(path: Path, input_field: str = "input", target_field: str = "expected") -> list[Example]:
