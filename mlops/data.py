@@ -62,7 +62,13 @@ def read_jsonl(path: Path, input_field: str = "input", target_field: str = "expe
             ctx = row.get("context") or ()
             if isinstance(ctx, str):
                 ctx = (ctx,)
-            out.append(Example(str(row.get("id", f"{path.stem}-{n}")), row[input_field], target, tuple(ctx)))
+            tags = row.get("tags") or ()
+            if isinstance(tags, str):
+                tags = (tags,)
+            if not isinstance(tags, list | tuple) or not all(isinstance(t, str) and t for t in tags):
+                raise ConfigError(f"{path}:{n}: field 'tags' must be a list of non-empty strings")
+            rid = str(row.get("id", f"{path.stem}-{n}"))
+            out.append(Example(rid, row[input_field], target, tuple(ctx), tags=tuple(tags)))
     if not out:
         raise ConfigError(f"{path}: dataset is empty")
     return out
