@@ -85,6 +85,15 @@ class ResourcesCfg(Strict):
     min_containers: int = Field(0, ge=0)
     max_containers: int = Field(4, ge=1)
 
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Self:
+        # Modal refuses the decorator (InvalidError) at deploy: say so at validate instead
+        if self.min_containers > self.max_containers:
+            raise ValueError(
+                f"min_containers ({self.min_containers}) cannot be greater than max_containers ({self.max_containers})"
+            )
+        return self
+
 
 class ModelCfg(Strict):
     base: str = Field("scratch", description="'scratch', a Hugging Face id, or a local path.")

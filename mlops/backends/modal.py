@@ -276,6 +276,8 @@ class ModalBackend(Backend):
         while not self._healthy(url, release_id, min(60.0, timeout)):
             failure = self.api.failure(app)
             if failure:
+                with contextlib.suppress(InfraError):  # else Modal restarts its GPU container again and again
+                    self.api.stop(app)
                 raise InfraError(f"the vLLM server of {release_id} failed to start: {failure}")
             if time.monotonic() >= deadline:
                 raise InfraError(
