@@ -46,9 +46,18 @@ class TrackingCfg(Strict):
 
 
 class DatasetCfg(Strict):
-    path: str = Field(description="JSONL file, relative to mlops.yaml.")
-    input_field: str = "input"
-    target_field: str = "expected"
+    path: str = Field(
+        description="Where the rows are: a .jsonl, .parquet or .csv file or a `datasets.save_to_disk` directory "
+        "(relative to mlops.yaml), `hf:org/name[:split]` (Hugging Face `datasets`; offline flags honoured), "
+        "or `s3://bucket/key` (copied into the local cache)."
+    )
+    format: Literal["pairs", "chat", "completion"] | None = Field(
+        None,
+        description="pairs: input/expected; chat: OpenAI fine-tuning `messages`; completion: prompt/completion. "
+        "Absent: detected from the first row.",
+    )
+    input_field: str = Field("input", description="pairs: the field holding the input.")
+    target_field: str = Field("expected", description="pairs: the field holding the reference answer.")
     checks: DataChecksCfg = DataChecksCfg.model_construct()
 
 
@@ -378,8 +387,10 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             raise fail(loc, f"eval {suite!r} has no metric {mname!r} {_did_you_mean(mname, names)}".rstrip())
     if check_files:
         for name, ds in cfg.datasets.items():
+            if ds.path.startswith(("hf:", "s3://")):
+                continue  # remote: checked when read (`validate` stays offline and light)
             f = loaded.dataset_path(name)
-            if not f.is_file():
+            if not f.exists():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
 
 

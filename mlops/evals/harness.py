@@ -33,7 +33,7 @@ from mlops.cache import SegmentCache as DiskCache
 from mlops.config import Loaded, metric_name
 from mlops.configmonitor import NOT_CAPTURED
 from mlops.contracts import CaseRow, EvalCost, EvalResult, JudgeStats, MetricSummary
-from mlops.data import read_jsonl
+from mlops.data import read_dataset
 from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
@@ -52,8 +52,8 @@ JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
 def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     ev = loaded.cfg.evals[suite]
     ds = loaded.cfg.datasets[ev.dataset]
-    rows = read_jsonl(loaded.dataset_path(ev.dataset), ds.input_field, ds.target_field)
-    cases = [Case(r.id, r.input, r.expected, r.context) for r in rows]
+    rows = read_dataset(loaded, ev.dataset)
+    cases = [Case(r.id, r.input, r.expected, r.context, tags=r.tags, messages=r.messages) for r in rows]
     if len({c.id for c in cases}) != len(cases):
         raise ConfigError(f"{ds.path}: case ids must be unique")
     return cases[: ev.limit] if ev.limit else cases

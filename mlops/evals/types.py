@@ -13,6 +13,8 @@ class Case:
     expected: str | None = None
     context: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()  # the slices a gate may name (`segment:`)
+    messages: tuple[dict[str, Any], ...] = ()  # chat: the turns before the answer (mlops.data.Example)
 
 
 @dataclass
