@@ -59,6 +59,18 @@ def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     return cases[: ev.limit] if ev.limit else cases
 
 
+def check_segments(loaded: Loaded, suite: str, cases: list[Case]) -> None:
+    """A gate on `segment: <tag>` that no case of the suite carries is a config error (exit 1), not a
+    gate that passes on nothing. `mlops validate` catches it earlier when it can read the dataset."""
+    have = {t for c in cases for t in c.tags}
+    for i, g in enumerate(loaded.cfg.gates):
+        if g.eval == suite and g.segment is not None and g.segment not in have:
+            from mlops.plugins import did_you_mean
+
+            hint = did_you_mean(g.segment, have) if have else "(no case of the suite has tags)"
+            raise ConfigError(f"gates[{i}].segment: no case of eval {suite!r} has tag {g.segment!r} {hint}")
+
+
 def _parse(r: httpx.Response) -> tuple[str, int]:
     data = r.json()
     choice = data["choices"][0]
@@ -231,6 +243,7 @@ def score(
             scores={},
             reasons={},
             failed=[],
+            tags=list(c.tags),
         )
         for c, o in zip(cases, outputs, strict=True)
     ]
@@ -310,6 +323,7 @@ def run_suite(
     ev = cfg.evals[suite]
     model = cfg.models[cfg.deploy.model]
     cases = load_cases(loaded, suite)
+    check_segments(loaded, suite, cases)
     try:
         model.prompt.format(input="")
     except (KeyError, IndexError, ValueError) as e:

@@ -8,6 +8,9 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Case:
+    """One eval case. `context`: retrieved contexts (RAG); `tags`: the slices (segments) it belongs to;
+    `messages`: a chat case's turns before the answer (OpenAI message dicts), `input` its last user turn."""
+
     id: str
     input: str
     expected: str | None = None
