@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlops import datasources
-from mlops.datasources import CONTEXT_KEYS, Rows
-from mlops.errors import ConfigError
+from mlops.datasources import CONTEXT_KEYS, EmptyDataset, RowError, Rows
 
 if TYPE_CHECKING:
     from mlops.config import Loaded
@@ -180,13 +179,15 @@ def parse_row(
     input_field: str = "input",
     target_field: str = "expected",
     training: str | None = None,
+    row_number: int = 0,
 ) -> Example:
     """One raw row (a JSON object, a Parquet/CSV/HF record) as an Example of format `fmt`.
     `training` names the training set the row is read for (`training set 'train'`): its conversations
     must end on an answer."""
 
-    def fail(field: str | None, msg: str) -> ConfigError:
-        return ConfigError(f"{where}: {field}: {msg}" if field else f"{where}: {msg}")
+    def fail(field: str | None, msg: str) -> RowError:
+        detail = f"{field}: {msg}" if field else msg
+        return RowError(f"{where}: {detail}", row_number, detail)
 
     if not isinstance(row, dict):
         raise fail(None, f"a row must be a JSON object, not {_kind(row)}")
@@ -212,9 +213,9 @@ def parse_rows(
     for n, row in raw:
         fmt = fmt or detect_format(row)
         where = rows.where(n)
-        out.append((n, parse_row(row, fmt, where, f"{stem}-{n}", input_field, target_field, training)))
+        out.append((n, parse_row(row, fmt, where, f"{stem}-{n}", input_field, target_field, training, n)))
     if not out:
-        raise ConfigError(f"{rows.label}: dataset is empty")
+        raise EmptyDataset(f"{rows.label}: dataset is empty")
     return out
 
 
