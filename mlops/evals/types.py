@@ -8,11 +8,16 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Case:
+    """One eval case. `context`: retrieved contexts (RAG); `tags`: the slices (segments) it belongs to;
+    `messages`: a chat case's turns before the answer (OpenAI message dicts), `input` its last user turn."""
+
     id: str
     input: str
     expected: str | None = None
     context: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()  # the slices a gate may name (`segment:`)
+    messages: tuple[dict[str, Any], ...] = ()  # chat: the turns before the answer (mlops.data.Example)
 
 
 @dataclass
