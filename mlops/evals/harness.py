@@ -38,6 +38,7 @@ from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
 from mlops.evals.types import Case, Metric, Output, Score
+from mlops.plugins import JUDGE_METRICS
 from mlops.retry import Retryable, retry_after_s, retrying
 from mlops.util import now
 
@@ -46,7 +47,7 @@ MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot s
 BACKOFF_S = 0.1  # first backoff without a Retry-After; doubles per attempt, capped at 2 s
 FAILED_LOW = 0.0  # a failed case's value on a higher-is-better metric
 FAILED_HIGH = 1e9  # ... and on a lower-is-better one (as metrics._PerCase does): worst, but finite
-JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
+JUDGE_BASED = JUDGE_METRICS  # the suite's `judge` is their default
 
 
 def load_cases(loaded: Loaded, suite: str) -> list[Case]:
