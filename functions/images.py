@@ -38,6 +38,10 @@ TRAIN_PACKAGES = [
 # the same torch 2.13.0 as training, transformers>=5.16.1,<5.20 (reads what 5.17 above writes);
 # 0.33.0 is a CUDA 13 build that needs a recent host driver.
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
+# What `make install-vllm` removes after installing vLLM, for the same reason: these builds do not
+# match torch 2.13 and break `import transformers` (pip only warns about one that is absent).
+VLLM_UNINSTALL = ["torchvision", "torchaudio", "torchcodec"]
+VLLM_UNINSTALL_CMD = "python -m pip uninstall --yes " + " ".join(VLLM_UNINSTALL)
 
 # Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
 # (prometheus_client: mlops.serving.stats, behind its live per-release stats; boto3: traffic
@@ -70,7 +74,9 @@ _base = modal.Image.debian_slim(python_version=PYTHON)
 train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
 
 vllm_image = _with_sources(
-    _base.uv_pip_install(*VLLM_PACKAGES).env(
+    _base.uv_pip_install(*VLLM_PACKAGES)
+    .run_commands(VLLM_UNINSTALL_CMD)
+    .env(
         {
             # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
             "HF_HUB_OFFLINE": "1",

@@ -13,7 +13,8 @@ from typing import Any
 
 from mlops.config import Loaded, config_hash
 from mlops.contracts import ModelPlan, Plan
-from mlops.registry.releases import Registry, sha256_file
+from mlops.datasources import dataset_hash
+from mlops.registry.releases import Registry
 
 TRAINING_CODE = Path(__file__).parent / "training"
 # keys of a model's config that change the trained weights (resources, max_tokens do not)
@@ -41,8 +42,7 @@ def git_sha(root: Path) -> str | None:
 
 def lineage(loaded: Loaded, model: str) -> dict[str, Any]:
     m = loaded.cfg.models[model]
-    ds = loaded.dataset_path(m.dataset)
-    dataset_hashes = {m.dataset: sha256_file(ds)}
+    dataset_hashes = {m.dataset: dataset_hash(loaded, m.dataset)}
     section = {k: v for k, v in m.model_dump(mode="json").items() if k in TRAIN_KEYS}
     cfg_hash = config_hash(section)
     c_hash = code_hash()

@@ -9,7 +9,8 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
     {app}-eval             functions/evaluate.py `score`: heavy metrics (judges, embeddings) over case batches
     {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
                                       routing/state.json (the durable copy of the routing state)
-    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with
+    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with;
+                                      "failure:<app>": why that app's server died at start
     {app}-auth       a Modal Secret (yours)   MLOPS_API_KEYS, MLOPS_VLLM_API_KEY,
                                               MLOPS_PROXY_TOKEN_ID, MLOPS_PROXY_TOKEN_SECRET
 
@@ -38,6 +39,7 @@ KEYS_ENV = "MLOPS_API_KEYS"  # the gateway's client keys (comma-separated), in t
 VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"  # the key the gateway presents to vLLM, in the auth Secret
 PROXY_ID_ENV = "MLOPS_PROXY_TOKEN_ID"  # a Modal Proxy Auth Token: release URLs require it
 PROXY_SECRET_ENV = "MLOPS_PROXY_TOKEN_SECRET"
+FAILURE_KEY = "failure:"  # + app name, in the Dict: why its server died at start (functions/serve.py)
 CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")

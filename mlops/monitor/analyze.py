@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mlops.config import Loaded
+from mlops.data import read_dataset
+from mlops.datasources import dataset_hash
 from mlops.errors import UsageError
 from mlops.monitor import stats
 from mlops.monitor.model import (
@@ -39,7 +41,7 @@ from mlops.monitor.model import (
     Skipped,
 )
 from mlops.monitor.traffic import Counts, Window, load_counts, load_feedback, load_window
-from mlops.registry.releases import Registry, sha256_file
+from mlops.registry.releases import Registry
 
 REFERENCE_FREE = ("json_valid", "regex", "length", "latency")  # suite metrics that need no expected answer
 Say = Callable[[str], None]
@@ -72,10 +74,13 @@ def data_reference(loaded: Loaded, registry: Registry, release: str | None) -> d
     manifest = registry.manifest(release) if release else None
     hashes = (manifest or {}).get("lineage", {}).get("dataset_hashes", {})
     for name in names:
-        path = loaded.dataset_path(name)
         ds = cfg.datasets[name]
-        prompts += [model.prompt.replace("{input}", x) for x in _rows(path, ds.input_field)]
-        if name in hashes and hashes[name] != sha256_file(path):
+        if ds.path.endswith(".jsonl") and "://" not in ds.path:
+            xs = _rows(loaded.dataset_path(name), ds.input_field)
+        else:  # another format or source: through the one reader (a chat row's input is its last user turn)
+            xs = [ex.input for ex in read_dataset(loaded, name)]
+        prompts += [model.prompt.replace("{input}", x) for x in xs]
+        if name in hashes and hashes[name] != dataset_hash(loaded, name):
             notes.append(f"dataset {name!r} changed since {release} was trained: the reference is today's file")
     outputs: list[str] | None = None
     if release:
@@ -145,7 +150,7 @@ def _embedding_auc(ref: list[str], cur: list[str], n: int, say: Say) -> tuple[fl
     if len(ref) < 10 or len(cur) < 10:
         return None, "too few texts"
     try:
-        from mlops.monitor.minilm import minilm
+        from mlops.evals.minilm import minilm
 
         model = minilm()
     except ImportError:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from mlops.config import ArchCfg, LoraCfg
 from mlops.configtrain import StepsOrDuration, TrainCfg
+from mlops.datasources import localize
 
 if TYPE_CHECKING:
     from mlops.config import Loaded
@@ -32,6 +33,7 @@ class TrainJob(TrainCfg):
     prompt: str = "{input}"
     arch: dict[str, int] = Field(default_factory=lambda: ArchCfg().model_dump())
     lora: dict[str, Any] = Field(default_factory=lambda: LoraCfg().model_dump())
+    dataset_format: str | None = None  # pairs | chat | completion; None: detected from the first row
     input_field: str = "input"
     target_field: str = "expected"
     # the run's
@@ -56,8 +58,9 @@ def job_from_config(loaded: Loaded, name: str, out_dir: Path, gpu: str | None = 
         **(t.model_dump() | {"warmup_steps": min(t.warmup_steps, t.steps), "checkpoint_every": None}),
         **m.model_dump(include={"base", "method", "prompt", "arch", "lora"}),
         model_name=name,
-        dataset_path=str(loaded.dataset_path(m.dataset)),
+        dataset_path=localize(loaded, m.dataset),
         out_dir=str(out_dir),
+        dataset_format=ds.format,
         input_field=ds.input_field,
         target_field=ds.target_field,
         checkpoint_every_steps=every_steps,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import ConfigError
-from mlops.training.data import read_jsonl
+from mlops.training.data import read_source
 from mlops.training.job import NOT_WEIGHTS, TrainJob, TrainResult, job_from_config
 from mlops.training.setup import Setup, build
 
@@ -120,7 +120,13 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     prec = runtime.resolve_precision(job.precision, dev, job.method)
     runtime.reset_peak(dev)
     torch.manual_seed(job.seed)
-    rows = read_jsonl(Path(job.dataset_path), job.input_field, job.target_field)
+    rows = read_source(
+        job.dataset_path,
+        job.dataset_format,
+        job.input_field,
+        job.target_field,
+        training=f"model {job.model_name!r}'s training set",
+    )
     pairs = [(job.prompt.format(input=r.input), r.expected or "") for r in rows]
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +140,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
     gen = torch.Generator().manual_seed(job.seed)
 
-    fp = fingerprint(job.model_dump(exclude=NOT_WEIGHTS), Path(job.dataset_path))
+    fp = fingerprint(job.model_dump(exclude=NOT_WEIGHTS), job.dataset_path)
     ck: Checkpointer | None = None
     start, tokens_seen, loss_ema, prior_s, eval_loss = 0, 0, float("nan"), 0.0, None
     if job.runs_dir:
