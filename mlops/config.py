@@ -140,6 +140,11 @@ class GateCfg(Strict):
     max: float | None = None
     max_regression: float | None = Field(None, ge=0, description="Allowed drop vs production (absolute).")
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    segment: str | None = Field(
+        None,
+        min_length=1,
+        description="Only the cases with this tag: bounds and the no-regression check on that slice alone.",
+    )
 
     @model_validator(mode="after")
     def _some_bound(self) -> Self:
@@ -376,6 +381,12 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             )
         if g.stat == "pass_rate" and g.threshold is None:
             raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
+        if g.segment is not None and check_files:
+            ev = cfg.evals[g.eval]
+            tags = _suite_tags(loaded.dataset_path(ev.dataset), ev.limit)
+            if tags is not None and g.segment not in tags:
+                have = _did_you_mean(g.segment, tags) if tags else "(no case of the suite has tags)"
+                raise fail(("gates", i, "segment"), f"no case of eval {g.eval!r} has tag {g.segment!r} {have}")
     ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
     if cfg.monitor.eval is not None:
         ref(("monitor", "eval"), cfg.monitor.eval, cfg.evals, "eval")
@@ -392,6 +403,27 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             f = loaded.dataset_path(name)
             if not f.exists():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def _suite_tags(path: Path, limit: int | None) -> set[str] | None:
+    """The tags of a suite's cases when its dataset is a local JSONL file that reads cleanly, else None
+    (the eval checks a gate's segment then, once the harness has read the cases)."""
+    import json  # here, not at import: only a config with segment gates reads its data
+
+    tags: set[str] = set()
+    try:
+        if path.suffix != ".jsonl" or not path.is_file():
+            return None
+        with path.open(encoding="utf-8") as fh:
+            rows = (json.loads(line) for line in fh if line.strip())
+            for n, row in enumerate(rows):
+                if limit is not None and n >= limit:
+                    break
+                t = row.get("tags") or ()
+                tags.update([t] if isinstance(t, str) else t)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return tags
 
 
 def metric_name(spec: str | dict[str, Any]) -> str:

@@ -18,9 +18,15 @@ class DataChecksCfg(Strict):
     required: dict[str, Literal["str", "int", "float", "bool", "list", "dict"]] = Field(
         {}, description="Fields every row must have, with their JSON type (default: input and target as str)."
     )
-    min_length: int = Field(1, ge=0, description="Shortest input (characters); 1 refuses empty inputs.")
-    max_length: int | None = Field(None, ge=1, description="Longest input (characters).")
-    duplicates: Literal["error", "warn", "allow"] = Field("warn", description="Rows whose input repeats.")
+    min_length: int = Field(
+        1, ge=0, description="Shortest input (characters, or the base tokenizer's tokens); 1 refuses empty inputs."
+    )
+    max_length: int | None = Field(
+        None, ge=1, description="Longest input, or chat conversation (characters, or the base tokenizer's tokens)."
+    )
+    duplicates: Literal["error", "warn", "allow"] = Field(
+        "warn", description="Rows whose input (chat: whole conversation) repeats."
+    )
     leakage: Literal["error", "warn", "allow"] = Field(
         "error", description="Training rows whose input appears in an eval set of the same model."
     )

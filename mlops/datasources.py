@@ -29,6 +29,19 @@ JSON_COLUMNS = ("messages", "tools", "tags", *CONTEXT_KEYS)
 CHUNK = 1 << 20
 
 
+class RowError(ConfigError):
+    """One bad row: the headline names where; `row` (its line or index) and `detail` (field: what)
+    let the data checks report it as a finding."""
+
+    def __init__(self, headline: str, row: int, detail: str) -> None:
+        super().__init__(headline)
+        self.row, self.detail = row, detail
+
+
+class EmptyDataset(ConfigError):
+    """A source with no rows."""
+
+
 class Rows:
     """How a source's rows are named in errors: `path:LINE`, or `path: row N` (0-based index)."""
 
@@ -123,7 +136,7 @@ def _jsonl_rows(path: Path, label: str) -> Iterator[tuple[int, Any]]:
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{label}:{n}: invalid JSON: {e.msg}") from None
+                    raise RowError(f"{label}:{n}: invalid JSON: {e.msg}", n, f"invalid JSON: {e.msg}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -154,7 +167,9 @@ def _csv_rows(path: Path, label: str) -> Iterator[tuple[int, Any]]:
                         try:
                             v = json.loads(v)
                         except ValueError:
-                            raise ConfigError(f"{label}: row {i}: {k}: not a JSON list") from None
+                            raise RowError(
+                                f"{label}: row {i}: {k}: not a JSON list", i, f"{k}: not a JSON list"
+                            ) from None
                 row[k] = v
             yield i, row
 

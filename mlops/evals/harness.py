@@ -38,6 +38,7 @@ from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
 from mlops.evals.types import Case, Metric, Output, Score
+from mlops.plugins import JUDGE_METRICS
 from mlops.retry import Retryable, retry_after_s, retrying
 from mlops.util import now
 
@@ -46,7 +47,7 @@ MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot s
 BACKOFF_S = 0.1  # first backoff without a Retry-After; doubles per attempt, capped at 2 s
 FAILED_LOW = 0.0  # a failed case's value on a higher-is-better metric
 FAILED_HIGH = 1e9  # ... and on a lower-is-better one (as metrics._PerCase does): worst, but finite
-JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
+JUDGE_BASED = JUDGE_METRICS  # the suite's `judge` is their default
 
 
 def load_cases(loaded: Loaded, suite: str) -> list[Case]:
@@ -57,6 +58,18 @@ def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     if len({c.id for c in cases}) != len(cases):
         raise ConfigError(f"{ds.path}: case ids must be unique")
     return cases[: ev.limit] if ev.limit else cases
+
+
+def check_segments(loaded: Loaded, suite: str, cases: list[Case]) -> None:
+    """A gate on `segment: <tag>` that no case of the suite carries is a config error (exit 1), not a
+    gate that passes on nothing. `mlops validate` catches it earlier when it can read the dataset."""
+    have = {t for c in cases for t in c.tags}
+    for i, g in enumerate(loaded.cfg.gates):
+        if g.eval == suite and g.segment is not None and g.segment not in have:
+            from mlops.plugins import did_you_mean
+
+            hint = did_you_mean(g.segment, have) if have else "(no case of the suite has tags)"
+            raise ConfigError(f"gates[{i}].segment: no case of eval {suite!r} has tag {g.segment!r} {hint}")
 
 
 def _parse(r: httpx.Response) -> tuple[str, int]:
@@ -231,6 +244,7 @@ def score(
             scores={},
             reasons={},
             failed=[],
+            tags=list(c.tags),
         )
         for c, o in zip(cases, outputs, strict=True)
     ]
@@ -310,6 +324,7 @@ def run_suite(
     ev = cfg.evals[suite]
     model = cfg.models[cfg.deploy.model]
     cases = load_cases(loaded, suite)
+    check_segments(loaded, suite, cases)
     try:
         model.prompt.format(input="")
     except (KeyError, IndexError, ValueError) as e:

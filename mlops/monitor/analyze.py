@@ -148,7 +148,7 @@ def _embedding_auc(ref: list[str], cur: list[str], n: int, say: Say) -> tuple[fl
     if len(ref) < 10 or len(cur) < 10:
         return None, "too few texts"
     try:
-        from mlops.monitor.minilm import minilm
+        from mlops.evals.minilm import minilm
 
         model = minilm()
     except ImportError:
