@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mlops.config import Loaded
 
 FORMATS = ("pairs", "chat", "completion")
+OPTIONAL = frozenset(("id", "tags", *CONTEXT_KEYS))  # keys any row may carry
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -168,13 +169,15 @@ def _text(row: dict[str, Any], fmt: str, in_f: str, out_f: str, default_id: str,
     target = row.get(out_f)
     if target is not None and not isinstance(target, str):
         raise fail(None if fmt == "pairs" else out_f, f"field {out_f!r} must be a string")
+    if OPTIONAL.isdisjoint(row):  # most rows: nothing more to check (20k rows: as fast as before)
+        return Example(default_id, row[in_f], target, format=fmt)
     return Example(input=row[in_f], expected=target, format=fmt, **_common(row, default_id, fail))
 
 
 def parse_row(
     row: Any,
     fmt: str,
-    where: str,
+    where: str | Rows,
     default_id: str,
     input_field: str = "input",
     target_field: str = "expected",
@@ -183,11 +186,12 @@ def parse_row(
 ) -> Example:
     """One raw row (a JSON object, a Parquet/CSV/HF record) as an Example of format `fmt`.
     `training` names the training set the row is read for (`training set 'train'`): its conversations
-    must end on an answer."""
+    must end on an answer. `where` names the row in errors (given as Rows, it is formatted only then)."""
 
     def fail(field: str | None, msg: str) -> RowError:
         detail = f"{field}: {msg}" if field else msg
-        return RowError(f"{where}: {detail}", row_number, detail)
+        at = where.where(row_number) if isinstance(where, Rows) else where
+        return RowError(f"{at}: {detail}", row_number, detail)
 
     if not isinstance(row, dict):
         raise fail(None, f"a row must be a JSON object, not {_kind(row)}")
@@ -212,8 +216,7 @@ def parse_rows(
     out: list[tuple[int, Example]] = []
     for n, row in raw:
         fmt = fmt or detect_format(row)
-        where = rows.where(n)
-        out.append((n, parse_row(row, fmt, where, f"{stem}-{n}", input_field, target_field, training, n)))
+        out.append((n, parse_row(row, fmt, rows, f"{stem}-{n}", input_field, target_field, training, n)))
     if not out:
         raise EmptyDataset(f"{rows.label}: dataset is empty")
     return out

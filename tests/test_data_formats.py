@@ -381,3 +381,16 @@ def test_validate_data_on_a_chat_project(tmp_path: Path) -> None:
         "chat.jsonl: rows: messages: no assistant turn to learn from (training set 'train'; the conversation "
         "ends on a 'user' turn) (lines 3)"
     ) in r.stdout + r.stderr
+
+
+def test_rows_travel_as_jsonl_of_their_own_format(tmp_path: Path) -> None:
+    """What the Modal backend sends a trainer when the source is not a JSONL file reads back equal."""
+    import pyarrow.parquet as pq
+
+    from mlops.data import to_jsonl
+
+    for name, rows in {"chat": CHAT, "comp": COMPLETION, "pairs": PAIRS}.items():
+        pq.write_table(table(rows), tmp_path / f"{name}.parquet")
+        before = read_source(tmp_path / f"{name}.parquet")
+        (tmp_path / f"{name}.jsonl").write_bytes(to_jsonl(before))
+        assert read_source(tmp_path / f"{name}.jsonl") == before
