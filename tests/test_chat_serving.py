@@ -30,7 +30,7 @@ def chats() -> list[Chat]:
     prompt, one with tools, one with a tool call and its result."""
     out: list[Chat] = [(c[:-1], None) for c in chat_conversations(10, seed=7)]
     out.append(([{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": "refund order"}], [CHAT_TOOL]))
-    call = {"id": "c1", "type": "function", "function": {"name": "refund", "arguments": {"order": "ship"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "refund", "arguments": '{"order": "ship"}'}}
     out.append(
         (
             [
@@ -60,6 +60,16 @@ def served(chat_model: Path) -> Iterator[str]:
         yield url
 
 
+def parsed_calls(message: dict[str, Any]) -> dict[str, Any]:
+    """A turn as templates take it: tool-call arguments a dict, not the API's JSON string (the
+    conversion vLLM makes before rendering)."""
+    calls = [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in message.get("tool_calls", [])
+    ]
+    return {**message, "tool_calls": calls} if calls else message
+
+
 def reference(model_dir: Path, items: list[Chat], max_tokens: int = MAX_TOKENS) -> list[dict[str, Any]]:
     """transformers' own answer for each chat, one at a time: apply_chat_template, greedy generate;
     the ids made text as vLLM's detokenizer makes it (tokenizers' DecodeStream primed with the
@@ -73,6 +83,7 @@ def reference(model_dir: Path, items: list[Chat], max_tokens: int = MAX_TOKENS) 
     eos = set(model.generation_config.eos_token_id)
     out = []
     for messages, tools in items:
+        messages = [parsed_calls(m) for m in messages]
         enc = tok.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, return_dict=True, return_tensors="pt"
         )

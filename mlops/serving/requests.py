@@ -227,7 +227,7 @@ def chat_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         if fn.get("strict") is not None:
             spec["strict"] = fn["strict"]
         out.append({"type": "function", "function": spec})
-    return out
+    return out or None
 
 
 def stops(stop: Any) -> tuple[str, ...]:

@@ -245,7 +245,9 @@ class VllmEngine(QueuedEngine):
         if req.messages is not None and self.chat is not None:
             body["messages"] = req.messages
             if req.tools is not None:
-                body["tools"] = req.tools
+                # rendered into the prompt, the answer left as text (as the builtin engine does);
+                # vLLM's default "auto" would need a tool-call parser this server does not run
+                body |= {"tools": req.tools, "tool_choice": "none"}
         else:
             body["prompt"] = ids
         body |= {
