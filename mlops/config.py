@@ -468,6 +468,14 @@ def resolve_model(loaded: Loaded, model: str | None) -> str:
     return names[0]
 
 
+def owner(models: list[str], name: str) -> str | None:
+    """The deployed model `name` is, or whose release id it is (`<model>-<stamp>-<hex>`)."""
+    if name in models:
+        return name
+    hits = [m for m in models if name.startswith(m + "-")]
+    return max(hits, key=len) if hits else None
+
+
 def narrow(loaded: Loaded, model: str) -> Loaded:
     """The config as seen by one deployed model: `deploy` is that model's merged settings
     (`deploy.model` set, `deploy.models` empty), `evals` and `gates` are the ones it is gated on.

@@ -188,9 +188,10 @@ def test_two_models_canary_rollback_and_a_sabotaged_run_while_the_other_serves(t
             res = run_pipeline(Session.open(better, model="a"))
             assert res.status == "promoted" and [v.percent for v in res.canary] == [50, 100], res.message
             a2 = res.release
-            # a rollback of a alone
-            back = rollback_release(Session.open(loaded, model="a"), None, "test", "test")
-            assert (back.production, back.rolled_back_from) == (a1, a2)
+            # a rollback of a alone (the release id names the model: no --model needed)
+            back = mlops("rollback", "--json", "--to", str(a1), cwd=root)
+            assert back.returncode == 0, back.stderr[-2000:]
+            assert (json.loads(back.stdout)["production"], json.loads(back.stdout)["rolled_back_from"]) == (a1, a2)
             with pytest.raises(UsageError, match=f"release {b1} is a release of model 'b'"):
                 rollback_release(Session.open(loaded, model="a"), b1, "test", "test")
             # the sabotaged run (CT over both): a's gate fails, a is not promoted; b is unchanged

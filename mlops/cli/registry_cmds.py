@@ -112,9 +112,14 @@ def register(app: typer.Typer) -> None:
         """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
         import getpass
 
+        from mlops.config import owner
         from mlops.flows.release import rollback_release
+        from mlops.flows.session import Session
 
-        s = _session(config, set_, json_, model)
+        loaded = load_config(config, set_)
+        if model is None and to is not None:  # a release id names its model
+            model = owner(loaded.cfg.deploy.names, to)
+        s = Session.open(loaded, say=say_fn(json_), model=model)
         import os
 
         try:

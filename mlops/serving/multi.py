@@ -22,18 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlops.config import owner
 from mlops.serving.http import HEADER, error
 from mlops.serving.pool import ReleasePool
 
 GENERATE = ("/v1/completions", "/v1/chat/completions")
-
-
-def owner(models: list[str], name: str) -> str | None:
-    """The deployed model `name` is, or whose release id it is (`<model>-<stamp>-<hex>`)."""
-    if name in models:
-        return name
-    hits = [m for m in models if name.startswith(m + "-")]
-    return max(hits, key=len) if hits else None
 
 
 class ModelRouter:
