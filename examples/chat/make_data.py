@@ -37,13 +37,13 @@ FACTS = {
 }
 # training wordings, and the held-out ones the eval asks with
 ASK = {
-    "billing": (["How much is {x}?", "What does {x} cost?", "Price of {x}?"], ["How much do I pay for {x}?"]),
-    "shipping": (
-        ["How long is delivery {x}?", "Shipping time {x}?", "When will it arrive {x}?"],
-        ["How many days does shipping {x} take?"],
-    ),  # fmt: skip
-    "account": (["How do I {x}?", "How can I {x}?", "I want to {x}."], ["What is the way to {x}?"]),
-}
+    "billing": (["How much is {x}?", "What does {x} cost?", "Price of {x}?"],
+                ["How much do I pay for {x}?", "What is the price of {x}?"]),
+    "shipping": (["How long is delivery {x}?", "Shipping time {x}?", "When will it arrive {x}?"],
+                 ["How many days does shipping {x} take?", "How long does delivery {x} take?"]),
+    "account": (["How do I {x}?", "How can I {x}?", "I want to {x}."],
+                ["What is the way to {x}?", "How should I {x}?"]),
+}  # fmt: skip
 
 
 def turn(topic: str, fact: tuple[str, str, str], wording: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -70,7 +70,7 @@ def eval_rows() -> list[dict[str, object]]:
     rows = []
     for topic in sorted(FACTS):
         for j, fact in enumerate(FACTS[topic]):
-            for k, wording in enumerate([*ASK[topic][1], ASK[topic][0][0]]):
+            for k, wording in enumerate(ASK[topic][1]):  # never a training wording: no leakage
                 user, answer = turn(topic, fact, wording)
                 rows.append({
                     "id": f"{topic}-{j}-{k}",
