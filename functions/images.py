@@ -73,27 +73,18 @@ _base = modal.Image.debian_slim(python_version=PYTHON)
 
 train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
 
-vllm_image = _with_sources(
-    _base.uv_pip_install(*VLLM_PACKAGES)
-    .run_commands(VLLM_UNINSTALL_CMD)
-    .env(
-        {
-            # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        }
-    )
-)
+# Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+vllm_image = _with_sources(_base.uv_pip_install(*VLLM_PACKAGES).run_commands(VLLM_UNINSTALL_CMD).env(VLLM_ENV))
 
 gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
 
 # offline like the metrics here: deepeval/ragas telemetry off, no Hub lookups
-eval_image = _with_sources(
-    _base.uv_pip_install(*EVAL_PACKAGES).env(
-        {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
-    )
-)
+EVAL_ENV = {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
+eval_image = _with_sources(_base.uv_pip_install(*EVAL_PACKAGES).env(EVAL_ENV))
+
+# Each image's ENV by its name here: a container sees it (the twin gives a container exactly this).
+IMAGE_ENV: dict[str, dict[str, str]] = {"vllm_image": VLLM_ENV, "eval_image": EVAL_ENV}
 
 settings = current_settings()
 
@@ -112,6 +103,7 @@ def auth_secret() -> modal.Secret:
 
 
 __all__ = [
+    "IMAGE_ENV",
     "VOLUME_MOUNT",
     "auth_secret",
     "eval_image",
