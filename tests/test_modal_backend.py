@@ -343,3 +343,22 @@ def test_validate_and_doctor_say_what_a_modal_container_looks_up(
     assert "pr" in api.environments() and api.secret_names() == ["acme-keys", auth]
     assert api._secret(auth)["MLOPS_API_KEYS"] == "pr-key" and api._secret("acme-keys")["JUDGE_KEY"] == "j"
     assert api.secret_names("main") == []  # the PR environment's Secrets only
+
+
+def test_a_remote_failure_of_the_eval_fan_out_names_the_dead_judge() -> None:
+    """Modal re-raises the remote exception's own class (a RuntimeError from the eval function,
+    not an InfraError): the judge-app hint still fires, in one line (exit 4)."""
+    from mlops.backends.modal_eval import map_with_hint
+
+    class Api:
+        def map(self, app: str, function: str, inputs: list[Any]) -> list[Any]:
+            raise RuntimeError("judge http://x did not become healthy in 960s\nmore")
+
+    with pytest.raises(InfraError) as e:
+        map_with_hint(Api(), "acme-eval", [{}], lambda: ["acme-judge-ref: exited: CUDA out of memory"])
+    assert e.value.headline == (
+        "acme-eval/score failed on Modal: RuntimeError: judge http://x did not become healthy in 960s "
+        "(judge app acme-judge-ref: exited: CUDA out of memory)"
+    )
+    with pytest.raises(InfraError, match=r"^acme-eval/score failed on Modal: RuntimeError: judge"):
+        map_with_hint(Api(), "acme-eval", [{}], lambda: [])
