@@ -13,7 +13,7 @@ from pathlib import Path
 
 import modal
 
-from mlops.backends.modal_settings import VOLUME_MOUNT, current_settings
+from mlops.backends.modal_settings import VOLUME_MOUNT, current_settings, entrypoint_in_image
 
 HERE = Path(__file__).resolve().parent
 PYTHON = "3.12"  # every image: the newest CPython that vLLM, torch and ragas all ship wheels for
@@ -30,6 +30,8 @@ TRAIN_PACKAGES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "peft==0.21.2",  # LoRA (issue 12); method: qlora also needs "bitsandbytes" in this list
+    "trl==1.16.0",  # chat fine-tuning: packing and the collator (issue 16)
+    "datasets==5.0.1",  # what trl's packing runs on
     *MLOPS_CORE,
 ]
 
@@ -72,6 +74,8 @@ def _with_sources(image: modal.Image) -> modal.Image:
 _base = modal.Image.debian_slim(python_version=PYTHON)
 
 train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
+for _entry in current_settings().train_files:  # train.entrypoint: your own training code (mounted)
+    train_image = train_image.add_local_file(_entry, entrypoint_in_image(_entry))
 
 # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

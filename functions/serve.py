@@ -39,7 +39,7 @@ from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_imag
 from mlops.backends.modal_api import ModalSDK
 from mlops.backends.modal_settings import FAILURE_KEY, VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
-from mlops.serving.vllm_argv import chat_template_for, vllm_command, vllm_env
+from mlops.serving.vllm_argv import template_flag, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
@@ -130,13 +130,8 @@ def serve_body(
         model = prepare_release(root, RELEASE, RELEASE_SHA256)
     template = None
     if isinstance(model, Path):
-        tok_cfg = model / "tokenizer_config.json"
-        has_template = (model / "chat_template.jinja").is_file() or (
-            tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
-        )
-        if not has_template:
-            template = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja")
-            Path(template).write_text(chat_template_for(PROMPT))
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja"
+        template = template_flag(model, PROMPT, path)
     build = command or vllm_command
     cmd = build(model, name, port, aliases=aliases, chat_template=template)
     print("starting:", " ".join(cmd), flush=True)

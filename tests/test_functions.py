@@ -179,10 +179,14 @@ def test_vllm_command_keeps_the_key_off_the_command_line(fns: dict[str, ModuleTy
         serve.vllm_env("MLOPS_VLLM_API_KEY", {"MLOPS_VLLM_API_KEY": ""})
 
 
-def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> None:
+def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    """A model without a template of its own gets the prompt as one (`--chat-template`); a model
+    with one (chat_template.jinja) is served with it: no flag."""
     import jinja2
 
-    tpl = jinja2.Environment().from_string(fns["serve"].chat_template_for('Q: "{input}" ='))
+    flag = fns["serve"].template_flag(tmp_path, 'Q: "{input}" =', tmp_path / "t.jinja")
+    assert flag == str(tmp_path / "t.jinja")
+    tpl = jinja2.Environment().from_string(Path(flag).read_text())
     messages = [
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": "first"},
@@ -190,6 +194,8 @@ def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> N
         {"role": "user", "content": "abc"},
     ]
     assert tpl.render(messages=messages) == 'Q: "abc" ='
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert fns["serve"].template_flag(tmp_path, "{input}", tmp_path / "u.jinja") is None
 
 
 def _stage(root: Path, release: str, files: dict[str, bytes]) -> str:
