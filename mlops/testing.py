@@ -28,17 +28,20 @@ class ServeFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def mlops_serve(root: Path, *args: str, loaded: bool = False, startup_s: float = STARTUP_S) -> Iterator[str]:
+def mlops_serve(
+    root: Path, *args: str, loaded: bool = False, startup_s: float = STARTUP_S, log: Path | None = None
+) -> Iterator[str]:
     """Run `mlops serve --port PORT ARGS...` in `root`; yield `http://127.0.0.1:PORT` once /health
-    answers 200 (and, with `loaded`, reports a model loaded)."""
+    answers 200 (and, with `loaded`, reports a model loaded). `log`: its stderr goes there."""
     import httpx
 
     port = free_port()
+    err = log.open("w") if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port), *args],
         cwd=root,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         env=os.environ | {"MLOPS_WANDB": "disabled"},
     )
@@ -64,6 +67,9 @@ def mlops_serve(root: Path, *args: str, loaded: bool = False, startup_s: float =
             proc.kill()
             proc.wait(timeout=10)
             raise ServeFailed(f"mlops serve did not stop within {STOP_S:.0f} s of SIGTERM") from None
+        finally:
+            if log is not None and not isinstance(err, int):
+                err.close()
 
 
 # A chat task small enough to learn in seconds: the assistant answers with the user's words in

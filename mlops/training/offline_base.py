@@ -167,6 +167,12 @@ def build_base(
     with torch.random.fork_rng(devices=[]):  # the caller's random streams are left as they were
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # The (tied) embeddings at std hidden**-0.5 instead of 0.02: a unit-norm output row lets the
+        # logits spread once the hidden state points its way. At 0.02 they cannot pass ~1 whatever the
+        # layers do, so a LoRA fine-tune (embeddings and norms frozen) plateaus near uniform loss.
+        torch.nn.init.normal_(model.get_input_embeddings().weight, 0.0, hidden**-0.5)
+        if not tie_word_embeddings:
+            torch.nn.init.normal_(model.get_output_embeddings().weight, 0.0, hidden**-0.5)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=[SPECIAL.index(IM_END), SPECIAL.index(EOT)],
@@ -187,15 +193,19 @@ def build_base(
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(str(out))
-    # transformers 5 keeps the template only in chat_template.jinja; older readers (and some servers)
-    # look in tokenizer_config.json, so it is written in both places
+    template_in_config(out, CHAT_TEMPLATE)
+    return out
+
+
+def template_in_config(out: Path, template: str) -> None:
+    """transformers 5 saves the template only as chat_template.jinja; older readers (and some servers)
+    look in tokenizer_config.json, so it is written in both places."""
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
-    tc["chat_template"] = CHAT_TEMPLATE
-    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc["chat_template"] = template
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"  # a class every transformers version has
     tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out
+    (out / "chat_template.jinja").write_text(template)
 
 
 def texts_of(rows: Iterable[Any]) -> list[str]:
@@ -237,8 +247,10 @@ def fingerprint(base_dir: Path | str) -> str:
     """sha256 over a base directory's files (names and bytes), for the lineage of what trains on it."""
     import hashlib
 
+    from mlops.datasources import sha256_path  # chunked: a real base's weights are gigabytes
+
     root = Path(base_dir)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_path(p)}\0".encode())
     return h.hexdigest()
