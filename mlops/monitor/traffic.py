@@ -91,13 +91,17 @@ class Unreadable(Exception):
 
 def _chunks(store: Store, key: str) -> Iterator[bytes]:
     """A stored object in CHUNK pieces. A directory store's file is opened without blocking (a FIFO
-    named *.jsonl answers at once) and read only when it is a regular file."""
+    named *.jsonl answers at once) and read only when it is a regular file; S3 streams the object."""
     path = store.local_path(key)
-    if path is None:  # an object store: the object (the writer's files are bounded by MAX_TEXT)
-        blob = store.get(key)
-        if blob is None:
-            raise Unreadable("gone")
-        yield blob.data
+    if path is None:  # an object store: streamed where it can (S3), else the object
+        stream = getattr(store, "iter_chunks", None)
+        pieces = stream(key, CHUNK) if stream is not None else None
+        if pieces is None:
+            blob = None if stream is not None else store.get(key)
+            if blob is None:
+                raise Unreadable("gone")
+            pieces = iter([blob.data])
+        yield from pieces
         return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
