@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.redact import redact_obj
 
 ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
 
@@ -200,8 +201,8 @@ def register(app: typer.Typer) -> None:
         md = to_markdown(rep)
         write_step_summary(md)
         doc = rep.model_dump()  # the JSON the workflows read: keys and order as declared in report.model
-        if out is not None:
-            out.write_text(json.dumps(doc, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
+        if out is not None:  # the same masking as `--json` on stdout (emit)
+            out.write_text(json.dumps(redact_obj(doc), indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
         if json_:
             emit(doc, True)
