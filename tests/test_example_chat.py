@@ -1,0 +1,46 @@
+"""The chat + RAG example (issue 16.6): `mlops init --example chat` lays it out, its data is what
+make_data.py writes, the base builds offline, and its whole `mlops run` trains, evaluates per
+segment, gates and promotes on the local backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, mlops
+
+EXAMPLE = REPO / "examples" / "chat"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chat-example")
+    out = mlops("init", str(root), "--example", "chat", "--json", cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    written = json.loads(out.stdout)["files"]
+    assert {"mlops.yaml", "make_data.py", "data/train.jsonl", "evals/heldout.jsonl", "functions/train.py"} <= set(
+        written
+    )
+    assert (root / "mlops.yaml").read_bytes() == (EXAMPLE / "mlops.yaml").read_bytes()
+    return root
+
+
+def test_the_shipped_data_is_what_make_data_writes(project: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_data", project / "make_data.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for name in ("data/train.jsonl", "evals/heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (project / name).read_bytes(), name
+    cases = [json.loads(line) for line in (project / "evals/heldout.jsonl").read_text().splitlines()]
+    assert {c["tags"][0] for c in cases} == {"billing", "shipping", "account"}
+    assert all(c["context"] and c["messages"][-1]["role"] == "assistant" for c in cases)
+
+
+def test_unknown_example_is_a_usage_error(tmp_path: Path) -> None:
+    out = mlops("init", str(tmp_path), "--example", "chatt", cwd=tmp_path, timeout=300)
+    assert out.returncode == 1 and "unknown example 'chatt' (valid: chat)" in out.stderr
+    assert not (tmp_path / "mlops.yaml").exists()
