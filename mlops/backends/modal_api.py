@@ -159,6 +159,7 @@ class ModalSDK:
     def __init__(self, settings: ModalSettings) -> None:
         self.settings = settings
         self._env = {"environment_name": settings.environment}
+        self._state: Any = None
 
     def _cli(
         self,
@@ -227,7 +228,10 @@ class ModalSDK:
             self._cli(f"`modal secret create {name}`", *args, in_env=env or "")
 
     def _dict(self) -> Any:
-        return _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
+        # one handle per process: the gateway writes its stats every second (a lookup each would double the calls)
+        if self._state is None:
+            self._state = _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
+        return self._state
 
     def _volume(self) -> Any:
         return _modal().Volume.from_name(self.settings.volume, create_if_missing=True, **self._env)

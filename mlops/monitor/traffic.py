@@ -248,9 +248,13 @@ def load_counts(store: Store, since: float, until: float, stale_s: float) -> Cou
     day = dt.datetime.fromtimestamp(since, dt.UTC).date()
     end = dt.datetime.fromtimestamp(until, dt.UTC).date()
     keys = []
-    while day <= end:  # one listing per day of the window, not of all history
-        keys += store.list(f"{COUNTERS_PREFIX}/{day.isoformat()}")
-        day += dt.timedelta(days=1)
+    if (end - day).days <= 31:  # one listing per day of the window, not of all history
+        while day <= end:
+            keys += store.list(f"{COUNTERS_PREFIX}/{day.isoformat()}")
+            day += dt.timedelta(days=1)
+    else:  # a long window: one listing, filtered by the day in each key
+        first, last = day.isoformat(), end.isoformat()
+        keys = [k for k in store.list(COUNTERS_PREFIX) if first <= k.split("/")[-2] <= last]
     for key in keys:
         if not key.endswith(".json"):
             continue
