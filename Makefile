@@ -32,7 +32,9 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed .cache/npm/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_eval_process.py
 	$(BIN)/python benchmarks/bench_hostile.py
+	$(BIN)/python benchmarks/bench_chat_train.py
 
 install: $(VENV)/.installed
 

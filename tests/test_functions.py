@@ -179,10 +179,14 @@ def test_vllm_command_keeps_the_key_off_the_command_line(fns: dict[str, ModuleTy
         serve.vllm_env("MLOPS_VLLM_API_KEY", {"MLOPS_VLLM_API_KEY": ""})
 
 
-def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> None:
+def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    """A model without a template of its own gets the prompt as one (`--chat-template`); a model
+    with one (chat_template.jinja) is served with it: no flag."""
     import jinja2
 
-    tpl = jinja2.Environment().from_string(fns["serve"].chat_template_for('Q: "{input}" ='))
+    flag = fns["serve"].template_flag(tmp_path, 'Q: "{input}" =', tmp_path / "t.jinja")
+    assert flag == str(tmp_path / "t.jinja")
+    tpl = jinja2.Environment().from_string(Path(flag).read_text())
     messages = [
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": "first"},
@@ -190,6 +194,8 @@ def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> N
         {"role": "user", "content": "abc"},
     ]
     assert tpl.render(messages=messages) == 'Q: "abc" ='
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert fns["serve"].template_flag(tmp_path, "{input}", tmp_path / "u.jinja") is None
 
 
 def _stage(root: Path, release: str, files: dict[str, bytes]) -> str:
@@ -603,3 +609,86 @@ def test_gateway_captures_only_into_storage_it_can_reach(fns: dict[str, ModuleTy
     wrapped = gw.with_capture(app, on)
     assert isinstance(wrapped, CaptureMiddleware) and wrapped.writer.source == "gateway"
     wrapped.writer.close()
+
+
+def test_serve_reports_a_start_failure_in_the_dict(fns: dict[str, ModuleType]) -> None:
+    """A server that dies at start says why under failure:<app> (ModalSDK.failure reads it), then
+    the container still fails with its own error."""
+    serve = fns["serve"]
+    put: list[tuple[str, Any]] = []
+
+    class Api:
+        def dict_put(self, key: str, value: Any) -> None:
+            put.append((key, value))
+
+    def dies() -> None:
+        raise RuntimeError("vllm exited with code 1 before serving:\nValueError: bad weights")
+
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        serve.start_or_report(dies, Api())
+    assert [k for k, _ in put] == ["failure:mlops-tiny-reverse-serve"] and "bad weights" in put[0][1]
+    serve.start_or_report(lambda: None, Api())  # a server that starts reports nothing
+    assert len(put) == 1
+
+
+def test_vllm_image_removes_what_make_install_vllm_removes(fns: dict[str, ModuleType]) -> None:
+    import re
+
+    make = (ROOT / "Makefile").read_text()
+    removed = re.search(r"pip uninstall --quiet --yes ([\w ]+)", make)
+    assert removed and sorted(removed.group(1).split()) == sorted(fns["images"].VLLM_UNINSTALL)
+    assert fns["images"].VLLM_UNINSTALL_CMD.endswith(" ".join(fns["images"].VLLM_UNINSTALL))
+
+
+def test_gateway_never_asks_for_more_warm_containers_than_it_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy.resources.min_containers: 2 (for the GPU servers) must not break the gateway's
+    deploy: Modal refuses min > max (InvalidError, at import here)."""
+    from mlops.backends.modal_settings import ModalSettings
+
+    s = ModalSettings(app="acme", min_containers=3, max_containers=4)
+    mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json()})
+    gw = mods["gateway"]
+    assert 0 < gw.MIN_CONTAINERS <= gw.MAX_CONTAINERS
+
+
+def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[str, ModuleType]) -> None:
+    """Two gateway containers split the traffic; either one's /v1/mlops/stats (what the canary
+    reads) counts all of it, and so does a fresh container after both scaled down."""
+    from mlops.serving.shared_stats import SharedStats
+
+    store: dict[str, Any] = {}  # the Dict: values cross as JSON, as Modal pickles them
+    lock = threading.Lock()
+
+    def put(key: str, value: Any) -> None:
+        with lock:
+            store[key] = json.loads(json.dumps(value))
+
+    def items(prefix: str) -> dict[str, Any]:
+        with lock:
+            return {k: v for k, v in store.items() if k.startswith(prefix)}
+
+    def stats(url: str) -> dict[str, Any]:
+        r = httpx.get(f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"})
+        assert r.status_code == 200, r.text
+        return dict(r.json()["releases"])
+
+    upstream_app, _ = fake_vllm()
+    with LocalServer(upstream_app) as upstream:
+        urls = {rid: f"{upstream.url}/r/{rid}" for rid in ("rel-a", "rel-b")}
+
+        def container() -> Any:
+            s = SharedStats(put, items, flush_s=0.2)
+            return fns["gateway"].create_gateway_app(lambda: STATE, urls.get, ["key-1"], model_name="tiny", stats=s)
+
+        since = time.time()
+        with LocalServer(container()) as one:
+            with LocalServer(container()) as two:
+                for i in range(8):
+                    r = _post((one, two)[i % 2].url, "/v1/completions", {"model": "tiny", "prompt": "x"})
+                    assert r.status_code == 200
+                for url in (one.url, two.url):
+                    seen = stats(url)
+                    assert sum(v["requests"] for v in seen.values()) == 8 and "rel-a" in seen, seen
+            assert sum(v["requests"] for v in stats(one.url).values()) == 8  # `two` scaled down
+        with LocalServer(container()) as fresh:  # every container gone: a cold one reads them all
+            assert sum(v["requests"] for v in stats(fresh.url).values()) == 8

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mlops.cli import doctor_cmd, monitor_cmds, pipeline_cmds, registry_cmds
+from mlops.cli import base_cmd, doctor_cmd, monitor_cmds, pipeline_cmds, registry_cmds
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
 from mlops.cli.validate import summary
 
@@ -25,6 +25,7 @@ pipeline_cmds.register(app)
 registry_cmds.register(app)
 doctor_cmd.register(app)
 monitor_cmds.register(app)
+base_cmd.register(app)
 
 
 @app.command()
@@ -60,15 +61,22 @@ def schema(
 def init(
     directory: Annotated[Path, typer.Argument(help="The repository to add the template to.")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+    example: Annotated[
+        str | None, typer.Option("--example", help="Start from an example instead: chat (chat + RAG, a Llama base).")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Add mlops.yaml, functions/, .github/workflows/ and an example eval to an existing repository."""
     from mlops.scaffold import init as do_init
 
-    written = do_init(directory, force=force)
+    written = do_init(directory, force=force, example=example)
     emit(
         {"directory": str(directory), "files": written},
         json_,
         "\n".join(f"wrote {directory / n}" for n in written)
-        + "\nnext: mlops validate, then see README (GitHub Actions)",
+        + (
+            "\nnext: mlops base build --arch llama --data data/train.jsonl --out bases/tiny-llama, then mlops run"
+            if example == "chat"
+            else "\nnext: mlops validate, then see README (GitHub Actions)"
+        ),
     )

@@ -12,13 +12,16 @@ from rich.console import Console
 
 from mlops.config import Loaded, load
 from mlops.env import set_offline
-from mlops.redact import redact
+from mlops.redact import redact, redact_obj
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to mlops.yaml.")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a key: --set models.tiny.train.steps=1 (value is YAML).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for machines).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="The deployed model (needed only when several are deployed).")
+]
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -37,7 +40,8 @@ def say_fn(json_mode: bool) -> Any:
 
 
 def emit(obj: dict[str, Any], json_mode: bool, human: str | None = None) -> None:
+    """Print one JSON object or the human text; a value that came from `${VAR}` in neither."""
     if json_mode:
-        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(redact_obj(obj), indent=2, default=str) + "\n")
     elif human is not None:
-        out.print(human, markup=False, highlight=False)
+        out.print(redact(human), markup=False, highlight=False)

@@ -33,6 +33,13 @@ def summary(config: Path, loaded: Loaded) -> tuple[dict[str, Any], str]:
         f"{config}: ok ({cfg.project}: {len(cfg.models)} model(s), {len(cfg.evals)} eval suite(s), "
         f"{len(cfg.gates)} gate(s), backend {cfg.backend})"
     )
+    if cfg.backend == "modal":  # what a container looks up, and where it must come from
+        from mlops.backends.modal_settings import ModalSettings
+        from mlops.backends.modal_setup import describe, lookups
+
+        s = ModalSettings.from_config(cfg, loaded.root)
+        info["modal"] = {"environment": s.environment, "lookups": [x.to_json() for x in lookups(cfg, s)]}
+        human = "\n".join([human, *describe(cfg, s)])
     return info, human
 
 
@@ -86,11 +93,13 @@ def fast_validate(argv: list[str]) -> int | None:
     from mlops.env import set_offline
 
     set_offline()
+    from mlops.redact import redact, redact_obj
+
     info, human = summary(config, load(config, sets, check_files=True))
     if json_:
         import json  # not at import: only --json prints JSON (every module counts here)
 
-        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(redact_obj(info), indent=2, default=str) + "\n")
     else:
-        sys.stdout.write(human + "\n")
+        sys.stdout.write(redact(human) + "\n")
     return 0

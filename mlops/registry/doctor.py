@@ -13,6 +13,8 @@ each repair in the affected releases' histories. What it knows:
 - the state routes to a release with no (valid) manifest: production falls back to previous, or
   to the newest release ever promoted; all traffic to production; the canary dropped.
 - a rollout lease that expired with canary weights in place: all traffic back to production.
+- a capture directory (`monitor/capture`, `monitor/counters`) that is not a directory: serving
+  counts every request it then cannot capture (`mlops monitor` exits 4); moved aside.
 - orphans: artifact directories with no manifest whose writer is gone, and `.tmp` files left by a
   write that was killed. The pipeline sweeps these itself (`sweep`) at the start and end of a run.
 """
@@ -177,6 +179,13 @@ def examine(reg: Registry) -> list[Finding]:
     exists, doc, why = _doc(reg, STATE_KEY)
     if exists and (why or not isinstance(doc, dict)):
         found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))
+    elif exists and isinstance(doc.get("models"), dict):  # several deployed models: each one's state
+        for name, sub in sorted(doc["models"].items()):
+            refs = State.from_json(sub).referenced() if isinstance(sub, dict) else set()
+            if missing := sorted(r for r in refs if not _valid_manifest(reg, r)):
+                problem = f"model {name} routes or points to {', '.join(missing)}, which has no valid manifest"
+                fix = f"mlops rollback --model {name} --to RELEASE (not rebuilt automatically with several models)"
+                found.append(Finding("missing_model_release", STATE_KEY, problem, fix))
     elif exists:
         st = State.from_json(doc)
         missing = sorted(r for r in st.referenced() if not _valid_manifest(reg, r))
@@ -198,7 +207,22 @@ def examine(reg: Registry) -> list[Finding]:
                     "all traffic back to production",
                 )
             )
-    return found + orphan_findings(reg)
+    return found + capture_findings(reg) + orphan_findings(reg)
+
+
+CAPTURE_DIRS = ("monitor", "monitor/capture", "monitor/counters")
+
+
+def capture_findings(reg: Registry) -> list[Finding]:
+    """A file where capture writes its directories: every capture write fails (local stores)."""
+    root = _local_root(reg)
+    if root is None:
+        return []
+    return [
+        Finding("capture_not_dir", key, "not a directory: traffic capture cannot write", f"move it to {key}.damaged")
+        for key in CAPTURE_DIRS
+        if (root / key).exists() and not (root / key).is_dir()
+    ]
 
 
 # ---------------------------------------------------------------------------- repair
@@ -266,12 +290,16 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
         elif f.kind in ("damaged_manifest", "damaged_eval", "damaged_event"):
             _move_aside(reg, f.key)
             f.repaired = True
+        elif f.kind == "capture_not_dir" and (root := _local_root(reg)) is not None:
+            (root / f.key).replace(root / f"{f.key}.damaged")
+            f.repaired = True
         if rid and f.repaired:
             touched.setdefault(rid, []).append(f"{f.kind}: {f.key} ({f.problem})")
     state_fix = [f for f in findings if f.kind in ("damaged_state", "missing_release", "expired_lease")]
-    if state_fix or any(f.kind == "damaged_manifest" for f in findings):
-        blob = reg.store.get(STATE_KEY)
-        doc, why = parse(blob.data) if blob else (None, None)
+    blob = reg.store.get(STATE_KEY)
+    doc, why = parse(blob.data) if blob else (None, None)
+    several = why is None and isinstance(doc, dict) and "models" in doc  # never one state over them all
+    if (state_fix or any(f.kind == "damaged_manifest" for f in findings)) and not several:
         old = State.from_json(doc) if why is None and isinstance(doc, dict) else None
         st = _good_state(reg, old)
         m = re.search(rb'"version":\s*(\d+)', blob.data) if blob else None
