@@ -29,6 +29,7 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed .cache/npm/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_eval_process.py
 	$(BIN)/python benchmarks/bench_hostile.py
 
 install: $(VENV)/.installed

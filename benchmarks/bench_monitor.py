@@ -11,7 +11,7 @@ example project, then:
      Reported: p99 latency per side (the median over the reps) and on / off. Target <= 1.05.
 (ii) `mlops monitor --json` (the real CLI, its own process) over `--captured` requests written as
      the capture writer writes them (1,000 per file, the example's kind of prompts, realistic
-     outputs, a few errors), embedding drift included. Reported: wall time and the command's peak
+     outputs, a few errors, and its loss counters), embedding drift included. Reported: wall time and the command's peak
      RSS (getrusage of a fresh parent, as /usr/bin/time). Targets <= 10 s and <= 500 MB.
 
 Bounded: fixed request counts, deadlines on every phase, servers stopped before the script exits.
@@ -37,6 +37,8 @@ from _common import example_release, load_avg, load_options, mlops_serve, prompt
 from bench_serving import fixed_load  # noqa: E402
 
 from mlops.monitor.capture import chunk_key  # noqa: E402
+from mlops.monitor.tally import Tally  # noqa: E402
+from mlops.registry.store import LocalStore  # noqa: E402
 
 
 def overhead(root: Path, requests: int, reps: int, max_seconds: float) -> dict[str, list[float]]:
@@ -55,9 +57,10 @@ def overhead(root: Path, requests: int, reps: int, max_seconds: float) -> dict[s
 
 
 def write_capture(root: Path, n: int, per_file: int = 1000) -> None:
-    """`n` records as the capture writer writes them, over the last hour."""
+    """`n` records as the capture writer writes them, over the last hour, with its loss counters."""
     rng = random.Random(0)
     base = root / ".mlops"
+    tally = Tally("local", "bench")
     now = time.time() - 3600
     rel = json.loads((base / "state.json").read_text())["stages"]["production"]
     for start in range(0, n, per_file):
@@ -74,10 +77,13 @@ def write_capture(root: Path, n: int, per_file: int = 1000) -> None:
                 "prompt_len": len(x) + 1, "output_len": len(out), "prompt": x + "=", "output": out,
             }  # fmt: skip
             lines.append(json.dumps(rec, separators=(",", ":")))
+            tally.add(rec["time"], "answered")
+            tally.add(rec["time"], "captured")
         first, last = json.loads(lines[0])["time"], json.loads(lines[-1])["time"]
         path = base / chunk_key(first, last, "local")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
+    tally.flush(LocalStore(base))
 
 
 # A fresh interpreter runs the command and reports its child's peak RSS, as /usr/bin/time does:
@@ -131,6 +137,8 @@ def main() -> None:
             f"(ii) mlops monitor over {rep['requests']:,} requests ({rep['files']} files): wall {wall:.1f} s "
             f"(CPU {cpu:.1f} s), peak RSS {peak:.0f} MB   targets <= 10 s, <= 500 MB; verdict {rep['verdict']}"
         )
+        capture = rep.get("capture") or {}
+        print(f"     capture counters: answered {capture.get('answered')}, captured {capture.get('captured')}")
         print(f"load average at the end: {load_avg()}")
 
 

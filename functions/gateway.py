@@ -78,6 +78,12 @@ GATEWAY_TIMEOUT_S = int(UPSTREAM_TIMEOUT.read or 0) + 120
 
 app = modal.App(settings.gateway_app)
 
+# At most one warm gateway: it only waits on upstreams (one container takes a thousand requests at
+# once), so deploy.resources.min_containers (meant for the GPU servers) would only buy idle CPUs;
+# and min must never exceed max, or Modal refuses the deploy.
+GATEWAY_MAX_CONTAINERS = 1  # the canary reads live stats from it: one container sees all traffic
+GATEWAY_MIN_CONTAINERS = min(settings.min_containers, 1, GATEWAY_MAX_CONTAINERS)
+
 
 class TTLCache:
     """`fn(key)` remembered for `ttl` seconds; thread-safe (handlers call it from the thread pool)."""
@@ -344,8 +350,8 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, loc
     image=gateway_image,
     secrets=[auth_secret(), *extra_secrets()],
     env=settings.env(),
-    min_containers=settings.min_containers,
-    max_containers=1,  # the canary reads live stats from it: one container sees all traffic
+    min_containers=GATEWAY_MIN_CONTAINERS,
+    max_containers=GATEWAY_MAX_CONTAINERS,
     scaledown_window=settings.scaledown_window,
     timeout=GATEWAY_TIMEOUT_S,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import modal
 
-from mlops.backends.modal_settings import VOLUME_MOUNT, current_settings
+from mlops.backends.modal_settings import VOLUME_MOUNT, current_settings, entrypoint_in_image
 
 HERE = Path(__file__).resolve().parent
 PYTHON = "3.12"  # every image: the newest CPython that vLLM, torch and ragas all ship wheels for
@@ -30,6 +30,8 @@ TRAIN_PACKAGES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "peft==0.21.2",  # LoRA (issue 12); method: qlora also needs "bitsandbytes" in this list
+    "trl==1.16.0",  # chat fine-tuning: packing and the collator (issue 16)
+    "datasets==5.0.1",  # what trl's packing runs on
     *MLOPS_CORE,
 ]
 
@@ -38,6 +40,10 @@ TRAIN_PACKAGES = [
 # the same torch 2.13.0 as training, transformers>=5.16.1,<5.20 (reads what 5.17 above writes);
 # 0.33.0 is a CUDA 13 build that needs a recent host driver.
 VLLM_PACKAGES = ["vllm==0.32.0", *MLOPS_CORE]
+# What `make install-vllm` removes after installing vLLM, for the same reason: these builds do not
+# match torch 2.13 and break `import transformers` (pip only warns about one that is absent).
+VLLM_UNINSTALL = ["torchvision", "torchaudio", "torchcodec"]
+VLLM_UNINSTALL_CMD = "python -m pip uninstall --yes " + " ".join(VLLM_UNINSTALL)
 
 # Gateway: small on purpose, so a cold start is a second or two, not a GPU image pull
 # (prometheus_client: mlops.serving.stats, behind its live per-release stats; boto3: traffic
@@ -68,9 +74,13 @@ def _with_sources(image: modal.Image) -> modal.Image:
 _base = modal.Image.debian_slim(python_version=PYTHON)
 
 train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
+for _entry in current_settings().train_files:  # train.entrypoint: your own training code (mounted)
+    train_image = train_image.add_local_file(_entry, entrypoint_in_image(_entry))
 
 vllm_image = _with_sources(
-    _base.uv_pip_install(*VLLM_PACKAGES).env(
+    _base.uv_pip_install(*VLLM_PACKAGES)
+    .run_commands(VLLM_UNINSTALL_CMD)
+    .env(
         {
             # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
             "HF_HUB_OFFLINE": "1",

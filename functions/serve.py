@@ -23,6 +23,7 @@ Proxy Auth Token and the vLLM key from the same Secret).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -35,9 +36,10 @@ from pathlib import Path
 import modal
 from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_image, volume
 
-from mlops.backends.modal_settings import VLLM_PORT
+from mlops.backends.modal_api import ModalSDK
+from mlops.backends.modal_settings import FAILURE_KEY, VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
-from mlops.serving.vllm_argv import chat_template_for, vllm_command, vllm_env
+from mlops.serving.vllm_argv import template_flag, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
@@ -50,7 +52,8 @@ GPU = os.environ.get("MLOPS_SERVE_GPU") or settings.serve_gpu
 PORT = VLLM_PORT
 LOG_TAIL = 40  # lines of a failed start shown in the error
 
-app = modal.App(settings.judge_app(JUDGE) if JUDGE else settings.serve_app(RELEASE))
+APP_NAME = settings.judge_app(JUDGE) if JUDGE else settings.serve_app(RELEASE)
+app = modal.App(APP_NAME)
 
 
 def prepare_release(root: str | Path, release_id: str, expected_sha256: str, kind: str = "releases") -> Path:
@@ -125,13 +128,8 @@ def serve_body(
         model = prepare_release(root, RELEASE, RELEASE_SHA256)
     template = None
     if isinstance(model, Path):
-        tok_cfg = model / "tokenizer_config.json"
-        has_template = (model / "chat_template.jinja").is_file() or (
-            tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text())
-        )
-        if not has_template:
-            template = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja")
-            Path(template).write_text(chat_template_for(PROMPT))
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja"
+        template = template_flag(model, PROMPT, path)
     build = command or vllm_command
     cmd = build(model, name, port, aliases=aliases, chat_template=template)
     print("starting:", " ".join(cmd), flush=True)
@@ -169,4 +167,16 @@ def judge_env() -> dict[str, str]:
 # container; anyone else gets 401 from Modal's proxy and boots no GPU.
 @modal.web_server(port=PORT, startup_timeout=settings.startup_timeout, requires_proxy_auth=True)
 def serve() -> None:
-    serve_body()  # @modal.web_server then routes to the port it listens on
+    start_or_report(serve_body)  # @modal.web_server then routes to the port it listens on
+
+
+def start_or_report(body: Callable[[], object], api: ModalSDK | None = None) -> None:
+    """Run `body`; if the server dies at start, say why in the Dict before failing: the client
+    polls it (ModalSDK.failure) and fails at once, rather than waiting out startup_timeout while
+    Modal restarts a GPU container over and over."""
+    try:
+        body()
+    except Exception as e:
+        with contextlib.suppress(Exception):  # the container's own error (and its log) come first
+            (api or ModalSDK(settings)).dict_put(FAILURE_KEY + APP_NAME, f"{type(e).__name__}: {e}"[-4000:])
+        raise

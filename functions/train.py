@@ -21,7 +21,7 @@ from typing import Any
 import modal
 from images import VOLUME_MOUNT, extra_secrets, settings, train_image, volume
 
-from mlops.backends.modal_settings import files_with_sha256
+from mlops.backends.modal_settings import entrypoint_in_image, files_with_sha256
 
 app = modal.App(settings.train_app)
 
@@ -60,7 +60,12 @@ def train_body(
             data_path = str(Path(tmp) / "dataset.jsonl")
             Path(data_path).write_bytes(dataset)
         runs = str(Path(root) / CHECKPOINTS)  # the client's local path means nothing here
-        job = TrainJob(**(job_dict | {"dataset_path": data_path, "out_dir": str(out), "runs_dir": runs}))
+        here = {"dataset_path": data_path, "out_dir": str(out), "runs_dir": runs}
+        entry = job_dict.get("entrypoint")
+        if entry and not Path(entry.rpartition(":")[0]).is_file():  # in the image, not at the client's path
+            local, _, func = entry.rpartition(":")
+            here["entrypoint"] = f"{entrypoint_in_image(local)}:{func}"
+        job = TrainJob(**(job_dict | here))
         last = [0.0]
 
         def progress(p: dict[str, float]) -> None:

@@ -46,9 +46,18 @@ class TrackingCfg(Strict):
 
 
 class DatasetCfg(Strict):
-    path: str = Field(description="JSONL file, relative to mlops.yaml.")
-    input_field: str = "input"
-    target_field: str = "expected"
+    path: str = Field(
+        description="Where the rows are: a .jsonl, .parquet or .csv file or a `datasets.save_to_disk` directory "
+        "(relative to mlops.yaml), `hf:org/name[:split]` (Hugging Face `datasets`; offline flags honoured), "
+        "or `s3://bucket/key` (copied into the local cache)."
+    )
+    format: Literal["pairs", "chat", "completion"] | None = Field(
+        None,
+        description="pairs: input/expected; chat: OpenAI fine-tuning `messages`; completion: prompt/completion. "
+        "Absent: detected from the first row.",
+    )
+    input_field: str = Field("input", description="pairs: the field holding the input.")
+    target_field: str = Field("expected", description="pairs: the field holding the reference answer.")
     checks: DataChecksCfg = DataChecksCfg.model_construct()
 
 
@@ -84,6 +93,15 @@ class ResourcesCfg(Strict):
     timeout: Duration = 1800.0
     min_containers: int = Field(0, ge=0)
     max_containers: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Self:
+        # Modal refuses the decorator (InvalidError) at deploy: say so at validate instead
+        if self.min_containers > self.max_containers:
+            raise ValueError(
+                f"min_containers ({self.min_containers}) cannot be greater than max_containers ({self.max_containers})"
+            )
+        return self
 
 
 class ModelCfg(Strict):
@@ -122,6 +140,11 @@ class GateCfg(Strict):
     max: float | None = None
     max_regression: float | None = Field(None, ge=0, description="Allowed drop vs production (absolute).")
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    segment: str | None = Field(
+        None,
+        min_length=1,
+        description="Only the cases with this tag: bounds and the no-regression check on that slice alone.",
+    )
 
     @model_validator(mode="after")
     def _some_bound(self) -> Self:
@@ -358,6 +381,12 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             )
         if g.stat == "pass_rate" and g.threshold is None:
             raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
+        if g.segment is not None and check_files:
+            ev = cfg.evals[g.eval]
+            tags = _suite_tags(loaded.dataset_path(ev.dataset), ev.limit)
+            if tags is not None and g.segment not in tags:
+                have = _did_you_mean(g.segment, tags) if tags else "(no case of the suite has tags)"
+                raise fail(("gates", i, "segment"), f"no case of eval {g.eval!r} has tag {g.segment!r} {have}")
     ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
     if cfg.monitor.eval is not None:
         ref(("monitor", "eval"), cfg.monitor.eval, cfg.evals, "eval")
@@ -369,9 +398,32 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             raise fail(loc, f"eval {suite!r} has no metric {mname!r} {_did_you_mean(mname, names)}".rstrip())
     if check_files:
         for name, ds in cfg.datasets.items():
+            if ds.path.startswith(("hf:", "s3://")):
+                continue  # remote: checked when read (`validate` stays offline and light)
             f = loaded.dataset_path(name)
-            if not f.is_file():
+            if not f.exists():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def _suite_tags(path: Path, limit: int | None) -> set[str] | None:
+    """The tags of a suite's cases when its dataset is a local JSONL file that reads cleanly, else None
+    (the eval checks a gate's segment then, once the harness has read the cases)."""
+    import json  # here, not at import: only a config with segment gates reads its data
+
+    tags: set[str] = set()
+    try:
+        if path.suffix != ".jsonl" or not path.is_file():
+            return None
+        with path.open(encoding="utf-8") as fh:
+            rows = (json.loads(line) for line in fh if line.strip())
+            for n, row in enumerate(rows):
+                if limit is not None and n >= limit:
+                    break
+                t = row.get("tags") or ()
+                tags.update([t] if isinstance(t, str) else t)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return tags
 
 
 def metric_name(spec: str | dict[str, Any]) -> str:

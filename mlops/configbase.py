@@ -5,21 +5,26 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+# One grammar for durations in mlops.yaml and on the command line (`--since 7d` = `window: 7d`).
+UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_DURATION = re.compile(r"\s*(\d{1,12}(?:\.\d{1,12})?)\s*(ms|s|m|h|d|w)?\s*")
+
 
 def _duration(v: Any) -> Any:
-    """'30m', '10s', '1h', '250ms' or a number of seconds -> float seconds."""
+    """'30m', '10s', '1h', '250ms', '7d', '2w' or a number of seconds -> float seconds."""
     if isinstance(v, bool):
         raise ValueError("expected a duration like 30s, 10m or 1h")
     if isinstance(v, int | float):
         return float(v)
     if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", v)
+        m = _DURATION.fullmatch(v)
         if m:
-            return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+            return float(m.group(1)) * UNITS[m.group(2)]
     raise ValueError("expected a duration like 30s, 10m or 1h")
 
 
-Duration = Annotated[float, Field(ge=0), BeforeValidator(_duration)]
+# finite: `.inf` is not a duration (a flush interval of .inf killed the capture thread at start)
+Duration = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):

@@ -1,15 +1,21 @@
 """mlops.yaml's `monitor:` section and the per-dataset `checks:` (issue 10): data checks and drift."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from mlops.configbase import Duration, Strict
+from mlops.configbase import Duration, Strict, _duration
 
 # The header mlops's own requests carry (evals, canary traffic, smoke requests): the capture
 # middleware skips them, as eval traffic is not user traffic. It reaches the Modal gateway too,
 # where the runner's requests share production's endpoint with users.
 NOT_CAPTURED = {"x-mlops-capture": "off"}
+MAX_AGE_S = 3650 * 86400.0  # the longest monitor window: ten years (older is before any capture)
+
+
+# > 0: an interval of 0 made the capture writer spin a core on an idle server; at most an hour of
+# traffic waits in memory (the constraints of `Duration` win over a Field's, so its own type)
+FlushInterval = Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False), BeforeValidator(_duration)]
 
 
 class DataChecksCfg(Strict):
@@ -18,9 +24,15 @@ class DataChecksCfg(Strict):
     required: dict[str, Literal["str", "int", "float", "bool", "list", "dict"]] = Field(
         {}, description="Fields every row must have, with their JSON type (default: input and target as str)."
     )
-    min_length: int = Field(1, ge=0, description="Shortest input (characters); 1 refuses empty inputs.")
-    max_length: int | None = Field(None, ge=1, description="Longest input (characters).")
-    duplicates: Literal["error", "warn", "allow"] = Field("warn", description="Rows whose input repeats.")
+    min_length: int = Field(
+        1, ge=0, description="Shortest input (characters, or the base tokenizer's tokens); 1 refuses empty inputs."
+    )
+    max_length: int | None = Field(
+        None, ge=1, description="Longest input, or chat conversation (characters, or the base tokenizer's tokens)."
+    )
+    duplicates: Literal["error", "warn", "allow"] = Field(
+        "warn", description="Rows whose input (chat: whole conversation) repeats."
+    )
     leakage: Literal["error", "warn", "allow"] = Field(
         "error", description="Training rows whose input appears in an eval set of the same model."
     )
@@ -51,9 +63,20 @@ class MonitorCfg(Strict):
     )
     sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured.")
     batch_size: int = Field(1000, ge=1, description="Requests per capture file.")
-    flush_interval: Duration = Field(5.0, description="A partial batch is written after this long.")
+    flush_interval: FlushInterval = Field(
+        5.0, description="A partial batch (and the loss counters) is written after this long (10ms to 1h)."
+    )
     queue_size: int = Field(10000, ge=1, description="Requests waiting for the writer; more are dropped, counted.")
-    window: Duration = Field(86400.0, description="Default `mlops monitor --since`.")
+    window: Duration = Field(
+        86400.0, gt=0, le=MAX_AGE_S, description="Default `mlops monitor --since` (30m, 24h, 7d; at most 3650d)."
+    )
+    max_loss_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of answered requests capture may lose (queue full, encode, write, unreadable) "
+        "before `mlops monitor` exits 4 instead of judging drift; sampling is not a loss.",
+    )
     min_requests: int = Field(30, ge=1, description="Fewer captured requests: statistics reported, not judged.")
     embedding_sample: int = Field(100, ge=0, description="Texts per side for embedding drift (0: off).")
     quality_sample: int = Field(200, ge=0, description="Traffic sample scored by reference-free suite metrics.")

@@ -51,6 +51,22 @@ class TrainCfg(Strict):
         description="Truncate examples to this many tokens (the prompt's start is cut first). "
         "Default: the model's context length, and a longer example is an error.",
     )
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="An example over max_seq_len: cut (chat: its end; pairs: the prompt's start) or left out. "
+        "Either way the run record counts them.",
+    )
+    packing: bool = Field(
+        False,
+        description="Chat: pack whole conversations into rows of max_seq_len tokens (TRL's best-fit decreasing; "
+        "each keeps its own positions and attention). batch_size then counts packed rows.",
+    )
+    entrypoint: str | None = Field(
+        None,
+        description="Your own training code: `path/to/file.py:function` (relative to mlops.yaml), called as "
+        "function(job, out_dir) -> the saved model directory. The plan's fingerprint covers the file.",
+        pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$",
+    )
     eval_every: int | None = Field(
         None, ge=1, description="Every N steps, the loss on a fixed sample of the training data (no gradient)."
     )

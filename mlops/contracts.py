@@ -43,6 +43,9 @@ class CaseRow(Contract):
     scores: dict[str, float]
     reasons: dict[str, str]
     failed: list[str] = []  # metrics that could not score this case
+    # the case's segments (gates and the report slice by them); left out when empty, so an untagged
+    # suite's stored results stay byte-for-byte what earlier versions wrote
+    tags: list[str] = Field(default=[], exclude_if=lambda v: not v)
 
 
 class JudgeStats(Contract):
@@ -112,6 +115,7 @@ class GateResult(Contract):
     n: int = 0  # cases behind `candidate` (regression: paired cases)
     higher_is_better: bool = True
     stat_threshold: float | None = None  # pass_rate: the per-case threshold
+    segment: str | None = None  # the tag whose cases the check looked at; None: all cases
 
 
 class StepVerdict(Contract):

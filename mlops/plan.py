@@ -13,7 +13,8 @@ from typing import Any
 
 from mlops.config import Loaded, config_hash
 from mlops.contracts import ModelPlan, Plan
-from mlops.registry.releases import Registry, sha256_file
+from mlops.datasources import dataset_hash
+from mlops.registry.releases import Registry
 
 TRAINING_CODE = Path(__file__).parent / "training"
 # keys of a model's config that change the trained weights (resources, max_tokens do not)
@@ -41,19 +42,41 @@ def git_sha(root: Path) -> str | None:
 
 def lineage(loaded: Loaded, model: str) -> dict[str, Any]:
     m = loaded.cfg.models[model]
-    ds = loaded.dataset_path(m.dataset)
-    dataset_hashes = {m.dataset: sha256_file(ds)}
+    dataset_hashes = {m.dataset: dataset_hash(loaded, m.dataset)}
     section = {k: v for k, v in m.model_dump(mode="json").items() if k in TRAIN_KEYS}
     cfg_hash = config_hash(section)
     c_hash = code_hash()
-    fp = hashlib.sha256(f"{sorted(dataset_hashes.items())}|{cfg_hash}|{c_hash}".encode()).hexdigest()
+    inputs = f"{sorted(dataset_hashes.items())}|{cfg_hash}|{c_hash}"
+    extra = _files_hashes(loaded, model)
+    if extra:  # only when there is one: the fingerprints of models without them stay what they were
+        inputs += "|" + "|".join(f"{k}={v}" for k, v in sorted(extra.items()))
+    fp = hashlib.sha256(inputs.encode()).hexdigest()
     return {
         "git_sha": git_sha(loaded.root),
         "dataset_hashes": dataset_hashes,
         "config_hash": cfg_hash,
         "code_hash": c_hash,
+        **extra,
         "fingerprint": fp,
     }
+
+
+def _files_hashes(loaded: Loaded, model: str) -> dict[str, str]:
+    """What a model trains from beyond its data and config: a local base directory's files
+    (`base_sha256`) and its own training code (`entrypoint_sha256`, train.entrypoint's file)."""
+    from mlops.datasources import sha256_path
+    from mlops.training.job import resolve_entrypoint, split_entrypoint
+    from mlops.training.offline_base import fingerprint
+
+    m = loaded.cfg.models[model]
+    out: dict[str, str] = {}
+    base = loaded.root / m.base
+    if m.base != "scratch" and base.is_dir():
+        out["base_sha256"] = fingerprint(base)
+    if m.train.entrypoint:
+        path, _ = split_entrypoint(resolve_entrypoint(loaded.root, m.train.entrypoint))
+        out["entrypoint_sha256"] = sha256_path(path)
+    return out
 
 
 def make_plan(loaded: Loaded, registry: Registry, models: list[str] | None = None, force: bool = False) -> Plan:

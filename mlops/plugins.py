@@ -42,7 +42,17 @@ METRIC_FAMILIES: dict[str, str] = {
 # family (a test keeps each family's own list in step with this one).
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "builtin": ("exact_match", "contains", "regex", "json_valid", "length", "latency"),
-    "deepeval": ("deepeval.exact_match", "deepeval.pattern_match", "deepeval.geval", "deepeval.answer_relevancy"),
+    "deepeval": (
+        "deepeval.exact_match",
+        "deepeval.pattern_match",
+        "deepeval.geval",
+        "deepeval.answer_relevancy",
+        "deepeval.faithfulness",
+        "deepeval.hallucination",
+        "deepeval.contextual_relevancy",
+        "deepeval.toxicity",
+        "deepeval.bias",
+    ),
     "ragas": (
         "ragas.bleu_score",
         "ragas.rouge_score",
@@ -50,8 +60,27 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
         "ragas.string_similarity",
         "ragas.string_presence",
         "ragas.semantic_similarity",
+        "ragas.faithfulness",
+        "ragas.context_precision",
+        "ragas.context_recall",
+        "ragas.response_relevancy",
     ),
 }
+# The metrics that ask a judge (`judges:`): a suite's `judge` is their default, and on Modal they are
+# scored by the eval function next to a self-hosted judge.
+JUDGE_METRICS: tuple[str, ...] = (
+    "deepeval.geval",
+    "deepeval.answer_relevancy",
+    "deepeval.faithfulness",
+    "deepeval.hallucination",
+    "deepeval.contextual_relevancy",
+    "deepeval.toxicity",
+    "deepeval.bias",
+    "ragas.faithfulness",
+    "ragas.context_precision",
+    "ragas.context_recall",
+    "ragas.response_relevancy",
+)
 
 _TABLES: dict[str, dict[str, str]] = {
     "backend": BACKENDS,

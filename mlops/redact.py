@@ -10,6 +10,7 @@ on their own: a URI's scheme, bucket or path segment) with `<value of $VAR>`.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Pieces shorter than this are too common to hide without mangling messages ("s3", "x", "data").
 MIN_PIECE = 6
@@ -33,6 +34,19 @@ def redact(text: str) -> str:
         if value in text:
             text = text.replace(value, f"<value of ${_spans[value]}>")
     return text
+
+
+def redact_obj(obj: Any) -> Any:
+    """`obj` (JSON-like) with every string redacted: what `--json` prints."""
+    if not _spans:
+        return obj
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_obj(v) for v in obj]
+    return obj
 
 
 def forget_all() -> None:

@@ -1,5 +1,8 @@
 """Retrying an HTTP call: tenacity does the loop; callers say what is worth retrying.
 
+The first attempt runs before tenacity is imported or set up: almost every call succeeds at once,
+and an eval makes one call per case, so the loop's machinery is paid for only by calls that fail.
+
 Both callers (the eval harness asking an endpoint, the judge client asking a judge) raise
 `Retryable` for an attempt worth repeating, with the server's Retry-After as a hint when it gave
 one, and return their answer otherwise. Which failures retry differs per caller and stays there.
@@ -10,9 +13,10 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 T = TypeVar("T")
 
@@ -59,6 +63,24 @@ async def retrying(
     out, the last Retryable is raised with `attempts` set.
     """
 
+    try:
+        return await attempt()
+    except Retryable as e:
+        if retries <= 0:
+            raise
+        first = e
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+    calls = 0
+
+    async def again() -> T:
+        """The attempt already made counts as tenacity's first: it raises what it raised."""
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise first
+        return await attempt()
+
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hint = exc.wait_s if isinstance(exc, Retryable) else None
@@ -77,7 +99,7 @@ async def retrying(
         reraise=True,
     )
     try:
-        return await loop(attempt)
+        return await loop(again)
     except Retryable as e:
         e.attempts = int(loop.statistics.get("attempt_number", 1))
         raise

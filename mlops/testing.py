@@ -8,12 +8,14 @@ it answers, and stops it with SIGTERM (as a supervisor does) on exit, so whateve
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mlops.util import free_port
 
@@ -26,17 +28,20 @@ class ServeFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def mlops_serve(root: Path, *args: str, loaded: bool = False, startup_s: float = STARTUP_S) -> Iterator[str]:
+def mlops_serve(
+    root: Path, *args: str, loaded: bool = False, startup_s: float = STARTUP_S, log: Path | None = None
+) -> Iterator[str]:
     """Run `mlops serve --port PORT ARGS...` in `root`; yield `http://127.0.0.1:PORT` once /health
-    answers 200 (and, with `loaded`, reports a model loaded)."""
+    answers 200 (and, with `loaded`, reports a model loaded). `log`: its stderr goes there."""
     import httpx
 
     port = free_port()
+    err = log.open("w") if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port), *args],
         cwd=root,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         env=os.environ | {"MLOPS_WANDB": "disabled"},
     )
@@ -62,3 +67,80 @@ def mlops_serve(root: Path, *args: str, loaded: bool = False, startup_s: float =
             proc.kill()
             proc.wait(timeout=10)
             raise ServeFailed(f"mlops serve did not stop within {STOP_S:.0f} s of SIGTERM") from None
+        finally:
+            if log is not None and not isinstance(err, int):
+                err.close()
+
+
+# A chat task small enough to learn in seconds: the assistant answers with the user's words in
+# reverse order (the example's reversal, at the word level), with or without a system prompt, over
+# one or two turns. Varied greedy answers that end with the end-of-turn token: what parity needs.
+CHAT_WORDS = ("apple", "billing", "refund", "invoice", "order", "ship", "late", "card", "account", "reset", "help")
+CHAT_SYSTEM = "Answer with the words in reverse order."
+CHAT_TOOL = {  # a tool schema the chat tests send (its JSON is in the tokenizer's training text)
+    "type": "function",
+    "function": {
+        "name": "refund",
+        "description": "Refund an order.",
+        "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+    },
+}
+
+
+def chat_conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`n` conversations of the chat task (OpenAI messages, the last turn the assistant's)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def turn() -> list[dict[str, str]]:
+        q = " ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(1, 4)))
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(reversed(q.split()))}]
+
+    out = []
+    for i in range(n):
+        conv = [{"role": "system", "content": CHAT_SYSTEM}] if i % 2 else []
+        out.append(conv + (turn() + turn() if i % 3 == 0 else turn()))
+    return out
+
+
+def chat_artifact(dest: Path, arch: str = "llama", steps: int = 150, seed: int = 0) -> Path:
+    """A fine-tuned chat model directory at `dest`: an offline Llama-family base (head_dim 32, a
+    BPE tokenizer, a ChatML template whose end-of-turn token is an eos id), trained `steps` steps
+    on the chat task, the loss on assistant tokens only. Deterministic for a given seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlops.training.offline_base import build_base
+
+    convs = chat_conversations(96, seed)
+    texts = [m["content"] for c in convs for m in c] + [json.dumps(CHAT_TOOL)] * 8
+    build_base(dest, texts, arch=arch, vocab_size=512, num_layers=2, num_heads=2, num_kv_heads=1,
+               max_position_embeddings=256, seed=seed)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(dest)
+    rows: list[Any] = [
+        tok.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True) for c in convs
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend (20x slower on a busy box)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        model.train()
+        for step in range(steps):
+            batch = [rows[(step * 16 + j) % len(rows)] for j in range(16)]
+            width = max(len(r["input_ids"]) for r in batch)
+            x = torch.zeros((len(batch), width), dtype=torch.long)
+            mask, labels = torch.zeros_like(x), torch.full_like(x, -100)
+            for i, r in enumerate(batch):
+                ids, n = torch.tensor(r["input_ids"]), len(r["input_ids"])
+                x[i, :n], mask[i, :n] = ids, 1
+                labels[i, :n] = ids.masked_fill(~torch.tensor(r["assistant_masks"]).bool(), -100)
+            model(input_ids=x, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(dest)
+    return dest

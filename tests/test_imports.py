@@ -8,7 +8,19 @@ import sys
 import pytest
 from conftest import REPO
 
-HEAVY = ("torch", "transformers", "deepeval", "ragas", "wandb", "modal", "boto3", "sentence_transformers")
+HEAVY = (
+    "torch",
+    "transformers",
+    "deepeval",
+    "ragas",
+    "wandb",
+    "modal",
+    "boto3",
+    "sentence_transformers",
+    "datasets",
+    "pyarrow",
+    "trl",
+)
 
 PROBE = """
 import sys

@@ -39,6 +39,11 @@ from starlette.routing import Route  # noqa: E402
 
 from mlops.evals.judges import JudgeClient, JudgeError, JudgeSpec, _retry_after_s, run_sync  # noqa: E402
 
+try:
+    from rag_judge import rag_answer  # noqa: E402
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.rag_judge import rag_answer  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------
 # the judge server
 
@@ -58,6 +63,9 @@ def _words(text: str) -> set[str]:
 
 def judge_answer(prompt: str, nth: int) -> str:
     """What a sensible judge would answer to one of deepeval's prompts (nth: how often seen)."""
+    rag = rag_answer(prompt)  # RAG, safety and relevancy prompts of deepeval and ragas
+    if rag is not None:
+        return rag
     if "concise evaluation steps" in prompt:  # G-Eval: steps from the criteria
         return json.dumps({"steps": ["Compare the actual output with the expected output."]})
     if prompt.startswith("You are an evaluator"):  # G-Eval: score a test case, 0..10

@@ -26,6 +26,7 @@ RANK: dict[str, float] = {
     "configbase": BASE,
     "contracts": BASE,
     "data": BASE,
+    "datasources": BASE,
     "errors": BASE,
     "util": BASE,
     "env": BASE,

@@ -22,6 +22,7 @@ from mlops.evals import deepeval_metrics, ragas_metrics  # noqa: E402
 from mlops.evals.judges import JudgeClient, JudgeSpec  # noqa: E402
 from mlops.evals.metrics import DEEPEVAL_NAMES, RAGAS_NAMES, build_metric  # noqa: E402
 from mlops.evals.types import Case, Metric, Output, Score  # noqa: E402
+from mlops.plugins import JUDGE_METRICS  # noqa: E402
 
 try:  # the judge server lives with the judge tests
     from test_judges import JudgeServer, judge_server  # noqa: F401
@@ -72,12 +73,38 @@ CASES: dict[str, tuple[dict[str, Any], Case, str, str]] = {
 }
 
 
+# RAG, safety and relevancy metrics: name -> (params, (good case, good output), (bad case, bad output)).
+# Most compare a faithful answer with an unrelated one; the context metrics score the retrieval, so
+# theirs compare a relevant context with an unrelated one.
+Q = "What is the refund window for annual plans?"
+REF = "Annual plans can be refunded within 30 days of purchase."
+CTX = ("Annual plans can be refunded within 30 days of purchase.", "Monthly plans cannot be refunded.")
+OFF_CTX = ("The office is closed on Sundays.",)
+GOOD = Case("c", Q, REF, CTX)
+OFF = Case("c", Q, REF, OFF_CTX)
+ONE = Case("c", Q, REF, CTX[:1])
+WRONG = "Bananas are yellow and monkeys like them."
+J = {"judge": "local"}
+RAG: dict[str, tuple[dict[str, Any], tuple[Case, str], tuple[Case, str]]] = {
+    "ragas.faithfulness": (J, (GOOD, REF), (GOOD, WRONG)),
+    "ragas.context_precision": (J, (GOOD, REF), (OFF, REF)),
+    "ragas.context_recall": (J, (GOOD, REF), (OFF, REF)),
+    "ragas.response_relevancy": (J, (Case("c", Q), "Annual plans have a 30 day refund window."), (Case("c", Q), WRONG)),
+    "deepeval.faithfulness": (J, (GOOD, REF), (GOOD, WRONG)),
+    "deepeval.hallucination": (J, (ONE, REF), (ONE, "Annual plans cannot be refunded.")),
+    "deepeval.contextual_relevancy": (J, (GOOD, REF), (OFF, REF)),
+    "deepeval.toxicity": (J, (GOOD, REF), (GOOD, "Only an idiot would ask that. Refunds take 30 days.")),
+    "deepeval.bias": (J, (GOOD, REF), (GOOD, "Women obviously never read refund policies.")),
+}
+
+
 def test_module_names_match_the_registry() -> None:
     assert deepeval_metrics.NAMES == DEEPEVAL_NAMES
     assert ragas_metrics.NAMES == RAGAS_NAMES
-    assert set(CASES) == {*DEEPEVAL_NAMES, *RAGAS_NAMES}
+    assert set(CASES) | set(RAG) == {*DEEPEVAL_NAMES, *RAGAS_NAMES} and not set(CASES) & set(RAG)
     assert set(deepeval_metrics._ALLOWED) == set(DEEPEVAL_NAMES)
-    assert set(ragas_metrics._BUILDERS) == set(RAGAS_NAMES)
+    assert set(ragas_metrics._BUILDERS) | set(ragas_metrics._JUDGED) == set(RAGAS_NAMES)
+    assert set(RAG) <= set(JUDGE_METRICS)
 
 
 def _judges(server: JudgeServer) -> dict[str, Any]:
@@ -89,7 +116,7 @@ def _check(score: Score) -> float:
     return score.value
 
 
-@pytest.mark.parametrize("name", [*DEEPEVAL_NAMES, *RAGAS_NAMES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_perfect_output_scores_higher_than_a_wrong_one(name: str, judge_server: JudgeServer) -> None:
     params, case, perfect, wrong = CASES[name]
     metric = build_metric({"name": name, **params}, Path("."), _judges(judge_server))
@@ -101,6 +128,67 @@ def test_perfect_output_scores_higher_than_a_wrong_one(name: str, judge_server: 
     assert not good.failed and not bad.failed, (good, bad)
     assert _check(good) > _check(bad), (good, bad)
     assert (broken.value, broken.failed, broken.reason) == (0.0, True, "HTTP 502")
+
+
+@pytest.mark.parametrize("name", list(RAG))
+def test_rag_and_safety_metrics_score_a_good_answer_better_than_a_bad_one(name: str, judge_server: JudgeServer) -> None:
+    """The libraries' own metric objects, through the judge server: a faithful, relevant, civil answer
+    (or a relevant retrieval) scores better than an unrelated, toxic or biased one."""
+    params, (good_case, good_out), (bad_case, bad_out) = RAG[name]
+    metric = build_metric({"name": name, **params}, Path("."), _judges(judge_server))
+    assert isinstance(metric, Metric) and metric.name == name
+    assert metric.higher_is_better is True  # deepeval 4 scores hallucination, toxicity, bias as the share that passes
+    good, bad, broken = metric.score_batch(
+        [good_case, bad_case, good_case], [Output(good_out), Output(bad_out), Output("", error="HTTP 502")]
+    )
+    assert not good.failed and not bad.failed, (good, bad)
+    g, b = _check(good), _check(bad)
+    assert g > b, (good, bad)
+    assert (broken.value, broken.failed, broken.reason) == (0.0, True, "HTTP 502")
+
+
+@pytest.mark.parametrize(
+    ("name", "case", "needs"),
+    [
+        ("ragas.faithfulness", Case("c", Q, REF), "context"),
+        ("ragas.context_recall", Case("c", Q, None, CTX), "expected"),
+        ("deepeval.faithfulness", Case("c", Q, REF), "retrieval_context"),
+    ],
+)
+def test_a_rag_case_without_its_contexts_or_reference_fails(
+    name: str, case: Case, needs: str, judge_server: JudgeServer
+) -> None:
+    metric = build_metric({"name": name, "judge": "local"}, Path("."), _judges(judge_server))
+    (score,) = metric.score_batch([case], [Output(REF)])
+    assert score.failed and score.value == 0.0 and needs in (score.reason or ""), score
+
+
+CONVERSATION = (
+    {"role": "system", "content": "You answer billing questions."},
+    {"role": "user", "content": "I bought an annual plan last week."},
+    {"role": "assistant", "content": "Thanks, noted."},
+    {"role": "user", "content": "Can I still get my money back?"},
+)
+
+
+def test_a_multi_turn_case_is_judged_on_the_whole_conversation(judge_server: JudgeServer) -> None:
+    """The last user turn alone shares no word with the context; the conversation does ('annual')."""
+    judge_server.reset()
+    chat = Case("c", CONVERSATION[-1]["content"], REF, (REF,), messages=CONVERSATION)
+    last_turn_only = Case("c", CONVERSATION[-1]["content"], REF, (REF,))
+    metric = build_metric({"name": "deepeval.contextual_relevancy", **J}, Path("."), _judges(judge_server))
+    with_history, without = metric.score_batch([chat, last_turn_only], [Output(REF), Output(REF)])
+    assert (with_history.value, without.value) == (1.0, 0.0), (with_history, without)
+    assert chat.prompt_text().splitlines() == [
+        "system: You answer billing questions.",
+        "user: I bought an annual plan last week.",
+        "assistant: Thanks, noted.",
+        "user: Can I still get my money back?",
+    ]
+    assert any("system: You answer billing questions." in p for p in judge_server.requests)
+    recall = build_metric({"name": "ragas.context_recall", **J}, Path("."), _judges(judge_server))
+    (score,) = recall.score_batch([chat], [Output(REF)])  # the expected final answer is the reference
+    assert score.value == 1.0 and not score.failed, score
 
 
 @pytest.mark.parametrize(

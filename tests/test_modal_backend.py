@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -86,10 +87,8 @@ class Recorder:
         self.files[remote] = local.getvalue() if isinstance(local, io.BytesIO) else Path(local).read_bytes()
 
     def read_file(self, path: str) -> Iterator[bytes]:
-        import modal
-
-        if path not in self.files:
-            raise modal.exception.NotFoundError(f"{path} not found")
+        if path not in self.files:  # modal 1.6.4 (modal/volume.py) turns NotFoundError into this
+            raise FileNotFoundError(f"No such file: {path}")
         data = self.files[path]
         for i in range(0, len(data), 7):  # in chunks, as the real read_file
             yield data[i : i + 7]
@@ -107,17 +106,19 @@ def sdk(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Records `modal ...` CLI runs instead of starting them."""
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[str, Any]]:
+    """Records `modal ...` CLI runs instead of starting them; `app list --json` prints what the
+    twin's CLI double prints (checked against the installed modal in test_twin_app_list_json_...)."""
     import mlops.backends.modal_api as api
+    from mlops.backends.modal_twin import TwinAPI
 
+    twin = TwinAPI(tmp_path / "twin", ModalSettings(app="acme"))
+    (twin.root / "apps.json").write_text(json.dumps({"acme-gateway": {"name": "acme-gateway", "created": 1.7e9}}))
     seen: list[dict[str, Any]] = []
 
     def run_cli(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         seen.append({"cmd": list(cmd), "env": env, "cwd": cwd})
-        out = json.dumps(
-            [{"description": "acme-gateway", "state": "deployed"}, {"description": "x", "state": "stopped"}]
-        )
+        out = json.dumps(twin.app_list_json())
         return subprocess.CompletedProcess(cmd, 0, out if "list" in cmd else "ok", "")
 
     monkeypatch.setattr(api, "run_cli", run_cli)
@@ -187,7 +188,7 @@ def test_sdk_errors_are_one_line_with_the_fix(sdk: Recorder) -> None:
     assert api.web_url("acme-gateway", "gateway") is None  # not deployed: the backend deploys it
 
 
-def test_sdk_cli_deploy_stop_and_list(cli: list[dict[str, Any]]) -> None:
+def test_sdk_cli_deploy_stop_and_list(cli: list[dict[str, Any]], sdk: Recorder) -> None:
     api = ModalSDK(ModalSettings(app="acme", environment="ci"))
     api.deploy(ROOT / "functions" / "serve.py", f"acme-serve-{RID}", {"MLOPS_RELEASE": RID})
     api.stop(f"acme-serve-{RID}")
@@ -205,6 +206,59 @@ def test_sdk_cli_deploy_stop_and_list(cli: list[dict[str, Any]]) -> None:
     ]
     assert deploy["env"]["MLOPS_RELEASE"] == RID and deploy["cwd"] == ROOT
     assert stop["cmd"][1:] == ["-m", "modal", "app", "stop", "--yes", f"acme-serve-{RID}", "--env", "ci"]
+
+
+def test_twin_app_list_json_is_the_pinned_modals(tmp_path: Path) -> None:
+    """The twin's `app list --json` has the keys the installed modal prints (its columns, through
+    its own snake_case rule), and `deployed()` reads them; the pre-1.5 headers still parse."""
+    import inspect
+    import re
+
+    from modal.cli import app as modal_app
+    from modal.cli.utils import _col_name_to_json_key
+
+    from mlops.backends.modal_api import deployed_apps
+
+    src = inspect.getsource(modal_app)
+    body = src[src.index("async def list_(") :]
+    columns = re.findall(r'Column\("([^"]+)"', body[: body.index("display_table(")])
+    assert len(columns) == 6
+    env = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin")}
+    (tmp_path / "twin").mkdir()
+    (tmp_path / "twin" / "apps.json").write_text(json.dumps({"acme-train": {"name": "acme-train"}}))
+    cmd = [sys.executable, "-m", "mlops.backends.modal_twin", "app", "list", "--json"]
+    out = subprocess.run(cmd, env=os.environ | env, capture_output=True, text=True, timeout=120)
+    rows = json.loads(out.stdout)
+    assert [list(r) for r in rows] == [[_col_name_to_json_key(c) for c in columns]]
+    assert deployed_apps(out.stdout) == {"acme-train"}
+    old = [
+        {"App ID": "ap-1", "Description": "acme-gateway", "State": "deployed"},
+        {"Description": "x", "State": "stopped"},
+    ]
+    assert deployed_apps(json.dumps(old)) == {"acme-gateway"}
+
+
+def test_an_older_modal_is_refused_with_the_floor(sdk: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modal
+
+    monkeypatch.setattr(modal, "__version__", "1.4.3")
+    with pytest.raises(ConfigError) as e:
+        ModalSDK(ModalSettings(app="acme")).dict_get("state")
+    assert "modal>=1.5" in e.value.headline and "1.4.3" in e.value.headline and "\n" not in e.value.headline
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"modal>=1.5"' in pyproject  # the floor the code names is the one pip installs
+
+
+def test_a_server_that_died_at_start_is_reported_through_the_dict(sdk: Recorder, cli: list[dict[str, Any]]) -> None:
+    """functions/serve.py puts why in the Dict (test_functions), the client reads it at once;
+    a redeploy clears the last one's."""
+    api = ModalSDK(ModalSettings(app="acme"))
+    app = f"acme-serve-{RID}"
+    assert api.failure(app) is None
+    sdk.dict[f"failure:{app}"] = "RuntimeError: vllm exited with code 1 before serving"
+    assert api.failure(app) == "RuntimeError: vllm exited with code 1 before serving"
+    api.deploy(ROOT / "functions" / "serve.py", app, {})
+    assert api.failure(app) is None
 
 
 def test_modal_backend_needs_a_gateway_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

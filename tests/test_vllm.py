@@ -31,7 +31,7 @@ import openai
 import pytest
 from conftest import REPO, free_port, make_project, mlops, train_and_publish
 
-from mlops.serving.vllm_argv import VLLM_KEY_ENV, chat_template_for, cpu_env, cpu_extra, vllm_command, vllm_env
+from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, template_flag, vllm_command, vllm_env
 
 KILLED_WAIT_S = 90.0  # after a `kill -9` of `mlops serve`: its guard's SIGTERM, SIGKILL 15 s later
 STARTUP_S = 480.0  # generous: measured 35 s quiet, 3.5 min on a loaded machine
@@ -125,17 +125,17 @@ def vllm_server(release: Release, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @contextlib.contextmanager
 def launched_vllm(tmp: Path, model_dir: Path, rid: str, prompt: str, positions: int) -> Iterator[VllmServer]:
-    """vLLM on CPU on a free 127.0.0.1 port, serving model_dir as `rid` (alias `tiny`) with
-    `prompt` as its chat template; healthy when yielded, its process group stopped on exit."""
-    template = tmp / "chat_template.jinja"
-    template.write_text(chat_template_for(prompt))
+    """vLLM on CPU on a free 127.0.0.1 port, serving model_dir as `rid` (alias `tiny`) with its own
+    chat template, or `prompt` as one when it has none (as functions/serve.py does); healthy when
+    yielded, its process group stopped on exit."""
+    template = template_flag(model_dir, prompt, tmp / "chat_template.jinja")
     port, key = free_port(), secrets.token_hex(16)
     argv = vllm_command(
         model_dir,
         rid,
         port,
         aliases=("tiny",),
-        chat_template=str(template),
+        chat_template=template,
         host="127.0.0.1",
         python=vllm_python(),
         extra=cpu_extra(positions),

@@ -37,6 +37,7 @@ from mlops.backends.modal_settings import (
     ModalSettings,
     code_digest,
 )
+from mlops.data import read_source, to_jsonl
 from mlops.errors import ConfigError, InfraError, IntegrityError
 from mlops.registry.releases import State
 from mlops.training.train import Progress, TrainJob, TrainResult
@@ -115,13 +116,22 @@ class ModalBackend(Backend):
             options = {"gpu": res.gpu, "timeout": int(res.timeout), "cpu": res.cpu, "memory": res.memory}
             options = {k: v for k, v in options.items() if v is not None}
         dataset = Path(job.dataset_path)
-        if not dataset.is_file():
+        if dataset.is_file() and dataset.suffix.lower() == ".jsonl":
+            data = dataset.read_bytes()
+        elif job.dataset_path.startswith("hf:") or dataset.exists():
+            # Parquet, CSV, a save_to_disk directory or hf: become JSONL rows of their own format,
+            # which the container reads with the default fields.
+            rows = read_source(job.dataset_path, job.dataset_format, job.input_field, job.target_field)
+            data = to_jsonl(rows)
+            fields = {"dataset_format": rows[0].format, "input_field": "input", "target_field": "expected"}
+            job = job.model_copy(update=fields)
+        else:
             raise ConfigError(f"dataset {dataset} does not exist")
         run_id = f"{job.model_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         self.ensure_current("train.py", s.train_app)
         # The dataset travels with the call (Modal moves large arguments as blobs); the container
         # has no copy of the repository.
-        out = self.api.call(s.train_app, "train", job.model_dump(), dataset.read_bytes(), run_id, options=options)
+        out = self.api.call(s.train_app, "train", job.model_dump(), data, run_id, options=options)
         remote = _Remote.parse(out)
         self._download(remote, Path(job.out_dir))
         if progress is not None:
@@ -276,6 +286,8 @@ class ModalBackend(Backend):
         while not self._healthy(url, release_id, min(60.0, timeout)):
             failure = self.api.failure(app)
             if failure:
+                with contextlib.suppress(InfraError):  # else Modal restarts its GPU container again and again
+                    self.api.stop(app)
                 raise InfraError(f"the vLLM server of {release_id} failed to start: {failure}")
             if time.monotonic() >= deadline:
                 raise InfraError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -19,10 +20,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlops.backends.modal_settings import TWIN_ENV, ModalSettings
+from mlops.backends.modal_settings import FAILURE_KEY, TWIN_ENV, ModalSettings
 from mlops.errors import ConfigError, InfraError
 
 DEPLOY_TIMEOUT_S = 40 * 60  # building the vLLM image the first time takes 10-20 minutes
+# The oldest modal this code runs on (pyproject's floor): Image.uv_pip_install (1.1),
+# Volume.with_mount_options (1.4.3), `modal app stop --yes` (1.4.2), and `modal app list --json`
+# keyed by snake_case columns (1.5; before, `deployed()` would read the headers and see no app).
+MODAL_FLOOR = (1, 5)
 
 
 class ModalAPI(Protocol):
@@ -67,12 +72,28 @@ def open_api(settings: ModalSettings, environ: Mapping[str, str] | None = None) 
     return ModalSDK(settings)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, p))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_modal_version(version: str) -> None:
+    """Refuse a modal older than the floor, in one line that names it."""
+    if _version(version) < MODAL_FLOOR:
+        floor = ".".join(map(str, MODAL_FLOOR))
+        raise ConfigError(f"backend: modal needs modal>={floor} (installed: {version}): pip install 'modal>={floor}'")
+
+
 def _modal() -> Any:
     """The modal SDK, imported on first use (never at import of mlops)."""
     try:
         import modal
     except ImportError as e:
         raise ConfigError("backend: modal needs the Modal SDK: pip install 'mlops[cloud]'") from e
+    check_modal_version(str(getattr(modal, "__version__", "0")))
     return modal
 
 
@@ -97,6 +118,21 @@ def modal_errors(what: str, deploy: str | None = None) -> Iterator[None]:
         raise InfraError(f"{what}: not found on Modal ({_first_line(e)}){hint}") from e
     except mx.Error as e:
         raise InfraError(f"{what}: Modal {type(e).__name__}: {_first_line(e)}") from e
+
+
+def deployed_apps(out: str) -> set[str]:
+    """The deployed apps in `modal app list --json` output: since modal 1.5 the keys are the
+    columns in snake_case (modal/cli/utils.py: _col_name_to_json_key), before the headers."""
+    try:
+        rows = json.loads(out or "[]")
+    except json.JSONDecodeError as e:
+        raise InfraError(f"`modal app list --json` printed no JSON: {_first_line(out)}") from e
+    names = set()
+    for r in rows if isinstance(rows, list) else []:
+        name, state = r.get("description", r.get("Description")), r.get("state", r.get("State"))
+        if name and str(state) == "deployed":
+            names.add(str(name))
+    return names
 
 
 def run_cli(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -129,6 +165,7 @@ class ModalSDK:
         return proc.stdout or ""
 
     def deploy(self, script: Path, name: str, env: Mapping[str, str]) -> None:
+        self.dict_put(FAILURE_KEY + name, None)  # a failure of the last deploy is not this one's
         root = script.resolve().parent.parent
         self._cli(
             f"`modal deploy {script.parent.name}/{script.name}` ({name})",
@@ -144,9 +181,8 @@ class ModalSDK:
         self._cli(f"`modal app stop {name}`", "app", "stop", "--yes", name)
 
     def deployed(self) -> set[str]:
-        # `--json` keys are the columns in snake_case (modal/cli/utils.py: _col_name_to_json_key)
-        rows = json.loads(self._cli("`modal app list`", "app", "list", "--json") or "[]")
-        return {str(r.get("description")) for r in rows if str(r.get("state", "")) == "deployed"}
+        _modal()  # the floor: the CLI run below is the same package
+        return deployed_apps(self._cli("`modal app list`", "app", "list", "--json"))
 
     def _dict(self) -> Any:
         return _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
@@ -173,7 +209,9 @@ class ModalSDK:
         with modal_errors(f"read {path} from the Modal Volume {self.settings.volume}"):
             try:
                 yield from self._volume().read_file(path)
-            except mx.NotFoundError as e:
+            except FileNotFoundError as e:  # what read_file raises (modal/volume.py) for a missing path
+                raise FileNotFoundError(path) from e
+            except mx.NotFoundError as e:  # older SDKs, and a missing Volume
                 raise FileNotFoundError(path) from e
 
     def _function(self, app: str, function: str) -> Any:
@@ -191,7 +229,10 @@ class ModalSDK:
             return list(self._function(app, function).map(list(inputs), order_outputs=True))
 
     def failure(self, name: str) -> str | None:
-        return None  # Modal keeps it in `modal app logs <name>`, which the timeout error names
+        # functions/serve.py puts it there when its server dies at start (the full log stays in
+        # `modal app logs <name>`); without it the client would wait out startup_timeout
+        why = self.dict_get(FAILURE_KEY + name)
+        return str(why) if why else None
 
     def web_url(self, app: str, function: str) -> str | None:
         mx = _modal().exception

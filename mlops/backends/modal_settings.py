@@ -9,7 +9,8 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
     {app}-eval             functions/evaluate.py `score`: heavy metrics (judges, embeddings) over case batches
     {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
                                       routing/state.json (the durable copy of the routing state)
-    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with
+    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with;
+                                      "failure:<app>": why that app's server died at start
     {app}-auth       a Modal Secret (yours)   MLOPS_API_KEYS, MLOPS_VLLM_API_KEY,
                                               MLOPS_PROXY_TOKEN_ID, MLOPS_PROXY_TOKEN_SECRET
 
@@ -38,6 +39,7 @@ KEYS_ENV = "MLOPS_API_KEYS"  # the gateway's client keys (comma-separated), in t
 VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"  # the key the gateway presents to vLLM, in the auth Secret
 PROXY_ID_ENV = "MLOPS_PROXY_TOKEN_ID"  # a Modal Proxy Auth Token: release URLs require it
 PROXY_SECRET_ENV = "MLOPS_PROXY_TOKEN_SECRET"
+FAILURE_KEY = "failure:"  # + app name, in the Dict: why its server died at start (functions/serve.py)
 CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -80,6 +82,9 @@ class ModalSettings:
     # a directory, made absolute, for the twin) and mlops.yaml `monitor:` as JSON ("": no capture).
     storage: str = ""
     monitor_json: str = ""
+    # Your own training code (train.entrypoint): these local files go into the training image,
+    # each at entrypoint_in_image(path), where functions/train.py finds it.
+    train_files: tuple[str, ...] = ()
 
     @property
     def volume(self) -> str:
@@ -120,14 +125,16 @@ class ModalSettings:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        if "secrets" in data:
-            data["secrets"] = tuple(data["secrets"])
+        for key in ("secrets", "train_files"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     @classmethod
     def from_config(cls, cfg: Config, root: Path | None = None) -> ModalSettings:
         """`root`: the config's directory, against which a relative local `storage` resolves."""
         model = cfg.models[cfg.deploy.model]
+        entrypoints = [m.train.entrypoint for m in cfg.models.values() if m.train.entrypoint]
         storage = cfg.storage
         if "://" not in storage and root is not None:
             storage = str((root / storage).resolve())
@@ -146,6 +153,9 @@ class ModalSettings:
             max_inputs=cfg.deploy.server.max_batch_size,
             storage=storage,
             monitor_json=cfg.monitor.model_dump_json(),
+            train_files=tuple(
+                sorted({str(((root or Path.cwd()) / e.rpartition(":")[0]).resolve()) for e in entrypoints})
+            ),
         )
 
     def env(self, **extra: str) -> dict[str, str | None]:
@@ -168,6 +178,16 @@ def current_settings(environ: dict[str, str] | None = None) -> ModalSettings:
     return ModalSettings()
 
 
+ENTRYPOINTS_IN_IMAGE = "/root/entrypoints"
+
+
+def entrypoint_in_image(local: str) -> str:
+    """Where the training image holds a local train.entrypoint file (one folder per local path, so
+    two models' `train.py` do not collide)."""
+    digest = hashlib.sha256(local.encode()).hexdigest()[:12]
+    return f"{ENTRYPOINTS_IN_IMAGE}/{digest}/{Path(local).name}"
+
+
 def files_with_sha256(root: Path) -> dict[str, str]:
     """`relative/path -> sha256` for every file under `root` (what the train function reports)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
@@ -184,4 +204,7 @@ def code_digest(functions_dir: Path, settings: ModalSettings) -> str:
         for p in sorted(root.rglob("*.py")):
             h.update(f"{label}/{p.relative_to(root).as_posix()}\n".encode())
             h.update(p.read_bytes())
+    for f in settings.train_files:  # train.entrypoint files ride in the training image too
+        p = Path(f)
+        h.update(f"entrypoint/{f}\n".encode() + (p.read_bytes() if p.is_file() else b""))
     return h.hexdigest()

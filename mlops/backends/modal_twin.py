@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -170,6 +171,25 @@ class TwinAPI:
     def deployed(self) -> set[str]:
         return set(self._apps())
 
+    def app_list_json(self) -> list[dict[str, Any]]:
+        """`modal app list --json` as modal 1.6.4 prints it (modal/cli/app.py `list_`: the columns
+        App ID, Description, State, Tasks, Created at, Stopped at in snake_case)."""
+        rows = []
+        for name, app in sorted(self._apps().items()):
+            tasks = self.root / "apps" / name / "tasks"
+            created = time.strftime("%Y-%m-%d %H:%M:%S+00:00", time.gmtime(float(app.get("created", 0))))
+            rows.append(
+                {
+                    "app_id": "ap-" + hashlib.sha256(name.encode()).hexdigest()[:22],
+                    "description": name,
+                    "state": "deployed",
+                    "tasks": tasks.read_text().strip() if tasks.is_file() else str(int(bool(app.get("pid")))),
+                    "created_at": created,
+                    "stopped_at": None,
+                }
+            )
+        return rows
+
     def _env(self, app: dict[str, Any], function: str) -> dict[str, str]:
         src = self.root / "apps" / app["name"] / "src"
         values: dict[str, str] = {}
@@ -193,7 +213,7 @@ class TwinAPI:
         skip = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(Path(mlops.__file__).resolve().parent, base / "src" / "mlops", ignore=skip)
         shutil.copytree(script.parent, base / "src" / "functions", ignore=skip)
-        app: dict[str, Any] = {"name": name, "module": script.stem, "env": env, "functions": {}}
+        app: dict[str, Any] = {"name": name, "module": script.stem, "env": env, "functions": {}, "created": time.time()}
         app["functions"] = self._inspect(app)
         for fn in app["functions"]:
             self._env(app, fn)  # every Secret must exist, as `modal deploy` requires
@@ -329,8 +349,11 @@ def main(argv: list[str]) -> int:
         api.deploy(script, name, {})
         print(f"deployed {name} {api._apps()[name].get('url', '')}".strip())
     elif cmd == ["app", "list"]:
-        for name, app in sorted(api._apps().items()):
-            print(name, app.get("url", ""))
+        if "--json" in argv:
+            print(json.dumps(api.app_list_json()))
+        else:
+            for name, app in sorted(api._apps().items()):
+                print(name, app.get("url", ""))
     elif cmd == ["app", "stop"] and len(argv) >= 3:
         api.stop(argv[-1])
     elif cmd == ["stop-all"]:

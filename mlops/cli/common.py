@@ -12,7 +12,7 @@ from rich.console import Console
 
 from mlops.config import Loaded, load
 from mlops.env import set_offline
-from mlops.redact import redact
+from mlops.redact import redact, redact_obj
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to mlops.yaml.")]
 SetOpt = Annotated[
@@ -37,7 +37,8 @@ def say_fn(json_mode: bool) -> Any:
 
 
 def emit(obj: dict[str, Any], json_mode: bool, human: str | None = None) -> None:
+    """Print one JSON object or the human text; a value that came from `${VAR}` in neither."""
     if json_mode:
-        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(redact_obj(obj), indent=2, default=str) + "\n")
     elif human is not None:
-        out.print(human, markup=False, highlight=False)
+        out.print(redact(human), markup=False, highlight=False)

@@ -3,7 +3,10 @@
 
 `mlops validate` runs before Typer and rich are imported (see mlops/cli/validate.py): it is the
 command a pre-commit hook or an editor calls on every save, so its start-up is measured
-(benchmarks/bench_startup.py). Every other command goes through the Typer app in mlops/cli/app.py.
+(benchmarks/bench_startup.py). So does `mlops eval` (mlops/cli/eval_fast.py), a whole process per
+pull request, measured against a bare httpx loop (benchmarks/bench_eval_process.py). Every other
+command, and any form of those two their parsers do not know, goes through the Typer app in
+mlops/cli/app.py.
 """
 
 from __future__ import annotations
@@ -21,13 +24,35 @@ def _say_error(line: str) -> None:
     sys.stderr.flush()
 
 
+def _without_httpx_cli() -> None:
+    """httpx's `__init__` imports its own command line (`httpx._main`: click, rich.syntax, pygments),
+    about half of `import httpx`, for a `main` that mlops never calls. A stand-in with that one name
+    lets `import httpx` skip it; nothing else of httpx changes. Only this process is affected."""
+    if "httpx" in sys.modules or "httpx._main" in sys.modules:
+        return
+    import types
+
+    stub = types.ModuleType("httpx._main")
+
+    def cli_main() -> None:
+        raise SystemExit("the httpx command line is not loaded in an mlops process; run `httpx` itself")
+
+    stub.main = cli_main  # type: ignore[attr-defined]
+    sys.modules["httpx._main"] = stub
+
+
 def main() -> None:
     """Console entry point: the single place where errors become exit codes."""
     debug = os.environ.get("MLOPS_DEBUG") == "1"
     try:
-        from mlops.cli.validate import fast_validate
+        from mlops.cli.eval_fast import fast_eval
+        from mlops.cli.validate import _without_pydantic_plugins, fast_validate
 
+        _without_httpx_cli()
+        _without_pydantic_plugins()  # no command uses a pydantic plugin; looking for them costs an import
         rc = fast_validate(sys.argv[1:])
+        if rc is None:
+            rc = fast_eval(sys.argv[1:])
         if rc is None:
             from mlops.cli.app import app
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
-from mlops.errors import GateFailed, UsageError
+from mlops.errors import GateFailed, InfraError, UsageError
+from mlops.redact import redact, redact_obj
 
 if TYPE_CHECKING:  # pydantic models load with the command that builds them, not with `--help`
     from mlops.monitor.model import MonitorReport
@@ -34,7 +35,7 @@ def _reference(text: str | None, now: float) -> tuple[float, float] | None:
     old, sep, new = text.partition("..")
     if not sep:
         raise UsageError(f"--reference {text!r}: expected OLDEST..NEWEST ages, e.g. 7d..1d")
-    a, b = now - parse_age(old), now - parse_age(new or "0")
+    a, b = now - parse_age(old, "--reference"), now - parse_age(new or "0", "--reference")
     if a >= b:
         raise UsageError(f"--reference {text!r}: the first age must be the older one")
     return a, b
@@ -63,7 +64,8 @@ def register(app: typer.Typer) -> None:
         """Drift of captured traffic against the serving release's data; cost, SLOs, live quality.
 
         Exit 3 when a statistic crosses its threshold in `monitor.thresholds` (named on stderr);
-        0 when all are within, or when there is no traffic in the window."""
+        4 when capture lost more than `monitor.max_loss_rate` of the answered requests (no verdict
+        on partial traffic); 0 when all are within, or when there is no traffic in the window."""
         from mlops.monitor.analyze import analyze
         from mlops.monitor.report import to_markdown
         from mlops.monitor.traffic import parse_age
@@ -73,17 +75,20 @@ def register(app: typer.Typer) -> None:
         now = time.time()
         window = parse_age(since) if since is not None else loaded.cfg.monitor.window
         ref = _reference(reference, now)
+        for path in (out, markdown_out):  # refused before the analysis, not after it
+            if path is not None and not path.parent.is_dir():
+                raise UsageError(f"--out {path}: {path.parent} is not a directory")
         reg = _registry(loaded)
+        if release is not None:
+            reg.require(release)  # an unknown release is named, not reported as "no traffic"
         rep = analyze(loaded, reg, now - window, now, release, ref, say=say_fn(json_))
-        md = to_markdown(rep)
-        doc = rep.model_dump()  # the JSON: the report's keys as they always were
+        md = redact(to_markdown(rep))
+        doc = redact_obj(rep.model_dump())  # the JSON: the report's keys as they always were
         write_step_summary(md)
         if out is not None:
-            out.write_text(json.dumps(doc, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
-            err.print(f"wrote {out}", markup=False)
+            _write(out, json.dumps(doc, indent=2, default=str) + "\n" if json_ else md)
         if markdown_out is not None:  # one analysis for the machines' JSON and the humans' markdown
-            markdown_out.write_text(md, encoding="utf-8")
-            err.print(f"wrote {markdown_out}", markup=False)
+            _write(markdown_out, md)
         if json_:
             emit(doc, True)
         elif markdown or out is None:
@@ -91,6 +96,8 @@ def register(app: typer.Typer) -> None:
         _track(loaded, rep)
         if rep.verdict == "no traffic":
             err.print(rep.message, markup=False, highlight=False)
+        if rep.verdict == "capture lost":
+            raise InfraError(str(rep.message))
         if rep.drifted:
             crossed = [c for c in rep.checks if c.drifted]
             names = ", ".join(f"{c.name} {c.value:.4g} (threshold {c.threshold:g})" for c in crossed)
@@ -112,11 +119,19 @@ def register(app: typer.Typer) -> None:
         emit(doc, json_, f"labelled {request_id} (release {doc['release']})")
 
 
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
+    err.print(f"wrote {path}", markup=False)
+
+
 def _track(loaded: Any, rep: MonitorReport) -> None:
     """One W&B run per monitor run (offline by default, as everywhere)."""
     from mlops.tracking import Tracker
 
-    if rep.verdict == "no traffic":
+    if rep.verdict in ("no traffic", "capture lost"):
         return
     t = Tracker(loaded, "monitor", {"release": rep.release, "since": rep.since, "until": rep.until})
     try:

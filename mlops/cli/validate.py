@@ -86,11 +86,13 @@ def fast_validate(argv: list[str]) -> int | None:
     from mlops.env import set_offline
 
     set_offline()
+    from mlops.redact import redact, redact_obj
+
     info, human = summary(config, load(config, sets, check_files=True))
     if json_:
         import json  # not at import: only --json prints JSON (every module counts here)
 
-        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(redact_obj(info), indent=2, default=str) + "\n")
     else:
-        sys.stdout.write(human + "\n")
+        sys.stdout.write(redact(human) + "\n")
     return 0

@@ -11,16 +11,31 @@ Each name builds deepeval's own metric object and calls it per case with
   `evaluation_params` (subset of input, actual_output, expected_output, retrieval_context;
   default the first three), `judge`, `rubric_name`.
 - `deepeval.answer_relevancy`: `deepeval.metrics.AnswerRelevancyMetric`; `judge`.
+- `deepeval.faithfulness`: `FaithfulnessMetric`: are the output's claims supported by the case's
+  `context` (its retrieved contexts)? `judge`, `truths_limit`.
+- `deepeval.hallucination`: `HallucinationMetric`: the share of the case's contexts the output
+  agrees with (it contradicts none: 1); `judge`.
+- `deepeval.contextual_relevancy`: `ContextualRelevancyMetric`: how much of the retrieved context
+  is relevant to the input (scores the retrieval, not the answer); `judge`.
+- `deepeval.toxicity`, `deepeval.bias`: `ToxicityMetric`, `BiasMetric`: the share of the output's
+  opinions the judge finds free of toxicity / bias (no opinions: 1); `judge`.
 
-Judge-based metrics (`geval`, `answer_relevancy`) talk to a judge from `judges:` through
+All are higher-is-better: deepeval 4 scores hallucination, toxicity and bias as the share of
+verdicts that pass (earlier deepeval scored the share that failed).
+
+A chat case's input is its conversation (`Case.prompt_text()`: every turn before the answer as
+`role: content` lines). These metrics are single-turn `LLMTestCase` metrics in deepeval, so the
+rendered turns are their `input`; no ConversationalTestCase is needed.
+
+Judge-based metrics (every one but `exact_match` and `pattern_match`) talk to a judge from `judges:` through
 `JudgeModel`, a `DeepEvalBaseLLM` backed by `JudgeClient` (timeouts, retries, a concurrency
 limit, a disk cache). They never fall back to deepeval's default OpenAI model. Cases are scored
 concurrently (`asyncio.gather`; the judge's `concurrency` bounds requests in flight), each on a
 fresh metric object since deepeval metrics keep per-measure state on `self`.
 
 A case whose output has `error` set, whose judge call fails (timeout, HTTP error, unparseable
-answer), or that lacks a field the metric needs (e.g. no `expected`) gets
-`Score(0.0, reason, failed=True)`; other cases are unaffected. Values are finite and in [0, 1].
+answer), or that lacks a field the metric needs (e.g. no `expected`, no `context`) gets the metric's
+worst value, 0, with `failed=True` and the reason; other cases are unaffected. Values are finite and in [0, 1].
 
 `repeat: N` on the judge: every case is measured N times (each repetition is its own judge call
 and its own cache entry) and the case's value is the median of the N scores; if any repetition
@@ -34,7 +49,6 @@ from mlops.env import set_offline
 set_offline()
 
 import asyncio  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -44,15 +58,27 @@ from typing import Any  # noqa: E402
 from deepeval.metrics import (  # noqa: E402
     AnswerRelevancyMetric,
     BaseMetric,
+    BiasMetric,
+    ContextualRelevancyMetric,
     ExactMatchMetric,
+    FaithfulnessMetric,
     GEval,
+    HallucinationMetric,
     PatternMatchMetric,
+    ToxicityMetric,
 )
 from deepeval.models import DeepEvalBaseLLM  # noqa: E402
 from deepeval.test_case import LLMTestCase, SingleTurnParams  # noqa: E402
 
 from mlops.errors import ConfigError  # noqa: E402
-from mlops.evals.judges import JudgeClient, JudgeError, client_for, judge_sample, run_sync  # noqa: E402
+from mlops.evals.judges import (  # noqa: E402
+    JudgeClient,
+    JudgeError,
+    client_for,
+    json_object,
+    judge_sample,
+    run_sync,
+)
 from mlops.evals.types import Case, Output, Score  # noqa: E402
 from mlops.plugins import METRIC_NAMES  # noqa: E402
 
@@ -74,13 +100,6 @@ def _prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
-def _json_object(text: str) -> Any:
-    start, end = text.find("{"), text.rfind("}")
-    if start == -1 or end < start:
-        raise ValueError("no JSON object")
-    return json.loads(text[start : end + 1])
-
-
 def _coerce(text: str, schema: Any) -> Any:
     """A schema instance when the judge's JSON fits `schema`, else the raw text.
 
@@ -90,7 +109,7 @@ def _coerce(text: str, schema: Any) -> Any:
     if schema is None:
         return text
     try:
-        return schema.model_validate(_json_object(text))
+        return schema.model_validate(json_object(text))
     except Exception:
         return text
 
@@ -130,11 +149,13 @@ def _failure_reason(e: BaseException) -> str:
 
 
 def _test_case(case: Case, output: Output) -> LLMTestCase:
+    contexts = list(case.context) or None
     return LLMTestCase(
-        input=case.input,
+        input=case.prompt_text(),
         actual_output=output.text,
         expected_output=case.expected,
-        retrieval_context=list(case.context) or None,
+        retrieval_context=contexts,
+        context=contexts,  # HallucinationMetric reads `context`: the same retrieved passages
     )
 
 
@@ -235,6 +256,20 @@ _ALLOWED = {
         "cache_dir",
     },
     "deepeval.answer_relevancy": {"judge", "cache_dir"},
+    "deepeval.faithfulness": {"judge", "cache_dir", "truths_limit"},
+    "deepeval.hallucination": {"judge", "cache_dir"},
+    "deepeval.contextual_relevancy": {"judge", "cache_dir"},
+    "deepeval.toxicity": {"judge", "cache_dir"},
+    "deepeval.bias": {"judge", "cache_dir"},
+}
+# judge-based metrics built the same way, from their deepeval class
+_JUDGED: dict[str, Any] = {
+    "deepeval.answer_relevancy": AnswerRelevancyMetric,
+    "deepeval.faithfulness": FaithfulnessMetric,
+    "deepeval.hallucination": HallucinationMetric,
+    "deepeval.contextual_relevancy": ContextualRelevancyMetric,
+    "deepeval.toxicity": ToxicityMetric,
+    "deepeval.bias": BiasMetric,
 }
 
 
@@ -267,10 +302,15 @@ def build(name: str, params: dict[str, Any], judges: dict[str, Any]) -> DeepEval
 
     client = client_for(params.get("judge"), judges, name, cache_dir)
     model = JudgeModel(client)
-    if name == "deepeval.answer_relevancy":
-        return DeepEvalMetric(
-            name, lambda: AnswerRelevancyMetric(model=model, eval_mode="llm", include_reason=True), client
-        )
+    if name in _JUDGED:
+        cls = _JUDGED[name]
+        kwargs: dict[str, Any] = {"model": model, "eval_mode": "llm", "include_reason": True}
+        if name == "deepeval.faithfulness" and params.get("truths_limit") is not None:
+            limit = params["truths_limit"]
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise ConfigError(f"metric {name!r}: truths_limit must be a positive integer")
+            kwargs["truths_extraction_limit"] = limit
+        return DeepEvalMetric(name, lambda: cls(**kwargs), client)
 
     # deepeval.geval
     criteria = params.get("criteria")

@@ -23,10 +23,11 @@ from typing import Any
 
 from mlops.config import metric_name
 from mlops.evals.types import Case, Metric, Output, Score
+from mlops.plugins import JUDGE_METRICS
 
 # Judge calls and embeddings: what is worth a container. String metrics (exact match, BLEU, chrF)
 # cost less than shipping the cases; builtin and `callable:` metrics stay on the runner.
-HEAVY = frozenset({"deepeval.geval", "deepeval.answer_relevancy", "ragas.semantic_similarity"})
+HEAVY = frozenset({*JUDGE_METRICS, "ragas.semantic_similarity"})
 CASES_PER_INPUT = 4  # one map input scores this many cases (more when a suite is large)
 MAX_INPUTS = 32  # ... and a suite never becomes more inputs than this
 HEALTH_POLL_S = 2.0

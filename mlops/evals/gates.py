@@ -12,12 +12,17 @@ One gate in mlops.yaml names a suite, a metric and a statistic (`mean`, `p50`, `
   `max_regression` (in the metric's units; the direction follows `higher_is_better`). Noise that
   cannot be told apart from a small change passes; a clear regression beyond the margin fails.
 
+`segment: <tag>` narrows a gate to the cases carrying that tag: its bounds and its bootstrap see only
+that slice (production's cases are paired by id with the candidate's slice, so production results
+stored before cases had tags still compare). A slice can regress while the overall mean holds.
+
 Each gate gives one GateResult per check, with the numbers and a one-line reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mlops.config import GateCfg
 from mlops.contracts import EvalResult, GateResult
@@ -33,14 +38,15 @@ class Sample:
     higher_is_better: bool
 
     @classmethod
-    def of(cls, result: EvalResult, metric: str) -> Sample | None:
+    def of(cls, result: EvalResult, metric: str, segment: str | None = None) -> Sample | None:
+        """The metric's values, over the cases tagged `segment` only when it is given."""
         summary = result.metrics.get(metric)
         if summary is None:
             return None
         values: dict[str, float] = {}
         failed: dict[str, bool] = {}
         for c in result.cases:
-            if metric in c.scores:
+            if metric in c.scores and (segment is None or segment in c.tags):
                 values[c.id] = c.scores[metric]
                 failed[c.id] = metric in c.failed or c.error is not None
         return cls(values, failed, summary.higher_is_better)
@@ -65,7 +71,12 @@ class Sample:
 
 def label(g: GateCfg) -> str:
     stat = f"pass_rate@{g.threshold:g}" if g.stat == "pass_rate" and g.threshold is not None else g.stat
-    return f"{g.eval}.{g.metric} {stat}"
+    seg = f"[{g.segment}]" if g.segment is not None else ""
+    return f"{g.eval}.{g.metric}{seg} {stat}"
+
+
+def segment_tags(result: EvalResult) -> set[str]:
+    return {t for c in result.cases for t in c.tags}
 
 
 def _num(v: float) -> str:
@@ -82,9 +93,14 @@ def check_gates(
     for g in gates:
         name = label(g)
         res = candidate.get(g.eval)
-        sample = Sample.of(res, g.metric) if res is not None else None
-        if sample is None:
-            why = "suite was not evaluated" if res is None else f"metric {g.metric} is not in the results"
+        sample = Sample.of(res, g.metric, g.segment) if res is not None else None
+        if sample is None or (g.segment is not None and not sample.values):
+            if res is None:
+                why = "suite was not evaluated"
+            elif sample is None:
+                why = f"metric {g.metric} is not in the results"
+            else:
+                why = f"no case of the suite has tag {g.segment!r}"
             out.append(
                 GateResult(
                     **_ids(g, name, "absolute"),
@@ -102,9 +118,9 @@ def check_gates(
     return out
 
 
-def _ids(g: GateCfg, name: str, kind: str) -> dict[str, str]:
+def _ids(g: GateCfg, name: str, kind: str) -> dict[str, Any]:
     """The fields that say which check a GateResult is."""
-    return {"name": name, "eval": g.eval, "metric": g.metric, "stat": g.stat, "kind": kind}
+    return {"name": name, "eval": g.eval, "metric": g.metric, "stat": g.stat, "kind": kind, "segment": g.segment}
 
 
 def _bounds(g: GateCfg) -> str:
@@ -190,7 +206,7 @@ def _regression(g: GateCfg, name: str, s: Sample, prod_res: EvalResult | None) -
     worse_by = -sign * iv.delta  # > 0: the candidate is worse
     least_worse = -max(sign * iv.low, sign * iv.high)  # the most favourable end of the interval
     passed = least_worse <= margin
-    paired = f"{len(ids)} paired cases"
+    paired = f"{len(ids)} paired cases" + (f" tagged {g.segment!r}" if g.segment is not None else "")
     if not passed:
         reason = (
             f"worse by {_num(worse_by)}; at {g.confidence:.0%} confidence by at least {_num(least_worse)}, "

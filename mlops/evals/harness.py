@@ -33,11 +33,12 @@ from mlops.cache import SegmentCache as DiskCache
 from mlops.config import Loaded, metric_name
 from mlops.configmonitor import NOT_CAPTURED
 from mlops.contracts import CaseRow, EvalCost, EvalResult, JudgeStats, MetricSummary
-from mlops.data import read_jsonl
+from mlops.data import read_dataset
 from mlops.errors import ConfigError
 from mlops.evals.metrics import build_metric
 from mlops.evals.stats import aggregate
 from mlops.evals.types import Case, Metric, Output, Score
+from mlops.plugins import JUDGE_METRICS
 from mlops.retry import Retryable, retry_after_s, retrying
 from mlops.util import now
 
@@ -46,17 +47,29 @@ MAX_RETRY_WAIT = 10.0  # cap on a server's Retry-After, so one bad hint cannot s
 BACKOFF_S = 0.1  # first backoff without a Retry-After; doubles per attempt, capped at 2 s
 FAILED_LOW = 0.0  # a failed case's value on a higher-is-better metric
 FAILED_HIGH = 1e9  # ... and on a lower-is-better one (as metrics._PerCase does): worst, but finite
-JUDGE_BASED = ("deepeval.geval", "deepeval.answer_relevancy")
+JUDGE_BASED = JUDGE_METRICS  # the suite's `judge` is their default
 
 
 def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     ev = loaded.cfg.evals[suite]
     ds = loaded.cfg.datasets[ev.dataset]
-    rows = read_jsonl(loaded.dataset_path(ev.dataset), ds.input_field, ds.target_field)
-    cases = [Case(r.id, r.input, r.expected, r.context) for r in rows]
+    rows = read_dataset(loaded, ev.dataset)
+    cases = [Case(r.id, r.input, r.expected, r.context, tags=r.tags, messages=r.messages) for r in rows]
     if len({c.id for c in cases}) != len(cases):
         raise ConfigError(f"{ds.path}: case ids must be unique")
     return cases[: ev.limit] if ev.limit else cases
+
+
+def check_segments(loaded: Loaded, suite: str, cases: list[Case]) -> None:
+    """A gate on `segment: <tag>` that no case of the suite carries is a config error (exit 1), not a
+    gate that passes on nothing. `mlops validate` catches it earlier when it can read the dataset."""
+    have = {t for c in cases for t in c.tags}
+    for i, g in enumerate(loaded.cfg.gates):
+        if g.eval == suite and g.segment is not None and g.segment not in have:
+            from mlops.plugins import did_you_mean
+
+            hint = did_you_mean(g.segment, have) if have else "(no case of the suite has tags)"
+            raise ConfigError(f"gates[{i}].segment: no case of eval {suite!r} has tag {g.segment!r} {hint}")
 
 
 def _parse(r: httpx.Response) -> tuple[str, int]:
@@ -180,7 +193,10 @@ async def query_all(ep: Endpoint, cases: list[Case], cache: DiskCache) -> tuple[
         return out
 
     limits = httpx.Limits(max_connections=ep.concurrency, max_keepalive_connections=ep.concurrency)
-    async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=ep.timeout) as client:
+    # a plain-http endpoint (the local server, a port-forward) never speaks TLS and redirects are not
+    # followed, so loading the CA bundle (tens of ms per run) would buy nothing
+    tls = ep.base_url.startswith("https:")
+    async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=ep.timeout, verify=tls) as client:
         outs = await asyncio.gather(*(one(client, c) for c in cases))
     cache.save(ep.release, fresh)
     return list(outs), counts
@@ -231,6 +247,7 @@ def score(
             scores={},
             reasons={},
             failed=[],
+            tags=list(c.tags),
         )
         for c, o in zip(cases, outputs, strict=True)
     ]
@@ -310,6 +327,7 @@ def run_suite(
     ev = cfg.evals[suite]
     model = cfg.models[cfg.deploy.model]
     cases = load_cases(loaded, suite)
+    check_segments(loaded, suite, cases)
     try:
         model.prompt.format(input="")
     except (KeyError, IndexError, ValueError) as e:

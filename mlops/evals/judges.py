@@ -318,6 +318,14 @@ class JudgeClient:
         return run_sync(once)
 
 
+def json_object(text: str) -> Any:
+    """The outermost JSON object in a judge's answer (models wrap JSON in prose or code fences)."""
+    start, end = text.find("{"), text.rfind("}")
+    if start == -1 or end < start:
+        raise ValueError("no JSON object")
+    return json.loads(text[start : end + 1])
+
+
 def run_sync(make: Callable[[], Awaitable[T]]) -> T:
     """Run the coroutine `make()` to completion from synchronous code.
 

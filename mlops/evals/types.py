@@ -8,11 +8,25 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Case:
+    """One eval case. `context`: retrieved contexts (RAG); `tags`: the slices (segments) it belongs to;
+    `messages`: a chat case's turns before the answer (OpenAI message dicts), `input` its last user turn."""
+
     id: str
     input: str
     expected: str | None = None
     context: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()  # the slices a gate may name (`segment:`)
+    messages: tuple[dict[str, Any], ...] = ()  # chat: the turns before the answer (mlops.data.Example)
+
+    def prompt_text(self) -> str:
+        """What a metric sees as the input: `input`, or for a multi-turn chat case every turn before the
+        answer rendered as `role: content` lines, so a judge sees the whole conversation (a system
+        prompt and earlier turns change what a good answer is)."""
+        turns = [m for m in self.messages if isinstance(m.get("content"), str) and m["content"]]
+        if len(turns) <= 1 and all(m.get("role") == "user" for m in turns):
+            return self.input
+        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in turns)
 
 
 @dataclass

@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from mlops.config import Loaded
+from mlops.data import read_dataset
+from mlops.datasources import dataset_hash
+from mlops.errors import UsageError
 from mlops.monitor import stats
 from mlops.monitor.model import (
+    CaptureAccount,
     Check,
     Histogram,
     Labelled,
@@ -36,8 +40,8 @@ from mlops.monitor.model import (
     SampleMetric,
     Skipped,
 )
-from mlops.monitor.traffic import Window, load_feedback, load_window
-from mlops.registry.releases import Registry, sha256_file
+from mlops.monitor.traffic import Counts, Window, load_counts, load_feedback, load_window
+from mlops.registry.releases import Registry
 
 REFERENCE_FREE = ("json_valid", "regex", "length", "latency")  # suite metrics that need no expected answer
 Say = Callable[[str], None]
@@ -70,10 +74,13 @@ def data_reference(loaded: Loaded, registry: Registry, release: str | None) -> d
     manifest = registry.manifest(release) if release else None
     hashes = (manifest or {}).get("lineage", {}).get("dataset_hashes", {})
     for name in names:
-        path = loaded.dataset_path(name)
         ds = cfg.datasets[name]
-        prompts += [model.prompt.replace("{input}", x) for x in _rows(path, ds.input_field)]
-        if name in hashes and hashes[name] != sha256_file(path):
+        if ds.path.endswith(".jsonl") and "://" not in ds.path:
+            xs = _rows(loaded.dataset_path(name), ds.input_field)
+        else:  # another format or source: through the one reader (a chat row's input is its last user turn)
+            xs = [ex.input for ex in read_dataset(loaded, name)]
+        prompts += [model.prompt.replace("{input}", x) for x in xs]
+        if name in hashes and hashes[name] != dataset_hash(loaded, name):
             notes.append(f"dataset {name!r} changed since {release} was trained: the reference is today's file")
     outputs: list[str] | None = None
     if release:
@@ -92,7 +99,7 @@ def window_reference(w: Window) -> dict[str, Any]:
         "kind": "window",
         "window": [_iso(w.since), _iso(w.until)],
         "prompts": [r["prompt"] for r in w.records if isinstance(r.get("prompt"), str)],
-        "prompt_lens": [r.get("prompt_len") or 0 for r in w.records],
+        "prompt_lens": [r["prompt_len"] for r in w.records if r.get("prompt_len") is not None],
         "outputs": [r["output"] for r in ok if isinstance(r.get("output"), str)],
         "output_lens": [r.get("output_len") or 0 for r in ok],
         "notes": [],
@@ -143,7 +150,7 @@ def _embedding_auc(ref: list[str], cur: list[str], n: int, say: Say) -> tuple[fl
     if len(ref) < 10 or len(cur) < 10:
         return None, "too few texts"
     try:
-        from mlops.monitor.minilm import minilm
+        from mlops.evals.minilm import minilm
 
         model = minilm()
     except ImportError:
@@ -219,7 +226,11 @@ def analyze(
     m = loaded.cfg.monitor
     t = m.thresholds
     serving = release or registry.read_state()[0].stages.get("production")
+    since = math.floor(since / 60) * 60  # a whole minute: the capture counters count per minute
     w = load_window(registry.store, since, until, release)
+    # a writer silent this long with requests neither written nor lost was killed before it flushed
+    counts = load_counts(registry.store, since, w.until, stale_s=max(60.0, 3 * m.flush_interval))
+    account = _account(counts, w)
     head: dict[str, Any] = {  # what every report has, traffic or not
         "release": serving,
         "since": _iso(since),
@@ -227,15 +238,26 @@ def analyze(
         "requests": len(w.records),
         "files": w.files,
         "skipped": Skipped(files=w.skipped_files, lines=w.skipped_lines),
-        "dropped": sum(int(r.get("dropped_before") or 0) for r in w.records),
+        "dropped": (account.lost["queue_full"] if account else 0)
+        + sum(r.get("dropped_before") or 0 for r in w.records),  # files of writers from before the counters
         "on_drift": m.on_drift,  # what the nightly workflow does with this report (open an issue / retrain)
+        "capture": account,
+        "text_dropped": w.text_dropped or None,
     }
+    if account is not None and account.loss_rate > m.max_loss_rate:
+        # drift judged on what is left of the traffic would be a verdict on a biased sample
+        return MonitorReport(**head, verdict="capture lost", message=_loss_message(account))
     if not w.records:
         message = f"no traffic since {head['since']}" + (f" for release {release}" if release else "")
+        if account is not None and account.sampled_out:
+            message += f" ({account.sampled_out} answered requests left out by monitor.sample_rate)"
         return MonitorReport(**head, verdict="no traffic", message=message)
     say(f"monitor: {len(w.records)} requests from {w.files} capture files")
     if reference is not None:
-        ref = window_reference(load_window(registry.store, reference[0], reference[1], release))
+        earlier = load_window(registry.store, reference[0], reference[1], release)
+        if not earlier.records:  # a verdict against nothing is no verdict
+            raise UsageError(f"--reference: no captured traffic from {_iso(reference[0])} to {_iso(reference[1])}")
+        ref = window_reference(earlier)
     else:
         ref = data_reference(loaded, registry, serving)
     ref_prompt_lens = ref.get("prompt_lens") or [len(p) for p in ref["prompts"]]
@@ -244,7 +266,7 @@ def analyze(
     judged = len(recs) >= m.min_requests
     c = Checks(loaded, judged)
     notes_capture = None
-    lens = [r.get("prompt_len") or 0 for r in recs]
+    lens = [r["prompt_len"] for r in recs if r.get("prompt_len") is not None]  # None: a body over MAX_BODY
     if ref_prompt_lens:
         c.add("prompt_length_psi", "input", stats.psi(ref_prompt_lens, lens), t.prompt_length_psi)
         d, p = stats.ks(ref_prompt_lens, lens)
@@ -309,6 +331,53 @@ def analyze(
         histogram={"prompt_length": Histogram(**stats.histogram(ref_prompt_lens, lens))},
         cost={"cost_per_1k_tokens": m.cost_per_1k_tokens},
         statuses=_count(str(r.get("status")) for r in recs),
+    )
+
+
+def _account(counts: Counts | None, w: Window) -> CaptureAccount | None:
+    """The counters against what the window holds: captured but not found is lost (`unreadable`)."""
+    if counts is None:
+        return None
+    c = counts.totals
+    lost = {
+        "queue_full": c["queue_full"],
+        "encode": c["encode"],
+        "write": c["write"],
+        "unwritten": counts.unwritten,
+        # written, then gone or unreadable (a damaged disk, a file replaced, a bad line)
+        "unreadable": max(0, c["captured"] - w.all_records),
+    }
+    base = c["answered"] - c["sample"]
+    pending = max(0, c["answered"] - c["captured"] - sum(c[k] for k in ("queue_full", "sample", "encode", "write")))
+    return CaptureAccount(
+        answered=c["answered"],
+        captured=c["captured"],
+        lost=lost,
+        sampled_out=c["sample"],
+        pending=max(0, pending - counts.unwritten),
+        loss_rate=round(sum(lost.values()) / base, 6) if base > 0 else 0.0,
+        writers=counts.writers,
+        last_error=counts.last_error,
+    )
+
+
+WHY = {
+    "queue_full": "the capture queue was full",
+    "encode": "records could not be encoded",
+    "write": "writes failed",
+    "unwritten": "a server stopped before it wrote them",
+    "unreadable": "capture files are unreadable or gone",
+}
+
+
+def _loss_message(a: CaptureAccount) -> str:
+    n = sum(a.lost.values())
+    worst = max(a.lost, key=lambda k: a.lost[k])
+    why = a.last_error if worst == "write" and a.last_error else WHY[worst]
+    parts = ", ".join(f"{k} {v}" for k, v in a.lost.items() if v)
+    return (
+        f"capture lost {n} of {a.answered - a.sampled_out} requests: {why} ({parts}; "
+        f"monitor.max_loss_rate: drift is not judged on partial traffic)"
     )
 
 

@@ -8,10 +8,14 @@ batch as one append-only JSONL file under the registry's store:
     monitor/capture/<UTC date>/<first ms>-<last ms>-<source>-<uuid>.jsonl
 
 File names carry their time span, so `mlops monitor --since` lists a window without reading the
-rest. A record: id (the response's `id`, what `mlops feedback` takes), time, release, route,
-status, latency_s, prompt/completion tokens, finish_reason, lengths, and either the text
-(`monitor.capture: full`) or its sha256 (`metadata`). The same middleware wraps the local server
-and the Modal gateway, so both paths write the same records.
+rest. The record is mlops/monitor/record.py's. The same middleware wraps the local server and
+the Modal gateway, so both paths write the same records.
+
+Bounded by design: a text is cut at MAX_TEXT characters (`prompt_len`/`output_len` keep the
+original length, `text_cut` says it was cut); a refused request (4xx) keeps metadata only; the
+queue holds at most `queue_size` requests and QUEUE_BYTES of bodies. Each record is encoded on its
+own (a lone surrogate becomes U+FFFD), so one bad record never costs another. Every request
+answered is captured or counted lost with the reason (mlops/monitor/tally.py).
 """
 
 from __future__ import annotations
@@ -19,15 +23,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
-import hashlib
-import json
+import errno
 import logging
 import queue
 import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -35,121 +37,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlops.config import Loaded, MonitorCfg
 from mlops.configmonitor import NOT_CAPTURED
+from mlops.monitor.record import MAX_BODY, MAX_TEXT, Exchange, encode, to_record
+
+__all__ = ["MAX_TEXT", "CaptureMiddleware", "CaptureWriter", "Exchange", "to_record", "wrap", "wrap_with"]
+from mlops.monitor.tally import Tally
+from mlops.redact import redact
 from mlops.registry.store import Store
 
 log = logging.getLogger("mlops.monitor")
 CAPTURE_PREFIX = "monitor/capture"
 PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
-MAX_BODY = 1 << 20  # bytes kept of one body: a capture never holds more than this per side
+QUEUE_BYTES = 64 << 20  # bodies waiting for the writer, at most: a burst of 1 MB bodies is dropped, counted
 RELEASE_HEADER = b"x-mlops-release"
 _SKIP = [(k.encode(), v.encode()) for k, v in NOT_CAPTURED.items()]
 _STOP = object()
-
-
-@dataclass
-class Exchange:
-    """One request as the request path saw it: raw bytes, parsed later on the writer thread."""
-
-    time: float
-    latency_s: float
-    route: str
-    status: int
-    release: str
-    request: list[bytes]
-    response: list[bytes]
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
-
-
-def _prompt(req: dict[str, Any], route: str, template: str) -> str:
-    if route == "chat":
-        users = [m for m in req.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-        content = users[-1].get("content") if users else ""
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        try:  # the server applies the model's template to a chat turn: record what the model saw
-            return template.format(input=str(content or ""))
-        except (KeyError, IndexError, ValueError):
-            return str(content or "")
-    prompt = req.get("prompt", "")
-    if isinstance(prompt, list):
-        prompt = prompt[0] if prompt else ""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
-
-
-def _response(body: bytes, route: str) -> dict[str, Any]:
-    """id, text, finish_reason, usage and error from a JSON answer or a server-sent event stream."""
-    out: dict[str, Any] = {"id": None, "text": "", "finish_reason": None, "usage": None, "error": None, "pieces": 0}
-    docs: list[Any] = []
-    if body.lstrip().startswith(b"data:"):
-        for line in body.split(b"\n"):
-            line = line.strip()
-            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                with contextlib.suppress(ValueError):
-                    docs.append(json.loads(line[5:]))
-    else:
-        with contextlib.suppress(ValueError):
-            docs.append(json.loads(body))
-    parts: list[str] = []
-    for d in docs:
-        if not isinstance(d, dict):
-            continue
-        if isinstance(d.get("error"), dict):
-            out["error"] = str(d["error"].get("message", ""))[:300]
-        out["id"] = out["id"] or d.get("id")
-        out["usage"] = d.get("usage") or out["usage"]
-        for ch in d.get("choices") or []:
-            piece = (
-                ch.get("text")
-                if route == "completions"
-                else (ch.get("message") or ch.get("delta") or {}).get("content")
-            )
-            if piece:
-                parts.append(str(piece))
-                out["pieces"] += 1
-            out["finish_reason"] = ch.get("finish_reason") or out["finish_reason"]
-    out["text"] = "".join(parts)
-    return out
-
-
-def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, Any]:
-    """The stored form of one exchange (runs on the writer thread)."""
-    try:
-        req = json.loads(b"".join(ex.request) or b"{}")
-    except ValueError:
-        req = {}
-    req = req if isinstance(req, dict) else {}
-    prompt = _prompt(req, ex.route, template)
-    resp = _response(b"".join(ex.response), ex.route)
-    usage = resp["usage"] if isinstance(resp["usage"], dict) else {}
-    output = resp["text"]
-    rec: dict[str, Any] = {
-        "v": 1,
-        "id": resp["id"] or f"req-{uuid.uuid4().hex[:16]}",
-        "time": round(ex.time, 3),
-        "source": source,
-        "release": ex.release,
-        "route": ex.route,
-        "status": ex.status,
-        "latency_s": round(ex.latency_s, 6),
-        "stream": bool(req.get("stream")),
-        "max_tokens": req.get("max_tokens") or req.get("max_completion_tokens"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        # a stream carries no usage: one event per decoded piece is the engine's token count
-        "completion_tokens": usage.get("completion_tokens", resp["pieces"] if ex.status == 200 else 0),
-        "finish_reason": resp["finish_reason"],
-        "prompt_len": len(prompt),
-        "output_len": len(output),
-    }
-    if mode == "full":
-        rec["prompt"], rec["output"] = prompt, output
-    else:
-        rec["prompt_sha256"], rec["output_sha256"] = _sha(prompt), _sha(output)
-    if resp["error"]:
-        rec["error"] = resp["error"]
-    return rec
 
 
 def chunk_key(first: float, last: float, source: str) -> str:
@@ -158,7 +59,8 @@ def chunk_key(first: float, last: float, source: str) -> str:
 
 
 class CaptureWriter:
-    """A bounded queue and one daemon thread that writes batches; `close()` flushes what is left."""
+    """A bounded queue and one daemon thread that writes batches; `close()` flushes what is left.
+    `tally` counts every request answered: captured, or lost with the reason."""
 
     def __init__(
         self,
@@ -174,23 +76,50 @@ class CaptureWriter:
         self.store, self.mode, self.template, self.source = store, mode, template, source
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self.submitted = self.dropped = self.written = self.files = self.failed_writes = 0
+        self.tally = Tally(source, uuid.uuid4().hex[:12])
+        self.submitted = self.dropped = self.written = self.files = self.failed_writes = self.encode_errors = 0
+        self._bytes = 0  # body bytes queued (QUEUE_BYTES)
+        self._bytes_lock = threading.Lock()
         self._closed = False
-        self._dropped_seen = 0
+        self._warned: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True, name="mlops-capture")
         self._thread.start()
         atexit.register(self.close)  # `mlops serve` ends on Ctrl-C: what is queued still lands
 
+    def skipped(self, t: float) -> None:
+        """A request answered but left out by the sample rate."""
+        self.tally.add(t, "answered")
+        self.tally.add(t, "sample")
+
     def submit(self, ex: Exchange) -> None:
+        self.tally.add(ex.time, "answered")
+        size = ex.size
+        with self._bytes_lock:
+            room = self._bytes + size <= QUEUE_BYTES
+            if room:
+                self._bytes += size
         try:
+            if not room:
+                raise queue.Full
             self.q.put_nowait(ex)
             self.submitted += 1
         except queue.Full:
+            if room:
+                with self._bytes_lock:
+                    self._bytes -= size
             self.dropped += 1
+            self.tally.add(ex.time, "queue_full")
+
+    def _warn(self, what: str, e: BaseException) -> None:
+        """One line per kind of failure a minute: a full disk must not flood serve's log."""
+        now = time.monotonic()
+        if now - self._warned.get(what, -60.0) >= 60.0:
+            self._warned[what] = now
+            log.warning("capture: %s: %s", what, redact(str(e)))
 
     def _run(self) -> None:
-        batch: list[dict[str, Any]] = []
-        started = 0.0
+        batch: list[tuple[float, bytes]] = []
+        started = last_count = time.monotonic()
         while True:
             wait = self.flush_interval if not batch else max(0.0, started + self.flush_interval - time.monotonic())
             try:
@@ -199,36 +128,57 @@ class CaptureWriter:
                 item = None
             if item is _STOP:
                 self._write(batch)
+                self._write_counts()
                 return
             if item is not None:
-                try:
-                    batch.append(to_record(item, self.mode, self.template, self.source))
+                with self._bytes_lock:
+                    self._bytes -= item.size
+                try:  # one record at a time: a record that cannot be encoded costs no other
+                    batch.append((item.time, encode(to_record(item, self.mode, self.template, self.source))))
                 except Exception as e:  # a capture must never take the writer down
-                    log.warning("capture: could not record a request: %s", e)
+                    self.encode_errors += 1
+                    self.tally.add(item.time, "encode")
+                    self._warn("could not record a request", e)
                 if len(batch) == 1:
                     started = time.monotonic()
             if batch and (len(batch) >= self.batch_size or time.monotonic() - started >= self.flush_interval):
                 self._write(batch)
                 batch = []
+                last_count = time.monotonic()
+            elif self.tally.dirty and time.monotonic() - last_count >= self.flush_interval:
+                self._write_counts()  # sampled-out and dropped requests are counted without a batch
+                last_count = time.monotonic()
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
+    def _write(self, batch: list[tuple[float, bytes]]) -> None:
         if not batch:
             return
-        dropped, self._dropped_seen = self.dropped - self._dropped_seen, self.dropped
-        if dropped:  # the monitor report sums these: traffic the queue could not keep
-            batch[0]["dropped_before"] = dropped
-        data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in batch)
-        key = chunk_key(batch[0]["time"], batch[-1]["time"], self.source)
+        key = chunk_key(batch[0][0], batch[-1][0], self.source)
+        data = b"".join(line for _, line in batch)
+        ok = False
         for attempt in range(3):  # storage hiccups: a few tries, then the batch is counted as lost
             try:
-                self.store.put(key, data.encode())
-                self.written += len(batch)
-                self.files += 1
-                return
+                self.store.put(key, data)
+                ok = True
+                break
             except Exception as e:
-                log.warning("capture: writing %s failed (%s), attempt %d of 3", key, e, attempt + 1)
-                time.sleep(0.2 * (attempt + 1))
-        self.failed_writes += len(batch)
+                self.tally.last_error = _why(e)
+                self._warn("writing a batch failed (3 tries, then counted lost)", e)
+                if attempt < 2:
+                    time.sleep(0.2 * (attempt + 1))
+        if ok:
+            self.written += len(batch)
+            self.files += 1
+        else:
+            self.failed_writes += len(batch)
+        for t, _ in batch:
+            self.tally.add(t, "captured" if ok else "write")
+        self._write_counts()
+
+    def _write_counts(self) -> None:
+        try:
+            self.tally.flush(self.store)
+        except Exception as e:  # kept in memory: written with the next batch or tick
+            self._warn("writing the capture counters failed", e)
 
     def close(self, timeout: float = 30.0) -> None:
         if self._closed:
@@ -246,7 +196,18 @@ class CaptureWriter:
             "written": self.written,
             "files": self.files,
             "failed_writes": self.failed_writes,
+            "encode_errors": self.encode_errors,
         }
+
+
+def _why(e: BaseException) -> str:
+    """A write error without its path (a path may come from `${VAR}`): `No space left on device`."""
+    cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return f"disk full ({cause.strerror})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return redact(str(e))[:200]
 
 
 class CaptureMiddleware:
@@ -259,10 +220,13 @@ class CaptureMiddleware:
         if scope["type"] == "lifespan":  # flush what is queued before the server reports it has stopped
             return await self.app(scope, receive, self._flush_at_shutdown(send))
         route = PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
-        if route is None or (self.sample_rate < 1.0 and random.random() >= self.sample_rate):
+        if route is None or any(h in _SKIP for h in scope.get("headers", [])):  # mlops's own evals and canary
             return await self.app(scope, receive, send)
-        if any(h in _SKIP for h in scope.get("headers", [])):  # mlops's own evals and canary traffic
-            return await self.app(scope, receive, send)
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self.writer.skipped(time.time())  # answered, left out on purpose: counted as such
         t0, wall = time.perf_counter(), time.time()
         req: list[bytes] = []
         resp: list[bytes] = []
@@ -271,10 +235,13 @@ class CaptureMiddleware:
 
         async def recv() -> Message:
             msg = await receive()
-            if msg["type"] == "http.request" and sizes[0] < MAX_BODY:
+            if msg["type"] == "http.request":
                 body = msg.get("body", b"")
-                req.append(body)
                 sizes[0] += len(body)
+                if sizes[0] <= MAX_BODY:
+                    req.append(body)
+                else:
+                    req.clear()  # a body this large is not parsed: keep only its size
             return msg
 
         async def snd(msg: Message) -> None:
@@ -293,7 +260,8 @@ class CaptureMiddleware:
             await self.app(scope, recv, snd)
         finally:
             status = int(meta["status"] or 500)  # an app that raised before answering: a server error
-            self.writer.submit(Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp))
+            ex = Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp, sizes[0])
+            self.writer.submit(ex)
 
     def _flush_at_shutdown(self, send: Send) -> Send:
         async def snd(msg: Message) -> None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlops.config import Loaded
+from mlops.data import Example, detect_format, read_dataset_numbered
+from mlops.datasources import EmptyDataset, RowError
 from mlops.errors import ConfigError, InfraError
 from mlops.monitor.model import DataChecks, DatasetChecks, FindingRow
 
@@ -72,20 +75,77 @@ def _read(path: Path) -> tuple[list[tuple[int, Any]], list[int]]:
     return rows, bad
 
 
-def _inputs(loaded: Loaded, name: str) -> dict[str, list[int]]:
+def _raw_pairs(loaded: Loaded, name: str) -> tuple[list[tuple[int, Any]], list[int]] | None:
+    """A local JSONL of pairs as raw rows (checked field by field, every bad line named); None for
+    the other formats and sources, which are checked through the reader (mlops.data)."""
     ds = loaded.cfg.datasets[name]
-    out: dict[str, list[int]] = {}
-    for i, row in _read(loaded.dataset_path(name))[0]:
-        if isinstance(row, dict) and isinstance(row.get(ds.input_field), str):
-            out.setdefault(row[ds.input_field], []).append(i)
-    return out
+    if ds.format not in (None, "pairs") or not ds.path.endswith(".jsonl") or ds.path.startswith(("hf:", "s3://")):
+        return None
+    rows, bad = _read(loaded.dataset_path(name))
+    if ds.format is None and rows and detect_format(rows[0][1]) != "pairs":
+        return None
+    return rows, bad
+
+
+def _norm(text: Any) -> Any:
+    return " ".join(text.split()) if isinstance(text, str) else text
+
+
+def identity(turns: Iterable[dict[str, Any]]) -> str:
+    """A conversation's identity for duplicates and leakage: its turns, whitespace normalised."""
+    keep = ("role", "content", "name", "tool_calls", "tool_call_id")
+    norm = [{k: _norm(t[k]) for k in keep if t.get(k) is not None} for t in turns]
+    return json.dumps(norm, sort_keys=True, ensure_ascii=False)
+
+
+def prompt_key(ex: Example) -> str:
+    """What an eval case asks (a chat case: its prompt turns), compared with a training row's."""
+    return identity(ex.messages) if ex.format == "chat" else ex.input
+
+
+def _row_key(ex: Example) -> str:
+    """What makes two rows of one dataset duplicates (a chat row: its whole conversation)."""
+    return identity(ex.conversation()) if ex.format == "chat" else ex.input
+
+
+def _prompts(loaded: Loaded, name: str) -> set[str]:
+    raw = _raw_pairs(loaded, name)
+    if raw is not None:
+        field = loaded.cfg.datasets[name].input_field
+        return {r[field] for _, r in raw[0] if isinstance(r, dict) and isinstance(r.get(field), str)}
+    try:
+        return {prompt_key(ex) for _, ex in read_dataset_numbered(loaded, name)}
+    except ConfigError:
+        return set()  # a bad eval set is named by its own checks
+
+
+def measure(loaded: Loaded, name: str) -> tuple[Callable[[str], int], str]:
+    """How a row's length is counted: in the base tokenizer's tokens when the model that trains on
+    (or else serves) this dataset has a local base with a tokenizer.json, else in characters."""
+    cfg = loaded.cfg
+    models = [m for m in cfg.models.values() if m.dataset == name] or [cfg.models[cfg.deploy.model]]
+    for m in models:
+        tok_file = loaded.root / m.base / "tokenizer.json"
+        if m.base != "scratch" and tok_file.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_file))
+
+            def tokens(text: str, tok: Tokenizer = tok) -> int:
+                return len(tok.encode(text, add_special_tokens=False).ids)
+
+            return tokens, "tokens"
+    return len, "characters"
 
 
 def check_dataset(loaded: Loaded, name: str) -> tuple[int, list[Finding]]:
     """(rows, findings) of one dataset's declared checks, leakage included."""
+    raw = _raw_pairs(loaded, name)
+    if raw is None:
+        return _check_rows(loaded, name)
     ds = loaded.cfg.datasets[name]
     ck = ds.checks
-    rows, bad = _read(loaded.dataset_path(name))
+    rows, bad = raw
     found: list[Finding] = []
     if bad:
         found.append(Finding(name, "json", "error", f"{len(bad)} line(s) are not JSON", bad))
@@ -104,34 +164,70 @@ def check_dataset(loaded: Loaded, name: str) -> tuple[int, list[Finding]]:
         if wrong:
             found.append(Finding(name, "types", "error", f"{len(wrong)} row(s) have {key!r} not a {tname}", wrong))
     inputs = [(i, r[ds.input_field]) for i, r in objs if isinstance(r.get(ds.input_field), str)]
-    short = [i for i, x in inputs if len(x.strip()) < ck.min_length]
+    found += _common_checks(loaded, name, inputs, inputs, inputs, "input(s)")
+    return len(rows), found
+
+
+def _check_rows(loaded: Loaded, name: str) -> tuple[int, list[Finding]]:
+    """The checks of a chat or completion dataset, or of any non-JSONL source, on the reader's rows."""
+    try:
+        rows = read_dataset_numbered(loaded, name)
+    except RowError as e:  # the reader stops at the first bad row
+        return 0, [Finding(name, "rows", "error", e.detail, [e.row])]
+    except EmptyDataset:
+        return 0, [Finding(name, "empty", "error", "the dataset has no rows")]
+    chat = any(ex.format == "chat" for _, ex in rows)
+    texts = [
+        (i, "\n".join(str(t.get("content") or "") for t in ex.conversation()) if chat else ex.input) for i, ex in rows
+    ]
+    keys = [(i, _row_key(ex)) for i, ex in rows]
+    prompts = [(i, prompt_key(ex)) for i, ex in rows]
+    return len(rows), _common_checks(loaded, name, texts, keys, prompts, "conversation(s)" if chat else "input(s)")
+
+
+def _common_checks(
+    loaded: Loaded,
+    name: str,
+    texts: list[tuple[int, str]],
+    keys: list[tuple[int, str]],
+    prompts: list[tuple[int, str]],
+    what: str,
+) -> list[Finding]:
+    """Lengths of `texts`, duplicate `keys`, and leakage of `prompts` into the eval sets."""
+    ck = loaded.cfg.datasets[name].checks
+    found: list[Finding] = []
+    length, unit = measure(loaded, name) if (ck.min_length > 1 or ck.max_length is not None) else (len, "characters")
+    lengths = [(i, length(x.strip())) for i, x in texts]
+    short = [i for i, n in lengths if n < ck.min_length]
     if short:
-        what = "empty" if ck.min_length <= 1 else f"shorter than {ck.min_length} characters"
-        found.append(Finding(name, "length", "error", f"{len(short)} input(s) {what}", short))
+        shorter = "empty" if ck.min_length <= 1 else f"shorter than {ck.min_length} {unit}"
+        found.append(Finding(name, "length", "error", f"{len(short)} {what} {shorter}", short))
     if ck.max_length is not None:
-        long = [i for i, x in inputs if len(x) > ck.max_length]
+        long = [i for i, x in texts if length(x) > ck.max_length]
         if long:
-            msg = f"{len(long)} input(s) longer than {ck.max_length} characters"
+            msg = f"{len(long)} {what} longer than {ck.max_length} {unit}"
             found.append(Finding(name, "length", "error", msg, long))
     if ck.duplicates != "allow":
         seen: set[str] = set()
         dups = []
-        for i, x in inputs:
+        for i, x in keys:
             if x in seen:
                 dups.append(i)
             seen.add(x)
         if dups:
-            found.append(Finding(name, "duplicates", ck.duplicates, f"{len(dups)} row(s) repeat an input", dups))
+            repeat = "a conversation" if what.startswith("conversation") else "an input"
+            found.append(Finding(name, "duplicates", ck.duplicates, f"{len(dups)} row(s) repeat {repeat}", dups))
     if ck.leakage != "allow" and name in {m.dataset for m in loaded.cfg.models.values()}:
         for suite, ev in sorted(loaded.cfg.evals.items()):
             if ev.dataset == name:
                 continue
-            held = set(_inputs(loaded, ev.dataset))
-            train_rows = [i for i, x in inputs if x in held]
+            held = _prompts(loaded, ev.dataset)
+            train_rows = [i for i, x in prompts if x in held]
             if train_rows:
-                msg = f"{len(train_rows)} training row(s) have an input that is in eval set {suite!r}"
+                has = "an input" if not what.startswith("conversation") else "prompt turns"
+                msg = f"{len(train_rows)} training row(s) have {has} that is in eval set {suite!r}"
                 found.append(Finding(name, "leakage", ck.leakage, msg, train_rows))
-    return len(rows), found
+    return found
 
 
 def _is(value: Any, tname: str) -> bool:
@@ -167,8 +263,12 @@ def require_clean(loaded: Loaded, model: str) -> DataChecks:
 def profile(loaded: Loaded, name: str) -> dict[str, Any]:
     """What the next release compares its data with: rows, input lengths, characters."""
     ds = loaded.cfg.datasets[name]
-    rows, _ = _read(loaded.dataset_path(name))
-    xs = [r[ds.input_field] for _, r in rows if isinstance(r, dict) and isinstance(r.get(ds.input_field), str)]
+    raw = _raw_pairs(loaded, name)
+    if raw is not None:
+        f = ds.input_field
+        xs = [r[f] for _, r in raw[0] if isinstance(r, dict) and isinstance(r.get(f), str)]
+    else:  # a chat row's input is its last user turn: what a request to the endpoint ends with
+        xs = [ex.input for _, ex in read_dataset_numbered(loaded, name)]
     lengths = Counter(len(x) for x in xs)
     chars = Counter("".join(xs)).most_common(200)
     return {

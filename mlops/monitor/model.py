@@ -33,8 +33,21 @@ class Check(Contract):
 
 
 class Skipped(Contract):
-    files: int  # unreadable capture files
-    lines: int  # malformed or truncated lines
+    files: int  # unreadable capture files (mode 000, not a regular file, gone)
+    lines: int  # malformed, truncated or over-long lines, records with a field of the wrong type
+
+
+class CaptureAccount(Contract):
+    """Every request the servers answered in the window: captured, or lost and why (tally.py)."""
+
+    answered: int  # on the captured routes, by every capture writer
+    captured: int  # records written
+    lost: dict[str, int]  # queue_full, encode, write, unwritten (a server killed before it flushed), unreadable
+    sampled_out: int  # left out by monitor.sample_rate: on purpose, not a loss
+    pending: int  # answered and queued at the writer's last count (a running server)
+    loss_rate: float  # sum(lost) / (answered - sampled_out)
+    writers: int
+    last_error: str | None  # the storage's last refusal, e.g. "disk full (No space left on device)"
 
 
 class SampleMetric(Contract):
@@ -97,7 +110,7 @@ class MonitorReport(Contract):
     dropped: int  # requests the capture queue had no room for
     checks: list[Check] = []
     drifted: list[str] = []
-    verdict: str = "no traffic"  # no traffic | drift | ok | too few requests
+    verdict: str = "no traffic"  # no traffic | drift | ok | too few requests | capture lost
     on_drift: str  # what the nightly workflow does with this report (open an issue / retrain)
     # set only without traffic
     message: str | None = None
@@ -109,6 +122,9 @@ class MonitorReport(Contract):
     histogram: dict[str, Histogram] | None = None  # "prompt_length" -> chart
     cost: dict[str, float] | None = None  # "cost_per_1k_tokens" -> the configured price
     statuses: dict[str, int] | None = None  # HTTP status -> requests; the statuses vary
+    # the capture counters of the window (None: no writer counted, e.g. files from before them)
+    capture: CaptureAccount | None = None
+    text_dropped: int | None = None  # records whose text was over the reader's budget (numbers kept)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:

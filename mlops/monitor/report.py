@@ -60,8 +60,11 @@ def _chart(h: Histogram | None) -> list[str]:
 def to_markdown(rep: MonitorReport) -> str:
     release = f"`{rep.release}`" if rep.release else "no production release"
     lines = [MARKER, f"## {_icon(rep)} Monitor report: {release}, {rep.since} → {rep.until}", ""]
+    if rep.verdict == "capture lost":
+        lines += [f"**Verdict: CAPTURE LOST**: {_own(str(rep.message))}.", "", *_capture(rep)]
+        return "\n".join(lines) + "\n"
     if rep.verdict == "no traffic":
-        lines.append(f"**No traffic**: {rep.message}.")
+        lines += [f"**No traffic**: {rep.message}.", *(["", *_capture(rep)] if rep.capture else [])]
         return "\n".join(lines) + "\n"
     drifted = rep.drifted
     judged = [c for c in rep.checks if c.judged]
@@ -85,8 +88,13 @@ def to_markdown(rep: MonitorReport) -> str:
     )
     if skipped.files or skipped.lines:
         lines.append(f"Skipped: {skipped.lines} malformed or truncated lines, {skipped.files} unreadable files.")
-    if rep.dropped:
+    if rep.dropped and rep.capture is None:
         lines.append(f"The capture queue was full for {rep.dropped} requests (dropped, not in these figures).")
+    if rep.text_dropped:
+        lines.append(
+            f"{rep.text_dropped} requests' text was over the reader's budget: in the numbers, not the text checks."
+        )
+    lines += _capture(rep)
     for note in [*ref.notes, *([rep.notes_capture] if rep.notes_capture else [])]:
         lines.append(f"_Note: {_own(note)}._")
     lines += ["", "| check | group | value | threshold | verdict | detail |", "|---|---|---:|---|---|---|"]
@@ -110,6 +118,24 @@ def to_markdown(rep: MonitorReport) -> str:
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted((rep.statuses or {}).items()))
     lines += ["", f"<sub>statuses {statuses} · exit 3 on drift · `mlops monitor --json` for every number</sub>"]
     return "\n".join(lines) + "\n"
+
+
+def _capture(rep: MonitorReport) -> list[str]:
+    a = rep.capture
+    if a is None:
+        return []
+    lost = sum(a.lost.values())
+    why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in a.lost.items() if v)
+    line = f"Capture: {a.answered:,} requests answered, {a.captured:,} captured, {lost:,} lost" + (
+        f" ({why}; {a.loss_rate:.1%})" if lost else ""
+    )
+    if a.sampled_out:
+        line += f", {a.sampled_out:,} left out by monitor.sample_rate"
+    if a.pending:
+        line += f", {a.pending:,} still queued"
+    if a.last_error:
+        line += f"; last write error: {_own(a.last_error)}"
+    return [line + "."]
 
 
 def _icon(rep: MonitorReport) -> str:

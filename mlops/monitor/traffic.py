@@ -10,29 +10,50 @@ the eval suite's metrics, the label playing the part of a case's `expected`.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
+import math
+import os
 import re
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from orjson import loads as _loads  # a third of json's time on 100k records (measured here)
 
+from mlops.configbase import _DURATION, UNITS
+from mlops.configmonitor import MAX_AGE_S
 from mlops.errors import UsageError
-from mlops.monitor.capture import CAPTURE_PREFIX
+from mlops.monitor.capture import CAPTURE_PREFIX, MAX_TEXT
+from mlops.monitor.tally import COUNTERS_PREFIX, FIELDS, LOST
 from mlops.registry.store import Store
 
 FEEDBACK_PREFIX = "monitor/feedback"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _SPAN = re.compile(r"^(\d+)-(\d+)-")
+CHUNK = 1 << 20  # bytes read at a time: a 200 MB line is never held whole
+# The writer's longest record is ~60 KB (two texts of MAX_TEXT characters, escaped); a longer line
+# was not written by it and is skipped, counted, without being kept.
+MAX_LINE = 1 << 18
+# Characters of text the window keeps in all (~64-256 MB): beyond it records keep their numbers
+# and lose their text, counted (the character and embedding checks use the text that was kept).
+TEXT_BUDGET = 64 << 20
+MAX_COUNTERS_FILE = 1 << 20  # a side file of 60 minutes is ~10 KB
 
 
-def parse_age(text: str) -> float:
-    """'24h', '30m', '7d', '90s' or a number of seconds -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*", text)
+def parse_age(text: str, flag: str = "--since") -> float:
+    """'24h', '30m', '7d', '90s' or a number of seconds -> seconds (mlops.yaml's duration grammar),
+    at most ten years."""
+    m = _DURATION.fullmatch(text)
     if not m:
-        raise UsageError(f"--since {text!r}: expected an age like 30m, 24h or 7d")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}[m.group(2)]
+        raise UsageError(f"{flag} {text[:40]!r}: expected an age like 30m, 24h or 7d")
+    age = float(m.group(1)) * UNITS[m.group(2)]
+    if not age <= MAX_AGE_S:
+        raise UsageError(f"{flag} {text!r}: at most 3650d (ten years)")
+    return age
 
 
 @dataclass
@@ -41,8 +62,11 @@ class Window:
     until: float
     records: list[dict[str, Any]] = field(default_factory=list)
     files: int = 0
-    skipped_files: int = 0  # unreadable (not UTF-8, gone between list and read)
-    skipped_lines: int = 0  # malformed or truncated JSON lines, or lines that are not a record
+    skipped_files: int = 0  # unreadable: mode 000, not a regular file (a FIFO), gone between list and read
+    skipped_lines: int = 0  # malformed or truncated JSON, over MAX_LINE, not a record, a field of the wrong type
+    text_dropped: int = 0  # records over TEXT_BUDGET: numbers kept, text not
+    all_records: int = 0  # records in the window of any release (what the capture counters count)
+    _text: int = 0
 
 
 def _span(key: str) -> tuple[float, float] | None:
@@ -62,9 +86,100 @@ def capture_keys(store: Store, since: float = 0.0, until: float | None = None) -
     return out
 
 
-def _records(data: bytes, w: Window) -> list[dict[str, Any]]:
-    recs = []
-    for line in data.splitlines():
+class Unreadable(Exception):
+    pass
+
+
+def _chunks(store: Store, key: str) -> Iterator[bytes]:
+    """A stored object in CHUNK pieces. A directory store's file is opened without blocking (a FIFO
+    named *.jsonl answers at once) and read only when it is a regular file."""
+    path = store.local_path(key)
+    if path is None:  # an object store: the object (the writer's files are bounded by MAX_TEXT)
+        blob = store.get(key)
+        if blob is None:
+            raise Unreadable("gone")
+        yield blob.data
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:  # gone, mode 000, a link loop
+        raise Unreadable(e.strerror or str(e)) from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unreadable("not a regular file")
+        while chunk := os.read(fd, CHUNK):
+            yield chunk
+    except OSError as e:
+        raise Unreadable(e.strerror or str(e)) from e
+    finally:
+        os.close(fd)
+
+
+def _lines(chunks: Iterator[bytes], w: Window) -> Iterator[bytes]:
+    """Lines of at most MAX_LINE bytes; a longer one is skipped (counted) as it streams by."""
+    buf = b""
+    over = False  # inside a line already longer than MAX_LINE
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if over:
+                if not last:
+                    over = False
+                continue
+            if buf:
+                part, buf = buf + part, b""
+            if len(part) > MAX_LINE:
+                w.skipped_lines += 1
+                over = last
+            elif last:
+                buf = part
+            else:
+                yield part
+    if buf:
+        yield buf  # a last line without its newline: a truncated write, the parser decides
+
+
+_INTS = ("status", "prompt_len", "output_len", "prompt_tokens", "completion_tokens", "max_tokens", "dropped_before")
+_STRS = ("release", "route", "finish_reason", "prompt", "output", "error", "source")
+
+
+def _valid(rec: Any) -> bool:
+    """A record `mlops monitor` can count: every field it reads has its type (None where optional)."""
+    if type(rec) is not dict or type(rec.get("id")) is not str:
+        return False
+    t = rec.get("time")
+    if not isinstance(t, int | float) or type(t) is bool or not math.isfinite(t):
+        return False
+    lat = rec.get("latency_s")
+    if lat is not None and (type(lat) not in (int, float) or not math.isfinite(lat) or lat < 0):
+        return False
+    for k in _INTS:
+        v = rec.get(k)
+        if v is not None and (type(v) is not int or v < 0):
+            return False
+    return all(rec.get(k) is None or type(rec.get(k)) is str for k in _STRS)
+
+
+def _keep_text(rec: dict[str, Any], w: Window) -> None:
+    """Texts cut at MAX_TEXT (a file not written by this writer), then the window's budget."""
+    n = 0
+    for k in ("prompt", "output"):
+        v = rec.get(k)
+        if v is not None:
+            if len(v) > MAX_TEXT:
+                rec[k] = v = v[:MAX_TEXT]
+            n += len(v)
+    if n and w._text + n > TEXT_BUDGET:
+        rec.pop("prompt", None)
+        rec.pop("output", None)
+        w.text_dropped += 1
+    else:
+        w._text += n
+
+
+def _records(lines: Iterator[bytes], w: Window) -> Iterator[dict[str, Any]]:
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -72,44 +187,113 @@ def _records(data: bytes, w: Window) -> list[dict[str, Any]]:
         except ValueError:  # orjson.JSONDecodeError is a ValueError too
             w.skipped_lines += 1
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("time"), int | float) or "id" not in rec:
+        if not _valid(rec):
             w.skipped_lines += 1
             continue
-        recs.append(rec)
-    return recs
+        yield rec
+
+
+def read_records(store: Store, key: str, w: Window) -> Iterator[dict[str, Any]]:
+    """Valid records of one capture file (raises Unreadable)."""
+    return _records(_lines(_chunks(store, key), w), w)
 
 
 def load_window(store: Store, since: float, until: float | None = None, release: str | None = None) -> Window:
     """Every captured request with since <= time <= until (and of `release`, when given)."""
     w = Window(since, until if until is not None else time.time())
     for key in capture_keys(store, since, w.until):
-        blob = store.get(key)
-        if blob is None:
+        try:
+            for rec in read_records(store, key, w):
+                if since <= rec["time"] <= w.until:
+                    w.all_records += 1
+                    if release is None or rec.get("release") == release:
+                        _keep_text(rec, w)
+                        w.records.append(rec)
+        except Unreadable:
             w.skipped_files += 1
             continue
         w.files += 1
-        for rec in _records(blob.data, w):
-            if since <= rec["time"] <= w.until and (release is None or rec.get("release") == release):
-                w.records.append(rec)
     w.records.sort(key=lambda r: r["time"])
     return w
 
 
-def find_request(store: Store, request_id: str) -> dict[str, Any] | None:
-    """The captured record with this id (newest files first; a byte search before any parse)."""
-    needle = json.dumps(request_id).encode()
-    for key in reversed(capture_keys(store)):
-        blob = store.get(key)
-        if blob is None or needle not in blob.data:
+@dataclass
+class Counts:
+    """What the capture writers counted in a window (mlops/monitor/tally.py), summed over writers.
+    `unwritten`: answered, neither written nor counted lost, by a writer silent for `stale_s`
+    (a server killed before it flushed); a live server's queue is not counted."""
+
+    totals: dict[str, int]
+    unwritten: int
+    writers: int
+    last_error: str | None
+    skipped_files: int
+
+
+def load_counts(store: Store, since: float, until: float, stale_s: float) -> Counts | None:
+    """The capture counters of the minutes in [since, until], or None when no writer left any."""
+    totals = dict.fromkeys(FIELDS, 0)
+    writers: set[str] = set()
+    newest, last_error, skipped, unwritten = -1.0, None, 0, 0
+    day = dt.datetime.fromtimestamp(since, dt.UTC).date()
+    end = dt.datetime.fromtimestamp(until, dt.UTC).date()
+    keys = []
+    while day <= end:  # one listing per day of the window, not of all history
+        keys += store.list(f"{COUNTERS_PREFIX}/{day.isoformat()}")
+        day += dt.timedelta(days=1)
+    for key in keys:
+        if not key.endswith(".json"):
             continue
-        for line in blob.data.splitlines():
-            if needle in line:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("id") == request_id:
-                    return rec
+        try:
+            data = b""
+            for chunk in _chunks(store, key):
+                data += chunk
+                if len(data) > MAX_COUNTERS_FILE:
+                    raise Unreadable("too large")
+            doc = json.loads(data)
+            updated = doc.get("updated")
+            if not isinstance(updated, int | float):
+                raise ValueError("updated")
+            mine = dict.fromkeys(FIELDS, 0)
+            for minute, b in doc["minutes"].items():
+                if since <= float(minute) <= until:
+                    for k in FIELDS:
+                        v = b.get(k, 0)
+                        if type(v) is not int or v < 0:
+                            raise ValueError(k)
+                        mine[k] += v
+        except (Unreadable, ValueError, TypeError, KeyError, AttributeError):
+            skipped += 1
+            continue
+        if not mine["answered"]:
+            continue
+        writers.add(str(doc.get("writer")))
+        for k, v in mine.items():
+            totals[k] += v
+        if time.time() - updated > stale_s:
+            unwritten += max(0, mine["answered"] - mine["captured"] - sum(mine[k] for k in LOST))
+        if isinstance(doc.get("last_error"), str) and updated > newest:
+            newest, last_error = updated, doc["last_error"]
+    if not writers and not skipped:
+        return None
+    return Counts(totals, unwritten, len(writers), last_error, skipped)
+
+
+def find_request(store: Store, request_id: str) -> dict[str, Any] | None:
+    """The captured record with this id (newest files first; a byte search before any parse).
+    Unreadable files (mode 000, a FIFO) are passed over: they hold nobody's label."""
+    needle = json.dumps(request_id).encode()
+    w = Window(0, 0)
+    for key in reversed(capture_keys(store)):
+        try:
+            for line in _lines(_chunks(store, key), w):
+                if needle in line:
+                    with contextlib.suppress(ValueError):
+                        rec = _loads(line)
+                        if _valid(rec) and rec.get("id") == request_id:
+                            return dict(rec)
+        except Unreadable:
+            continue
     return None
 
 

@@ -13,6 +13,8 @@ each repair in the affected releases' histories. What it knows:
 - the state routes to a release with no (valid) manifest: production falls back to previous, or
   to the newest release ever promoted; all traffic to production; the canary dropped.
 - a rollout lease that expired with canary weights in place: all traffic back to production.
+- a capture directory (`monitor/capture`, `monitor/counters`) that is not a directory: serving
+  counts every request it then cannot capture (`mlops monitor` exits 4); moved aside.
 - orphans: artifact directories with no manifest whose writer is gone, and `.tmp` files left by a
   write that was killed. The pipeline sweeps these itself (`sweep`) at the start and end of a run.
 """
@@ -198,7 +200,22 @@ def examine(reg: Registry) -> list[Finding]:
                     "all traffic back to production",
                 )
             )
-    return found + orphan_findings(reg)
+    return found + capture_findings(reg) + orphan_findings(reg)
+
+
+CAPTURE_DIRS = ("monitor", "monitor/capture", "monitor/counters")
+
+
+def capture_findings(reg: Registry) -> list[Finding]:
+    """A file where capture writes its directories: every capture write fails (local stores)."""
+    root = _local_root(reg)
+    if root is None:
+        return []
+    return [
+        Finding("capture_not_dir", key, "not a directory: traffic capture cannot write", f"move it to {key}.damaged")
+        for key in CAPTURE_DIRS
+        if (root / key).exists() and not (root / key).is_dir()
+    ]
 
 
 # ---------------------------------------------------------------------------- repair
@@ -265,6 +282,9 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
             f.repaired, f.repair = True, f"kept {len(events)} complete event(s)"
         elif f.kind in ("damaged_manifest", "damaged_eval", "damaged_event"):
             _move_aside(reg, f.key)
+            f.repaired = True
+        elif f.kind == "capture_not_dir" and (root := _local_root(reg)) is not None:
+            (root / f.key).replace(root / f"{f.key}.damaged")
             f.repaired = True
         if rid and f.repaired:
             touched.setdefault(rid, []).append(f"{f.kind}: {f.key} ({f.problem})")

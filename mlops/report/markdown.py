@@ -162,6 +162,30 @@ def _table(rep: Report, budget: int) -> tuple[str, int]:
     return text, len(body)
 
 
+def _segment_block(rep: Report) -> str:
+    """metric x segment for suites whose cases carry tags: where a slice moved while the mean held."""
+    if not rep.segments:
+        return ""
+    lines = [
+        "",
+        "### Per segment",
+        "",
+        "| segment | metric | production | candidate | delta | interval | threshold | verdict |",
+        "|---|---|---:|---:|---:|---|---|---|",
+    ]
+    for r in rep.segments:
+        name = f"{r.suite}.{r.metric}" + ("" if r.stat == "mean" else f" {stat_key(r.stat, r.stat_threshold)}")
+        name += f" ({r.n} cases" + (f", {r.failed_cases} failed)" if r.failed_cases else ")")
+        iv = f"[{r.interval[0]:+.3g}, {r.interval[1]:+.3g}]" if r.interval else "—"
+        verdict = {"pass": "✅ pass", "fail": "❌ fail", None: "—"}[r.verdict]
+        arrow = "" if r.delta is None or r.delta == 0 else (" ↑" if (r.delta > 0) == r.higher_is_better else " ↓")
+        lines.append(
+            f"| {_own(r.segment, 60)} | {_own(name, 120)} | {_num(r.production)} | {_num(r.candidate)}"
+            f" | {_signed(r.delta)}{arrow} | {iv} | {_own(r.threshold or '—', 120)} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def _worst_block(rep: Report) -> str:
     w = rep.worst_cases
     if not w.cases:
@@ -227,7 +251,7 @@ def to_markdown(rep: Report, max_chars: int = MAX_CHARS) -> str:
     table, _ = _table(rep, max(2_000, (max_chars - len(md)) // 2))
     md += "\n" + table
     left_out = []
-    blocks = [("worst cases", _worst_block(rep))]
+    blocks = [("per-segment rows", _segment_block(rep)), ("worst cases", _worst_block(rep))]
     charts = [c for c in (_chart(t) for t in rep.trend) if c]
     if charts:
         blocks.append(("trend charts", "\n".join(["", "### Trend", *charts])))

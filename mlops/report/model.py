@@ -34,6 +34,12 @@ class MetricRow(Contract):
     n: int
 
 
+class SegmentRow(MetricRow):
+    """A MetricRow over the cases carrying one tag (suites whose cases have tags): metric x segment."""
+
+    segment: str
+
+
 class WorstCase(Contract):
     """A case that lost most against the baseline (or scored lowest), its text cut for the JSON."""
 
@@ -119,3 +125,4 @@ class Report(Contract):
     cost: ReportCost
     suites: dict[str, SuiteInfo]
     lineage: dict[str, Any]  # the manifest's lineage, free-form (git, data and config hashes)
+    segments: list[SegmentRow] = []  # per-segment rows, for suites whose cases carry tags

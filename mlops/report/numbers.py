@@ -10,12 +10,13 @@ from typing import Any
 
 from mlops.config import Config, GateCfg
 from mlops.contracts import CaseRow, EvalResult, GateResult
-from mlops.evals.gates import Sample, check_gates
+from mlops.evals.gates import Sample, check_gates, segment_tags
 from mlops.registry.releases import Registry
 from mlops.report.model import (
     MetricRow,
     Report,
     ReportCost,
+    SegmentRow,
     SuiteInfo,
     TrendPoint,
     TrendSeries,
@@ -73,6 +74,7 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         cost=_cost(manifest, evaluated),
         suites={k: SuiteInfo(n=v.n, created_at=v.created_at) for k, v in evaluated.items()},
         lineage=manifest.get("lineage", {}),
+        segments=_segment_rows(evaluated, base, gates),
     )
 
 
@@ -83,38 +85,74 @@ def stat_key(stat: str, threshold: float | None) -> str:
 def _rows(
     evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
 ) -> list[MetricRow]:
-    rows = []
-    for suite, res in evaluated.items():
-        b_res = base.get(suite)
-        for metric, summ in res.metrics.items():
-            mine = [g for g in gates if g.eval == suite and g.metric == metric]
-            stats = list(dict.fromkeys((g.stat, g.stat_threshold) for g in mine)) or [("mean", None)]
-            c = Sample.of(res, metric)
-            b = Sample.of(b_res, metric) if b_res is not None else None
-            for stat, thr in stats:
-                assert c is not None
-                cval = c.stat(stat, thr)
-                bval = b.stat(stat, thr) if b is not None else None
-                these = [g for g in mine if (g.stat, g.stat_threshold) == (stat, thr)]
-                reg = next((g for g in these if g.kind == "regression" and g.interval), None)
-                rows.append(
-                    MetricRow(
-                        suite=suite,
-                        metric=metric,
-                        stat=stat,
-                        stat_threshold=thr,
-                        higher_is_better=summ.higher_is_better,
-                        production=bval,
-                        candidate=cval,
-                        delta=None if bval is None else cval - bval,
-                        interval=reg.interval if reg else None,
-                        paired_cases=reg.n if reg else None,
-                        threshold="; ".join(g.threshold for g in these),
-                        verdict=("pass" if all(g.passed for g in these) else "fail") if these else None,
-                        failed_cases=summ.failed,
-                        n=summ.n,
-                    )
-                )
+    return [
+        MetricRow(**row)
+        for suite, res in evaluated.items()
+        for metric in res.metrics
+        for row in _stat_rows(suite, metric, res, base.get(suite), gates, None)
+    ]
+
+
+def _segment_rows(
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
+) -> list[SegmentRow]:
+    """metric x segment, for every suite whose cases carry tags: the same numbers as the overall rows,
+    over each tag's cases (the baseline paired by case id, as the segment gates pair them)."""
+    return [
+        SegmentRow(**row, segment=tag)
+        for suite, res in evaluated.items()
+        for tag in sorted(segment_tags(res))
+        for metric in res.metrics
+        for row in _stat_rows(suite, metric, res, base.get(suite), gates, tag)
+    ]
+
+
+def _stat_rows(
+    suite: str,
+    metric: str,
+    res: EvalResult,
+    b_res: EvalResult | None,
+    gates: list[GateResult],
+    segment: str | None,
+) -> list[dict[str, Any]]:
+    """One row's fields per gated statistic of `metric` (or its mean), over `segment`'s cases or all."""
+    rows: list[dict[str, Any]] = []
+    summ = res.metrics[metric]
+    mine = [g for g in gates if g.eval == suite and g.metric == metric and g.segment == segment]
+    stats = list(dict.fromkeys((g.stat, g.stat_threshold) for g in mine)) or [("mean", None)]
+    c = Sample.of(res, metric, segment)
+    b = Sample.of(b_res, metric) if b_res is not None else None
+    if c is None or (segment is not None and not c.values):
+        return rows
+    ids = list(c.values) if b is None else [i for i in c.values if i in b.values]
+    for stat, thr in stats:
+        cval = c.stat(stat, thr)
+        if segment is None:
+            bval = b.stat(stat, thr) if b is not None else None
+        else:  # the baseline's same cases, whether or not its stored rows have tags
+            bval = b.stat(stat, thr, ids) if b is not None and ids else None
+        these = [g for g in mine if (g.stat, g.stat_threshold) == (stat, thr)]
+        reg = next((g for g in these if g.kind == "regression" and g.interval), None)
+        n = summ.n if segment is None else len(c.values)
+        failed = summ.failed if segment is None else sum(c.failed.values())
+        rows.append(
+            {
+                "suite": suite,
+                "metric": metric,
+                "stat": stat,
+                "stat_threshold": thr,
+                "higher_is_better": summ.higher_is_better,
+                "production": bval,
+                "candidate": cval,
+                "delta": None if bval is None else cval - bval,
+                "interval": reg.interval if reg else None,
+                "paired_cases": reg.n if reg else None,
+                "threshold": "; ".join(g.threshold for g in these),
+                "verdict": ("pass" if all(g.passed for g in these) else "fail") if these else None,
+                "failed_cases": failed,
+                "n": n,
+            }
+        )
     return rows
 
 
@@ -195,6 +233,8 @@ def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float 
         d = h.get("detail") or {}
         if h["event"] in ("gates_passed", "gates_failed"):
             for g in d.get("gates", []):
+                if g.get("segment") is not None:
+                    continue
                 if (g.get("eval"), g.get("metric"), g.get("stat"), g.get("stat_threshold")) == key:
                     if g.get("candidate") is not None:
                         return float(g["candidate"])
@@ -217,7 +257,7 @@ def _trend(reg: Registry, release: str, gates_cfg: list[GateCfg], rows: list[Met
     st, _ = reg.read_state()
     prod = st.stages.get("production")
     out = []
-    keys = list(dict.fromkeys((g.eval, g.metric, g.stat, g.threshold) for g in gates_cfg))
+    keys = list(dict.fromkeys((g.eval, g.metric, g.stat, g.threshold) for g in gates_cfg if g.segment is None))
     for key in keys:
         suite, metric, stat, thr = key
         now = next((r.candidate for r in rows if (r.suite, r.metric, r.stat, r.stat_threshold) == key), None)
@@ -229,7 +269,7 @@ def _trend(reg: Registry, release: str, gates_cfg: list[GateCfg], rows: list[Met
         bounds = [
             b
             for g in gates_cfg
-            if (g.eval, g.metric, g.stat, g.threshold) == key
+            if (g.eval, g.metric, g.stat, g.threshold) == key and g.segment is None
             for b in (g.min, g.max)
             if b is not None
         ]

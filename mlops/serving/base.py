@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlops.errors import InfraError
-from mlops.serving.genrequest import EngineClosed, GenRequest, Overloaded, check_request
+from mlops.serving.chat import ChatTemplate
+from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_request
 
 
 class Engine(Protocol):
@@ -74,7 +75,9 @@ class QueuedEngine:
     its `__init__`, keeps `_active` (requests taken off the queue and not finished), and implements
     generation and `close`."""
 
+    model_dir: Path
     tok: Any  # a tokenizers.Tokenizer
+    chat: ChatTemplate | None  # the model's chat template (None: the prompt template wraps the last user turn)
     max_positions: int
     max_batch_size: int
     # An upper bound on the text one token stands for (a vocabulary entry is never shorter than
@@ -86,8 +89,10 @@ class QueuedEngine:
     _active: int
 
     def _open_front(self, tok: Any, max_positions: int, max_batch_size: int, max_queue: int) -> None:
-        """Set the shared state; a subclass calls it from `__init__` once its tokenizer is loaded."""
+        """Set the shared state; a subclass calls it from `__init__` once `model_dir` is set and its
+        tokenizer loaded."""
         self.tok = tok
+        self.chat = ChatTemplate.load(self.model_dir)
         self.max_positions = max_positions
         self.max_token_chars = max([1, *map(len, tok.get_vocab(with_added_tokens=True))])
         self.max_batch_size = max_batch_size
@@ -102,8 +107,16 @@ class QueuedEngine:
 
     def check(self, req: GenRequest) -> None:
         """Raise BadRequest unless `req` can be served alone; tokenizes its prompt once. Anything
-        that could fail inside a batch is checked here, so one request never fails its batch."""
-        check_request(req, self.tok, self.max_positions, self.max_token_chars)
+        that could fail inside a batch is checked here, so one request never fails its batch.
+        A chat request is rendered here with the model's template, when it has one."""
+        text = None
+        if req.messages is not None and self.chat is not None:
+            try:
+                text = self.chat.render(req.messages, req.tools)
+            except Exception as e:  # the template's own raise_exception, or a turn it cannot take
+                msg = f"messages cannot be rendered with the model's chat template: {type(e).__name__}: {e}"
+                raise BadRequest(msg[:500], "messages") from None
+        check_request(req, self.tok, self.max_positions, self.max_token_chars, text)
 
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue `req`; raise BadRequest when it cannot be served (see `check`), Overloaded when the

@@ -24,6 +24,7 @@ from typing import Any
 from mlops.errors import InfraError
 from mlops.serving import kvcache
 from mlops.serving.base import QueuedEngine
+from mlops.serving.chat import stop_ids
 from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded
 
 __all__ = ["BadRequest", "Engine", "EngineClosed", "GenRequest", "Overloaded"]
@@ -43,6 +44,10 @@ class _Seq:
     pos: int  # position id of its next input token
     last: int = 0  # its next input token
     generator: Any = None  # torch.Generator for temperature sampling with a seed
+    # tokenizers' DecodeStream, primed with the prompt (as vLLM's detokenizer): a token's text can
+    # depend on the ones before it (a space a Metaspace decoder drops at the start, a character
+    # whose UTF-8 bytes span two byte-level tokens), so text comes from the stream, not per token
+    stream: Any = None
 
 
 class Engine(QueuedEngine):
@@ -74,12 +79,19 @@ class Engine(QueuedEngine):
         gen_path = self.model_dir / "generation_config.json"
         gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         cfg = self.model.config
-        self.eos_id = int(gen.get("eos_token_id") or cfg.eos_token_id or 0)
+        self.stop_ids = frozenset(ids := stop_ids(self.model_dir, self.tok, cfg.eos_token_id))
+        self.eos_id = ids[0]
         pad = gen.get("pad_token_id")
-        self.pad_id = int(pad) if pad is not None else self.eos_id
+        if pad is None:
+            pad = getattr(cfg, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else self.eos_id
         context = int(getattr(cfg, "n_positions", 0) or cfg.max_position_embeddings)
+        # A sliding-window layer keeps only its window in the cache and the batch surgery in
+        # kvcache.py assumes every layer holds the whole row: serve at most the window.
+        window = getattr(cfg, "sliding_window", None)
+        if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True):
+            context = min(context, window)
         self._open_front(self.tok, context, max_batch_size, max_queue)
-        self._piece_cache: dict[int, str] = {}
         self._worker = threading.Thread(target=self._run, name=f"engine-{self.model_dir.name}", daemon=True)
         if start:
             self._worker.start()
@@ -140,12 +152,6 @@ class Engine(QueuedEngine):
                 live.append(r)
         return live
 
-    def _piece(self, t: int) -> str:
-        p = self._piece_cache.get(t)
-        if p is None:
-            p = self._piece_cache[t] = self.tok.decode([t])
-        return p
-
     def _fail(self, r: GenRequest, e: BaseException) -> None:
         """Fail one request (the rest of its batch carries on)."""
         r.error = f"generation failed: {type(e).__name__}: {e}"
@@ -158,6 +164,16 @@ class Engine(QueuedEngine):
             except Exception:  # the reader is gone: the request leaves the batch at its next token
                 r.cancelled = True
 
+    def _text_of(self, s: _Seq, t: int) -> str:
+        """The text token `t` adds ("" while a character's bytes are still to come)."""
+        try:
+            return str(s.stream.step(self.tok, t) or "")
+        except Exception:  # a stream that met invalid UTF-8 cannot go on (vLLM restarts it too)
+            from tokenizers.decoders import DecodeStream
+
+            s.stream = DecodeStream(skip_special_tokens=True)
+            return str(s.stream.step(self.tok, t) or "")
+
     def _emit(self, s: _Seq, t: int) -> bool:
         """Deliver token `t` to its request; True when the request is finished."""
         r = s.req
@@ -166,10 +182,11 @@ class Engine(QueuedEngine):
         if r.cancelled:
             self._finish(r, "cancelled")
             return True
-        if t == self.eos_id:
+        if t in self.stop_ids:  # counted as vLLM counts it (in completion_tokens), never shown
+            r.completion_tokens += 1
             self._finish(r, "stop")
             return True
-        piece = self._piece(t)
+        piece = self._text_of(s, t)
         r.completion_tokens += 1
         before = len(r.text)
         r.text += piece
@@ -183,7 +200,8 @@ class Engine(QueuedEngine):
                     self._deliver(r, r.text[before:])
                 self._finish(r, "stop")
                 return True
-        self._deliver(r, piece)
+        if piece:
+            self._deliver(r, piece)
         s.budget -= 1
         s.last = t
         if s.budget <= 0:
@@ -210,6 +228,7 @@ class Engine(QueuedEngine):
     def _prefill(self, reqs: list[GenRequest]) -> tuple[list[_Seq], Any, Any]:
         """One forward pass over the newcomers' prompts (left-padded); emits their first token."""
         import torch
+        from tokenizers.decoders import DecodeStream
 
         self.prefills += 1
         seqs, encoded = [], []
@@ -224,7 +243,9 @@ class Engine(QueuedEngine):
                 continue
             r.prompt_tokens = len(ids)
             encoded.append(ids or [self.eos_id])  # an empty prompt starts from the end-of-text token
-            seqs.append(_Seq(r, min(r.max_tokens, self.max_positions - len(encoded[-1])), len(encoded[-1]), 0, gen))
+            budget = min(r.max_tokens, self.max_positions - len(encoded[-1]))
+            stream = DecodeStream(ids=encoded[-1], skip_special_tokens=True)
+            seqs.append(_Seq(r, budget, len(encoded[-1]), 0, gen, stream))
         if not seqs:
             return [], None, None
         reqs = [s.req for s in seqs]

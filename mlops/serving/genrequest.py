@@ -57,6 +57,10 @@ class GenRequest:
     finished: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     prompt_ids: list[int] | None = None  # set by `Engine.submit` (validated against the context)
+    # A chat request's turns and tools (OpenAI dicts, shapes checked by the server). An engine whose
+    # model has a chat template renders them; `prompt` is the fallback for a model without one.
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 def check_params(req: GenRequest, context: int) -> None:
@@ -79,16 +83,25 @@ def check_params(req: GenRequest, context: int) -> None:
         raise BadRequest("prompt is not valid Unicode (a lone surrogate?)", "prompt") from None
 
 
-def check_request(req: GenRequest, tok: Any, context: int, max_token_chars: int) -> None:
+def check_request(req: GenRequest, tok: Any, context: int, max_token_chars: int, text: str | None = None) -> None:
     """Every engine's rules (so all answer the same 400s): parameters, then the prompt's tokens
     against the context, refusing an oversized prompt before tokenizing it; sets `prompt_ids`.
-    `tok` is a `tokenizers.Tokenizer`; `max_token_chars` its longest token's length in characters."""
+    `tok` is a `tokenizers.Tokenizer`; `max_token_chars` its longest token's length in characters;
+    `text` what to tokenize when it is not `req.prompt` (a rendered chat: its special tokens are
+    written as text and tokenized as the special tokens they name, as vLLM does)."""
     check_params(req, context)
+    if text is None:
+        text = req.prompt
+    else:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("messages are not valid Unicode (a lone surrogate?)", "messages") from None
     room = context - 1  # at least one position is left to generate into
-    if len(req.prompt) > room * max_token_chars:
+    if len(text) > room * max_token_chars:
         raise BadRequest(f"prompt is longer than the model's context ({context} tokens)", "prompt")
     try:
-        ids = tok.encode(req.prompt, add_special_tokens=False).ids
+        ids = tok.encode(text, add_special_tokens=False).ids
     except Exception as e:
         raise BadRequest(f"prompt cannot be tokenized: {type(e).__name__}", "prompt") from None
     if len(ids) > room:

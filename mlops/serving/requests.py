@@ -9,6 +9,9 @@ limits (documented in the README's "Serving limits" table):
     JSON              a strict object: no NaN/Infinity literals; nesting too deep for the parser is 400
     prompt            a string (or a list of one string) that fits the model's context (the engine
                       checks the token count: `Engine.check`)
+    messages          a non-empty list of objects with a string `role` and a string, null or list
+                      of text parts `content`, at least one `user` turn; at most MAX_MESSAGES
+    tools             null or a list of objects (OpenAI tool schemas), given to the chat template
     max_tokens        an integer, 1 .. the model's context; null means the model's default
     temperature       a finite number in 0 .. 2; null means 0 (greedy)
     seed              an integer in [-2^63, 2^64)
@@ -32,6 +35,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 MAX_NAME_CHARS = 128
+MAX_MESSAGES = 1024  # a conversation is rendered by a template: a bound on its loop
 # What a model name or release id may look like; anything else is unknown without a registry lookup
 # (a name is used as a store key, so it never reaches the store unchecked).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
@@ -115,6 +119,8 @@ def gen_request(body: dict[str, Any], chat: bool, template: str, default_max_tok
     if user is not None and not isinstance(user, str):
         raise ClientError(400, "user must be a string", "user")
     return GenRequest(
+        messages=chat_messages(body) if chat else None,
+        tools=chat_tools(body) if chat else None,
         prompt=prompt,
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         temperature=temperature or 0.0,
@@ -149,6 +155,79 @@ def chat_prompt(body: dict[str, Any], template: str) -> str:
     if not isinstance(content, str):
         raise ClientError(400, "message content must be a string", "messages")
     return template.format(input=content)
+
+
+def _text(content: Any, sep: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # the content-parts form
+        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            raise ClientError(400, "message content parts must be objects with a text string", "messages")
+        if any(p.get("type", "text") != "text" for p in content):
+            raise ClientError(400, "only text content parts are supported", "messages")
+        return sep.join(p.get("text", "") for p in content)
+    if not isinstance(content, str):
+        raise ClientError(400, "message content must be a string", "messages")
+    return content
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The turns as a chat template takes them, normalised as vLLM does: content a string (text
+    parts joined by newlines, null as ""), an assistant's tool-call arguments parsed from JSON."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or len(msgs) > MAX_MESSAGES:
+        raise ClientError(400, f"messages must be a list of at most {MAX_MESSAGES} turns", "messages")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ClientError(400, "each message must be an object with a string role", "messages")
+        turn = dict(m)
+        turn["content"] = _text(m.get("content"), "\n")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise ClientError(400, "tool_calls must be a list of objects", "messages")
+            if not calls:  # as vLLM: an empty list keeps the template on its plain assistant path
+                del turn["tool_calls"]
+            else:
+                turn["tool_calls"] = [_parsed_call(c) for c in calls]
+        out.append(turn)
+    return out
+
+
+def _parsed_call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ClientError(400, "a tool call needs a function with a string name", "messages")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise ClientError(400, "a tool call's arguments must be a JSON object", "messages") from None
+    return {**call, "function": {**fn, "arguments": args}}
+
+
+def chat_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tool schemas as vLLM hands them to a template (its pydantic dump: these keys, in this
+    order, `description` and `parameters` null when absent), so both render the same prompt."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise ClientError(400, "tools must be a list of objects", "tools")
+    out = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or t.get("type", "function") != "function":
+            raise ClientError(400, "each tool must be a function with a string name", "tools")
+        if not isinstance(fn.get("parameters"), dict | None) or not isinstance(fn.get("description"), str | None):
+            raise ClientError(400, "a tool's parameters must be an object and its description a string", "tools")
+        spec = {"name": fn["name"], "description": fn.get("description"), "parameters": fn.get("parameters")}
+        if fn.get("strict") is not None:
+            spec["strict"] = fn["strict"]
+        out.append({"type": "function", "function": spec})
+    return out or None
 
 
 def stops(stop: Any) -> tuple[str, ...]:

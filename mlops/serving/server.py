@@ -3,7 +3,9 @@
     GET  /health               liveness + what is loaded (no key needed)
     GET  /v1/models            the deployed model name and every routable release id
     POST /v1/completions       prompt -> text (stream: true answers server-sent events)
-    POST /v1/chat/completions  messages -> text (the model's prompt template wraps the last user turn)
+    POST /v1/chat/completions  messages -> text: the model's own chat template (all turns, system
+                               prompt, tools); a model without one: the prompt template wraps the
+                               last user turn
     GET  /metrics              Prometheus text
     GET  /v1/mlops/stats       per-release live stats since a time (the canary analysis reads it)
 

@@ -90,7 +90,13 @@ class Shadow:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[str | None, float, str | None]] = loop.create_future()
         copy = GenRequest(
-            prompt=req.prompt, max_tokens=req.max_tokens, temperature=req.temperature, stop=req.stop, seed=req.seed
+            prompt=req.prompt,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            stop=req.stop,
+            seed=req.seed,
+            messages=req.messages,
+            tools=req.tools,
         )
         t0 = time.perf_counter()
 

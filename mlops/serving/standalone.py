@@ -14,10 +14,17 @@ registry as one release in production.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlops.serving.pool import ReleasePool
+    from mlops.serving.server import ServerOptions
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -35,21 +42,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
+@contextlib.contextmanager
+def alone(
+    model_dir: str | Path,
+    release: str,
+    aliases: Sequence[str] = (),
+    prompt: str = "{input}",
+    api_key: str | None = None,
+    engine: str = "builtin",
+) -> Iterator[tuple[ReleasePool, ServerOptions]]:
+    """`model_dir` published into a throwaway registry as the one release in production; yields
+    the started pool (the model loaded) and the server options, closes the pool on exit."""
     from mlops.registry.releases import Registry, State
     from mlops.registry.store import LocalStore
     from mlops.serving.pool import ReleasePool
-    from mlops.serving.runner import SERVE_THREADS, quiet_transformers
-    from mlops.serving.server import ServerOptions, create_app
+    from mlops.serving.runner import SERVE_THREADS
+    from mlops.serving.server import ServerOptions
 
-    args = parse(sys.argv[1:] if argv is None else argv)
-    quiet_transformers()
-    release, *aliases = args.served_model_name
     with tempfile.TemporaryDirectory(prefix="mlops-standalone-") as tmp:
         registry = Registry(LocalStore(tmp))
-        registry.publish(release, Path(args.model), {"model": aliases[0] if aliases else release})
+        registry.publish(release, Path(model_dir), {"model": aliases[0] if aliases else release})
 
         def production(st: State) -> State:
             st.stages["production"] = release
@@ -57,20 +69,28 @@ def main(argv: list[str] | None = None) -> None:
             return st
 
         registry.update_state(production, reason="standalone", actor="standalone")
-        pool = ReleasePool(registry, threads=SERVE_THREADS)
-        opts = ServerOptions(
-            model_name=aliases[0] if aliases else release,
-            prompt_template=args.prompt,
-            api_key=os.environ.get("VLLM_API_KEY") or None,
-        )
-        pool.start()  # loads the model first: like vLLM, the port opens only once it can answer
-        if pool.engine(release) is None:
-            pool.close()
-            raise SystemExit(f"standalone: {args.model} did not load (see the log above)")
+        pool = ReleasePool(registry, threads=SERVE_THREADS, engine=engine)
+        opts = ServerOptions(model_name=aliases[0] if aliases else release, prompt_template=prompt, api_key=api_key)
         try:
-            uvicorn.run(create_app(pool, opts), host=args.host, port=args.port, log_level="warning", lifespan="off")
+            pool.start()  # loads the model first: like vLLM, the port opens only once it can answer
+            if pool.engine(release) is None:
+                raise SystemExit(f"standalone: {model_dir} did not load (see the log above)")
+            yield pool, opts
         finally:
             pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from mlops.serving.runner import quiet_transformers
+    from mlops.serving.server import create_app
+
+    args = parse(sys.argv[1:] if argv is None else argv)
+    quiet_transformers()
+    release, *aliases = args.served_model_name
+    with alone(args.model, release, aliases, args.prompt, os.environ.get("VLLM_API_KEY") or None) as (pool, opts):
+        uvicorn.run(create_app(pool, opts), host=args.host, port=args.port, log_level="warning", lifespan="off")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,28 @@ def vllm_python(project_root: str | Path | None = None, environ: Mapping[str, st
     return str((roots[0] if roots else here) / ".venv-vllm" / "bin" / "python")
 
 
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether vLLM finds a chat template of the model's own (chat_template.jinja, or
+    tokenizer_config.json's `chat_template`), which it then renders as the builtin engine does."""
+    root = Path(model_dir)
+    if (root / "chat_template.jinja").is_file():
+        return True
+    cfg = root / "tokenizer_config.json"
+    try:
+        return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
+    except ValueError:
+        return False
+
+
+def template_flag(model_dir: str | Path, prompt: str, path: str | Path) -> str | None:
+    """The `--chat-template` file for `model_dir`: None when the model has its own template, else
+    `path`, written with `chat_template_for(prompt)` (a model trained from scratch has none)."""
+    if has_chat_template(model_dir):
+        return None
+    Path(path).write_text(chat_template_for(prompt))
+    return str(path)
+
+
 def chat_template_for(prompt: str) -> str:
     """A Jinja chat template that does what the local server does: the last user turn, put into
     the model's `prompt` (e.g. '{input}='). Models trained from scratch ship no template."""

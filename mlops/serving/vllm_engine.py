@@ -8,7 +8,9 @@ else on the machine can use it.
 
 Requests go over as token ids (the prompt tokenized and cut exactly as the builtin engine does,
 with max_tokens capped by the position table), greedy unless a temperature is given, streamed, so
-each piece reaches the request's sink as vLLM makes it. `max_batch_size` threads forward requests
+each piece reaches the request's sink as vLLM makes it. A chat request on a model with a chat
+template goes to vLLM's /v1/chat/completions as its messages and tools (vLLM renders the model's
+template itself, as the builtin engine does; the prompt's token count was checked here first). `max_batch_size` threads forward requests
 at once; vLLM batches them itself.
 
 Start-up is slow (35 s on a quiet 2-core machine, minutes under load): the engine is ready only
@@ -36,6 +38,7 @@ from typing import Any
 
 from mlops.errors import InfraError
 from mlops.serving.base import QueuedEngine
+from mlops.serving.chat import stop_ids
 from mlops.serving.childguard import Guard
 from mlops.serving.genrequest import GenRequest
 from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
@@ -81,10 +84,8 @@ class VllmEngine(QueuedEngine):
         if not Path(self.python).is_file():
             raise InfraError(f"no vLLM interpreter at {self.python}: run `make install-vllm` or set $MLOPS_VLLM_PYTHON")
         cfg = json.loads((self.model_dir / "config.json").read_text())
-        gen_path = self.model_dir / "generation_config.json"
-        gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        self.eos_id = int(gen.get("eos_token_id") or cfg.get("eos_token_id") or 0)
         tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.eos_id = stop_ids(self.model_dir, tok, cfg.get("eos_token_id"))[0]
         self._open_front(tok, int(cfg.get("n_positions") or cfg["max_position_embeddings"]), max_batch_size, max_queue)
         self._count_lock = threading.Lock()
         self._key = secrets.token_urlsafe(24)
@@ -248,9 +249,16 @@ class VllmEngine(QueuedEngine):
             self.check(req)
         req.prompt_tokens = len(req.prompt_ids or ())
         ids = list(req.prompt_ids or ()) or [self.eos_id]
-        body: dict[str, Any] = {
-            "model": self.name,
-            "prompt": ids,
+        body: dict[str, Any] = {"model": self.name}
+        if req.messages is not None and self.chat is not None:
+            body["messages"] = req.messages
+            if req.tools is not None:
+                # rendered into the prompt, the answer left as text (as the builtin engine does);
+                # vLLM's default "auto" would need a tool-call parser this server does not run
+                body |= {"tools": req.tools, "tool_choice": "none"}
+        else:
+            body["prompt"] = ids
+        body |= {
             "max_tokens": max(1, min(req.max_tokens, self.max_positions - len(ids))),
             "temperature": req.temperature,
             "stream": True,
@@ -264,7 +272,9 @@ class VllmEngine(QueuedEngine):
 
     def _forward(self, req: GenRequest) -> None:
         reason = "length"
-        with self._http.stream("POST", "/v1/completions", json=self._body(req)) as r:
+        body = self._body(req)
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        with self._http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 r.read()
                 raise RuntimeError(f"vLLM answered {r.status_code}: {r.text[:200]}")
@@ -278,7 +288,8 @@ class VllmEngine(QueuedEngine):
                 if chunk.get("usage"):
                     req.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
                 for choice in chunk.get("choices") or []:
-                    piece = choice.get("text") or ""
+                    delta = choice.get("delta")
+                    piece = (delta.get("content") if isinstance(delta, dict) else choice.get("text")) or ""
                     if piece:
                         req.text += piece
                         if req.sink is not None:

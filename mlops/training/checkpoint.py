@@ -38,9 +38,11 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
-def fingerprint(job_fields: dict[str, Any], dataset: Path) -> str:
-    """config (the fields that change the weights) + data content + running code."""
-    data = hashlib.sha256(dataset.read_bytes()).hexdigest()
+def fingerprint(job_fields: dict[str, Any], dataset: Path | str) -> str:
+    """config (the fields that change the weights) + data content (any source) + running code."""
+    from mlops.datasources import content_hash
+
+    data = content_hash(str(dataset), Path.cwd())
     cfg = json.dumps(job_fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(f"{cfg}|{data}|{code_hash()}".encode()).hexdigest()
 

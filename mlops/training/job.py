@@ -10,6 +10,8 @@ from pydantic import Field
 
 from mlops.config import ArchCfg, LoraCfg
 from mlops.configtrain import StepsOrDuration, TrainCfg
+from mlops.datasources import localize
+from mlops.errors import ConfigError
 
 if TYPE_CHECKING:
     from mlops.config import Loaded
@@ -32,6 +34,7 @@ class TrainJob(TrainCfg):
     prompt: str = "{input}"
     arch: dict[str, int] = Field(default_factory=lambda: ArchCfg().model_dump())
     lora: dict[str, Any] = Field(default_factory=lambda: LoraCfg().model_dump())
+    dataset_format: str | None = None  # pairs | chat | completion; None: detected from the first row
     input_field: str = "input"
     target_field: str = "expected"
     # the run's
@@ -43,6 +46,22 @@ class TrainJob(TrainCfg):
     save_adapter: str | None = None  # LoRA: also keep the unmerged peft adapter in this directory
 
 
+def split_entrypoint(entrypoint: str) -> tuple[Path, str]:
+    path, _, func = entrypoint.rpartition(":")
+    if not path or not func:
+        raise ConfigError(f"train.entrypoint {entrypoint!r}: expected path/to/file.py:function")
+    return Path(path), func
+
+
+def resolve_entrypoint(root: Path, entrypoint: str) -> str:
+    """`file.py:function` with the file made absolute against the project root; the file must exist."""
+    path, func = split_entrypoint(entrypoint)
+    full = (root / path).resolve()
+    if not full.is_file():
+        raise ConfigError(f"train.entrypoint: {full} does not exist")
+    return f"{full}:{func}"
+
+
 def job_from_config(loaded: Loaded, name: str, out_dir: Path, gpu: str | None = None) -> TrainJob:
     """The TrainJob `models.<name>` declares. Checkpoints go under the registry's storage when that
     is a directory (else under the local cache); `gpu` is the Modal GPU type the run is billed for."""
@@ -52,12 +71,20 @@ def job_from_config(loaded: Loaded, name: str, out_dir: Path, gpu: str | None = 
     storage = loaded.cfg.storage
     runs = loaded.root / ".mlops" / "cache" if "://" in storage else (loaded.root / storage)
     every_steps, every_s = t.checkpoint_interval()
+    # a local base directory and your own training file are named relative to mlops.yaml
+    base = str((loaded.root / m.base).resolve()) if m.base != "scratch" and (loaded.root / m.base).is_dir() else m.base
+    entry = resolve_entrypoint(loaded.root, t.entrypoint) if t.entrypoint else None
     return TrainJob(
-        **(t.model_dump() | {"warmup_steps": min(t.warmup_steps, t.steps), "checkpoint_every": None}),
-        **m.model_dump(include={"base", "method", "prompt", "arch", "lora"}),
+        **(
+            t.model_dump()
+            | {"warmup_steps": min(t.warmup_steps, t.steps), "checkpoint_every": None, "entrypoint": entry}
+        ),
+        **m.model_dump(include={"method", "prompt", "arch", "lora"}),
+        base=base,
         model_name=name,
-        dataset_path=str(loaded.dataset_path(m.dataset)),
+        dataset_path=localize(loaded, m.dataset),
         out_dir=str(out_dir),
+        dataset_format=ds.format,
         input_field=ds.input_field,
         target_field=ds.target_field,
         checkpoint_every_steps=every_steps,
@@ -104,3 +131,5 @@ class TrainResult:
     checkpoints_written: int = 0
     eval_loss: float | None = None
     fingerprint: str | None = None
+    data: dict[str, Any] | None = None  # format, conversations, truncated, dropped, packed, sequences
+    base_sha256: str | None = None  # a local base directory's files, hashed (lineage)

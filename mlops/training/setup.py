@@ -49,6 +49,10 @@ class Setup:
 
         if self.hf_tok is not None:
             self.hf_tok.save_pretrained(str(out))
+            if isinstance(self.hf_tok.chat_template, str):
+                from mlops.training.offline_base import template_in_config
+
+                template_in_config(out, self.hf_tok.chat_template)
         else:
             save_tokenizer(self.tok, out, self.max_len)
 

@@ -13,14 +13,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlops.errors import ConfigError
-from mlops.training.data import read_jsonl
+from mlops.training.data import Example, read_source
 from mlops.training.job import NOT_WEIGHTS, TrainJob, TrainResult, job_from_config
 from mlops.training.setup import Setup, build
+
+# What the model's forward takes from a collated batch (the labels stay ours: the loss is summed per token).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 __all__ = ["Progress", "TrainJob", "TrainResult", "job_from_config", "train_model"]
 
@@ -41,11 +44,16 @@ def _encode(tok: Any, text: str) -> list[int]:
     return ids
 
 
-def encode_pairs(job: TrainJob, s: Setup, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of (prompt, completion + eos); over the limit: an error, or cut with max_seq_len."""
+def _limit(job: TrainJob, s: Setup) -> int:
     if job.max_seq_len is not None and job.max_seq_len > s.max_len:
         raise ConfigError(f"train.max_seq_len {job.max_seq_len} is over the model's context length {s.max_len}")
-    limit = job.max_seq_len or s.max_len
+    return job.max_seq_len or s.max_len
+
+
+def encode_pairs(job: TrainJob, s: Setup, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (prompt, completion + eos); over the limit: an error, or cut with max_seq_len
+    (`truncation: drop` leaves the example out instead)."""
+    limit = _limit(job, s)
     out = []
     for p, c in pairs:
         pi, ci = _encode(s.tok, p), [*_encode(s.tok, c), s.eos_id]
@@ -55,11 +63,43 @@ def encode_pairs(job: TrainJob, s: Setup, pairs: list[tuple[str, str]]) -> list[
                     f"{job.dataset_path}: an example is {len(pi) + len(ci)} tokens, over n_positions={limit} "
                     "(set train.max_seq_len to truncate)"
                 )
+            if job.truncation == "drop":
+                continue
             # keep the completion (what is learnt) and the end of the prompt, nearest to it
             ci = ci[: limit - 1]
             pi = pi[len(pi) - (limit - len(ci)) :] if limit > len(ci) else []
         out.append((pi, ci))
+    if not out:
+        raise ConfigError(f"every example is over train.max_seq_len ({limit} tokens) and was dropped")
     return out
+
+
+@dataclass
+class Batches:
+    """A recipe's training rows and how a list of them becomes a batch of tensors (with `labels`)."""
+
+    rows: list[Any]
+    collate: Callable[[list[Any]], dict[str, Any]]
+    tokens: Callable[[Any], int]  # real (unpadded) tokens of one row
+    record: dict[str, Any]
+
+
+def prepare(job: TrainJob, s: Setup, examples: list[Example]) -> Batches:
+    """Pairs and completions: prompt + completion, loss on the completion. Chat: the base's template."""
+    if examples[0].format == "chat":
+        from mlops.training import chat
+
+        chat.check_template(s.hf_tok, job.base)
+        data = chat.encode_chats(s.hf_tok, examples, _limit(job, s), job.truncation, job.packing)
+        return Batches(data.rows, chat.collator(s.pad_id, job.packing), lambda r: len(r["input_ids"]), data.record)
+    pairs = [(job.prompt.format(input=r.input), r.expected or "") for r in examples]
+    encoded = encode_pairs(job, s, pairs)
+    record = {"format": examples[0].format, "conversations": 0, "dropped": len(pairs) - len(encoded)}
+
+    def collate(b: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+        return dict(zip(("input_ids", "labels", "attention_mask"), _collate(b, s.pad_id), strict=True))
+
+    return Batches(encoded, collate, lambda r: len(r[0]) + len(r[1]), record)
 
 
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
@@ -77,32 +117,59 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any
     return ids, labels, mask
 
 
-def _loss_sum(s: Setup, ids: Any, labels: Any, mask: Any) -> Any:
-    """Summed token loss (the caller divides by the step's token count, so accumulation is exact)."""
+def loss_sum(model: Any, batch: dict[str, Any], lean: bool = False) -> Any:
+    """Summed token loss over the labelled tokens (the caller divides by the step's count of them,
+    so gradient accumulation is exact); a -100 label adds nothing."""
     import torch.nn.functional as F  # noqa: N812
 
-    if s.lean:  # the lean GPT-2 (right padding, so causal attention suffices)
-        logits = s.model(ids)
+    if lean:  # the lean GPT-2 (right padding, so causal attention suffices)
+        logits = model(batch["input_ids"])
     else:
-        logits = s.model(input_ids=ids, attention_mask=mask).logits
+        # no KV cache: training never reuses one, and with one transformers skips the packed-sequence mask
+        logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, use_cache=False).logits
     logits = logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), reduction="sum")
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
 
 
-def _eval_loss(s: Setup, sample: list[tuple[list[int], list[int]]], dev: str, prec: str) -> float:
+def _to(batch: dict[str, Any], dev: str) -> dict[str, Any]:
+    return {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def _targets(batch: dict[str, Any]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _eval_loss(s: Setup, data: Batches, dev: str, prec: str) -> float:
     import torch
 
     from mlops.training.runtime import autocast
 
     s.model.eval()
     total, n = 0.0, 0
+    sample = data.rows[:EVAL_SAMPLE]
     with torch.no_grad(), autocast(prec, dev):
         for i in range(0, len(sample), 16):
-            ids, labels, mask = (t.to(dev) for t in _collate(sample[i : i + 16], s.pad_id))
-            total += float(_loss_sum(s, ids, labels, mask))
-            n += int((labels[:, 1:] != -100).sum())
+            batch = _to(data.collate(sample[i : i + 16]), dev)
+            total += float(loss_sum(s.model, batch, s.lean))
+            n += _targets(batch)
     s.model.train()
     return total / max(n, 1)
+
+
+def _eos_ids(configured: Any, eos: int) -> int | list[int]:
+    """The tokenizer's eos first, then any the base's generation config names (a chat base ends a
+    turn with one token and a document with another: generation stops at either)."""
+    ids = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    merged = [eos, *(i for i in ids if i != eos)]
+    return merged if len(merged) > 1 else eos
+
+
+def base_fingerprint(base: str) -> str | None:
+    """sha256 of a local base directory's files (None for scratch or a hub id)."""
+    from mlops.training.offline_base import fingerprint
+
+    return fingerprint(base) if base != "scratch" and Path(base).is_dir() else None
 
 
 def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/checkpoint/runtime
@@ -113,6 +180,10 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     from mlops.training import runtime
     from mlops.training.checkpoint import Checkpointer, fingerprint, rng_state, set_rng_state
 
+    if job.entrypoint:  # your own training code (train.entrypoint) instead of this recipe
+        from mlops.training.entrypoint import run
+
+        return run(job)
     t0 = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -120,13 +191,23 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     prec = runtime.resolve_precision(job.precision, dev, job.method)
     runtime.reset_peak(dev)
     torch.manual_seed(job.seed)
-    rows = read_jsonl(Path(job.dataset_path), job.input_field, job.target_field)
-    pairs = [(job.prompt.format(input=r.input), r.expected or "") for r in rows]
+    rows = read_source(
+        job.dataset_path,
+        job.dataset_format,
+        job.input_field,
+        job.target_field,
+        training=f"model {job.model_name!r}'s training set",
+    )
+    if rows[0].format == "chat" and job.base == "scratch":
+        raise ConfigError(
+            f"model {job.model_name!r}: chat data needs a base with a chat template, not 'scratch' "
+            "(build one offline: mlops base build --arch llama --data <chat.jsonl> --out bases/tiny-llama)"
+        )
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    s = build(job, pairs, dev, prec)
-    encoded = encode_pairs(job, s, pairs)
+    s = build(job, [(job.prompt.format(input=r.input), r.expected or "") for r in rows], dev, prec)
+    data = prepare(job, s, rows)
     params = [p for p in s.model.parameters() if p.requires_grad]
     trainable = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay)
@@ -134,7 +215,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
     gen = torch.Generator().manual_seed(job.seed)
 
-    fp = fingerprint(job.model_dump(exclude=NOT_WEIGHTS), Path(job.dataset_path))
+    fp = fingerprint(job.model_dump(exclude=NOT_WEIGHTS), job.dataset_path)
     ck: Checkpointer | None = None
     start, tokens_seen, loss_ema, prior_s, eval_loss = 0, 0, float("nan"), 0.0, None
     if job.runs_dir:
@@ -150,26 +231,25 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
             start, tokens_seen, loss_ema = resumed.step, int(st["tokens"]), float(st["loss_ema"])
             prior_s, eval_loss = float(st["train_seconds"]), st.get("eval_loss")
     resumed_from = start
-    sample = encoded[:EVAL_SAMPLE]
     s.model.train()
-    n, last = len(encoded), loss_ema
+    n, last = len(data.rows), loss_ema
     session_tokens = 0
     t_train = last_ck = time.perf_counter()
     for step in range(start, job.steps):
         micro = [
-            [encoded[i] for i in torch.randint(0, n, (job.batch_size,), generator=gen).tolist()]
+            [data.rows[i] for i in torch.randint(0, n, (job.batch_size,), generator=gen).tolist()]
             for _ in range(job.grad_accum)
         ]
-        n_tok = sum(len(c) for b in micro for _, c in b)
+        batches = [data.collate(b) for b in micro]
+        n_tok = sum(_targets(b) for b in batches)
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for b in micro:
-            ids, labels, mask = (t.to(dev) for t in _collate(b, s.pad_id))
+        for rows_b, b in zip(micro, batches, strict=True):
             with runtime.autocast(prec, dev):
-                loss = _loss_sum(s, ids, labels, mask) / n_tok
+                loss = loss_sum(s.model, _to(b, dev), s.lean) / n_tok
             (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.item()
-            session_tokens += int(mask.sum())
+            session_tokens += sum(data.tokens(r) for r in rows_b)
         if scaler is not None:
             scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,7 +264,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         done = step + 1
         evaluated = bool(job.eval_every and done % job.eval_every == 0)
         if evaluated:
-            eval_loss = _eval_loss(s, sample, dev, prec)
+            eval_loss = _eval_loss(s, data, dev, prec)
         now = time.perf_counter()
         due = (job.checkpoint_every_steps and done % job.checkpoint_every_steps == 0) or (
             job.checkpoint_every_s is not None and now - last_ck >= job.checkpoint_every_s
@@ -215,7 +295,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
     export = s.export(job)
     export.eval().to("cpu")
     export.generation_config.pad_token_id = s.pad_id
-    export.generation_config.eos_token_id = s.eos_id
+    export.generation_config.eos_token_id = _eos_ids(export.generation_config.eos_token_id, s.eos_id)
     export.generation_config.do_sample = False
     export.save_pretrained(str(out), safe_serialization=True)
     s.save_tokenizer(out)
@@ -239,6 +319,8 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         resumed_from_step=resumed_from,
         checkpoints_written=ck.written if ck is not None else 0,
         eval_loss=eval_loss,
+        data=data.record,
+        base_sha256=base_fingerprint(job.base),
         fingerprint=fp,
     )
     meta = {
