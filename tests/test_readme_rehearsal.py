@@ -24,12 +24,12 @@ from conftest import REPO, make_project, mlops
 MARK = "`tests/test_readme_rehearsal.py` runs this very block"
 APP = "mlops-tiny-reverse"
 GATES = [  # the shipped no-regression gate, and an absolute bar a one-step model fails
-    {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.1},
+    # chrF after 40 steps: 0.09-0.19 by seed; a one-step model's ~0.01 (tests/actkit.py, measured)
+    {"eval": "heldout", "metric": "ragas.chrf_score", "min": 0.05},
     {"eval": "heldout", "metric": "exact_match", "max_regression": 0.05, "confidence": 0.95},
     {"eval": "heldout", "metric": "ragas.chrf_score", "max_regression": 0.05, "confidence": 0.95},
 ]
 FAST: dict[str, Any] = {
-    "models": {"tiny": {"train": {"steps": 80}}},
     "evals": {"heldout": {"limit": 12, "concurrency": 4}},
     "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 10}},
 }
@@ -102,8 +102,11 @@ def test_the_twin_rehearsal_in_the_readme_does_what_its_comments_say(tmp_path: P
         r2 = s2["production"]
         assert r2 != r1 and s2["previous"] == r1
         assert events(r2).count("canary_step") == 2 and "promoted" in events(r2), events(r2)
-        sha = {m["id"]: m["artifact"]["sha256"] for m in s2["releases"]}
-        assert sha[r2] == sha[r1], "the README promises an identical candidate"
+        # the same weights, tokenizer and config; only the training record (its timings) differs
+        files = {m["id"]: dict(m["artifact"]["files"]) for m in s2["releases"]}
+        for f in files.values():
+            f.pop("mlops_train.json", None)
+        assert files[r2] == files[r1], "the README promises an identical candidate"
 
         out = sh(broken)  # rejected: 3
         ok(out, broken)
