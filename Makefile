@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_eval_process.py
 	$(BIN)/python benchmarks/bench_hostile.py
+	$(BIN)/python benchmarks/bench_chat_train.py
 
 install: $(VENV)/.installed
 

@@ -15,8 +15,10 @@ back to the copy and puts it back). A release's URL is looked up from its app na
 a short in-memory cache, so a rollback reaches the gateway within `STATE_TTL_S`.
 
 The gateway measures every forwarded request per release and serves the window at
-`/v1/mlops/stats` (what the canary analysis reads), so it runs as one container (`max_containers=1`:
-it only waits on upstreams, and one container's stats are the whole traffic).
+`/v1/mlops/stats` (what the canary analysis reads). Those stats live in the same Dict, each
+container's under its own key (mlops/serving/shared_stats.py), not in a container's memory: the
+gateway scales to zero when idle (a canary bake outlasts `scaledown_window`), is replaced on every
+redeploy and may run several containers, and every one of them answers with all the traffic.
 
 With `monitor.enabled` in mlops.yaml, the gateway captures traffic as the local server does
 (mlops/monitor/capture.py, `source: gateway`): each exchange, with the release that answered it,
@@ -64,6 +66,7 @@ from mlops.backends.modal_settings import (
 )
 from mlops.registry.releases import State
 from mlops.serving.routing import pick
+from mlops.serving.shared_stats import SharedStats
 from mlops.serving.stats import LiveStats
 
 HEADER = "x-mlops-release"
@@ -79,11 +82,13 @@ GATEWAY_TIMEOUT_S = int(UPSTREAM_TIMEOUT.read or 0) + 120
 
 app = modal.App(settings.gateway_app)
 
-# At most one warm gateway: it only waits on upstreams (one container takes a thousand requests at
-# once), so deploy.resources.min_containers (meant for the GPU servers) would only buy idle CPUs;
-# and min must never exceed max, or Modal refuses the deploy.
-GATEWAY_MAX_CONTAINERS = 1  # the canary reads live stats from it: one container sees all traffic
-GATEWAY_MIN_CONTAINERS = min(settings.min_containers, 1, GATEWAY_MAX_CONTAINERS)
+# Scaling: the stats are shared through the Dict, so the gateway may scale out (a second
+# container under load, and no single point of failure) and to zero. At most one warm container:
+# it only waits on upstreams (one takes a thousand requests at once), so deploy.resources.
+# min_containers (meant for the GPU servers) would only buy idle CPUs; and min must never exceed
+# max, or Modal refuses the deploy.
+MAX_CONTAINERS = 8
+MIN_CONTAINERS = min(settings.min_containers, 1, MAX_CONTAINERS)
 
 
 class TTLCache:
@@ -129,17 +134,20 @@ def create_gateway_app(
     model_name: str | None = None,
     timeout: httpx.Timeout = UPSTREAM_TIMEOUT,
     upstream_headers: Mapping[str, str] | None = None,
+    stats: LiveStats | SharedStats | None = None,
+    settings_digest: str | None = None,
 ) -> Starlette:
     """An OpenAI-compatible router. `get_state()` returns the routing State, `upstream_url_for(id)`
     the base URL of a release's server (or None), `api_keys` the accepted bearer keys (required:
     an empty collection is refused, so the gateway is never open by accident). Both callables
-    may block; they run in the thread pool."""
+    may block; they run in the thread pool. `stats`: shared by every container (SharedStats), or
+    this process's own (LiveStats, the default)."""
     keys = [k.encode() for k in api_keys if k]
     if not keys:
         raise ValueError("the gateway needs at least one API key")
     counter = itertools.count()
     clients: list[httpx.AsyncClient] = []
-    stats = LiveStats()
+    stats = stats if stats is not None else LiveStats()
     proxy = dict(upstream_headers or {})  # Modal-Key / Modal-Secret: per-release URLs require them
 
     def authorized(request: Request) -> bool:
@@ -154,7 +162,8 @@ def create_gateway_app(
         return ok
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"}, headers={HEADER: "none"})
+        body = {"status": "ok"} | ({"settings": settings_digest} if settings_digest else {})
+        return JSONResponse(body, headers={HEADER: "none"})
 
     async def models(request: Request) -> Response:
         if not authorized(request):
@@ -175,7 +184,7 @@ def create_gateway_app(
         body = {
             "now": time.time(),
             "state_version": st.version,
-            "releases": stats.window(since),
+            "releases": await run_in_threadpool(stats.window, since),
             "rejected": stats.rejected,
             "shadow": {},  # the gateway mirrors nothing: deploy.rollout.shadow is local-only
             "shadow_pending": 0,
@@ -279,8 +288,14 @@ def create_gateway_app(
         limits = httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_S)
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, trust_env=False, limits=limits) as client:
             clients.append(client)
-            yield
-            clients.clear()
+            if isinstance(stats, SharedStats):
+                stats.start()
+            try:
+                yield
+            finally:
+                clients.clear()
+                if isinstance(stats, SharedStats):  # a container scaled down keeps its rows
+                    await run_in_threadpool(stats.stop)
 
     routes = [
         Route("/health", health),
@@ -347,6 +362,8 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, loc
         upstream_api_key=upstream_key,
         model_name=s.served_model,
         upstream_headers={"Modal-Key": proxy_id, "Modal-Secret": proxy_secret},
+        stats=SharedStats(api.dict_put, api.dict_items),
+        settings_digest=s.digest,
     )
     return with_capture(app, s, local_storage=local_storage)
 
@@ -355,8 +372,8 @@ def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, loc
     image=gateway_image,
     secrets=[auth_secret(), *extra_secrets()],
     env=settings.env(),
-    min_containers=GATEWAY_MIN_CONTAINERS,
-    max_containers=GATEWAY_MAX_CONTAINERS,
+    min_containers=MIN_CONTAINERS,
+    max_containers=MAX_CONTAINERS,
     scaledown_window=settings.scaledown_window,
     timeout=GATEWAY_TIMEOUT_S,
 )

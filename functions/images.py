@@ -77,27 +77,18 @@ train_image = _with_sources(_base.uv_pip_install(*TRAIN_PACKAGES))
 for _entry in current_settings().train_files:  # train.entrypoint: your own training code (mounted)
     train_image = train_image.add_local_file(_entry, entrypoint_in_image(_entry))
 
-vllm_image = _with_sources(
-    _base.uv_pip_install(*VLLM_PACKAGES)
-    .run_commands(VLLM_UNINSTALL_CMD)
-    .env(
-        {
-            # Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        }
-    )
-)
+# Weights come from the Volume; never reach for the Hugging Face Hub at start-up.
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+vllm_image = _with_sources(_base.uv_pip_install(*VLLM_PACKAGES).run_commands(VLLM_UNINSTALL_CMD).env(VLLM_ENV))
 
 gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
 
 # offline like the metrics here: deepeval/ragas telemetry off, no Hub lookups
-eval_image = _with_sources(
-    _base.uv_pip_install(*EVAL_PACKAGES).env(
-        {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
-    )
-)
+EVAL_ENV = {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
+eval_image = _with_sources(_base.uv_pip_install(*EVAL_PACKAGES).env(EVAL_ENV))
+
+# Each image's ENV by its name here: a container sees it (the twin gives a container exactly this).
+IMAGE_ENV: dict[str, dict[str, str]] = {"vllm_image": VLLM_ENV, "eval_image": EVAL_ENV}
 
 settings = current_settings()
 
@@ -116,6 +107,7 @@ def auth_secret() -> modal.Secret:
 
 
 __all__ = [
+    "IMAGE_ENV",
     "VOLUME_MOUNT",
     "auth_secret",
     "eval_image",

@@ -53,6 +53,8 @@ PORT = VLLM_PORT
 LOG_TAIL = 40  # lines of a failed start shown in the error
 
 APP_NAME = settings.judge_app(JUDGE) if JUDGE else settings.serve_app(RELEASE)
+MIN_CONTAINERS = 0 if JUDGE else settings.min_containers  # a judge works only while evals run
+MAX_CONTAINERS = settings.max_containers
 app = modal.App(APP_NAME)
 
 
@@ -157,8 +159,8 @@ def judge_env() -> dict[str, str]:
         MLOPS_RELEASE_SHA256=RELEASE_SHA256,
         **judge_env(),
     ),
-    min_containers=0 if JUDGE else settings.min_containers,  # a judge works only while evals run
-    max_containers=settings.max_containers,
+    min_containers=MIN_CONTAINERS,
+    max_containers=MAX_CONTAINERS,
     scaledown_window=settings.scaledown_window,
     timeout=settings.startup_timeout,
 )

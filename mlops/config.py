@@ -8,13 +8,14 @@ pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metri
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Self, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -24,7 +25,7 @@ from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-expo
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
 from mlops.configtrain import MODAL_GPU_PRICES, PricesCfg, StepsOrDuration, TrainCfg  # noqa: F401 - re-exported
-from mlops.errors import ConfigError
+from mlops.errors import ConfigError, UsageError
 from mlops.yamlload import Loc, load_yaml_file
 
 BACKENDS = tuple(plugins.BACKENDS)  # the lazy table: names only, so `validate` stays light
@@ -193,8 +194,28 @@ class ServerCfg(Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are answered 413.")
 
 
+class DeployModelBase(Strict):
+    """One entry of `deploy.models`: what this model changes from the `deploy` block's defaults
+    (each key given here is merged over the same key of `deploy`)."""
+
+    evals: list[str] | None = Field(None, description="The eval suites this model is gated on (default: every suite).")
+    gates: list[GateCfg] | None = Field(None, description="This model's gates (default: the top-level `gates`).")
+
+
+if TYPE_CHECKING:
+    DeployModelCfg = DeployModelBase  # at run time: built from DeployCfg's fields below
+
+MULTI_HINT = "see README 'Several deployed models'"
+SHARED_KEYS = ("model", "models", "server")  # one server for every deployed model: never per model
+
+
 class DeployCfg(Strict):
-    model: str
+    model: str = Field("", description="The one deployed model (a key of `models`); or use `models` for several.")
+    models: dict[str, "DeployModelCfg"] = Field(
+        {},
+        description="Several deployed models: model name -> what it changes from this block's defaults "
+        "(each has its own stages, routing, canary, gates and rollback).",
+    )
     engine: str = Field(
         "builtin",
         description="What generates text behind the local server: builtin (in-process, sub-second start) "
@@ -204,6 +225,35 @@ class DeployCfg(Strict):
     resources: ResourcesCfg = ResourcesCfg.model_construct(gpu="L4")
     rollout: RolloutCfg = RolloutCfg.model_construct()
     server: ServerCfg = ServerCfg.model_construct()
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        if self.model and self.models:
+            raise ValueError(f"give either model (one deployed model) or models (several), not both; {MULTI_HINT}")
+        if not self.model and not self.models:
+            raise ValueError(f"name the deployed model (model: NAME) or several (models: {{NAME: {{}}}}); {MULTI_HINT}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """The deployed models, in file order."""
+        return [self.model] if self.model else list(self.models)
+
+
+def _per_model() -> type[DeployModelBase]:
+    """Every key of `deploy` but the shared ones, optional: a key added to DeployCfg (engine
+    settings, say) can be set per model without a second definition to keep in step."""
+    fields: dict[str, Any] = {
+        k: (Optional[f.annotation], Field(None, description=f"This model's {k} (merged over deploy.{k})."))  # noqa: UP045
+        for k, f in DeployCfg.model_fields.items()
+        if k not in SHARED_KEYS
+    }
+    return create_model("DeployModelCfg", __base__=DeployModelBase, __doc__=DeployModelBase.__doc__, **fields)
+
+
+if not TYPE_CHECKING:
+    DeployModelCfg = _per_model()
+DeployCfg.model_rebuild()
 
 
 class JudgeCfg(Strict):
@@ -341,9 +391,15 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
 
     if cfg.backend not in BACKENDS:
         raise fail(("backend",), f"unknown backend {cfg.backend!r} {_did_you_mean(cfg.backend, BACKENDS)}")
-    if cfg.deploy.engine not in plugins.ENGINES:
-        engine = cfg.deploy.engine
-        raise fail(("deploy", "engine"), f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")
+    engines: list[tuple[tuple[str, ...], str]] = [(("deploy", "engine"), cfg.deploy.engine)]
+    engines += [
+        (("deploy", "models", n, "engine"), e)
+        for n, d in cfg.deploy.models.items()
+        if (e := getattr(d, "engine", None))
+    ]
+    for loc, engine in engines:
+        if engine not in plugins.ENGINES:
+            raise fail(loc, f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")
     for name, m in cfg.models.items():
         ref(("models", name, "dataset"), m.dataset, cfg.datasets, "dataset")
         if m.arch.n_embd % m.arch.n_head:
@@ -372,22 +428,36 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
                     ref(("evals", name, "metrics", i, "judge"), str(judge), cfg.judges, "judge")
             if mname not in known:
                 raise fail(("evals", name, "metrics", i), f"unknown metric {mname!r} {_did_you_mean(mname, known)}")
-    for i, g in enumerate(cfg.gates):
-        ref(("gates", i, "eval"), g.eval, cfg.evals, "eval")
-        names = [metric_name(s) for s in cfg.evals[g.eval].metrics]
-        if g.metric not in names:
-            raise fail(
-                ("gates", i, "metric"), f"eval {g.eval!r} has no metric {g.metric!r} {_did_you_mean(g.metric, names)}"
-            )
-        if g.stat == "pass_rate" and g.threshold is None:
-            raise fail(("gates", i, "threshold"), "a pass_rate gate needs a threshold")
-        if g.segment is not None and check_files:
-            ev = cfg.evals[g.eval]
-            tags = _suite_tags(loaded.dataset_path(ev.dataset), ev.limit)
-            if tags is not None and g.segment not in tags:
-                have = _did_you_mean(g.segment, tags) if tags else "(no case of the suite has tags)"
-                raise fail(("gates", i, "segment"), f"no case of eval {g.eval!r} has tag {g.segment!r} {have}")
-    ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
+    if cfg.backend == "modal" and len(cfg.deploy.models) > 1:
+        msg = f"backend: modal deploys one model for now (its gateway routes one); {MULTI_HINT}"
+        raise fail(("deploy", "models"), msg)
+    gate_lists: list[tuple[tuple[str, ...], list[GateCfg], dict[str, EvalCfg]]] = [(("gates",), cfg.gates, cfg.evals)]
+    if cfg.deploy.model:
+        ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
+    for name, d in cfg.deploy.models.items():
+        ref(("deploy", "models", name), name, cfg.models, "model")
+        suites = cfg.evals
+        if d.evals is not None:
+            for i, ev_name in enumerate(d.evals):
+                ref(("deploy", "models", name, "evals", i), ev_name, cfg.evals, "eval")
+            suites = {k: v for k, v in cfg.evals.items() if k in d.evals}
+        if d.gates is not None:
+            gate_lists.append((("deploy", "models", name, "gates"), d.gates, suites))
+    for at, gates, suites in gate_lists:
+        for i, g in enumerate(gates):
+            ref((*at, i, "eval"), g.eval, suites, "eval")
+            names = [metric_name(s) for s in suites[g.eval].metrics]
+            if g.metric not in names:
+                msg = f"eval {g.eval!r} has no metric {g.metric!r} {_did_you_mean(g.metric, names)}"
+                raise fail((*at, i, "metric"), msg)
+            if g.stat == "pass_rate" and g.threshold is None:
+                raise fail((*at, i, "threshold"), "a pass_rate gate needs a threshold")
+            if g.segment is not None and check_files:
+                ev = suites[g.eval]
+                tags = _suite_tags(loaded.dataset_path(ev.dataset), ev.limit)
+                if tags is not None and g.segment not in tags:
+                    have = _did_you_mean(g.segment, tags) if tags else "(no case of the suite has tags)"
+                    raise fail((*at, i, "segment"), f"no case of eval {g.eval!r} has tag {g.segment!r} {have}")
     if cfg.monitor.eval is not None:
         ref(("monitor", "eval"), cfg.monitor.eval, cfg.evals, "eval")
     suite = cfg.monitor.eval or next(iter(cfg.evals), None)
@@ -403,6 +473,56 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             f = loaded.dataset_path(name)
             if not f.exists():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def resolve_model(loaded: Loaded, model: str | None) -> str:
+    """The deployed model a command acts on: `model` (checked), or the only one; with several
+    deployed and none named, a one-line error listing them."""
+    names = loaded.cfg.deploy.names
+    if model is not None:
+        if model not in names:
+            raise UsageError(
+                f"model {model!r} is not deployed {_did_you_mean(model, names)} (deployed: {', '.join(names)})"
+            )
+        return model
+    if len(names) > 1:
+        raise UsageError(f"several models are deployed ({', '.join(names)}): name one with --model")
+    return names[0]
+
+
+def owner(models: list[str], name: str) -> str | None:
+    """The deployed model `name` is, or whose release id it is (`<model>-<stamp>-<hex>`)."""
+    if name in models:
+        return name
+    hits = [m for m in models if name.startswith(m + "-")]
+    return max(hits, key=len) if hits else None
+
+
+def narrow(loaded: Loaded, model: str) -> Loaded:
+    """The config as seen by one deployed model: `deploy` is that model's merged settings
+    (`deploy.model` set, `deploy.models` empty), `evals` and `gates` are the ones it is gated on.
+    With one deployed model this is the config itself."""
+    cfg = loaded.cfg
+    d = cfg.deploy
+    if d.model == model and not d.models:
+        return loaded
+    entry = d.models[model]
+    base = d.model_dump(exclude={"model", "models"})
+    own = entry.model_dump(exclude_unset=True, exclude={"evals", "gates"})
+    merged = DeployCfg.model_validate(_deep_merge(base, own) | {"model": model})
+    evals = cfg.evals if entry.evals is None else {k: v for k, v in cfg.evals.items() if k in entry.evals}
+    gates = cfg.gates if entry.gates is None else entry.gates
+    if entry.evals is not None:
+        gates = [g for g in gates if g.eval in evals]
+    view = cfg.model_copy(update={"deploy": merged, "evals": evals, "gates": gates})
+    return Loaded.model_construct(cfg=view, path=loaded.path, raw=loaded.raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _suite_tags(path: Path, limit: int | None) -> set[str] | None:

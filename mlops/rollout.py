@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mlops.backends.base import Backend
@@ -26,6 +26,8 @@ from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry, State
 
 Say = Callable[[str], None]
+# What a canary request asks: a completion prompt, or a chat case's turns (OpenAI message dicts)
+Prompt = str | list[dict[str, Any]]
 
 # p95 over fewer requests than this is noise (on a busy machine one slow request is the p95):
 # the latency comparison waits for enough samples, the error rate is judged on any number.
@@ -144,7 +146,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 async def _drive(
     base_url: str,
-    prompts: list[str],
+    prompts: Sequence[Prompt],
     n: int,
     max_tokens: int,
     concurrency: int,
@@ -159,16 +161,20 @@ async def _drive(
     sem = asyncio.Semaphore(concurrency)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {
+        prompt = prompts[(offset + i) % len(prompts)]
+        body: dict[str, Any] = {
             "model": model,
-            "prompt": prompts[(offset + i) % len(prompts)],
             "max_tokens": max_tokens,
             "temperature": 0,
             "user": f"canary-{seed}-{offset + i}",
         }
+        if isinstance(prompt, str):
+            body["prompt"], path = prompt, "/v1/completions"
+        else:  # a chat case's turns: the chat route, as the eval harness sends them
+            body["messages"], path = prompt, "/v1/chat/completions"
         async with sem:
             try:
-                await client.post(f"{base_url}/v1/completions", json=body, timeout=60)
+                await client.post(f"{base_url}{path}", json=body, timeout=60)
             except httpx.HTTPError:
                 pass  # the server's own stats count what went wrong
 
@@ -239,7 +245,7 @@ def canary(
     backend: Backend,
     release: str,
     base_url: str,
-    prompts: list[str],
+    prompts: Sequence[Prompt],
     cfg: RolloutCfg,
     model: str,
     max_tokens: int,

@@ -23,7 +23,13 @@ PATTERNS = (
     ".github/mlops-requirements.txt",
     "evals/*.jsonl",
     "data/*.jsonl",
+    # `mlops init --example NAME`: examples/NAME/ replaces mlops.yaml, data/ and evals/
+    "examples/*/*.yaml",
+    "examples/*/*.py",
+    "examples/*/data/*.jsonl",
+    "examples/*/evals/*.jsonl",
 )
+EXAMPLES = ("chat",)
 # In a project that is not the template, the workflows install mlops itself, not the project.
 REQUIREMENTS = (
     "# What the workflows install: mlops itself (pin a version or a git URL of mlops here).\nmlops[eval,cloud]\n"
@@ -44,20 +50,36 @@ def template_files(root: Path | None = None) -> list[str]:
     return sorted(found)
 
 
-def init(dest: Path, force: bool = False) -> list[str]:
-    """Copy the template into `dest`; refuse to overwrite any file unless `force`. Returns what was written."""
+def files_for(root: Path, example: str | None) -> list[tuple[str, str]]:
+    """(name in the project, name in the template): the template's project, or with `example` its
+    mlops.yaml, data/ and evals/ replaced by examples/<example>/'s files."""
+    names = template_files(root)
+    common = [n for n in names if not n.startswith("examples/")]
+    if example is None:
+        return [(n, n) for n in common]
+    if example not in EXAMPLES:
+        raise UsageError(f"unknown example {example!r} (valid: {', '.join(EXAMPLES)})")
+    prefix = f"examples/{example}/"
+    own = [(n[len(prefix) :], n) for n in names if n.startswith(prefix)]
+    keep = [(n, n) for n in common if n != "mlops.yaml" and not n.startswith(("data/", "evals/"))]
+    return sorted(keep + own)
+
+
+def init(dest: Path, force: bool = False, example: str | None = None) -> list[str]:
+    """Copy the template (or one of its examples) into `dest`; refuse to overwrite any file unless
+    `force`. Returns what was written."""
     root = template_root()
     if not dest.is_dir():
         raise UsageError(f"{dest} is not a directory")
-    names = template_files(root)
-    existing = [n for n in names if (dest / n).exists()]
+    files = files_for(root, example)
+    existing = [n for n, _ in files if (dest / n).exists()]
     if existing and not force:
         raise UsageError(f"would overwrite {', '.join(existing)} in {dest} (use --force)")
-    for name in names:
+    for name, source in files:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        data = (root / name).read_bytes()
+        data = (root / source).read_bytes()
         if name == ".github/mlops-requirements.txt":
             data = REQUIREMENTS.encode()
         target.write_bytes(data)
-    return names
+    return [n for n, _ in files]

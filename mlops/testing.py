@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from mlops.util import free_port
 
@@ -105,42 +104,20 @@ def chat_conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 
 
 def chat_artifact(dest: Path, arch: str = "llama", steps: int = 150, seed: int = 0) -> Path:
-    """A fine-tuned chat model directory at `dest`: an offline Llama-family base (head_dim 32, a
-    BPE tokenizer, a ChatML template whose end-of-turn token is an eos id), trained `steps` steps
-    on the chat task, the loss on assistant tokens only. Deterministic for a given seed."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """A fine-tuned chat model directory at `dest`, made by this project's training: an offline
+    Llama-family base (head_dim 32, a BPE tokenizer, a ChatML template whose end-of-turn token is an
+    eos id) fine-tuned `steps` steps on the chat task (loss on assistant tokens). Deterministic."""
     from mlops.training.offline_base import build_base
+    from mlops.training.train import TrainJob, train_model
 
+    work = dest.parent / f"{dest.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
     convs = chat_conversations(96, seed)
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     texts = [m["content"] for c in convs for m in c] + [json.dumps(CHAT_TOOL)] * 8
-    build_base(dest, texts, arch=arch, vocab_size=512, num_layers=2, num_heads=2, num_kv_heads=1,
-               max_position_embeddings=256, seed=seed)  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(dest)
-    rows: list[Any] = [
-        tok.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True) for c in convs
-    ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend (20x slower on a busy box)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-        model.train()
-        for step in range(steps):
-            batch = [rows[(step * 16 + j) % len(rows)] for j in range(16)]
-            width = max(len(r["input_ids"]) for r in batch)
-            x = torch.zeros((len(batch), width), dtype=torch.long)
-            mask, labels = torch.zeros_like(x), torch.full_like(x, -100)
-            for i, r in enumerate(batch):
-                ids, n = torch.tensor(r["input_ids"]), len(r["input_ids"])
-                x[i, :n], mask[i, :n] = ids, 1
-                labels[i, :n] = ids.masked_fill(~torch.tensor(r["assistant_masks"]).bool(), -100)
-            model(input_ids=x, attention_mask=mask, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    torch.set_num_threads(threads)
-    model.eval()
-    model.save_pretrained(dest)
-    return dest
+    base = build_base(work / "base", texts, arch=arch, vocab_size=512, num_layers=2, num_heads=2, num_kv_heads=1,
+                      max_position_embeddings=256, seed=seed)  # fmt: skip
+    job = TrainJob(model_name="chat", dataset_path=str(data), out_dir=str(dest), base=str(base), steps=steps,
+                   batch_size=16, lr=5e-3, warmup_steps=4, seed=seed, threads=1)  # fmt: skip
+    return Path(train_model(job).out_dir)

@@ -257,3 +257,33 @@ def test_sampled_out_requests_are_counted_not_lost(tmp_path: Path) -> None:
     w.close()
     c = load_counts(store, 0, 10_000, stale_s=60)
     assert c is not None and (c.totals["answered"], c.totals["sample"], c.totals["captured"]) == (2, 1, 1)
+
+
+def test_the_middleware_counts_every_answered_request_sampled_or_not(tmp_path: Path) -> None:
+    """Through the ASGI middleware (a real ASGI exchange over httpx's transport): answered =
+    captured + sampled out; mlops's own requests (x-mlops-capture: off) are not user traffic."""
+    import asyncio
+
+    import httpx
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        body = json.dumps({"id": "cmpl-x", "choices": [{"text": "cba", "finish_reason": "stop"}]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    store = LocalStore(tmp_path / "s")
+    mw = CaptureMiddleware(app, CaptureWriter(store, batch_size=1000, flush_interval=3600), sample_rate=0.5)
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
+            for _ in range(40):
+                assert (await c.post("/v1/completions", json={"prompt": "abc="})).status_code == 200
+            await c.post("/v1/completions", json={"prompt": "abc="}, headers={"x-mlops-capture": "off"})
+
+    asyncio.run(traffic())
+    mw.writer.close()
+    c = load_counts(store, 0, 4e9, stale_s=60)
+    assert c is not None and c.totals["answered"] == 40
+    assert c.totals["captured"] + c.totals["sample"] == 40 and 0 < c.totals["sample"] < 40
+    assert len(load_window(store, 0, 4e9).records) == c.totals["captured"]

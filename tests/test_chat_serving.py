@@ -222,3 +222,31 @@ def test_other_llama_family_archs_batch_like_transformers(arch: str, tmp_path: P
     assert texts == [w["text"] for w in want]
     assert len(set(texts)) >= 3, texts
     assert [r.completion_tokens for r in reqs] == [w["usage"]["completion_tokens"] for w in want]
+
+
+def test_eval_cases_canary_and_smoke_requests_take_the_chat_route(
+    served: str, chat_model: Path, tmp_path: Path
+) -> None:
+    """A chat case's turns (and tools) go to /v1/chat/completions from the eval harness, the canary's
+    traffic and the smoke request: the harness gets the template's answers, not the completion of
+    the last user turn alone."""
+    import asyncio
+    import time
+
+    from mlops.evals.harness import DiskCache, Endpoint, query_all
+    from mlops.evals.types import Case
+    from mlops.flows.stages import _smoke
+    from mlops.rollout import _drive, read_stats
+
+    items = [chats()[i] for i in (0, 3, 10)]  # system + user, two turns, tools
+    cases = [Case(f"c{i}", m[-1]["content"], messages=tuple(m), tools=tuple(t or ())) for i, (m, t) in enumerate(items)]
+    ep = Endpoint(served, "chat-1", "{input}", MAX_TOKENS, model="chat")
+    outs, counts = asyncio.run(query_all(ep, cases, DiskCache(tmp_path)))
+    assert counts.errors == 0, [o.error for o in outs]
+    assert [o.text for o in outs] == [w["text"] for w in reference(chat_model, items)]
+
+    since = time.time()
+    asyncio.run(_drive(served, [m for m, _ in items], 6, MAX_TOKENS, 3, "chat", 0))
+    window = read_stats(served, since)["releases"]["chat-1"]
+    assert (window["requests"], window["errors"]) == (6, 0)  # a chat body on /v1/completions is a 400
+    assert _smoke(served, "chat", messages=items[0][0]) == "chat-1"

@@ -648,4 +648,47 @@ def test_gateway_never_asks_for_more_warm_containers_than_it_may_run(monkeypatch
     s = ModalSettings(app="acme", min_containers=3, max_containers=4)
     mods = import_functions(monkeypatch, {"MLOPS_MODAL_SETTINGS": s.to_json()})
     gw = mods["gateway"]
-    assert 0 < gw.GATEWAY_MIN_CONTAINERS <= gw.GATEWAY_MAX_CONTAINERS
+    assert 0 < gw.MIN_CONTAINERS <= gw.MAX_CONTAINERS
+
+
+def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[str, ModuleType]) -> None:
+    """Two gateway containers split the traffic; either one's /v1/mlops/stats (what the canary
+    reads) counts all of it, and so does a fresh container after both scaled down."""
+    from mlops.serving.shared_stats import SharedStats
+
+    store: dict[str, Any] = {}  # the Dict: values cross as JSON, as Modal pickles them
+    lock = threading.Lock()
+
+    def put(key: str, value: Any) -> None:
+        with lock:
+            store[key] = json.loads(json.dumps(value))
+
+    def items(prefix: str) -> dict[str, Any]:
+        with lock:
+            return {k: v for k, v in store.items() if k.startswith(prefix)}
+
+    def stats(url: str) -> dict[str, Any]:
+        r = httpx.get(f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"})
+        assert r.status_code == 200, r.text
+        return dict(r.json()["releases"])
+
+    upstream_app, _ = fake_vllm()
+    with LocalServer(upstream_app) as upstream:
+        urls = {rid: f"{upstream.url}/r/{rid}" for rid in ("rel-a", "rel-b")}
+
+        def container() -> Any:
+            s = SharedStats(put, items, flush_s=0.2)
+            return fns["gateway"].create_gateway_app(lambda: STATE, urls.get, ["key-1"], model_name="tiny", stats=s)
+
+        since = time.time()
+        with LocalServer(container()) as one:
+            with LocalServer(container()) as two:
+                for i in range(8):
+                    r = _post((one, two)[i % 2].url, "/v1/completions", {"model": "tiny", "prompt": "x"})
+                    assert r.status_code == 200
+                for url in (one.url, two.url):
+                    seen = stats(url)
+                    assert sum(v["requests"] for v in seen.values()) == 8 and "rel-a" in seen, seen
+            assert sum(v["requests"] for v in stats(one.url).values()) == 8  # `two` scaled down
+        with LocalServer(container()) as fresh:  # every container gone: a cold one reads them all
+            assert sum(v["requests"] for v in stats(fresh.url).values()) == 8

@@ -276,3 +276,89 @@ def test_importing_the_backend_does_not_import_modal() -> None:
     code = "import mlops.backends.modal, mlops.backends.modal_api, sys; print('modal' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+MODAL_SETS = [
+    "--set",
+    "backend=modal",
+    "--set",
+    "modal.secrets=[acme-keys]",
+    "--set",
+    "storage=s3://bucket/prefix",
+    "--set",
+    "deploy.server.api_key_env=GW_KEY",
+    "--set",
+    'judges={ref: {model: gpt, base_url: "https://api.example/v1", api_key_env: JUDGE_KEY}}',
+]
+
+
+def test_validate_and_doctor_say_what_a_modal_container_looks_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container sees only its Secrets: `mlops validate` names each variable the code looks up
+    there and its Secret; `mlops doctor --modal` prints the set-up (names only) and --apply runs
+    it for one environment (here on the twin), all values or nothing."""
+    from conftest import mlops
+
+    from mlops.backends.modal_twin import TwinAPI
+
+    auth = "mlops-tiny-reverse-auth"
+    v = mlops("validate", "--json", *MODAL_SETS, cwd=ROOT, timeout=120)
+    assert v.returncode == 0, v.stderr
+    found = {(x["var"], x["secret"], x["where"]) for x in json.loads(v.stdout)["modal"]["lookups"]}
+    assert {
+        ("MLOPS_API_KEYS", auth, "gateway"),
+        ("GW_KEY", auth, "gateway"),
+        ("JUDGE_KEY", "acme-keys", "eval"),
+        ("AWS_ACCESS_KEY_ID", "acme-keys", "gateway"),
+    } <= found, found
+    human = mlops("validate", *MODAL_SETS, cwd=ROOT, timeout=120).stdout
+    assert "JUDGE_KEY" in human and "from Secret acme-keys" in human
+
+    for var in ("JUDGE_KEY", "MLOPS_MODAL_TWIN"):
+        monkeypatch.delenv(var, raising=False)
+    values = {
+        "MLOPS_API_KEYS": "pr-key",
+        "MLOPS_VLLM_API_KEY": "v",
+        "MLOPS_PROXY_TOKEN_ID": "wk-1",
+        "MLOPS_PROXY_TOKEN_SECRET": "ws-1",
+        "GW_KEY": "g",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    d = mlops("doctor", "--modal", *MODAL_SETS, cwd=ROOT, env=values, timeout=120)
+    assert d.returncode == 0, d.stderr
+    assert "modal environment create pr\n" in d.stdout
+    assert 'modal secret create --env pr acme-keys JUDGE_KEY="$JUDGE_KEY" AWS_ACCESS_KEY_ID=' in d.stdout
+    assert "pr-key" not in d.stdout  # names only: values stay in the operator's shell
+
+    twin = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin")}
+    apply = ["doctor", "--modal", "--apply", "--env", "pr", *MODAL_SETS]
+    r = mlops(*apply, cwd=ROOT, env=values | twin, timeout=120)
+    assert r.returncode == 1 and "JUDGE_KEY" in r.stderr and not (tmp_path / "twin" / "secrets").exists()
+    r = mlops(*apply, cwd=ROOT, env=values | twin | {"JUDGE_KEY": "j"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    api = TwinAPI(tmp_path / "twin", ModalSettings(app="mlops-tiny-reverse", environment="pr"))
+    assert "pr" in api.environments() and api.secret_names() == ["acme-keys", auth]
+    assert api._secret(auth)["MLOPS_API_KEYS"] == "pr-key" and api._secret("acme-keys")["JUDGE_KEY"] == "j"
+    assert api.secret_names("main") == []  # the PR environment's Secrets only
+
+
+def test_a_remote_failure_of_the_eval_fan_out_names_the_dead_judge() -> None:
+    """Modal re-raises the remote exception's own class (a RuntimeError from the eval function,
+    not an InfraError): the judge-app hint still fires, in one line (exit 4)."""
+    from mlops.backends.modal_eval import map_with_hint
+
+    class Api:
+        def map(self, app: str, function: str, inputs: list[Any]) -> list[Any]:
+            raise RuntimeError("judge http://x did not become healthy in 960s\nmore")
+
+    with pytest.raises(InfraError) as e:
+        map_with_hint(Api(), "acme-eval", [{}], lambda: ["acme-judge-ref: exited: CUDA out of memory"])
+    assert e.value.headline == (
+        "acme-eval/score failed on Modal: RuntimeError: judge http://x did not become healthy in 960s "
+        "(judge app acme-judge-ref: exited: CUDA out of memory)"
+    )
+    with pytest.raises(InfraError, match=r"^acme-eval/score failed on Modal: RuntimeError: judge"):
+        map_with_hint(Api(), "acme-eval", [{}], lambda: [])

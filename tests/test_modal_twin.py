@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,30 +208,106 @@ def test_train_and_gateway_apps_are_redeployed_when_their_code_changes(
         f.write("\nCHANGED = True  # a push that changes the training code\n")
     backend.ensure_current("train.py", app)
     assert tw.deploys() == [app, app]
-    assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "functions" / "train.py").read_text()
+    assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "train.py").read_text()
+
+    # the gateway deployed by hand with ./mlops.yaml's storage, not the run's (CI's old step did
+    # that after a proper deploy, so the Dict's digest still matched): the run repairs it
+    gw = f"{APP}-gateway"
+    run_storage = str(tmp_path / "shared-registry")
+    backend = ModalBackend(load(tw.root / "mlops.yaml", [f"storage={run_storage}"]), backend.registry)
+    backend.ensure_current("gateway.py", gw)
+    assert tw.deploys()[2:] == [gw]
+    r = twin("deploy", "functions/gateway.py", env=tw.env, cwd=tw.root)
+    assert r.returncode == 0 and tw.deploys()[2:] == [gw, gw], r.stderr
+    backend = ModalBackend(backend.loaded, backend.registry)  # the next run
+    backend.ensure_current("gateway.py", gw)
+    backend.ensure_current("gateway.py", gw)
+    assert tw.deploys()[2:] == [gw, gw, gw]  # repaired, once
+    assert json.loads(tw.apps()[gw]["env"]["MLOPS_MODAL_SETTINGS"])["storage"] == run_storage
 
 
-@pytest.mark.timeout(600)  # one `mlops run` (~1 min quiet)
-def test_the_gateway_captures_traffic_into_the_registry(tmp_path: Path) -> None:
-    """Requests through the Modal gateway land as capture records in the registry's storage,
-    naming the release that answered, and `mlops monitor` reads them."""
+@pytest.mark.timeout(900)  # two `mlops run`s (~2.5 min quiet)
+def test_the_gateway_scales_out_and_to_zero_keeping_its_stats_and_capture(tmp_path: Path) -> None:
+    """Two gateway containers share the traffic, and both scale to zero when idle (the twin's
+    `containers.json` and `cold_start`, as Modal does under load and without it): the live stats
+    the canary reads count every request whichever container served or reads them, also after a
+    scale-down in the middle of a canary bake; each container's capture reaches the registry."""
     tw = setup_twin(tmp_path, CFG | {"deploy": {"rollout": {"steps": [100], "requests_per_step": 4}}})
+    gateway = f"{APP}-gateway"
+    (tw.dir / "containers.json").write_text(json.dumps({gateway: 2}))
+    (tw.dir / "cold_start").write_text("0")  # scale to zero, no modelled GPU boot on top
+    aged = 0
+
+    def count(what: str) -> int:
+        p = tw.dir / "apps" / gateway / what
+        return int(p.read_text()) if p.is_file() else 0
+
+    def age() -> None:  # past scaledown_window (300 s) on the twin's clock
+        nonlocal aged
+        aged += 301
+        (tw.dir / "clock").write_text(str(aged))
+
+    def stats(since: float) -> dict[str, Any]:
+        h = {"authorization": f"Bearer {KEY}", "x-mlops-capture": "off"}
+        r = httpx.get(f"{tw.gateway}/v1/mlops/stats", params={"since": since}, headers=h, timeout=60, trust_env=False)
+        assert r.status_code == 200, r.text
+        return dict(r.json()["releases"])
+
     try:
         a = tw.run("run")
         assert a["status"] == "promoted"
+        t0 = time.time()
         for _ in range(3):
             r = tw.ask()
             assert r.status_code == 200 and r.headers["x-mlops-release"] == a["release"], r.text
+        assert count("tasks") == 2  # the proxy spread the requests over two containers
+        assert stats(t0)[a["release"]]["requests"] == 3  # either container counts the other's
+        age()
+        deadline = time.monotonic() + 120
+        while count("tasks") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert count("tasks") == 0, "the idle gateway did not scale to zero"
+        starts = count("starts")
+        assert stats(t0)[a["release"]]["requests"] == 3  # a fresh container: the stats outlived them
+        assert count("starts") == starts + 1
+
+        # each scaled-down container flushed its capture: only the users' requests, not the run's
+        files = sorted((tw.root / ".mlops" / "monitor" / "capture").rglob("*-gateway-*.jsonl"))
+        records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+        assert [(x["prompt"], x["release"], x["source"], x["status"]) for x in records] == [
+            ("abc=", a["release"], "gateway", 200)
+        ] * 3
+        m = tw.run("monitor", "--since", "1h")  # exit 0: the traffic is the eval data's
+        assert m["release"] == a["release"] and m["requests"] == len(records) == m["statuses"]["200"], m
+
+        # a canary step whose bake outlasts scaledown_window: the gateway is scaled to zero while
+        # it bakes, and the analysis after the bake reads a fresh container
+        state = tw.dir / "dicts" / f"{APP}-state.json"
+        done = threading.Event()
+
+        def scale_down_mid_bake() -> None:
+            while not done.wait(0.1):
+                routing = json.loads(state.read_text()).get("state", [{}])[0].get("routing", {})
+                if len(routing) == 2:  # the 50% step: its traffic is sent (a second or two), it bakes 6 s
+                    time.sleep(2.5)
+                    age()
+                    return
+
+        watcher = threading.Thread(target=scale_down_mid_bake, daemon=True)
+        watcher.start()
+        before = count("starts")
+        rollout = "deploy.rollout={steps: [50, 100], requests_per_step: 10, bake: 6}"
+        try:
+            b = tw.run("run", "--set", "models.tiny.train.seed=1", "--set", rollout)
+        finally:
+            done.set()
+            watcher.join(timeout=10)
+        assert b["status"] == "promoted" and b["previous"] == a["release"], b
+        step = b["canary"][0]
+        assert step["percent"] == 50 and step["candidate"]["requests"] > 0, step
+        assert count("starts") > before  # it was scaled down mid-bake and started again
     finally:
-        twin("stop-all", env=tw.env, cwd=tw.root)  # SIGTERM: the gateway flushes what is queued
-    files = sorted((tw.root / ".mlops" / "monitor" / "capture").rglob("*-gateway-*.jsonl"))
-    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    # only the users' requests: the run's own smoke, eval and canary requests are not captured
-    assert [(x["prompt"], x["release"], x["source"], x["status"]) for x in records] == [
-        ("abc=", a["release"], "gateway", 200)
-    ] * 3
-    m = tw.run("monitor", "--since", "1h")  # exit 0: the traffic is the eval data's
-    assert m["release"] == a["release"] and m["requests"] == len(records) == m["statuses"]["200"], m
+        twin("stop-all", env=tw.env, cwd=tw.root)
 
 
 @pytest.mark.timeout(1200)  # three `mlops run`s, a rollback, five cold starts: ~4 min quiet
@@ -281,3 +358,81 @@ def test_releases_scaled_to_zero_are_woken_not_hit_cold_or_redeployed(tmp_path: 
         assert tasks(a["release"]) == 1 and tw.ask().headers["x-mlops-release"] == a["release"]
     finally:
         twin("stop-all", env=tw.env, cwd=tw.root)
+
+
+PROBE = """
+import os
+from pathlib import Path
+
+import modal
+from images import extra_secrets, settings
+
+app = modal.App("acme-probe")
+
+
+def probe_body(what, root=None):
+    if what == "env":
+        return dict(os.environ)
+    if what == "files":
+        here = Path(__file__).resolve().parent
+        return sorted(p.relative_to(here).as_posix() for p in here.rglob("*") if "__pycache__" not in p.parts)
+    raise KeyError(f"no {what} here")
+
+
+@app.function(secrets=extra_secrets(), env=settings.env(PROBE_SETTING="from env="))
+def probe(what):
+    return probe_body(what)
+"""
+
+
+def test_twin_containers_are_as_bare_as_modals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A twin container sees only what a Modal container would: the image's ENV, `env=`, its
+    Secrets (from its environment) and the code Modal mounts; a remote exception keeps its class."""
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.backends.modal_twin import TwinAPI
+    from mlops.errors import InfraError
+
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    (functions / "probe.py").write_text(PROBE)
+    shutil.copy(REPO / "functions" / "images.py", functions / "images.py")
+    (functions / "notes.txt").write_text("not mounted")
+    monkeypatch.setenv("RUNNER_ONLY", "the runner's")  # e.g. a judge's key exported on the runner
+    settings = ModalSettings(app="acme", secrets=("acme-keys",), environment="pr")
+    api = TwinAPI(tmp_path / "twin", settings)
+    monkeypatch.setenv("MLOPS_MODAL_SETTINGS", settings.to_json())  # what images.py reads at deploy
+    with pytest.raises(InfraError, match="Environment 'pr' not found .*modal environment create pr"):
+        api.deploy(functions / "probe.py", "acme-probe", {})
+    api.environment_create("pr")
+    api.secret_create("acme-keys", {"JUDGE_KEY": "main's"}, env="main")  # Secrets are per environment
+    with pytest.raises(InfraError, match="Secret 'acme-keys' not found in environment 'pr'"):
+        api.deploy(functions / "probe.py", "acme-probe", {})
+    api.secret_create("acme-keys", {"JUDGE_KEY": "pr's"})
+    api.deploy(functions / "probe.py", "acme-probe", {"DEPLOY_ONLY": "x"})
+    try:
+        env = api.call("acme-probe", "probe", "env")
+        assert env["JUDGE_KEY"] == "pr's" and env["PROBE_SETTING"] == "from env="
+        assert "RUNNER_ONLY" not in env and "DEPLOY_ONLY" not in env
+        assert set(env) <= {
+            "PATH",
+            "HOME",
+            "TMPDIR",
+            "LANG",
+            "PYTHONPATH",
+            "MLOPS_MODAL_TWIN",
+            "MLOPS_MODAL_SETTINGS",
+        } | {
+            "JUDGE_KEY",
+            "PROBE_SETTING",
+        }, set(env)
+        files = api.call("acme-probe", "probe", "files")
+        assert "probe.py" in files and "images.py" in files and "mlops/__init__.py" in files
+        assert "notes.txt" not in files and all(f.endswith(".py") or "." not in f.rsplit("/", 1)[-1] for f in files)
+        with pytest.raises(KeyError, match="no nothing here"):  # the remote class, as Modal re-raises it
+            api.call("acme-probe", "probe", "nothing")
+        with pytest.raises(KeyError):
+            api.map("acme-probe", "probe", ["env", "nothing"])
+        rows = {r["description"]: r for r in api.app_list_json()}
+        assert rows["acme-probe"]["state"] == "deployed"
+    finally:
+        api.stop_all()

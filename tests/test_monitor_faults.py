@@ -195,3 +195,24 @@ def test_losses_above_the_limit_exit_4_and_no_traffic_with_answered_requests_is_
     (root / ".mlops" / "monitor" / "capture").write_text("")
     rc, rep, err = monitor(root)
     assert rc == 4 and rep["requests"] == 0 and rep["capture"]["lost"]["unreadable"] == N, err
+
+
+def test_an_s3_capture_is_streamed_and_its_over_long_line_skipped(moto_endpoint: str) -> None:
+    """S3 (moto's server on 127.0.0.1): the object is read in 1 MB pieces, never whole."""
+    from conftest import S3_BUCKET
+
+    from mlops.monitor.capture import chunk_key
+    from mlops.monitor.traffic import CHUNK, load_window
+    from mlops.registry.store import open_store
+
+    store = open_store(f"s3://{S3_BUCKET}/faults-{uuid.uuid4().hex[:8]}")
+    t = time.time() - 100
+    lines = [json.dumps(record(i, t + i)).encode() for i in range(N)]
+    long_line = json.dumps(record(N, t) | {"prompt": "a" * (3 << 20)}).encode()  # 3 MB: over MAX_LINE
+    key = chunk_key(t, t + N, "gateway")
+    store.put(key, b"\n".join([*lines[:5], long_line, b'{"id": "x", "time": "soon"}', *lines[5:]]) + b"\n")
+    pieces = store.iter_chunks(key, CHUNK)  # type: ignore[attr-defined]
+    sizes = [len(p) for p in pieces or []]
+    assert len(sizes) >= 3 and max(sizes) <= CHUNK, sizes
+    w = load_window(store, t - 1, t + N + 1)
+    assert (len(w.records), w.skipped_lines, w.files) == (N, 2, 1)

@@ -23,13 +23,16 @@ from starlette.routing import Route
 
 from mlops.config import load
 from mlops.errors import ConfigError
+from mlops.evals.gates import check_gates
 from mlops.evals.harness import run_suite
 from mlops.pipeline import Session
 from mlops.report import build_report, to_markdown
 
 try:
+    from test_judges import JudgeServer, judge_server  # noqa: F401
     from test_report import publish
 except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.test_judges import JudgeServer, judge_server  # noqa: F401
     from tests.test_report import publish
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,3 +147,34 @@ def test_an_unknown_segment_is_a_config_error_at_eval_when_validate_cannot_read_
     loaded = load(path, check_files=False)  # as the commands that do not read data load it
     with pytest.raises(ConfigError, match=r"gates\[0\]\.segment: no case of eval 'heldout' has tag 'refunds'"):
         run_suite(loaded, "heldout", PROD, endpoint.url, None)
+
+
+def test_a_rag_suite_is_judged_through_the_harness_with_the_suites_judge(
+    endpoint: Endpoint, judge_server: JudgeServer, tmp_path: Path
+) -> None:
+    """Rows with retrieved contexts and tags, read by the harness, scored by ragas' faithfulness through
+    the suite's default judge: an answer its context supports scores 1, one it does not scores 0."""
+    rows = [
+        {
+            "id": f"q{i}",
+            "input": f"word{i:03d}",
+            "expected": f"{i:03d}drow",
+            "retrieval_context": [f"{i:03d}drow" if i % 2 else "The office is closed on Sundays."],
+            "tags": ["supported" if i % 2 else "unsupported"],
+        }
+        for i in range(6)
+    ]
+    path = project(
+        tmp_path / "p", [{"eval": "heldout", "metric": "ragas.faithfulness", "segment": "supported", "min": 1}], rows
+    )
+    cfg = yaml.safe_load(path.read_text())
+    cfg["judges"] = {"local": {"base_url": judge_server.base_url, "model": "judge-1", "timeout_s": 10}}
+    cfg["evals"]["heldout"] |= {"judge": "local", "metrics": ["ragas.faithfulness"]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    loaded = load(path)
+    res = run_suite(loaded, "heldout", PROD, endpoint.url, tmp_path / "cache")
+    by_id = {c.id: c for c in res.cases}
+    assert [by_id[f"q{i}"].scores["ragas.faithfulness"] for i in range(6)] == [0.0, 1.0] * 3, res.cases
+    assert res.cost.judge_calls > 0 and res.metrics["ragas.faithfulness"].failed == 0
+    (g,) = check_gates(loaded.cfg.gates, {"heldout": res}, {"heldout": None})
+    assert g.passed and g.n == 3 and g.segment == "supported"

@@ -37,9 +37,10 @@ from mlops.backends.modal_settings import (
     ModalSettings,
     code_digest,
 )
+from mlops.config import Loaded
 from mlops.data import read_source, to_jsonl
 from mlops.errors import ConfigError, InfraError, IntegrityError
-from mlops.registry.releases import State
+from mlops.registry.releases import Registry, State
 from mlops.training.train import Progress, TrainJob, TrainResult
 
 HEALTH_POLL_S = 2.0
@@ -68,6 +69,10 @@ class ModalBackend(Backend):
     name: ClassVar[str] = "modal"
     _api: ModalAPI | None = None
 
+    def __init__(self, loaded: Loaded, registry: Registry) -> None:
+        super().__init__(loaded, registry)
+        self._current: set[tuple[str, str]] = set()  # (app, digest) found or made current: one check each
+
     @property
     def settings(self) -> ModalSettings:
         return ModalSettings.from_config(self.cfg, self.loaded.root)
@@ -89,10 +94,29 @@ class ModalBackend(Backend):
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: backend: modal deploys the apps in functions/")
         digest = code_digest(self.functions_dir, s)
-        if self.api.dict_get(f"code:{app}") == digest and app in self.api.deployed():
+        if (app, digest) in self._current or (
+            self.api.dict_get(f"code:{app}") == digest and app in self.api.deployed() and self._runs_settings(app)
+        ):
+            self._current.add((app, digest))
             return
         self.api.deploy(path, app, {SETTINGS_ENV: s.to_json()})
         self.api.dict_put(f"code:{app}", digest)
+        self._current.add((app, digest))
+
+    def _runs_settings(self, app: str) -> bool:
+        """The gateway says which settings it runs with (/health): one deployed by hand with
+        other settings (say ./mlops.yaml's storage rather than the run's) is not current, though
+        the Dict still holds the digest of the last deploy made here."""
+        if app != self.settings.gateway_app:
+            return True
+        import httpx
+
+        url = self.api.web_url(app, "gateway")
+        try:
+            r = httpx.get(f"{url}/health", timeout=60.0, follow_redirects=True, trust_env=False)
+            return bool(url) and r.json().get("settings") == self.settings.digest
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False  # not answering as deployed: a redeploy is the repair
 
     def client_key(self) -> str | None:
         """One of the gateway's keys: from `deploy.server.api_key_env` if set, else $MLOPS_API_KEY."""

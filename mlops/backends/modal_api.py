@@ -45,6 +45,9 @@ class ModalAPI(Protocol):
 
     def dict_put(self, key: str, value: Any) -> None: ...
 
+    def dict_items(self, prefix: str) -> dict[str, Any]:
+        """Every entry whose key starts with `prefix` (the gateway containers' shared stats)."""
+
     def volume_put(self, files: Mapping[str, Path | bytes]) -> None:
         """Upload (overwriting): Volume path -> a local file or its content."""
 
@@ -60,6 +63,14 @@ class ModalAPI(Protocol):
         """`Function.map(inputs)`: one call per input, run in parallel; results in input order."""
 
     def web_url(self, app: str, function: str) -> str | None: ...
+
+    def environments(self) -> list[str]:
+        """The workspace's Modal environments (`modal environment list`)."""
+
+    def environment_create(self, name: str) -> None: ...
+
+    def secret_create(self, name: str, values: Mapping[str, str], env: str | None = None, force: bool = False) -> None:
+        """`modal secret create [--env env] name ...` (values never on a command line)."""
 
 
 def open_api(settings: ModalSettings, environ: Mapping[str, str] | None = None) -> ModalAPI:
@@ -148,11 +159,21 @@ class ModalSDK:
     def __init__(self, settings: ModalSettings) -> None:
         self.settings = settings
         self._env = {"environment_name": settings.environment}
+        self._state: Any = None
 
-    def _cli(self, what: str, *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    def _cli(
+        self,
+        what: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        in_env: str | None = "",
+    ) -> str:
+        """`in_env`: the environment flag ("": the settings', None: no flag, for workspace-wide commands)."""
         cmd = [sys.executable, "-m", "modal", *args]
-        if self.settings.environment:
-            cmd += ["--env", self.settings.environment]
+        flag = self.settings.environment if in_env == "" else in_env
+        if flag:
+            cmd += ["--env", flag]
         try:
             proc = run_cli(cmd, dict(os.environ) | dict(env or {}), cwd or Path.cwd(), DEPLOY_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -184,8 +205,33 @@ class ModalSDK:
         _modal()  # the floor: the CLI run below is the same package
         return deployed_apps(self._cli("`modal app list`", "app", "list", "--json"))
 
+    def environments(self) -> list[str]:
+        _modal()
+        out = self._cli("`modal environment list`", "environment", "list", "--json", in_env=None)
+        try:
+            return [str(r["name"]) for r in json.loads(out or "[]")]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InfraError(f"`modal environment list --json` printed something else: {_first_line(out)}") from e
+
+    def environment_create(self, name: str) -> None:
+        _modal()
+        self._cli(f"`modal environment create {name}`", "environment", "create", name, in_env=None)
+
+    def secret_create(self, name: str, values: Mapping[str, str], env: str | None = None, force: bool = False) -> None:
+        import tempfile
+
+        _modal()
+        with tempfile.TemporaryDirectory(prefix="mlops-secret-") as tmp:  # 0700: only this user reads it
+            path = Path(tmp) / "values.json"
+            path.write_text(json.dumps(dict(values)))
+            args = ["secret", "create", name, "--from-json", str(path), *(["--force"] if force else [])]
+            self._cli(f"`modal secret create {name}`", *args, in_env=env or "")
+
     def _dict(self) -> Any:
-        return _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
+        # one handle per process: the gateway writes its stats every second (a lookup each would double the calls)
+        if self._state is None:
+            self._state = _modal().Dict.from_name(self.settings.state_dict, create_if_missing=True, **self._env)
+        return self._state
 
     def _volume(self) -> Any:
         return _modal().Volume.from_name(self.settings.volume, create_if_missing=True, **self._env)
@@ -197,6 +243,10 @@ class ModalSDK:
     def dict_put(self, key: str, value: Any) -> None:
         with modal_errors(f"write {key!r} to the Modal Dict {self.settings.state_dict}"):
             self._dict().put(key, value)
+
+    def dict_items(self, prefix: str) -> dict[str, Any]:
+        with modal_errors(f"read {prefix}* from the Modal Dict {self.settings.state_dict}"):
+            return {k: v for k, v in self._dict().items() if isinstance(k, str) and k.startswith(prefix)}
 
     def volume_put(self, files: Mapping[str, Path | bytes]) -> None:
         with modal_errors(f"upload to the Modal Volume {self.settings.volume}"):

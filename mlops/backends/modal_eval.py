@@ -17,7 +17,7 @@ from typing import Any
 
 from mlops.backends.modal_settings import SETTINGS_ENV, code_digest, files_with_sha256
 from mlops.config import JudgeCfg
-from mlops.errors import ConfigError, InfraError
+from mlops.errors import ConfigError, InfraError, MlopsError
 from mlops.registry.releases import tree_sha256
 
 # `backend` below is a ModalBackend (not imported: modal.py imports this module lazily)
@@ -90,6 +90,21 @@ def sync_judges(backend: ModalBackend) -> dict[str, str]:
     return apps
 
 
+def map_with_hint(api: Any, app: str, inputs: list[dict[str, Any]], failed: Any) -> list[dict[str, Any]]:
+    """`score` mapped over the batches. Modal re-raises a remote exception's own class (a judge
+    that never answered is a RuntimeError from the eval function, not a Modal error): any failure
+    is one InfraError line, naming the judge app that died where one did."""
+    try:
+        return list(api.map(app, "score", inputs))
+    except Exception as e:
+        dead = failed()
+        what = e.headline if isinstance(e, MlopsError) else f"{app}/score failed on Modal: {type(e).__name__}: {e}"
+        what = (what.strip().splitlines() or [type(e).__name__])[0][:500]
+        if isinstance(e, MlopsError) and not dead:
+            raise
+        raise InfraError(f"{what}{' (judge app ' + dead[0] + ')' if dead else ''}") from e
+
+
 def remote_scoring(backend: ModalBackend) -> Any:
     """The harness hook (`Server.remote_scoring`): judges synced now, heavy metrics mapped over
     case batches on `{app}-eval` when a suite is scored."""
@@ -110,11 +125,7 @@ def remote_scoring(backend: ModalBackend) -> Any:
         dead = failed_judges()  # known already (the twin knows at once): fail now, not after the
         if dead:  # eval function has waited out a judge's whole start-up timeout
             raise InfraError(f"the judge app {dead[0]}")
-        try:
-            return list(api.map(s.eval_app, "score", inputs))
-        except InfraError as e:
-            dead = failed_judges()
-            raise InfraError(f"{e.headline}{' (judge app ' + dead[0] + ')' if dead else ''}") from e
+        return map_with_hint(api, s.eval_app, inputs, failed_judges)
 
     def swap(suite: str, metrics: list[Any], clients: dict[str, Any]) -> list[Any]:
         judges: dict[str, dict[str, Any]] = {}

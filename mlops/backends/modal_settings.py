@@ -158,6 +158,12 @@ class ModalSettings:
             ),
         )
 
+    @property
+    def digest(self) -> str:
+        """What the gateway reports on /health: a deploy made with other settings (`modal deploy`
+        by hand, with ./mlops.yaml's storage) is told apart and redeployed (ModalBackend.ensure_current)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
     def env(self, **extra: str) -> dict[str, str | None]:
         """The `env=` of a Modal function: these settings, plus `extra`."""
         return {SETTINGS_ENV: self.to_json(), **extra}

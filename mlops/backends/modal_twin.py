@@ -2,18 +2,27 @@
 rehearsing a deploy. Not a second product: it models what the Modal backend relies on, no more.
 
     export MLOPS_MODAL_TWIN=.modal-twin           # backend: modal now talks to the twin
-    python -m mlops.backends.modal_twin secret create mlops-<project>-auth MLOPS_API_KEYS=... ...
+    python -m mlops.backends.modal_twin secret create mlops-<project>-auth MLOPS_API_KEYS=... ... [--env E]
+    python -m mlops.backends.modal_twin environment create pr | environment list --json
     python -m mlops.backends.modal_twin deploy functions/gateway.py
-    python -m mlops.backends.modal_twin app list | app stop NAME | stop-all
+    python -m mlops.backends.modal_twin app list [--json] | app stop NAME | stop-all
 
 What it models, and how:
-- `deploy` snapshots the `mlops` package and functions/ (as Modal mounts them at deploy: later
-  edits are not seen until the next deploy), checks that every Secret the functions name exists,
-  and starts each web function as a process on its own 127.0.0.1 port: `serve` runs `serve_body`
-  (the builtin engine through `mlops.serving.standalone` stands in for vLLM) behind a proxy that
-  enforces `requires_proxy_auth`; `gateway` runs `gateway_body` under uvicorn. With a file
-  `cold_start` (seconds) a serve app scales to zero as on Modal (see modal_twin_scale.py).
-- `call` runs a function's plain body (`<name>_body`) in a process, with the Volume at its root.
+- `deploy` snapshots what Modal mounts (the entry file, functions/images.py and the `mlops`
+  package's .py files: `add_local_python_source`; later edits are not seen until the next deploy),
+  checks that every Secret the functions name exists in the app's environment, and starts each
+  web function behind a proxy on its own 127.0.0.1 port (Modal's: it enforces
+  `requires_proxy_auth`): `serve` runs `serve_body` (the builtin engine through
+  `mlops.serving.standalone` stands in for vLLM), `gateway` runs `gateway_body` under uvicorn,
+  each container a process. With a file `cold_start` (seconds) apps scale to zero as on Modal,
+  and `containers.json` runs more than one container of an app (see modal_twin_scale.py).
+- A container's environment is what Modal gives one: the image's ENV (functions/images.py
+  IMAGE_ENV), the function's `env=`, its Secrets, and PATH/HOME/PYTHONPATH (the code snapshot) plus
+  the twin's own directory; nothing else of the caller's environment.
+- `call`/`map` run a function's plain body (`<name>_body`) in a process, with the Volume at its
+  root; an exception it raises is re-raised in the caller with its own class, as Modal does.
+- Secrets are per environment (`secret create --env E`; `main` without one), as on Modal, and an
+  environment other than `main` exists once `environment create`d.
 - The Dict is a JSON file whose entries expire after 7 days without a read or write (clock: the
   file `clock` holds seconds to add, so tests can age it); the Volume is a directory; Secrets
   are JSON files; Proxy Auth Tokens are `proxy-token create`d.
@@ -39,11 +48,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlops.backends.modal_settings import SETTINGS_ENV, TWIN_ENV, ModalSettings, current_settings
+from mlops.backends.modal_settings import SETTINGS_ENV, TWIN_ENV, ModalSettings
 from mlops.errors import InfraError
 
+DEFAULT_ENV = "main"  # Modal's default environment
+# What any container's process has besides what Modal sets: the twin runs on this machine's
+# interpreter (PATH), and a temp dir / home the code may write to.
+CONTAINER_BASE_ENV = ("PATH", "HOME", "TMPDIR", "LANG")
 DICT_TTL_S = 7 * 24 * 3600  # Modal drops a Dict entry after 7 days with no read or write
-STOP_WAIT_S = 10.0
+STOP_WAIT_S = 40.0  # a container's grace period after SIGTERM (modal_twin_scale.STOP_GRACE_S) and some
 MAP_WORKERS = 2  # inputs of one `map` run at once (each a process; this machine has few cores)
 
 
@@ -122,6 +135,12 @@ class TwinAPI:
     def dict_put(self, key: str, value: Any) -> None:
         self._dict("put", key, value)
 
+    def dict_items(self, prefix: str) -> dict[str, Any]:
+        with self._locked():
+            now = self.now()
+            data = self._read(f"dicts/{self.settings.state_dict}.json", {})
+        return {k: v[0] for k, v in data.items() if k.startswith(prefix) and now - v[1] < DICT_TTL_S}
+
     # ------------------------------------------------------------------ Volume
 
     def _vol_path(self, path: str) -> Path:
@@ -145,13 +164,45 @@ class TwinAPI:
 
     # ------------------------------------------------------------------ Secrets, proxy tokens
 
-    def secret_create(self, name: str, values: Mapping[str, str]) -> None:
-        self._write(f"secrets/{name}.json", dict(values))
+    @property
+    def environment(self) -> str:
+        return self.settings.environment or DEFAULT_ENV
+
+    def environments(self) -> list[str]:
+        return sorted({DEFAULT_ENV, *self._read("environments.json", [])})
+
+    def environment_create(self, name: str) -> None:
+        with self._locked():
+            if name in self.environments():
+                raise InfraError(f"Environment {name!r} already exists")
+            self._write("environments.json", [*self._read("environments.json", []), name])
+
+    def _require_environment(self) -> None:
+        if self.environment not in self.environments():
+            env = self.environment
+            raise InfraError(f"Environment {env!r} not found (create it: modal environment create {env})")
+
+    def secret_create(self, name: str, values: Mapping[str, str], env: str | None = None, force: bool = False) -> None:
+        env = env or self.environment
+        p = self.root / "secrets" / env / f"{name}.json"
+        if env not in self.environments():
+            raise InfraError(f"Environment {env!r} not found (create it: modal environment create {env})")
+        if p.is_file() and not force:
+            raise InfraError(f"Secret {name!r} already exists in environment {env!r} (use --force to overwrite)")
+        self._write(f"secrets/{env}/{name}.json", dict(values))
+
+    def secret_names(self, env: str | None = None) -> list[str]:
+        d = self.root / "secrets" / (env or self.environment)
+        return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
 
     def _secret(self, name: str) -> dict[str, str]:
-        p = self.root / "secrets" / f"{name}.json"
+        env = self.environment
+        p = self.root / "secrets" / env / f"{name}.json"
         if not p.is_file():
-            raise InfraError(f"Secret {name!r} not found (create it: modal secret create {name} KEY=VALUE ...)")
+            raise InfraError(
+                f"Secret {name!r} not found in environment {env!r} "
+                f"(create it: modal secret create --env {env} {name} KEY=VALUE ...)"
+            )
         return dict(json.loads(p.read_text()))
 
     def proxy_token_create(self) -> tuple[str, str]:
@@ -191,12 +242,16 @@ class TwinAPI:
         return rows
 
     def _env(self, app: dict[str, Any], function: str) -> dict[str, str]:
-        src = self.root / "apps" / app["name"] / "src"
-        values: dict[str, str] = {}
-        for name in app["functions"][function]["secrets"]:
+        """A container's whole environment (see the module docstring): nothing of this process's
+        own but CONTAINER_BASE_ENV, so code that looks up a variable Modal would not set fails here too."""
+        spec = app["functions"][function]
+        values: dict[str, str] = {k: os.environ[k] for k in CONTAINER_BASE_ENV if k in os.environ}
+        values |= spec.get("image_env", {})
+        values |= spec.get("env", {})
+        for name in spec["secrets"]:
             values |= self._secret(name)
-        path = os.pathsep.join([str(src), str(src / "functions"), os.environ.get("PYTHONPATH", "")])
-        return dict(os.environ) | values | app["env"] | {"PYTHONPATH": path, TWIN_ENV: str(self.root)}
+        src = self.root / "apps" / app["name"] / "src"
+        return values | {"PYTHONPATH": str(src), TWIN_ENV: str(self.root)}
 
     def deploy(self, script: Path, name: str, env: Mapping[str, str]) -> None:
         import mlops
@@ -205,14 +260,23 @@ class TwinAPI:
         if not script.is_file():
             raise InfraError(f"{script} does not exist")
         env = {SETTINGS_ENV: self.settings.to_json()} | dict(env)
+        self._require_environment()
         old = self._apps().get(name)
         if old:
             self.stop(name)
         base = self.root / "apps" / name
         shutil.rmtree(base, ignore_errors=True)
-        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-        shutil.copytree(Path(mlops.__file__).resolve().parent, base / "src" / "mlops", ignore=skip)
-        shutil.copytree(script.parent, base / "src" / "functions", ignore=skip)
+        # What Modal mounts: the entry file (at /root, beside) functions/images.py
+        # (`add_local_file`) and the `mlops` package's .py files (`add_local_python_source`).
+        src = base / "src"
+        package = Path(mlops.__file__).resolve().parent
+        for p in package.rglob("*.py"):
+            dest = src / "mlops" / p.relative_to(package)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+        for p in {script, script.parent / "images.py"}:
+            if p.is_file():
+                shutil.copyfile(p, src / p.name)
         app: dict[str, Any] = {"name": name, "module": script.stem, "env": env, "functions": {}, "created": time.time()}
         app["functions"] = self._inspect(app)
         for fn in app["functions"]:
@@ -241,8 +305,7 @@ class TwinAPI:
         """Which functions the module defines, their Secrets and web settings (a fresh interpreter
         imports it, as `modal deploy` does)."""
         src = self.root / "apps" / app["name"] / "src"
-        env = dict(os.environ) | app["env"]
-        env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "functions"), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ) | app["env"] | {"PYTHONPATH": str(src)}  # the deploying machine's environment
         proc = subprocess.run(
             [sys.executable, "-m", "mlops.backends.modal_twin_run", "_inspect", app["module"]],
             env=env,
@@ -318,54 +381,17 @@ class TwinAPI:
                 timeout=timeout,
                 check=False,
             )
-            if proc.returncode != 0:
-                tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-                raise InfraError(f"{app}/{function} failed on Modal (twin): {tail[-1] if tail else proc.returncode}")
-            return pickle.loads(io_file.read_bytes())
-
-
-def app_name(script: Path, settings: ModalSettings) -> str:
-    """The app a `functions/<x>.py` defines, named as the module does (for `deploy` without --name)."""
-    apps = {"train": settings.train_app, "gateway": settings.gateway_app, "evaluate": settings.eval_app}
-    return apps.get(script.stem, settings.serve_app(""))
-
-
-def twin_from_env() -> TwinAPI:
-    root = os.environ.get(TWIN_ENV)
-    if not root:
-        raise SystemExit(f"set {TWIN_ENV} to the twin's directory")
-    return TwinAPI(Path(root), current_settings())
-
-
-def main(argv: list[str]) -> int:
-    """The twin's side of `modal secret create`, `modal deploy`, `modal app list|stop`."""
-    cmd = argv[:2]
-    api = twin_from_env()
-    if cmd == ["secret", "create"] and len(argv) >= 3:
-        api.secret_create(argv[2], dict(kv.split("=", 1) for kv in argv[3:]))
-    elif cmd[:1] == ["deploy"] and len(argv) >= 2:
-        script = Path(argv[1])
-        name = argv[argv.index("--name") + 1] if "--name" in argv else app_name(script, api.settings)
-        api.deploy(script, name, {})
-        print(f"deployed {name} {api._apps()[name].get('url', '')}".strip())
-    elif cmd == ["app", "list"]:
-        if "--json" in argv:
-            print(json.dumps(api.app_list_json()))
-        else:
-            for name, app in sorted(api._apps().items()):
-                print(name, app.get("url", ""))
-    elif cmd == ["app", "stop"] and len(argv) >= 3:
-        api.stop(argv[-1])
-    elif cmd == ["stop-all"]:
-        api.stop_all()
-    elif cmd == ["proxy-token", "create"]:
-        key, secret = api.proxy_token_create()
-        print(f"MLOPS_PROXY_TOKEN_ID={key} MLOPS_PROXY_TOKEN_SECRET={secret}")
-    else:
-        print(__doc__, file=sys.stderr)
-        return 1
-    return 0
+            result = io_file.with_name(io_file.name + ".out")
+            out = pickle.loads(result.read_bytes()) if result.is_file() else None
+            if isinstance(out, tuple) and out[0] == "ok":
+                return out[1]
+            if isinstance(out, tuple) and isinstance(out[1], Exception):
+                raise out[1]  # Modal re-raises the remote exception's own class
+            tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            raise InfraError(f"{app}/{function} failed on Modal (twin): {tail[-1] if tail else proc.returncode}")
 
 
 if __name__ == "__main__":
+    from mlops.backends.modal_twin_cli import main
+
     sys.exit(main(sys.argv[1:]))

@@ -61,15 +61,22 @@ def schema(
 def init(
     directory: Annotated[Path, typer.Argument(help="The repository to add the template to.")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+    example: Annotated[
+        str | None, typer.Option("--example", help="Start from an example instead: chat (chat + RAG, a Llama base).")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Add mlops.yaml, functions/, .github/workflows/ and an example eval to an existing repository."""
     from mlops.scaffold import init as do_init
 
-    written = do_init(directory, force=force)
+    written = do_init(directory, force=force, example=example)
     emit(
         {"directory": str(directory), "files": written},
         json_,
         "\n".join(f"wrote {directory / n}" for n in written)
-        + "\nnext: mlops validate, then see README (GitHub Actions)",
+        + (
+            "\nnext: mlops base build --arch llama --data data/train.jsonl --out bases/tiny-llama, then mlops run"
+            if example == "chat"
+            else "\nnext: mlops validate, then see README (GitHub Actions)"
+        ),
     )

@@ -30,7 +30,11 @@ def build(
     json_: JsonOpt = False,
 ) -> None:
     """Write a random-initialised model with a chat template; use its directory as `base:` in mlops.yaml."""
+    from transformers.utils import logging as hf_logging
+
     from mlops.training.offline_base import build_base, fingerprint, read_texts
+
+    hf_logging.disable_progress_bar()  # one model file: a bar per save is noise in a CLI's output
 
     texts = [t for p in data for t in read_texts(p)]
     path = build_base(

@@ -19,6 +19,9 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a key: --set models.tiny.train.steps=1 (value is YAML).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for machines).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="The deployed model (needed only when several are deployed).")
+]
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)

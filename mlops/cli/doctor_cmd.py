@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,9 +19,23 @@ def register(app: typer.Typer) -> None:
         set_: SetOpt = None,
         json_: JsonOpt = False,
         repair: Annotated[bool, typer.Option("--repair", help="Apply the repairs (default: a dry run).")] = False,
+        modal: Annotated[
+            bool, typer.Option("--modal", help="Print the Modal environments and Secrets to set up instead.")
+        ] = False,
+        apply: Annotated[
+            bool, typer.Option("--apply", help="With --modal: create them in --env, values from this shell.")
+        ] = False,
+        env: Annotated[
+            str | None, typer.Option("--env", help="With --modal --apply: the environment (default: production's).")
+        ] = None,
+        pr_env: Annotated[str, typer.Option("--pr-env", help="With --modal: the PR environment's name.")] = "pr",
     ) -> None:
         """Check the registry: unreadable state, manifests, histories or evals, routing to a missing
-        release, expired leases, orphans. A dry run unless --repair; exit 4 while damage remains."""
+        release, expired leases, orphans. A dry run unless --repair; exit 4 while damage remains.
+        With --modal: the Modal environments (production's, the PRs') and their Secrets."""
+        if modal or apply:
+            modal_setup(config, set_, json_, apply, env, pr_env)
+            return
         import getpass
 
         from mlops.registry.doctor import examine
@@ -51,3 +66,33 @@ def register(app: typer.Typer) -> None:
         )
         if left:
             raise typer.Exit(EXIT_INFRA)
+
+
+def modal_setup(config: Path, set_: list[str] | None, json_: bool, apply: bool, env: str | None, pr_env: str) -> None:
+    """`doctor --modal`: the `modal` commands (names only: each value comes from the operator's
+    shell); with --apply, run them for one environment through the Modal seam (the twin too)."""
+    import os
+
+    from mlops.backends.modal_api import open_api
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.backends.modal_setup import apply as do_apply
+    from mlops.backends.modal_setup import steps
+
+    loaded = load_config(config, set_)
+    s = ModalSettings.from_config(loaded.cfg, loaded.root)
+    plan = steps(loaded.cfg, s, pr_env)
+    if apply:
+        target = env if env is not None else s.environment
+        done = do_apply(open_api(s), loaded.cfg, s, target, os.environ)
+        emit({"environment": target, "applied": done}, json_, "\n".join(done))
+        return
+    lines = []
+    for e in dict.fromkeys(st.environment for st in plan):
+        who = "production" if e == s.environment else "pull requests (its own values: never production's keys)"
+        lines.append(f"# {e or 'the default environment'}: {who}")
+        lines += [st.shell() for st in plan if st.environment == e]
+    lines.append("# run them (values exported in this shell), or: mlops doctor --modal --apply [--env ENV]")
+    if json_:
+        emit({"steps": [{**st.__dict__, "names": list(st.names), "argv": st.argv()} for st in plan]}, json_)
+    else:  # not through rich: a wrapped command line would not paste
+        sys.stdout.write("\n".join(lines) + "\n")

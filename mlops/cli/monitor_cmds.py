@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, err, load_config, say_fn
 from mlops.errors import GateFailed, InfraError, UsageError
 from mlops.redact import redact, redact_obj
 
@@ -23,7 +23,7 @@ def _registry(loaded: Any) -> Any:
     from mlops.registry.releases import Registry
     from mlops.registry.store import open_store
 
-    return Registry(open_store(loaded.cfg.storage, base_dir=loaded.root))
+    return Registry(open_store(loaded.cfg.storage, base_dir=loaded.root), model=loaded.cfg.deploy.names[0])
 
 
 def _reference(text: str | None, now: float) -> tuple[float, float] | None:
@@ -60,18 +60,21 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--markdown-out", help="Also write the markdown report here (with --json: both, one run)."),
         ] = None,
+        model: ModelOpt = None,
     ) -> None:
         """Drift of captured traffic against the serving release's data; cost, SLOs, live quality.
 
         Exit 3 when a statistic crosses its threshold in `monitor.thresholds` (named on stderr);
         4 when capture lost more than `monitor.max_loss_rate` of the answered requests (no verdict
         on partial traffic); 0 when all are within, or when there is no traffic in the window."""
+        from mlops.config import narrow, resolve_model
         from mlops.monitor.analyze import analyze
         from mlops.monitor.report import to_markdown
         from mlops.monitor.traffic import parse_age
         from mlops.report import write_step_summary
 
         loaded = load_config(config, set_)
+        loaded = narrow(loaded, resolve_model(loaded, model))
         now = time.time()
         window = parse_age(since) if since is not None else loaded.cfg.monitor.window
         ref = _reference(reference, now)

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.redact import redact_obj
 
 ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
 
@@ -51,10 +52,10 @@ def _progress(json_mode: bool, total: int) -> Iterator[Any]:
         yield update
 
 
-def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = None) -> Any:
+def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = None, model: str | None = None) -> Any:
     from mlops.flows.session import Session
 
-    return Session.open(load_config(config, set_), say=say_fn(json_), progress=progress)
+    return Session.open(load_config(config, set_), say=say_fn(json_), progress=progress, model=model)
 
 
 def register(app: typer.Typer) -> None:
@@ -63,8 +64,9 @@ def register(app: typer.Typer) -> None:
         """What a run would do: which models changed (data, config or training code hashes)."""
         from mlops.plan import make_plan
 
-        s = _session(config, set_, json_)
-        p = make_plan(s.loaded, s.registry, list(s.loaded.cfg.models))
+        loaded = load_config(config, set_)
+        s = _session(config, set_, json_, model=loaded.cfg.deploy.names[0])
+        p = make_plan(loaded, s.registry, list(loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
         emit(p.model_dump(mode="json"), json_, "\n".join(lines))
 
@@ -73,18 +75,25 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = Path("mlops.yaml"),
         set_: SetOpt = None,
         json_: JsonOpt = False,
-        model: Annotated[str | None, typer.Option(help="Model to train (default: deploy.model).")] = None,
+        model: Annotated[str | None, typer.Option(help="Model to train (default: the deployed model).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Train even if nothing changed.")] = False,
     ) -> None:
         """Train a model and register it as the candidate release (skipped when nothing changed)."""
         from mlops.flows.stages import train as do_train
 
         loaded = load_config(config, set_)
-        name = model or loaded.cfg.deploy.model
+        deployed = loaded.cfg.deploy.names
+        name = model or (deployed[0] if len(deployed) == 1 else None)
+        if name is None:
+            from mlops.config import resolve_model
+
+            resolve_model(loaded, None)  # several deployed: say which to pick
+        assert name is not None
         with _progress(json_, loaded.cfg.models[name].train.steps if name in loaded.cfg.models else 0) as prog:
             from mlops.flows.session import Session
 
-            s = Session.open(loaded, say=say_fn(json_), progress=prog)
+            # a model that is not deployed trains in the first deployed model's session (its registry)
+            s = Session.open(loaded, say=say_fn(json_), progress=prog, model=name if name in deployed else deployed[0])
             res = do_train(s, name, force=force)
         emit(
             res.model_dump(mode="json", exclude_unset=True),
@@ -103,11 +112,12 @@ def register(app: typer.Typer) -> None:
         gates: Annotated[
             bool, typer.Option("--gates/--no-gates", help="Check gates against production; exit 3 on failure.")
         ] = True,
+        model: ModelOpt = None,
     ) -> None:
         """Evaluate a release through the endpoint, store results with it, and check gates."""
         from mlops.flows.release import eval_release
 
-        res = eval_release(_session(config, set_, json_), release, suite, url, gates)
+        res = eval_release(_session(config, set_, json_, model=model), release, suite, url, gates)
         emit(res.model_dump(mode="json"), json_, f"{res.release}: {'gates pass' if res.passed else 'gates FAIL'}")
         if res.exit_code:
             raise typer.Exit(res.exit_code)
@@ -118,24 +128,42 @@ def register(app: typer.Typer) -> None:
         set_: SetOpt = None,
         json_: JsonOpt = False,
         force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed.")] = False,
+        model: Annotated[
+            str | None, typer.Option("--model", "-m", help="Only this deployed model (default: every one).")
+        ] = None,
     ) -> None:
-        """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3)."""
+        """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3).
+        With several deployed models, each runs in turn (only a changed one is trained and rolled out);
+        the exit code is the worst of theirs."""
+        from mlops.config import resolve_model
         from mlops.flows.run import run as do_run
         from mlops.flows.session import Session
         from mlops.rollout import kill_hook_from_env
 
         loaded = load_config(config, set_)
-        with _progress(json_, loaded.cfg.models[loaded.cfg.deploy.model].train.steps) as prog:
-            s = Session.open(loaded, say=say_fn(json_), progress=prog)
-            res = do_run(s, force=force, on_step=kill_hook_from_env())
-        human = f"{res.status}: {res.message}"
-        if res.served_by:
-            human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
-        if "total" in res.timings:
-            human += f"\nwall time {res.timings['total']:.2f}s"
-        emit(res.model_dump(mode="json"), json_, human)
-        if res.exit_code:
-            raise typer.Exit(res.exit_code)
+        names = [resolve_model(loaded, model)] if model is not None else loaded.cfg.deploy.names
+        results = {}
+        for name in names:
+            with _progress(json_, loaded.cfg.models[name].train.steps) as prog:
+                s = Session.open(loaded, say=say_fn(json_), progress=prog, model=name)
+                results[name] = do_run(s, force=force, on_step=kill_hook_from_env())
+        lines = []
+        for name, res in results.items():
+            human = (f"{name}: " if len(results) > 1 else "") + f"{res.status}: {res.message}"
+            if res.served_by:
+                human += f"\nendpoint answered from {res.served_by} (x-mlops-release)"
+            if "total" in res.timings:
+                human += f"\nwall time {res.timings['total']:.2f}s"
+            lines.append(human)
+        codes = [r.exit_code for r in results.values()]
+        worst = max(codes, key=lambda c: (c != 0, c == 4, c))  # infrastructure (4) over a gate (3)
+        if len(results) == 1:
+            emit(next(iter(results.values())).model_dump(mode="json"), json_, lines[0])
+        else:
+            doc = {"exit_code": worst, "models": {n: r.model_dump(mode="json") for n, r in results.items()}}
+            emit(doc, json_, "\n".join(lines))
+        if worst:
+            raise typer.Exit(worst)
 
     @app.command()
     def deploy(
@@ -143,11 +171,12 @@ def register(app: typer.Typer) -> None:
         set_: SetOpt = None,
         json_: JsonOpt = False,
         release: ReleaseOpt = "candidate",
+        model: ModelOpt = None,
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
         from mlops.flows.release import deploy_release
 
-        res = deploy_release(_session(config, set_, json_), release)
+        res = deploy_release(_session(config, set_, json_, model=model), release)
         emit(res.model_dump(mode="json", exclude_unset=True, exclude={"message"}), json_, res.message)
         if res.exit_code:
             raise typer.Exit(res.exit_code)
@@ -163,7 +192,9 @@ def register(app: typer.Typer) -> None:
         from mlops.serving.runner import check_bind, serve_foreground
         from mlops.util import api_key_from_env
 
-        s = _session(config, set_, False)
+        loaded = load_config(config, set_)
+        names = loaded.cfg.deploy.names
+        s = _session(config, set_, False, model=names[0])
         srv = s.loaded.cfg.deploy.server
         if s.loaded.cfg.backend != "local":
             ep = s.backend.endpoint()
@@ -172,8 +203,9 @@ def register(app: typer.Typer) -> None:
             )
         h, p = host or srv.host, srv.port if port is None else port
         check_bind(h, api_key_from_env(srv.api_key_env))  # before saying we serve
-        err.print(f"serving {s.loaded.cfg.deploy.model} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
-        serve_foreground(s.loaded, s.registry, h, p)
+        err.print(f"serving {', '.join(names)} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
+        # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
+        serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
 
     @app.command()
     def report(
@@ -183,6 +215,7 @@ def register(app: typer.Typer) -> None:
         release: ReleaseOpt = "candidate",
         markdown: Annotated[bool, typer.Option("--markdown", help="Print markdown (the PR comment).")] = False,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to a file.")] = None,
+        model: ModelOpt = None,
     ) -> None:
         """Candidate vs production, metric by metric, from stored results (no model is called).
 
@@ -191,17 +224,26 @@ def register(app: typer.Typer) -> None:
         import json
         import sys
 
-        from mlops.flows.session import resolve_release
+        from mlops.flows.session import Session, resolve_release
         from mlops.report import build_report, to_markdown, write_step_summary
 
-        s = _session(config, set_, json_)
-        rid = resolve_release(s, release)
-        rep = build_report(s.registry, s.loaded.cfg, rid, production=s.production_registry)
-        md = to_markdown(rep)
+        loaded = load_config(config, set_)
+        names = loaded.cfg.deploy.names if model is None else [model]
+        parts: dict[str, tuple[str, dict[str, Any]]] = {}
+        for name in names:  # several deployed models and none named: a section per model
+            s = Session.open(loaded, say=say_fn(json_), model=name)
+            rid = resolve_release(s, release)
+            rep = build_report(s.registry, s.loaded.cfg, rid, production=s.production_registry)
+            # the JSON the workflows read: keys and order as declared in report.model
+            parts[name] = (to_markdown(rep), rep.model_dump())
+        if len(parts) == 1:
+            md, doc = next(iter(parts.values()))
+        else:
+            md = "\n\n".join(f"## Model `{name}`\n\n{part}" for name, (part, _) in parts.items())
+            doc = {"models": {name: d for name, (_, d) in parts.items()}}
         write_step_summary(md)
-        doc = rep.model_dump()  # the JSON the workflows read: keys and order as declared in report.model
-        if out is not None:
-            out.write_text(json.dumps(doc, indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
+        if out is not None:  # the same masking as `--json` on stdout (emit)
+            out.write_text(json.dumps(redact_obj(doc), indent=2, default=str) + "\n" if json_ else md, encoding="utf-8")
             err.print(f"wrote {out}", markup=False)
         if json_:
             emit(doc, True)

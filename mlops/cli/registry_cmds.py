@@ -7,28 +7,31 @@ from typing import Annotated, Any
 
 import typer
 
-from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, load_config, out, say_fn
+from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, load_config, out, say_fn
 
 
-def _session(config: Path, set_: list[str] | None, json_: bool) -> Any:
+def _session(config: Path, set_: list[str] | None, json_: bool, model: str | None = None) -> Any:
     from mlops.flows.session import Session
 
-    return Session.open(load_config(config, set_), say=say_fn(json_))
+    return Session.open(load_config(config, set_), say=say_fn(json_), model=model)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def releases(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
-        """Releases newest first, with their stage and status."""
+    def releases(
+        config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False, model: ModelOpt = None
+    ) -> None:
+        """Releases of a deployed model newest first, with their stage and status."""
         from rich.table import Table
 
-        s = _session(config, set_, json_)
+        s = _session(config, set_, json_, model)
         st, _ = s.registry.read_state()
         # the table reads the index alone (--json keeps its shape: each manifest with its history),
         # and the few manifests the stages name, so a damaged one is named here (exit 4, see doctor)
         for rid in sorted(st.referenced()):
             s.registry.manifest(rid)
-        items = s.registry.list(full=json_)
+        several = len(s.loaded.raw.get("deploy", {}).get("models") or {}) > 1
+        items = [m for m in s.registry.list(full=json_) if not several or m.get("model") == s.model]
         doc = {
             **{k: st.stages.get(k) for k in ("production", "previous", "candidate", "canary")},
             "routing": st.routing,
@@ -62,11 +65,16 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = Path("mlops.yaml"),
         set_: SetOpt = None,
         json_: JsonOpt = False,
+        model: ModelOpt = None,
     ) -> None:
         """Every decision about a release: step, metric values, verdict, who or what decided."""
         from rich.table import Table
 
-        s = _session(config, set_, json_)
+        from mlops.flows.session import Session
+
+        loaded = load_config(config, set_)
+        # a release id names its model: --model is only checked, never needed
+        s = Session.open(loaded, say=say_fn(json_), model=model or loaded.cfg.deploy.names[0])
         s.registry.require(release)
         events = s.registry.history(release)
         if json_:
@@ -99,13 +107,19 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--to", help="Release to serve (default: the previous production).")
         ] = None,
         reason: Annotated[str, typer.Option(help="Why; recorded in the release history.")] = "manual rollback",
+        model: ModelOpt = None,
     ) -> None:
         """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
         import getpass
 
+        from mlops.config import owner
         from mlops.flows.release import rollback_release
+        from mlops.flows.session import Session
 
-        s = _session(config, set_, json_)
+        loaded = load_config(config, set_)
+        if model is None and to is not None:  # a release id names its model
+            model = owner(loaded.cfg.deploy.names, to)
+        s = Session.open(loaded, say=say_fn(json_), model=model)
         import os
 
         try:

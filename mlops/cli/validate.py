@@ -33,6 +33,13 @@ def summary(config: Path, loaded: Loaded) -> tuple[dict[str, Any], str]:
         f"{config}: ok ({cfg.project}: {len(cfg.models)} model(s), {len(cfg.evals)} eval suite(s), "
         f"{len(cfg.gates)} gate(s), backend {cfg.backend})"
     )
+    if cfg.backend == "modal":  # what a container looks up, and where it must come from
+        from mlops.backends.modal_settings import ModalSettings
+        from mlops.backends.modal_setup import describe, lookups
+
+        s = ModalSettings.from_config(cfg, loaded.root)
+        info["modal"] = {"environment": s.environment, "lookups": [x.to_json() for x in lookups(cfg, s)]}
+        human = "\n".join([human, *describe(cfg, s)])
     return info, human
 
 

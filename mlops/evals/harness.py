@@ -54,7 +54,7 @@ def load_cases(loaded: Loaded, suite: str) -> list[Case]:
     ev = loaded.cfg.evals[suite]
     ds = loaded.cfg.datasets[ev.dataset]
     rows = read_dataset(loaded, ev.dataset)
-    cases = [Case(r.id, r.input, r.expected, r.context, tags=r.tags, messages=r.messages) for r in rows]
+    cases = [Case(r.id, r.input, r.expected, r.context, tags=r.tags, messages=r.messages, tools=r.tools) for r in rows]
     if len({c.id for c in cases}) != len(cases):
         raise ConfigError(f"{ds.path}: case ids must be unique")
     return cases[: ev.limit] if ev.limit else cases
@@ -106,18 +106,21 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self, case: Case) -> dict[str, Any]:
-        return {
-            "model": self.model or self.release,
-            "prompt": self.prompt_template.format(input=case.input),
-            "max_tokens": self.max_tokens,
-            "temperature": 0,
-        }
+        """A chat case asks the chat route with its turns (the server renders the model's template,
+        or wraps the last user turn in the prompt when the model has none); others a completion."""
+        body: dict[str, Any] = {"model": self.model or self.release, "max_tokens": self.max_tokens, "temperature": 0}
+        if not case.messages:
+            return body | {"prompt": self.prompt_template.format(input=case.input)}
+        body["messages"] = [dict(m) for m in case.messages]
+        if case.tools:  # in the prompt, the answer as text (vLLM's default "auto" needs a tool parser)
+            body |= {"tools": [dict(t) for t in case.tools], "tool_choice": "none"}
+        return body
 
 
 async def _ask(
     client: httpx.AsyncClient, ep: Endpoint, body: dict[str, Any], sem: asyncio.Semaphore, counts: Counts
 ) -> Output:
-    url = ep.base_url.rstrip("/") + "/v1/completions"
+    url = ep.base_url.rstrip("/") + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
     headers = {"x-mlops-release": ep.release, **NOT_CAPTURED, **ep.headers}
     if ep.api_key:
         headers["authorization"] = f"Bearer {ep.api_key}"

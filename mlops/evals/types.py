@@ -18,6 +18,7 @@ class Case:
     meta: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()  # the slices a gate may name (`segment:`)
     messages: tuple[dict[str, Any], ...] = ()  # chat: the turns before the answer (mlops.data.Example)
+    tools: tuple[dict[str, Any], ...] = ()  # chat: the tool schemas the conversation offers
 
     def prompt_text(self) -> str:
         """What a metric sees as the input: `input`, or for a multi-turn chat case every turn before the

@@ -90,6 +90,8 @@ def rollback_release(s: Session, to: str | None, reason: str, actor: str) -> Rol
     """Route all traffic to `to` (default: the previous production) after checking its artifact."""
     from mlops.rollout import rollback
 
+    if to is not None:
+        to = resolve_release(s, to)  # a stage name, or a release of this model
     before = s.registry.read_state()[0].stages.get("production")
     state, target = rollback(s.backend, to, reason, actor)
     return RollbackOutcome(

@@ -10,7 +10,17 @@ from typing import Any
 from mlops.contracts import RunResult
 from mlops.errors import EXIT_GATE, EXIT_OK, InfraError
 from mlops.flows.session import Session
-from mlops.flows.stages import _clear_candidate, _smoke, evaluate, gate, production_results, recover, roll_out, train
+from mlops.flows.stages import (
+    _clear_candidate,
+    _smoke,
+    evaluate,
+    gate,
+    production_results,
+    recover,
+    roll_out,
+    smoke_messages,
+    train,
+)
 
 
 @contextlib.contextmanager
@@ -125,8 +135,9 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
             common = {"release": release, "trained": tr.trained, "evals": summary, "gates": gates, "endpoint": url}
 
             def smoke() -> str | None:
-                """The release the endpoint answers from now."""
-                return _smoke(url, cfg.deploy.model, s.backend.client_key(), cfg.deploy.server.request_timeout)
+                """The release the endpoint answers from now (asked on the chat route for chat data)."""
+                key, timeout = s.backend.client_key(), cfg.deploy.server.request_timeout
+                return _smoke(url, cfg.deploy.model, key, timeout, smoke_messages(s))
 
             def kept_out(status: str, message: str, served: str | None, **more: Any) -> RunResult:
                 """The candidate stays out of production: the gate's exit code, production unchanged."""

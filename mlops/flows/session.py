@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlops.backends import backend_class
 from mlops.backends.base import Backend
-from mlops.config import Loaded
+from mlops.config import Loaded, narrow, resolve_model
 from mlops.errors import UsageError
 from mlops.registry.releases import Registry
 from mlops.registry.store import open_store
@@ -41,16 +41,28 @@ class Session:
 
     @classmethod
     def open(
-        cls, loaded: Loaded, say: Say = _quiet, progress: Callable[[dict[str, float]], None] | None = None
+        cls,
+        loaded: Loaded,
+        say: Say = _quiet,
+        progress: Callable[[dict[str, float]], None] | None = None,
+        model: str | None = None,
     ) -> Session:
+        """One deployed model's session: `model`, or the only one deployed (several and none named:
+        a one-line error listing them). Its config is that model's view (`mlops.config.narrow`)."""
+        name = resolve_model(loaded, model)
+        loaded = narrow(loaded, name)
         store = open_store(loaded.cfg.storage, base_dir=loaded.root)
-        registry = Registry(store, cache_dir=cache_dir(loaded))
+        registry = Registry(store, cache_dir=cache_dir(loaded), model=name)
         backend = backend_class(loaded.cfg.backend)(loaded, registry)
         baseline = None
         if loaded.cfg.baseline_storage:
             base_store = open_store(loaded.cfg.baseline_storage, base_dir=loaded.root)
-            baseline = Registry(base_store, cache_dir=cache_dir(loaded) / "baseline")
+            baseline = Registry(base_store, cache_dir=cache_dir(loaded) / "baseline", model=name)
         return cls(loaded, registry, backend, say, progress, baseline)
+
+    @property
+    def model(self) -> str:
+        return self.loaded.cfg.deploy.model
 
 
 def cache_dir(loaded: Loaded) -> Path:
@@ -72,4 +84,7 @@ def resolve_release(s: Session, ref: str) -> str:
             raise UsageError(f"there is no {ref} release yet")
         return str(rid)
     s.registry.require(ref)
+    owner = s.registry.model_of(ref)
+    if owner is not None and owner != s.model and owner in s.loaded.raw.get("deploy", {}).get("models", {}):
+        raise UsageError(f"release {ref} is a release of model {owner!r}, not {s.model!r}: pass --model {owner}")
     return ref

@@ -170,7 +170,7 @@ def roll_out(
     """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
     on a failing step the traffic is already back on production and the rollback is recorded."""
     from mlops.evals.harness import load_cases
-    from mlops.rollout import abort_canary, canary, wait_served
+    from mlops.rollout import Prompt, abort_canary, canary, wait_served
 
     cfg = s.loaded.cfg
     if prod is None:
@@ -178,7 +178,9 @@ def roll_out(
         return [], None
     model_cfg = cfg.models[cfg.deploy.model]
     cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
-    prompts = [model_cfg.prompt.format(input=c.input) for c in cases] or ["hello"]
+    prompts: list[Prompt] = [
+        [dict(m) for m in c.messages] if c.messages else model_cfg.prompt.format(input=c.input) for c in cases
+    ] or ["hello"]
     steps = canary(
         s.backend,
         release,
@@ -208,18 +210,32 @@ def _clear_candidate(st: State, release: str) -> State | None:
     return st
 
 
-def _smoke(url: str, model: str, key: str | None = None, timeout: float = 30.0) -> str | None:
+def smoke_messages(s: Session) -> list[dict[str, Any]] | None:
+    """A chat dataset's smoke request: the first case of the first eval suite, as turns (None when
+    that suite is not chat: the smoke request is then a plain completion)."""
+    from mlops.evals.harness import load_cases
+
+    cfg = s.loaded.cfg
+    cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
+    return [dict(m) for m in cases[0].messages] if cases and cases[0].messages else None
+
+
+def _smoke(
+    url: str, model: str, key: str | None = None, timeout: float = 30.0, messages: list[dict[str, Any]] | None = None
+) -> str | None:
     """One request through the production route (no pin): which release answered? `timeout`:
-    deploy.server.request_timeout, what a warm server takes at most to answer (or refuse)."""
+    deploy.server.request_timeout, what a warm server takes at most to answer (or refuse).
+    `messages`: a chat case's turns, sent to the chat route (what the deployed model is used for)."""
     import httpx
 
     from mlops.configmonitor import NOT_CAPTURED
 
     headers = {**NOT_CAPTURED, **({"authorization": f"Bearer {key}"} if key else {})}
+    path, ask = ("/v1/chat/completions", {"messages": messages}) if messages else ("/v1/completions", {"prompt": "a"})
     try:
         r = httpx.post(
-            f"{url}/v1/completions",
-            json={"model": model, "prompt": "a", "max_tokens": 1},
+            f"{url}{path}",
+            json={"model": model, "max_tokens": 1, **ask},
             timeout=timeout,
             headers=headers,
             trust_env=False,

@@ -123,7 +123,7 @@ def measure(loaded: Loaded, name: str) -> tuple[Callable[[str], int], str]:
     """How a row's length is counted: in the base tokenizer's tokens when the model that trains on
     (or else serves) this dataset has a local base with a tokenizer.json, else in characters."""
     cfg = loaded.cfg
-    models = [m for m in cfg.models.values() if m.dataset == name] or [cfg.models[cfg.deploy.model]]
+    models = [m for m in cfg.models.values() if m.dataset == name] or [cfg.models[cfg.deploy.names[0]]]
     for m in models:
         tok_file = loaded.root / m.base / "tokenizer.json"
         if m.base != "scratch" and tok_file.is_file():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import re
 import stat
@@ -92,13 +91,17 @@ class Unreadable(Exception):
 
 def _chunks(store: Store, key: str) -> Iterator[bytes]:
     """A stored object in CHUNK pieces. A directory store's file is opened without blocking (a FIFO
-    named *.jsonl answers at once) and read only when it is a regular file."""
+    named *.jsonl answers at once) and read only when it is a regular file; S3 streams the object."""
     path = store.local_path(key)
-    if path is None:  # an object store: the object (the writer's files are bounded by MAX_TEXT)
-        blob = store.get(key)
-        if blob is None:
-            raise Unreadable("gone")
-        yield blob.data
+    if path is None:  # an object store: streamed where it can (S3), else the object
+        stream = getattr(store, "iter_chunks", None)
+        pieces = stream(key, CHUNK) if stream is not None else None
+        if pieces is None:
+            blob = None if stream is not None else store.get(key)
+            if blob is None:
+                raise Unreadable("gone")
+            pieces = iter([blob.data])
+        yield from pieces
         return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -140,25 +143,32 @@ def _lines(chunks: Iterator[bytes], w: Window) -> Iterator[bytes]:
         yield buf  # a last line without its newline: a truncated write, the parser decides
 
 
-_INTS = ("status", "prompt_len", "output_len", "prompt_tokens", "completion_tokens", "max_tokens", "dropped_before")
-_STRS = ("release", "route", "finish_reason", "prompt", "output", "error", "source")
+_NUM, _INT, _STR, _NONE = {int, float}, {int}, {str}, {type(None)}
+# The type of every field `mlops monitor` reads (orjson parses no NaN or Infinity: numbers are finite).
+_TYPES: dict[str, frozenset[type]] = {
+    "id": frozenset(_STR),
+    "time": frozenset(_NUM),
+    "latency_s": frozenset(_NUM | _NONE),
+    **dict.fromkeys(
+        ("status", "prompt_len", "output_len", "prompt_tokens", "completion_tokens", "max_tokens", "dropped_before"),
+        frozenset(_INT | _NONE),
+    ),
+    **dict.fromkeys(
+        ("release", "route", "finish_reason", "prompt", "output", "error", "source"), frozenset(_STR | _NONE)
+    ),
+}
 
 
 def _valid(rec: Any) -> bool:
-    """A record `mlops monitor` can count: every field it reads has its type (None where optional)."""
-    if type(rec) is not dict or type(rec.get("id")) is not str:
+    """A record `mlops monitor` can count: an id, a time, and every field it reads of its type
+    (`True` is not a status: bool is not int here)."""
+    if type(rec) is not dict or "id" not in rec or "time" not in rec:
         return False
-    t = rec.get("time")
-    if not isinstance(t, int | float) or type(t) is bool or not math.isfinite(t):
-        return False
-    lat = rec.get("latency_s")
-    if lat is not None and (type(lat) not in (int, float) or not math.isfinite(lat) or lat < 0):
-        return False
-    for k in _INTS:
-        v = rec.get(k)
-        if v is not None and (type(v) is not int or v < 0):
+    for k, v in rec.items():  # one pass over the record's own keys (the profile's hot spot)
+        allowed = _TYPES.get(k)
+        if allowed is not None and type(v) not in allowed:
             return False
-    return all(rec.get(k) is None or type(rec.get(k)) is str for k in _STRS)
+    return True
 
 
 def _keep_text(rec: dict[str, Any], w: Window) -> None:
@@ -238,9 +248,13 @@ def load_counts(store: Store, since: float, until: float, stale_s: float) -> Cou
     day = dt.datetime.fromtimestamp(since, dt.UTC).date()
     end = dt.datetime.fromtimestamp(until, dt.UTC).date()
     keys = []
-    while day <= end:  # one listing per day of the window, not of all history
-        keys += store.list(f"{COUNTERS_PREFIX}/{day.isoformat()}")
-        day += dt.timedelta(days=1)
+    if (end - day).days <= 31:  # one listing per day of the window, not of all history
+        while day <= end:
+            keys += store.list(f"{COUNTERS_PREFIX}/{day.isoformat()}")
+            day += dt.timedelta(days=1)
+    else:  # a long window: one listing, filtered by the day in each key
+        first, last = day.isoformat(), end.isoformat()
+        keys = [k for k in store.list(COUNTERS_PREFIX) if first <= k.split("/")[-2] <= last]
     for key in keys:
         if not key.endswith(".json"):
             continue

@@ -179,6 +179,13 @@ def examine(reg: Registry) -> list[Finding]:
     exists, doc, why = _doc(reg, STATE_KEY)
     if exists and (why or not isinstance(doc, dict)):
         found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))
+    elif exists and isinstance(doc.get("models"), dict):  # several deployed models: each one's state
+        for name, sub in sorted(doc["models"].items()):
+            refs = State.from_json(sub).referenced() if isinstance(sub, dict) else set()
+            if missing := sorted(r for r in refs if not _valid_manifest(reg, r)):
+                problem = f"model {name} routes or points to {', '.join(missing)}, which has no valid manifest"
+                fix = f"mlops rollback --model {name} --to RELEASE (not rebuilt automatically with several models)"
+                found.append(Finding("missing_model_release", STATE_KEY, problem, fix))
     elif exists:
         st = State.from_json(doc)
         missing = sorted(r for r in st.referenced() if not _valid_manifest(reg, r))
@@ -289,9 +296,10 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
         if rid and f.repaired:
             touched.setdefault(rid, []).append(f"{f.kind}: {f.key} ({f.problem})")
     state_fix = [f for f in findings if f.kind in ("damaged_state", "missing_release", "expired_lease")]
-    if state_fix or any(f.kind == "damaged_manifest" for f in findings):
-        blob = reg.store.get(STATE_KEY)
-        doc, why = parse(blob.data) if blob else (None, None)
+    blob = reg.store.get(STATE_KEY)
+    doc, why = parse(blob.data) if blob else (None, None)
+    several = why is None and isinstance(doc, dict) and "models" in doc  # never one state over them all
+    if (state_fix or any(f.kind == "damaged_manifest" for f in findings)) and not several:
         old = State.from_json(doc) if why is None and isinstance(doc, dict) else None
         st = _good_state(reg, old)
         m = re.search(rb'"version":\s*(\d+)', blob.data) if blob else None

@@ -13,6 +13,13 @@ Layout on the store:
 
 Stages and routing live in one document so that one atomic compare-and-swap moves both: there is
 never a routing table that points at a release the stages do not know, or at a missing manifest.
+
+A deployed model is a dimension of that document. A registry whose releases are of one model keeps
+the single-model layout (a `State` at the top level, as every registry before several models); once
+a second model has a state, the document becomes `{"models": {name: State, ...}}`, the old state
+kept under the model its releases belong to. A `Registry` is scoped to one model (`model=`): its
+`read_state`/`update_state` see and move that model's state only, so its lease, canary and rollback
+never touch a neighbour (one compare-and-swap still guards the whole document).
 """
 
 from __future__ import annotations
@@ -130,12 +137,47 @@ class State:
         return refs
 
 
+class StateDoc:
+    """state.json parsed: each model's State, and which layout it was stored in."""
+
+    def __init__(self, states: dict[str, State], legacy: State | None, owner: str | None) -> None:
+        self.states = states  # model -> State (the layout with several models)
+        self.legacy = legacy  # the single-model layout's State (None: empty, or several models)
+        self.owner = owner  # the model the legacy State's releases belong to (None: it references none)
+
+    def models(self) -> list[str]:
+        return sorted(self.states) if self.legacy is None else [self.owner] if self.owner else []
+
+
+def models_doc(doc: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The per-model states of a state.json document, or None for the single-model layout."""
+    models = doc.get("models")
+    if models is None:
+        return None
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise TypeError("'models' is not a mapping of model name to state")
+    return models
+
+
 class Registry:
-    def __init__(self, store: Store, cache_dir: Path | None = None) -> None:
+    def __init__(self, store: Store, cache_dir: Path | None = None, model: str | None = None) -> None:
         self.store = store
         self.cache_dir = cache_dir
+        # the deployed model whose state this registry reads and writes (None: the only one there is)
+        self.model = model
         # a held rollout lease (mlops.registry.lease.Lease): every state write is then conditional on it
         self.lease: Any = None
+        self._owners: dict[str, str | None] = {}  # release id -> model (manifests are immutable)
+
+    def scoped(self, model: str | None) -> Registry:
+        """The same store and cache, seen as `model`'s registry."""
+        return Registry(self.store, self.cache_dir, model)
+
+    def model_of(self, release_id: str) -> str | None:
+        if release_id not in self._owners:
+            m = self.manifest(release_id)
+            self._owners[release_id] = str(m["model"]) if m and m.get("model") else None
+        return self._owners[release_id]
 
     # ------------------------------------------------------------------ releases
 
@@ -330,15 +372,52 @@ class Registry:
 
     # ------------------------------------------------------------------ state
 
-    def read_state(self) -> tuple[State, str | None]:
+    def read_doc(self) -> tuple[StateDoc, str | None]:
+        """Every model's state (and the document's etag, for a compare-and-swap)."""
         blob = self.store.get(STATE_KEY)
         if blob is None:
-            return State(), None
+            return StateDoc({}, None, None), None
         doc = self._loads(blob.data, STATE_KEY, dict)
         try:
-            return State.from_json(doc), blob.etag
+            models = models_doc(doc)
+            if models is not None:
+                return StateDoc({k: State.from_json(v) for k, v in models.items()}, None, None), blob.etag
+            legacy = State.from_json(doc)
         except (TypeError, ValueError, AttributeError) as e:
             raise RegistryDamaged(f"{self.store.uri}/{STATE_KEY}", f"unexpected content: {e}") from e
+        owner = next((o for rid in sorted(legacy.referenced()) if (o := self.model_of(rid))), None)
+        return StateDoc({}, legacy, owner), blob.etag
+
+    def _mine(self, doc: StateDoc) -> State:
+        if doc.legacy is not None:
+            if self.model is None or doc.owner in (None, self.model):
+                return doc.legacy
+            return State()
+        if self.model is None:
+            if len(doc.states) > 1:
+                raise UsageError(
+                    f"several models are deployed ({', '.join(sorted(doc.states))}): name one with --model"
+                )
+            return next(iter(doc.states.values()), State())
+        return doc.states.get(self.model) or State()
+
+    def _with(self, doc: StateDoc, new: State) -> dict[str, Any]:
+        """The document with this model's state replaced by `new`: the single-model layout while
+        no other model has a state, the per-model layout from the second model on."""
+        if doc.legacy is not None or not doc.states:
+            owner = doc.owner or self.model
+            if doc.legacy is None or self.model is None or doc.owner in (None, self.model):
+                return new.to_json()
+            states = {str(owner): doc.legacy}
+        else:
+            states = dict(doc.states)
+        key = self.model if self.model is not None else next(iter(states))
+        states[key] = new
+        return {"models": {k: v.to_json() for k, v in sorted(states.items())}}
+
+    def read_state(self) -> tuple[State, str | None]:
+        doc, etag = self.read_doc()
+        return self._mine(doc), etag
 
     def update_state(
         self, change: Callable[[State], State | None], reason: str, actor: str = "pipeline", *, quiet: bool = False
@@ -350,7 +429,8 @@ class Registry:
         if self.lease is not None:
             change = self.lease.guard(change)
         for attempt in range(CAS_RETRIES):
-            current, etag = self.read_state()
+            doc, etag = self.read_doc()
+            current = self._mine(doc)
             new = change(State.from_json(current.to_json()))
             if new is None:
                 return current
@@ -368,11 +448,12 @@ class Registry:
             new.version = current.version + 1
             if not quiet:
                 new.updated_at, new.reason, new.actor = now(), reason, actor
+            data = _dumps(self._with(doc, new))
             try:
                 if etag is None:
-                    self.store.put(STATE_KEY, _dumps(new.to_json()), if_none_match=True)
+                    self.store.put(STATE_KEY, data, if_none_match=True)
                 else:
-                    self.store.put(STATE_KEY, _dumps(new.to_json()), if_match=etag)
+                    self.store.put(STATE_KEY, data, if_match=etag)
                 return new
             except ConflictError:
                 _backoff(attempt)

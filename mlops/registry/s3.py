@@ -116,6 +116,24 @@ class S3Store:
                 raise
             return Blob(resp["Body"].read(), resp["ETag"].strip('"'))
 
+    def iter_chunks(self, key: str, size: int) -> Iterator[bytes] | None:
+        """The object streamed in `size` pieces (None when missing): a reader of captured traffic
+        never holds a large object whole (mlops/monitor/traffic.py)."""
+        with self._errors("get", key):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if _code(e) in _MISSING_CODES:
+                    return None
+                raise
+        body = resp["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            with self._errors("get", key):
+                yield from body.iter_chunks(size)
+
+        return chunks()
+
     def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         # A retried conditional put whose first attempt landed but whose reply was lost comes back
         # as a conflict; callers re-read and retry, which is safe for pointer moves.

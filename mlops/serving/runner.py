@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from mlops.config import Loaded
 from mlops.env import set_offline
@@ -89,13 +89,45 @@ def build(
     return pool, opts
 
 
+@contextlib.contextmanager
+def _served(
+    loaded: Loaded, registry: Registry, threads: int | None, retain: float | None, capture: bool
+) -> Iterator[tuple[ASGIApp, str | None]]:
+    """(the app, its API key) serving every deployed model, pools started; closed on exit.
+    One model: its app. Several: one app each (own pool, registry scope and capture) behind
+    `ModelRouter`, which picks by the request's `model`."""
+    from mlops.config import narrow
+
+    names = loaded.cfg.deploy.names
+    apps: dict[str, ASGIApp] = {}
+    pools: dict[str, ReleasePool] = {}
+    try:
+        for name in names:
+            view = narrow(loaded, name)
+            reg = registry if len(names) == 1 else registry.scoped(name)
+            pool, opts = build(view, reg, threads, retain)
+            pools[name] = pool
+            pool.start()
+            app: ASGIApp = create_app(pool, opts)
+            apps[name] = capture_wrap(app, view, reg.store) if capture else app
+        if len(names) == 1:
+            yield apps[names[0]], opts.api_key
+        else:
+            from mlops.serving.multi import ModelRouter
+
+            yield ModelRouter(apps, pools, opts.api_key, opts.max_body_bytes), opts.api_key
+    finally:
+        for pool in pools.values():
+            pool.close()
+
+
 def check_bind(host: str, api_key: str | None) -> None:
     if host not in LOOPBACK and not api_key:
         raise UsageError(f"refusing to bind {host} without an API key: set deploy.server.api_key_env and that variable")
 
 
 @contextlib.contextmanager
-def start_server(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def start_server(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` with uvicorn in a thread on `host:port` (0 = a free port); yield its base URL.
     On exit the server stops accepting, and requests in flight get DRAIN_S to finish."""
     import uvicorn
@@ -138,14 +170,9 @@ def serve_in_thread(
     retain: float | None = None,
 ) -> Iterator[str]:
     """Start the server on `host:port` (0 = a free port) and yield its base URL; stop it on exit."""
-    pool, opts = build(loaded, registry, threads, retain)
-    check_bind(host, opts.api_key)
-    pool.start()
-    try:
-        with start_server(create_app(pool, opts), host, port) as url:
-            yield url
-    finally:
-        pool.close()
+    check_bind(host, api_key_from_env(loaded.cfg.deploy.server.api_key_env))
+    with _served(loaded, registry, threads, retain, capture=False) as (app, _), start_server(app, host, port) as url:
+        yield url
 
 
 def exit_on_sigterm() -> None:
@@ -159,17 +186,14 @@ def exit_on_sigterm() -> None:
 def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -> None:
     import uvicorn
 
-    pool, opts = build(loaded, registry, threads=SERVE_THREADS)
-    check_bind(host, opts.api_key)
+    check_bind(host, api_key_from_env(loaded.cfg.deploy.server.api_key_env))
     exit_on_sigterm()
-    try:
-        pool.start()
+    # user traffic only is captured; flushed at exit
+    with _served(loaded, registry, SERVE_THREADS, None, capture=True) as (app, _):
         uvicorn.run(
-            capture_wrap(create_app(pool, opts), loaded, registry.store),  # user traffic only; flushed at exit
+            app,
             host=host,
             port=port,
             log_level="info",
             **UVICORN_OPTIONS,
         )
-    finally:
-        pool.close()
