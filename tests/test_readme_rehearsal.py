@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,60 @@ FAST: dict[str, Any] = {
 }
 
 
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+
+
+class Shell:
+    """One bash session, as a reader's terminal: each line runs in it in turn (variables carry over),
+    and its exit status is read back after it (a marker line on stdout)."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self._err = cwd / "shell.stderr"
+        self.proc = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err.open("w"),
+            text=True,
+        )
+        self.out: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.out.put(line)
+
+    def run(self, line: str, timeout: float = 600) -> Ran:
+        marker = f"::rc-{uuid.uuid4().hex}::"
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f'{line}\necho; echo "{marker}$?"\n')
+        self.proc.stdin.flush()
+        got: list[str] = []
+        while True:
+            text = self.out.get(timeout=timeout)  # bounded: queue.Empty fails the test
+            if text.startswith(marker):
+                return Ran(int(text[len(marker) :]), "".join(got))
+            got.append(text)
+
+    def stderr(self) -> str:
+        return self._err.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
 def readme_block() -> list[str]:
     text = (REPO / "README.md").read_text()
     assert MARK in text, "README.md lost the twin rehearsal block this test runs"
@@ -48,6 +106,7 @@ def test_readme_block_reads_as_expected() -> None:
     cmds = [re.sub(r"\s+#.*$", "", ln) for ln in readme_block()]
     assert cmds[0].startswith("export MLOPS_MODAL_TWIN=")
     assert [c.split()[:4] for c in cmds[1:]] == [
+        ["eval", '"$(python', "-m", "mlops.backends.modal_twin"],
         ["python", "-m", "mlops.backends.modal_twin", "secret"],
         ["mlops", "run", "--set", "backend=modal"],
         ["mlops", "run", "--set", "backend=modal"],
@@ -64,16 +123,10 @@ def test_the_twin_rehearsal_in_the_readme_does_what_its_comments_say(tmp_path: P
     root = make_project(tmp_path / "clone", FAST | {"gates": GATES})
     shutil.copytree(REPO / "functions", root / "functions", ignore=shutil.ignore_patterns("__pycache__"))
     lines = readme_block()
-    export = lines[0]
     # `python` and `mlops` as a reader's activated environment has them
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env |= {"MLOPS_WANDB": "disabled", "PYTHONPATH": str(REPO)}
-
-    def sh(line: str) -> subprocess.CompletedProcess[str]:
-        """One line of the block, in a shell that ran the block's `export` line first."""
-        return subprocess.run(
-            ["bash", "-c", f"{export}\n{line}"], cwd=root, env=env, capture_output=True, text=True, timeout=600
-        )
+    shell = Shell(root, env)
 
     def state() -> dict[str, Any]:
         r = mlops("releases", "--json", cwd=root)
@@ -85,11 +138,14 @@ def test_the_twin_rehearsal_in_the_readme_does_what_its_comments_say(tmp_path: P
         assert r.returncode == 0, r.stderr
         return [e["event"] for e in json.loads(r.stdout)["history"]]
 
-    def ok(r: subprocess.CompletedProcess[str], line: str) -> None:
-        assert r.returncode == 0, f"{line}\nexit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    def ok(r: Ran, line: str) -> None:
+        assert r.returncode == 0, f"{line}\nexit {r.returncode}\n{r.stdout[-1500:]}\n{shell.stderr()[-3000:]}"
 
-    secret, first, again, broken, rollback, app_list, stop_all = lines[1:]
+    export, token, secret, first, again, broken, rollback, app_list, stop_all = lines
+    sh = shell.run
     try:
+        ok(sh(export), export)
+        ok(sh(token), token)
         ok(sh(secret), secret)
 
         ok(sh(first), first)  # train, deploy, eval through the gateway, promote
@@ -124,4 +180,7 @@ def test_the_twin_rehearsal_in_the_readme_does_what_its_comments_say(tmp_path: P
         assert f"{APP}-serve-{r1}" in listed.stdout and f"{APP}-serve-{r2}" in listed.stdout
         assert f"{APP}-serve-{r3}" not in listed.stdout, listed.stdout
     finally:
-        ok(sh(stop_all), stop_all)
+        try:
+            ok(sh(stop_all), stop_all)
+        finally:
+            shell.close()
