@@ -8,13 +8,14 @@ pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metri
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Self, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -193,23 +194,24 @@ class ServerCfg(Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are answered 413.")
 
 
-class DeployModelCfg(Strict):
+class DeployModelBase(Strict):
     """One entry of `deploy.models`: what this model changes from the `deploy` block's defaults
     (each key given here is merged over the same key of `deploy`)."""
 
-    engine: str | None = Field(None, description="Overrides deploy.engine for this model.")
-    resources: ResourcesCfg | None = None
-    rollout: RolloutCfg | None = None
     evals: list[str] | None = Field(None, description="The eval suites this model is gated on (default: every suite).")
     gates: list[GateCfg] | None = Field(None, description="This model's gates (default: the top-level `gates`).")
 
 
+if TYPE_CHECKING:
+    DeployModelCfg = DeployModelBase  # at run time: built from DeployCfg's fields below
+
 MULTI_HINT = "see README 'Several deployed models'"
+SHARED_KEYS = ("model", "models", "server")  # one server for every deployed model: never per model
 
 
 class DeployCfg(Strict):
     model: str = Field("", description="The one deployed model (a key of `models`); or use `models` for several.")
-    models: dict[str, DeployModelCfg] = Field(
+    models: dict[str, "DeployModelCfg"] = Field(
         {},
         description="Several deployed models: model name -> what it changes from this block's defaults "
         "(each has its own stages, routing, canary, gates and rollback).",
@@ -236,6 +238,22 @@ class DeployCfg(Strict):
     def names(self) -> list[str]:
         """The deployed models, in file order."""
         return [self.model] if self.model else list(self.models)
+
+
+def _per_model() -> type[DeployModelBase]:
+    """Every key of `deploy` but the shared ones, optional: a key added to DeployCfg (engine
+    settings, say) can be set per model without a second definition to keep in step."""
+    fields: dict[str, Any] = {
+        k: (Optional[f.annotation], Field(None, description=f"This model's {k} (merged over deploy.{k})."))  # noqa: UP045
+        for k, f in DeployCfg.model_fields.items()
+        if k not in SHARED_KEYS
+    }
+    return create_model("DeployModelCfg", __base__=DeployModelBase, __doc__=DeployModelBase.__doc__, **fields)
+
+
+if not TYPE_CHECKING:
+    DeployModelCfg = _per_model()
+DeployCfg.model_rebuild()
 
 
 class JudgeCfg(Strict):
@@ -374,7 +392,11 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
     if cfg.backend not in BACKENDS:
         raise fail(("backend",), f"unknown backend {cfg.backend!r} {_did_you_mean(cfg.backend, BACKENDS)}")
     engines: list[tuple[tuple[str, ...], str]] = [(("deploy", "engine"), cfg.deploy.engine)]
-    engines += [(("deploy", "models", n, "engine"), d.engine) for n, d in cfg.deploy.models.items() if d.engine]
+    engines += [
+        (("deploy", "models", n, "engine"), e)
+        for n, d in cfg.deploy.models.items()
+        if (e := getattr(d, "engine", None))
+    ]
     for loc, engine in engines:
         if engine not in plugins.ENGINES:
             raise fail(loc, f"unknown engine {engine!r} {_did_you_mean(engine, plugins.ENGINES)}")

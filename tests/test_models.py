@@ -66,6 +66,14 @@ def test_config_forms_one_model_several_and_ambiguous(tmp_path: Path) -> None:
         load(root / "mlops.yaml", ["deploy.models.c={}"])
     with pytest.raises(ConfigError, match=r"deploy.models.a.gates.0.eval: unknown eval 'nope'"):
         load(root / "mlops.yaml", ["deploy.models.a.gates=[{eval: nope, metric: exact_match, min: 0.1}]"])
+    with pytest.raises(ConfigError, match=r"deploy.models.a.engine: unknown engine 'vlm' \(did you mean 'vllm'"):
+        load(root / "mlops.yaml", ["deploy.models.a.engine=vlm"])
+    with pytest.raises(ConfigError, match=r"deploy.models.a.server"):  # one server for all
+        load(root / "mlops.yaml", ["deploy.models.a.server={port: 1}"])
+    # every key of `deploy` but the shared ones can be set per model (a new one, e.g. vllm, too)
+    from mlops.config import SHARED_KEYS, DeployCfg, DeployModelCfg
+
+    assert set(DeployCfg.model_fields) - set(SHARED_KEYS) <= set(DeployModelCfg.model_fields)
     assert [g.metric for g in narrow(loaded, "a").cfg.gates] == ["ragas.chrf_score"]
     ungated = load(root / "mlops.yaml", ["deploy.models.b={}"])
     assert narrow(ungated, "b").cfg.gates == ungated.cfg.gates  # absent: the top-level gates
