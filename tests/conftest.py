@@ -184,6 +184,29 @@ class InThreadServer:
             self.stop()
 
 
+# ---------------------------------------------------------------------------- pytest-xdist
+# `make test` runs `pytest -n 2 --dist loadgroup`. Stock loadgroup hands every unmarked test out
+# on its own, so a module fixture (a trained project, a vLLM server) would be built once per
+# worker; here a module stays on one worker (as loadfile) and the modules marked
+# `pytest.mark.xdist_group(NAME)` share one queue, so two of them never overlap: the ones whose
+# timing suffers most on a loaded 2-core box (kill -9 at offsets, lease expiry, vLLM's start).
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileOrGroup(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):  # loadgroup's "@NAME" suffix (not a param's "@")
+                return "group:" + nodeid.rsplit("@", 1)[1]
+            return nodeid.split("::", 1)[0]
+
+    return FileOrGroup(config, log)
+
+
 S3_BUCKET = "mlops-test"  # in moto's server; a test keeps to its own prefix
 
 

@@ -21,6 +21,9 @@ from mlops.pipeline import Session
 from mlops.pipeline import run as run_pipeline
 from mlops.registry.lease import live
 
+# one xdist queue with the other load-sensitive modules (tests/conftest.py: pytest-xdist)
+pytestmark = pytest.mark.xdist_group("heavy")
+
 TTL_S = 4.0
 CRASH = {
     "deploy": {"rollout": {"steps": [50, 100], "requests_per_step": 8, "lease_ttl": f"{TTL_S}s"}},

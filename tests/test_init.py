@@ -14,6 +14,15 @@ from conftest import REPO, mlops
 from mlops.scaffold import template_files
 
 
+def copy_source(s: Path, dest: Path) -> None:
+    """Copy a source file or tree without bytecode: another pytest-xdist worker may be writing a
+    .pyc there (a temp file that vanishes mid-copy)."""
+    if s.is_dir():
+        shutil.copytree(s, dest, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    else:
+        shutil.copy2(s, dest)
+
+
 def test_init_adds_the_template_and_it_validates(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("an existing project\n")
     out = mlops("init", str(tmp_path), "--json", cwd=tmp_path)
@@ -49,7 +58,7 @@ def test_the_wheel_ships_the_template(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md", "mlops", *{n.split("/")[0] for n in template_files(REPO)}):
         s = REPO / name
-        (shutil.copytree if s.is_dir() else shutil.copy2)(s, src / name)  # type: ignore[operator]
+        copy_source(s, src / name)
     built = subprocess.run(
         [
             sys.executable,
@@ -102,7 +111,7 @@ def test_an_initialised_project_runs_under_act(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md", "mlops", *{n.split("/")[0] for n in template_files(REPO)}):
         s = REPO / name
-        (shutil.copytree if s.is_dir() else shutil.copy2)(s, src / name)  # type: ignore[operator]
+        copy_source(s, src / name)
     pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", str(src)]
     installed = subprocess.run(pip, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-2000:]

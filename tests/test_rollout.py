@@ -32,6 +32,9 @@ from mlops.registry.releases import Registry, State
 from mlops.rollout import abort_canary, canary
 from mlops.serving.faults import Fault
 
+# one xdist queue with the other load-sensitive modules (tests/conftest.py: pytest-xdist)
+pytestmark = pytest.mark.xdist_group("heavy")
+
 H = "x-mlops-release"
 WAIT_S = 20.0
 

@@ -33,6 +33,9 @@ from conftest import REPO, free_port, make_project, mlops, train_and_publish
 
 from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, template_flag, vllm_command, vllm_env
 
+# one xdist queue with the other load-sensitive modules (tests/conftest.py: pytest-xdist)
+pytestmark = pytest.mark.xdist_group("heavy")
+
 KILLED_WAIT_S = 90.0  # after a `kill -9` of `mlops serve`: its guard's SIGTERM, SIGKILL 15 s later
 STARTUP_S = 480.0  # generous: measured 35 s quiet, 3.5 min on a loaded machine
 # vLLM's CPU attention supports head sizes 32, 64, ...: n_embd 32 over one head (the suite's

@@ -22,6 +22,9 @@ from test_vllm import VllmServer, launched_vllm
 
 from mlops.testing import chat_artifact
 
+# one xdist queue with the other load-sensitive modules (tests/conftest.py: pytest-xdist)
+pytestmark = pytest.mark.xdist_group("heavy")
+
 POSITIONS = 256  # the artifact's max_position_embeddings
 
 
