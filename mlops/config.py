@@ -81,9 +81,15 @@ class LoraCfg(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
         ["c_attn"],
-        description="Module names (suffixes) of the base model to adapt, or ['all-linear']; "
-        "checked against the base model when training starts.",
+        description="Module names (suffixes) of the base model to adapt, or ['all-linear'] (one name "
+        "may be a string, as peft spells it: all-linear); checked against the base model when training starts.",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        # peft's own configs write `target_modules: all-linear`; a reader copying one must not hit a type error
+        return [v] if isinstance(v, str) else v
 
 
 class ResourcesCfg(Strict):

@@ -236,3 +236,13 @@ def test_secret_values_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyP
     loaded = load(tmp_path / "mlops.yaml")
     dumped = json.dumps(loaded.cfg.model_dump(mode="json")) + json.dumps(loaded.raw)
     assert "MLOPS_TEST_SECRET" in dumped and "sk-planted-secret-value" not in dumped
+
+
+def test_lora_target_modules_accepts_one_name_as_a_string() -> None:
+    """peft's own spelling `target_modules: all-linear` (a string) means the one-item list."""
+    one = load(REPO / "mlops.yaml", ["models.tiny.lora.target_modules=all-linear"])
+    listed = load(REPO / "mlops.yaml", ["models.tiny.lora.target_modules=[all-linear]"])
+    assert one.cfg.models["tiny"].lora.target_modules == ["all-linear"]
+    assert one.cfg.models["tiny"].model_dump() == listed.cfg.models["tiny"].model_dump()
+    with pytest.raises(ConfigError, match="target_modules"):
+        load(REPO / "mlops.yaml", ["models.tiny.lora.target_modules=3"])

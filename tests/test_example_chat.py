@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,44 @@ def test_the_whole_run_trains_evaluates_per_segment_and_promotes(project: Path) 
     manifest = json.loads(releases.stdout)["releases"][0]
     assert manifest["train"]["data"]["format"] == "chat" and manifest["train"]["data"]["dropped"] == 0
     assert manifest["lineage"]["base_sha256"] == json.loads(base.stdout)["sha256"]
+
+
+@pytest.mark.timeout(900)
+def test_the_whole_run_through_the_modal_twin(project: Path, tmp_path: Path) -> None:
+    """The same example with `backend: modal`: functions/train.py trains it, its own serve app
+    answers the chat eval, the gateway routes to it (the twin runs the function bodies locally)."""
+    root = tmp_path / "p"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns(".mlops", "wandb"))
+    if not (root / "bases" / "tiny-llama").is_dir():  # the local test built it; built again if run alone
+        b = mlops("base", "build", "--data", "data/train.jsonl", "--out", "bases/tiny-llama", cwd=root, timeout=300)
+        assert b.returncode == 0, b.stderr
+    env = {"MLOPS_MODAL_TWIN": str(tmp_path / "twin"), "MLOPS_API_KEY": "key-1", "MLOPS_WANDB": "disabled"}
+
+    def twin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mlops.backends.modal_twin", *args],
+            cwd=root, env=os.environ | env, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+
+    token = twin("proxy-token", "create")
+    assert token.returncode == 0, token.stderr
+    made = twin(
+        "secret",
+        "create",
+        "mlops-chat-support-auth",
+        "MLOPS_API_KEYS=key-1",
+        "MLOPS_VLLM_API_KEY=v",
+        *token.stdout.split(),
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        run = mlops(
+            "run", "--json", "--set", "backend=modal", "--set", "models.support.train.steps=120",
+            cwd=root, env=env, timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        out = json.loads(run.stdout)
+        assert out["status"] == "promoted" and out["served_by"] == out["release"]
+        assert out["evals"]["heldout"]["exact_match"]["mean"] >= 0.6 and all(g["passed"] for g in out["gates"])
+    finally:
+        twin("stop-all")
