@@ -74,6 +74,7 @@ STATE_TTL_S = 2.0  # how stale routing may be: a Dict read per container per 2 s
 URL_TTL_S = 30.0  # release URLs change only on redeploy
 
 # Upstream timeouts: a scaled-to-zero vLLM container may take minutes to answer its first request.
+UPSTREAM_KEEPALIVE_S = 2.5  # below vLLM's 5 s idle keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): see lifespan
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=15.0, read=600.0, write=60.0, pool=60.0)
 # The gateway's own function timeout must outlast the longest upstream wait, or Modal cuts a
 # request that vLLM would still have answered.
@@ -281,7 +282,11 @@ def create_gateway_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         # follow_redirects: Modal answers a request that waits on a cold container past ~150 s
         # with a 303 to the pending result; following it is how the answer arrives.
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, trust_env=False) as client:
+        # keepalive_expiry: vLLM (and the twin's stand-in) close a connection idle for 5 s, httpx's own
+        # expiry is 5 s too: a request on a connection idle ~5 s raced that close and came back as a 502
+        # (issue 17; a canary step failed on it). Giving up on idle connections first is always safe.
+        limits = httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_S)
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, trust_env=False, limits=limits) as client:
             clients.append(client)
             if isinstance(stats, SharedStats):
                 stats.start()

@@ -17,10 +17,21 @@ How one run goes (`run_event`):
 
 A probe (`sitecustomize.py` in the tool-cache Python) records, for every Python process the
 workflow starts, which secret-bearing variables it could see: tests assert on that.
+
+The stand-in also plays GitHub's OIDC provider and AWS STS, as strictly as the real pair: a job's
+ID-token request (`ACTIONS_ID_TOKEN_REQUEST_URL`, as configure-aws-credentials makes it) gets a
+token whose subject follows GitHub's rule for the requesting job (`repo:O/R:environment:E` when the
+job names an environment, else `repo:O/R:pull_request` for a pull request, else
+`repo:O/R:ref:<ref>`), the job found from the request's socket (its process's GITHUB_JOB); STS
+(`AWS_ENDPOINT_URL_STS`) grants AssumeRoleWithWebIdentity only when a trust policy given for
+that role (the README's, `readme_trust_policies`) admits the token's `aud` and `sub`. Both are
+recorded in the result's `tokens`.
 """
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import hashlib
 import http.server
 import json
@@ -69,6 +80,49 @@ FAST = {
         {"eval": "heldout", "metric": "latency", "stat": "p95", "max": 60.0},
     ],
 }
+
+
+# The roles the workflows assume (repository variables) and the README's trust policy for each.
+ROLE_ARNS = {
+    "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/mlops",
+    "AWS_PR_ROLE_ARN": "arn:aws:iam::123456789012:role/mlops-pr",
+}
+OIDC_ISSUER = "https://token.actions.githubusercontent.com"
+
+
+def readme_trust_policies(readme: Path = ROOT / "README.md") -> dict[str, dict[str, Any]]:
+    """role ARN -> the trust policy the README gives for it (the block after the line naming the
+    role's variable), `<owner>/<repo>` made this repository."""
+    text = readme.read_text()
+    out = {}
+    for var, arn in ROLE_ARNS.items():
+        m = re.search(rf"^`{var}`[^\n]*:\n```json\n(.*?)```", text, re.M | re.S)
+        assert m, f"README.md gives no trust policy for {var} (a line `{var}` ...: then a json block)"
+        out[arn] = json.loads(m.group(1).replace("<owner>/<repo>", REPO_NAME))
+    return out
+
+
+def trusts(policy: dict[str, Any], claims: dict[str, Any]) -> bool:
+    """Whether an IAM trust policy lets a GitHub OIDC token with these claims assume the role."""
+    for st in policy.get("Statement", []):
+        actions = st.get("Action")
+        actions = [actions] if isinstance(actions, str) else actions or []
+        if st.get("Effect") != "Allow" or "sts:AssumeRoleWithWebIdentity" not in actions:
+            continue
+        ok = True
+        for op, conds in (st.get("Condition") or {}).items():
+            for key, want in conds.items():
+                claim = str(claims.get(key.removeprefix("token.actions.githubusercontent.com:"), ""))
+                wants = [want] if isinstance(want, str) else want
+                if op == "StringEquals":
+                    ok &= claim in wants
+                elif op == "StringLike":
+                    ok &= any(fnmatch.fnmatchcase(claim, w) for w in wants)
+                else:
+                    ok = False  # an operator this stand-in does not know: refuse, as a strict STS would
+        if ok:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- the project
@@ -270,6 +324,8 @@ class ActResult:
     seconds: float
     state: dict[str, Any] = field(default_factory=dict)
     artifact_dir: Path | None = None
+    # OIDC token requests and STS calls: {"kind": "token"|"sts", "job", "environment", "sub", "aud", ...}
+    tokens: list[dict[str, Any]] = field(default_factory=list)
 
     def artifacts(self) -> dict[str, dict[str, bytes]]:
         """What upload-artifact sent to act's artifact server: name -> {file in the zip: content}."""
@@ -366,10 +422,16 @@ class Act:
             cmd += ["--env", f"{k}={v}"]
         for k, v in (vars or {}).items():
             cmd += ["--var", f"{k}={v}"]
+        if actor == "dependabot[bot]":
+            # GitHub gives a Dependabot-triggered run only Dependabot secrets (none here) and a
+            # read-only token (the stand-in answers its writes 403)
+            secrets = {}
         for k, v in ({"GITHUB_TOKEN": "ghs_standin_token"} | (secrets or {})).items():
             cmd += ["-s", f"{k}={v}"]
         spec = {"cmd": cmd, "cwd": str(repo), "state": str(self.state_file), "out": str(run_dir / "result.json")}
         spec["log"] = str(run_dir / "act.log")
+        spec["workflow"] = str(repo / ".github" / "workflows" / workflow)
+        spec["trust"] = readme_trust_policies()
         spec["home"] = str(self.work / "home")
         (run_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.monotonic()
@@ -392,7 +454,9 @@ class Act:
             else []
         )
         log = (run_dir / "act.log").read_text()
-        return ActResult(res["rc"], log, res["calls"], probes, seconds, self.state, run_dir / "artifacts")
+        return ActResult(
+            res["rc"], log, res["calls"], probes, seconds, self.state, run_dir / "artifacts", res.get("tokens", [])
+        )
 
 
 def _clean_env() -> dict[str, str]:
@@ -412,10 +476,15 @@ class GitHubStandIn(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, state: dict[str, Any]) -> None:
+    def __init__(
+        self, state: dict[str, Any], workflow: str | None = None, trust: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.state = state
         self.calls: list[dict[str, Any]] = []
+        self.tokens: list[dict[str, Any]] = []
+        self.workflow = yaml.safe_load(Path(workflow).read_text()) if workflow else {}
+        self.trust = trust or {}
         self.lock = threading.Lock()
 
     @property
@@ -454,10 +523,93 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         link = ", ".join(f'{url(n)}; rel="{rel}"' for rel, n in rels.items())
         self._reply(200, items[(page - 1) * per : page * per], link)
 
+    def _oidc_token(self) -> None:
+        """GitHub's ID-token endpoint: the subject by GitHub's rule for the job that asked."""
+        env = _peer_environ(self.client_address[1], self.server.server_address[1])
+        job_id = env.get("GITHUB_JOB", "")
+        job = (self.server.workflow.get("jobs") or {}).get(job_id) or {}
+        environment = job.get("environment")
+        if isinstance(environment, dict):
+            environment = environment.get("name")
+        repo, event = env.get("GITHUB_REPOSITORY", REPO_NAME), env.get("GITHUB_EVENT_NAME", "")
+        if environment:
+            sub = f"repo:{repo}:environment:{environment}"
+        elif event in ("pull_request", "pull_request_target"):
+            sub = f"repo:{repo}:pull_request"
+        else:
+            sub = f"repo:{repo}:ref:{env.get('GITHUB_REF', '')}"
+        aud = dict(urllib.parse.parse_qsl(self.path.partition("?")[2])).get("audience", "")
+        claims = {"iss": OIDC_ISSUER, "sub": sub, "aud": aud, "repository": repo, "environment": environment}
+        claims |= {"job": job_id, "event_name": event, "actor": env.get("GITHUB_ACTOR")}
+        self.server.tokens.append({"kind": "token"} | claims)
+        jwt = ".".join(_b64(json.dumps(x)) for x in ({"alg": "none", "typ": "JWT"}, claims)) + ".stand-in"
+        self._reply(200, {"value": jwt})
+
+    def _sts(self, form: dict[str, str]) -> None:
+        """AWS STS AssumeRoleWithWebIdentity, granted only as the role's trust policy says (and the
+        GetCallerIdentity the action asks next, for its account id output)."""
+        ns = "https://sts.amazonaws.com/doc/2011-06-15/"
+        if form.get("Action") == "GetCallerIdentity":
+            xml = (
+                f'<GetCallerIdentityResponse xmlns="{ns}"><GetCallerIdentityResult>'
+                "<Arn>arn:aws:sts::123456789012:assumed-role/stand-in/GitHubActions</Arn>"
+                "<UserId>AROASTANDIN:GitHubActions</UserId><Account>123456789012</Account>"
+                "</GetCallerIdentityResult><ResponseMetadata><RequestId>stand-in</RequestId></ResponseMetadata>"
+                "</GetCallerIdentityResponse>"
+            )
+            return self._reply_raw(200, xml.encode(), "text/xml")
+        claims = json.loads(base64.urlsafe_b64decode(form["WebIdentityToken"].split(".")[1] + "=="))
+        role = form.get("RoleArn", "")
+        allowed = role in self.server.trust and trusts(self.server.trust[role], claims)
+        self.server.tokens.append(
+            {"kind": "sts", "role": role, "sub": claims["sub"], "aud": claims["aud"]}
+            | {"job": claims.get("job"), "allowed": allowed}
+        )
+        if not allowed:
+            xml = (
+                f'<ErrorResponse xmlns="{ns}"><Error><Type>Sender</Type><Code>AccessDenied</Code>'
+                "<Message>Not authorized to perform sts:AssumeRoleWithWebIdentity</Message></Error>"
+                "<RequestId>stand-in</RequestId></ErrorResponse>"
+            )
+            return self._reply_raw(403, xml.encode(), "text/xml")
+        name = role.rsplit("/", 1)[-1]
+        xml = (
+            f'<AssumeRoleWithWebIdentityResponse xmlns="{ns}"><AssumeRoleWithWebIdentityResult>'
+            f"<SubjectFromWebIdentityToken>{claims['sub']}</SubjectFromWebIdentityToken>"
+            f"<Audience>{claims['aud']}</Audience><Provider>{OIDC_ISSUER}</Provider>"
+            f"<AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/{name}/{form.get('RoleSessionName', 's')}</Arn>"
+            f"<AssumedRoleId>AROASTANDIN:{form.get('RoleSessionName', 's')}</AssumedRoleId></AssumedRoleUser>"
+            "<Credentials><AccessKeyId>ASIASTANDIN</AccessKeyId><SecretAccessKey>stand-in-secret</SecretAccessKey>"
+            "<SessionToken>stand-in-session</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>"
+            "</AssumeRoleWithWebIdentityResult><ResponseMetadata><RequestId>stand-in</RequestId></ResponseMetadata>"
+            "</AssumeRoleWithWebIdentityResponse>"
+        )
+        return self._reply_raw(200, xml.encode(), "text/xml")
+
+    def _reply_raw(self, code: int, data: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _handle(self) -> None:
         length = int(self.headers.get("content-length") or 0)
-        body = json.loads(self.rfile.read(length) or b"null") if length else None
+        raw = self.rfile.read(length) if length else b""
         path = self.path.split("?", 1)[0]
+        if path == OIDC_PATH and self.command == "GET":
+            with self.server.lock:
+                return self._oidc_token()
+        if "x-www-form-urlencoded" in (self.headers.get("content-type") or "") and self.command == "POST":
+            with self.server.lock:
+                return self._sts(dict(urllib.parse.parse_qsl(raw.decode())))
+        body = json.loads(raw or b"null") if raw else None
+        if self.command != "GET":
+            actor = _peer_environ(self.client_address[1], self.server.server_address[1]).get("GITHUB_ACTOR")
+            if actor == "dependabot[bot]":  # its GITHUB_TOKEN is read-only, whatever `permissions:` asks
+                with self.server.lock:
+                    self.server.calls.append({"method": self.command, "path": path, "body": body, "status": 403})
+                return self._reply(403, {"message": "Resource not accessible by integration (stand-in)"})
         st = self.server.state
         with self.server.lock:
             self.server.calls.append(
@@ -501,7 +653,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         return self._reply(200, c)
             return self._reply(404, {"message": "Not Found (stand-in)"})
 
-    do_GET = do_POST = do_PATCH = _handle
+    def _safe(self) -> None:
+        """A stand-in bug answers 500 and is recorded (as a call with `error`), never a bare hang-up."""
+        try:
+            self._handle()
+        except Exception:
+            import traceback
+
+            with self.server.lock:
+                self.server.calls.append({"method": self.command, "path": self.path, "error": traceback.format_exc()})
+            self._reply(500, {"message": "stand-in error"})
+
+    do_GET = do_POST = do_PATCH = _safe
+
+
+OIDC_PATH = "/_stand-in/oidc/token"
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _peer_environ(client_port: int, server_port: int) -> dict[str, str]:
+    """The environment of the process holding the client end of a loopback TCP connection (what
+    GitHub knows from the job's own token URL; act gives every job the same URL)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == client_port and int(cols[2].rsplit(":", 1)[1], 16) == server_port:
+                inode = cols[9]
+    if inode is None:
+        return {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in fd_dir.iterdir()):
+                raw = (fd_dir.parent / "environ").read_bytes()
+                return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+        except OSError:
+            continue
+    return {}
 
 
 def _drive(spec_path: str) -> None:
@@ -509,11 +700,15 @@ def _drive(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
     state = json.loads(Path(spec["state"]).read_text())
-    server = GitHubStandIn(state)
+    server = GitHubStandIn(state, spec.get("workflow"), spec.get("trust"))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = os.environ | {"XDG_CACHE_HOME": spec["home"] + "/cache", "HOME": spec["home"]}
     Path(spec["home"]).mkdir(parents=True, exist_ok=True)
     cmd = spec["cmd"] + ["--env", f"GITHUB_API_URL={server.url}"]
+    # GitHub's OIDC provider and AWS STS, both the stand-in (see the module's docstring)
+    cmd += ["--env", f"ACTIONS_ID_TOKEN_REQUEST_URL={server.url}{OIDC_PATH}?api-version=2.0"]
+    cmd += ["--env", "ACTIONS_ID_TOKEN_REQUEST_TOKEN=stand-in-request-token"]
+    cmd += ["--env", f"AWS_ENDPOINT_URL_STS={server.url}"]
     with socket.socket() as s:  # a free port in this namespace for act's artifact server
         s.bind(("127.0.0.1", 0))
         cmd += ["--artifact-server-port", str(s.getsockname()[1])]
@@ -535,7 +730,7 @@ def _drive(spec_path: str) -> None:
     server.shutdown()
     server.server_close()
     Path(spec["state"]).write_text(json.dumps(server.state))
-    Path(spec["out"]).write_text(json.dumps({"rc": rc, "calls": server.calls}))
+    Path(spec["out"]).write_text(json.dumps({"rc": rc, "calls": server.calls, "tokens": server.tokens}))
 
 
 if __name__ == "__main__":

@@ -158,12 +158,118 @@ def test_secrets_only_on_trusted_events() -> None:
         wf = load_workflow(name)
         events = set(wf["on"]) if isinstance(wf["on"], dict) else {wf["on"]}
         assert "pull_request_target" not in events and "workflow_run" not in events, name
-    # pull requests: every secret is guarded by "the head repository is this repository"
-    guard = "github.event.pull_request.head.repo.full_name == github.repository"
+    # pull requests: every secret, role and write is guarded by "the head repository is this
+    # repository" and "not Dependabot" (issue 17: its same-repository PRs get a read-only token and
+    # no secrets, so with the secrets' guard alone MLOPS_BACKEND=modal exited 1 and the comment 403'd)
+    guard = "github.event.pull_request.head.repo.full_name == github.repository && github.actor != 'dependabot[bot]'"
     text = (WORKFLOWS / "pr-eval.yml").read_text()
     for line in text.splitlines():
-        if "secrets." in line and not line.lstrip().startswith("#"):
+        if ("secrets." in line or "vars.MLOPS_BACKEND" in line) and not line.lstrip().startswith("#"):
             assert guard in line, line
+    wf = load_workflow("pr-eval.yml")
+    for name in ("comment", "cleanup"):
+        assert guard in wf["jobs"][name]["if"], name
+    for step in steps(wf):
+        if "configure-aws-credentials" in step.get("uses", ""):
+            assert guard in step.get("if", "") or guard in wf["jobs"]["cleanup"]["if"], step
+
+
+ROLE_ENVIRONMENT = {"AWS_ROLE_ARN": "mlops", "AWS_PR_ROLE_ARN": "mlops-pr"}
+
+
+def readme_json_blocks() -> list[Any]:
+    import json
+
+    text = (ROOT / "README.md").read_text()
+    return [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+
+
+def test_role_assuming_jobs_name_the_environment_their_role_trusts() -> None:
+    """Issue 17, workflows 1: GitHub's OIDC subject is repo:O/R:environment:E only for a job naming
+    environment E; the README's trust policy for each role admits exactly that subject."""
+    trusted = {}
+    for block in readme_json_blocks():
+        for st in block.get("Statement", []):
+            if st.get("Action") == "sts:AssumeRoleWithWebIdentity":
+                cond = st["Condition"]["StringEquals"]
+                assert cond["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
+                trusted[cond["token.actions.githubusercontent.com:sub"]] = block
+    assert set(trusted) == {f"repo:<owner>/<repo>:environment:{e}" for e in ROLE_ENVIRONMENT.values()}
+    seen = set()
+    for name in EXPECTED:
+        for job_name, job in load_workflow(name)["jobs"].items():
+            for step in job.get("steps", []):
+                if "configure-aws-credentials" not in step.get("uses", ""):
+                    continue
+                var = re.fullmatch(r"\$\{\{ vars\.(\w+) \}\}", step["with"]["role-to-assume"]).group(1)
+                env = job.get("environment")
+                env = env.get("name") if isinstance(env, dict) else env
+                assert env == ROLE_ENVIRONMENT[var], f"{name}:{job_name} assumes {var} as environment {env!r}"
+                seen.add((name, job_name))
+    assert ("pr-eval.yml", "cleanup") in seen and len(seen) == 5, seen
+
+
+def _allowed(policy: dict[str, Any], action: str, resource: str, prefix: str | None = None) -> bool:
+    """IAM's evaluation, for the few forms the README's policy uses: an explicit Deny wins, else an Allow."""
+    from fnmatch import fnmatchcase
+
+    def hits(st: dict[str, Any]) -> bool:
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        if action not in actions or not fnmatchcase(resource, st["Resource"]):
+            return False
+        like = (st.get("Condition") or {}).get("StringLike", {}).get("s3:prefix")
+        return like is None or (prefix is not None and fnmatchcase(prefix, like))
+
+    sts = policy["Statement"]
+    if any(st["Effect"] == "Deny" and hits(st) for st in sts):
+        return False
+    return any(st["Effect"] == "Allow" and hits(st) for st in sts)
+
+
+def test_pr_role_cannot_read_production_traffic() -> None:
+    """Issue 17, workflows 4: the PR role runs a PR's code; `monitor/` (captured prompts and answers,
+    feedback) is denied, production's releases are readable, only `pr-*` is writable."""
+    [policy] = [b for b in readme_json_blocks() if any(st.get("Sid") == "OwnRegistries" for st in b["Statement"])]
+    obj = "arn:aws:s3:::<bucket>/<prefix>/"
+    bucket = "arn:aws:s3:::<bucket>"
+    assert not _allowed(policy, "s3:GetObject", obj + "monitor/capture/2026-12-01/1-2-gateway-u.jsonl")
+    assert not _allowed(policy, "s3:GetObject", obj + "monitor/feedback/x.jsonl")
+    assert not _allowed(policy, "s3:ListBucket", bucket, prefix="<prefix>/monitor/capture/")
+    assert _allowed(policy, "s3:GetObject", obj + "state.json")
+    assert _allowed(policy, "s3:GetObject", obj + "releases/tiny-1/manifest.json")
+    assert _allowed(policy, "s3:ListBucket", bucket, prefix="<prefix>/releases/")
+    assert _allowed(policy, "s3:PutObject", obj + "pr-7/state.json")
+    assert _allowed(policy, "s3:GetObject", obj + "pr-7/monitor/capture/x.jsonl")  # its own registry
+    for key in ("state.json", "releases/tiny-1/manifest.json", "monitor/capture/x.jsonl"):
+        assert not _allowed(policy, "s3:PutObject", obj + key) and not _allowed(policy, "s3:DeleteObject", obj + key)
+
+
+def test_a_drift_retrain_outlives_a_cancelled_dispatch() -> None:
+    """Issue 17, workflows 2: a newer pending run cancels an older pending one in a group, so the
+    nightly's dispatch of ct.yml can be dropped; the request it also leaves in the registry is picked
+    up by every CT run, whatever triggered it, and removed only once a run retrained."""
+    ct, nightly = load_workflow("ct.yml"), load_workflow("nightly.yml")
+    [drift] = [s for s in steps(ct) if s.get("name") == "Drift report"]
+    assert "if" not in drift and "python -m mlops.monitor.retrain take" in drift["run"]
+    [run] = [s for s in steps(ct) if s.get("id") == "run"]
+    assert "python -m mlops.monitor.retrain done" in run["run"]
+    [monitor] = [s for s in steps(nightly) if s.get("id") == "monitor"]
+    assert "python -m mlops.monitor.retrain put" in monitor["run"]
+    assert ct["concurrency"]["cancel-in-progress"] is False  # a running training is never cancelled
+
+
+def test_nightly_dispatches_ct_on_its_own_ref() -> None:
+    """Issue 17, workflows 6: a `schedule` payload has no `repository`; the run's own ref is right."""
+    [retrain] = [s["with"]["script"] for s in load_workflow("nightly.yml")["jobs"]["retrain"]["steps"]]
+    assert "context.ref" in retrain and "payload.repository" not in retrain
+
+
+def test_ct_leaves_modal_deploys_to_mlops_run() -> None:
+    """Issue 17, Modal 6: a bare `modal deploy functions/gateway.py` lacks the run's storage (the
+    gateway captured nothing); `mlops run` deploys each app once, with the run's settings."""
+    for name in EXPECTED:
+        for step in steps(load_workflow(name)):
+            assert "modal deploy" not in step.get("run", ""), (name, step.get("name"))
 
 
 def test_rollback_takes_its_input_through_the_environment() -> None:

@@ -48,7 +48,9 @@ class Story:
         self.repo = actkit.make_repo(root / "repo")
         self.act = actkit.Act(root / "act")
         self.registry = root / "registry"  # vars.MLOPS_STORAGE: on a self-hosted runner, a persistent dir
-        self.vars = {"MLOPS_STORAGE": str(self.registry)}
+        # the roles too: every job that assumes one asks the stand-in for an OIDC token and STS
+        # grants it only under the README's trust policy for that role
+        self.vars = {"MLOPS_STORAGE": str(self.registry)} | actkit.ROLE_ARNS
         self.results: dict[str, actkit.ActResult] = {}
         self.started = time.monotonic()
 
@@ -360,11 +362,33 @@ def test_pr_credentials_are_scoped(story: Story) -> None:
 
 
 def test_closed_pr_removes_its_registry(story: Story) -> None:
+    """Issue 17, workflows 1: the cleanup job's token is the `mlops-pr` environment's, the subject the
+    PR role trusts (without `environment:` it was repo:O/R:pull_request: refused, pr-N kept, red)."""
     assert (story.registry / "pr-7").is_dir()
     payload = actkit.pr_event(story.repo, 7, action="closed")
     res = story.run("pr 7, closed", "pull_request", payload, "pr-eval.yml")
+    asked = [(x["job"], x["environment"], x["aud"]) for x in res.tokens if x["kind"] == "token"]
+    assert asked == [("cleanup", "mlops-pr", "sts.amazonaws.com")], res.tokens
+    [sts] = [x for x in res.tokens if x["kind"] == "sts"]
+    assert sts["role"] == actkit.ROLE_ARNS["AWS_PR_ROLE_ARN"] and sts["allowed"], res.tokens
     assert res.rc == 0, explain(res)
     assert not (story.registry / "pr-7").exists() and story.releases()["production"]
+
+
+def test_dependabot_pr_gets_a_read_only_report(story: Story) -> None:
+    """Issue 17, workflows 3: Dependabot's same-repository PR (no secrets, a read-only token) runs as a
+    fork's: the local backend even with MLOPS_BACKEND=modal, the job summary saying why, no comment
+    job (its write would be a 403), no AWS role, no exit 1."""
+    actkit.git(story.repo, "checkout", "-qb", "pr-13", "main")
+    actkit.commit(story.repo, "pr 13: bump a docs dependency", files={"docs/deps.md": "bumped\n"})
+    before = production_files(story.registry)
+    res = pr(story, "pr 13, dependabot", 13, actor="dependabot[bot]", vars=story.vars | {"MLOPS_BACKEND": "modal"})
+    assert res.rc == 0, explain(res)
+    assert "a Dependabot PR gets a read-only token and no secrets" in res.summary, res.summary[:1000]
+    assert res.calls == [] and comments(story, 13) == [] and res.tokens == [], (res.calls, res.tokens)
+    assert all(p["secrets"] == {} for p in res.probes), res.probes
+    assert production_files(story.registry) == before
+    actkit.git(story.repo, "checkout", "-q", "main")
 
 
 # ---------------------------------------------------------------------------- rollback and nightly
@@ -393,24 +417,30 @@ def test_rollback_with_no_previous_release_goes_red(story: Story, tmp_path: Path
 
 
 def test_rollback_records_actor_and_reason(story: Story) -> None:
+    """A re-run (issue 17, workflows 6): GITHUB_ACTOR stays the first run's, the triggering actor
+    (who re-ran it) is recorded."""
     rel = story.releases()
     prod, previous = rel["production"], rel["previous"]
     payload = actkit.dispatch_event({"release": "", "reason": "p95 regression seen by on-call"})
-    res = story.run("rollback", "workflow_dispatch", payload, "rollback.yml", actor="oncall-ana")
+    rerun = {"GITHUB_TRIGGERING_ACTOR": "oncall-bo"}
+    res = story.run("rollback", "workflow_dispatch", payload, "rollback.yml", actor="oncall-ana", env=rerun)
     assert res.rc == 0, explain(res)
     assert story.releases()["production"] == previous != prod
     [ev] = [e for e in story.history(previous) if e["event"] == "rolled_back_to"]
-    assert ev["by"] == "github:oncall-ana" and "p95 regression seen by on-call" in json.dumps(ev["detail"])
-    assert "Rollback by @oncall-ana" in res.summary
+    assert ev["by"] == "github:oncall-bo" and "p95 regression seen by on-call" in json.dumps(ev["detail"])
+    assert "Rollback by @oncall-bo" in res.summary
 
 
 def test_rollback_has_its_own_concurrency() -> None:
-    """Defect 9: a rollback neither waits behind training nor is cancelled by a push."""
+    """Defect 9: a rollback neither waits behind training nor is cancelled by a push; issue 17: nor
+    by another rollback (GitHub keeps one pending run per group, a newer one cancels it): one group
+    per run."""
     groups = {}
     for name in ("ct.yml", "rollback.yml", "nightly.yml"):
         wf = yaml.safe_load((actkit.ROOT / ".github/workflows" / name).read_text())
         groups[name] = wf["concurrency"]
     assert groups["rollback.yml"]["group"] != groups["ct.yml"]["group"]
+    assert "${{ github.run_id }}" in groups["rollback.yml"]["group"], groups["rollback.yml"]
     assert groups["rollback.yml"]["cancel-in-progress"] is False
     assert groups["ct.yml"]["cancel-in-progress"] is False
 
@@ -496,11 +526,35 @@ def test_nightly_on_drift_opens_one_issue_and_dispatches_ct(story: Story) -> Non
     assert again["body"] != issue["body"]  # this run's report and run link
     assert ("PATCH", f"/repos/acme/tiny/issues/{issue['number']}") in drift_writes(second)
     assert len(second.state["dispatches"]) == 2
-    # the dispatch, run: ct.yml retrains with MLOPS_DRIFT_REPORT, the new release's lineage says why
-    ct = story.run("ct, dispatched on drift", "workflow_dispatch", actkit.dispatch_event(dispatch["inputs"]), "ct.yml")
+    # Issue 17, workflows 2: on GitHub a push queued after the dispatch cancels it while it waits behind
+    # a training (one pending run per group). So here the dispatch never runs; the next push, which
+    # changes nothing a model is trained from, picks the request up from the registry: it retrains
+    # with MLOPS_DRIFT_REPORT, the new release's lineage says why, and the request is done.
+    request = story.registry / "monitor" / "retrain-request.json"
+    assert (
+        json.loads(request.read_text())["drifted"]
+        == json.loads(second.state["dispatches"][1]["inputs"]["drift_report"])["drifted"]
+    )
+    ct = story.push("push after a cancelled drift dispatch", files={"NOTES.md": "drift seen\n"})
     assert ct.rc == 0 and ct.step_ok("Drift report"), explain(ct)
+    assert "picked up the retrain request" in ct.log, explain(ct)
     new = story.releases()["releases"][0]["id"]
     assert new != prod
     lineage = json.loads((story.registry / "releases" / new / "manifest.json").read_text())["lineage"]
     trigger = lineage["drift_trigger"]
     assert trigger["release"] == prod and "prompt_length_psi" in {d["name"] for d in trigger["drifted"]}, trigger
+    assert not request.exists()  # retrained: the next run does not retrain again
+
+
+def test_every_role_was_assumed_under_the_readme_trust_policy(story: Story) -> None:
+    """Issue 17, workflows 1: each token a job asked for carried the audience STS expects and the
+    subject of the environment its role trusts, and STS (the stand-in, applying the README's trust
+    policies) granted every one; the role-assuming workflows all asked."""
+    tokens = {name: r.tokens for name, r in story.results.items()}
+    asked = {name for name, ts in tokens.items() if any(x["kind"] == "sts" for x in ts)}
+    assert {"first push", "pr 7, push 1", "pr 7, closed", "rollback", "nightly"} <= asked, sorted(asked)
+    refused = [(n, x) for n, ts in tokens.items() for x in ts if x["kind"] == "sts" and not x["allowed"]]
+    assert refused == []
+    for ts in tokens.values():
+        for x in ts:
+            assert x["aud"] == "sts.amazonaws.com" and x["sub"].startswith("repo:acme/tiny:environment:mlops"), x

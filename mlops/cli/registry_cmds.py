@@ -126,7 +126,10 @@ def register(app: typer.Typer) -> None:
             actor = f"user:{getpass.getuser()}"
         except (KeyError, OSError):
             actor = "user"
-        if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_ACTOR"):
-            actor = f"github:{os.environ['GITHUB_ACTOR']}"  # who dispatched the workflow, not the runner's user
+        # who dispatched the workflow, not the runner's user; on a re-run GITHUB_ACTOR stays the
+        # first run's actor, GITHUB_TRIGGERING_ACTOR is who re-ran it
+        login = os.environ.get("GITHUB_TRIGGERING_ACTOR") or os.environ.get("GITHUB_ACTOR")
+        if os.environ.get("GITHUB_ACTIONS") == "true" and login:
+            actor = f"github:{login}"
         res = rollback_release(s, to, reason, actor)
         emit(res.model_dump(mode="json"), json_, f"production is now {res.production} (was {res.rolled_back_from})")

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from starlette.types import ASGIApp
 
@@ -31,6 +32,22 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # so a server in a thread of another command (`mlops run`: training, eval metrics) leaves it alone.
 SERVE_THREADS = 1
 DRAIN_S = 10  # on shutdown, requests in flight get this long to finish
+# How long an idle keep-alive connection stays open. It must outlast every client's own idle expiry
+# (httpx and the openai client: 5 s; aiohttp: 15 s; Go: 90 s): with uvicorn's default, 5 s on both
+# sides, a client reusing a connection idle for ~5 s wrote its request into a socket the server was
+# closing, and got no answer (httpx ReadError; issue 17: 2-4 in 20,000 requests under flips). The
+# client, which decides to reuse, must be the side that gives up first.
+KEEP_ALIVE_S = 100
+# What `mlops serve` and the in-process server (runs, tests) both give uvicorn
+UVICORN_OPTIONS: dict[str, Any] = {
+    "lifespan": "off",
+    "access_log": False,  # one line per request costs more than routing it
+    "timeout_graceful_shutdown": DRAIN_S,
+    "timeout_keep_alive": KEEP_ALIVE_S,
+    # the h11 protocol that answers 431/400 in JSON, with the cap on a request head
+    "http": LimitedH11Protocol,
+    "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+}
 
 
 def quiet_transformers() -> None:
@@ -124,16 +141,7 @@ def start_server(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterat
     except OSError as e:
         sock.close()
         raise InfraError(f"cannot bind {host}:{port}: {e.strerror}") from e
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        timeout_graceful_shutdown=DRAIN_S,
-        # the h11 protocol that answers 431/400 in JSON, with the cap on a request head
-        http=LimitedH11Protocol,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-    )
+    config = uvicorn.Config(app, log_level="warning", **UVICORN_OPTIONS)
     server = uvicorn.Server(config)
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
     t.start()
@@ -187,9 +195,5 @@ def serve_foreground(loaded: Loaded, registry: Registry, host: str, port: int) -
             host=host,
             port=port,
             log_level="info",
-            access_log=False,  # one line per request costs more than routing it
-            lifespan="off",
-            timeout_graceful_shutdown=DRAIN_S,
-            http=LimitedH11Protocol,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            **UVICORN_OPTIONS,
         )

@@ -50,6 +50,7 @@ STARTUP_TIMEOUT_ENV = "MLOPS_VLLM_STARTUP_TIMEOUT"
 STARTUP_TIMEOUT_S = 600.0  # ~35 s quiet, ~3.5 min measured on a loaded 2-core machine
 STOP_TIMEOUT_S = 20.0  # SIGTERM, then SIGKILL to the child's whole process group
 REQUEST_TIMEOUT_S = 300.0  # per forwarded request; the server enforces its own, shorter, deadline
+VLLM_KEEP_ALIVE_S = 5.0  # vLLM's idle keep-alive timeout (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, uvicorn's default)
 
 
 def _last_error(log_path: Path) -> str:
@@ -94,7 +95,14 @@ class VllmEngine(QueuedEngine):
             base_url=self.url,
             headers={"Authorization": f"Bearer {self._key}"},
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
-            limits=httpx.Limits(max_connections=max_batch_size + 2, max_keepalive_connections=max_batch_size + 2),
+            # vLLM's uvicorn closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), httpx's
+            # default expiry is 5 s too: a request on a connection idle ~5 s raced the close and got
+            # no answer. Giving up on idle connections first makes the reuse always safe.
+            limits=httpx.Limits(
+                max_connections=max_batch_size + 2,
+                max_keepalive_connections=max_batch_size + 2,
+                keepalive_expiry=VLLM_KEEP_ALIVE_S / 2,
+            ),
         )
         self._logdir = Path(tempfile.mkdtemp(prefix=f"mlops-vllm-{self.name}-"))
         self.log_path = self._logdir / "vllm.log"
