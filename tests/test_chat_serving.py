@@ -250,3 +250,19 @@ def test_eval_cases_canary_and_smoke_requests_take_the_chat_route(
     window = read_stats(served, since)["releases"]["chat-1"]
     assert (window["requests"], window["errors"]) == (6, 0)  # a chat body on /v1/completions is a 400
     assert _smoke(served, "chat", messages=items[0][0]) == "chat-1"
+
+
+def test_chat_stream_include_usage_ends_with_a_usage_chunk(served: str) -> None:
+    """`stream_options.include_usage` (the openai client's way to count a stream): vLLM and OpenAI
+    send one last chunk with no choices and the usage the non-streamed answer reports."""
+    messages, tools = chats()[1]
+    done = ask(served, messages, tools)
+    body = {"model": "chat", "messages": messages, "max_tokens": MAX_TOKENS, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    if tools:
+        body["tools"] = tools
+    with httpx.stream("POST", f"{served}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == done["usage"]
+    assert all(c["choices"] for c in chunks[:-1])

@@ -50,8 +50,10 @@ async def stream(
     meta: Meta,
     t0: float,
     shadow: tuple[asyncio.Future[Any] | None, str | None],
+    include_usage: bool = False,
 ) -> Response:
-    """Server-sent events. The request is queued before the response starts, so a full queue is
+    """Server-sent events; with `stream_options.include_usage` a last chunk with no choices carries
+    the usage, as vLLM and OpenAI send it (the openai client counts a stream's tokens from it). The request is queued before the response starts, so a full queue is
     still a plain 503 (and a bad request a 400) and not an error event inside a 200."""
     rid, created, chat = meta
     model = ctx.opts.model_name
@@ -64,6 +66,8 @@ async def stream(
         why = "draining" if isinstance(e, EngineClosed) else "overloaded"
         return overloaded(ctx, release, t0, shadow[0], shadow[1], gen, why)
 
+    event_object = "chat.completion.chunk" if chat else "text_completion"
+
     def event(delta: str | None, finish: str | None, first: bool = False) -> str:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if chat:
@@ -72,7 +76,7 @@ async def stream(
             choice["text"] = delta or ""
         obj = {
             "id": rid,
-            "object": "chat.completion.chunk" if chat else "text_completion",
+            "object": event_object,
             "created": created,
             "model": model,
             "choices": [choice],
@@ -94,6 +98,9 @@ async def stream(
             if gen.error:
                 raise InfraError(gen.error)
             yield event(None, gen.finish_reason)
+            if include_usage:
+                last = payload(model, gen, "", release, meta)
+                yield f"data: {json.dumps({**last, 'object': event_object, 'choices': []})}\n\n"
             yield "data: [DONE]\n\n"
             ok = True
         except TimeoutError:

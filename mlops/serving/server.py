@@ -203,10 +203,20 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
         except MlopsError as e:
             ctx.stats.record(release, time.perf_counter() - t0, ok=False)
             return error(503, e.headline, "server_error", release, **{"retry-after": "1"})
-        return await generate(gen, release, engine, pinned, key, chat, bool(body.get("stream")), t0)
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return await generate(gen, release, engine, pinned, key, chat, bool(body.get("stream")), t0, usage)
 
     async def generate(
-        gen: GenRequest, release: str, engine: Engine, pinned: bool, key: str | None, chat: bool, sse: bool, t0: float
+        gen: GenRequest,
+        release: str,
+        engine: Engine,
+        pinned: bool,
+        key: str | None,
+        chat: bool,
+        sse: bool,
+        t0: float,
+        usage: bool = False,
     ) -> Response:
         """Run a checked request on `engine` (or a release the routing moved it to) and answer."""
         st = pool.state()
@@ -216,7 +226,7 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
             shadow = ctx.shadow.mirror(sh_engine, target, gen)
         meta = (f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}", int(time.time()), chat)
         if sse:
-            return await stream(ctx, engine, gen, release, meta, t0, (shadow, target))
+            return await stream(ctx, engine, gen, release, meta, t0, (shadow, target), usage)
         for attempt in range(2):
             try:
                 text = await _complete(engine, gen, opts.request_timeout - (time.perf_counter() - t0))
