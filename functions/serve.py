@@ -39,7 +39,7 @@ from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_imag
 from mlops.backends.modal_api import ModalSDK
 from mlops.backends.modal_settings import FAILURE_KEY, VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
-from mlops.serving.vllm_argv import template_flag, vllm_command, vllm_env
+from mlops.serving.vllm_argv import DEFAULT_OPTIONS, template_flag, vllm_command, vllm_env
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
@@ -133,7 +133,9 @@ def serve_body(
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_{JUDGE or RELEASE}.jinja"
         template = template_flag(model, PROMPT, path)
     build = command or vllm_command
-    cmd = build(model, name, port, aliases=aliases, chat_template=template)
+    # mlops.yaml's deploy.vllm is for the deployed model; a judge's app keeps the defaults
+    options = DEFAULT_OPTIONS if JUDGE else settings.vllm_args
+    cmd = build(model, name, port, aliases=aliases, chat_template=template, options=options)
     print("starting:", " ".join(cmd), flush=True)
     env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
     return start_server(cmd, env, port, float(timeout or settings.startup_timeout))

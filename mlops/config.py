@@ -25,6 +25,7 @@ from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-expo
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
 from mlops.configtrain import MODAL_GPU_PRICES, PricesCfg, StepsOrDuration, TrainCfg  # noqa: F401 - re-exported
+from mlops.configvllm import VllmCfg, gpu_count
 from mlops.errors import ConfigError, UsageError
 from mlops.yamlload import Loc, load_yaml_file
 
@@ -94,7 +95,7 @@ class LoraCfg(Strict):
 class ResourcesCfg(Strict):
     """Used on Modal only."""
 
-    gpu: str | None = "A10G"
+    gpu: str | None = Field("A10G", description="Modal GPU type, with a count for several: L4, A10G, H100:2.")
     cpu: float | None = None
     memory: int | None = Field(None, description="MiB")
     timeout: Duration = 1800.0
@@ -109,6 +110,12 @@ class ResourcesCfg(Strict):
                 f"min_containers ({self.min_containers}) cannot be greater than max_containers ({self.max_containers})"
             )
         return self
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_count(cls, v: str | None) -> str | None:
+        gpu_count(v)
+        return v
 
 
 class ModelCfg(Strict):
@@ -231,6 +238,11 @@ class DeployCfg(Strict):
     resources: ResourcesCfg = ResourcesCfg.model_construct(gpu="L4")
     rollout: RolloutCfg = RolloutCfg.model_construct()
     server: ServerCfg = ServerCfg.model_construct()
+    vllm: VllmCfg = Field(
+        VllmCfg.model_construct(),
+        description="How vLLM serves the model (Modal; deploy.engine: vllm). The builtin engine takes "
+        "max_model_len and max_num_seqs and ignores the rest.",
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> Self:

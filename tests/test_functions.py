@@ -692,3 +692,35 @@ def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[
             assert sum(v["requests"] for v in stats(one.url).values()) == 8  # `two` scaled down
         with LocalServer(container()) as fresh:  # every container gone: a cold one reads them all
             assert sum(v["requests"] for v in stats(fresh.url).values()) == 8
+
+
+def test_deploy_vllm_reaches_the_serve_apps_argv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """mlops.yaml's deploy.vllm (and the GPU count) travel in the app's settings to the argv the
+    container runs; a self-hosted judge's app keeps the defaults."""
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.config import load
+
+    sets = ["deploy.resources.gpu=H100:2", "deploy.vllm={max_model_len: 4096, enable_prefix_caching: true}"]
+    settings = ModalSettings.from_config(load(ROOT / "mlops.yaml", sets).cfg)
+    digest = _stage(tmp_path, "r1", {"config.json": b"{}"})
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the container writes the chat template
+    common = {"MLOPS_MODAL_SETTINGS": settings.to_json(), "MLOPS_VLLM_API_KEY": "k"}
+    release = {"MLOPS_RELEASE": "r1", "MLOPS_RELEASE_SHA256": digest}
+    judge = {"MLOPS_JUDGE": "j", "MLOPS_JUDGE_HF": "org/judge"}
+    tails = []
+    for env in (release, judge):
+        serve = import_functions(monkeypatch, common | env)["serve"]
+        argvs: list[list[str]] = []
+
+        def build(*args: Any, serve: ModuleType = serve, argvs: list[list[str]] = argvs, **kw: Any) -> list[str]:
+            argvs.append(serve.vllm_command(*args, **kw))
+            return [sys.executable, "-c", "raise SystemExit(3)"]  # the container's server, ending at once
+
+        with pytest.raises(RuntimeError, match="exited with code 3"):
+            serve.serve_body(root=tmp_path, port=1, command=build, timeout=60)
+        [argv] = argvs
+        tails.append(argv[argv.index("--override-generation-config") + 2 :])
+    assert (
+        tails[0][-6:] == "--max-model-len 4096 --tensor-parallel-size 2 --enable-prefix-caching --enforce-eager".split()
+    )
+    assert tails[1] == ["--enforce-eager"]

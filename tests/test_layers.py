@@ -24,6 +24,8 @@ RANK: dict[str, float] = {
     "configtrain": BASE,
     "configmonitor": BASE,
     "configbase": BASE,
+    "configvllm": BASE,
+    "vllm_options": BASE,  # data: vLLM's flags, which deploy.vllm is checked against
     "contracts": BASE,
     "data": BASE,
     "datasources": BASE,

@@ -31,7 +31,17 @@ import openai
 import pytest
 from conftest import REPO, free_port, make_project, mlops, train_and_publish
 
-from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, template_flag, vllm_command, vllm_env
+from mlops import vllm_options
+from mlops.configvllm import VllmCfg
+from mlops.serving.vllm_argv import (
+    VLLM_KEY_ENV,
+    config_args,
+    cpu_env,
+    cpu_extra,
+    template_flag,
+    vllm_command,
+    vllm_env,
+)
 
 # one xdist queue with the other load-sensitive modules (tests/conftest.py: pytest-xdist)
 pytestmark = pytest.mark.xdist_group("heavy")
@@ -133,6 +143,8 @@ def launched_vllm(tmp: Path, model_dir: Path, rid: str, prompt: str, positions: 
     yielded, its process group stopped on exit."""
     template = template_flag(model_dir, prompt, tmp / "chat_template.jinja")
     port, key = free_port(), secrets.token_hex(16)
+    # mlops.yaml's deploy.vllm as Modal gets it (tests/test_functions.py), two settings checked in vLLM's log
+    options = config_args(VllmCfg(max_model_len=positions, enable_prefix_caching=True))
     argv = vllm_command(
         model_dir,
         rid,
@@ -141,7 +153,8 @@ def launched_vllm(tmp: Path, model_dir: Path, rid: str, prompt: str, positions: 
         chat_template=template,
         host="127.0.0.1",
         python=vllm_python(),
-        extra=cpu_extra(positions),
+        options=options,
+        extra=cpu_extra(None),
     )
     env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: key}))
     log = tmp / "vllm.log"
@@ -174,6 +187,29 @@ def test_argv_is_the_one_modal_runs(vllm_server: VllmServer) -> None:
     assert argv[i + 1 : i + 3] == [vllm_server.rid, "tiny"]
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"temperature": 0.0}
     assert "--api-key" not in argv and not any(vllm_server.key in a for a in argv)
+    # deploy.vllm reached vLLM: it names the arguments that differ from its defaults
+    said = next(line for line in vllm_server.log.read_text().splitlines() if "non-default args:" in line)
+    assert "'max_model_len': 32" in said and "'enable_prefix_caching': True" in said, said
+    assert "'enforce_eager': True" in said, said  # deploy.vllm.enforce_eager's default, as before
+
+
+def test_options_table_matches_vllms_parser() -> None:
+    """mlops/vllm_options.py (what `mlops validate` checks deploy.vllm against) is vLLM's own
+    argument parser, flag by flag: kind of value and choices (tests/vllm_options_dump.py)."""
+    dump = subprocess.run(
+        [vllm_python(), str(REPO / "tests" / "vllm_options_dump.py")],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+        env=cpu_env(os.environ),
+    )
+    assert dump.returncode == 0, dump.stderr[-3000:]
+    parser = {line.split()[0]: line for line in dump.stdout.splitlines() if line.strip()}
+    table = {line.split()[0]: line for line in vllm_options.TABLE.splitlines()}
+    wrong = [f"table: {table[f]}\nvLLM:  {parser.get(f, '(no such flag)')}" for f in table if table[f] != parser.get(f)]
+    missing = sorted(set(parser) - set(table))
+    assert not wrong and not missing, "\n".join(wrong + [f"not in the table: {missing}"])
+    assert len(table) > 300  # the whole parser, not a sample
 
 
 def test_health_models_and_key(vllm_server: VllmServer) -> None:
@@ -271,6 +307,8 @@ def test_mlops_serve_with_the_vllm_engine(release: Release, tmp_path: Path) -> N
     log = tmp_path / "serve.log"
     env = os.environ | {"MLOPS_WANDB": "disabled", "MLOPS_VLLM_PYTHON": vllm_python()}
     cmd = [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port), "--set", "deploy.engine=vllm"]
+    # deploy.vllm reaches the child (GPU-only settings are left out on CPU, and said so)
+    cmd += ["--set", "deploy.vllm={max_model_len: 30, max_num_seqs: 8, enable_prefix_caching: true, dtype: half}"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=release.root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -282,7 +320,12 @@ def test_mlops_serve_with_the_vllm_engine(release: Release, tmp_path: Path) -> N
         tree = children(proc.pid)
         vllm_kids = [p for p in tree if "vllm.entrypoints.openai.api_server" in cmdline(p)]
         assert len(vllm_kids) == 1, tail(log)
-        assert f"--model {release.model_dir} " in cmdline(vllm_kids[0])
+        child = cmdline(vllm_kids[0])
+        assert f"--model {release.model_dir} " in child
+        for flags in ("--max-model-len 30", "--max-num-seqs 8", "--enable-prefix-caching", "--dtype float32"):
+            assert f" {flags} " in f"{child} ", child
+        assert "--dtype half" not in child
+        assert "vllm engine ignores deploy.vllm.dtype" in log.read_text(), tail(log)
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=16)

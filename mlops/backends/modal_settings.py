@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mlops.config import Config
 from mlops.registry.releases import sha256_file
+from mlops.serving.vllm_argv import DEFAULT_OPTIONS, config_args
 
 SETTINGS_ENV = "MLOPS_MODAL_SETTINGS"  # JSON of ModalSettings, set on every function's container
 TWIN_ENV = "MLOPS_MODAL_TWIN"  # a directory: run Modal's part on this machine (see modal_twin.py)
@@ -78,6 +79,7 @@ class ModalSettings:
     max_inputs: int = 32  # concurrent requests per vLLM container; vLLM batches them itself
     scaledown_window: int = 300  # idle seconds before a GPU container stops: scale to zero, cheaply
     startup_timeout: int = 900  # vLLM's first start loads weights and may compile kernels
+    vllm_args: tuple[str, ...] = DEFAULT_OPTIONS  # mlops.yaml deploy.vllm as flags (vllm_argv.config_args)
     # Traffic capture by the gateway (issue 10): the registry's storage (s3://... in production;
     # a directory, made absolute, for the twin) and mlops.yaml `monitor:` as JSON ("": no capture).
     storage: str = ""
@@ -125,7 +127,7 @@ class ModalSettings:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("secrets", "train_files"):
+        for key in ("secrets", "train_files", "vllm_args"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -151,6 +153,7 @@ class ModalSettings:
             min_containers=cfg.deploy.resources.min_containers,
             max_containers=cfg.deploy.resources.max_containers,
             max_inputs=cfg.deploy.server.max_batch_size,
+            vllm_args=tuple(config_args(cfg.deploy.vllm, cfg.deploy.resources.gpu)),
             storage=storage,
             monitor_json=cfg.monitor.model_dump_json(),
             train_files=tuple(

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError
 from mlops.serving.chat import ChatTemplate
 from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded, check_request
@@ -65,7 +66,12 @@ class Engine(Protocol):
 
 class EngineFactory(Protocol):
     def __call__(
-        self, model_dir: str | Path, max_batch_size: int = ..., max_queue: int = ..., threads: int | None = ...
+        self,
+        model_dir: str | Path,
+        max_batch_size: int = ...,
+        max_queue: int = ...,
+        threads: int | None = ...,
+        vllm: VllmCfg | None = ...,
     ) -> Engine: ...
 
 
@@ -104,6 +110,14 @@ class QueuedEngine:
         self.step_rows = 0  # sum of batch sizes over decode steps
         self.prefills = 0
         self.requests_done = 0
+
+    def limit(self, vllm: VllmCfg | None) -> None:
+        """Apply deploy.vllm's limits that mean the same for every engine: a shorter context
+        (max_model_len) and fewer sequences at once (max_num_seqs). Call before serving."""
+        if vllm is not None and vllm.max_model_len is not None:
+            self.max_positions = min(self.max_positions, vllm.max_model_len)
+        if vllm is not None and vllm.max_num_seqs is not None:
+            self.max_batch_size = min(self.max_batch_size, vllm.max_num_seqs)
 
     def check(self, req: GenRequest) -> None:
         """Raise BadRequest unless `req` can be served alone; tokenizes its prompt once. Anything

