@@ -349,7 +349,7 @@ def test_data_checks_on_chat_rows(tmp_path: Path) -> None:
     found = {f.check: f for f in res.datasets["train"].findings}
     assert not res.ok
     assert found["duplicates"].rows == [3] and "repeat a conversation" in found["duplicates"].message
-    assert found["leakage"].rows == [4] and "eval set 'heldout'" in found["leakage"].message
+    assert found["leakage"].rows == [4] and "prompt turns that are in eval set 'heldout'" in found["leakage"].message
     assert found["length"].rows == [5] and "longer than 40 characters" in found["length"].message
     assert res.datasets["heldout"].findings == [] and res.datasets["heldout"].rows == 2
     # with a base that has a tokenizer.json, lengths are its tokens: 9 at most in rows 1-4, 13 in row 5

@@ -224,8 +224,8 @@ def _common_checks(
             held = _prompts(loaded, ev.dataset)
             train_rows = [i for i, x in prompts if x in held]
             if train_rows:
-                has = "an input" if not what.startswith("conversation") else "prompt turns"
-                msg = f"{len(train_rows)} training row(s) have {has} that is in eval set {suite!r}"
+                has = "an input that is" if not what.startswith("conversation") else "prompt turns that are"
+                msg = f"{len(train_rows)} training row(s) have {has} in eval set {suite!r}"
                 found.append(Finding(name, "leakage", ck.leakage, msg, train_rows))
     return found
 
