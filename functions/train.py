@@ -21,7 +21,7 @@ from typing import Any
 import modal
 from images import VOLUME_MOUNT, extra_secrets, settings, train_image, volume
 
-from mlops.backends.modal_settings import entrypoint_in_image, files_with_sha256
+from mlops.backends.modal_settings import BASES, entrypoint_in_image, files_with_sha256
 
 app = modal.App(settings.train_app)
 
@@ -65,6 +65,9 @@ def train_body(
         if entry and not Path(entry.rpartition(":")[0]).is_file():  # in the image, not at the client's path
             local, _, func = entry.rpartition(":")
             here["entrypoint"] = f"{entrypoint_in_image(local)}:{func}"
+        base = str(job_dict.get("base", "scratch"))
+        if base.startswith(f"{BASES}/"):  # a local base the client copied to the Volume
+            here["base"] = str(Path(root) / base)
         job = TrainJob(**(job_dict | here))
         last = [0.0]
 

@@ -193,3 +193,35 @@ def test_chat_data_needs_a_base_with_a_marked_template(base: Path, data: Path, t
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": unmarked}))
     with pytest.raises(ConfigError, match="does not mark the assistant turns"):
         train_model(job(plain, data, tmp_path / "u", steps=1))
+
+
+def test_a_local_base_travels_to_modal_through_the_volume(
+    base: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Modal container has no copy of the client's disk: the backend copies a local `base:` to the
+    Volume once (by fingerprint), and the train function trains from that copy. The client's base
+    directory is moved away before training, so reading it from the client's path would fail."""
+    import shutil
+    from types import SimpleNamespace
+
+    from test_functions import import_functions
+
+    from mlops.backends.modal import ModalBackend
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.backends.modal_twin import TwinAPI
+
+    local = tmp_path / "client-base"
+    shutil.copytree(base, local)
+    twin = TwinAPI(tmp_path / "twin", ModalSettings(app="acme"))
+    shipped = ModalBackend._ship_base(SimpleNamespace(api=twin), job(local, data, tmp_path / "out"))  # type: ignore[arg-type]
+    assert shipped.base == f"bases/{fingerprint(local)[:32]}"
+    assert (twin.volume_dir / shipped.base / "config.json").is_file()
+    assert (twin.volume_dir / f"{shipped.base}.complete").is_file()
+    again = ModalBackend._ship_base(SimpleNamespace(api=twin), job(local, data, tmp_path / "out"))  # type: ignore[arg-type]
+    assert again.base == shipped.base
+    local.rename(tmp_path / "moved-away")
+
+    out = import_functions(monkeypatch)["train"].train_body(
+        shipped.model_dump() | {"steps": 2}, data.read_bytes(), run_id="r1", root=str(twin.volume_dir)
+    )
+    assert out["steps"] == 2 and out["base_sha256"] == fingerprint(base)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from mlops.backends.base import Backend
 from mlops.backends.modal_api import ModalAPI, open_api
 from mlops.backends.modal_settings import (
+    BASES,
     CLIENT_KEY_ENV,
     SETTINGS_ENV,
     STATE_FILE,
@@ -151,6 +152,7 @@ class ModalBackend(Backend):
             job = job.model_copy(update=fields)
         else:
             raise ConfigError(f"dataset {dataset} does not exist")
+        job = self._ship_base(job)
         run_id = f"{job.model_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         self.ensure_current("train.py", s.train_app)
         # The dataset travels with the call (Modal moves large arguments as blobs); the container
@@ -163,6 +165,26 @@ class ModalBackend(Backend):
             progress({"step": float(r.steps), "loss": r.final_loss, "tokens_per_s": r.tokens_per_s})
         remote.result.out_dir = job.out_dir
         return remote.result
+
+    def _ship_base(self, job: TrainJob) -> TrainJob:
+        """A local `base:` directory exists only on this machine: copy it to the Volume once, under
+        bases/<its fingerprint>/ (`<fingerprint>.complete` written last), and train from there."""
+        from mlops.training.offline_base import fingerprint
+
+        if job.base == "scratch" or not Path(job.base).is_dir():
+            return job  # a hub id: the container downloads it (HF_TOKEN from a Secret)
+        src = Path(job.base)
+        rel = f"{BASES}/{fingerprint(src)[:32]}"
+        try:
+            for _ in self.api.volume_read(f"{rel}.complete"):
+                pass
+        except FileNotFoundError:
+            files: dict[str, Path | bytes] = {
+                f"{rel}/{p.relative_to(src).as_posix()}": p for p in sorted(src.rglob("*")) if p.is_file()
+            }
+            self.api.volume_put(files)
+            self.api.volume_put({f"{rel}.complete": b"ok"})  # beside the directory: not in its fingerprint
+        return job.model_copy(update={"base": rel})
 
     def _download(self, remote: _Remote, dest: Path) -> None:
         """Copy runs/<run>/ from the Volume to `dest`, checking each file against its sha256."""

@@ -33,6 +33,7 @@ from mlops.serving.vllm_argv import DEFAULT_OPTIONS, config_args
 SETTINGS_ENV = "MLOPS_MODAL_SETTINGS"  # JSON of ModalSettings, set on every function's container
 TWIN_ENV = "MLOPS_MODAL_TWIN"  # a directory: run Modal's part on this machine (see modal_twin.py)
 VOLUME_MOUNT = "/vol"
+BASES = "bases"  # local base directories, copied to the Volume by fingerprint (ModalBackend._ship_base)
 VLLM_PORT = 8000
 STATE_KEY = "state"
 STATE_FILE = "routing/state.json"  # Dict entries expire after 7 idle days; the Volume keeps this one
