@@ -394,4 +394,4 @@ class TwinAPI:
 if __name__ == "__main__":
     from mlops.backends.modal_twin_cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], TwinAPI, __doc__ or ""))

@@ -7,9 +7,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mlops.backends.modal_settings import TWIN_ENV, ModalSettings, current_settings
-from mlops.backends.modal_twin import TwinAPI
 from mlops.errors import InfraError
 
 
@@ -19,11 +19,11 @@ def app_name(script: Path, settings: ModalSettings) -> str:
     return apps.get(script.stem, settings.serve_app(""))
 
 
-def twin_from_env() -> TwinAPI:
+def twin_from_env(twin: Any) -> Any:
     root = os.environ.get(TWIN_ENV)
     if not root:
         raise SystemExit(f"set {TWIN_ENV} to the twin's directory")
-    return TwinAPI(Path(root), current_settings())
+    return twin(Path(root), current_settings())
 
 
 def _options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -41,16 +41,17 @@ def _options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return words, opts
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], twin: Any, usage: str) -> int:
     """The twin's side of `modal secret create`, `modal environment create|list`, `modal deploy`,
-    `modal app list|stop`."""
+    `modal app list|stop`. `twin` is modal_twin.TwinAPI, handed in by its `__main__` so that this
+    module does not import modal_twin back (one direction: tests/test_layers.py forbids cycles)."""
     import dataclasses
 
     words, opts = _options(argv)
     cmd = words[:2]
-    api = twin_from_env()
+    api = twin_from_env(twin)
     if "env" in opts:
-        api = TwinAPI(api.root, dataclasses.replace(api.settings, environment=opts["env"]))
+        api = twin(api.root, dataclasses.replace(api.settings, environment=opts["env"]))
     try:
         if cmd == ["secret", "create"] and len(words) >= 3:
             values = dict(kv.split("=", 1) for kv in words[3:])
@@ -87,9 +88,7 @@ def main(argv: list[str]) -> int:
             key, secret = api.proxy_token_create()
             print(f"MLOPS_PROXY_TOKEN_ID={key} MLOPS_PROXY_TOKEN_SECRET={secret}")
         else:
-            from mlops.backends import modal_twin
-
-            print(modal_twin.__doc__, file=sys.stderr)
+            print(usage, file=sys.stderr)
             return 1
     except InfraError as e:
         print(f"Error: {e.headline}", file=sys.stderr)
