@@ -74,6 +74,16 @@ def test_config_forms_one_model_several_and_ambiguous(tmp_path: Path) -> None:
     from mlops.config import SHARED_KEYS, DeployCfg, DeployModelCfg
 
     assert set(DeployCfg.model_fields) - set(SHARED_KEYS) <= set(DeployModelCfg.model_fields)
+    tuned = load(
+        root / "mlops.yaml", ["deploy.vllm={enable_prefix_caching: true}", "deploy.models.a.vllm={max_model_len: 32}"]
+    )
+    va, vb = narrow(tuned, "a").cfg.deploy.vllm, narrow(tuned, "b").cfg.deploy.vllm
+    assert (va.max_model_len, va.enable_prefix_caching, vb.max_model_len, vb.enable_prefix_caching) == (
+        32,
+        True,
+        None,
+        True,
+    )
     assert [g.metric for g in narrow(loaded, "a").cfg.gates] == ["ragas.chrf_score"]
     ungated = load(root / "mlops.yaml", ["deploy.models.b={}"])
     assert narrow(ungated, "b").cfg.gates == ungated.cfg.gates  # absent: the top-level gates
