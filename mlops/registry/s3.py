@@ -106,26 +106,27 @@ class S3Store:
             code = _code(cause) if isinstance(cause, ClientError) else type(e).__name__
             raise InfraError(f"S3 {op} {where} failed: {code}") from e
 
+    def _get_object(self, key: str) -> Any | None:
+        """get_object's response, or None when the key is missing (inside an `_errors` block)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if _code(e) in _MISSING_CODES:
+                return None
+            raise
+
     def get(self, key: str) -> Blob | None:
         with self._errors("get", key):
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as e:
-                if _code(e) in _MISSING_CODES:
-                    return None
-                raise
-            return Blob(resp["Body"].read(), resp["ETag"].strip('"'))
+            resp = self._get_object(key)
+            return None if resp is None else Blob(resp["Body"].read(), resp["ETag"].strip('"'))
 
     def iter_chunks(self, key: str, size: int) -> Iterator[bytes] | None:
         """The object streamed in `size` pieces (None when missing): a reader of captured traffic
         never holds a large object whole (mlops/monitor/traffic.py)."""
         with self._errors("get", key):
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as e:
-                if _code(e) in _MISSING_CODES:
-                    return None
-                raise
+            resp = self._get_object(key)
+        if resp is None:
+            return None
         body = resp["Body"]
 
         def chunks() -> Iterator[bytes]:
