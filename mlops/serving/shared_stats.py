@@ -75,7 +75,13 @@ class SharedStats:
             self._put(BEAT + self.container, now)
 
     def start(self) -> None:
-        """Flush every `flush_s` in a thread until `stop()` (which flushes once more)."""
+        """Flush every `flush_s` in a thread until `stop()` (which flushes once more). The first
+        heartbeat is written now: a reader waits only for containers it knows are alive, and one that
+        started less than `flush_s` ago would otherwise go unwaited-for and its first rows unread."""
+        try:
+            self.flush()
+        except Exception as e:  # the store is down at start: the loop keeps trying
+            print(f"gateway: stats flush failed: {type(e).__name__}: {e}", flush=True)
 
         def loop() -> None:
             while not self._stop.wait(self.flush_s):  # a timer: the heartbeat others wait on
