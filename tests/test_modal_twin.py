@@ -210,20 +210,23 @@ def test_train_and_gateway_apps_are_redeployed_when_their_code_changes(
     assert tw.deploys() == [app, app]
     assert "CHANGED = True" in (tw.dir / "apps" / app / "src" / "train.py").read_text()
 
-    # the gateway deployed by hand with ./mlops.yaml's storage, not the run's (CI's old step did
-    # that after a proper deploy, so the Dict's digest still matched): the run repairs it
-    gw = f"{APP}-gateway"
-    run_storage = str(tmp_path / "shared-registry")
-    backend = ModalBackend(load(tw.root / "mlops.yaml", [f"storage={run_storage}"]), backend.registry)
-    backend.ensure_current("gateway.py", gw)
-    assert tw.deploys()[2:] == [gw]
-    r = twin("deploy", "functions/gateway.py", env=tw.env, cwd=tw.root)
-    assert r.returncode == 0 and tw.deploys()[2:] == [gw, gw], r.stderr
-    backend = ModalBackend(backend.loaded, backend.registry)  # the next run
-    backend.ensure_current("gateway.py", gw)
-    backend.ensure_current("gateway.py", gw)
-    assert tw.deploys()[2:] == [gw, gw, gw]  # repaired, once
-    assert json.loads(tw.apps()[gw]["env"]["MLOPS_MODAL_SETTINGS"])["storage"] == run_storage
+    try:
+        # the gateway deployed by hand with ./mlops.yaml's storage, not the run's (CI's old step did
+        # that after a proper deploy, so the Dict's digest still matched): the run repairs it
+        gw = f"{APP}-gateway"
+        run_storage = str(tmp_path / "shared-registry")
+        backend = ModalBackend(load(tw.root / "mlops.yaml", [f"storage={run_storage}"]), backend.registry)
+        backend.ensure_current("gateway.py", gw)
+        assert tw.deploys()[2:] == [gw]
+        r = twin("deploy", "functions/gateway.py", env=tw.env, cwd=tw.root)
+        assert r.returncode == 0 and tw.deploys()[2:] == [gw, gw], r.stderr
+        backend = ModalBackend(backend.loaded, backend.registry)  # the next run
+        backend.ensure_current("gateway.py", gw)
+        backend.ensure_current("gateway.py", gw)
+        assert tw.deploys()[2:] == [gw, gw, gw]  # repaired, once
+        assert json.loads(tw.apps()[gw]["env"]["MLOPS_MODAL_SETTINGS"])["storage"] == run_storage
+    finally:  # the gateway's container runs until stopped (as on Modal)
+        twin("stop-all", env=tw.env, cwd=tw.root)
 
 
 @pytest.mark.timeout(900)  # two `mlops run`s (~2.5 min quiet)
