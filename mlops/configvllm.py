@@ -2,10 +2,26 @@
 `deploy.engine: vllm`). Checked at `mlops validate` against vLLM 0.32's option table
 (mlops/vllm_options.py), without importing vLLM. mlops/serving/vllm_argv.py turns it into flags."""
 
+from typing import Any
+
 from pydantic import Field, ValidationInfo, field_validator
 
-from mlops import vllm_options
 from mlops.configbase import Strict
+
+
+def _choices(flag: str) -> list[str]:
+    """vLLM's choices for a flag. The 340-flag table loads on first use, not at import: `mlops
+    validate`'s start-up is measured (benchmarks/bench_startup.py) and most files set no deploy.vllm."""
+    from mlops import vllm_options
+
+    return list(vllm_options.choices(flag))
+
+
+def _enum_of(flag: str) -> Any:
+    def extra(schema: dict[str, Any]) -> None:  # run by `mlops schema` only
+        schema["enum"] = [*_choices(flag), None]
+
+    return extra
 
 
 def gpu_count(gpu: str | None) -> int:
@@ -30,12 +46,12 @@ class VllmCfg(Strict):
     dtype: str | None = Field(
         None,
         description="Weights and activations dtype.",
-        json_schema_extra={"enum": [*vllm_options.choices("--dtype"), None]},
+        json_schema_extra=_enum_of("--dtype"),
     )
     quantization: str | None = Field(
         None,
         description="Quantization method of the weights (e.g. awq, gptq, fp8).",
-        json_schema_extra={"enum": [*vllm_options.choices("--quantization"), None]},
+        json_schema_extra=_enum_of("--quantization"),
     )
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences in one batch, at most.")
     enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of shared prompt prefixes.")
@@ -53,7 +69,7 @@ class VllmCfg(Strict):
     @field_validator("dtype", "quantization")
     @classmethod
     def _a_choice(cls, v: str | None, info: ValidationInfo) -> str | None:
-        valid = vllm_options.choices(f"--{info.field_name}")
+        valid = _choices(f"--{info.field_name}")
         if v is not None and v not in valid:
             from mlops.plugins import did_you_mean
 
@@ -63,7 +79,9 @@ class VllmCfg(Strict):
     @field_validator("extra_args")
     @classmethod
     def _known_flags(cls, v: list[str]) -> list[str]:
-        if err := vllm_options.check_args(v):
+        from mlops import vllm_options
+
+        if v and (err := vllm_options.check_args(v)):
             raise ValueError(err)
         return v
 
