@@ -87,6 +87,7 @@ ROLE_ARNS = {
     "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/mlops",
     "AWS_PR_ROLE_ARN": "arn:aws:iam::123456789012:role/mlops-pr",
 }
+# a name, never contacted: the `iss` claim of the stand-in token and the trust policy's condition key prefix
 OIDC_ISSUER = "https://token.actions.githubusercontent.com"
 
 
@@ -548,7 +549,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _sts(self, form: dict[str, str]) -> None:
         """AWS STS AssumeRoleWithWebIdentity, granted only as the role's trust policy says (and the
         GetCallerIdentity the action asks next, for its account id output)."""
-        ns = "https://sts.amazonaws.com/doc/2011-06-15/"
+        ns = "https://sts.amazonaws.com/doc/2011-06-15/"  # the XML namespace boto3 parses, not an address
         if form.get("Action") == "GetCallerIdentity":
             xml = (
                 f'<GetCallerIdentityResponse xmlns="{ns}"><GetCallerIdentityResult>'

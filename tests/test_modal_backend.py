@@ -288,7 +288,7 @@ MODAL_SETS = [
     "--set",
     "deploy.server.api_key_env=GW_KEY",
     "--set",
-    'judges={ref: {model: gpt, base_url: "https://api.example/v1", api_key_env: JUDGE_KEY}}',
+    'judges={ref: {model: gpt, base_url: "http://127.0.0.1:9/v1", api_key_env: JUDGE_KEY}}',
 ]
 
 
