@@ -102,6 +102,11 @@ class State:
     actor: str | None = None
     # the rollout lease (mlops/registry/lease.py): owner, token, heartbeat_at, expires_at (epoch s)
     lease: dict[str, Any] = field(default_factory=dict)
+    # the model's active rollout record, advanced by the rollout controller ({} when none runs):
+    # id, release, baseline, phase, steps, step, step_started_at, verdicts, status, ... (mlops/rollout*.py)
+    rollout: dict[str, Any] = field(default_factory=dict)
+    # the model's active A/B experiment ({} when none runs): id, arms, share, metric, started_at, ...
+    experiment: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,12 +133,17 @@ class State:
             d.get("reason"),
             d.get("actor"),
             dict(d.get("lease") or {}),
+            dict(d.get("rollout") or {}),
+            dict(d.get("experiment") or {}),
         )
 
     def referenced(self) -> set[str]:
         refs = {r for r in self.stages.values() if r} | set(self.routing)
         if self.shadow.get("release"):
             refs.add(self.shadow["release"])
+        for rec in (self.rollout, self.experiment):
+            if rec.get("status", "running") == "running":
+                refs.update(r for r in rec.get("releases", []) if r)
         return refs
 
 
