@@ -189,6 +189,32 @@ class RolloutCfg(Strict):
     lease_wait: Duration = Field(
         300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
     )
+    traffic: Literal["replay", "live"] = Field(
+        "replay",
+        description="What a canary step is judged on: `replay` sends the first eval suite's inputs as users "
+        "(the CI job with --wait, the rollout controller once the job returned) on top of live requests; "
+        "`live` judges real requests only.",
+    )
+    interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="How often the rollout controller judges a live window (production's, during "
+        "bake_after_promote); a step is judged when its bake is over.",
+    )
+    min_requests: int = Field(
+        20,
+        ge=1,
+        description="A live window is judged once it holds this many requests (the candidate's in a canary "
+        "step with traffic: live); fewer bake the step again, up to max_extensions times.",
+    )
+    max_extensions: int = Field(
+        3, ge=0, description="How many times a step with too little traffic bakes again before it fails."
+    )
+    bake_after_promote: Duration = Field(
+        0.0,
+        description="Guardrail after promotion: for this long the previous release stays loaded and the "
+        "controller judges production's live traffic; an SLO breach (error rate, p95) rolls back.",
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> Self:

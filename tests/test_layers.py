@@ -56,6 +56,7 @@ RANK: dict[str, float] = {
     "pipeline": 3.0,
     "scaffold": 3.0,  # mlops init: copies the template (a flow of its own)
     "rollout": 3.0,
+    "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
     # parse, call one flow, print
     "cli": 4.0,
     # `mlops serve` in a subprocess, for tests and benchmarks (nothing in mlops imports it)
@@ -111,7 +112,7 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 # modules that form one group on their layer (the orchestrator's flows call each other)
-ONE_GROUP = {"pipeline": "flows", "rollout": "flows"}
+ONE_GROUP = {"pipeline": "flows", "rollout": "flows", "rollout_controller": "flows"}
 
 
 def _group(module: str) -> str:
