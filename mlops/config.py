@@ -85,6 +85,12 @@ class LoraCfg(Strict):
         description="Module names (suffixes) of the base model to adapt, or ['all-linear'] (one name "
         "may be a string, as peft spells it: all-linear); checked against the base model when training starts.",
     )
+    serve: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: the release is the base with the adapters folded in (a full model, served alone); "
+        "adapter: the release is the peft adapter plus the base's fingerprint, loaded at run time into one "
+        "shared base (many releases on one loaded model). method: full always releases a full model.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -122,7 +128,8 @@ class ResourcesCfg(Strict):
 class ModelCfg(Strict):
     base: str = Field("scratch", description="'scratch', a Hugging Face id, or a local path.")
     method: Literal["full", "lora", "qlora"] = Field(
-        "full", description="full fine-tune; lora (peft, merged into the base); qlora (4-bit base, CUDA only)."
+        "full",
+        description="full fine-tune; lora (peft; merged into the base unless lora.serve: adapter); qlora (4-bit base, CUDA only).",
     )
     dataset: str = Field(description="Name of a dataset under `datasets`.")
     prompt: str = Field("{input}", description="How a case's input becomes the prompt, e.g. '{input}='.")
@@ -131,6 +138,12 @@ class ModelCfg(Strict):
     arch: ArchCfg = ArchCfg.model_construct()
     lora: LoraCfg = LoraCfg.model_construct()
     resources: ResourcesCfg = ResourcesCfg.model_construct()
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> Self:
+        if self.lora.serve == "adapter" and self.method == "full":
+            raise ValueError("lora.serve: adapter needs method: lora or qlora (a full fine-tune has no adapter)")
+        return self
 
 
 MetricEntry = Union[str, dict[str, Any]]  # noqa: UP007 - pydantic json schema reads it better
