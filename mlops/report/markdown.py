@@ -129,10 +129,15 @@ def _verdict_head(rep: Report) -> list[str]:
     return lines
 
 
+def _base_col(rep: Report) -> str:
+    """The baseline column's name: the stage it was read from (`previous` once the candidate is production)."""
+    return rep.baseline_stage or "production"
+
+
 def _table(rep: Report, budget: int) -> tuple[str, int]:
     head = [
         "",
-        "| metric | production | candidate | delta | interval | threshold | verdict |",
+        f"| metric | {_base_col(rep)} | candidate | delta | interval | threshold | verdict |",
         "|---|---:|---:|---:|---|---|---|",
     ]
     body: list[str] = []
@@ -155,7 +160,7 @@ def _table(rep: Report, budget: int) -> tuple[str, int]:
         used += len(line) + 1
     notes = [
         "",
-        "<sub>delta = candidate − production (↑ better, ↓ worse); interval: paired bootstrap over the same "
+        f"<sub>delta = candidate − {_base_col(rep)} (↑ better, ↓ worse); interval: paired bootstrap over the same "
         "cases, each end a one-sided bound at the gate's confidence.</sub>",
     ]
     text = "\n".join(head + body + notes)
@@ -170,7 +175,7 @@ def _segment_block(rep: Report) -> str:
         "",
         "### Per segment",
         "",
-        "| segment | metric | production | candidate | delta | interval | threshold | verdict |",
+        f"| segment | metric | {_base_col(rep)} | candidate | delta | interval | threshold | verdict |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
     for r in rep.segments:
@@ -193,7 +198,7 @@ def _worst_block(rep: Report) -> str:
     metrics = ", ".join(dict.fromkeys(f"{c.suite}.{c.metric}" for c in w.cases))
     if w.compared:
         title = f"### Worst regressed cases ({metrics})"
-        cols = "| case | input | expected | production | candidate |"
+        cols = f"| case | input | expected | {_base_col(rep)} | candidate |"
     else:
         title = f"### Lowest-scoring cases ({metrics}; no production to compare with)"
         cols = "| case | input | expected | — | candidate |"
