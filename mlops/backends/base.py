@@ -68,6 +68,10 @@ class Server(_Role, ABC):
     def preflight(self, release_id: str) -> dict[str, Any]:
         """Refuse to route to a release whose artifact is missing, corrupt, or does not load."""
         manifest = self.registry.verify(release_id)
+        if isinstance(manifest.get("adapter"), dict):  # a LoRA adapter: only on the base it was trained on
+            from mlops.training.adapter import served_base
+
+            served_base(release_id, manifest["adapter"], self.loaded.root)
         self._preflight(release_id)
         return manifest
 
