@@ -6,7 +6,7 @@ dicts' JSON was, so registries written before read back unchanged. Built by keyw
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -136,10 +136,22 @@ class StepVerdict(Contract):
     mode: str = "canary"  # canary | shadow
     notes: list[str] = []
     extra: dict[str, Any] = {}  # step-specific numbers (shadow agreement), recorded flat beside the rest
+    # Live analysis (mlops/rollout_analysis.py): pass | fail | extend (too little traffic yet: judge
+    # the step again later) | replay (still too little: judge it on replayed eval prompts). None: an
+    # older verdict, `passed` says. `checks`: one entry per check (name, status, numbers, why).
+    decision: Literal["pass", "fail", "extend", "replay"] | None = None
+    checks: list[dict[str, Any]] = []
+
+    @property
+    def outcome(self) -> str:
+        return self.decision or ("pass" if self.passed else "fail")
 
     def to_json(self) -> dict[str, Any]:
-        """The `canary_step` event's detail: the fields, `verdict: pass|fail`, and `extra` flattened."""
-        return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
+        """The `canary_step` event's detail: the fields, `verdict: pass|fail|extend|replay`, and `extra` flattened."""
+        # a verdict of the older analysis records what it always did (no decision, no checks)
+        live = self.decision is not None or bool(self.checks)
+        doc = self.model_dump(exclude={"extra"} if live else {"extra", "decision", "checks"})
+        return doc | {"verdict": self.outcome} | self.extra
 
 
 def _steps_json(steps: list[StepVerdict]) -> list[dict[str, Any]]:

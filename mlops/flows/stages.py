@@ -72,6 +72,8 @@ def train(s: Session, model: str | None = None, force: bool = False) -> TrainOut
                 "train": asdict(result) | {"out_dir": None},
                 "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
             }
+            if result.adapter is not None:  # the artifact is a peft adapter on `base` (mlops/training/adapter.py)
+                manifest["adapter"] = {"base": m.base} | result.adapter
             manifest = s.registry.publish(release, out, manifest)
         finally:
             shutil.rmtree(out, ignore_errors=True)
