@@ -544,6 +544,10 @@ def _check_analysis(
         raise fail((*loc, "suite"), f"unknown eval {an.suite!r} {_did_you_mean(an.suite, cfg.evals)}".rstrip())
     suite = an.suite or next(iter(cfg.evals), None)
     names = [metric_name(s) for s in cfg.evals[suite].metrics] if suite else []
+    for m in an.max_metric_drop:
+        if m not in names:
+            msg = f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip()
+            raise fail((*loc, "max_metric_drop", m), msg)
     for i, m in enumerate(an.metrics or []):
         if m not in names:
             raise fail((*loc, "metrics", i), f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip())
