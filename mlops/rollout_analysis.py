@@ -110,8 +110,10 @@ def _latency(c: Side, p: Side, cfg: RolloutCfg, a: float) -> _Check:
     return _Check("latency", "pass", what, nums)
 
 
-def _sample(side: Side, k: int) -> list[dict[str, Any]]:
-    with_text = [r for r in side.answers if isinstance(r.get("output"), str)]
+def _sample(side: Side, k: int, nonempty: bool = False) -> list[dict[str, Any]]:
+    """Up to `k` answers with their text. A judge is shown non-empty ones only: it cannot rate
+    nothing (deepeval refuses), and how often a release answers nothing is `empty_rate`'s business."""
+    with_text = [r for r in side.answers if isinstance(r.get("output"), str) and (r["output"] or not nonempty)]
     return random.Random(0).sample(with_text, min(k, len(with_text)))  # seeded: a rerun judges the same answers
 
 
@@ -133,8 +135,8 @@ def _metric(m: Metric, c: Side, p: Side, cfg: RolloutCfg, a: float, judge: bool)
     an = cfg.analysis
     k = an.judge_sample if judge else an.sample
     need = min(an.min_samples, k)
-    vc, fc = _scores(m, _sample(c, k))
-    vp, fp = _scores(m, _sample(p, k))
+    vc, fc = _scores(m, _sample(c, k, judge))
+    vp, fp = _scores(m, _sample(p, k, judge))
     name = f"metric.{m.name}"
     mc = sum(vc) / len(vc) if vc else 0.0
     mp = sum(vp) / len(vp) if vp else 0.0

@@ -179,6 +179,8 @@ def test_guardrail_statistics_and_analysis_metrics_are_checked(project: Any) -> 
         load(project / "mlops.yaml", ["deploy.rollout.analysis.metrics=[json_vald]"])
     with pytest.raises(ConfigError, match="needs an expected answer"):
         load(project / "mlops.yaml", ["deploy.rollout.analysis.metrics=[exact_match]"])
+    with pytest.raises(ConfigError, match="analysis.max_metric_drop.lenght: eval 'heldout' has no metric 'lenght'"):
+        load(project / "mlops.yaml", ["deploy.rollout.analysis.max_metric_drop={lenght: 3}"])
     with pytest.raises(ConfigError, match="analysis.suite: unknown eval 'nope'"):
         load(project / "mlops.yaml", ["deploy.rollout.analysis.suite=nope"])
     ok = load(
