@@ -30,7 +30,9 @@ def routing_view(st: State) -> tuple[Any, ...]:
     """What the serving side acts on. Bookkeeping (`candidate`, version, reason) is not in it, so a
     job that only records a candidate (a PR's eval) never publishes its registry's routing."""
     stages = tuple(st.stages.get(k) for k in ("production", "previous", "canary"))
-    return stages, sorted(st.routing.items()), sorted(st.shadow.items())
+    # a running experiment's id salts the users' arms (mlops/serving/routing.py): serving needs it
+    experiment = (st.experiment.get("id"), st.experiment.get("share")) if st.experiment else None
+    return stages, sorted(st.routing.items()), sorted(st.shadow.items()), experiment
 
 
 class _Role:

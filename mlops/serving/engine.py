@@ -31,7 +31,7 @@ from typing import Any
 
 from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError
-from mlops.serving import kvcache
+from mlops.serving import kvcache, native
 from mlops.serving.base import QueuedEngine
 from mlops.serving.chat import stop_ids
 from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded
@@ -71,6 +71,7 @@ class Engine(QueuedEngine):
         threads: int | None = None,
         start: bool = True,
         vllm: VllmCfg | None = None,  # deploy.vllm: max_model_len and max_num_seqs apply here
+        use_native: bool = True,  # False: a base for adapter releases (mlops/serving/adapters.py)
     ) -> None:
         import torch
         from tokenizers import Tokenizer
@@ -80,11 +81,11 @@ class Engine(QueuedEngine):
         if threads:
             torch.set_num_threads(threads)
         try:
-            with _LOAD_LOCK, serving_imports():
-                from transformers import AutoModelForCausalLM
-
-                self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-                self.model: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+            self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+            # GPT-2 and the Llama family run on the engine's own forward pass (no transformers
+            # import: most of the start-up); anything else through transformers, and so does a
+            # base that adapter releases are loaded into (peft adapts transformers' modules)
+            self.model: Any = (native.load(self.model_dir) if use_native else None) or self._transformers_model()
         except Exception as e:  # a corrupt or partial artifact must not take the server down
             raise InfraError(f"cannot load model from {self.model_dir}: {type(e).__name__}: {e}") from e
         self.model.eval()
@@ -114,6 +115,14 @@ class Engine(QueuedEngine):
         if start:
             self._worker.start()
 
+    def _transformers_model(self) -> Any:
+        import torch
+
+        with _LOAD_LOCK, serving_imports():
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+
     # ------------------------------------------------------------------ public
 
     def close(self, drain_timeout: float = 30.0) -> None:
@@ -128,6 +137,8 @@ class Engine(QueuedEngine):
         """Load the peft adapter at `path` under `name`; requests tagged `name` run with it from now."""
         if name in self.adapters:
             return
+        if not hasattr(self.model, "named_modules"):  # the native forward pass has no modules to adapt
+            raise InfraError(f"cannot load adapter {name}: {self.model_dir} was loaded without transformers")
         try:
             with _LOAD_LOCK, serving_imports(), self._model_lock:
                 from peft import PeftModel
@@ -206,7 +217,7 @@ class Engine(QueuedEngine):
 
     def _run(self) -> None:
         running: list[_Seq] = []
-        cache: Any = None  # a transformers DynamicCache: per layer [batch, heads, length, dim]
+        cache: Any = None  # native.Cache or a transformers DynamicCache: per layer [batch, heads, length, dim]
         mask: Any = None  # [batch, length] 1 where the cache holds a real token
         while True:
             new = self._admit(block=not running)

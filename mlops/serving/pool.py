@@ -108,7 +108,7 @@ class ReleasePool:
         self._wake = threading.Event()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name="state-watch")
         # adapter releases: their bases, each loaded once (mlops/serving/adapters.py)
-        self.bases = BaseHost(lambda path: self._factory()(path, **self._engine_options()))
+        self.bases = BaseHost(self._base_engine)
 
     # ------------------------------------------------------------------ state
 
@@ -289,6 +289,14 @@ class ReleasePool:
             "threads": self.threads,
             "vllm": self.vllm,
         }
+
+    def _base_engine(self, path: Path) -> Engine:
+        """An engine on the base of adapter releases (the builtin one through transformers: peft
+        adapts its modules, not the native forward pass)."""
+        factory: Any = self._factory()
+        extra = {"use_native": False} if self.engine_name == "builtin" else {}
+        eng: Engine = factory(path, **self._engine_options(), **extra)
+        return eng
 
     def _adapter(self, release_id: str, path: Path, adapter: dict[str, Any]) -> Engine:
         """The view of an adapter release on its base, once the base's fingerprint is the one the
