@@ -157,6 +157,14 @@ class EvalCfg(Strict):
     retries: int = Field(2, ge=0, le=10, description="Retries of a call that got 429/502/503/504 or no connection.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N cases.")
     judge: str | None = Field(None, description="Default judge (a key of `judges`) for judge-based metrics.")
+    quarantine: list[str] = Field(
+        [], description="Case ids kept out of every gate on this suite (still scored and shown in the report)."
+    )
+    baseline_max_age: Duration | None = Field(
+        2_592_000.0,
+        description="Production's stored results on this suite older than this are flagged as a stale "
+        "baseline (by `mlops plan` and the report); null: never.",
+    )
 
 
 class GateCfg(Strict):
@@ -172,6 +180,11 @@ class GateCfg(Strict):
         None,
         min_length=1,
         description="Only the cases with this tag: bounds and the no-regression check on that slice alone.",
+    )
+    exclude_flaky: bool = Field(
+        False,
+        description="Keep flaky cases out of this gate: those whose verdict flips between a judge's repeats "
+        "or between releases with identical weights (listed in the report either way).",
     )
 
     @model_validator(mode="after")
@@ -511,6 +524,14 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
     for at, ro in rollouts:
         _check_analysis(cfg, at, ro.analysis, fail)
     if check_files:
+        for name, m in cfg.models.items():
+            # a path-looking base or an entrypoint that is not there fails here, in one line,
+            # rather than as a Hub lookup (offline) or an import error minutes into a run
+            if m.base.startswith(("./", "../", "/", "~")) and not (loaded.root / Path(m.base).expanduser()).is_dir():
+                raise fail(("models", name, "base"), f"local base directory {m.base!r} does not exist")
+            ep = m.train.entrypoint
+            if ep is not None and not (loaded.root / ep.rsplit(":", 1)[0]).is_file():
+                raise fail(("models", name, "train", "entrypoint"), f"file {ep.rsplit(':', 1)[0]!r} does not exist")
         for name, ds in cfg.datasets.items():
             if ds.path.startswith(("hf:", "s3://")):
                 continue  # remote: checked when read (`validate` stays offline and light)
@@ -531,6 +552,10 @@ def _check_analysis(
         raise fail((*loc, "suite"), f"unknown eval {an.suite!r} {_did_you_mean(an.suite, cfg.evals)}".rstrip())
     suite = an.suite or next(iter(cfg.evals), None)
     names = [metric_name(s) for s in cfg.evals[suite].metrics] if suite else []
+    for m in an.max_metric_drop:
+        if m not in names:
+            msg = f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip()
+            raise fail((*loc, "max_metric_drop", m), msg)
     for i, m in enumerate(an.metrics or []):
         if m not in names:
             raise fail((*loc, "metrics", i), f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip())

@@ -46,6 +46,9 @@ class CaseRow(Contract):
     # the case's segments (gates and the report slice by them); left out when empty, so an untagged
     # suite's stored results stay byte-for-byte what earlier versions wrote
     tags: list[str] = Field(default=[], exclude_if=lambda v: not v)
+    # a judge metric with `repeat: N`: metric -> the N values behind its score (their spread is the
+    # judge's noise on this case); left out when no metric repeats, as `tags`
+    samples: dict[str, list[float]] = Field(default={}, exclude_if=lambda v: not v)
 
 
 class JudgeStats(Contract):
@@ -116,6 +119,8 @@ class GateResult(Contract):
     higher_is_better: bool = True
     stat_threshold: float | None = None  # pass_rate: the per-case threshold
     segment: str | None = None  # the tag whose cases the check looked at; None: all cases
+    # cases kept out of this check (quarantined, or flaky under `exclude_flaky`); left out when none
+    excluded: list[str] = Field(default=[], exclude_if=lambda v: not v)
 
 
 class StepVerdict(Contract):

@@ -49,7 +49,7 @@ OVERRIDES = {
         }
     },
 }
-USERS = 300  # ~150 a side at 50/50: 5% is ~7 errors against none, p ~ 0.004 < alpha / 4
+USERS = 400  # ~200 a side at 50/50: 5% is ~10 errors against none, p ~ 0.001 < alpha / 8
 
 
 @dataclass
@@ -92,8 +92,8 @@ def send(url: str, prompts: list[str], tag: str, headers: dict[str, str] | None 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = make_project(tmp_path_factory.mktemp("live"), OVERRIDES)
-    prod = train_and_publish(root, seed=0)
-    cand = train_and_publish(root, seed=1, promote=False)
+    prod = train_and_publish(root, seed=0, steps=20)  # what they answer is not what is judged here
+    cand = train_and_publish(root, seed=1, steps=20, promote=False)
     loaded = load(root / "mlops.yaml")
     s = Session.open(loaded)
 
@@ -190,3 +190,28 @@ def test_too_little_traffic_extends_then_fails_or_is_judged_on_a_replay(live: Li
     finally:
         live.opts.fault = None
     assert bad.candidate.errors == 12 and judge_step(bad, replay_cfg, metrics).decision == "fail"
+
+
+def test_a_judge_metric_scores_only_its_sample_of_live_answers(live: Live) -> None:
+    from test_judges import JudgeServer
+
+    with window_of(live) as span:
+        send(live.url, inputs(120, seed=7), "judged")
+    w = read_window(Session.open(live.loaded).registry, live.cand, live.prod, span[0], span[1])
+    with contextlib.contextmanager(JudgeServer().running)() as judge:
+        sets = [
+            f"judges={{local: {{base_url: '{judge.base_url}', model: judge-1, timeout_s: 20}}}}",
+            "evals.heldout.judge=local",
+            "evals.heldout.metrics=[exact_match, latency, deepeval.answer_relevancy]",
+            "deploy.rollout.analysis.metrics=[deepeval.answer_relevancy]",
+            "deploy.rollout.analysis.judge_sample=4",
+        ]
+        loaded = load(live.loaded.root / "mlops.yaml", sets)
+        (metric,) = live_metrics(loaded)
+        v = judge_step(w, loaded.cfg.deploy.rollout, [metric])
+        calls = judge.total
+    check = v.checks[2]
+    assert check["name"] == "metric.deepeval.answer_relevancy" and check["n"] == [4, 4], v.checks
+    assert check["status"] == "pass"  # the same sample size on both sides: enough for a judge metric
+    # about 60 answers a side were there; the judge was asked about 4 each (a few calls per answer)
+    assert min(w.candidate.requests, w.production.requests) > 30 and 0 < calls <= 8 * 3, calls

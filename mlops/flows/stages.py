@@ -153,8 +153,10 @@ def gate(
     s: Session, release: str, results: dict[str, EvalResult], production: dict[str, EvalResult | None]
 ) -> list[GateResult]:
     from mlops.evals.gates import check_gates
+    from mlops.report.noise import exclusions
 
-    verdicts = check_gates(s.loaded.cfg.gates, results, production)
+    quarantine, flaky = exclusions(s.registry, s.loaded.cfg, results)
+    verdicts = check_gates(s.loaded.cfg.gates, results, production, quarantine, flaky)
     passed = all(g.passed for g in verdicts)
     event = "gates_passed" if passed else "gates_failed"
     s.backend.record(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])
