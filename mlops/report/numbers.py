@@ -25,6 +25,7 @@ from mlops.report.model import (
     WorstCase,
     WorstCases,
 )
+from mlops.report.noise import build_noise, exclusions
 
 WORST_CASES = 8  # per suite
 MAX_WORST = 12  # in all
@@ -54,7 +55,8 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
     base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
-    gates = check_gates(cfg.gates, evaluated, base) if evaluated else []
+    quarantine, flaky = exclusions(reg, cfg, evaluated)
+    gates = check_gates(cfg.gates, evaluated, base, quarantine, flaky) if evaluated else []
     if not evaluated:
         verdict = "not evaluated"
     elif not gates:
@@ -78,6 +80,7 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         suites={k: SuiteInfo(n=v.n, created_at=v.created_at) for k, v in evaluated.items()},
         lineage=manifest.get("lineage", {}),
         segments=_segment_rows(evaluated, base, gates),
+        noise=build_noise(reg, cfg, evaluated, base, prod_reg),
         new_cases=_new_cases(evaluated, base, gates) if baseline else None,
     )
 

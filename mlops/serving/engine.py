@@ -23,7 +23,7 @@ from typing import Any
 
 from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError
-from mlops.serving import kvcache
+from mlops.serving import kvcache, native
 from mlops.serving.base import QueuedEngine
 from mlops.serving.chat import stop_ids
 from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overloaded
@@ -72,11 +72,10 @@ class Engine(QueuedEngine):
         if threads:
             torch.set_num_threads(threads)
         try:
-            with _LOAD_LOCK, serving_imports():
-                from transformers import AutoModelForCausalLM
-
-                self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-                self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+            self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+            # GPT-2 and the Llama family run on the engine's own forward pass (no transformers
+            # import: most of the start-up); anything else through transformers
+            self.model = native.load(self.model_dir) or self._transformers_model()
         except Exception as e:  # a corrupt or partial artifact must not take the server down
             raise InfraError(f"cannot load model from {self.model_dir}: {type(e).__name__}: {e}") from e
         self.model.eval()
@@ -101,6 +100,14 @@ class Engine(QueuedEngine):
         if start:
             self._worker.start()
 
+    def _transformers_model(self) -> Any:
+        import torch
+
+        with _LOAD_LOCK, serving_imports():
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+
     # ------------------------------------------------------------------ public
 
     def close(self, drain_timeout: float = 30.0) -> None:
@@ -113,7 +120,7 @@ class Engine(QueuedEngine):
 
     def _run(self) -> None:
         running: list[_Seq] = []
-        cache: Any = None  # a transformers DynamicCache: per layer [batch, heads, length, dim]
+        cache: Any = None  # native.Cache or a transformers DynamicCache: per layer [batch, heads, length, dim]
         mask: Any = None  # [batch, length] 1 where the cache holds a real token
         while True:
             new = self._admit(block=not running)
