@@ -26,71 +26,19 @@ from collections.abc import Callable
 from typing import Any
 
 from mlops.backends.base import Backend
-from mlops.config import Loaded, RolloutCfg
+from mlops.config import Loaded
 from mlops.contracts import StepVerdict
-from mlops.errors import MlopsError, UsageError
+from mlops.errors import MlopsError
 from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
-from mlops.rollout import MIN_LATENCY_SAMPLES, Prompt, _drive, analyse, wait_served
+from mlops.rollout import MIN_LATENCY_SAMPLES, TOP_UP_LIMIT, Prompt, _drive, analyse, wait_served
 
 log = logging.getLogger("mlops.controller")
-
-Judge = Callable[[int, int, dict[str, float], dict[str, float], RolloutCfg, str], StepVerdict]
 
 
 class _Busy(Exception):
     """Another writer holds a live rollout lease: this tick does nothing."""
-
-
-def canary_prompts(loaded: Loaded) -> list[Prompt]:
-    """What replayed canary traffic asks: the first eval suite's inputs (a chat case's turns)."""
-    from mlops.evals.harness import load_cases
-
-    cfg = loaded.cfg
-    model_cfg = cfg.models[cfg.deploy.model]
-    cases = load_cases(loaded, next(iter(cfg.evals))) if cfg.evals else []
-    prompts: list[Prompt] = [
-        [dict(m) for m in c.messages] if c.messages else model_cfg.prompt.format(input=c.input) for c in cases
-    ]
-    return prompts or ["hello"]
-
-
-def start(backend: Backend, release: str, driver: str, started_by: str) -> dict[str, Any]:
-    """Write a running canary record for `release` (against today's production). `driver`:
-    "pipeline" (the job follows it, `--wait`) or "controller" (the job returns; the first step's
-    weights are set by the controller's first tick, so no canary traffic flows until one runs).
-    A guardrail bake still running for the production it replaces ends here (superseded); an
-    A/B experiment on the model refuses it."""
-    cfg = backend.cfg
-    rec: dict[str, Any] = {}
-
-    def change(st: State) -> State:
-        ex = st.experiment
-        if ex and ex.get("status", "running") == "running":
-            raise UsageError(
-                f"an A/B experiment ({ex.get('id', '?')}) runs on model {cfg.deploy.model}: "
-                "a rollout and an experiment exclude each other (`mlops experiment stop` first)"
-            )
-        cur = rollouts.running(st)
-        if cur is not None and cur.get("phase") == "canary":
-            raise UsageError(f"rollout {cur['id']} of {cur['release']} is still running (see `mlops status`)")
-        if cur is not None:  # its guardrail bake: the release it watched is the new baseline
-            rollouts.finish(st, "promoted", f"guardrail bake superseded by a rollout of {release}", started_by)
-        prod = st.stages.get("production")
-        assert prod is not None and prod != release
-        rec.clear()
-        rec.update(rollouts.new_record(cfg.deploy.model, release, prod, cfg.deploy.rollout, driver, started_by))
-        if driver == "controller":
-            rec["applied"] = -1  # the controller sets step 1's weights
-        st.rollout = dict(rec)
-        return st
-
-    rollouts.settle(backend.registry)  # a finished record left in the state: archived first
-    backend.set_state(change, reason=f"rollout {release} started ({driver} drives it)", actor=started_by)
-    rollouts.settle(backend.registry)  # a superseded guardrail record
-    backend.record(release, "rollout_started", by=started_by, rollout=rec["id"], driver=driver, steps=rec["steps"])
-    return rec
 
 
 def _weights(prod: str, release: str, pct: int) -> dict[str, int]:
@@ -106,7 +54,6 @@ class Controller:
         base_url: str,
         api_key: str | None = None,
         model_param: str | None = None,
-        judge: Judge = analyse,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
@@ -116,7 +63,6 @@ class Controller:
         self.base_url = base_url
         self.api_key = api_key
         self.model_param = model_param  # ?model=NAME on a server with several models
-        self.judge = judge
         self.clock = clock
         self.owner = owner_name("controller")
         import secrets
@@ -124,6 +70,8 @@ class Controller:
         self.token = secrets.token_hex(8)
         self._since: dict[tuple[str, int], float] = {}  # (rollout, step) -> when the server served it
         self._checkpoint: dict[str, float] = {}  # rollout -> start of production's next guardrail window
+        self._baseline: dict[str, Any] = {}  # rollout -> production's side of its last full live window
+        self._metrics: list[Any] | None = None  # the live metrics (built once)
         self._prompts: list[Prompt] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,6 +200,8 @@ class Controller:
     def _send(self, rec: dict[str, Any], n: int, offset: int) -> None:
         """Replayed eval prompts as `n` distinct users (the CI job's part when it returned at once)."""
         if self._prompts is None:
+            from mlops.rollout_start import canary_prompts
+
             self._prompts = canary_prompts(self.backend.loaded)
         model_cfg = self.backend.cfg.models[self.model]
         seed = abs(hash(rec["id"])) % 1000
@@ -311,40 +261,84 @@ class Controller:
         i = int(rec.get("step", 0))
         if int(rec.get("applied", i)) != i:
             return self._apply(rec, i, None, {})
-        if now < float(rec.get("due_at", rec["step_started_at"])):
+        due = float(rec.get("due_at", rec["step_started_at"]))
+        live_only = rec.get("traffic") == "live"
+        # a captured request reaches the store up to monitor.flush_interval after its answer
+        if now < due + (self._flush_lag() if live_only else 0.0):
             self._renew(st, rec["id"])
             return None
-        pct = int(rec["steps"][i])
-        release, prod = rec["release"], rec["baseline"]
         since = self._since.get((rec["id"], i), float(rec["step_started_at"]))
-        doc = self._stats(since)
-        cand = doc.get(release, {"requests": 0})
-        prod_now = doc.get(prod, {})
-        base: dict[str, float] = dict(rec.get("baseline_stats") or {})
-        if prod_now.get("requests", 0) - prod_now.get("errors", 0) >= MIN_LATENCY_SAMPLES or not base:
-            ref, base = prod_now, dict(prod_now)
-        else:  # at 100% production has no traffic: compare with what it showed last
-            ref = base
-        n = int(cand.get("requests", 0))
-        live_only = rec.get("traffic") == "live"
-        need = self.cfg.min_requests if live_only else max(1, math.ceil(self.cfg.requests_per_step * pct / 100))
-        if n < need and int(rec.get("extensions", 0)) < self.cfg.max_extensions:
-            return self._extend(rec, i, n, need)
-        v = self.judge(i + 1, pct, cand, ref, self.cfg, "canary")
+        v, base = self._judge_live(rec, i, since, due) if live_only else self._judge_replay(rec, i, since)
         v.decided_by = "controller:analysis"
-        if n < need and v.passed:
-            v.passed = False
-            v.reasons.append(
-                f"too little traffic: {n} candidate requests < {need} after {rec.get('extensions')} extensions"
-            )
-        self.backend.record(release, "canary_step", by=v.decided_by, rollout=rec["id"], **v.to_json())
+        if v.outcome == "extend":
+            return self._extend(rec, i, "; ".join(v.reasons))
+        self.backend.record(rec["release"], "canary_step", by=v.decided_by, rollout=rec["id"], **v.to_json())
         if not v.passed:
             return self._rolled_back(rec, v)
         if i + 1 < len(rec["steps"]):
             return self._apply(rec, i + 1, v, base)
         return self._promote(rec, v, base)
 
-    def _extend(self, rec: dict[str, Any], i: int, n: int, need: int) -> str:
+    def _flush_lag(self) -> float:
+        return float(self.backend.cfg.monitor.flush_interval) + 0.2
+
+    def _judge_replay(self, rec: dict[str, Any], i: int, since: float) -> tuple[StepVerdict, dict[str, float]]:
+        """Replayed eval prompts are the traffic (today's canary): the server's counters of the step,
+        which count mlops's own requests too; too few candidate requests: top up (bounded)."""
+        pct = int(rec["steps"][i])
+        doc = self._stats(since)
+        cand = doc.get(rec["release"], {"requests": 0})
+        prod_now = doc.get(rec["baseline"], {})
+        base: dict[str, float] = dict(rec.get("baseline_stats") or {})
+        if prod_now.get("requests", 0) - prod_now.get("errors", 0) >= MIN_LATENCY_SAMPLES or not base:
+            ref, base = prod_now, dict(prod_now)
+        else:  # at 100% production has no traffic: compare with what it showed last
+            ref = base
+        n, need = int(cand.get("requests", 0)), max(1, math.ceil(self.cfg.requests_per_step * pct / 100))
+        if n < need and int(rec.get("extensions", 0)) < TOP_UP_LIMIT:
+            v = StepVerdict(step=i + 1, percent=pct, candidate=cand, production=ref, passed=False, decision="extend")
+            v.reasons = [f"{n} of {need} candidate requests"]
+            return v, base
+        return analyse(i + 1, pct, cand, ref, self.cfg, "canary"), base
+
+    def _judge_live(
+        self, rec: dict[str, Any], i: int, since: float, until: float
+    ) -> tuple[StepVerdict, dict[str, float]]:
+        """Live traffic only: the captured window of both releases (mlops/rollout_analysis.py)."""
+        from mlops.rollout_analysis import judge_step, live_metrics, read_window, replay_window
+
+        if self._metrics is None:
+            self._metrics = live_metrics(self.backend.loaded)
+        release, prod = rec["release"], rec["baseline"]
+        pct = int(rec["steps"][i])
+        w = read_window(self.registry, release, prod, since, until, self._stats(since))
+        prev = self._baseline.get(rec["id"])
+        v = judge_step(
+            w, self.cfg, self._metrics, extensions=int(rec.get("extensions", 0)), step=i + 1, percent=pct, baseline=prev
+        )
+        if w.production.requests >= self.cfg.analysis.min_requests:
+            self._baseline[rec["id"]] = w.production
+        if v.outcome == "replay":  # still too little live traffic: both releases on eval prompts, pinned
+            from mlops.rollout_start import canary_prompts
+
+            model_cfg = self.backend.cfg.models[self.model]
+            rw = replay_window(
+                self.base_url,
+                canary_prompts(self.backend.loaded),
+                release,
+                prod,
+                self.cfg.analysis.replay_requests,
+                model=self.model,
+                max_tokens=model_cfg.max_tokens,
+                api_key=self.api_key,
+            )
+            v = judge_step(rw, self.cfg, self._metrics, step=i + 1, percent=pct)
+        base = dict(rec.get("baseline_stats") or {})
+        if w.production.requests >= self.cfg.analysis.min_requests:
+            base = w.production.summary()
+        return v, base
+
+    def _extend(self, rec: dict[str, Any], i: int, why: str) -> str:
         extra = max(float(rec["bake"]), float(self.cfg.interval))
 
         def change(st: State) -> State:
@@ -353,12 +347,10 @@ class Controller:
             r["due_at"] = time.time() + extra
             return st
 
-        if self._write(
-            rec["id"], change, reason=f"canary step {i + 1} extended: {n}/{need} requests", actor="controller"
-        ):
+        if self._write(rec["id"], change, reason=f"canary step {i + 1} extended: {why}", actor="controller"):
             if rec.get("traffic") == "replay":  # top up: the stable hash may have given this step few
                 self._send(rec, int(self.cfg.requests_per_step), (i + 1) * 1000 + int(rec.get("extensions", 0)) * 100)
-        return f"canary step {i + 1} extended: {n} of {need} candidate requests"
+        return f"canary step {i + 1} extended: {why}"
 
     def _rolled_back(self, rec: dict[str, Any], v: StepVerdict) -> str:
         why = "; ".join(v.reasons)
@@ -398,22 +390,37 @@ class Controller:
     # ------------------------------------------------------------------ guardrail
 
     def _guard(self, rec: dict[str, Any], now: float) -> str | None:
-        """Production's live window during `bake_after_promote`: an SLO breach rolls back."""
+        """Production's captured window during `bake_after_promote`, judged every `interval` once it
+        holds `guardrails.min_requests` requests: an SLO breach rolls back (mlops/rollout_analysis.py)."""
+        from mlops.rollout_analysis import check_slo, read_window
+
         release, rid = rec["release"], rec["id"]
         promoted_at = float(rec.get("promoted_at", now))
         if now >= promoted_at + float(rec.get("bake_after_promote", 0)):
             return self._guard_passed(rec)
         since = self._checkpoint.setdefault(rid, promoted_at)
-        if now - since < float(self.cfg.interval):
+        until = now - self._flush_lag()
+        if until - since < float(self.cfg.interval):
             return None
-        cur = self._stats(since).get(release, {"requests": 0})
-        if int(cur.get("requests", 0)) < self.cfg.min_requests:
+        w = read_window(self.registry, release, rec["baseline"], since, until)
+        p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
+        breaches = check_slo(w, self.cfg.guardrails, p95)
+        if w.candidate.requests < self.cfg.guardrails.min_requests:
             return None  # the window grows until it holds enough requests
-        v = self.judge(0, 100, cur, dict(rec.get("baseline_stats") or {}), self.cfg, "guardrail")
-        v.decided_by = "controller:guardrail"
-        if v.passed:
-            self._checkpoint[rid] = now
+        if not breaches:
+            self._checkpoint[rid] = until
             return None
+        v = StepVerdict(
+            step=0,
+            percent=100,
+            candidate=w.candidate.summary(),
+            production=dict(rec.get("baseline_stats") or {}),
+            passed=False,
+            reasons=breaches,
+            decided_by="controller:guardrail",
+            mode="guardrail",
+            decision="fail",
+        )
         return self._guard_rollback(rec, v)
 
     def _guard_passed(self, rec: dict[str, Any]) -> str:
@@ -472,27 +479,3 @@ def for_models(loaded: Loaded, base_url: str, names: list[str] | None = None) ->
         s = Session.open(loaded, model=name)
         out.append(Controller(s.backend, base_url, key, model_param=name if len(names) > 1 else None))
     return out
-
-
-def where(st: State, at: float | None = None) -> str:
-    """One line: where the model's rollout stands (for `mlops status`)."""
-    rec = st.rollout
-    t = time.time() if at is None else at
-    if not rec:
-        return "no rollout running"
-    head = f"rollout {rec['id']} of {rec['release']} {rec['status']}"
-    if rec.get("status") != rollouts.RUNNING:
-        return f"{head}: {rec.get('reason', '')} (by {rec.get('decided_by', '?')})"
-    if rec.get("phase") == "bake_after_promote":
-        left = float(rec.get("promoted_at", t)) + float(rec.get("bake_after_promote", 0)) - t
-        return f"{head}: promoted, guardrail bake ({max(left, 0):.0f}s left; previous {rec['baseline']} kept warm)"
-    steps = rec.get("steps", [])
-    i = int(rec.get("step", 0))
-    if int(rec.get("applied", i)) != i:
-        return f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running?"
-    due = float(rec.get("due_at", rec.get("step_started_at", t))) - t
-    judged = f"judged in {due:.0f}s" if due > 0 else "being judged"
-    ext = f", extended {rec['extensions']}x" if rec.get("extensions") else ""
-    lease = st.lease or {}
-    who = f"; lease {lease.get('owner')}" if live(lease, t) else "; no live lease"
-    return f"{head}: step {i + 1}/{len(steps)} ({steps[i]}%), {judged}{ext}; driver {rec.get('driver')}{who}"

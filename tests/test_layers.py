@@ -23,6 +23,7 @@ RANK: dict[str, float] = {
     "configdata": BASE,
     "configtrain": BASE,
     "configmonitor": BASE,
+    "configrollout": BASE,
     "configbase": BASE,
     "configvllm": BASE,
     "vllm_options": BASE,  # data: vLLM's flags, which deploy.vllm is checked against
@@ -48,6 +49,7 @@ RANK: dict[str, float] = {
     "serving": 2.0,
     "report": 2.0,
     "plan": 2.0,
+    "rollout_analysis": 2.0,  # judges a live step (the controller and the pipeline call it)
     "tracking": 2.0,
     # a backend plays train/serve/route roles, so it may use the serving package
     "backends": 2.5,
@@ -57,6 +59,7 @@ RANK: dict[str, float] = {
     "scaffold": 3.0,  # mlops init: copies the template (a flow of its own)
     "rollout": 3.0,
     "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
+    "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     # parse, call one flow, print
     "cli": 4.0,
     # `mlops serve` in a subprocess, for tests and benchmarks (nothing in mlops imports it)
@@ -112,7 +115,7 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 # modules that form one group on their layer (the orchestrator's flows call each other)
-ONE_GROUP = {"pipeline": "flows", "rollout": "flows", "rollout_controller": "flows"}
+ONE_GROUP = {"pipeline": "flows", "rollout": "flows", "rollout_controller": "flows", "rollout_start": "flows"}
 
 
 def _group(module: str) -> str:

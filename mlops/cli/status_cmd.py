@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         bake, lease holder), or the last finished one."""
         from mlops.flows.session import Session
         from mlops.registry import rollouts
-        from mlops.rollout_controller import where
+        from mlops.rollout_start import where
 
         loaded = load_config(config, set_)
         models = {}
