@@ -154,7 +154,7 @@ _TYPES: dict[str, frozenset[type]] = {
         frozenset(_INT | _NONE),
     ),
     **dict.fromkeys(
-        ("release", "route", "finish_reason", "prompt", "output", "error", "source"), frozenset(_STR | _NONE)
+        ("release", "route", "finish_reason", "prompt", "output", "error", "source", "user"), frozenset(_STR | _NONE)
     ),
 }
 
