@@ -3,7 +3,7 @@
 1. the hidden marker line (the workflow finds its sticky comment by it), then the verdict and
    every gate with its numbers;
 2. metric | production | candidate | delta | interval | threshold | verdict;
-3. the worst regressed cases: input, expected, both outputs;
+3. the worst regressed cases: input, expected, both outputs; the cases this change adds;
 4. a Mermaid `xychart-beta` per gated metric over the last releases;
 5. noise: what each regression gate can resolve (MDE), flaky and quarantined cases, judge spread,
    a stale baseline;
@@ -214,6 +214,18 @@ def _worst_block(rep: Report) -> str:
     return "\n".join(lines)
 
 
+def _new_block(rep: Report) -> str:
+    n = rep.new_cases
+    if n is None or not n.total:
+        return ""
+    more = f" (the first {len(n.cases)})" if n.total > len(n.cases) else ""
+    lines = ["", f"### New cases: {n.total}{more}", "", "| case | input | expected | candidate |", "|---|---|---|---|"]
+    for c in n.cases:
+        score = f" ({c.metric} {_num(c.score)})" if c.metric else ""
+        lines.append(f"| {_text(c.id, 40)} | {_text(c.input)} | {_text(c.expected)} | {_text(c.candidate)}{score} |")
+    return "\n".join(lines)
+
+
 MAX_NOISE_CASES = 15  # flaky cases and judge spreads, each
 
 
@@ -296,7 +308,11 @@ def to_markdown(rep: Report, max_chars: int = MAX_CHARS) -> str:
     table, _ = _table(rep, max(2_000, (max_chars - len(md)) // 2))
     md += "\n" + table
     left_out = []
-    blocks = [("per-segment rows", _segment_block(rep)), ("worst cases", _worst_block(rep))]
+    blocks = [
+        ("per-segment rows", _segment_block(rep)),
+        ("worst cases", _worst_block(rep)),
+        ("new cases", _new_block(rep)),
+    ]
     charts = [c for c in (_chart(t) for t in rep.trend) if c]
     if charts:
         blocks.append(("trend charts", "\n".join(["", "### Trend", *charts])))
