@@ -32,7 +32,8 @@ How a controller uses it, per rollout (the store is the registry's; `counters` o
     # v.decision: pass -> next step | fail -> roll back | extend -> bake again, n + 1 |
     # replay -> judge_step(replay_window(url, prompts, candidate, production,
     #                                    cfg.analysis.replay_requests, ...), cfg, ...)
-    # after promotion, every interval: slo_verdict(reader.read(since, now), cfg.guardrails, p95)
+    # after promotion, every interval, with production's side of its last canary window:
+    # slo_verdict(reader.read(since, now), cfg.guardrails, baseline=last_production_side)
 """
 
 from __future__ import annotations
@@ -299,14 +300,19 @@ def live_metrics(loaded: Loaded) -> list[Metric]:
     return [build_metric(sp, loaded.root, clients) for sp in chosen]
 
 
-def check_slo(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None) -> list[str]:
+def check_slo(
+    window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None, baseline: Side | None = None
+) -> list[str]:
     """The SLOs `window.candidate` (the release under watch) breaches; [] when none, or when it had
     fewer than `min_requests` requests (nothing judged). The p95 ratio and the PSIs compare with
-    `window.production` (the previous production, e.g. its last canary window); the ratio uses
-    `baseline_p95` (seconds) when that side has too few answers."""
+    `window.production` (the previous production), or with `baseline` (its side of its last canary
+    window) when that has too few answers, as after promotion; the ratio falls back on
+    `baseline_p95` (seconds) when neither has enough."""
     from mlops.monitor import stats
 
     c, p = window.candidate, window.production
+    if baseline is not None and len(p.answers) < cfg.min_requests:
+        p = baseline
     if c.requests < cfg.min_requests:
         return []
     out = []
@@ -337,10 +343,12 @@ def check_slo(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None
     return out
 
 
-def slo_verdict(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None) -> StepVerdict:
+def slo_verdict(
+    window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None, baseline: Side | None = None
+) -> StepVerdict:
     """`check_slo` as the verdict a guardrail check records: fail with the breaches as reasons;
     `extend` while the window holds fewer than `min_requests` requests (nothing judged yet)."""
-    breaches = check_slo(window, cfg, baseline_p95)
+    breaches = check_slo(window, cfg, baseline_p95, baseline)
     c = window.candidate
     decision: Decision = "fail" if breaches else "extend" if c.requests < cfg.min_requests else "pass"
     notes = [f"{c.requests} requests < guardrails.min_requests {cfg.min_requests}"] if decision == "extend" else []
@@ -348,7 +356,7 @@ def slo_verdict(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | No
         step=0,
         percent=100,
         candidate=c.summary(),
-        production=window.production.summary(),
+        production=(baseline if baseline is not None else window.production).summary(),
         passed=decision == "pass",
         reasons=breaches,
         decided_by="controller:guardrail",

@@ -200,6 +200,12 @@ def test_check_slo_names_each_breach() -> None:
     drift = GuardrailsCfg.model_validate({"monitor": {"output_length_psi": 0.2}})
     long = window(side("c", 100, outputs=["x" * 30]), side("p", 100, outputs=["x" * 5]))
     assert check_slo(long, drift)[0].startswith("output_length_psi")
+    # after promotion the previous production has no traffic: its last canary window is the reference
+    promoted = window(side("c", 100, outputs=["x" * 30], latency=0.5), Side("p"))
+    assert check_slo(promoted, drift) == []  # nothing to compare with
+    before = side("p", 100, outputs=["x" * 5], latency=0.1)
+    found = check_slo(promoted, drift, baseline=before)
+    assert len(found) == 2 and "> 2 x previous" in found[0] and found[1].startswith("output_length_psi"), found
 
 
 def test_guardrail_statistics_and_analysis_metrics_are_checked(project: Any) -> None:
