@@ -27,7 +27,7 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed .cache/npm/.installed
 	$(BIN)/ruff format --check mlops tests functions benchmarks
 	$(BIN)/mypy mlops
 	DEEPEVAL_TELEMETRY_OPT_OUT=1 RAGAS_DO_NOT_TRACK=true HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" \
-	  MLOPS_VLLM_PYTHON="$(CURDIR)/$(VLLM_VENV)/bin/python" $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	  MLOPS_VLLM_PYTHON="$(CURDIR)/$(VLLM_VENV)/bin/python" $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_serving.py
@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_eval_process.py
 	$(BIN)/python benchmarks/bench_hostile.py
 	$(BIN)/python benchmarks/bench_chat_train.py
+	$(BIN)/python benchmarks/bench_experiments.py
 
 install: $(VENV)/.installed
 

@@ -6,7 +6,7 @@ Load order: safe YAML (lines recorded) -> `${VAR}` from the environment -> `--se
 pydantic (extra="forbid" everywhere) -> cross references (datasets, evals, metrics, backend).
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Self, Union
 
@@ -24,6 +24,7 @@ from mlops import plugins
 from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-exported
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
+from mlops.configrollout import AnalysisCfg, GuardrailsCfg
 from mlops.configtrain import MODAL_GPU_PRICES, PricesCfg, StepsOrDuration, TrainCfg  # noqa: F401 - re-exported
 from mlops.configvllm import VllmCfg, gpu_count
 from mlops.errors import ConfigError, UsageError
@@ -84,6 +85,12 @@ class LoraCfg(Strict):
         description="Module names (suffixes) of the base model to adapt, or ['all-linear'] (one name "
         "may be a string, as peft spells it: all-linear); checked against the base model when training starts.",
     )
+    serve: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: the release is the base with the adapters folded in (a full model, served alone); "
+        "adapter: the release is the peft adapter plus the base's fingerprint, loaded at run time into one "
+        "shared base (many releases on one loaded model). method: full always releases a full model.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -121,7 +128,8 @@ class ResourcesCfg(Strict):
 class ModelCfg(Strict):
     base: str = Field("scratch", description="'scratch', a Hugging Face id, or a local path.")
     method: Literal["full", "lora", "qlora"] = Field(
-        "full", description="full fine-tune; lora (peft, merged into the base); qlora (4-bit base, CUDA only)."
+        "full",
+        description="full fine-tune; lora (peft; merged into the base unless lora.serve: adapter); qlora (4-bit base, CUDA only).",
     )
     dataset: str = Field(description="Name of a dataset under `datasets`.")
     prompt: str = Field("{input}", description="How a case's input becomes the prompt, e.g. '{input}='.")
@@ -130,6 +138,12 @@ class ModelCfg(Strict):
     arch: ArchCfg = ArchCfg.model_construct()
     lora: LoraCfg = LoraCfg.model_construct()
     resources: ResourcesCfg = ResourcesCfg.model_construct()
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> Self:
+        if self.lora.serve == "adapter" and self.method == "full":
+            raise ValueError("lora.serve: adapter needs method: lora or qlora (a full fine-tune has no adapter)")
+        return self
 
 
 MetricEntry = Union[str, dict[str, Any]]  # noqa: UP007 - pydantic json schema reads it better
@@ -143,6 +157,14 @@ class EvalCfg(Strict):
     retries: int = Field(2, ge=0, le=10, description="Retries of a call that got 429/502/503/504 or no connection.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N cases.")
     judge: str | None = Field(None, description="Default judge (a key of `judges`) for judge-based metrics.")
+    quarantine: list[str] = Field(
+        [], description="Case ids kept out of every gate on this suite (still scored and shown in the report)."
+    )
+    baseline_max_age: Duration | None = Field(
+        2_592_000.0,
+        description="Production's stored results on this suite older than this are flagged as a stale "
+        "baseline (by `mlops plan` and the report); null: never.",
+    )
 
 
 class GateCfg(Strict):
@@ -158,6 +180,11 @@ class GateCfg(Strict):
         None,
         min_length=1,
         description="Only the cases with this tag: bounds and the no-regression check on that slice alone.",
+    )
+    exclude_flaky: bool = Field(
+        False,
+        description="Keep flaky cases out of this gate: those whose verdict flips between a judge's repeats "
+        "or between releases with identical weights (listed in the report either way).",
     )
 
     @model_validator(mode="after")
@@ -188,6 +215,12 @@ class RolloutCfg(Strict):
     )
     lease_wait: Duration = Field(
         300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
+    )
+    analysis: AnalysisCfg = Field(
+        AnalysisCfg.model_construct(), description="How a step is judged on live traffic (README, Live analysis)."
+    )
+    guardrails: GuardrailsCfg = Field(
+        GuardrailsCfg.model_construct(), description="SLOs a promoted release is held to while it bakes."
     )
 
     @model_validator(mode="after")
@@ -481,13 +514,56 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
         if mname not in names:
             loc = ("monitor", "thresholds", "min_quality", mname)
             raise fail(loc, f"eval {suite!r} has no metric {mname!r} {_did_you_mean(mname, names)}".rstrip())
+    rollouts: list[tuple[tuple[str, ...], RolloutCfg]] = [(("deploy", "rollout"), cfg.deploy.rollout)]
+    for n, d in cfg.deploy.models.items():
+        if (per := getattr(d, "rollout", None)) is not None:  # DeployModelCfg is built from DeployCfg's fields
+            rollouts.append((("deploy", "models", n, "rollout"), per))
+    for at, ro in rollouts:
+        _check_analysis(cfg, at, ro.analysis, fail)
     if check_files:
+        for name, m in cfg.models.items():
+            # a path-looking base or an entrypoint that is not there fails here, in one line,
+            # rather than as a Hub lookup (offline) or an import error minutes into a run
+            if m.base.startswith(("./", "../", "/", "~")) and not (loaded.root / Path(m.base).expanduser()).is_dir():
+                raise fail(("models", name, "base"), f"local base directory {m.base!r} does not exist")
+            ep = m.train.entrypoint
+            if ep is not None and not (loaded.root / ep.rsplit(":", 1)[0]).is_file():
+                raise fail(("models", name, "train", "entrypoint"), f"file {ep.rsplit(':', 1)[0]!r} does not exist")
         for name, ds in cfg.datasets.items():
             if ds.path.startswith(("hf:", "s3://")):
                 continue  # remote: checked when read (`validate` stays offline and light)
             f = loaded.dataset_path(name)
             if not f.exists():
                 raise fail(("datasets", name, "path"), f"file {ds.path!r} does not exist")
+
+
+def _check_analysis(
+    cfg: "Config", at: tuple[str, ...], an: AnalysisCfg, fail: Callable[[Sequence[str | int], str], ConfigError]
+) -> None:
+    """`rollout.analysis` names a suite and metrics that exist, and only metrics live answers can take:
+    reference-free ones, or a judge metric with a judge sample."""
+    from mlops.configrollout import REFERENCE_FREE
+
+    loc = (*at, "analysis")
+    if an.suite is not None and an.suite not in cfg.evals:
+        raise fail((*loc, "suite"), f"unknown eval {an.suite!r} {_did_you_mean(an.suite, cfg.evals)}".rstrip())
+    suite = an.suite or next(iter(cfg.evals), None)
+    names = [metric_name(s) for s in cfg.evals[suite].metrics] if suite else []
+    for m in an.max_metric_drop:
+        if m not in names:
+            msg = f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip()
+            raise fail((*loc, "max_metric_drop", m), msg)
+    for i, m in enumerate(an.metrics or []):
+        if m not in names:
+            raise fail((*loc, "metrics", i), f"eval {suite!r} has no metric {m!r} {_did_you_mean(m, names)}".rstrip())
+        if m in plugins.JUDGE_METRICS:
+            if not an.judge_sample:
+                raise fail(
+                    (*loc, "metrics", i), f"{m!r} asks a judge: set analysis.judge_sample (answers judged per step)"
+                )
+        elif m not in REFERENCE_FREE:
+            msg = f"{m!r} needs an expected answer, which live traffic has not (judge: {', '.join(REFERENCE_FREE)} or a judge metric)"
+            raise fail((*loc, "metrics", i), msg)
 
 
 def resolve_model(loaded: Loaded, model: str | None) -> str:

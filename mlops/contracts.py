@@ -6,7 +6,7 @@ dicts' JSON was, so registries written before read back unchanged. Built by keyw
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -46,6 +46,9 @@ class CaseRow(Contract):
     # the case's segments (gates and the report slice by them); left out when empty, so an untagged
     # suite's stored results stay byte-for-byte what earlier versions wrote
     tags: list[str] = Field(default=[], exclude_if=lambda v: not v)
+    # a judge metric with `repeat: N`: metric -> the N values behind its score (their spread is the
+    # judge's noise on this case); left out when no metric repeats, as `tags`
+    samples: dict[str, list[float]] = Field(default={}, exclude_if=lambda v: not v)
 
 
 class JudgeStats(Contract):
@@ -116,6 +119,8 @@ class GateResult(Contract):
     higher_is_better: bool = True
     stat_threshold: float | None = None  # pass_rate: the per-case threshold
     segment: str | None = None  # the tag whose cases the check looked at; None: all cases
+    # cases kept out of this check (quarantined, or flaky under `exclude_flaky`); left out when none
+    excluded: list[str] = Field(default=[], exclude_if=lambda v: not v)
 
 
 class StepVerdict(Contract):
@@ -128,13 +133,25 @@ class StepVerdict(Contract):
     passed: bool
     reasons: list[str] = []
     decided_by: str = "pipeline:analysis"
-    mode: str = "canary"  # canary | shadow
+    mode: str = "canary"  # canary | shadow | replay | guardrail
     notes: list[str] = []
     extra: dict[str, Any] = {}  # step-specific numbers (shadow agreement), recorded flat beside the rest
+    # Live analysis (mlops/rollout_analysis.py): pass | fail | extend (too little traffic yet: judge
+    # the step again later) | replay (still too little: judge it on replayed eval prompts). None: an
+    # older verdict, `passed` says. `checks`: one entry per check (name, status, numbers, why).
+    decision: Literal["pass", "fail", "extend", "replay"] | None = None
+    checks: list[dict[str, Any]] = []
+
+    @property
+    def outcome(self) -> str:
+        return self.decision or ("pass" if self.passed else "fail")
 
     def to_json(self) -> dict[str, Any]:
-        """The `canary_step` event's detail: the fields, `verdict: pass|fail`, and `extra` flattened."""
-        return self.model_dump(exclude={"extra"}) | {"verdict": "pass" if self.passed else "fail"} | self.extra
+        """The `canary_step` event's detail: the fields, `verdict: pass|fail|extend|replay`, and `extra` flattened."""
+        # a verdict of the older analysis records what it always did (no decision, no checks)
+        live = self.decision is not None or bool(self.checks)
+        doc = self.model_dump(exclude={"extra"} if live else {"extra", "decision", "checks"})
+        return doc | {"verdict": self.outcome} | self.extra
 
 
 def _steps_json(steps: list[StepVerdict]) -> list[dict[str, Any]]:

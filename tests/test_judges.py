@@ -482,6 +482,17 @@ def test_geval_repeat_takes_the_median(server: JudgeServer) -> None:
     assert not score.failed
     assert score.value == pytest.approx(0.8)  # judge said 2, 9, 8 out of 10: median 8
     assert "median of 3" in (score.reason or "")
+    # each repeat is kept: the spread the report shows, and a verdict that flips at 0.5 is flaky
+    assert sorted(score.samples) == pytest.approx([0.2, 0.8, 0.9])
+    from mlops.contracts import EvalResult
+    from mlops.evals.harness import score as score_all
+    from mlops.evals.noise import flaky_cases
+
+    cases, outputs = [Case(id="n", input="q", expected="x")], [Output(text="NOISY")]
+    summary, rows = score_all([metric], cases, outputs)
+    assert sorted(rows[0].samples["deepeval.geval"]) == pytest.approx([0.2, 0.8, 0.9])
+    res = EvalResult(suite="s", release="r", n=1, metrics=summary, metric_names=list(summary), cases=rows)
+    assert [(f.id, f.metric) for f in flaky_cases(res, {})] == [("n", "deepeval.geval")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ RANK: dict[str, float] = {
     "configdata": BASE,
     "configtrain": BASE,
     "configmonitor": BASE,
+    "configrollout": BASE,
     "configbase": BASE,
     "configvllm": BASE,
     "vllm_options": BASE,  # data: vLLM's flags, which deploy.vllm is checked against
@@ -48,6 +49,7 @@ RANK: dict[str, float] = {
     "serving": 2.0,
     "report": 2.0,
     "plan": 2.0,
+    "rollout_analysis": 2.0,  # judges a live step (the controller and the pipeline call it)
     "tracking": 2.0,
     # a backend plays train/serve/route roles, so it may use the serving package
     "backends": 2.5,

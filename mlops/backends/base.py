@@ -30,7 +30,9 @@ def routing_view(st: State) -> tuple[Any, ...]:
     """What the serving side acts on. Bookkeeping (`candidate`, version, reason) is not in it, so a
     job that only records a candidate (a PR's eval) never publishes its registry's routing."""
     stages = tuple(st.stages.get(k) for k in ("production", "previous", "canary"))
-    return stages, sorted(st.routing.items()), sorted(st.shadow.items())
+    # a running experiment's id salts the users' arms (mlops/serving/routing.py): serving needs it
+    experiment = (st.experiment.get("id"), st.experiment.get("share")) if st.experiment else None
+    return stages, sorted(st.routing.items()), sorted(st.shadow.items()), experiment
 
 
 class _Role:
@@ -66,6 +68,10 @@ class Server(_Role, ABC):
     def preflight(self, release_id: str) -> dict[str, Any]:
         """Refuse to route to a release whose artifact is missing, corrupt, or does not load."""
         manifest = self.registry.verify(release_id)
+        if isinstance(manifest.get("adapter"), dict):  # a LoRA adapter: only on the base it was trained on
+            from mlops.training.adapter import served_base
+
+            served_base(release_id, manifest["adapter"], self.loaded.root)
         self._preflight(release_id)
         return manifest
 

@@ -6,6 +6,7 @@ import contextlib
 from typing import ClassVar
 
 from mlops.backends.base import Backend
+from mlops.errors import InfraError
 from mlops.training.train import Progress, TrainJob, TrainResult
 
 
@@ -27,4 +28,13 @@ class LocalBackend(Backend):
         from mlops.serving.runner import quiet_transformers
 
         quiet_transformers()
-        Engine(self.registry.artifact_dir(release_id), max_batch_size=1, max_queue=1).close()
+        path = self.registry.artifact_dir(release_id)
+        from mlops.training.adapter import check_adapter_files, is_adapter_dir
+
+        if is_adapter_dir(path):  # its base was checked by fingerprint; the server loads it into that base
+            try:
+                check_adapter_files(path)
+            except Exception as e:
+                raise InfraError(f"cannot load adapter {release_id}: {type(e).__name__}: {e}") from e
+            return
+        Engine(path, max_batch_size=1, max_queue=1).close()

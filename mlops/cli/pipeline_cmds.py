@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,14 +62,23 @@ def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = 
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
-        """What a run would do: which models changed (data, config or training code hashes)."""
+        """What a run would do: which models changed (data, config or training code hashes), and what
+        each no-regression gate can resolve on production's stored cases (flaky cases, a stale baseline)."""
         from mlops.plan import make_plan
+        from mlops.report.noise import before_run, plan_lines
 
         loaded = load_config(config, set_)
         s = _session(config, set_, json_, model=loaded.cfg.deploy.names[0])
         p = make_plan(loaded, s.registry, list(loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
-        emit(p.model_dump(mode="json"), json_, "\n".join(lines))
+        noise = {name: before_run(s.registry.scoped(name), loaded.cfg) for name in loaded.cfg.deploy.names}
+        for name, section in noise.items():
+            lines += [(f"{name}: " if len(noise) > 1 else "") + line for line in plan_lines(section)]
+        doc = p.model_dump(mode="json") | {"noise": {k: v.model_dump(mode="json") for k, v in noise.items()}}
+        if json_:
+            emit(doc, True)
+        else:  # not rich: a warning wrapped at 80 columns would be split across lines in a CI log
+            sys.stdout.write("\n".join(lines) + "\n")
 
     @app.command()
     def train(

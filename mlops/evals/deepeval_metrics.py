@@ -228,7 +228,7 @@ class DeepEvalMetric:
         reason = min(done, key=lambda r: abs(r[0] - med))[1]
         if self.repeat > 1:
             reason = f"median of {self.repeat}: {', '.join(f'{v:.3g}' for v in values)}; {reason or ''}".rstrip("; ")
-        return Score(med, reason)
+        return Score(med, reason, samples=tuple(values) if self.repeat > 1 else ())
 
     async def _measure_once(self, tc: LLMTestCase, sample: int) -> tuple[float, str | None] | str:
         """(value, reason), or a failure reason. Runs as its own task, so the sample index stays local."""

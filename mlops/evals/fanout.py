@@ -118,7 +118,14 @@ def score_payload(
     clients = judge_clients(payload["judges"], env, startup_s)
     metrics = [build_metric(spec, Path.cwd(), clients) for spec in payload["metrics"]]
     cases, outputs = list(payload["cases"]), list(payload["outputs"])
-    scores = {m.name: [[s.value, s.reason, s.failed] for s in _score_metric(m, cases, outputs)] for m in metrics}
+    # a repeated judge's samples ride along as a 4th element, only when there are some
+    scores = {
+        m.name: [
+            [s.value, s.reason, s.failed, *([list(s.samples)] if s.samples else [])]
+            for s in _score_metric(m, cases, outputs)
+        ]
+        for m in metrics
+    }
     return {"scores": scores, "judges": {n: c.stats() for n, c in clients.items()}}
 
 
@@ -160,7 +167,10 @@ class Fanout:
             done: dict[str, list[Score]] = {}
             for result in self.run_map(inputs) if inputs else []:
                 for metric, rows in result["scores"].items():
-                    done.setdefault(metric, []).extend(Score(float(v), r, bool(f)) for v, r, f in rows)
+                    done.setdefault(metric, []).extend(
+                        Score(float(row[0]), row[1], bool(row[2]), tuple(row[3]) if len(row) > 3 else ())
+                        for row in rows
+                    )
                 for judge, stats in result.get("judges", {}).items():
                     client = self.clients.get(judge)
                     for k in _COUNTERS if client is not None else ():

@@ -38,15 +38,17 @@ class Sample:
     higher_is_better: bool
 
     @classmethod
-    def of(cls, result: EvalResult, metric: str, segment: str | None = None) -> Sample | None:
-        """The metric's values, over the cases tagged `segment` only when it is given."""
+    def of(
+        cls, result: EvalResult, metric: str, segment: str | None = None, exclude: frozenset[str] = frozenset()
+    ) -> Sample | None:
+        """The metric's values, over the cases tagged `segment` only when it is given, less `exclude`."""
         summary = result.metrics.get(metric)
         if summary is None:
             return None
         values: dict[str, float] = {}
         failed: dict[str, bool] = {}
         for c in result.cases:
-            if metric in c.scores and (segment is None or segment in c.tags):
+            if metric in c.scores and (segment is None or segment in c.tags) and c.id not in exclude:
                 values[c.id] = c.scores[metric]
                 failed[c.id] = metric in c.failed or c.error is not None
         return cls(values, failed, summary.higher_is_better)
@@ -87,13 +89,22 @@ def check_gates(
     gates: list[GateCfg],
     candidate: dict[str, EvalResult],
     production: dict[str, EvalResult | None],
+    quarantine: dict[str, set[str]] | None = None,
+    flaky: dict[str, set[str]] | None = None,
 ) -> list[GateResult]:
-    """Every check of every gate. `production` maps suite -> stored result, or None (first release)."""
+    """Every check of every gate. `production` maps suite -> stored result, or None (first release).
+    `quarantine` (suite -> case ids) is kept out of every gate on its suite, `flaky` (suite -> case
+    ids) out of the gates with `exclude_flaky`: both sides of a regression check drop them."""
     out: list[GateResult] = []
     for g in gates:
         name = label(g)
         res = candidate.get(g.eval)
-        sample = Sample.of(res, g.metric, g.segment) if res is not None else None
+        drop = set((quarantine or {}).get(g.eval, ()))
+        if g.exclude_flaky:
+            drop |= (flaky or {}).get(g.eval, set())
+        present = {c.id for c in res.cases} if res is not None else set()
+        excluded = sorted(drop & present)
+        sample = Sample.of(res, g.metric, g.segment, frozenset(drop)) if res is not None else None
         if sample is None or (g.segment is not None and not sample.values):
             if res is None:
                 why = "suite was not evaluated"
@@ -111,10 +122,12 @@ def check_gates(
                 )
             )
             continue
+        checks = []
         if g.min is not None or g.max is not None:
-            out.append(_absolute(g, name, sample))
+            checks.append(_absolute(g, name, sample))
         if g.max_regression is not None:
-            out.append(_regression(g, name, sample, production.get(g.eval)))
+            checks.append(_regression(g, name, sample, production.get(g.eval), frozenset(drop)))
+        out += [c.model_copy(update={"excluded": excluded}) if excluded else c for c in checks]
     return out
 
 
@@ -171,7 +184,9 @@ def _absolute(g: GateCfg, name: str, s: Sample) -> GateResult:
     )
 
 
-def _regression(g: GateCfg, name: str, s: Sample, prod_res: EvalResult | None) -> GateResult:
+def _regression(
+    g: GateCfg, name: str, s: Sample, prod_res: EvalResult | None, drop: frozenset[str] = frozenset()
+) -> GateResult:
     margin = float(g.max_regression or 0.0)
     threshold = f"regression <= {margin:g} @ {g.confidence:.0%}"
     cand_all = s.stat(g.stat, g.threshold)
@@ -190,7 +205,7 @@ def _regression(g: GateCfg, name: str, s: Sample, prod_res: EvalResult | None) -
 
     if prod_res is None:
         return skip("no production results to compare with (first release)")
-    p = Sample.of(prod_res, g.metric)
+    p = Sample.of(prod_res, g.metric, exclude=drop)
     if p is None:
         return skip(f"production's stored results have no {g.metric}; nothing to compare")
     ids = sorted(set(s.values) & set(p.values))

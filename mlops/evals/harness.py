@@ -230,7 +230,7 @@ def _score_metric(m: Metric, cases: list[Case], outputs: list[Output]) -> list[S
         if not math.isfinite(v):
             out.append(Score(_failed_value(m), f"{m.name} returned {v}", True))
         else:
-            out.append(Score(v, s.reason, bool(s.failed)))
+            out.append(Score(v, s.reason, bool(s.failed), tuple(float(x) for x in getattr(s, "samples", ()))))
     return out
 
 
@@ -263,6 +263,8 @@ def score(
                 row.reasons[m.name] = s.reason
             if s.failed:
                 row.failed.append(m.name)
+            if len(s.samples) > 1:
+                row.samples[m.name] = [round(x, 6) for x in s.samples]
         vals = [s.value for s in scores]
         summary[m.name] = MetricSummary(
             higher_is_better=bool(m.higher_is_better),

@@ -226,7 +226,9 @@ class RagasMetric:
                 return bad or scores[0]
             values = [sc.value for sc in scores]
             return Score(
-                float(statistics.median(values)), f"median of {self.repeat}: " + ", ".join(f"{v:.3g}" for v in values)
+                float(statistics.median(values)),
+                f"median of {self.repeat}: " + ", ".join(f"{v:.3g}" for v in values),
+                samples=tuple(values),
             )
 
         try:

@@ -47,6 +47,7 @@ class Score:
     value: float
     reason: str | None = None
     failed: bool = False
+    samples: tuple[float, ...] = ()  # a judge with `repeat: N`: each repetition's value (`value` is their median)
 
 
 @runtime_checkable

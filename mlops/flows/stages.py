@@ -72,6 +72,8 @@ def train(s: Session, model: str | None = None, force: bool = False) -> TrainOut
                 "train": asdict(result) | {"out_dir": None},
                 "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
             }
+            if result.adapter is not None:  # the artifact is a peft adapter on `base` (mlops/training/adapter.py)
+                manifest["adapter"] = {"base": m.base} | result.adapter
             manifest = s.registry.publish(release, out, manifest)
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -151,8 +153,10 @@ def gate(
     s: Session, release: str, results: dict[str, EvalResult], production: dict[str, EvalResult | None]
 ) -> list[GateResult]:
     from mlops.evals.gates import check_gates
+    from mlops.report.noise import exclusions
 
-    verdicts = check_gates(s.loaded.cfg.gates, results, production)
+    quarantine, flaky = exclusions(s.registry, s.loaded.cfg, results)
+    verdicts = check_gates(s.loaded.cfg.gates, results, production, quarantine, flaky)
     passed = all(g.passed for g in verdicts)
     event = "gates_passed" if passed else "gates_failed"
     s.backend.record(release, event, by="pipeline:gates", gates=[g.model_dump() for g in verdicts])

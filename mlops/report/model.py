@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from mlops.contracts import Contract, GateResult
 
 Number = int | float  # a manifest's number as stored: int first, so pydantic's smart union keeps an int an int
@@ -61,6 +63,25 @@ class WorstCases(Contract):
     cases: list[WorstCase]
 
 
+class NewCase(Contract):
+    """A case the candidate was scored on that the baseline's results of its suite lack: a case
+    this change adds (`mlops cases export` writes them from production traffic)."""
+
+    suite: str
+    id: str
+    input: str
+    expected: str | None
+    candidate: str
+    metric: str | None
+    score: float | None
+    tags: list[str] = []
+
+
+class NewCases(Contract):
+    total: int  # every new case; `cases` holds the first few
+    cases: list[NewCase]
+
+
 class TrendPoint(Contract):
     release: str
     value: float
@@ -103,6 +124,57 @@ class ReportCost(Contract):
     judge_tokens: int
 
 
+class GateNoise(Contract):
+    """What a no-regression gate can resolve on production's stored cases (mlops.evals.noise.mde)."""
+
+    gate: str
+    n: int  # production's cases behind the estimate (quarantined and excluded flaky cases left out)
+    mde: float | None  # None: a percentile statistic, or too few cases
+    max_regression: float
+    confidence: float
+    power: float
+    warning: str | None  # set when max_regression is below the MDE
+
+
+class FlakyCase(Contract):
+    suite: str
+    metric: str
+    id: str
+    why: str
+    quarantined: bool  # listed in evals.<suite>.quarantine
+    excluded_by: list[str]  # the gates that leave it out (quarantine, or exclude_flaky)
+
+
+class CaseSpread(Contract):
+    """A judge metric with `repeat`: one case's values over the repeats."""
+
+    suite: str
+    metric: str
+    id: str
+    samples: list[float]
+    spread: float
+
+
+class BaselineAge(Contract):
+    suite: str
+    release: str
+    created_at: str | None
+    age_days: float | None
+    stale: bool
+
+
+class Noise(Contract):
+    """How much of the verdict is noise: resolution of the regression gates, flaky cases, judge
+    spread, and the age of the baseline (mlops.report.noise)."""
+
+    gates: list[GateNoise] = []
+    flaky: list[FlakyCase] = []  # the first MAX_FLAKY (report/noise.py); flaky_total counts them all
+    flaky_total: int = 0
+    spreads: list[CaseSpread] = []
+    baselines: list[BaselineAge] = []
+    warnings: list[str] = []
+
+
 class SuiteInfo(Contract):
     n: int
     created_at: str | None
@@ -126,3 +198,5 @@ class Report(Contract):
     suites: dict[str, SuiteInfo]
     lineage: dict[str, Any]  # the manifest's lineage, free-form (git, data and config hashes)
     segments: list[SegmentRow] = []  # per-segment rows, for suites whose cases carry tags
+    noise: Noise = Field(default_factory=Noise)
+    new_cases: NewCases | None = None  # None: no baseline to tell new cases from

@@ -14,6 +14,8 @@ from mlops.evals.gates import Sample, check_gates, segment_tags
 from mlops.registry.releases import Registry
 from mlops.report.model import (
     MetricRow,
+    NewCase,
+    NewCases,
     Report,
     ReportCost,
     SegmentRow,
@@ -23,9 +25,11 @@ from mlops.report.model import (
     WorstCase,
     WorstCases,
 )
+from mlops.report.noise import build_noise, exclusions
 
 WORST_CASES = 8  # per suite
 MAX_WORST = 12  # in all
+MAX_NEW = 20  # new cases listed (the total is always given)
 TREND_RELEASES = 10
 JSON_TEXT = 2_000  # characters of case text kept in the JSON report
 STATUS_EVENTS = ("promoted", "rejected", "rolled_back", "gates_passed", "gates_failed", "evaluated")
@@ -51,7 +55,8 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
     cand = {suite: reg.get_eval(release, suite) for suite in cfg.evals}
     base = {suite: prod_reg.get_eval(baseline, suite) if baseline else None for suite in cfg.evals}
     evaluated = {k: v for k, v in cand.items() if v is not None}
-    gates = check_gates(cfg.gates, evaluated, base) if evaluated else []
+    quarantine, flaky = exclusions(reg, cfg, evaluated)
+    gates = check_gates(cfg.gates, evaluated, base, quarantine, flaky) if evaluated else []
     if not evaluated:
         verdict = "not evaluated"
     elif not gates:
@@ -75,6 +80,8 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         suites={k: SuiteInfo(n=v.n, created_at=v.created_at) for k, v in evaluated.items()},
         lineage=manifest.get("lineage", {}),
         segments=_segment_rows(evaluated, base, gates),
+        noise=build_noise(reg, cfg, evaluated, base, prod_reg),
+        new_cases=_new_cases(evaluated, base, gates) if baseline else None,
     )
 
 
@@ -225,6 +232,27 @@ def _worst_cases(
             )
     picked.sort(key=lambda r: -r.loss)
     return WorstCases(compared=compared, cases=picked[:MAX_WORST])
+
+
+def _new_cases(
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
+) -> NewCases:
+    """Cases whose id the baseline's results of the same suite lack (a suite the baseline never ran:
+    all of its cases), with the candidate's score on the suite's primary metric."""
+    picked: list[NewCase] = []
+    for suite, res in evaluated.items():
+        b = base.get(suite)
+        known = {c.id for c in b.cases} if b is not None else set()
+        metric = _primary_metric(suite, res, gates)
+        for c in res.cases:
+            if c.id in known:
+                continue
+            score = c.scores.get(metric) if metric else None
+            picked.append(
+                NewCase(suite=suite, id=c.id, input=_cut(c.input), expected=_clip(c.expected),
+                        candidate=_cut(c.output), metric=metric, score=score, tags=c.tags)
+            )  # fmt: skip
+    return NewCases(total=len(picked), cases=picked[:MAX_NEW])
 
 
 def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float | None]) -> float | None:

@@ -1,6 +1,6 @@
 """Surgery on a running batch's key/value cache: keep some rows, or stack two batches into one.
 
-The cache is a transformers DynamicCache (per layer [batch, heads, length, dim]) with a [batch,
+The cache is mlops.serving.native.Cache or a transformers DynamicCache (per layer [batch, heads, length, dim]) with a [batch,
 length] attention mask that is 1 where a row holds a real token; rows are left-padded.
 """
 
@@ -24,7 +24,7 @@ def select(seqs: list[S], keep: list[int], n: int, cache: Any, mask: Any) -> tup
         return seqs, cache, mask
     idx = torch.tensor(keep, dtype=torch.long)
     tensors = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in _kv(cache)]
-    return seqs, _cache(tensors), mask.index_select(0, idx)[:, first:]
+    return seqs, _cache(tensors, cache), mask.index_select(0, idx)[:, first:]
 
 
 def join(a: list[S], ca: Any, ma: Any, b: list[S], cb: Any, mb: Any) -> tuple[list[S], Any, Any]:
@@ -54,14 +54,17 @@ def join(a: list[S], ca: Any, ma: Any, b: list[S], cb: Any, mb: Any) -> tuple[li
         for (k1, v1), (k2, v2) in zip(_kv(ca), _kv(cb), strict=True)
     ]
     mask = torch.cat([pad(ma, length - la), pad(mb, length - lb)])
-    return a + b, _cache(tensors), mask
+    return a + b, _cache(tensors, ca), mask
 
 
 def _kv(cache: Any) -> list[tuple[Any, Any]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _cache(tensors: list[tuple[Any, Any]]) -> Any:
+def _cache(tensors: list[tuple[Any, Any]], like: Any) -> Any:
+    """A cache of the same kind as `like` (the engine's native one, or transformers')."""
+    if hasattr(like, "from_tensors"):
+        return like.from_tensors(tensors)
     from transformers import DynamicCache
 
     return DynamicCache(tensors)

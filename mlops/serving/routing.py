@@ -1,8 +1,10 @@
-"""Which release answers a request: pins first, then a stable hash of the request key over weights."""
+"""Which release answers a request: pins first, then a running A/B experiment's arm for a user key,
+then a stable hash of the request key over weights."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from mlops.registry.releases import State
 
@@ -17,7 +19,10 @@ def pick(state: State, key: str | None, pin: str | None = None, counter: int = 0
     without a key, `counter` spreads requests by weight deterministically."""
     if pin:
         return pin
-    routes = sorted(state.live_routing().items())  # sorted: the same order everywhere
+    live = state.live_routing()
+    if key and (arm := experiment_arm(state.experiment, key, live)):
+        return arm
+    routes = sorted(live.items())  # sorted: the same order everywhere
     if not routes:
         return state.stages.get("production")
     point = bucket(key) if key else (counter * 7919) % 10_000
@@ -27,3 +32,16 @@ def pick(state: State, key: str | None, pin: str | None = None, counter: int = 0
         if point < edge:
             return release
     return routes[-1][0]
+
+
+def experiment_arm(exp: dict[str, Any], key: str, live: dict[str, int]) -> str | None:
+    """A user's arm in a running experiment (mlops/flows/experiment.py): the hash is salted with
+    the experiment's id, so a user keeps one arm for the experiment's life, and who was in the
+    treatment of the last experiment (or canary) says nothing about this one. None: no experiment,
+    or its arms are not both routed (a lease expired: production answers)."""
+    if not exp or exp.get("status", "running") != "running":
+        return None
+    a, b = exp.get("baseline"), exp.get("release")
+    if not (a in live and b in live):
+        return None
+    return str(b) if bucket(f"{exp.get('id')}:{key}") < int(exp.get("share", 0)) * 100 else str(a)

@@ -45,6 +45,11 @@ class TrainJob(TrainCfg):
     gpu_prices: dict[str, float] = {}
     save_adapter: str | None = None  # LoRA: also keep the unmerged peft adapter in this directory
 
+    @property
+    def serves_adapter(self) -> bool:
+        """The artifact is the peft adapter (lora.serve: adapter), not a merged model."""
+        return self.method in ("lora", "qlora") and self.lora.get("serve") == "adapter"
+
 
 def split_entrypoint(entrypoint: str) -> tuple[Path, str]:
     path, _, func = entrypoint.rpartition(":")
@@ -133,3 +138,5 @@ class TrainResult:
     fingerprint: str | None = None
     data: dict[str, Any] | None = None  # format, conversations, truncated, dropped, packed, sequences
     base_sha256: str | None = None  # a local base directory's files, hashed (lineage)
+    # lora.serve: adapter: {"base_fingerprint": mlops.training.adapter.base_fingerprint(base)}
+    adapter: dict[str, str] | None = None

@@ -172,6 +172,16 @@ def base_fingerprint(base: str) -> str | None:
     return fingerprint(base) if base != "scratch" and Path(base).is_dir() else None
 
 
+def _adapter_base_fingerprint(base: str) -> str:
+    from mlops.training.adapter import base_fingerprint as fingerprint
+    from mlops.training.adapter import resolve_base
+
+    local = resolve_base(base)
+    if local is None:
+        raise ConfigError(f"lora.serve: adapter: cannot find the base {base!r} on this machine to fingerprint it")
+    return fingerprint(local)
+
+
 def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/checkpoint/runtime
     job: TrainJob, progress: Progress | None = None, on_checkpoint: Callable[[Path], None] | None = None
 ) -> TrainResult:
@@ -292,12 +302,20 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         raise InfraError(f"training diverged: loss is {last}")
     seconds = time.perf_counter() - t_train
 
-    export = s.export(job)
-    export.eval().to("cpu")
-    export.generation_config.pad_token_id = s.pad_id
-    export.generation_config.eos_token_id = _eos_ids(export.generation_config.eos_token_id, s.eos_id)
-    export.generation_config.do_sample = False
-    export.save_pretrained(str(out), safe_serialization=True)
+    adapter: dict[str, str] | None = None
+    if job.serves_adapter:  # the release is the adapter alone; engines load it into the shared base
+        s.model.save_pretrained(str(out), safe_serialization=True)
+        (out / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing in it is ours
+        parameters = sum(p.numel() for p in trainable.values())
+        adapter = {"base_fingerprint": _adapter_base_fingerprint(job.base)}
+    else:
+        export = s.export(job)
+        export.eval().to("cpu")
+        export.generation_config.pad_token_id = s.pad_id
+        export.generation_config.eos_token_id = _eos_ids(export.generation_config.eos_token_id, s.eos_id)
+        export.generation_config.do_sample = False
+        export.save_pretrained(str(out), safe_serialization=True)
+        parameters = sum(p.numel() for p in export.parameters())
     s.save_tokenizer(out)
     gpu, count = runtime.gpu_type(job.gpu, dev)
     gpu_seconds = round((prior_s + seconds) * count, 3)
@@ -307,7 +325,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         final_loss=loss_ema,
         seconds=round(time.perf_counter() - t0, 3),
         tokens_per_s=round(session_tokens / max(seconds, 1e-9), 1),
-        parameters=sum(p.numel() for p in export.parameters()),
+        parameters=parameters,
         device=dev,
         precision=prec,
         tokens=tokens_seen + session_tokens,
@@ -321,6 +339,7 @@ def train_model(  # noqa: C901 - one linear recipe; the pieces live in setup/che
         eval_loss=eval_loss,
         data=data.record,
         base_sha256=base_fingerprint(job.base),
+        adapter=adapter,
         fingerprint=fp,
     )
     meta = {

@@ -1,0 +1,124 @@
+"""LoRA adapters as releases: what an adapter artifact holds, and the fingerprint of its base.
+
+With `lora.serve: adapter` a release's artifact is the peft adapter directory
+
+    adapter_config.json  adapter_model.safetensors  tokenizer.json  tokenizer_config.json  ...
+
+and its manifest says which base it belongs to:
+
+    "adapter": {"base": "bases/tiny-llama", "base_fingerprint": "<sha256>"}
+
+`base` is the model's `base:` as mlops.yaml names it (a directory relative to mlops.yaml, an
+absolute path, or a Hugging Face id); `base_fingerprint` is `base_fingerprint(<that base>)`. An
+engine loads the base once and the adapters into it, and refuses an adapter whose fingerprint is
+not the one of the base it would serve it on: a LoRA delta on another base's weights is noise.
+
+The fingerprint covers what makes a base the same model for an adapter (weights, configuration,
+tokenizer) and nothing else: a README or a `.cache` folder beside the weights does not count, so
+copying a base (to a Modal Volume, a Hugging Face cache) keeps it. The tokenizer counts because an
+adapter learnt token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# what makes up a base for the fingerprint (names at the top of the directory, as Hugging Face saves them)
+BASE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".tiktoken")
+BASE_NAMES = ("merges.txt", "vocab.txt")
+NOT_BASE = ("mlops_train.json",)  # the run record a trained release carries: not the model
+
+_cache: dict[tuple[str, int, int, int], str] = {}
+
+
+def is_adapter_dir(path: Path | str) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def base_files(base_dir: Path | str) -> list[Path]:
+    root = Path(base_dir)
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in NOT_BASE
+        and (p.name.endswith(BASE_SUFFIXES) or p.name in BASE_NAMES)
+    )
+
+
+def base_fingerprint(base_dir: Path | str) -> str:
+    """sha256 over a base directory's weight, config and tokenizer files (names and contents).
+
+    Remembered per process by (path, newest mtime, total size, count): a real base is gigabytes,
+    and a server checks every adapter release it loads against it."""
+    from mlops.datasources import sha256_path  # chunked: a real base's weights are gigabytes
+
+    root = Path(base_dir).resolve()
+    files = base_files(root)
+    if not any(p.suffix == ".safetensors" for p in files):
+        from mlops.errors import ConfigError
+
+        raise ConfigError(f"{root} holds no safetensors weights: not a base model directory")
+    stats = [os.stat(p) for p in files]
+    key = (str(root), max(s.st_mtime_ns for s in stats), sum(s.st_size for s in stats), len(files))
+    if key not in _cache:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.name}\0{sha256_path(p)}\0".encode())
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def resolve_base(base: str, root: Path | str | None = None) -> Path | None:
+    """The local directory of a base as `models.<m>.base` names it: a directory (relative to
+    `root`, mlops.yaml's folder, or absolute), or a Hugging Face id already in the local cache.
+    None when it is neither (scratch, or a hub id never downloaded here)."""
+    if base == "scratch":
+        return None
+    for cand in ((Path(root) / base) if root is not None else None, Path(base)):
+        if cand is not None and cand.is_dir():
+            return cand.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception:  # not a hub id, or not in the cache: the caller says what is missing
+        return None
+
+
+def served_base(release_id: str, adapter: dict[str, object], root: Path | str | None) -> Path:
+    """The base directory an adapter release is served on, once its fingerprint matches the one
+    recorded when the adapter was trained; else a one-line UsageError (exit 1): nothing is routed."""
+    from mlops.errors import UsageError
+
+    ref, want = str(adapter.get("base") or ""), str(adapter.get("base_fingerprint") or "")
+    local = resolve_base(ref, root) if ref else None
+    if local is None:
+        raise UsageError(f"release {release_id} is a LoRA adapter on base {ref!r}, which is not on this machine")
+    got = base_fingerprint(local)
+    if got != want:
+        raise UsageError(
+            f"release {release_id} is a LoRA adapter for base {ref!r} with fingerprint {want[:12]}…, but that "
+            f"base is now {got[:12]}…: refusing to serve it (retrain it on this base, or use lora.serve: merged)"
+        )
+    return local
+
+
+def check_adapter_files(path: Path | str) -> None:
+    """The adapter's config parses and its weights' header reads (cheap: no base is loaded)."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(path)
+    cfg = json.loads((root / ADAPTER_CONFIG).read_text())
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise ValueError(f"{ADAPTER_CONFIG} is not a peft adapter config")
+    with safe_open(str(root / ADAPTER_WEIGHTS), "pt") as st:
+        if not list(st.keys()):
+            raise ValueError(f"{ADAPTER_WEIGHTS} holds no tensors")

@@ -1,0 +1,202 @@
+"""LoRA adapters as releases (issue 18.3): with `lora.serve: adapter` a release's artifact is the
+peft adapter plus its base's fingerprint; the builtin engine loads the base once and the adapters
+into it, serving them in one batch; a mismatched base is refused before anything is routed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_project, train_and_publish
+
+from mlops.errors import ConfigError
+
+ADAPTER = {
+    "base": "bases/tiny",
+    "method": "lora",
+    "lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"], "serve": "adapter"},
+    "train": {"steps": 4, "batch_size": 8, "lr": 5.0e-2, "warmup_steps": 1},
+}
+
+
+@dataclass
+class Project:
+    root: Path
+    base: Path
+    releases: list[str]
+    registry: Any
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    from mlops.config import load
+    from mlops.pipeline import Session
+    from mlops.training.offline_base import build_base
+
+    root = make_project(tmp_path_factory.mktemp("adapters") / "proj", {"models": {"tiny": ADAPTER}})
+    texts = [json.loads(line)["input"] for line in (root / "data/train.jsonl").read_text().splitlines()]
+    base = build_base(
+        root / "bases/tiny",
+        texts,
+        vocab_size=300,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=64,
+    )
+    releases = [train_and_publish(root, seed=0), train_and_publish(root, seed=1, promote=False)]
+    return Project(root, base, releases, Session.open(load(root / "mlops.yaml")).registry)
+
+
+def test_an_adapter_release_holds_the_adapter_and_its_base_fingerprint(proj: Project) -> None:
+    from mlops.training.adapter import base_fingerprint
+
+    for rid in proj.releases:
+        m = proj.registry.manifest(rid)
+        assert m["adapter"] == {"base": "bases/tiny", "base_fingerprint": base_fingerprint(proj.base)}
+        files = set(m["artifact"]["files"])
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+        assert "config.json" not in files and "model.safetensors" not in files  # not a merged copy
+    a, b = (proj.registry.manifest(r)["artifact"]["files"]["adapter_model.safetensors"] for r in proj.releases)
+    assert a != b  # two seeds, two adapters
+
+
+def test_the_fingerprint_covers_weights_config_and_tokenizer_only(proj: Project, tmp_path: Path) -> None:
+    import shutil
+
+    from mlops.training.adapter import base_fingerprint
+
+    copy = Path(shutil.copytree(proj.base, tmp_path / "copy"))
+    (copy / "README.md").write_text("notes beside the weights do not change the model")
+    assert base_fingerprint(copy) == base_fingerprint(proj.base)
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg | {"model_max_length": 63}))
+    assert base_fingerprint(copy) != base_fingerprint(proj.base)
+
+
+def test_serving_an_adapter_needs_a_lora_method(tmp_path: Path) -> None:
+    from mlops.config import load
+
+    root = make_project(tmp_path / "p", {"models": {"tiny": {"lora": {"serve": "adapter"}}}})
+    with pytest.raises(ConfigError, match="lora.serve: adapter needs method: lora or qlora"):
+        load(root / "mlops.yaml")
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def reference(base: Path, adapter_dir: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    """What peft alone makes of each prompt with one adapter on the base (greedy, one at a time)."""
+    import torch
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False).ids])
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False)
+        out.append(tok.decode(gen[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+    return out
+
+
+PROMPTS = [f"{w}=" for w in ("abc", "kjxt", "bdw", "hello", "zyx", "mnop", "qrs", "tuvw")]
+
+
+def _complete(url: str, prompt: str, pin: str | None = None) -> tuple[str, str]:
+    import httpx
+
+    headers = {"x-mlops-release": pin} if pin else {}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.headers["x-mlops-release"], r.json()["choices"][0]["text"]
+
+
+def _wait_serving(pool: Any, version: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60  # a loaded 2-core box
+    while pool.state().version < version:
+        assert time.monotonic() < deadline, "the server never served the new state"
+        time.sleep(0.02)
+
+
+def test_adapter_releases_share_one_base_canary_rollback_and_refusal(proj: Project) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlops.config import load
+    from mlops.errors import UsageError
+    from mlops.pipeline import Session
+    from mlops.rollout import rollback
+    from mlops.serving.runner import build, start_server
+    from mlops.serving.server import create_app
+
+    a, b = proj.releases
+    want = {
+        r: dict(zip(PROMPTS, reference(proj.base, proj.registry.artifact_dir(r), PROMPTS, 6), strict=True))
+        for r in (a, b)
+    }
+    assert want[a] != want[b]  # else a mix-up between the adapters could pass unseen
+
+    s = Session.open(load(proj.root / "mlops.yaml"))
+    pool, opts = build(s.loaded, s.registry, threads=1, retain=0.0)
+    pool.start()
+    try:
+        with start_server(create_app(pool, opts)) as url:
+            assert _complete(url, PROMPTS[0]) == (a, want[a][PROMPTS[0]])
+            base = next(iter(pool.bases.bases().values()))
+
+            def canary(st: Any) -> Any:
+                st.stages["canary"], st.routing = b, {a: 50, b: 50}
+                return st
+
+            _wait_serving(pool, s.backend.set_state(canary, reason="test canary").version)
+            with ThreadPoolExecutor(8) as ex:
+                answers = list(ex.map(lambda p: (p, *_complete(url, p)), PROMPTS * 3))
+            assert {r for _, r, _ in answers} == {a, b}
+            for prompt, rel, text in answers:
+                assert text == want[rel][prompt], (rel, prompt)
+            assert base.mixed_steps > 0  # the two adapters decoded in the same batch
+            assert pool.bases.loads == 1 and set(base.adapters) == {a, b}
+
+            state, _ = rollback(s.backend, a, reason="test rollback", actor="test")
+            _wait_serving(pool, state.version)
+            assert {_complete(url, p) for p in PROMPTS[:3]} == {(a, want[a][p]) for p in PROMPTS[:3]}
+            assert pool.bases.loads == 1 and next(iter(pool.bases.bases().values())) is base
+
+            # a release that left every stage is unloaded (retain=0 here): its adapter leaves the base
+            def only_a(st: Any) -> Any:
+                st.stages = dict.fromkeys(st.stages) | {"production": a}
+                return st
+
+            _wait_serving(pool, s.backend.set_state(only_a, reason="test drop").version)
+            deadline = __import__("time").monotonic() + 60
+            while b in base.adapters:
+                assert __import__("time").monotonic() < deadline, "the dropped adapter was never unloaded"
+                __import__("time").sleep(0.02)
+            assert _complete(url, PROMPTS[1]) == (a, want[a][PROMPTS[1]]) and pool.bases.loads == 1
+
+            # an adapter trained on another base: refused before any routing moves, and by the pool
+            bad = f"{a}-otherbase"
+            s.registry.publish(
+                bad,
+                s.registry.artifact_dir(b),
+                {"model": "tiny", "adapter": {"base": "bases/tiny", "base_fingerprint": "0" * 64}},
+            )
+            before = s.registry.read_state()[0]
+            with pytest.raises(UsageError, match=f"release {bad} is a LoRA adapter for base 'bases/tiny'"):
+                rollback(s.backend, bad, reason="test", actor="test")
+            assert s.registry.read_state()[0].to_json() == before.to_json()
+            with pytest.raises(UsageError, match="refusing to serve it"):
+                pool.get(bad)
+            assert _complete(url, PROMPTS[2]) == (a, want[a][PROMPTS[2]])
+    finally:
+        pool.close()
+    assert not pool.bases.bases()  # the base closed with its last adapter

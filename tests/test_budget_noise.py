@@ -1,0 +1,146 @@
+"""Verdicts that know their noise (issue 20, part 4): the minimum detectable effect against a
+simulation of the gate's own bootstrap, a gate tighter than the data, flaky and quarantined cases.
+
+One real project: a tiny model trained and promoted, production evaluated on the example's 200 cases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_project, mlops, train_and_publish
+
+from mlops.config import GateCfg
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from mlops.config import load
+    from mlops.flows.release import eval_release
+    from mlops.flows.session import Session
+
+    root = make_project(tmp_path_factory.mktemp("noise"))
+    rid = train_and_publish(root)
+    s = Session.open(load(root / "mlops.yaml"))
+    eval_release(s, "production")
+    return {"root": root, "release": rid, "result": s.registry.get_eval(rid, "heldout")}
+
+
+def _simulated_mde(prod: list[float], confidence: float, power: float, sims: int = 200) -> float:
+    """The regression the gate (paired bootstrap, max_regression 0) flags with probability `power`,
+    for candidates whose cases are fresh draws from production's stored values.
+
+    Shifting every candidate value down by d shifts each bootstrap replicate, so the interval's upper
+    end, by exactly d (same resampled indices): the gate flags at d iff the upper end at d=0 is
+    below d. The detection rate at d is then the share of simulations whose upper end at 0 is below
+    d, and the MDE is the `power` quantile of those upper ends."""
+    import numpy as np
+
+    from mlops.evals.stats import paired_bootstrap
+
+    rng = np.random.default_rng(7)
+    highs = []
+    for i in range(sims):
+        cand = rng.choice(prod, size=len(prod), replace=True)  # no true change: an unbiased draw
+        # the gate's interval: two-sided 2c-1, whose upper end is the one-sided c bound
+        iv = paired_bootstrap(list(cand), prod, 2 * confidence - 1, "mean", seed=i, resamples=1000)
+        highs.append(iv.high)
+    return float(np.quantile(highs, power))
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        {"metric": "ragas.chrf_score", "stat": "mean"},
+        {"metric": "ragas.chrf_score", "stat": "pass_rate", "threshold": "median"},
+    ],
+    ids=["chrf-mean", "chrf-pass-rate"],
+)
+def test_mde_agrees_with_a_simulation_of_the_gate(project: dict[str, Any], gate: dict[str, Any]) -> None:
+    import statistics
+
+    from mlops.evals import noise
+
+    res = project["result"]
+    chrf = [c.scores["ragas.chrf_score"] for c in res.cases]
+    if gate.get("threshold") == "median":
+        gate = gate | {"threshold": statistics.median(chrf)}
+    g = GateCfg(eval="heldout", max_regression=0.01, confidence=0.9, **gate)
+    values = noise.gate_values(res, g)
+    assert values is not None and len(values) == 200 and statistics.pstdev(values) > 0
+    predicted = noise.mde(values, g.confidence)
+    simulated = _simulated_mde(values, g.confidence, noise.POWER)
+    assert predicted is not None and simulated > 0
+    assert abs(predicted - simulated) / simulated < 0.20, (predicted, simulated)
+
+
+def test_plan_warns_about_a_gate_tighter_than_the_data(project: dict[str, Any]) -> None:
+    root: Path = project["root"]
+    tight = "gates=[{eval: heldout, metric: ragas.chrf_score, max_regression: 0.001, confidence: 0.95}]"
+    loose = "gates=[{eval: heldout, metric: ragas.chrf_score, max_regression: 0.5, confidence: 0.95}]"
+    r = mlops("plan", "--set", tight, cwd=root)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("gate heldout.ragas.chrf_score"))
+    assert "max_regression 0.001: WARNING: below it" in line and "200 cases" in line, line
+    doc = json.loads(mlops("plan", "--json", "--set", loose, cwd=root).stdout)
+    (g,) = doc["noise"]["tiny"]["gates"]
+    assert g["warning"] is None and 0.001 < g["mde"] < 0.5 and g["n"] == 200
+
+
+def _with_flaky_case(result: Any, case_id: str) -> Any:
+    """The stored result with exact_match as a noisy judge with `repeat: 3` would leave it: three
+    values per case that disagree on `case_id` (0, 1, 0: median 0, a fail) and agree on every other
+    case (1, 1, 1)."""
+    import statistics
+
+    from mlops.contracts import MetricSummary
+
+    cases = []
+    for c in result.cases:
+        xs = [0.0, 1.0, 0.0] if c.id == case_id else [1.0, 1.0, 1.0]
+        scores = c.scores | {"exact_match": float(statistics.median(xs))}
+        cases.append(c.model_copy(update={"scores": scores, "samples": {"exact_match": xs}}))
+    mean = sum(c.scores["exact_match"] for c in cases) / len(cases)
+    summary = MetricSummary(higher_is_better=True, n=len(cases), failed=0, mean=mean, p50=1.0, p95=1.0, p99=1.0)
+    return result.model_copy(update={"cases": cases, "metrics": result.metrics | {"exact_match": summary}})
+
+
+def test_a_planted_flaky_case_is_listed_and_quarantined(project: dict[str, Any]) -> None:
+    from mlops.config import load
+    from mlops.evals.gates import check_gates
+    from mlops.flows.session import Session
+    from mlops.report import build_report, to_markdown
+    from mlops.report.noise import exclusions
+
+    root: Path = project["root"]
+    res = project["result"]
+    flaky_id = res.cases[3].id
+    # the gate demands every case pass: it passes only with the flaky case kept out
+    s = Session.open(load(root / "mlops.yaml"))
+    planted = _with_flaky_case(res, flaky_id)
+    s.registry.put_eval(project["release"], "heldout", planted)
+    gate = {"eval": "heldout", "metric": "exact_match", "stat": "pass_rate", "threshold": 0.5, "min": 1.0}
+    for kept_out in (False, True):
+        loaded = load(root / "mlops.yaml", [f"gates=[{json.dumps(gate | {'exclude_flaky': kept_out})}]"])
+        q, f = exclusions(s.registry, loaded.cfg, {"heldout": planted})
+        (verdict,) = check_gates(loaded.cfg.gates, {"heldout": planted}, {"heldout": None}, q, f)
+        assert verdict.passed is kept_out and verdict.excluded == ([flaky_id] if kept_out else []), verdict
+        rep = build_report(s.registry, loaded.cfg, project["release"])
+        (flaky,) = rep.noise.flaky
+        assert (flaky.id, flaky.metric, flaky.quarantined) == (flaky_id, "exact_match", False)
+        assert "repeats disagree (0, 1, 0" in flaky.why and bool(flaky.excluded_by) is kept_out
+        assert f"`{flaky_id}` exact_match: repeats disagree" in to_markdown(rep)
+    # quarantined by name: out of every gate on the suite, still listed (and marked) in the report
+    quarantined = load(
+        root / "mlops.yaml", [f"gates=[{json.dumps(gate)}]", f"evals.heldout.quarantine=[{json.dumps(flaky_id)}]"]
+    )
+    q, f = exclusions(s.registry, quarantined.cfg, {"heldout": planted})
+    (verdict,) = check_gates(quarantined.cfg.gates, {"heldout": planted}, {"heldout": None}, q, f)
+    assert verdict.passed and verdict.excluded == [flaky_id]
+    rep = build_report(s.registry, quarantined.cfg, project["release"])
+    assert [(c.id, c.quarantined) for c in rep.noise.flaky] == [(flaky_id, True)]
+    assert rep.noise.spreads[0].id == flaky_id and rep.noise.spreads[0].spread == 1.0
+    s.registry.put_eval(project["release"], "heldout", res)  # the other tests see the real result
