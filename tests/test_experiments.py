@@ -10,6 +10,7 @@ hook (mlops/serving/faults.py) answers 500 to every fifth request of production.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,6 +188,11 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
     with pytest.raises(exp.UsageError, match="a rollout of .* is running"):
         exp.start(lab.session(), lab.cand, 50, "error_rate", "user:test")
     lab.registry.update_state(lambda st: setattr(st, "rollout", {}) or st, "t")
+    lease = {"owner": "pipeline:ci-42", "token": "t0", "expires_at": time.time() + 60}
+    lab.registry.update_state(lambda st: setattr(st, "lease", lease) or st, "t")
+    with pytest.raises(exp.UsageError, match="pipeline:ci-42 holds the rollout lease"):
+        exp.start(lab.session(), lab.cand, 50, "error_rate", "user:test")
+    lab.registry.update_state(lambda st: setattr(st, "lease", {}) or st, "t")
 
     args = ("--share", "50", "--mde", "0.1", "--min-samples", "40", "--max-samples", "2000")
     r = mlops("experiment", "start", lab.cand, "--metric", "error_rate", *args, "--json", cwd=lab.root)

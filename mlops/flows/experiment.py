@@ -135,6 +135,9 @@ def _refuse(st: State, release: str) -> None:
         raise UsageError(
             f"a rollout of {st.rollout.get('release')} is running on this model: an experiment waits for it"
         )
+    lease = st.lease
+    if lease.get("token") and float(lease.get("expires_at") or 0) > time.time():
+        raise UsageError(f"{lease.get('owner') or 'a pipeline'} holds the rollout lease: start the experiment after it")
     if _running(st.experiment):
         raise UsageError(f"experiment {st.experiment.get('id')} is already running (mlops experiment stop)")
     prod = st.stages.get("production")
