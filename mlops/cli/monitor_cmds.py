@@ -100,17 +100,31 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def feedback(
         request_id: Annotated[str, typer.Argument(help="The `id` of a served response (captured).")],
-        label: Annotated[str, typer.Argument(help="The answer it should have given.")],
+        label: Annotated[str | None, typer.Argument(help="The answer it should have given.")] = None,
+        thumbs: Annotated[
+            str | None, typer.Option("--thumbs", help="up | down: the user's verdict (A/B metric `thumbs`).")
+        ] = None,
         config: ConfigOpt = Path("mlops.yaml"),
         set_: SetOpt = None,
         json_: JsonOpt = False,
     ) -> None:
-        """Attach a label to a captured request; `mlops monitor` scores labelled traffic with the suite."""
-        from mlops.monitor.traffic import add_feedback
+        """Attach a label to a captured request (`mlops monitor` scores labelled traffic with the
+        suite), or a thumbs up/down (`mlops experiment --metric thumbs` counts them per arm)."""
+        from mlops.monitor.traffic import add_feedback, add_thumbs
 
+        if label is None and thumbs is None:
+            raise UsageError("give a LABEL (the answer it should have given) or --thumbs up|down")
         loaded = load_config(config, set_)
-        doc = add_feedback(_registry(loaded).store, request_id, label, loaded.cfg.monitor.sample_rate)
-        emit(doc, json_, f"labelled {request_id} (release {doc['release']})")
+        store, rate = _registry(loaded).store, loaded.cfg.monitor.sample_rate
+        doc: dict[str, Any] = {}
+        if thumbs is not None:
+            doc |= add_thumbs(store, request_id, thumbs, rate)
+        if label is not None:
+            doc |= add_feedback(store, request_id, label, rate)
+        what = f"labelled {request_id}" if label is not None else f"thumbs {doc['thumbs']} on {request_id}"
+        if label is not None and thumbs is not None:
+            what += f", thumbs {doc['thumbs']}"
+        emit(doc, json_, f"{what} (release {doc['release']})")
 
 
 def analyze_one(
