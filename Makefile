@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_eval_process.py
 	$(BIN)/python benchmarks/bench_hostile.py
 	$(BIN)/python benchmarks/bench_chat_train.py
+	$(BIN)/python benchmarks/bench_experiments.py
 
 install: $(VENV)/.installed
 

@@ -528,6 +528,14 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
     for at, ro in rollouts:
         _check_analysis(cfg, at, ro.analysis, fail)
     if check_files:
+        for name, m in cfg.models.items():
+            # a path-looking base or an entrypoint that is not there fails here, in one line,
+            # rather than as a Hub lookup (offline) or an import error minutes into a run
+            if m.base.startswith(("./", "../", "/", "~")) and not (loaded.root / Path(m.base).expanduser()).is_dir():
+                raise fail(("models", name, "base"), f"local base directory {m.base!r} does not exist")
+            ep = m.train.entrypoint
+            if ep is not None and not (loaded.root / ep.rsplit(":", 1)[0]).is_file():
+                raise fail(("models", name, "train", "entrypoint"), f"file {ep.rsplit(':', 1)[0]!r} does not exist")
         for name, ds in cfg.datasets.items():
             if ds.path.startswith(("hf:", "s3://")):
                 continue  # remote: checked when read (`validate` stays offline and light)

@@ -56,6 +56,15 @@ class MonitorThresholds(Strict):
     min_quality: dict[str, float] = Field({}, description="Suite metric -> lowest mean on labelled traffic.")
 
 
+class ExportCasesCfg(Strict):
+    """What the nightly workflow runs as `mlops cases export` before it opens a pull request with the cases."""
+
+    to: str = Field("evals/from-traffic.jsonl", description="The JSONL file the cases are added to.")
+    since: Duration = Field(86400.0 * 7, gt=0, le=MAX_AGE_S, description="Traffic of this last window (7d).")
+    labelled: bool = Field(True, description="Only requests with an `mlops feedback` label (their expected answer).")
+    failed: bool = Field(False, description="Only answers the suite's metric scores wrong (a judge metric first).")
+
+
 class MonitorCfg(Strict):
     enabled: bool = Field(True, description="Capture traffic on the local server (and the Modal gateway).")
     capture: Literal["full", "metadata"] = Field(
@@ -84,3 +93,6 @@ class MonitorCfg(Strict):
     cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price of 1k tokens, for cost per 1k requests.")
     on_drift: Literal["report", "retrain"] = Field("report", description="What the nightly workflow does on drift.")
     thresholds: MonitorThresholds = MonitorThresholds.model_construct()
+    export_cases: ExportCasesCfg | None = Field(
+        None, description="Set: the nightly workflow opens a pull request adding traffic as eval cases."
+    )

@@ -10,7 +10,8 @@ request, mlops's own included, and are kept as context (how much of the traffic 
 A step runs k one-sided tests, each at alpha/k (Bonferroni: the chance that a step fails a
 candidate as good as production is at most alpha):
 
-- errors: a two-proportion z-test on 5xx/429 answers, plus the absolute `rollout.max_error_rate`;
+- errors: a two-proportion z-test on 5xx/429 answers, and an exact binomial test of the
+  candidate's rate against the absolute `rollout.max_error_rate`, each at half the errors' share;
 - latency: fails when the candidate's p95 is over `max_p95_ratio` x production's AND the slowdown is
   significant, by a Mann-Whitney rank test (the whole distribution) or a tail test (the share above
   the pooled p95), each at half the latency share of alpha;
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mlops.config import RolloutCfg
 from mlops.configrollout import GuardrailsCfg
 from mlops.contracts import StepVerdict
-from mlops.monitor.compare import TestResult, above, mann_whitney, two_proportion_z
+from mlops.monitor.compare import TestResult, above, binomial_above, mann_whitney, two_proportion_z
 from mlops.monitor.live import LiveWindow, Side, read_window, replay_window
 
 if TYPE_CHECKING:
@@ -63,18 +64,28 @@ def _pct(r: float) -> str:
 
 
 def _errors(c: Side, p: Side, cfg: RolloutCfg, a: float) -> _Check:
+    """Two tests at a/2 each: more errors than production, and a rate over the absolute ceiling."""
     n = cfg.analysis.min_requests
     t = two_proportion_z(c.errors, c.requests, p.errors, p.requests)
-    nums = {"z": round(t.statistic, 4), "p_value": round(t.p_value, 6), "alpha": a}
-    what = f"error rate {_pct(c.error_rate)} ({c.errors}/{c.requests}) vs production {_pct(p.error_rate)} ({p.errors}/{p.requests})"
-    if t.p_value < a and t.effect > 0 and min(c.requests, p.requests) >= MIN_FAIL_SAMPLES:
-        return _Check("error_rate", "fail", f"{what}: p={t.p_value:.4f} < {a:.4g}", nums)
-    if c.requests >= n and c.error_rate > cfg.max_error_rate:
-        return _Check("error_rate", "fail", f"{what} > max_error_rate {_pct(cfg.max_error_rate)}", nums)
+    ceiling = binomial_above(c.errors, c.requests, cfg.max_error_rate)
+    nums = {
+        "z": round(t.statistic, 4),
+        "p_value": round(t.p_value, 6),
+        "ceiling_p_value": round(ceiling.p_value, 6),
+        "alpha": a,
+    }
+    what = (
+        f"error rate {_pct(c.error_rate)} ({c.errors}/{c.requests}) "
+        f"vs production {_pct(p.error_rate)} ({p.errors}/{p.requests})"
+    )
+    if t.p_value < a / 2 and t.effect > 0 and min(c.requests, p.requests) >= MIN_FAIL_SAMPLES:
+        return _Check("error_rate", "fail", f"{what}: p={t.p_value:.4f} < {a / 2:.4g}", nums)
+    if ceiling.p_value < a / 2 and c.requests >= MIN_FAIL_SAMPLES:
+        why = f"{what}: over max_error_rate {_pct(cfg.max_error_rate)}, p={ceiling.p_value:.4f} < {a / 2:.4g}"
+        return _Check("error_rate", "fail", why, nums)
     if c.requests < n or p.requests < n:
-        return _Check(
-            "error_rate", "insufficient", f"{c.requests} candidate / {p.requests} production requests < {n}", nums
-        )
+        why = f"{c.requests} candidate / {p.requests} production requests < {n}"
+        return _Check("error_rate", "insufficient", why, nums)
     return _Check("error_rate", "pass", f"{what}: p={t.p_value:.4f}", nums)
 
 

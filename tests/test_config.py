@@ -158,6 +158,18 @@ CASES = [
         "min_containers (5) cannot be greater than max_containers (2)",
         "resources: {gpu: L4, min_containers: 5",
     ),
+    (
+        "local base directory missing",
+        edit("base: scratch", "base: ./bases/nowhere"),
+        "local base directory './bases/nowhere' does not exist",
+        "base: ./bases/nowhere",
+    ),
+    (
+        "entrypoint file missing",
+        edit("    train: {", "    train: {entrypoint: 'train/mine.py:build', "),
+        "file 'train/mine.py' does not exist",
+        "entrypoint",
+    ),
     ("judge with neither", GOOD + "judges:\n  ref: {model: r}\n", "exactly one of base_url", "ref: {"),
     (
         "self-hosted judge on the local backend",

@@ -70,9 +70,11 @@ def test_bad_entrypoints_are_one_clear_error(proj: Path) -> None:
         train_model(job.model_copy(update={"entrypoint": job.entrypoint.replace(":build", ":nope")}))
     with pytest.raises(ConfigError, match="not a directory holding a saved model"):
         train_model(job.model_copy(update={"entrypoint": job.entrypoint.replace(":build", ":nothing")}))
-    missing = load(proj / "mlops.yaml", ["models.tiny.train.entrypoint=train/gone.py:build"])
-    with pytest.raises(ConfigError, match="gone.py does not exist"):
-        job_from_config(missing, "tiny", proj / "out")
+    gone = ["models.tiny.train.entrypoint=train/gone.py:build"]
+    with pytest.raises(ConfigError, match="entrypoint: file 'train/gone.py' does not exist"):
+        load(proj / "mlops.yaml", gone)  # `mlops validate` says so
+    with pytest.raises(ConfigError, match="gone.py does not exist"):  # and a job built without that check
+        job_from_config(load(proj / "mlops.yaml", gone, check_files=False), "tiny", proj / "out")
     with pytest.raises(ConfigError, match="entrypoint"):
         load(proj / "mlops.yaml", ["models.tiny.train.entrypoint=train/mine.py"])  # no :function
 

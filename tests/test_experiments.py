@@ -190,7 +190,7 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
 
     assert report["ci"][1] < 0 and report["p_value"] <= 0.05  # B's error rate is lower, surely
     text = exp.describe(report)
-    assert f"decision: winner B ({lab.cand})" in text and "always-valid 95% CI [-" in text, text
+    assert f"decision: winner B ({lab.cand})" in text and "95% always-valid CI [-" in text, text
     r = mlops("experiment", "stop", "--promote-winner", cwd=lab.root)
     assert r.returncode == 0, r.stderr
     assert f"production is {lab.cand}" in r.stdout

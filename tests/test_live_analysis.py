@@ -49,7 +49,7 @@ OVERRIDES = {
         }
     },
 }
-USERS = 300  # ~150 a side at 50/50: 5% is ~7 errors against none, p ~ 0.004 < alpha / 4
+USERS = 400  # ~200 a side at 50/50: 5% is ~10 errors against none, p ~ 0.001 < alpha / 8
 
 
 @dataclass

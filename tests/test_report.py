@@ -181,6 +181,11 @@ def test_report_of_a_regressed_candidate(regressed: tuple[Session, str, str]) ->
     assert "judges 0 calls" in md
     assert rep.cost.gpu_seconds == 0.0
     json.dumps(rep.model_dump())  # the machine form is plain JSON
+    # production's own report compares it with `previous`: the columns say so, not "production"
+    own = to_markdown(build_report(s.registry, s.loaded.cfg, prod))
+    assert rep.baseline_stage == "production" and "vs previous `" in own.splitlines()[1]
+    assert "| metric | previous | candidate | delta |" in own and "| metric | production |" not in own
+    assert "delta = candidate − previous" in own
 
 
 def test_report_of_a_first_release_and_gpu_cost(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ CLI: dict[str, set[str]] = {
     "schema": set(),
     "report": {"--markdown", "--out", "--release"},
     "monitor": {"--json", "--markdown", "--out", "--markdown-out", "--since"},
+    "cases": {"--json", "--to", "--since", "--labelled", "--failed"},  # `mlops cases export`
 }
 TRUSTED_ACTIONS = {  # name -> the SHA used (each corroborated, see the report)
     "actions/checkout": "08c6903cd8c0fde910a37f88322edcfb5dd907a8",
@@ -130,7 +131,11 @@ def test_hardening(name: str) -> None:
     for job_name, job in wf["jobs"].items():
         assert "permissions" in job, f"{job_name}: job-level permissions"
         assert set(job["permissions"].values()) <= {"read", "write", "none"}
-        assert job["permissions"].get("contents") == "read", f"{job_name}: contents: read"
+        # one job may push: nightly's cases-pr (one branch with the exported cases; it runs no project code)
+        writes = (name, job_name) == ("nightly.yml", "cases-pr")
+        assert job["permissions"].get("contents") == ("write" if writes else "read"), f"{job_name}: contents: read"
+        if writes:
+            assert all("run" not in st for st in job["steps"]), f"{job_name}: no shell, no project code"
         assert "timeout-minutes" in job
     for step in steps(wf):
         uses = step.get("uses")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mlops.cli import base_cmd, doctor_cmd, experiment_cmds, monitor_cmds, pipeline_cmds, registry_cmds
+from mlops.cli import base_cmd, cases_cmd, doctor_cmd, experiment_cmds, monitor_cmds, pipeline_cmds, registry_cmds
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
 from mlops.cli.validate import summary
 
@@ -27,6 +27,7 @@ doctor_cmd.register(app)
 monitor_cmds.register(app)
 base_cmd.register(app)
 experiment_cmds.register(app)
+cases_cmd.register(app)
 
 
 @app.command()

@@ -126,6 +126,8 @@ class Sequential:
         self.res = Result()
         self._tau2 = plan.tau * plan.tau
         self._crit = math.log(1 / plan.alpha)
+        self._lo, self._hi = -math.inf, math.inf  # the running intersection of the intervals
+        self._last = (-math.inf, math.inf)  # the last look's own interval
 
     @property
     def done(self) -> bool:
@@ -142,21 +144,19 @@ class Sequential:
         if min(a.n, b.n) < p.min_samples:
             return
         v = a.variance(p.binary) / a.n + b.variance(p.binary) / b.n
-        if v <= 0:  # a continuous metric with no spread in either arm: nothing to judge yet
-            return
-        r.looks += 1
-        diff = b.mean - a.mean
-        r.p_value = min(r.p_value, math.exp(-max(0.0, log_lr(diff, v, self._tau2))))
-        hw = half_width(v, self._tau2, p.alpha)
-        r.ci = (max(r.ci[0], diff - hw), min(r.ci[1], diff + hw))
-        if r.ci[0] > r.ci[1]:  # the intersection emptied (possible only by chance): it holds the estimate
-            r.ci = (diff, diff)
-        if log_lr(diff, v, self._tau2) >= self._crit:
-            b_better = (diff > 0) == p.higher_is_better
-            r.decision = WINNER_B if b_better else WINNER_A
-            r.decided_at = a.n + b.n
-        elif min(a.n, b.n) >= p.max_samples:
+        if v > 0:  # (a continuous metric with no spread in either arm: nothing to judge yet)
+            r.looks += 1
+            diff = b.mean - a.mean
+            llr = log_lr(diff, v, self._tau2)
+            r.p_value = min(r.p_value, math.exp(-max(0.0, llr)))
+            hw = half_width(v, self._tau2, p.alpha)
+            self._lo, self._hi = max(self._lo, diff - hw), min(self._hi, diff + hw)
+            self._last = (diff - hw, diff + hw)
+            if llr >= self._crit:
+                r.decision = WINNER_B if (diff > 0) == p.higher_is_better else WINNER_A
+        if r.decision == CONTINUE and min(a.n, b.n) >= p.max_samples:
             r.decision = NO_DIFFERENCE
+        if r.decision != CONTINUE:
             r.decided_at = a.n + b.n
 
     def result(self) -> Result:
@@ -164,6 +164,8 @@ class Sequential:
         r.n_a, r.n_b, r.mean_a, r.mean_b = a.n, b.n, a.mean, b.mean
         r.effect = b.mean - a.mean
         r.relative = r.effect / a.mean if a.mean else None
+        # an intersection that emptied (by chance, as a 95% interval may miss) gives the last interval
+        r.ci = (self._lo, self._hi) if self._lo <= self._hi else self._last
         if min(a.n, b.n) < self.plan.min_samples:
             r.notes = [f"{min(a.n, b.n)} of the {self.plan.min_samples} observations per arm needed before a look"]
         else:
@@ -173,10 +175,66 @@ class Sequential:
 
 def replay(events: Iterable[tuple[str, float]], plan: Plan) -> Result:
     """The verdict on a stream of ("A"|"B", value) in arrival order: the same answer whenever it is
-    read, since each earlier look is replayed (a p-value's running minimum needs them all)."""
-    seq = Sequential(plan)
-    for arm, x in events:
-        seq.add(arm, x)
-        if seq.done:
-            break
+    read, since every earlier look is replayed (a p-value's running minimum needs them all).
+    Vectorised (numpy): what `Sequential` computes one observation at a time, at once."""
+    import numpy as np
+
+    pairs = list(events)
+    is_b = np.fromiter((arm == "B" for arm, _ in pairs), dtype=bool, count=len(pairs))
+    x = np.fromiter((v for _, v in pairs), dtype=float, count=len(pairs))
+    return replay_arrays(is_b, x, plan)
+
+
+def replay_arrays(is_b: Any, x: Any, plan: Plan) -> Result:
+    """`replay` on two numpy arrays: which observation went to B, and its value."""
+    import numpy as np
+
+    is_b = np.asarray(is_b, dtype=bool)
+    x = np.asarray(x, dtype=float)
+    seq = Sequential(plan)  # for the result's bookkeeping; the looks are computed here
+    if len(x) == 0:
+        return seq.result()
+    nb = np.cumsum(is_b)
+    na = np.arange(1, len(x) + 1) - nb
+    xb, xa = np.where(is_b, x, 0.0), np.where(is_b, 0.0, x)
+    sb, sa = np.cumsum(xb), np.cumsum(xa)
+    qb, qa = np.cumsum(xb * xb), np.cumsum(xa * xa)
+    ready = np.minimum(na, nb) >= plan.min_samples
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ma, mb = sa / na, sb / nb
+        if plan.binary:
+            pa, pb = (sa + 1) / (na + 2), (sb + 1) / (nb + 2)
+            v = pa * (1 - pa) / na + pb * (1 - pb) / nb
+        else:
+            va = np.maximum(0.0, (qa - sa * sa / na) / (na - 1))
+            vb = np.maximum(0.0, (qb - sb * sb / nb) / (nb - 1))
+            v = va / na + vb / nb
+        look = ready & (v > 0)
+        tau2 = plan.tau * plan.tau
+        diff = mb - ma
+        llr = np.where(look, 0.5 * np.log(v / (v + tau2)) + tau2 * diff * diff / (2 * v * (v + tau2)), -np.inf)
+        hw = np.sqrt(v * (v + tau2) / tau2 * (2 * math.log(1 / plan.alpha) + np.log((v + tau2) / v)))
+    crossed = llr >= math.log(1 / plan.alpha)
+    maxed = ready & (np.minimum(na, nb) >= plan.max_samples)
+    stops = np.flatnonzero(crossed | maxed)
+    end = int(stops[0]) + 1 if len(stops) else len(x)  # observations counted
+    r = seq.res
+    lk = np.flatnonzero(look[:end])
+    r.looks = len(lk)
+    if len(lk):
+        r.p_value = float(min(1.0, np.exp(-np.maximum(0.0, llr[lk])).min()))
+        lo, hi = float((diff[lk] - hw[lk]).max()), float((diff[lk] + hw[lk]).min())
+        last = int(lk[-1])
+        seq._lo, seq._hi = lo, hi
+        seq._last = (float(diff[last] - hw[last]), float(diff[last] + hw[last]))
+    if len(stops):
+        i = int(stops[0])
+        if crossed[i]:
+            r.decision = WINNER_B if (diff[i] > 0) == plan.higher_is_better else WINNER_A
+        else:
+            r.decision = NO_DIFFERENCE
+        r.decided_at = end
+    n_b = int(nb[end - 1])
+    seq.a = Arm(end - n_b, float(sa[end - 1]), float(qa[end - 1]))
+    seq.b = Arm(n_b, float(sb[end - 1]), float(qb[end - 1]))
     return seq.result()

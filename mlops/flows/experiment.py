@@ -302,7 +302,12 @@ def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]
 
     why = f"experiment {rec['id']}: {report['decision']}"
     s.backend.set_state(change, reason=why, actor=actor)
-    detail = {k: report[k] for k in ("effect", "ci", "p_value", "samples")}
+    detail = {
+        "effect": round(report["effect"], 6),
+        "ci": [None if x is None else round(x, 6) for x in report["ci"]],
+        "p_value": round(report["p_value"], 6),
+        "samples": report["samples"],
+    }
     s.backend.record(
         treatment, "experiment_stopped", by=actor, experiment=rec["id"], decision=report["decision"], **detail
     )
@@ -336,22 +341,25 @@ def finished(s: Session) -> list[dict[str, Any]]:
 def describe(report: dict[str, Any]) -> str:
     """The human text of a report (what `mlops experiment status` prints)."""
     better = "higher" if report["higher_is_better"] else "lower"
+    m = report["metric"]
     lines = [
-        f"experiment {report['id']}: metric {report['metric']} ({better} is better), "
-        f"mSPRT alpha {report['alpha']:g}, tau {report['tau']:g}"
+        f"experiment {report['id']} (mSPRT, alpha {report['alpha']:g}, tau {report['tau']:g}): {m}, {better} is better"
     ]
     for a, d in report["arms"].items():
         lines.append(
-            f"  {a} {d['release']} ({d['share']}%): {d['requests']} requests, "
-            f"{report['metric']} {d['mean']:.4g} over {d['n']}, errors {d['error_rate']:.1%}, "
-            f"p95 {d['p95_s'] * 1000:.1f} ms"
+            f"  {a} {d['release']} {d['share']}%: {d['requests']} requests, "
+            f"{d['error_rate']:.1%} errors, p95 {d['p95_s'] * 1000:.1f} ms"
         )
+    arms = report["arms"]
+    lines.append(
+        f"  {m}: A {arms['A']['mean']:.4g} (n {arms['A']['n']}), B {arms['B']['mean']:.4g} (n {arms['B']['n']})"
+    )
     lo, hi = report["ci"]
-    ci = f"[{lo:+.4g}, {hi:+.4g}]" if lo is not None and hi is not None else "(not yet: too few samples)"
+    ci = f"[{lo:+.4g}, {hi:+.4g}]" if lo is not None and hi is not None else "(none yet)"
     rel = f" ({report['relative']:+.1%})" if report["relative"] is not None else ""
     conf = f"{1 - float(report['alpha']):.0%}"
-    lines.append(f"  effect B-A {report['effect']:+.4g}{rel}, always-valid {conf} CI {ci}, p {report['p_value']:.3g}")
-    decided = f" after {report['decided_at']} observations" if report["decided_at"] else ""
+    lines.append(f"  effect B-A {report['effect']:+.4g}{rel}, {conf} always-valid CI {ci}, p {report['p_value']:.3g}")
+    decided = f" at {report['decided_at']} observations" if report["decided_at"] else ""
     winner = f" ({report['winner']})" if report["winner"] else ""
     lines.append(f"  decision: {report['decision']}{winner}{decided}")
     lines += [f"  note: {n}" for n in report["notes"]]

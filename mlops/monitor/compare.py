@@ -39,6 +39,17 @@ def two_proportion_z(x1: int, n1: int, x2: int, n2: int) -> TestResult:
     return TestResult(z, normal_sf(z), p1 - p2)
 
 
+def binomial_above(x: int, n: int, p0: float) -> TestResult:
+    """Exact one-sided binomial test of H1: the rate behind `x` events in `n` trials is over `p0`
+    (p = P(X >= x) for X ~ Binomial(n, p0)): a ceiling judged on the evidence, not on one unlucky
+    request out of fifty."""
+    if n <= 0:
+        return TestResult(0.0, 1.0, 0.0)
+    from scipy.stats import binom
+
+    return TestResult(float(x), float(binom.sf(x - 1, n, p0)), x / n - p0)
+
+
 def mann_whitney(x: Sequence[float], y: Sequence[float]) -> TestResult:
     """Mann-Whitney U test of H1: X is stochastically greater than Y (e.g. the candidate's latencies
     against production's). Exact p for small samples without ties, else the normal approximation

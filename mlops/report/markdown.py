@@ -3,7 +3,7 @@
 1. the hidden marker line (the workflow finds its sticky comment by it), then the verdict and
    every gate with its numbers;
 2. metric | production | candidate | delta | interval | threshold | verdict;
-3. the worst regressed cases: input, expected, both outputs;
+3. the worst regressed cases: input, expected, both outputs; the cases this change adds;
 4. a Mermaid `xychart-beta` per gated metric over the last releases;
 5. noise: what each regression gate can resolve (MDE), flaky and quarantined cases, judge spread,
    a stale baseline;
@@ -131,10 +131,15 @@ def _verdict_head(rep: Report) -> list[str]:
     return lines
 
 
+def _base_col(rep: Report) -> str:
+    """The baseline column's name: the stage it was read from (`previous` once the candidate is production)."""
+    return rep.baseline_stage or "production"
+
+
 def _table(rep: Report, budget: int) -> tuple[str, int]:
     head = [
         "",
-        "| metric | production | candidate | delta | interval | threshold | verdict |",
+        f"| metric | {_base_col(rep)} | candidate | delta | interval | threshold | verdict |",
         "|---|---:|---:|---:|---|---|---|",
     ]
     body: list[str] = []
@@ -157,7 +162,7 @@ def _table(rep: Report, budget: int) -> tuple[str, int]:
         used += len(line) + 1
     notes = [
         "",
-        "<sub>delta = candidate − production (↑ better, ↓ worse); interval: paired bootstrap over the same "
+        f"<sub>delta = candidate − {_base_col(rep)} (↑ better, ↓ worse); interval: paired bootstrap over the same "
         "cases, each end a one-sided bound at the gate's confidence.</sub>",
     ]
     text = "\n".join(head + body + notes)
@@ -172,7 +177,7 @@ def _segment_block(rep: Report) -> str:
         "",
         "### Per segment",
         "",
-        "| segment | metric | production | candidate | delta | interval | threshold | verdict |",
+        f"| segment | metric | {_base_col(rep)} | candidate | delta | interval | threshold | verdict |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
     for r in rep.segments:
@@ -195,7 +200,7 @@ def _worst_block(rep: Report) -> str:
     metrics = ", ".join(dict.fromkeys(f"{c.suite}.{c.metric}" for c in w.cases))
     if w.compared:
         title = f"### Worst regressed cases ({metrics})"
-        cols = "| case | input | expected | production | candidate |"
+        cols = f"| case | input | expected | {_base_col(rep)} | candidate |"
     else:
         title = f"### Lowest-scoring cases ({metrics}; no production to compare with)"
         cols = "| case | input | expected | — | candidate |"
@@ -206,6 +211,18 @@ def _worst_block(rep: Report) -> str:
             cand += f"<br>**failed**: {_text(c.candidate_error, 120)}"
         prod = _text(c.production) + f" ({_num(c.production_score)})" if w.compared else "—"
         lines.append(f"| {_text(c.id, 40)} | {_text(c.input)} | {_text(c.expected)} | {prod} | {cand} |")
+    return "\n".join(lines)
+
+
+def _new_block(rep: Report) -> str:
+    n = rep.new_cases
+    if n is None or not n.total:
+        return ""
+    more = f" (the first {len(n.cases)})" if n.total > len(n.cases) else ""
+    lines = ["", f"### New cases: {n.total}{more}", "", "| case | input | expected | candidate |", "|---|---|---|---|"]
+    for c in n.cases:
+        score = f" ({c.metric} {_num(c.score)})" if c.metric else ""
+        lines.append(f"| {_text(c.id, 40)} | {_text(c.input)} | {_text(c.expected)} | {_text(c.candidate)}{score} |")
     return "\n".join(lines)
 
 
@@ -314,7 +331,11 @@ def to_markdown(rep: Report, max_chars: int = MAX_CHARS) -> str:
     table, _ = _table(rep, max(2_000, (max_chars - len(md)) // 2))
     md += "\n" + table
     left_out = []
-    blocks = [("per-segment rows", _segment_block(rep)), ("worst cases", _worst_block(rep))]
+    blocks = [
+        ("per-segment rows", _segment_block(rep)),
+        ("worst cases", _worst_block(rep)),
+        ("new cases", _new_block(rep)),
+    ]
     charts = [c for c in (_chart(t) for t in rep.trend) if c]
     if charts:
         blocks.append(("trend charts", "\n".join(["", "### Trend", *charts])))

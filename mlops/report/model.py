@@ -63,6 +63,25 @@ class WorstCases(Contract):
     cases: list[WorstCase]
 
 
+class NewCase(Contract):
+    """A case the candidate was scored on that the baseline's results of its suite lack: a case
+    this change adds (`mlops cases export` writes them from production traffic)."""
+
+    suite: str
+    id: str
+    input: str
+    expected: str | None
+    candidate: str
+    metric: str | None
+    score: float | None
+    tags: list[str] = []
+
+
+class NewCases(Contract):
+    total: int  # every new case; `cases` holds the first few
+    cases: list[NewCase]
+
+
 class TrendPoint(Contract):
     release: str
     value: float
@@ -180,4 +199,5 @@ class Report(Contract):
     lineage: dict[str, Any]  # the manifest's lineage, free-form (git, data and config hashes)
     segments: list[SegmentRow] = []  # per-segment rows, for suites whose cases carry tags
     noise: Noise = Field(default_factory=Noise)
+    new_cases: NewCases | None = None  # None: no baseline to tell new cases from
     budget: BudgetDoc | None = None  # spend against `budget:` (None when no cap is set)

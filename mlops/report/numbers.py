@@ -15,6 +15,8 @@ from mlops.registry import costs
 from mlops.registry.releases import Registry
 from mlops.report.model import (
     MetricRow,
+    NewCase,
+    NewCases,
     Report,
     ReportCost,
     SegmentRow,
@@ -28,6 +30,7 @@ from mlops.report.noise import build_noise, exclusions
 
 WORST_CASES = 8  # per suite
 MAX_WORST = 12  # in all
+MAX_NEW = 20  # new cases listed (the total is always given)
 TREND_RELEASES = 10
 JSON_TEXT = 2_000  # characters of case text kept in the JSON report
 STATUS_EVENTS = ("promoted", "rejected", "rolled_back", "gates_passed", "gates_failed", "evaluated")
@@ -79,6 +82,7 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         lineage=manifest.get("lineage", {}),
         segments=_segment_rows(evaluated, base, gates),
         noise=build_noise(reg, cfg, evaluated, base, prod_reg),
+        new_cases=_new_cases(evaluated, base, gates) if baseline else None,
         budget=costs.document(cfg, reg.store, {}, [], release) if cfg.budget.active else None,
     )
 
@@ -230,6 +234,27 @@ def _worst_cases(
             )
     picked.sort(key=lambda r: -r.loss)
     return WorstCases(compared=compared, cases=picked[:MAX_WORST])
+
+
+def _new_cases(
+    evaluated: dict[str, EvalResult], base: dict[str, EvalResult | None], gates: list[GateResult]
+) -> NewCases:
+    """Cases whose id the baseline's results of the same suite lack (a suite the baseline never ran:
+    all of its cases), with the candidate's score on the suite's primary metric."""
+    picked: list[NewCase] = []
+    for suite, res in evaluated.items():
+        b = base.get(suite)
+        known = {c.id for c in b.cases} if b is not None else set()
+        metric = _primary_metric(suite, res, gates)
+        for c in res.cases:
+            if c.id in known:
+                continue
+            score = c.scores.get(metric) if metric else None
+            picked.append(
+                NewCase(suite=suite, id=c.id, input=_cut(c.input), expected=_clip(c.expected),
+                        candidate=_cut(c.output), metric=metric, score=score, tags=c.tags)
+            )  # fmt: skip
+    return NewCases(total=len(picked), cases=picked[:MAX_NEW])
 
 
 def _event_value(history: list[dict[str, Any]], key: tuple[str, str, str, float | None]) -> float | None:
