@@ -1,7 +1,7 @@
 """mlops.yaml's `budget:` (issue 20): caps per run and per calendar month on what the loop spends.
 
-Every cap is optional; a cap left out is not checked. Hours are GPU-hours (a run on a CPU counts
-its wall hours, so the local backend is budgeted the same way); dollars come from `prices`.
+Every cap is optional; a cap left out is not checked. Hours are GPU-hours (a local run on a CPU
+counts its CPU-hours, so the local backend is budgeted the same way); dollars come from `prices`.
 """
 
 from typing import Annotated
@@ -14,7 +14,7 @@ Cap = Annotated[float, Field(ge=0)] | None
 
 
 class RunCaps(Strict):
-    train_gpu_hours: Cap = Field(None, description="GPU-hours of training (a CPU run: its wall hours).")
+    train_gpu_hours: Cap = Field(None, description="GPU-hours of training (a local CPU run: its CPU-hours).")
     train_usd: Cap = Field(None, description="Dollars of training (GPU-hours x prices.gpu_per_hour).")
     judge_tokens: Cap = Field(None, description="Tokens the judges read and write (prompt + completion).")
     judge_usd: Cap = Field(None, description="Dollars of judge tokens (prices.judge_per_1m_tokens).")

@@ -170,7 +170,7 @@ def test_a_monthly_cap_the_second_run_would_exceed_stops_it_before_training(proj
     root: Path = project["root"]
     store = Session.open(load(root / "mlops.yaml")).registry.store
     spent = costs.month_spend(store)
-    assert spent["train_gpu_hours"] > 0  # the first run's record (a CPU run counts its wall hours)
+    assert spent["train_gpu_hours"] > 0  # the first run's record (a CPU run counts its CPU-hours)
     est = _plan(root, "models.tiny.train.seed=1")["budget"]["estimate"]["train_gpu_hours"]
     assert est > 0
     cap = spent["train_gpu_hours"] + est / 2  # the first run fits, the second would not

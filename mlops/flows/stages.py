@@ -5,6 +5,7 @@ Each is also reachable on its own (`mlops train`, `mlops eval`, ...) through a f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -95,12 +96,16 @@ def train(s: Session, model: str | None = None, force: bool = False, budget: boo
     # the lock tells the next run's sweep that this output is in use (dropped even on kill -9)
     with working(out.parent / f".{release}.lock"):
         try:
+            cpu0 = time.process_time()
             result = s.backend.train(job, s.progress)
+            # this process's CPU time (every thread): what a CPU run is budgeted by, since wall time
+            # on a shared machine measures the neighbours' load as much as the run
+            cpu_s = round(time.process_time() - cpu0, 3) if result.device == "cpu" and cfg.backend == "local" else None
             manifest: dict[str, Any] = {
                 "model": name,
                 "backend": cfg.backend,
                 "lineage": mp.lineage | data_lineage,
-                "train": asdict(result) | {"out_dir": None},
+                "train": asdict(result) | {"out_dir": None} | ({"cpu_seconds": cpu_s} if cpu_s is not None else {}),
                 "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
             }
             if result.adapter is not None:  # the artifact is a peft adapter on `base` (mlops/training/adapter.py)

@@ -42,9 +42,13 @@ def gpu_count(gpu: str | None) -> int:
 
 
 def train_spend(run: dict[str, Any]) -> dict[str, float]:
-    """A training run record (the manifest's `train`): GPU-hours (on a CPU, the run's wall hours)."""
+    """A training run record (the manifest's `train`): GPU-hours; on a CPU, the run's CPU-hours
+    (`cpu_seconds`, every thread), or its wall hours where a record lacks them."""
     on_gpu = bool(run.get("gpu_type")) and float(run.get("gpu_seconds") or 0) > 0
-    seconds = float(run.get("gpu_seconds") or 0) if on_gpu else float(run.get("seconds") or 0)
+    if on_gpu:
+        seconds = float(run.get("gpu_seconds") or 0)
+    else:
+        seconds = float(run.get("cpu_seconds") or run.get("seconds") or 0)
     usd = float(run.get("cost_usd") or 0.0)
     return {"train_gpu_hours": seconds / 3600, "train_usd": usd, "usd": usd}
 
