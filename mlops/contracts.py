@@ -133,7 +133,7 @@ class StepVerdict(Contract):
     passed: bool
     reasons: list[str] = []
     decided_by: str = "pipeline:analysis"
-    mode: str = "canary"  # canary | shadow
+    mode: str = "canary"  # canary | shadow | replay | guardrail
     notes: list[str] = []
     extra: dict[str, Any] = {}  # step-specific numbers (shadow agreement), recorded flat beside the rest
     # Live analysis (mlops/rollout_analysis.py): pass | fail | extend (too little traffic yet: judge

@@ -83,3 +83,120 @@ def test_serving_an_adapter_needs_a_lora_method(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p", {"models": {"tiny": {"lora": {"serve": "adapter"}}}})
     with pytest.raises(ConfigError, match="lora.serve: adapter needs method: lora or qlora"):
         load(root / "mlops.yaml")
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def reference(base: Path, adapter_dir: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    """What peft alone makes of each prompt with one adapter on the base (greedy, one at a time)."""
+    import torch
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval()
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False).ids])
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False)
+        out.append(tok.decode(gen[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+    return out
+
+
+PROMPTS = [f"{w}=" for w in ("abc", "kjxt", "bdw", "hello", "zyx", "mnop", "qrs", "tuvw")]
+
+
+def _complete(url: str, prompt: str, pin: str | None = None) -> tuple[str, str]:
+    import httpx
+
+    headers = {"x-mlops-release": pin} if pin else {}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.headers["x-mlops-release"], r.json()["choices"][0]["text"]
+
+
+def _wait_serving(pool: Any, version: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60  # a loaded 2-core box
+    while pool.state().version < version:
+        assert time.monotonic() < deadline, "the server never served the new state"
+        time.sleep(0.02)
+
+
+def test_adapter_releases_share_one_base_canary_rollback_and_refusal(proj: Project) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlops.config import load
+    from mlops.errors import UsageError
+    from mlops.pipeline import Session
+    from mlops.rollout import rollback
+    from mlops.serving.runner import build, start_server
+    from mlops.serving.server import create_app
+
+    a, b = proj.releases
+    want = {
+        r: dict(zip(PROMPTS, reference(proj.base, proj.registry.artifact_dir(r), PROMPTS, 6), strict=True))
+        for r in (a, b)
+    }
+    assert want[a] != want[b]  # else a mix-up between the adapters could pass unseen
+
+    s = Session.open(load(proj.root / "mlops.yaml"))
+    pool, opts = build(s.loaded, s.registry, threads=1, retain=0.0)
+    pool.start()
+    try:
+        with start_server(create_app(pool, opts)) as url:
+            assert _complete(url, PROMPTS[0]) == (a, want[a][PROMPTS[0]])
+            base = next(iter(pool.bases.bases().values()))
+
+            def canary(st: Any) -> Any:
+                st.stages["canary"], st.routing = b, {a: 50, b: 50}
+                return st
+
+            _wait_serving(pool, s.backend.set_state(canary, reason="test canary").version)
+            with ThreadPoolExecutor(8) as ex:
+                answers = list(ex.map(lambda p: (p, *_complete(url, p)), PROMPTS * 3))
+            assert {r for _, r, _ in answers} == {a, b}
+            for prompt, rel, text in answers:
+                assert text == want[rel][prompt], (rel, prompt)
+            assert base.mixed_steps > 0  # the two adapters decoded in the same batch
+            assert pool.bases.loads == 1 and set(base.adapters) == {a, b}
+
+            state, _ = rollback(s.backend, a, reason="test rollback", actor="test")
+            _wait_serving(pool, state.version)
+            assert {_complete(url, p) for p in PROMPTS[:3]} == {(a, want[a][p]) for p in PROMPTS[:3]}
+            assert pool.bases.loads == 1 and next(iter(pool.bases.bases().values())) is base
+
+            # a release that left every stage is unloaded (retain=0 here): its adapter leaves the base
+            def only_a(st: Any) -> Any:
+                st.stages = dict.fromkeys(st.stages) | {"production": a}
+                return st
+
+            _wait_serving(pool, s.backend.set_state(only_a, reason="test drop").version)
+            deadline = __import__("time").monotonic() + 60
+            while b in base.adapters:
+                assert __import__("time").monotonic() < deadline, "the dropped adapter was never unloaded"
+                __import__("time").sleep(0.02)
+            assert _complete(url, PROMPTS[1]) == (a, want[a][PROMPTS[1]]) and pool.bases.loads == 1
+
+            # an adapter trained on another base: refused before any routing moves, and by the pool
+            bad = f"{a}-otherbase"
+            s.registry.publish(
+                bad,
+                s.registry.artifact_dir(b),
+                {"model": "tiny", "adapter": {"base": "bases/tiny", "base_fingerprint": "0" * 64}},
+            )
+            before = s.registry.read_state()[0]
+            with pytest.raises(UsageError, match=f"release {bad} is a LoRA adapter for base 'bases/tiny'"):
+                rollback(s.backend, bad, reason="test", actor="test")
+            assert s.registry.read_state()[0].to_json() == before.to_json()
+            with pytest.raises(UsageError, match="refusing to serve it"):
+                pool.get(bad)
+            assert _complete(url, PROMPTS[2]) == (a, want[a][PROMPTS[2]])
+    finally:
+        pool.close()
+    assert not pool.bases.bases()  # the base closed with its last adapter

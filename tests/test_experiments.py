@@ -23,6 +23,7 @@ from conftest import make_project, mlops, train_and_publish, wait_for
 from mlops.config import load
 from mlops.flows import experiment as exp
 from mlops.flows.session import Session
+from mlops.monitor.record import user_id
 from mlops.monitor.traffic import add_feedback, load_window
 from mlops.registry.releases import Registry, State
 from mlops.serving.faults import Fault
@@ -153,6 +154,15 @@ def test_identical_releases_reach_no_verdict_and_stop_keeps_production(lab: Lab)
     assert report["arms"]["A"]["mean"] == pytest.approx(0.5) and report["arms"]["B"]["mean"] == pytest.approx(0.5)
     lo, hi = report["ci"]
     assert lo < 0 < hi
+    # per user (each user's first label: "up" for all): one observation per user, grouped by the
+    # hash of x-mlops-user that capture recorded
+    w = load_window(lab.registry.store, float(rec["started_at_s"]))
+    assert {r["user"] for r in w.records if r["release"] in seen.values()} >= {user_id(u) for u in seen}
+    by_user = exp.analyse(s, rec | {"unit": "user", "max_samples": 10_000})
+    per_arm = {a: sum(1 for r in seen.values() if r == by_user["arms"][a]["release"]) for a in "AB"}
+    assert {a: by_user["arms"][a]["n"] for a in "AB"} == per_arm, (by_user["arms"], per_arm)
+    assert by_user["arms"]["A"]["mean"] == by_user["arms"]["B"]["mean"] == 1.0
+    assert by_user["decision"] == "continue" and "per user" in exp.describe(by_user)
     with pytest.raises(exp.UsageError, match="already running"):
         exp.start(s, lab.cand, 50, "error_rate", "user:test")
     final = exp.stop(s, "user:test", promote_winner=True)
@@ -201,3 +211,5 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
     assert promoted[-1]["detail"]["experiment"] == rec["id"]
     with pytest.raises(exp.UsageError, match="no experiment is running"):
         exp.current(s)
+    last = exp.status(s)  # after the stop: the stored final report
+    assert (last["id"], last["status"], last["decision"]) == (rec["id"], "promoted", "winner B")

@@ -49,6 +49,7 @@ CAPTURE_PREFIX = "monitor/capture"
 PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 QUEUE_BYTES = 64 << 20  # bodies waiting for the writer, at most: a burst of 1 MB bodies is dropped, counted
 RELEASE_HEADER = b"x-mlops-release"
+USER_HEADER = b"x-mlops-user"
 _SKIP = [(k.encode(), v.encode()) for k, v in NOT_CAPTURED.items()]
 _STOP = object()
 
@@ -260,7 +261,10 @@ class CaptureMiddleware:
             await self.app(scope, recv, snd)
         finally:
             status = int(meta["status"] or 500)  # an app that raised before answering: a server error
-            ex = Exchange(wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp, sizes[0])
+            user = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == USER_HEADER), "")
+            ex = Exchange(
+                wall, time.perf_counter() - t0, route, status, str(meta["release"]), req, resp, sizes[0], user
+            )
             self.writer.submit(ex)
 
     def _flush_at_shutdown(self, send: Send) -> Send:

@@ -73,10 +73,26 @@ def _span(key: str) -> tuple[float, float] | None:
     return (int(m.group(1)) / 1000, int(m.group(2)) / 1000) if m else None
 
 
+def _listing(store: Store, since: float, until: float | None) -> list[str]:
+    """The capture keys that may meet [since, until]: for a window of up to a month one listing per
+    UTC day (from the day before `since`: a file is named by its first record's day, and spans at
+    most a flush interval, an hour), not one of all history (the controller reads a window every
+    few seconds)."""
+    if since <= 0 or until is None or until - since > 31 * 86400:
+        return store.list(CAPTURE_PREFIX)
+    day = dt.datetime.fromtimestamp(since, dt.UTC).date() - dt.timedelta(days=1)
+    end = dt.datetime.fromtimestamp(until, dt.UTC).date()
+    keys: list[str] = []
+    while day <= end:
+        keys += store.list(f"{CAPTURE_PREFIX}/{day.isoformat()}")
+        day += dt.timedelta(days=1)
+    return keys
+
+
 def capture_keys(store: Store, since: float = 0.0, until: float | None = None) -> list[str]:
     """Capture files whose time span meets [since, until] (names carry the span: no reads)."""
     out = []
-    for key in store.list(CAPTURE_PREFIX):
+    for key in _listing(store, since, until):
         if not key.endswith(".jsonl"):
             continue
         span = _span(key)
@@ -154,7 +170,7 @@ _TYPES: dict[str, frozenset[type]] = {
         frozenset(_INT | _NONE),
     ),
     **dict.fromkeys(
-        ("release", "route", "finish_reason", "prompt", "output", "error", "source"), frozenset(_STR | _NONE)
+        ("release", "route", "finish_reason", "prompt", "output", "error", "source", "user"), frozenset(_STR | _NONE)
     ),
 }
 

@@ -31,11 +31,20 @@ from mlops.serving.genrequest import BadRequest, EngineClosed, GenRequest, Overl
 
 class Engine(Protocol):
     model_dir: Path
-    # Counters for /metrics (an engine that has no decode steps of its own leaves them at 0).
-    steps: int
-    step_rows: int
-    prefills: int
-    requests_done: int
+
+    # Counters for /metrics (an engine that has no decode steps of its own leaves them at 0; an
+    # adapter release reports its base's, whose batch it shares). Read-only here: plain attributes fit.
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def step_rows(self) -> int: ...
+
+    @property
+    def prefills(self) -> int: ...
+
+    @property
+    def requests_done(self) -> int: ...
 
     def check(self, req: GenRequest) -> None:
         """Raise BadRequest unless `req` can be served (the server answers 400); sets `prompt_ids`."""

@@ -10,6 +10,12 @@ which is what keeps the tail latency flat under load (see benchmarks/bench_servi
 Each new token is pushed to its request's `sink` as soon as it is decoded (streaming costs
 nothing extra); a caller that only wants the whole text passes `on_done` instead and gets one
 call when the request finishes.
+
+LoRA adapter releases share one engine loaded with their base: `load_adapter` adds a peft adapter
+at run time (the model becomes a `PeftModel` with the first), and each row of the batch runs with
+its own request's adapter (peft's mixed-batch inference, `adapter_names=[...]` per row), so
+requests for different adapters decode in the same steps. Loading and deleting an adapter take the
+model lock between two steps; nothing else waits.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +71,7 @@ class Engine(QueuedEngine):
         threads: int | None = None,
         start: bool = True,
         vllm: VllmCfg | None = None,  # deploy.vllm: max_model_len and max_num_seqs apply here
+        use_native: bool = True,  # False: a base for adapter releases (mlops/serving/adapters.py)
     ) -> None:
         import torch
         from tokenizers import Tokenizer
@@ -74,8 +83,9 @@ class Engine(QueuedEngine):
         try:
             self.tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
             # GPT-2 and the Llama family run on the engine's own forward pass (no transformers
-            # import: most of the start-up); anything else through transformers
-            self.model = native.load(self.model_dir) or self._transformers_model()
+            # import: most of the start-up); anything else through transformers, and so does a
+            # base that adapter releases are loaded into (peft adapts transformers' modules)
+            self.model: Any = (native.load(self.model_dir) if use_native else None) or self._transformers_model()
         except Exception as e:  # a corrupt or partial artifact must not take the server down
             raise InfraError(f"cannot load model from {self.model_dir}: {type(e).__name__}: {e}") from e
         self.model.eval()
@@ -96,6 +106,11 @@ class Engine(QueuedEngine):
             context = min(context, window)
         self._open_front(self.tok, context, max_batch_size, max_queue)
         self.limit(vllm)
+        self.adapters: dict[str, Path] = {}  # adapter name -> its directory (loaded into the model)
+        self._model_lock = threading.Lock()  # a forward pass, or an adapter load/delete
+        self._adapter_busy: Counter[str] = Counter()  # adapter -> requests queued or running
+        self._busy_lock = threading.Lock()
+        self.mixed_steps = 0  # forward passes whose batch ran more than one adapter (or one and the base)
         self._worker = threading.Thread(target=self._run, name=f"engine-{self.model_dir.name}", daemon=True)
         if start:
             self._worker.start()
@@ -115,6 +130,88 @@ class Engine(QueuedEngine):
         self._stop.set()
         if self._worker.is_alive():
             self._worker.join(timeout=drain_timeout)
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the peft adapter at `path` under `name`; requests tagged `name` run with it from now."""
+        if name in self.adapters:
+            return
+        if not hasattr(self.model, "named_modules"):  # the native forward pass has no modules to adapt
+            raise InfraError(f"cannot load adapter {name}: {self.model_dir} was loaded without transformers")
+        try:
+            with _LOAD_LOCK, serving_imports(), self._model_lock:
+                from peft import PeftModel
+
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False, low_cpu_mem_usage=True)
+                else:  # the first adapter wraps the base model (its modules gain LoRA layers)
+                    self.model = PeftModel.from_pretrained(
+                        self.model, str(path), adapter_name=name, low_cpu_mem_usage=True
+                    )
+                self.model.eval()
+        except Exception as e:
+            raise InfraError(f"cannot load adapter {name} from {path}: {type(e).__name__}: {e}") from e
+        self.adapters[name] = Path(path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Delete adapter `name` from the model (its requests must be finished: see `adapter_busy`)."""
+        if self.adapters.pop(name, None) is None:
+            return
+        with self._model_lock:
+            self.model.delete_adapter(name)
+
+    def adapter_busy(self, name: str) -> int:
+        """Requests for adapter `name` queued or being generated."""
+        return self._adapter_busy.get(name, 0)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if req.adapter is None:
+            return super().submit(req)
+        if req.adapter not in self.adapters:
+            raise EngineClosed(f"adapter {req.adapter} is not loaded")
+        with self._busy_lock:  # counted before it is queued: the worker may finish it at once
+            self._adapter_busy[req.adapter] += 1
+        try:
+            return super().submit(req)
+        except BaseException:
+            self._done_with(req.adapter)
+            raise
+
+    def _done_with(self, adapter: str) -> None:
+        with self._busy_lock:
+            self._adapter_busy[adapter] -= 1
+            if self._adapter_busy[adapter] <= 0:
+                del self._adapter_busy[adapter]
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        counted = r.adapter is not None and not r.finished
+        super()._finish(r, reason)
+        if counted and r.adapter is not None:
+            self._done_with(r.adapter)
+
+    def wait_adapter_idle(self, name: str, timeout: float) -> bool:
+        """Wait (bounded) until no request for adapter `name` is queued or running."""
+        deadline = time.monotonic() + timeout
+        while self.adapter_busy(name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _forward(self, seqs: list[_Seq], **kw: Any) -> Any:
+        """The model on one batch; with adapters loaded, each row with its request's adapter."""
+        with self._model_lock:
+            if self.adapters:
+                names = []
+                for s in seqs:
+                    if s.req.adapter is not None and s.req.adapter not in self.adapters and not s.req.finished:
+                        # unloaded under it (its drain timed out): this request fails, never answers from the base
+                        self._fail(s.req, EngineClosed(f"adapter {s.req.adapter} was unloaded"))
+                    names.append(s.req.adapter if s.req.adapter in self.adapters else "__base__")
+                kw["adapter_names"] = names
+                self.mixed_steps += len(set(names)) > 1
+            return self.model(**kw)
 
     # ------------------------------------------------------------------ worker
 
@@ -269,7 +366,7 @@ class Engine(QueuedEngine):
             mask[i, width - len(e) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = self.model(input_ids=ids_t, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = self._forward(seqs, input_ids=ids_t, attention_mask=mask, position_ids=pos, use_cache=True)
         cache = out.past_key_values
         toks = self._sample(out.logits[:, -1, :], seqs)
         keep = [i for i, (s, t) in enumerate(zip(seqs, toks, strict=True)) if s.budget > 0 and not self._emit(s, t)]
@@ -288,8 +385,8 @@ class Engine(QueuedEngine):
         pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long)
         mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], dim=1)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            out = self._forward(
+                seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
             )
         toks = self._sample(out.logits[:, -1, :], seqs)
         keep = []

@@ -61,6 +61,9 @@ class GenRequest:
     # model has a chat template renders them; `prompt` is the fallback for a model without one.
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    # The LoRA adapter (an adapter release, loaded into a shared base) this request runs with; set
+    # by that release's view (mlops/serving/adapters.py). None: the engine's own model.
+    adapter: str | None = None
 
 
 def check_params(req: GenRequest, context: int) -> None:

@@ -29,11 +29,13 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from mlops import plugins
 from mlops.configvllm import VllmCfg
 from mlops.errors import InfraError, MlopsError
 from mlops.registry.releases import STATE_KEY, Registry, State
+from mlops.serving.adapters import BaseHost
 from mlops.serving.base import Engine, EngineFactory
 
 log = logging.getLogger("mlops.serve")
@@ -74,8 +76,10 @@ class ReleasePool:
         retain: float = DEFAULT_RETAIN_S,
         engine: str = "builtin",  # deploy.engine: a name in mlops.plugins.ENGINES
         vllm: VllmCfg | None = None,  # deploy.vllm: each engine takes what applies to it
+        root: Path | None = None,  # mlops.yaml's folder: where an adapter release's `base` is found
     ) -> None:
         self.registry = registry
+        self.root = root
         self.engine_name = engine
         self.vllm = vllm
         self.max_batch_size = max_batch_size
@@ -103,6 +107,8 @@ class ReleasePool:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._watcher = threading.Thread(target=self._watch, daemon=True, name="state-watch")
+        # adapter releases: their bases, each loaded once (mlops/serving/adapters.py)
+        self.bases = BaseHost(self._base_engine)
 
     # ------------------------------------------------------------------ state
 
@@ -251,14 +257,11 @@ class ReleasePool:
                 return eng
             try:
                 path = self.registry.artifact_dir(release_id)
-                factory: EngineFactory = plugins.load("engine", self.engine_name)
-                eng = factory(
-                    path,
-                    max_batch_size=self.max_batch_size,
-                    max_queue=self.max_queue,
-                    threads=self.threads,
-                    vllm=self.vllm,
-                )
+                adapter = (self.registry.manifest(release_id) or {}).get("adapter")
+                if isinstance(adapter, dict):  # a LoRA adapter: into its base, loaded once for all of them
+                    eng = self._adapter(release_id, path, adapter)
+                else:
+                    eng = self._factory()(path, **self._engine_options())
             except MlopsError as err:
                 self._failed[release_id] = (err.headline, time.monotonic())
                 raise
@@ -275,6 +278,34 @@ class ReleasePool:
             log.info("loaded %s (%s)", release_id, source)
             return eng
 
+    def _factory(self) -> EngineFactory:
+        factory: EngineFactory = plugins.load("engine", self.engine_name)
+        return factory
+
+    def _engine_options(self) -> dict[str, Any]:
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue": self.max_queue,
+            "threads": self.threads,
+            "vllm": self.vllm,
+        }
+
+    def _base_engine(self, path: Path) -> Engine:
+        """An engine on the base of adapter releases (the builtin one through transformers: peft
+        adapts its modules, not the native forward pass)."""
+        factory: Any = self._factory()
+        extra = {"use_native": False} if self.engine_name == "builtin" else {}
+        eng: Engine = factory(path, **self._engine_options(), **extra)
+        return eng
+
+    def _adapter(self, release_id: str, path: Path, adapter: dict[str, Any]) -> Engine:
+        """The view of an adapter release on its base, once the base's fingerprint is the one the
+        adapter was trained on (else a UsageError: the release is refused, never served)."""
+        from mlops.training.adapter import served_base
+
+        base_dir = served_base(release_id, adapter, self.root)
+        return self.bases.open(release_id, path, base_dir, str(adapter["base_fingerprint"]))
+
     def engine(self, release_id: str) -> Engine | None:
         """The loaded engine of a release, or None (never loads)."""
         return self._engines.get(release_id)
@@ -286,7 +317,7 @@ class ReleasePool:
         return dict(self._engines)
 
     def queue_depth(self) -> int:
-        return sum(e.queue_depth for e in list(self._engines.values()))
+        return sum(e.queue_depth for e in list(self._engines.values())) + self.bases.queue_depth()
 
     def close(self, drain_timeout: float = 30.0) -> None:
         """Stop following the state; drain every engine (requests in flight finish), then stop."""
@@ -301,3 +332,4 @@ class ReleasePool:
             e.stop_accepting()  # all at once, then each drains
         for e in engines:
             e.close(drain_timeout)
+        self.bases.close()  # closed with their last adapter already; this is for a load cut short

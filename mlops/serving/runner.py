@@ -81,6 +81,7 @@ def build(
         retain=retain,
         engine=d.engine,
         vllm=d.vllm,
+        root=loaded.root,
     )
     say_ignored(d.engine, d.vllm)
     opts = ServerOptions(

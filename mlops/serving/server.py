@@ -238,6 +238,7 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
                     return overloaded(ctx, release, t0, shadow, target, gen, "draining")
                 release, engine = str(rerouted), engine_now
                 gen.prompt_ids = None  # checked again by the engine that takes it
+                gen.adapter = None  # an adapter release's view tags it again; a merged release has none
                 ctx.rerouted += 1
             except Overloaded:
                 return overloaded(ctx, release, t0, shadow, target, gen, "overloaded")
