@@ -483,9 +483,6 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
                     ref(("evals", name, "metrics", i, "judge"), str(judge), cfg.judges, "judge")
             if mname not in known:
                 raise fail(("evals", name, "metrics", i), f"unknown metric {mname!r} {_did_you_mean(mname, known)}")
-    if cfg.backend == "modal" and len(cfg.deploy.models) > 1:
-        msg = f"backend: modal deploys one model for now (its gateway routes one); {MULTI_HINT}"
-        raise fail(("deploy", "models"), msg)
     gate_lists: list[tuple[tuple[str, ...], list[GateCfg], dict[str, EvalCfg]]] = [(("gates",), cfg.gates, cfg.evals)]
     if cfg.deploy.model:
         ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")
