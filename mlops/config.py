@@ -22,6 +22,7 @@ from pydantic import (
 
 from mlops import plugins
 from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-exported
+from mlops.configbudget import BudgetCfg
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
 from mlops.configrollout import AnalysisCfg, GuardrailsCfg
@@ -382,6 +383,9 @@ class Config(Strict):
     modal: ModalCfg = ModalCfg.model_construct()
     monitor: MonitorCfg = MonitorCfg.model_construct()
     prices: PricesCfg = PricesCfg.model_construct()
+    budget: BudgetCfg = Field(
+        BudgetCfg.model_construct(), description="Caps per run and per month on training, judges and serving."
+    )
 
 
 class Loaded(BaseModel):

@@ -13,6 +13,7 @@ from mlops.flows.session import Session
 from mlops.flows.stages import (
     _clear_candidate,
     _smoke,
+    check_budget,
     evaluate,
     gate,
     production_results,
@@ -88,6 +89,8 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 timings=t,
             )
 
+    # before anything is spent: training (when it trains) and the evals of the release it will gate
+    check_budget(s, [cfg.deploy.model] if mp.train else [], evaluate=True, release=None if mp.train else mp.existing)
     tracker = Tracker(s.loaded, "run", {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend})
     exit_code = 1
     try:
@@ -102,7 +105,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
 
         s.progress = logged
         with _timed(t, "train"):
-            tr = train(s, cfg.deploy.model, force=force)
+            tr = train(s, cfg.deploy.model, force=force, budget=False)
         s.progress = progress
         release = str(tr.release)
         mark("registered")
