@@ -42,8 +42,27 @@ class WandbCfg(Strict):
     )
 
 
+class MlflowCfg(Strict):
+    """An MLflow tracking server (mlops/tracking_mlflow.py): runs, and releases as model versions."""
+
+    tracking_uri: str = Field(
+        description="The server's URL, e.g. http://127.0.0.1:5000 (`${VAR}` for a secret host or token)."
+    )
+    experiment: str | None = Field(None, description="Experiment name (defaults to `project`).")
+    model_name: str | None = Field(
+        None, description="Registered model name (defaults to `<project>-<model>`); aliases follow the registry."
+    )
+    token_env: str | None = Field(
+        None, description="Environment variable holding a bearer token, if the server needs one."
+    )
+    timeout: float = Field(
+        5.0, gt=0, le=120, description="Seconds per request; a server that is down costs this, retried."
+    )
+
+
 class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg.model_construct()
+    mlflow: MlflowCfg | None = Field(None, description="Also log to MLflow (beside W&B); unset: off.")
 
 
 # monitor (issue 10): data checks + drift, in mlops/configmonitor.py

@@ -222,6 +222,8 @@ class RunResult(Contract):
     served_by: str | None = None
     timings: dict[str, float] = {}
     wandb_run: str | None = None
+    mlflow_run: str | None = None
+    warnings: list[str] = []  # what went wrong beside the run and did not fail it (MLflow down)
 
     @field_serializer("canary")
     def _canary(self, steps: list[StepVerdict]) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ RANK: dict[str, float] = {
     "budget": 2.0,  # what a push would spend, against the caps (reads the registry's cost records)
     "rollout_analysis": 2.0,  # judges a live step (the controller and the pipeline call it)
     "tracking": 2.0,
+    "tracking_mlflow": 1.8,  # the MLflow client: tracking (runs) and backends (aliases) use it
     # a backend plays train/serve/route roles, so it may use the serving package
     "backends": 2.5,
     # the orchestrator
