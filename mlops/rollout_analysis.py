@@ -22,6 +22,18 @@ A check may pass only with its minimum number of requests (or scored answers) on
 fewer it may still fail (a significant difference is one already). A step with a check short of
 traffic is extended (`extend`) up to `max_extensions` times, then fails or asks for a replay
 (`replay`: judge it on replayed eval prompts, pinned to each release; see `replay_window`).
+
+How a controller uses it, per rollout (the store is the registry's; `counters` optional):
+
+    reader = WindowReader(registry, candidate, production)       # parses each capture file once
+    w = reader.read(step_started_at, now, counters)
+    v = judge_step(w, cfg, live_metrics(loaded), extensions=n, step=i + 1, percent=pct,
+                   baseline=reader.read(prev_since, prev_until).production)  # at 100%
+    # v.decision: pass -> next step | fail -> roll back | extend -> bake again, n + 1 |
+    # replay -> judge_step(replay_window(url, prompts, candidate, production,
+    #                                    cfg.analysis.replay_requests, ...), cfg, ...)
+    # after promotion, every interval, with production's side of its last canary window:
+    # slo_verdict(reader.read(since, now), cfg.guardrails, baseline=last_production_side)
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from mlops.config import RolloutCfg
 from mlops.configrollout import GuardrailsCfg
 from mlops.contracts import StepVerdict
 from mlops.monitor.compare import TestResult, above, binomial_above, mann_whitney, two_proportion_z
-from mlops.monitor.live import LiveWindow, Side, read_window, replay_window
+from mlops.monitor.live import LiveWindow, Side, WindowReader, read_window, replay_window
 
 if TYPE_CHECKING:
     from mlops.config import Loaded
@@ -44,7 +56,17 @@ if TYPE_CHECKING:
 LATENCY_SLACK_S = 0.005  # differences below 5 ms are scheduling noise, not a regression (as rollout.py)
 MIN_FAIL_SAMPLES = 8  # below this a test's p-value is too coarse to fail on, whatever min_requests says
 DECIDED_BY = "controller:analysis"
-__all__ = ["LiveWindow", "Side", "check_slo", "judge_step", "live_metrics", "read_window", "replay_window"]
+__all__ = [
+    "LiveWindow",
+    "Side",
+    "WindowReader",
+    "check_slo",
+    "judge_step",
+    "live_metrics",
+    "read_window",
+    "replay_window",
+    "slo_verdict",
+]
 Decision = Literal["pass", "fail", "extend", "replay"]
 
 
@@ -122,10 +144,17 @@ def _latency(c: Side, p: Side, cfg: RolloutCfg, a: float) -> _Check:
 
 
 def _sample(side: Side, k: int, nonempty: bool = False) -> list[dict[str, Any]]:
-    """Up to `k` answers with their text. A judge is shown non-empty ones only: it cannot rate
-    nothing (deepeval refuses), and how often a release answers nothing is `empty_rate`'s business."""
-    with_text = [r for r in side.answers if isinstance(r.get("output"), str) and (r["output"] or not nonempty)]
-    return random.Random(0).sample(with_text, min(k, len(with_text)))  # seeded: a rerun judges the same answers
+    """Up to `k` answers with their text, seeded (a rerun judges the same answers). A judge is shown
+    non-empty ones only: it cannot rate nothing (deepeval refuses), and how often a release answers
+    nothing is `empty_rate`'s business. Drawn by index first: a window may hold 100k answers."""
+    rng = random.Random(0)
+    if len(side.answers) > 4 * k:
+        picks = [side.answers[i] for i in rng.sample(range(len(side.answers)), 4 * k)]
+        pool = [r for r in picks if isinstance(r.get("output"), str) and (r["output"] or not nonempty)]
+        if len(pool) >= k:
+            return pool[:k]
+    pool = side.texts(nonempty)
+    return rng.sample(pool, min(k, len(pool)))
 
 
 def _scores(m: Metric, recs: list[dict[str, Any]]) -> tuple[list[float], int]:
@@ -271,14 +300,19 @@ def live_metrics(loaded: Loaded) -> list[Metric]:
     return [build_metric(sp, loaded.root, clients) for sp in chosen]
 
 
-def check_slo(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None) -> list[str]:
+def check_slo(
+    window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None, baseline: Side | None = None
+) -> list[str]:
     """The SLOs `window.candidate` (the release under watch) breaches; [] when none, or when it had
     fewer than `min_requests` requests (nothing judged). The p95 ratio and the PSIs compare with
-    `window.production` (the previous production, e.g. its last canary window); the ratio uses
-    `baseline_p95` (seconds) when that side has too few answers."""
+    `window.production` (the previous production), or with `baseline` (its side of its last canary
+    window) when that has too few answers, as after promotion; the ratio falls back on
+    `baseline_p95` (seconds) when neither has enough."""
     from mlops.monitor import stats
 
     c, p = window.candidate, window.production
+    if baseline is not None and len(p.answers) < cfg.min_requests:
+        p = baseline
     if c.requests < cfg.min_requests:
         return []
     out = []
@@ -307,3 +341,26 @@ def check_slo(window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None
         if v is not None and v > limit:
             out.append(f"{stat} {v:.4g} > {limit:g}")
     return out
+
+
+def slo_verdict(
+    window: LiveWindow, cfg: GuardrailsCfg, baseline_p95: float | None = None, baseline: Side | None = None
+) -> StepVerdict:
+    """`check_slo` as the verdict a guardrail check records: fail with the breaches as reasons;
+    `extend` while the window holds fewer than `min_requests` requests (nothing judged yet)."""
+    breaches = check_slo(window, cfg, baseline_p95, baseline)
+    c = window.candidate
+    decision: Decision = "fail" if breaches else "extend" if c.requests < cfg.min_requests else "pass"
+    notes = [f"{c.requests} requests < guardrails.min_requests {cfg.min_requests}"] if decision == "extend" else []
+    return StepVerdict(
+        step=0,
+        percent=100,
+        candidate=c.summary(),
+        production=(baseline if baseline is not None else window.production).summary(),
+        passed=decision == "pass",
+        reasons=breaches,
+        decided_by="controller:guardrail",
+        mode="guardrail",
+        notes=notes,
+        decision=decision,
+    )

@@ -5,6 +5,7 @@ the decisions (pass, fail, extend, replay) on windows built by hand, the SLO che
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from mlops.config import GuardrailsCfg, RolloutCfg
 from mlops.errors import ConfigError
 from mlops.evals.metrics import JsonValid, Length, Regex
 from mlops.monitor.compare import above, binomial_above, mann_whitney, normal_sf, two_proportion_z
-from mlops.rollout_analysis import LiveWindow, Side, check_slo, judge_step
+from mlops.rollout_analysis import LiveWindow, Side, check_slo, judge_step, slo_verdict
 
 
 def test_two_proportion_z_matches_the_textbook_value() -> None:
@@ -191,9 +192,20 @@ def test_check_slo_names_each_breach() -> None:
     assert "empty_rate 0.4737 > 0.1" in breaches  # 45 of the 95 answered are empty
     # too few requests to judge: no breach is claimed
     assert check_slo(window(side("c", 10, errors=5), Side("p")), g) == []
+    # the same as a guardrail's verdict
+    v = slo_verdict(window(side("c", 100, errors=5), Side("p")), g)
+    assert (v.decision, v.decided_by, v.reasons) == ("fail", "controller:guardrail", ["error rate 5.0% (5/100) > 2.0%"])
+    assert slo_verdict(window(side("c", 10), Side("p")), g).decision == "extend"
+    assert slo_verdict(window(side("c", 100), Side("p")), g).passed
     drift = GuardrailsCfg.model_validate({"monitor": {"output_length_psi": 0.2}})
     long = window(side("c", 100, outputs=["x" * 30]), side("p", 100, outputs=["x" * 5]))
     assert check_slo(long, drift)[0].startswith("output_length_psi")
+    # after promotion the previous production has no traffic: its last canary window is the reference
+    promoted = window(side("c", 100, outputs=["x" * 30], latency=0.5), Side("p"))
+    assert check_slo(promoted, drift) == []  # nothing to compare with
+    before = side("p", 100, outputs=["x" * 5], latency=0.1)
+    found = check_slo(promoted, drift, baseline=before)
+    assert len(found) == 2 and "> 2 x previous" in found[0] and found[1].startswith("output_length_psi"), found
 
 
 def test_guardrail_statistics_and_analysis_metrics_are_checked(project: Any) -> None:
@@ -216,3 +228,40 @@ def test_guardrail_statistics_and_analysis_metrics_are_checked(project: Any) -> 
         ["evals.heldout.metrics=[exact_match, latency, json_valid]", "deploy.rollout.analysis.metrics=[json_valid]"],
     )
     assert ok.cfg.deploy.rollout.analysis.metrics == ["json_valid"]
+
+
+# ------------------------------------------------------------------------------ reading windows
+
+
+def test_a_window_reader_parses_each_capture_file_once_and_lists_only_the_days_it_needs(tmp_path: Any) -> None:
+    from mlops.monitor.capture import chunk_key
+    from mlops.monitor.record import encode
+    from mlops.monitor.traffic import capture_keys
+    from mlops.registry.store import LocalStore
+    from mlops.rollout_analysis import WindowReader
+
+    store = LocalStore(tmp_path / "s")
+    now = time.time()
+
+    def batch(t: float, n: int, release: str, status: int = 200) -> str:
+        recs = [
+            {"id": f"{release}-{t}-{i}", "time": t + i * 0.01, "release": release, "status": status, "latency_s": 0.1}
+            for i in range(n)
+        ]
+        key = chunk_key(recs[0]["time"], recs[-1]["time"], "local")
+        store.put(key, b"".join(encode(r) for r in recs))
+        return key
+
+    old = batch(now - 5 * 86400, 10, "c")  # five days ago: not even listed for a window of today
+    batch(now - 60, 20, "c")
+    batch(now - 59, 30, "p")
+    batch(now - 58, 7, "x")  # another release: counted, not kept
+    assert old not in capture_keys(store, now - 120, now) and old in capture_keys(store)
+    reader = WindowReader(store, "c", "p")
+    w = reader.read(now - 120, now)
+    assert (w.candidate.requests, w.production.requests, w.capture["other"], w.capture["files"]) == (20, 30, 7, 3)
+    batch(now - 30, 5, "c", status=503)
+    w2 = reader.read(now - 120, now)
+    assert (w2.candidate.requests, w2.candidate.errors) == (25, 5) and len(reader._files) == 4
+    # a narrower window over the same parsed files: records outside it are left out
+    assert reader.read(now - 45, now).candidate.requests == 5

@@ -53,6 +53,10 @@ def start(
     max_samples: Annotated[
         int, typer.Option("--max-samples", help="Per arm: no verdict by then is 'no difference'.")
     ] = 10_000,
+    unit: Annotated[
+        str,
+        typer.Option("--unit", help="One observation per request (label), or per user (their first): request | user."),
+    ] = "request",
     config: ConfigOpt = Path("mlops.yaml"),
     set_: SetOpt = None,
     json_: JsonOpt = False,
@@ -65,7 +69,16 @@ def start(
         raise typer.BadParameter("need 0 < --alpha < 1, --mde > 0 and 1 <= --min-samples <= --max-samples")
     s = _session(config, set_, json_, model)
     rec = do_start(
-        s, release, share, metric, _actor(), alpha=alpha, mde=mde, min_samples=min_samples, max_samples=max_samples
+        s,
+        release,
+        share,
+        metric,
+        _actor(),
+        alpha=alpha,
+        mde=mde,
+        min_samples=min_samples,
+        max_samples=max_samples,
+        unit=unit,
     )
     emit(
         rec,
@@ -82,12 +95,16 @@ def status(
     json_: JsonOpt = False,
     model: ModelOpt = None,
 ) -> None:
-    """Each arm's traffic and metric, the effect with its always-valid interval, and the decision."""
-    from mlops.flows.experiment import analyse, current, describe
+    """Each arm's traffic and metric, the effect with its always-valid interval, and the decision
+    (no experiment running: the last one's final report)."""
+    from mlops.flows.experiment import describe
+    from mlops.flows.experiment import status as do_status
 
     s = _session(config, set_, json_, model)
-    report = analyse(s, current(s))
-    emit(report, json_, describe(report))
+    report = do_status(s)
+    ended = report["status"] != "running"
+    tail = f"\n{report['status']} at {report.get('stopped_at')} by {report.get('stopped_by')}" if ended else ""
+    emit(report, json_, describe(report) + tail)
 
 
 @experiment_app.command("stop")

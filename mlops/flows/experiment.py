@@ -30,12 +30,11 @@ from mlops.util import now, percentile
 EXPERIMENTS_PREFIX = "experiments"
 # metrics read from capture alone, and whether higher is better
 TRAFFIC_METRICS = {"error_rate": False, "latency": False}
-THUMBS = "thumbs"  # `mlops feedback <id> up|down`: the conversion-like metric users give
-UP = {"up", "+1", "1", "good", "yes", "true", "thumbs_up", "\N{THUMBS UP SIGN}"}
-DOWN = {"down", "-1", "0", "bad", "no", "false", "thumbs_down", "\N{THUMBS DOWN SIGN}"}
+THUMBS = "thumbs"  # `mlops feedback <id> --thumbs up|down`: the conversion-like metric users give
 BINARY_SUITE = ("json_valid", "regex")  # reference-free suite metrics that pass or fail
 CONTINUOUS_SUITE = ("length",)
 DEFAULT_MDE = 0.05  # a binary metric's planned absolute effect: 5 points
+UNITS = ("request", "user")
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,14 @@ def start(
     mde: float | None = None,
     min_samples: int = 100,
     max_samples: int = 10_000,
+    unit: str = "request",
 ) -> dict[str, Any]:
-    """Route `share`% of users to `release` (arm B) against production (arm A); the record started."""
+    """Route `share`% of users to `release` (arm B) against production (arm A); the record started.
+    `unit`: what one observation is, each request (label) or each user's first one."""
     if not 1 <= share <= 99:
         raise UsageError(f"--share {share}: a percentage of users between 1 and 99")
+    if unit not in UNITS:
+        raise UsageError(f"--unit {unit!r}: one of {', '.join(UNITS)}")
     spec = metric_spec(s, metric)
     if mde is None and not spec.binary:
         raise UsageError(f"--mde is needed for {metric!r}: the planned effect on its scale (latency: seconds)")
@@ -101,6 +104,7 @@ def start(
         "releases": [st.stages.get("production"), release],
         "share": share,
         "metric": metric,
+        "unit": unit,
         "higher_is_better": spec.higher_is_better,
         "alpha": plan.alpha,
         "tau": plan.tau,
@@ -131,6 +135,9 @@ def _refuse(st: State, release: str) -> None:
         raise UsageError(
             f"a rollout of {st.rollout.get('release')} is running on this model: an experiment waits for it"
         )
+    lease = st.lease
+    if lease.get("token") and float(lease.get("expires_at") or 0) > time.time():
+        raise UsageError(f"{lease.get('owner') or 'a pipeline'} holds the rollout lease: start the experiment after it")
     if _running(st.experiment):
         raise UsageError(f"experiment {st.experiment.get('id')} is already running (mlops experiment stop)")
     prod = st.stages.get("production")
@@ -171,43 +178,64 @@ def analyse(s: Session, rec: dict[str, Any], until: float | None = None) -> dict
     w = load_window(s.registry.store, float(rec["started_at_s"]), until)
     recs = [r for r in w.records if r.get("release") in arm_of]
     spec = metric_spec(s, str(rec["metric"]))
-    res = replay(_observations(s, spec, recs, arm_of), plan_of(rec))
-    return _report(rec, arms, recs, arm_of, res, w.skipped_lines + w.skipped_files)
+    by_user = rec.get("unit") == "user"
+    res = replay(_observations(s, spec, recs, arm_of, by_user), plan_of(rec))
+    report = _report(rec, arms, recs, arm_of, res, w.skipped_lines + w.skipped_files)
+    if by_user and (keyless := sum(1 for r in recs if not r.get("user"))):
+        report["notes"].append(f"{keyless} requests without a user key are not counted (--unit user)")
+    return report
+
+
+def _first_per_user(items: list[tuple[dict[str, Any], Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """Each user's first (record, value) in arrival order; records without a user key left out."""
+    seen: set[str] = set()
+    out = []
+    for r, v in items:
+        u = r.get("user")
+        if u and u not in seen:
+            seen.add(u)
+            out.append((r, v))
+    return out
 
 
 def _observations(
-    s: Session, spec: MetricSpec, recs: list[dict[str, Any]], arm_of: dict[str, str]
+    s: Session, spec: MetricSpec, recs: list[dict[str, Any]], arm_of: dict[str, str], by_user: bool = False
 ) -> Iterator[tuple[str, float]]:
-    """(arm, value) in arrival order. Refused requests (4xx) are the client's: not counted."""
+    """(arm, value) in arrival order. Refused requests (4xx) are the client's: not counted.
+    `by_user`: one observation per user, their first (users are independent; one user's
+    requests need not be, and the test assumes independent observations)."""
+    pairs = list(_values(s, spec, recs))
+    for r, v in _first_per_user(pairs) if by_user else pairs:
+        yield arm_of[r["release"]], v
+
+
+def _values(s: Session, spec: MetricSpec, recs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float]]:
     served = [r for r in recs if not 400 <= int(r.get("status") or 0) < 500]
     if spec.name == "error_rate":
-        yield from ((arm_of[r["release"]], float(int(r.get("status") or 0) >= 500)) for r in served)
+        yield from ((r, float(int(r.get("status") or 0) >= 500)) for r in served)
     elif spec.name == "latency":
         ok = [r for r in served if r.get("status") == 200 and isinstance(r.get("latency_s"), int | float)]
-        yield from ((arm_of[r["release"]], float(r["latency_s"])) for r in ok)
+        yield from ((r, float(r["latency_s"])) for r in ok)
     elif spec.name == THUMBS:
-        yield from _thumbs(s, served, arm_of)
+        yield from _thumbs(s, served)
     else:
-        yield from _scored(s, spec, served, arm_of)
+        yield from _scored(s, spec, served)
 
 
-def _thumbs(s: Session, recs: list[dict[str, Any]], arm_of: dict[str, str]) -> Iterator[tuple[str, float]]:
-    from mlops.monitor.traffic import load_feedback
+def _thumbs(s: Session, recs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float]]:
+    from mlops.monitor.traffic import load_thumbs
 
-    labels = load_feedback(s.registry.store)
     by_id = {r["id"]: r for r in recs}
-    votes = []
-    for rid, doc in labels.items():
-        label = str(doc["label"]).strip().lower()
-        if rid in by_id and (label in UP or label in DOWN):
-            votes.append((float(doc.get("time") or 0), arm_of[by_id[rid]["release"]], float(label in UP)))
-    for _, arm, v in sorted(votes):  # labels arrive in their own order: that is the stream
-        yield arm, v
+    votes = [
+        (float(doc.get("time") or 0), rid, float(doc["thumbs"] == "up"))
+        for rid, doc in load_thumbs(s.registry.store).items()
+        if rid in by_id
+    ]
+    for _, rid, v in sorted(votes):  # thumbs arrive in their own order: that is the stream
+        yield by_id[rid], v
 
 
-def _scored(
-    s: Session, spec: MetricSpec, recs: list[dict[str, Any]], arm_of: dict[str, str]
-) -> Iterator[tuple[str, float]]:
+def _scored(s: Session, spec: MetricSpec, recs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float]]:
     """A reference-free suite metric on each answer; a failed request fails it (it gave no answer)."""
     from mlops.evals.metrics import build_metric
     from mlops.evals.types import Case, Output
@@ -217,10 +245,10 @@ def _scored(
     for r in recs:
         if int(r.get("status") or 0) >= 500 or not isinstance(r.get("output"), str):
             if math.isfinite(worst):
-                yield arm_of[r["release"]], worst
+                yield r, worst
             continue
         case, out = Case(str(r["id"]), str(r.get("prompt") or "")), Output(str(r["output"]))
-        yield arm_of[r["release"]], float(metric.score_batch([case], [out])[0].value)
+        yield r, float(metric.score_batch([case], [out])[0].value)
 
 
 def _arm_traffic(recs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,6 +278,7 @@ def _report(
         "id": rec["id"],
         "model": rec.get("model"),
         "metric": rec["metric"],
+        "unit": rec.get("unit", "request"),
         "higher_is_better": rec["higher_is_better"],
         "test": "mSPRT",
         "alpha": rec["alpha"],
@@ -325,23 +354,29 @@ def not_promoted(report: dict[str, Any]) -> GateFailed | None:
     return GateFailed(str(report["message"])) if report.get("message") else None
 
 
-def finished(s: Session) -> list[dict[str, Any]]:
-    """Every stopped experiment of this model, newest first."""
-    out = []
+def status(s: Session) -> dict[str, Any]:
+    """The running experiment's report, or the last stopped one's as it was stored."""
+    rec = s.registry.read_state()[0].experiment
+    if _running(rec):
+        return analyse(s, rec) | {"status": "running"}
+    done = []
     for key in s.registry.store.list(f"{EXPERIMENTS_PREFIX}/{s.model}"):
-        blob = s.registry.store.get(key)
-        if blob is not None and key.endswith(".json"):
-            try:
-                out.append(json.loads(blob.data))
-            except ValueError:
-                continue
-    return sorted(out, key=lambda d: str(d.get("started_at")), reverse=True)
+        blob = s.registry.store.get(key) if key.endswith(".json") else None
+        try:
+            doc = json.loads(blob.data) if blob is not None else None
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("report"), dict):
+            done.append(doc["report"])
+    if not done:
+        raise UsageError("no experiment has run on this model (mlops experiment start RELEASE --metric M)")
+    return max(done, key=lambda r: str(r.get("stopped_at")))
 
 
 def describe(report: dict[str, Any]) -> str:
     """The human text of a report (what `mlops experiment status` prints)."""
     better = "higher" if report["higher_is_better"] else "lower"
-    m = report["metric"]
+    m = report["metric"] + (" per user" if report.get("unit") == "user" else "")
     lines = [
         f"experiment {report['id']} (mSPRT, alpha {report['alpha']:g}, tau {report['tau']:g}): {m}, {better} is better"
     ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from mlops.configmonitor import NOT_CAPTURED
-from mlops.monitor.traffic import load_window
+from mlops.monitor.traffic import Unreadable, Window, capture_keys, read_records
 from mlops.util import percentile
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class Side:
     errors: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds, of the answered requests
     answers: list[dict[str, Any]] = field(default_factory=list)  # the answered records (texts when captured)
+    _sorted: tuple[int, list[float]] = field(default=(-1, []), repr=False, compare=False)
 
     def add(self, rec: dict[str, Any]) -> None:
         status = int(rec.get("status") or 0)
@@ -55,7 +56,16 @@ class Side:
         return self.errors / self.requests if self.requests else 0.0
 
     def p(self, q: float) -> float:
-        return percentile(self.latencies, q)
+        """A latency quantile (seconds). The sorted latencies are kept while none is added: a verdict
+        asks for several quantiles of 100k requests."""
+        key = len(self.latencies)
+        if self._sorted[0] != key:
+            self._sorted = (key, sorted(self.latencies))
+        return percentile(self._sorted[1], q)
+
+    def texts(self, nonempty: bool = False) -> list[dict[str, Any]]:
+        """The answers whose output text was captured (`nonempty`: and is not empty)."""
+        return [r for r in self.answers if isinstance(r.get("output"), str) and (r["output"] or not nonempty)]
 
     def summary(self) -> dict[str, float]:
         """The numbers a verdict records (as the older analysis did: requests, errors, rate, p50/95/99)."""
@@ -82,6 +92,47 @@ class LiveWindow:
     capture: dict[str, int] = field(default_factory=dict)  # files read, skipped files/lines, other releases
 
 
+class WindowReader:
+    """Windows of one pair of releases, read again and again (the controller's every interval).
+    A capture file is written once and never changes, so each is parsed once: its records of the
+    two releases are kept, the others counted. Unreadable files are tried again next time."""
+
+    def __init__(self, registry: Registry | Store, candidate: str, production: str) -> None:
+        self.store: Store = registry.store if hasattr(registry, "store") else registry
+        self.candidate, self.production = candidate, production
+        self._files: dict[str, tuple[list[dict[str, Any]], int]] = {}  # key -> (our records, others)
+
+    def read(
+        self, since: float, until: float | None = None, counters: dict[str, dict[str, float]] | None = None
+    ) -> LiveWindow:
+        """The window [since, until] (until: now). A record reaches the store up to
+        `monitor.flush_interval` after its request: read a window that long after `until`, or again.
+        `counters`: the per-release stats of the same window (`/v1/mlops/stats`' `releases`, or
+        `SharedStats.window(since)`: every request, mlops's own included), kept as context."""
+        end = until if until is not None else time.time()
+        w = Window(since, end)
+        cand, prod = Side(self.candidate), Side(self.production)
+        other = files = 0
+        ours = (self.candidate, self.production)
+        for key in capture_keys(self.store, since, end):
+            if key not in self._files:
+                try:
+                    recs = list(read_records(self.store, key, w))
+                except Unreadable:
+                    w.skipped_files += 1
+                    continue
+                mine = [r for r in recs if r.get("release") in ours]
+                self._files[key] = (mine, len(recs) - len(mine))
+            mine, others = self._files[key]
+            files += 1
+            for rec in mine:
+                if since <= rec["time"] <= end:
+                    (cand if rec["release"] == self.candidate else prod).add(rec)
+            other += others  # a file's other releases, whatever their time: context only
+        capture = {"files": files, "skipped_files": w.skipped_files, "skipped_lines": w.skipped_lines, "other": other}
+        return LiveWindow(since, end, cand, prod, "live", dict(counters or {}), capture)
+
+
 def read_window(
     registry: Registry | Store,
     candidate: str,
@@ -90,23 +141,9 @@ def read_window(
     until: float | None = None,
     counters: dict[str, dict[str, float]] | None = None,
 ) -> LiveWindow:
-    """The window from the capture records in the store (one per model is fine: release ids are
-    the model's). A record reaches the store up to `monitor.flush_interval` after its request:
-    read a window at least that long after `until`. `counters`: the per-release stats of the same
-    window (`/v1/mlops/stats`' `releases`, or `SharedStats.window(since)`), kept as context."""
-    store: Store = registry.store if hasattr(registry, "store") else registry
-    end = until if until is not None else time.time()
-    w = load_window(store, since, end)
-    cand, prod = Side(candidate), Side(production)
-    other = 0
-    for rec in w.records:
-        side = cand if rec.get("release") == candidate else prod if rec.get("release") == production else None
-        if side is None:
-            other += 1
-        else:
-            side.add(rec)
-    capture = {"files": w.files, "skipped_files": w.skipped_files, "skipped_lines": w.skipped_lines, "other": other}
-    return LiveWindow(since, end, cand, prod, "live", dict(counters or {}), capture)
+    """One window from the capture records in the store (see `WindowReader.read`; one store per
+    registry holds every model's captures, and release ids are the model's own)."""
+    return WindowReader(registry, candidate, production).read(since, until, counters)
 
 
 def _record(resp: Any, latency_s: float, prompt: str, chat: bool) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """One captured exchange and its stored record (built on the capture writer's thread).
 
 A record: id (the response's `id`, what `mlops feedback` takes), time, release, route, status,
-latency_s, prompt/completion tokens, finish_reason, lengths, and either the text (`monitor.capture:
+latency_s, prompt/completion tokens, finish_reason, lengths, `user` (a hash of the request's user
+key, when it has one), and either the text (`monitor.capture:
 full`) or its sha256 (`metadata`, and every refused 4xx request). Texts are cut at MAX_TEXT
 characters; `prompt_len`/`output_len` keep the original lengths.
 """
@@ -35,10 +36,17 @@ class Exchange:
     request: list[bytes]
     response: list[bytes]
     request_bytes: int = 0  # the whole body's size (over MAX_BODY: no body kept)
+    user: str = ""  # the `x-mlops-user` header (the body's `user` field is read with the body)
 
     @property
     def size(self) -> int:
         return sum(map(len, self.request)) + sum(map(len, self.response))
+
+
+def user_id(key: str) -> str:
+    """A user key as records keep it: a hash, enough to group one user's requests (A/B experiments
+    by user) without storing the key a client sent."""
+    return hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
 def _sha(text: str) -> str:
@@ -100,8 +108,9 @@ def _cut(text: str) -> tuple[str, bool]:
     return (text[:MAX_TEXT], True) if len(text) > MAX_TEXT else (text, False)
 
 
-def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, Any]:
-    """The stored form of one exchange (runs on the writer thread)."""
+def to_record(ex: Exchange, mode: str, template: str, source: str, model: str | None = None) -> dict[str, Any]:
+    """The stored form of one exchange (runs on the writer thread). `model`: the deployed model
+    that answered (several deployed: `mlops monitor --model` reads only its records)."""
     body_cut = ex.request_bytes > MAX_BODY  # the middleware kept no body: nothing to parse
     try:
         req = json.loads(b"".join(ex.request) or b"{}") if not body_cut else {}
@@ -117,6 +126,7 @@ def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, 
         "id": str(resp["id"] or f"req-{uuid.uuid4().hex[:16]}"),
         "time": round(ex.time, 3),
         "source": source,
+        **({"model": model} if model else {}),
         "release": ex.release,
         "route": ex.route,
         "status": ex.status,
@@ -132,6 +142,9 @@ def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, 
     }
     if body_cut:
         rec["request_bytes"] = ex.request_bytes
+    key = ex.user or (req.get("user") if isinstance(req.get("user"), str) else "")
+    if key:
+        rec["user"] = user_id(key)
     # a refused request (400: prompt over the context, 422...) is kept as metadata: its text may be huge
     if mode == "full" and not 400 <= ex.status < 500:
         rec["prompt"], cut_p = _cut(prompt)
