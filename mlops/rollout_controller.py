@@ -33,6 +33,7 @@ from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
 from mlops.rollout import MIN_LATENCY_SAMPLES, TOP_UP_LIMIT, Prompt, _drive, analyse, wait_served
+from mlops.rollout_guard import guard
 
 log = logging.getLogger("mlops.controller")
 
@@ -72,6 +73,7 @@ class Controller:
         self._checkpoint: dict[str, float] = {}  # rollout -> start of production's next guardrail window
         self._baseline: dict[str, Any] = {}  # rollout -> production's side of its last full live window
         self._metrics: list[Any] | None = None  # the live metrics (built once)
+        self._readers: dict[str, Any] = {}  # rollout -> its WindowReader
         self._prompts: list[Prompt] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,7 +121,7 @@ class Controller:
         now = self.clock()
         try:
             if rec.get("phase") == "bake_after_promote":
-                return self._guard(rec, now)
+                return guard(self, rec, now)
             if rec.get("driver") != "controller":
                 return self._orphaned(st, rec)
             return self._canary(st, rec, now)
@@ -279,6 +281,14 @@ class Controller:
             return self._apply(rec, i + 1, v, base)
         return self._promote(rec, v, base)
 
+    def _reader(self, rec: dict[str, Any]) -> Any:
+        """The rollout's window reader: each capture file is parsed once, read every interval."""
+        from mlops.rollout_analysis import WindowReader
+
+        if rec["id"] not in self._readers:
+            self._readers[rec["id"]] = WindowReader(self.registry, rec["release"], rec["baseline"])
+        return self._readers[rec["id"]]
+
     def _flush_lag(self) -> float:
         return float(self.backend.cfg.monitor.flush_interval) + 0.2
 
@@ -305,13 +315,13 @@ class Controller:
         self, rec: dict[str, Any], i: int, since: float, until: float
     ) -> tuple[StepVerdict, dict[str, float]]:
         """Live traffic only: the captured window of both releases (mlops/rollout_analysis.py)."""
-        from mlops.rollout_analysis import judge_step, live_metrics, read_window, replay_window
+        from mlops.rollout_analysis import judge_step, live_metrics, replay_window
 
         if self._metrics is None:
             self._metrics = live_metrics(self.backend.loaded)
         release, prod = rec["release"], rec["baseline"]
         pct = int(rec["steps"][i])
-        w = read_window(self.registry, release, prod, since, until, self._stats(since))
+        w = self._reader(rec).read(since, until, self._stats(since))
         prev = self._baseline.get(rec["id"])
         v = judge_step(
             w, self.cfg, self._metrics, extensions=int(rec.get("extensions", 0)), step=i + 1, percent=pct, baseline=prev
@@ -386,84 +396,6 @@ class Controller:
         self.backend.record(rec["release"], "promoted", by="controller:analysis", reason=reason, rollout=rec["id"])
         rollouts.settle(self.registry)
         return f"promoted {rec['release']}"
-
-    # ------------------------------------------------------------------ guardrail
-
-    def _guard(self, rec: dict[str, Any], now: float) -> str | None:
-        """Production's captured window during `bake_after_promote`, judged every `interval` once it
-        holds `guardrails.min_requests` requests: an SLO breach rolls back (mlops/rollout_analysis.py)."""
-        from mlops.rollout_analysis import check_slo, read_window
-
-        release, rid = rec["release"], rec["id"]
-        promoted_at = float(rec.get("promoted_at", now))
-        if now >= promoted_at + float(rec.get("bake_after_promote", 0)):
-            return self._guard_passed(rec)
-        since = self._checkpoint.setdefault(rid, promoted_at)
-        until = now - self._flush_lag()
-        if until - since < float(self.cfg.interval):
-            return None
-        w = read_window(self.registry, release, rec["baseline"], since, until)
-        p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
-        breaches = check_slo(w, self.cfg.guardrails, p95)
-        if w.candidate.requests < self.cfg.guardrails.min_requests:
-            return None  # the window grows until it holds enough requests
-        if not breaches:
-            self._checkpoint[rid] = until
-            return None
-        v = StepVerdict(
-            step=0,
-            percent=100,
-            candidate=w.candidate.summary(),
-            production=dict(rec.get("baseline_stats") or {}),
-            passed=False,
-            reasons=breaches,
-            decided_by="controller:guardrail",
-            mode="guardrail",
-            decision="fail",
-        )
-        return self._guard_rollback(rec, v)
-
-    def _guard_passed(self, rec: dict[str, Any]) -> str:
-        why = f"guardrail bake of {float(rec['bake_after_promote']):g}s passed"
-        self.registry.update_state(
-            lambda st: st if rollouts.finish(st, "promoted", why, "controller:guardrail") else None,
-            reason=why,
-            actor="controller:guardrail",
-        )
-        self.backend.record(rec["release"], "guardrail_passed", by="controller:guardrail", rollout=rec["id"])
-        rollouts.settle(self.registry)
-        return f"{rec['release']}: {why}"
-
-    def _guard_rollback(self, rec: dict[str, Any], v: StepVerdict) -> str:
-        """Like an operator's rollback (it pre-empts any lease): production's SLO is breached now."""
-        from mlops.registry.lease import preempt
-        from mlops.rollout import _make_production
-
-        why = "; ".join(v.reasons)
-        back = rec["baseline"]
-        ok = [False]
-
-        def change(st: State) -> State | None:
-            if (st.rollout or {}).get("id") != rec["id"] or rollouts.running(st) is None:
-                return None
-            if st.stages.get("production") != rec["release"]:
-                return None
-            ok[0] = True
-            preempt(st)
-            st.rollout["verdicts"] = [*st.rollout.get("verdicts", []), v.to_json()]
-            rollouts.finish(st, "rolled_back", f"guardrail: {why}", "controller:guardrail")
-            return _make_production(st, back)
-
-        st = self.registry.update_state(change, reason=f"guardrail: {why}", actor="controller:guardrail")
-        self.backend._publish(st)
-        if not ok[0]:
-            return "record ended meanwhile"
-        self.backend.record(
-            rec["release"], "rolled_back", by="controller:guardrail", reasons=v.reasons, rollout=rec["id"]
-        )
-        self.backend.record(back, "rolled_back_to", by="controller:guardrail", reason=f"guardrail: {why}")
-        rollouts.settle(self.registry)
-        return f"guardrail rolled back {rec['release']} to {back}: {why}"
 
 
 def for_models(loaded: Loaded, base_url: str, names: list[str] | None = None) -> list[Controller]:

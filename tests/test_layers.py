@@ -62,6 +62,7 @@ RANK: dict[str, float] = {
     "scaffold": 3.0,  # mlops init: copies the template (a flow of its own)
     "rollout": 3.0,
     "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
+    "rollout_guard": 3.0,  # the guardrail after promotion (the controller calls it)
     "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     # parse, call one flow, print
     "cli": 4.0,
@@ -118,7 +119,13 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 # modules that form one group on their layer (the orchestrator's flows call each other)
-ONE_GROUP = {"pipeline": "flows", "rollout": "flows", "rollout_controller": "flows", "rollout_start": "flows"}
+ONE_GROUP = {
+    "pipeline": "flows",
+    "rollout": "flows",
+    "rollout_controller": "flows",
+    "rollout_start": "flows",
+    "rollout_guard": "flows",
+}
 
 
 def _group(module: str) -> str:
