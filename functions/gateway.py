@@ -410,7 +410,8 @@ def with_capture(app: ASGIApp, s: ModalSettings, *, local_storage: bool = True) 
     from mlops.registry.store import open_store
 
     monitor = MonitorCfg.model_validate_json(s.monitor_json)
-    return wrap_with(app, open_store(s.storage), monitor, s.prompt, source="gateway")
+    models = dict(zip(s.models, s.prompts, strict=True)) if s.models else {s.served_model: s.prompt}
+    return wrap_with(app, open_store(s.storage), monitor, s.prompt, source="gateway", models=models)
 
 
 def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, local_storage: bool = True) -> ASGIApp:

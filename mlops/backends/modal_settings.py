@@ -74,6 +74,7 @@ class ModalSettings:
     # Several deployed models (mlops.yaml deploy.models): the ones the one gateway routes by the
     # request's `model`, each by its own routing State; () with one (the single-model layout).
     models: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()  # each of `models`' prompt template, in order (the gateway's capture)
     prompt: str = "{input}"  # how a chat turn becomes a prompt, as on the local server
     api_key_env: str | None = None  # mlops.yaml deploy.server.api_key_env: also accepted by the gateway
     train_gpu: str | None = "A10G"
@@ -132,7 +133,7 @@ class ModalSettings:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("secrets", "train_files", "vllm_args", "models"):
+        for key in ("secrets", "train_files", "vllm_args", "models", "prompts"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -157,6 +158,7 @@ class ModalSettings:
             secrets=tuple(cfg.modal.secrets),
             served_model=name,
             models=tuple(names) if len(names) > 1 else (),
+            prompts=tuple(cfg.models[n].prompt for n in names) if len(names) > 1 else (),
             prompt=cfg.models[name].prompt,
             api_key_env=cfg.deploy.server.api_key_env,
             train_gpu=resources.gpu,

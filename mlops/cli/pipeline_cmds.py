@@ -13,6 +13,14 @@ import typer
 from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, err, load_config, say_fn
 from mlops.redact import redact_obj
 
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait",
+        help="Follow the canary to its end (default), or start it and return: the rollout controller "
+        "(`mlops serve`, Modal's schedule) advances it; `mlops status` shows where it stands.",
+    ),
+]
 ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
 
 
@@ -62,8 +70,9 @@ def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = 
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
-        """What a run would do: which models changed (data, config or training code hashes), and what
-        each no-regression gate can resolve on production's stored cases (flaky cases, a stale baseline)."""
+        """What a push would do: which models changed (data, config or training code hashes), what it
+        would spend against `budget:` and this month's records, and what each no-regression gate can
+        resolve on production's stored cases (flaky cases, a stale baseline)."""
         from mlops.plan import make_plan
         from mlops.report.noise import before_run, plan_lines
 
@@ -71,10 +80,21 @@ def register(app: typer.Typer) -> None:
         s = _session(config, set_, json_, model=loaded.cfg.deploy.names[0])
         p = make_plan(loaded, s.registry, list(loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
+        from mlops.budget import estimate
+        from mlops.registry import costs
+
+        # a push trains and evaluates each deployed model whose fingerprint changed
+        pushed = [m.model for m in p.models if m.train and m.model in loaded.cfg.deploy.names]
+        est, basis = estimate(loaded, s.registry, pushed, pushed)
+        budget = costs.document(loaded.cfg, s.registry.store, est, basis)
+        lines += costs.lines(budget)
         noise = {name: before_run(s.registry.scoped(name), loaded.cfg) for name in loaded.cfg.deploy.names}
         for name, section in noise.items():
             lines += [(f"{name}: " if len(noise) > 1 else "") + line for line in plan_lines(section)]
-        doc = p.model_dump(mode="json") | {"noise": {k: v.model_dump(mode="json") for k, v in noise.items()}}
+        doc = p.model_dump(mode="json") | {
+            "budget": budget.model_dump(mode="json"),
+            "noise": {k: v.model_dump(mode="json") for k, v in noise.items()},
+        }
         if json_:
             emit(doc, True)
         else:  # not rich: a warning wrapped at 80 columns would be split across lines in a CI log
@@ -141,6 +161,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None, typer.Option("--model", "-m", help="Only this deployed model (default: every one).")
         ] = None,
+        wait: WaitOpt = True,
     ) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3).
         With several deployed models, each runs in turn (only a changed one is trained and rolled out);
@@ -156,7 +177,7 @@ def register(app: typer.Typer) -> None:
         for name in names:
             with _progress(json_, loaded.cfg.models[name].train.steps) as prog:
                 s = Session.open(loaded, say=say_fn(json_), progress=prog, model=name)
-                results[name] = do_run(s, force=force, on_step=kill_hook_from_env())
+                results[name] = do_run(s, force=force, on_step=kill_hook_from_env(), wait=wait)
         lines = []
         for name, res in results.items():
             human = (f"{name}: " if len(results) > 1 else "") + f"{res.status}: {res.message}"
@@ -182,11 +203,12 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
         release: ReleaseOpt = "candidate",
         model: ModelOpt = None,
+        wait: WaitOpt = True,
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
         from mlops.flows.release import deploy_release
 
-        res = deploy_release(_session(config, set_, json_, model=model), release)
+        res = deploy_release(_session(config, set_, json_, model=model), release, wait=wait)
         emit(res.model_dump(mode="json", exclude_unset=True, exclude={"message"}), json_, res.message)
         if res.exit_code:
             raise typer.Exit(res.exit_code)
@@ -214,8 +236,18 @@ def register(app: typer.Typer) -> None:
         h, p = host or srv.host, srv.port if port is None else port
         check_bind(h, api_key_from_env(srv.api_key_env))  # before saying we serve
         err.print(f"serving {', '.join(names)} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
-        # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
-        serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
+        from mlops.rollout_controller import for_models
+
+        # the rollout controller: advances each model's rollout record (`mlops run --no-wait`),
+        # judging the live traffic this server answers
+        local = "127.0.0.1" if h in ("0.0.0.0", "::", "") else h
+        controllers = [c.start() for c in for_models(loaded, f"http://{local}:{p}")]
+        try:
+            # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
+            serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
+        finally:
+            for c in controllers:
+                c.stop()
 
     @app.command()
     def report(
