@@ -42,8 +42,27 @@ class WandbCfg(Strict):
     )
 
 
+class MlflowCfg(Strict):
+    """An MLflow tracking server (mlops/tracking_mlflow.py): runs, and releases as model versions."""
+
+    tracking_uri: str = Field(
+        description="The server's URL, e.g. http://127.0.0.1:5000 (`${VAR}` for a secret host or token)."
+    )
+    experiment: str | None = Field(None, description="Experiment name (defaults to `project`).")
+    model_name: str | None = Field(
+        None, description="Registered model name (defaults to `<project>-<model>`); aliases follow the registry."
+    )
+    token_env: str | None = Field(
+        None, description="Environment variable holding a bearer token, if the server needs one."
+    )
+    timeout: float = Field(
+        5.0, gt=0, le=120, description="Seconds per request; a server that is down costs this, retried."
+    )
+
+
 class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg.model_construct()
+    mlflow: MlflowCfg | None = Field(None, description="Also log to MLflow (beside W&B); unset: off.")
 
 
 # monitor (issue 10): data checks + drift, in mlops/configmonitor.py
@@ -216,6 +235,23 @@ class RolloutCfg(Strict):
     )
     lease_wait: Duration = Field(
         300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
+    )
+    traffic: Literal["replay", "live"] = Field(
+        "replay",
+        description="What a canary step is judged on: `replay` sends the first eval suite's inputs as users "
+        "(the CI job with --wait, the rollout controller once the job returned) on top of live requests; "
+        "`live` judges real requests only.",
+    )
+    interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="How often the rollout controller judges a live window (production's, during "
+        "bake_after_promote); a step is judged when its bake is over.",
+    )
+    bake_after_promote: Duration = Field(
+        0.0,
+        description="Guardrail after promotion: for this long the previous release stays loaded and the "
+        "controller judges production's live traffic; an SLO breach (error rate, p95) rolls back.",
     )
     analysis: AnalysisCfg = Field(
         AnalysisCfg.model_construct(), description="How a step is judged on live traffic (README, Live analysis)."

@@ -101,3 +101,59 @@ def test_monitor_without_model_reports_each_model_and_exits_with_the_worst(traff
     text = md.read_text()
     assert text.startswith("<!-- mlops-monitor-report -->") and text.count("<!-- mlops-monitor-report -->") == 1
     assert "**Model `a`**" in text and "**Model `b`**" in text
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def _promoted(reg: Registry, art: Path, model: str, n: int) -> list[str]:
+    """`n` releases of `model`, each promoted in turn (its history says so, as rollout.promote writes)."""
+    out = []
+    for _ in range(n):
+        rid = reg.new_id(model)
+        reg.publish(rid, art, {"model": model})
+        prev = out[-1] if out else None
+
+        def change(st: Any, rid: str = rid, prev: str | None = prev) -> Any:
+            st.stages["production"], st.stages["previous"], st.routing = rid, prev, {rid: 100}
+            return st
+
+        reg.scoped(model).update_state(change, "promoted")
+        reg.append_event(rid, "promoted")
+        out.append(rid)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["one model's production manifest gone", "state.json truncated"])
+def test_doctor_repairs_each_models_state_alone(tmp_path: Path, damage: str) -> None:
+    from mlops.registry.releases import STATE_KEY
+
+    root = two_models(tmp_path / "p")
+    store = LocalStore(root / ".mlops")
+    reg = Registry(store)
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "config.json").write_text("{}")
+    a1, a2 = _promoted(reg, art, "a", 2)
+    (b1,) = _promoted(reg, art, "b", 1)
+    path = root / ".mlops" / STATE_KEY
+    before = json.loads(path.read_text())
+    if damage == "state.json truncated":
+        path.write_text(path.read_text()[:40])
+    else:
+        (root / ".mlops" / "releases" / a2 / "manifest.json").unlink()
+    dry = mlops("doctor", "--json", cwd=root)
+    assert dry.returncode == 4, dry.stderr[-2000:]
+    kinds = {(f["kind"], f["model"]) for f in json.loads(dry.stdout)["findings"]}
+    assert kinds >= ({("damaged_state", None)} if "truncated" in damage else {("missing_release", "a")})
+    fixed = mlops("doctor", "--repair", "--json", cwd=root)
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["ok"], fixed.stdout + fixed.stderr[-2000:]
+    after = json.loads(path.read_text())["models"]
+    want_a = a2 if "truncated" in damage else a1  # rebuilt from a's histories, or back to a's previous
+    assert (after["a"]["stages"]["production"], after["a"]["routing"]) == (want_a, {want_a: 100})
+    assert after["b"]["stages"]["production"] == b1 and after["b"]["routing"] == {b1: 100}
+    if "truncated" not in damage:
+        assert after["b"] == before["models"]["b"]  # the neighbour untouched, version and all
+    assert mlops("doctor", "--json", cwd=root).returncode == 0
+    rel = mlops("releases", "--json", "--model", "b", cwd=root)
+    assert rel.returncode == 0 and json.loads(rel.stdout)["production"] == b1

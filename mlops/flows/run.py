@@ -16,6 +16,7 @@ from mlops.flows.stages import (
     check_budget,
     evaluate,
     gate,
+    hand_off,
     production_results,
     recover,
     roll_out,
@@ -33,17 +34,45 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None, wait: bool = True) -> RunResult:
     """The whole loop, holding the rollout lease (one pipeline writes the routing at a time).
-    `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    `on_step(name)` is called at each stage boundary (tests kill the process there). `wait=False`:
+    the rollout is started and left to the rollout controller (status "rolling_out")."""
     from mlops.registry.lease import rollout_lease
 
+    if s.loaded.cfg.tracking.mlflow is not None:
+        from mlops.tracking_mlflow import reset
+
+        reset()  # a server down during an earlier run in this process is tried again
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
         try:
-            return _run(s, force, on_step)
+            res = _run(s, force, on_step, wait)
         finally:
             _sweep(s)
+    if s.loaded.cfg.tracking.mlflow is not None:  # MLflow down is reported, never the run's failure
+        from mlops.tracking_mlflow import warnings
+
+        res = res.model_copy(update={"warnings": [*res.warnings, *warnings()]})
+        for w in res.warnings:
+            s.say(f"warning: {w}")
+    return res
+
+
+@contextlib.contextmanager
+def _controller(s: Session, url: str) -> Iterator[None]:
+    """The rollout controller beside the server this run started (backend local): it idles while
+    the run holds the lease, and stops with the server."""
+    if s.loaded.cfg.backend != "local":
+        yield
+        return
+    from mlops.rollout_controller import Controller
+
+    ctl = Controller(s.backend, url, s.backend.client_key()).start()
+    try:
+        yield
+    finally:
+        ctl.stop()
 
 
 def _sweep(s: Session) -> None:
@@ -60,7 +89,7 @@ def _sweep(s: Session) -> None:
         s.say(f"cleaned up {len(gone)} orphan(s) left by an interrupted run: {', '.join(gone[:3])}")
 
 
-def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None, wait: bool = True) -> RunResult:
     from mlops.plan import make_plan
     from mlops.rollout import promote, wait_served
     from mlops.tracking import Tracker
@@ -91,16 +120,23 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
 
     # before anything is spent: training (when it trains) and the evals of the release it will gate
     check_budget(s, [cfg.deploy.model] if mp.train else [], evaluate=True, release=None if mp.train else mp.existing)
-    tracker = Tracker(s.loaded, "run", {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend})
+    params = {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend}
+    params |= {f"train.{k}": v for k, v in cfg.models[cfg.deploy.model].train.model_dump().items()}
+    tracker = Tracker(s.loaded, "run", params)
     exit_code = 1
+    release: str | None = None
     try:
         mark("train")
         progress = s.progress
 
+        # about 20 points a loss curve (every 25 steps of the example's 500), the last step included
+        steps = cfg.models[cfg.deploy.model].train.steps
+        every = max(1, min(25, steps // 20))
+
         def logged(d: dict[str, float]) -> None:
             if progress:
                 progress(d)
-            if int(d["step"]) % 25 == 0:
+            if int(d["step"]) % every == 0 or int(d["step"]) == steps:
                 tracker.log({"train/loss": d["loss"], "train/tokens_per_s": d["tokens_per_s"]}, step=int(d["step"]))
 
         s.progress = logged
@@ -110,7 +146,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
         release = str(tr.release)
         mark("registered")
         s.backend.prepare(release)
-        with s.backend.serve() as url:
+        with s.backend.serve() as url, _controller(s, url):
             mark("served")
             with _timed(t, "eval"):
                 results = evaluate(s, release, url)
@@ -163,6 +199,12 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 s.say(msg)
                 exit_code = EXIT_GATE
                 return kept_out("rejected", msg, smoke() if prod else None)
+            if not wait and prod is not None:
+                msg = hand_off(s, release, started_by="pipeline")
+                exit_code = EXIT_OK
+                return RunResult(
+                    **common, status="rolling_out", exit_code=EXIT_OK, production=prod, message=msg, timings=t
+                )
             with _timed(t, "canary"):
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:
@@ -190,7 +232,25 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 served_by=served,
                 timings=t,
                 wandb_run=tracker.run_id,
+                mlflow_run=tracker.mlflow_run_id,
             )
     finally:
         t.setdefault("total", round(time.perf_counter() - t_all, 3))
+        if release is not None and tracker.mlflow is not None:
+            _report_artifact(s, tracker, release)
         tracker.finish(exit_code)
+
+
+def _report_artifact(s: Session, tracker: Any, release: str) -> None:
+    """The release's eval report as an artifact of the MLflow run; a report that cannot be built
+    is a warning, never the run's failure."""
+    from mlops.report import build_report, to_markdown
+    from mlops.tracking_mlflow import warn
+
+    try:
+        rep = build_report(s.registry, s.loaded.cfg, release, production=s.production_registry)
+    except Exception as e:  # the run's own outcome stands; the mirror lacks one file
+        warn(f"MLflow: no report artifact for {release}: {type(e).__name__}: {str(e)[:160]}")
+        return
+    tracker.artifact("report.md", to_markdown(rep).encode())
+    tracker.artifact("report.json", rep.model_dump_json(indent=2).encode())
