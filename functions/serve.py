@@ -185,7 +185,10 @@ def serve_base(
     env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}") | LORA_ENV
     proc = start_server(cmd, env, port, float(timeout or settings.startup_timeout))
     sync = AdapterSync(api or ModalSDK(settings), root, port, env["VLLM_API_KEY"])
-    sync.once()  # what is deployed already is loaded before this container takes requests
+    try:
+        sync.once()  # what is deployed already is loaded before this container takes requests
+    except Exception as e:  # the Dict unreachable a moment: the sync thread tries again
+        print(f"adapter sync: {type(e).__name__}: {e}", flush=True)
     threading.Thread(target=sync.forever, args=(proc,), daemon=True, name="adapter-sync").start()
     return proc
 
