@@ -11,12 +11,15 @@ trains `reps + 1` LoRA releases with `lora.serve: adapter` and `reps` with `lora
   deploy → first answer   `mlops serve` (the real CLI, its own process) serves adapter release 0;
                           each release is then deployed in turn, alternating adapter and merged,
                           as `mlops rollback --to` does it (preflight, then one state write), and
-                          the clock stops at the first answer whose x-mlops-release is that release.
+                          the clock stops at the first answer (polled with 1-token requests) whose
+                          x-mlops-release is that release.
                           Every target is cold: never routed before. Median per kind, and the ratio.
   resident memory         in a fresh process each, the growth of resident memory (VmRSS) from
                           before loading to 4 releases loaded and each answering once: one base +
                           4 adapter releases, against 4 merged releases. Both processes import
-                          torch, transformers and peft first, so libraries are not counted.
+                          torch, peft and transformers' Llama code first: libraries are not
+                          counted (a merged release runs on the engine's native forward pass,
+                          an adapter base on transformers' modules, which peft adapts).
 
 With `--engine vllm` the server runs `deploy.engine: vllm`: the adapter releases share one vLLM
 child started with --enable-lora (its start is not counted: the server is up before the clock
@@ -65,7 +68,7 @@ def child_memory(root: Path, releases: list[str]) -> None:
 
     import peft  # noqa: F401 - libraries loaded before the first figure, in both kinds
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401 - the adapter base's model code
 
     from mlops.config import load
     from mlops.pipeline import Session
@@ -101,16 +104,18 @@ def memory(root: Path, releases: list[str]) -> dict[str, int]:
     return doc
 
 
-def deploy_to_first_answer(s: Any, url: str, rid: str, deadline: float = DEADLINE_S) -> float:
+def deploy_to_first_answer(s: Any, url: str, rid: str, deadline: float = DEADLINE_S) -> tuple[float, float]:
+    """(seconds from the deploy's start to the first answer from `rid`, of which the deploy command)"""
     from mlops.rollout import rollback
 
     t0 = time.perf_counter()
     rollback(s.backend, rid, reason="benchmark deploy", actor="bench")
+    t_cmd = time.perf_counter() - t0
     with httpx.Client(timeout=deadline) as c:
         while True:
-            r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abcdef=", "max_tokens": 4})
+            r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abcdef=", "max_tokens": 1})
             if r.status_code == 200 and r.headers.get("x-mlops-release") == rid:
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, t_cmd
             if time.perf_counter() - t0 > deadline:
                 raise SystemExit(f"{rid} never answered within {deadline:.0f} s of its deploy")
 
@@ -167,19 +172,24 @@ def main() -> None:
 
         s.backend.set_state(only_first, reason="benchmark: start from one adapter release")
         times: dict[str, list[float]] = {"adapter": [], "merged": []}
+        cmd: dict[str, list[float]] = {"adapter": [], "merged": []}
         if vllm:  # the base's vLLM child starts with the server, before the clock runs
             sets = ("--set", "deploy.engine=vllm", "--set", "deploy.rollout.bake=1")
             with serve_for(root, *sets, loaded=True, startup_s=VLLM_DEADLINE_S) as url:
                 for a, m in zip(adapters, merged, strict=True):
-                    times["adapter"].append(deploy_to_first_answer(s, url, a))
-                    times["merged"].append(deploy_to_first_answer(s, url, m, VLLM_DEADLINE_S))
-                    deploy_to_first_answer(s, url, first)  # back to the base: each merged deploy is cold
+                    for kind, rid in (("adapter", a), ("merged", m)):
+                        total, in_cmd = deploy_to_first_answer(s, url, rid, VLLM_DEADLINE_S)
+                        times[kind].append(total)
+                        cmd[kind].append(in_cmd)
+                    deploy_to_first_answer(s, url, first)  # back to an adapter: one merged vLLM child at a time
             mem = {}
         else:
             with mlops_serve(root) as url:
                 for a, m in zip(adapters, merged, strict=True):
-                    times["adapter"].append(deploy_to_first_answer(s, url, a))
-                    times["merged"].append(deploy_to_first_answer(s, url, m))
+                    for kind, rid in (("adapter", a), ("merged", m)):
+                        total, in_cmd = deploy_to_first_answer(s, url, rid)
+                        times[kind].append(total)
+                        cmd[kind].append(in_cmd)
             mem = {"adapter": memory(root, adapters[:4]), "merged": memory(root, merged[:4])}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +211,10 @@ def main() -> None:
             f"| resident growth, 4 releases loaded (MB) | {grow['adapter']:.1f} (one base + 4 adapters) | "
             f"{grow['merged']:.1f} | {grow['adapter'] / grow['merged']:.3f} (≤ 0.35) |"
         )
+    print(
+        f"of which the deploy command (preflight + state write), median (s): adapter "
+        f"{statistics.median(cmd['adapter']):.3f}, merged {statistics.median(cmd['merged']):.3f}"
+    )
     print(
         f"all deploy times (s): adapter {[round(x, 3) for x in times['adapter']]}, merged {[round(x, 3) for x in times['merged']]}"
     )

@@ -17,6 +17,12 @@ moves, with a durable copy on the Volume (Dict entries expire after 7 idle days:
 back to the copy and puts it back). A release's URL is looked up from its app name. Both go through
 a short in-memory cache, so a rollback reaches the gateway within `STATE_TTL_S`.
 
+Several deployed models (mlops.yaml `deploy.models`) share this one gateway: each model's State
+has its own Dict key ("state:<model>") and Volume copy, and a request's `model` (a model name, or
+a release id: a pin, whose model its id names) picks the State it is routed by. So one model's
+canary, promotion or rollback never moves another's traffic. `GET /v1/models` lists every model
+and the releases it routes to; an unknown model answers 404 listing the served ones.
+
 The gateway measures every forwarded request per release and serves the window at
 `/v1/mlops/stats` (what the canary analysis reads). Those stats live in the same Dict, each
 container's under its own key (mlops/serving/shared_stats.py), not in a container's memory: the
@@ -63,11 +69,10 @@ from mlops.backends.modal_settings import (
     KEYS_ENV,
     PROXY_ID_ENV,
     PROXY_SECRET_ENV,
-    STATE_FILE,
-    STATE_KEY,
     VLLM_KEY_ENV,
     ModalSettings,
 )
+from mlops.config import owner
 from mlops.registry.releases import State
 from mlops.serving.routing import pick
 from mlops.serving.shared_stats import SharedStats
@@ -129,8 +134,11 @@ def parse_keys(*values: str | None) -> list[str]:
     return [k.strip() for v in values if v for k in v.split(",") if k.strip()]
 
 
+StateFn = Callable[[], State]
+
+
 def create_gateway_app(
-    get_state: Callable[[], State],
+    get_state: StateFn | Mapping[str, StateFn],
     upstream_url_for: Callable[[str], str | None],
     api_keys: Collection[str],
     *,
@@ -145,8 +153,12 @@ def create_gateway_app(
     the base URL of a release's server (or None), `api_keys` the accepted bearer keys (required:
     an empty collection is refused, so the gateway is never open by accident). Both callables
     may block; they run in the thread pool. `stats`: shared by every container (SharedStats), or
-    this process's own (LiveStats, the default)."""
+    this process's own (LiveStats, the default). Several deployed models: `get_state` maps each
+    model's name to its State's reader, and a request's `model` picks one."""
     keys = [k.encode() for k in api_keys if k]
+    states: dict[str, StateFn] = dict(get_state) if isinstance(get_state, Mapping) else {}
+    names = list(states)
+    one: StateFn = get_state if callable(get_state) else states[names[0]]
     if not keys:
         raise ValueError("the gateway needs at least one API key")
     counter = itertools.count()
@@ -172,10 +184,41 @@ def create_gateway_app(
     async def models(request: Request) -> Response:
         if not authorized(request):
             return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
-        st = await run_in_threadpool(get_state)
+        if states:
+            data = []
+            for name in names:
+                st = await run_in_threadpool(states[name])
+                ids = [name, *sorted(st.referenced())]
+                data += [{"id": i, "object": "model", "created": 0, "owned_by": "mlops", "root": name} for i in ids]
+            return JSONResponse({"object": "list", "data": data}, headers={HEADER: "none"})
+        st = await run_in_threadpool(one)
         ids = [*([model_name] if model_name else []), *sorted(st.referenced())]
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "mlops"} for i in ids]
         return JSONResponse({"object": "list", "data": data}, headers={HEADER: st.stages.get("production") or "none"})
+
+    def unknown(name: object) -> Response:
+        served = ", ".join(names)
+        if not name:
+            return _error(400, f"name a model: one of {served}", "invalid_request_error")
+        msg = f"model {str(name)[:200]!r} is not served (serving: {served})"
+        return _error(404, msg, "invalid_request_error", code="model_not_found")
+
+    def route(name: object, pin: str | None) -> tuple[StateFn, str | None] | Response:
+        """Whose State a request is routed by, and the release it pins (if any)."""
+        if not states:
+            if name and name != model_name:  # naming a release as the model pins it, as locally
+                pin = str(name)
+            return one, pin
+        model = owner(names, name) if isinstance(name, str) and name else None
+        if model is None and not name and pin:
+            model = owner(names, pin)
+        if model is None:
+            return unknown(name)
+        if name and name != model:
+            pin = str(name)
+        if pin and owner(names, pin) != model:
+            return _error(404, f"release {pin!r} is not a release of model {model!r}", "invalid_request_error")
+        return states[model], pin
 
     async def live_stats(request: Request) -> Response:
         if not authorized(request):
@@ -184,10 +227,16 @@ def create_gateway_app(
             since = float(request.query_params.get("since", "0") or 0)
         except ValueError:
             return _error(400, "since must be a number (unix time)", "invalid_request_error")
-        st = await run_in_threadpool(get_state)
+        # the releases' stats are every model's (release ids are unique); the state version is the
+        # named model's (?model=NAME), or the only one's
+        asked = request.query_params.get("model") or None
+        if states and asked is not None and asked not in states:
+            return unknown(asked)
+        fn = states[asked] if asked is not None and states else one if len(names) < 2 else None
+        st = await run_in_threadpool(fn) if fn is not None else State()
         body = {
             "now": time.time(),
-            "state_version": st.version,
+            "state_version": st.version if fn is not None else None,
             "releases": await run_in_threadpool(stats.window, since),
             "rejected": stats.rejected,
             "shadow": {},  # the gateway mirrors nothing: deploy.rollout.shadow is local-only
@@ -225,11 +274,11 @@ def create_gateway_app(
             return _error(400, "the body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object", "invalid_request_error")
-        st = await run_in_threadpool(get_state)
-        pin = request.headers.get(HEADER) or None
-        model = body.get("model")
-        if model and model != model_name:  # naming a release as the model pins it, as locally
-            pin = str(model)
+        routed = route(body.get("model"), request.headers.get(HEADER) or None)
+        if isinstance(routed, Response):
+            return routed
+        get_st, pin = routed
+        st = await run_in_threadpool(get_st)
         key = request.headers.get("x-mlops-user") or (str(body["user"]) if body.get("user") else None)
         release = pick(st, key, pin, next(counter))
         if release is None:
@@ -318,19 +367,33 @@ def create_gateway_app(
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def routing_sources(api: ModalAPI) -> tuple[Callable[[], State], Callable[[str], str | None]]:
+def routing_sources(api: ModalAPI) -> tuple[StateFn | dict[str, StateFn], Callable[[str], str | None]]:
     """Cached readers of the routing State (the Dict, else its durable copy on the Volume, which
-    is then put back) and of release URLs (from each release's app: nothing to expire)."""
+    is then put back) and of release URLs (from each release's app: nothing to expire). Several
+    deployed models: a reader per model, by name."""
+    s = api.settings
 
-    def read_state(_: str) -> State:
-        raw = api.dict_get(STATE_KEY)
+    def stored(key: str, path: str) -> dict[str, Any] | None:
+        raw = api.dict_get(key)
         if raw is None:
             try:
-                raw = json.loads(b"".join(api.volume_read(STATE_FILE)))
+                raw = json.loads(b"".join(api.volume_read(path)))
             except FileNotFoundError:
-                return State()  # nothing published yet
-            api.dict_put(STATE_KEY, raw)
-        return State.from_json(raw)
+                return None  # nothing published yet
+            api.dict_put(key, raw)
+        return dict(raw)
+
+    def read_state(model: str) -> State:
+        raw = stored(*s.state_keys(model or None))
+        if raw is None and model:
+            # a second model was added to a one-model deployment: the first keeps the single-model
+            # State until its next move publishes under its own key
+            legacy = stored(*s.state_keys(None))
+            if legacy is not None:
+                st = State.from_json(legacy)
+                if st.referenced() and all(owner(list(s.models), r) == model for r in st.referenced()):
+                    return st
+        return State.from_json(raw) if raw is not None else State()
 
     def release_url(rid: str) -> str | None:
         # an adapter release is served by its base's app (functions/serve.py), under its own id
@@ -341,7 +404,13 @@ def routing_sources(api: ModalAPI) -> tuple[Callable[[], State], Callable[[str],
 
     state_cache = TTLCache(read_state, STATE_TTL_S)
     url_cache = TTLCache(release_url, URL_TTL_S)
-    return (lambda: state_cache()), url_cache
+
+    def reader(model: str) -> StateFn:
+        return lambda: state_cache(model)
+
+    if s.models:
+        return {m: reader(m) for m in s.models}, url_cache
+    return reader(""), url_cache
 
 
 def with_capture(app: ASGIApp, s: ModalSettings, *, local_storage: bool = True) -> ASGIApp:
@@ -358,7 +427,8 @@ def with_capture(app: ASGIApp, s: ModalSettings, *, local_storage: bool = True) 
     from mlops.registry.store import open_store
 
     monitor = MonitorCfg.model_validate_json(s.monitor_json)
-    return wrap_with(app, open_store(s.storage), monitor, s.prompt, source="gateway")
+    models = dict(zip(s.models, s.prompts, strict=True)) if s.models else {s.served_model: s.prompt}
+    return wrap_with(app, open_store(s.storage), monitor, s.prompt, source="gateway", models=models)
 
 
 def gateway_body(api: ModalAPI, environ: Mapping[str, str] | None = None, *, local_storage: bool = True) -> ASGIApp:

@@ -22,6 +22,7 @@ from pydantic import (
 
 from mlops import plugins
 from mlops.configbase import Duration, Strict, _duration  # noqa: F401 - re-exported
+from mlops.configbudget import BudgetCfg
 from mlops.configdata import apply_overrides, dotted, expand_env, line_of, pydantic_error
 from mlops.configmonitor import DataChecksCfg, MonitorCfg, MonitorThresholds  # noqa: F401 - re-exported
 from mlops.configrollout import AnalysisCfg, GuardrailsCfg
@@ -41,8 +42,27 @@ class WandbCfg(Strict):
     )
 
 
+class MlflowCfg(Strict):
+    """An MLflow tracking server (mlops/tracking_mlflow.py): runs, and releases as model versions."""
+
+    tracking_uri: str = Field(
+        description="The server's URL, e.g. http://127.0.0.1:5000 (`${VAR}` for a secret host or token)."
+    )
+    experiment: str | None = Field(None, description="Experiment name (defaults to `project`).")
+    model_name: str | None = Field(
+        None, description="Registered model name (defaults to `<project>-<model>`); aliases follow the registry."
+    )
+    token_env: str | None = Field(
+        None, description="Environment variable holding a bearer token, if the server needs one."
+    )
+    timeout: float = Field(
+        5.0, gt=0, le=120, description="Seconds per request; a server that is down costs this, retried."
+    )
+
+
 class TrackingCfg(Strict):
     wandb: WandbCfg = WandbCfg.model_construct()
+    mlflow: MlflowCfg | None = Field(None, description="Also log to MLflow (beside W&B); unset: off.")
 
 
 # monitor (issue 10): data checks + drift, in mlops/configmonitor.py
@@ -382,6 +402,9 @@ class Config(Strict):
     modal: ModalCfg = ModalCfg.model_construct()
     monitor: MonitorCfg = MonitorCfg.model_construct()
     prices: PricesCfg = PricesCfg.model_construct()
+    budget: BudgetCfg = Field(
+        BudgetCfg.model_construct(), description="Caps per run and per month on training, judges and serving."
+    )
 
 
 class Loaded(BaseModel):
@@ -479,9 +502,6 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
                     ref(("evals", name, "metrics", i, "judge"), str(judge), cfg.judges, "judge")
             if mname not in known:
                 raise fail(("evals", name, "metrics", i), f"unknown metric {mname!r} {_did_you_mean(mname, known)}")
-    if cfg.backend == "modal" and len(cfg.deploy.models) > 1:
-        msg = f"backend: modal deploys one model for now (its gateway routes one); {MULTI_HINT}"
-        raise fail(("deploy", "models"), msg)
     gate_lists: list[tuple[tuple[str, ...], list[GateCfg], dict[str, EvalCfg]]] = [(("gates",), cfg.gates, cfg.evals)]
     if cfg.deploy.model:
         ref(("deploy", "model"), cfg.deploy.model, cfg.models, "model")

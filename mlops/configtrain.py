@@ -107,6 +107,12 @@ class PricesCfg(Strict):
         "Entries you give replace the defaults of the same name; the rest stay.",
     )
 
+    judge_per_1m_tokens: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="USD per million tokens (prompt + completion) by judge name (a key of `judges`); "
+        "a judge left out costs nothing in dollars (a self-hosted one costs its GPU time).",
+    )
+
     @field_validator("gpu_per_hour", mode="after")
     @classmethod
     def _over_defaults(cls, v: dict[str, float]) -> dict[str, float]:

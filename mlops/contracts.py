@@ -182,6 +182,29 @@ class Plan(Contract):
     models: list[ModelPlan] = []
 
 
+class BudgetLine(Contract):
+    """One cap of `budget:` against what is spent and what the next run would spend."""
+
+    scope: str  # run | month
+    key: str  # train_gpu_hours | train_usd | judge_tokens | judge_usd | eval_gpu_hours | serve_gpu_hours | usd
+    cap: float
+    spent: float  # this calendar month so far (the registry's cost records); 0 for a per-run cap
+    estimate: float | None  # what the next run would add; None where nothing estimates it (serving)
+    left: float  # cap - spent
+    over: bool  # spent + estimate > cap
+
+
+class BudgetDoc(Contract):
+    """Spend against `budget:`: this month's records, the next run's estimate and how it was made."""
+
+    month: str  # YYYY-MM (UTC)
+    spent: dict[str, float]
+    estimate: dict[str, float]
+    basis: list[str]  # one line per estimated part: where its numbers come from
+    lines: list[BudgetLine]
+    release: dict[str, float] = {}  # the report's release: what its own records this month add up to
+
+
 class RunResult(Contract):
     """What `mlops run` did: the status workflows branch on, and the numbers behind it."""
 
@@ -199,6 +222,8 @@ class RunResult(Contract):
     served_by: str | None = None
     timings: dict[str, float] = {}
     wandb_run: str | None = None
+    mlflow_run: str | None = None
+    warnings: list[str] = []  # what went wrong beside the run and did not fail it (MLflow down)
 
     @field_serializer("canary")
     def _canary(self, steps: list[StepVerdict]) -> list[dict[str, Any]]:

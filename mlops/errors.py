@@ -30,6 +30,10 @@ class UsageError(MlopsError):
     """The command line asks for something that cannot be done."""
 
 
+class OverBudget(MlopsError):
+    """What a run would spend exceeds a cap of `budget:` (exit 1, before anything is spent)."""
+
+
 class GateFailed(MlopsError):
     """A gate failed: the candidate was rejected or rolled back."""
 

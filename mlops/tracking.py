@@ -1,4 +1,5 @@
-"""Weights & Biases: offline by default (real run files under ./wandb), online with WANDB_API_KEY."""
+"""Weights & Biases: offline by default (real run files under ./wandb), online with WANDB_API_KEY;
+and MLflow beside it when `tracking.mlflow` is set (mlops/tracking_mlflow.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ class Tracker:
 
     def __init__(self, loaded: Loaded, job_type: str, config: dict[str, Any] | None = None) -> None:
         self.run: Any = None
+        self.mlflow: Any = None
+        if loaded.cfg.tracking.mlflow is not None:
+            from mlops.tracking_mlflow import MlflowRun
+
+            self.mlflow = MlflowRun(loaded, loaded.cfg.tracking.mlflow, job_type, config or {})
+        self._wandb(loaded, job_type, config)
+
+    def _wandb(self, loaded: Loaded, job_type: str, config: dict[str, Any] | None) -> None:
         wb = loaded.cfg.tracking.wandb
         if wb.mode == "disabled" or os.environ.get("MLOPS_WANDB") == "disabled":
             return
@@ -50,16 +59,32 @@ class Tracker:
     def run_dir(self) -> str | None:
         return None if self.run is None else str(self.run.dir)
 
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return None if self.mlflow is None else self.mlflow.run_id
+
     def log(self, data: dict[str, Any], step: int | None = None) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log(data, step)
         if self.run is not None:
             self.run.log(data, step=step)
 
     def summary(self, data: dict[str, Any]) -> None:
+        if self.mlflow is not None:
+            self.mlflow.tags({f"mlops.{k}": v for k, v in data.items()})
         if self.run is not None:
             for k, v in data.items():
                 self.run.summary[k] = v
 
+    def artifact(self, name: str, data: bytes) -> None:
+        """A file of the run (the report): an MLflow artifact (W&B keeps the summary)."""
+        if self.mlflow is not None:
+            self.mlflow.artifact(name, data)
+
     def finish(self, exit_code: int = 0) -> None:
+        if self.mlflow is not None:
+            self.mlflow.finish(exit_code)
+            self.mlflow = None
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None

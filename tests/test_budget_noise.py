@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_project, mlops, train_and_publish
+from conftest import make_project, mlops
 
 from mlops.config import GateCfg
 
@@ -21,10 +21,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from mlops.config import load
     from mlops.flows.release import eval_release
     from mlops.flows.session import Session
+    from mlops.rollout import promote
 
     root = make_project(tmp_path_factory.mktemp("noise"))
-    rid = train_and_publish(root)
+    # trained by the CLI, as a push trains (a fresh process): the run the budget test's estimate
+    # is made from must cost what the run it predicts costs, imports and warm-up included
+    r = mlops("train", "--json", cwd=root)
+    assert r.returncode == 0, r.stderr
+    rid = json.loads(r.stdout)["release"]
     s = Session.open(load(root / "mlops.yaml"))
+    promote(s.backend, rid, reason="test fixture")
     eval_release(s, "production")
     return {"root": root, "release": rid, "result": s.registry.get_eval(rid, "heldout")}
 
@@ -144,3 +150,57 @@ def test_a_planted_flaky_case_is_listed_and_quarantined(project: dict[str, Any])
     assert [(c.id, c.quarantined) for c in rep.noise.flaky] == [(flaky_id, True)]
     assert rep.noise.spreads[0].id == flaky_id and rep.noise.spreads[0].spread == 1.0
     s.registry.put_eval(project["release"], "heldout", res)  # the other tests see the real result
+
+
+# ---------------------------------------------------------------------------- budget (part 1)
+
+
+def _plan(root: Path, *sets: str) -> dict[str, Any]:
+    args = [a for s in sets for a in ("--set", s)]
+    r = mlops("plan", "--json", *args, cwd=root)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def test_a_monthly_cap_the_second_run_would_exceed_stops_it_before_training(project: dict[str, Any]) -> None:
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.registry import costs
+
+    root: Path = project["root"]
+    store = Session.open(load(root / "mlops.yaml")).registry.store
+    spent = costs.month_spend(store)
+    assert spent["train_gpu_hours"] > 0  # the first run's record (a CPU run counts its CPU-hours)
+    est = _plan(root, "models.tiny.train.seed=1")["budget"]["estimate"]["train_gpu_hours"]
+    assert est > 0
+    cap = spent["train_gpu_hours"] + est / 2  # the first run fits, the second would not
+    keys = sorted(store.list(""))
+    r = mlops("run", "--set", "models.tiny.train.seed=1", "--set", f"budget.per_month.train_gpu_hours={cap}", cwd=root)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "budget.per_month.train_gpu_hours" in line, line
+    assert costs.fmt("train_gpu_hours", est) in line and costs.fmt("train_gpu_hours", cap) in line, line
+    assert sorted(store.list("")) == keys  # nothing trained, registered or recorded
+    # plan says the same before the run
+    doc = _plan(root, "models.tiny.train.seed=1", f"budget.per_month.train_gpu_hours={cap}")
+    (over,) = [x for x in doc["budget"]["lines"] if x["over"]]
+    assert over["key"] == "train_gpu_hours" and over["cap"] == pytest.approx(cap)
+
+
+def test_estimates_are_within_25_percent_of_the_recorded_cost(project: dict[str, Any]) -> None:
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.registry import costs
+
+    root: Path = project["root"]
+    store = Session.open(load(root / "mlops.yaml")).registry.store
+    est = _plan(root, "models.tiny.train.seed=2")["budget"]["estimate"]
+    r = mlops("train", "--json", "--set", "models.tiny.train.seed=2", cwd=root)
+    assert r.returncode == 0, r.stderr
+    rid = json.loads(r.stdout)["release"]
+    (rec,) = [d for d in costs.records(store, costs.month_of()) if d["release"] == rid and d["kind"] == "train"]
+    for key in ("train_gpu_hours", "train_usd"):
+        if rec[key] == 0:  # dollars on a CPU: nothing to price, and nothing estimated
+            assert est[key] == 0, (key, est)
+            continue
+        assert abs(est[key] - rec[key]) / rec[key] < 0.25, (key, est[key], rec[key])

@@ -76,7 +76,7 @@ GATE_KEYS = (
 
 def assert_report_shape(rep: dict[str, Any], ev: dict[str, Any], production: str) -> None:
     """The report of a release evaluated against `production`: its shape, and numbers that match `mlops eval`."""
-    assert list(rep) == [*REPORT_KEYS.split(), "cost", "suites", "lineage", "segments", "noise"]
+    assert list(rep) == [*REPORT_KEYS.split(), "cost", "suites", "lineage", "segments", "noise", "new_cases", "budget"]
     assert rep["baseline"] == production and rep["baseline_stage"] == "production" and rep["production"] == production
     assert rep["verdict"] == "pass" and rep["model"] == "tiny"
     assert [list(g) for g in rep["gates"]] == [GATE_KEYS.split()] * len(ev["gates"])

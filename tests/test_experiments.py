@@ -10,6 +10,7 @@ hook (mlops/serving/faults.py) answers 500 to every fifth request of production.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,13 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import make_project, mlops, train_and_publish, wait_for
+from conftest import Trained, make_project, mlops, wait_for
 
 from mlops.config import load
 from mlops.flows import experiment as exp
 from mlops.flows.session import Session
 from mlops.monitor.record import user_id
-from mlops.monitor.traffic import add_feedback, load_window
+from mlops.monitor.traffic import add_thumbs, load_feedback, load_window
 from mlops.registry.releases import Registry, State
 from mlops.serving.faults import Fault
 from mlops.serving.routing import experiment_arm, pick
@@ -55,29 +56,31 @@ class Lab:
         return len(load_window(self.registry.store, 0).records)
 
 
-def _twin(root: Path, of: str) -> str:
-    reg = Session.open(load(root / "mlops.yaml")).registry
-    m = reg.require(of)
-    rid = Registry.new_id("tiny") + "-twin"
+def _copy(reg: Registry, src: Registry, of: str) -> str:
+    """`of`'s artifact published again in `reg` under a new id: an identical release."""
+    m = src.require(of)
+    rid = Registry.new_id("tiny")
     keep = {k: v for k, v in m.items() if k not in ("id", "artifact", "created_at")}
-    reg.publish(rid, reg.artifact_dir(of), keep)
+    reg.publish(rid, src.artifact_dir(of), keep)
     return rid
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> Iterator[Lab]:
     from mlops.monitor.capture import wrap
+    from mlops.rollout import promote
     from mlops.serving.runner import build, start_server
     from mlops.serving.server import create_app
 
     over = {"models": {"tiny": {"max_tokens": 4}}, "monitor": {"flush_interval": 0.05}}
     root = make_project(tmp_path_factory.mktemp("experiments"), over)
-    prod = train_and_publish(root, seed=0)
-    # copies of production's artifact under their own ids: the releases differ only where a test
-    # plants a difference (one training, not three: the test budget)
-    cand, twin = _twin(root, prod), _twin(root, prod)
     loaded = load(root / "mlops.yaml")
-    reg = Session.open(loaded).registry
+    s = Session.open(loaded)
+    reg = s.registry
+    # three copies of the session's trained release (no training of our own: the test budget);
+    # the releases differ only where a test plants a difference
+    prod, cand, twin = (_copy(reg, trained.registry, trained.release) for _ in range(3))
+    promote(s.backend, prod, reason="test fixture")
     pool, opts = build(loaded, reg)
     pool.start()
     app = wrap(create_app(pool, opts), loaded, reg.store)
@@ -130,10 +133,10 @@ def test_arms_are_sticky_salted_by_experiment_and_split_by_share() -> None:
 def test_identical_releases_reach_no_verdict_and_stop_keeps_production(lab: Lab) -> None:
     lab.opts.fault = None
     s = lab.session()
-    rec = exp.start(s, lab.twin, 50, "thumbs", "user:test", min_samples=30, max_samples=60)
+    rec = exp.start(s, lab.twin, 50, "thumbs", "user:test", min_samples=20, max_samples=40)
     assert rec["baseline"] == lab.prod and rec["status"] == "running"
     wait_served(lab)
-    # both arms get the same labels: each user's first answer up, the second down, in that order
+    # both arms get the same thumbs: each user's first answer up, the second down, in that order
     seen: dict[str, str] = {}
     report: dict[str, Any] = {}
     for batch in range(12):
@@ -142,14 +145,19 @@ def test_identical_releases_reach_no_verdict_and_stop_keeps_production(lab: Lab)
         for u, answers in got.items():
             assert len({r for r, _, _ in answers}) == 1, f"{u} changed arms: {answers}"
             seen[u] = answers[0][0]
-            for (_, rid, _), label in zip(answers, ("up", "down"), strict=True):
-                add_feedback(lab.registry.store, rid, label)
+            for (_, rid, _), thumb in zip(answers, ("up", "down"), strict=True):
+                if batch == 0 and u.endswith("-0"):  # once through the real command
+                    r = mlops("feedback", rid, "--thumbs", thumb, cwd=lab.root)
+                    assert r.returncode == 0 and f"thumbs {thumb} on {rid}" in r.stdout, r.stderr
+                else:
+                    add_thumbs(lab.registry.store, rid, thumb)
         report = exp.analyse(s, rec)
         assert report["decision"] in ("continue", "no difference"), report
         if report["decision"] != "continue":
             break
     assert report["decision"] == "no difference", report
-    assert report["winner"] is None and min(report["arms"][a]["n"] for a in "AB") >= 60
+    assert load_feedback(lab.registry.store) == {}  # a thumb is no one's expected answer (monitor, cases)
+    assert report["winner"] is None and min(report["arms"][a]["n"] for a in "AB") >= 40
     assert set(seen.values()) == {lab.prod, lab.twin}
     assert report["arms"]["A"]["mean"] == pytest.approx(0.5) and report["arms"]["B"]["mean"] == pytest.approx(0.5)
     lo, hi = report["ci"]
@@ -180,6 +188,11 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
     with pytest.raises(exp.UsageError, match="a rollout of .* is running"):
         exp.start(lab.session(), lab.cand, 50, "error_rate", "user:test")
     lab.registry.update_state(lambda st: setattr(st, "rollout", {}) or st, "t")
+    lease = {"owner": "pipeline:ci-42", "token": "t0", "expires_at": time.time() + 60}
+    lab.registry.update_state(lambda st: setattr(st, "lease", lease) or st, "t")
+    with pytest.raises(exp.UsageError, match="pipeline:ci-42 holds the rollout lease"):
+        exp.start(lab.session(), lab.cand, 50, "error_rate", "user:test")
+    lab.registry.update_state(lambda st: setattr(st, "lease", {}) or st, "t")
 
     args = ("--share", "50", "--mde", "0.1", "--min-samples", "40", "--max-samples", "2000")
     r = mlops("experiment", "start", lab.cand, "--metric", "error_rate", *args, "--json", cwd=lab.root)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlops.registry.releases import State, tree_sha256
-from mlops.serving.routing import pick
+from mlops.serving.routing import experiment_arm, pick
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
@@ -393,6 +393,33 @@ def test_gateway_user_field_keeps_a_user_on_one_release(gateway: tuple[str, list
         for _ in range(5)
     }
     assert got == {pick(STATE, "alice")}
+
+
+def test_gateway_keeps_each_user_on_their_experiment_arm(fns: dict[str, ModuleType]) -> None:
+    """A running A/B experiment (mlops experiment start) on Modal: the gateway assigns arms by the
+    same salted hash as the local server, so a user's arm is the same on both paths."""
+    st = State.from_json(
+        {
+            "version": 4,
+            "stages": {"production": "rel-a"},
+            "routing": {"rel-a": 50, "rel-b": 50},
+            "experiment": {"id": "exp-9", "baseline": "rel-a", "release": "rel-b", "share": 50, "status": "running"},
+        }
+    )
+    upstream_app, seen = fake_vllm()
+    with LocalServer(upstream_app) as upstream:
+        urls = {rid: f"{upstream.url}/r/{rid}" for rid in ("rel-a", "rel-b")}
+        app = fns["gateway"].create_gateway_app(lambda: st, urls.get, ["key-1"], model_name="tiny")
+        with LocalServer(app) as gw:
+            for user in (f"user-{i}" for i in range(30)):
+                got = {
+                    _post(
+                        gw.url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-user": user}
+                    ).headers["x-mlops-release"]
+                    for _ in range(2)
+                }
+                assert got == {experiment_arm(st.experiment, user, st.routing)}, user
+    assert {s["release"] for s in seen} == {"rel-a", "rel-b"}
 
 
 def test_gateway_pins(gateway: tuple[str, list[dict[str, Any]]]) -> None:

@@ -25,6 +25,7 @@ RANK: dict[str, float] = {
     "configmonitor": BASE,
     "configrollout": BASE,
     "configbase": BASE,
+    "configbudget": BASE,
     "configvllm": BASE,
     "vllm_options": BASE,  # data: vLLM's flags, which deploy.vllm is checked against
     "contracts": BASE,
@@ -49,8 +50,10 @@ RANK: dict[str, float] = {
     "serving": 2.0,
     "report": 2.0,
     "plan": 2.0,
+    "budget": 2.0,  # what a push would spend, against the caps (reads the registry's cost records)
     "rollout_analysis": 2.0,  # judges a live step (the controller and the pipeline call it)
     "tracking": 2.0,
+    "tracking_mlflow": 1.8,  # the MLflow client: tracking (runs) and backends (aliases) use it
     # a backend plays train/serve/route roles, so it may use the serving package
     "backends": 2.5,
     # the orchestrator

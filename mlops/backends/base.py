@@ -115,6 +115,11 @@ class Router(_Role):
         state = self.registry.update_state(change, reason=reason, actor=actor)
         if routing_view(state) != routing_view(before):
             self._publish(state)
+        if state.stages != before.stages and self.cfg.tracking.mlflow is not None:
+            # MLflow mirrors the stages as aliases; it never fails a move (tracking_mlflow's doc)
+            from mlops.tracking_mlflow import sync_aliases
+
+            sync_aliases(self.loaded, self.registry, dict(state.stages), self.registry.model or self.cfg.deploy.model)
         return state
 
     def record(self, release: str, event: str, by: str = "pipeline", **detail: Any) -> None:

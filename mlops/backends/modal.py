@@ -12,6 +12,12 @@ The train and gateway apps are redeployed whenever the code they would run (the 
 functions/*.py, the settings) differs from what they were deployed with, so a push that changes the
 training code trains with that code. This machine reaches a release only through the gateway
 (per-release URLs require a Modal Proxy Auth Token that only the gateway holds).
+
+Several deployed models share the train, eval and gateway apps (deployed with the whole file's
+settings, whichever model's command deploys them); each model's routing State is published under
+its own Dict key and Volume file (`ModalSettings.state_keys`), so moving one never rewrites
+another's, and the gateway routes each request by its `model` to that model's State. A release app
+is deployed with its model's own serving settings (GPU, containers, vLLM flags, prompt).
 """
 
 from __future__ import annotations
@@ -34,12 +40,10 @@ from mlops.backends.modal_settings import (
     BASES,
     CLIENT_KEY_ENV,
     SETTINGS_ENV,
-    STATE_FILE,
-    STATE_KEY,
     ModalSettings,
     code_digest,
 )
-from mlops.config import Loaded
+from mlops.config import Config, Loaded
 from mlops.data import read_source, to_jsonl
 from mlops.errors import ConfigError, InfraError, IntegrityError
 from mlops.registry.releases import Registry, State
@@ -74,10 +78,36 @@ class ModalBackend(Backend):
     def __init__(self, loaded: Loaded, registry: Registry) -> None:
         super().__init__(loaded, registry)
         self._current: set[tuple[str, str]] = set()  # (app, digest) found or made current: one check each
+        self._file_cfg: Config | None = None
+        # releases this process deployed or woke to use (an eval, a rollout): their apps stay up
+        # while it runs, though the state does not reference them yet (`mlops deploy --release X`
+        # after `mlops eval --release X`: every lease heartbeat publishes, and would stop X's app)
+        self._in_use: set[str] = set()
+
+    @property
+    def file_cfg(self) -> Config:
+        """The whole file's config: a session sees its model's view (`mlops.config.narrow`), but
+        the shared apps must be deployed with the same settings whichever model deploys them, or
+        each model's run would redeploy the gateway for the other's."""
+        if self._file_cfg is None:
+            deploy = self.loaded.raw.get("deploy")
+            several = isinstance(deploy, dict) and bool(deploy.get("models"))
+            self._file_cfg = Config.model_validate(self.loaded.raw) if several else self.cfg
+        return self._file_cfg
+
+    @property
+    def model(self) -> str:
+        return self.registry.model or self.cfg.deploy.model
 
     @property
     def settings(self) -> ModalSettings:
-        return ModalSettings.from_config(self.cfg, self.loaded.root)
+        """What the shared apps (gateway, train, eval) run with."""
+        return ModalSettings.from_config(self.file_cfg, self.loaded.root)
+
+    @property
+    def serve_settings(self) -> ModalSettings:
+        """What this model's release apps run with (its GPU, containers, vLLM flags, prompt)."""
+        return ModalSettings.from_config(self.file_cfg, self.loaded.root, model=self.model)
 
     @property
     def api(self) -> ModalAPI:
@@ -228,9 +258,10 @@ class ModalBackend(Backend):
 
     def _publish(self, state: State) -> None:
         raw = state.to_json()
+        key, path = self.settings.state_keys(self.model)
         # The Volume copy outlives Dict expiry (7 idle days); the gateway falls back to it.
-        self.api.volume_put({STATE_FILE: json.dumps(raw, sort_keys=True).encode()})
-        self.api.dict_put(STATE_KEY, raw)
+        self.api.volume_put({path: json.dumps(raw, sort_keys=True).encode()})
+        self.api.dict_put(key, raw)
         self._await_live(state.version)
         self.stop_unreferenced(state)
 
@@ -248,7 +279,7 @@ class ModalBackend(Backend):
             try:
                 r = httpx.get(
                     f"{url}/v1/mlops/stats",
-                    params={"since": time.time()},
+                    params={"since": time.time(), "model": self.model},
                     headers={"authorization": f"Bearer {self.client_key()}"},
                     timeout=30.0,
                     trust_env=False,
@@ -272,7 +303,8 @@ class ModalBackend(Backend):
         canary): with min_containers > 0 each would keep a GPU warm for nothing; and every judge
         app mlops.yaml no longer declares."""
         s = self.settings
-        keep = {s.serve_app(r) for r in state.referenced()} | keep_bases(self, state)
+        refs = state.referenced() | self._neighbours_referenced() | self._in_use
+        keep = {s.serve_app(r) for r in refs} | keep_bases(self, refs)
         keep |= {s.judge_app(n) for n, j in self.cfg.judges.items() if j.self_hosted}
         prefix = s.serve_app("") + "-"
         judges = s.judge_app("") + "-"
@@ -280,6 +312,16 @@ class ModalBackend(Backend):
         for app in stopped:
             self.api.stop(app)
         return stopped
+
+    def _neighbours_referenced(self) -> set[str]:
+        """The releases the other deployed models route to or keep: their apps share the prefix."""
+        if not self.settings.models:
+            return set()
+        doc, _ = self.registry.read_doc()
+        refs = {r for m, st in doc.states.items() if m != self.model for r in st.referenced()}
+        if doc.legacy is not None and doc.owner not in (None, self.model):  # the single-model layout, not ours
+            refs |= doc.legacy.referenced()
+        return refs
 
     def _prepare(self, release_id: str) -> None:
         self.preflight(release_id)  # a release is evaluated through its own vLLM app, so deploy it first
@@ -289,9 +331,11 @@ class ModalBackend(Backend):
         s = self.settings
         adapter = (self.registry.manifest(release_id) or {}).get("adapter")
         if isinstance(adapter, dict):  # no app of its own: loaded into its base's app (modal_adapters.py)
+            self._in_use.add(release_id)
             deploy_adapter(self, release_id, self.registry.require(release_id))
             return
         app = s.serve_app(release_id)
+        self._in_use.add(release_id)
         url = self._gateway_url()
         # e.g. a rollback to `previous`: a deployed app is woken (scaled to zero, its first request
         # waits for a cold start), not redeployed; only one that does not answer is redeployed
@@ -299,7 +343,7 @@ class ModalBackend(Backend):
             return
         manifest = self.registry.require(release_id)
         self._stage(release_id, manifest)
-        env = {SETTINGS_ENV: s.to_json(), "MLOPS_RELEASE": release_id}
+        env = {SETTINGS_ENV: self.serve_settings.to_json(), "MLOPS_RELEASE": release_id}
         self.api.deploy(self.functions_dir / "serve.py", app, env | {"MLOPS_RELEASE_SHA256": manifest_sha(manifest)})
         self._wait_healthy(url, release_id, float(s.startup_timeout + 60))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.backends.modal_settings import ADAPTER_KEY, SERVE_BASES, SETTINGS_ENV
-from mlops.registry.releases import State, sha256_file, tree_sha256
+from mlops.registry.releases import sha256_file, tree_sha256
 
 # `b` below is the ModalBackend (typed Any: modal.py imports this module, not the other way round)
 
@@ -69,11 +69,11 @@ def stage_base(b: Any, key: str, base_dir: Path) -> str:
     return digest
 
 
-def keep_bases(b: Any, state: State) -> set[str]:
-    """The base apps `state` still needs; the Dict entry of every adapter release it no longer
-    references is cleared (each base container unloads it within ADAPTER_SYNC_S)."""
+def keep_bases(b: Any, refs: set[str]) -> set[str]:
+    """The base apps the releases `refs` (every model's referenced ones) need; the Dict entry of
+    every adapter release not among them is cleared (its base's containers unload it within
+    functions/serve.py's ADAPTER_SYNC_S)."""
     keep = set()
-    refs = state.referenced()
     for k, entry in b.api.dict_items(ADAPTER_KEY).items():
         if not isinstance(entry, dict):
             continue

@@ -9,7 +9,8 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
     {app}-eval             functions/evaluate.py `score`: heavy metrics (judges, embeddings) over case batches
     {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
                                       routing/state.json (the durable copy of the routing state)
-    {app}-state      a Modal Dict     "state": the routing State; "code:<app>": the code it was deployed with;
+    {app}-state      a Modal Dict     "state": the routing State ("state:<model>" each, several models
+                                      deployed); "code:<app>": the code it was deployed with;
                                       "failure:<app>": why that app's server died at start
     {app}-auth       a Modal Secret (yours)   MLOPS_API_KEYS, MLOPS_VLLM_API_KEY,
                                               MLOPS_PROXY_TOKEN_ID, MLOPS_PROXY_TOKEN_SECRET
@@ -26,7 +27,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from mlops.config import Config
+from mlops.config import Config, DeployCfg, Loaded, narrow
 from mlops.registry.releases import sha256_file
 from mlops.serving.vllm_argv import DEFAULT_OPTIONS, config_args, lora_args
 
@@ -75,6 +76,10 @@ class ModalSettings:
     environment: str | None = None
     secrets: tuple[str, ...] = ()  # extra Modal Secrets (names) attached to every function
     served_model: str = "model"  # the deploy model's name; vLLM also answers to it
+    # Several deployed models (mlops.yaml deploy.models): the ones the one gateway routes by the
+    # request's `model`, each by its own routing State; () with one (the single-model layout).
+    models: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()  # each of `models`' prompt template, in order (the gateway's capture)
     prompt: str = "{input}"  # how a chat turn becomes a prompt, as on the local server
     api_key_env: str | None = None  # mlops.yaml deploy.server.api_key_env: also accepted by the gateway
     train_gpu: str | None = "A10G"
@@ -138,40 +143,55 @@ class ModalSettings:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("secrets", "train_files", "vllm_args", "lora_args"):
+        for key in ("secrets", "train_files", "vllm_args", "lora_args", "models", "prompts"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
 
     @classmethod
-    def from_config(cls, cfg: Config, root: Path | None = None) -> ModalSettings:
-        """`root`: the config's directory, against which a relative local `storage` resolves."""
-        model = cfg.models[cfg.deploy.model]
+    def from_config(cls, cfg: Config, root: Path | None = None, model: str | None = None) -> ModalSettings:
+        """`root`: the config's directory, against which a relative local `storage` resolves.
+        `model`: the deployed model whose serving settings (GPU, containers, vLLM flags, prompt) a
+        release app of it gets; by default the first deployed: what the shared apps (gateway, train,
+        eval) are deployed with, the same whichever model's command deploys them."""
+        names = cfg.deploy.names
+        name = model or names[0]
+        deploy = _deploy_of(cfg, name)
         entrypoints = [m.train.entrypoint for m in cfg.models.values() if m.train.entrypoint]
         storage = cfg.storage
         if "://" not in storage and root is not None:
             storage = str((root / storage).resolve())
+        resources = cfg.models[name].resources
         return cls(
             app=modal_name(cfg.modal.app_name or f"mlops-{cfg.project}"),
             environment=cfg.modal.environment,
             secrets=tuple(cfg.modal.secrets),
-            served_model=cfg.deploy.model,
-            prompt=model.prompt,
+            served_model=name,
+            models=tuple(names) if len(names) > 1 else (),
+            prompts=tuple(cfg.models[n].prompt for n in names) if len(names) > 1 else (),
+            prompt=cfg.models[name].prompt,
             api_key_env=cfg.deploy.server.api_key_env,
-            train_gpu=model.resources.gpu,
-            train_timeout=int(model.resources.timeout),
-            serve_gpu=cfg.deploy.resources.gpu,
-            min_containers=cfg.deploy.resources.min_containers,
-            max_containers=cfg.deploy.resources.max_containers,
+            train_gpu=resources.gpu,
+            train_timeout=int(resources.timeout),
+            serve_gpu=deploy.resources.gpu,
+            min_containers=deploy.resources.min_containers,
+            max_containers=deploy.resources.max_containers,
             max_inputs=cfg.deploy.server.max_batch_size,
-            vllm_args=tuple(config_args(cfg.deploy.vllm, cfg.deploy.resources.gpu)),
-            lora_args=tuple(lora_args(cfg.deploy.vllm)),
+            vllm_args=tuple(config_args(deploy.vllm, deploy.resources.gpu)),
+            lora_args=tuple(lora_args(deploy.vllm)),
             storage=storage,
             monitor_json=cfg.monitor.model_dump_json(),
             train_files=tuple(
                 sorted({str(((root or Path.cwd()) / e.rpartition(":")[0]).resolve()) for e in entrypoints})
             ),
         )
+
+    def state_keys(self, model: str | None = None) -> tuple[str, str]:
+        """Where `model`'s routing State is published: its Dict key and its durable copy on the
+        Volume. One deployed model keeps the single-model names ("state", routing/state.json)."""
+        if not self.models or model is None:
+            return STATE_KEY, STATE_FILE
+        return f"{STATE_KEY}:{model}", f"routing/{model}/state.json"
 
     @property
     def digest(self) -> str:
@@ -182,6 +202,13 @@ class ModalSettings:
     def env(self, **extra: str) -> dict[str, str | None]:
         """The `env=` of a Modal function: these settings, plus `extra`."""
         return {SETTINGS_ENV: self.to_json(), **extra}
+
+
+def _deploy_of(cfg: Config, model: str) -> DeployCfg:
+    """`model`'s deploy settings: the block's defaults with its `deploy.models` entry over them."""
+    if cfg.deploy.model == model or model not in cfg.deploy.models:
+        return cfg.deploy
+    return narrow(Loaded.model_construct(cfg=cfg, path=Path("mlops.yaml"), raw={}), model).cfg.deploy
 
 
 def current_settings(environ: dict[str, str] | None = None) -> ModalSettings:

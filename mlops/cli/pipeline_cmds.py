@@ -62,8 +62,9 @@ def _session(config: Path, set_: list[str] | None, json_: bool, progress: Any = 
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(config: ConfigOpt = Path("mlops.yaml"), set_: SetOpt = None, json_: JsonOpt = False) -> None:
-        """What a run would do: which models changed (data, config or training code hashes), and what
-        each no-regression gate can resolve on production's stored cases (flaky cases, a stale baseline)."""
+        """What a push would do: which models changed (data, config or training code hashes), what it
+        would spend against `budget:` and this month's records, and what each no-regression gate can
+        resolve on production's stored cases (flaky cases, a stale baseline)."""
         from mlops.plan import make_plan
         from mlops.report.noise import before_run, plan_lines
 
@@ -71,10 +72,21 @@ def register(app: typer.Typer) -> None:
         s = _session(config, set_, json_, model=loaded.cfg.deploy.names[0])
         p = make_plan(loaded, s.registry, list(loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
+        from mlops.budget import estimate
+        from mlops.registry import costs
+
+        # a push trains and evaluates each deployed model whose fingerprint changed
+        pushed = [m.model for m in p.models if m.train and m.model in loaded.cfg.deploy.names]
+        est, basis = estimate(loaded, s.registry, pushed, pushed)
+        budget = costs.document(loaded.cfg, s.registry.store, est, basis)
+        lines += costs.lines(budget)
         noise = {name: before_run(s.registry.scoped(name), loaded.cfg) for name in loaded.cfg.deploy.names}
         for name, section in noise.items():
             lines += [(f"{name}: " if len(noise) > 1 else "") + line for line in plan_lines(section)]
-        doc = p.model_dump(mode="json") | {"noise": {k: v.model_dump(mode="json") for k, v in noise.items()}}
+        doc = p.model_dump(mode="json") | {
+            "budget": budget.model_dump(mode="json"),
+            "noise": {k: v.model_dump(mode="json") for k, v in noise.items()},
+        }
         if json_:
             emit(doc, True)
         else:  # not rich: a warning wrapped at 80 columns would be split across lines in a CI log

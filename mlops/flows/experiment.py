@@ -30,9 +30,7 @@ from mlops.util import now, percentile
 EXPERIMENTS_PREFIX = "experiments"
 # metrics read from capture alone, and whether higher is better
 TRAFFIC_METRICS = {"error_rate": False, "latency": False}
-THUMBS = "thumbs"  # `mlops feedback <id> up|down`: the conversion-like metric users give
-UP = {"up", "+1", "1", "good", "yes", "true", "thumbs_up", "\N{THUMBS UP SIGN}"}
-DOWN = {"down", "-1", "0", "bad", "no", "false", "thumbs_down", "\N{THUMBS DOWN SIGN}"}
+THUMBS = "thumbs"  # `mlops feedback <id> --thumbs up|down`: the conversion-like metric users give
 BINARY_SUITE = ("json_valid", "regex")  # reference-free suite metrics that pass or fail
 CONTINUOUS_SUITE = ("length",)
 DEFAULT_MDE = 0.05  # a binary metric's planned absolute effect: 5 points
@@ -137,6 +135,9 @@ def _refuse(st: State, release: str) -> None:
         raise UsageError(
             f"a rollout of {st.rollout.get('release')} is running on this model: an experiment waits for it"
         )
+    lease = st.lease
+    if lease.get("token") and float(lease.get("expires_at") or 0) > time.time():
+        raise UsageError(f"{lease.get('owner') or 'a pipeline'} holds the rollout lease: start the experiment after it")
     if _running(st.experiment):
         raise UsageError(f"experiment {st.experiment.get('id')} is already running (mlops experiment stop)")
     prod = st.stages.get("production")
@@ -222,16 +223,15 @@ def _values(s: Session, spec: MetricSpec, recs: list[dict[str, Any]]) -> Iterato
 
 
 def _thumbs(s: Session, recs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float]]:
-    from mlops.monitor.traffic import load_feedback
+    from mlops.monitor.traffic import load_thumbs
 
-    labels = load_feedback(s.registry.store)
     by_id = {r["id"]: r for r in recs}
-    votes = []
-    for rid, doc in labels.items():
-        label = str(doc["label"]).strip().lower()
-        if rid in by_id and (label in UP or label in DOWN):
-            votes.append((float(doc.get("time") or 0), rid, float(label in UP)))
-    for _, rid, v in sorted(votes):  # labels arrive in their own order: that is the stream
+    votes = [
+        (float(doc.get("time") or 0), rid, float(doc["thumbs"] == "up"))
+        for rid, doc in load_thumbs(s.registry.store).items()
+        if rid in by_id
+    ]
+    for _, rid, v in sorted(votes):  # thumbs arrive in their own order: that is the stream
         yield by_id[rid], v
 
 

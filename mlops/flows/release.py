@@ -7,7 +7,7 @@ import contextlib
 from mlops.contracts import DeployOutcome, EvalOutcome, RollbackOutcome
 from mlops.errors import UsageError
 from mlops.flows.session import STAGE_REFS, Session, resolve_release
-from mlops.flows.stages import evaluate, gate, production_results, recover, roll_out
+from mlops.flows.stages import check_budget, evaluate, gate, production_results, recover, roll_out
 
 
 def eval_release(
@@ -19,6 +19,7 @@ def eval_release(
     for name in suites or []:
         if name not in s.loaded.cfg.evals:
             raise UsageError(f"unknown suite {name!r} (valid: {', '.join(s.loaded.cfg.evals)})")
+    check_budget(s, [], evaluate=True, release=rid)  # before the endpoint or a judge is asked
     if not url:
         s.backend.prepare(rid)
     cm = contextlib.nullcontext(url) if url else s.backend.serve()

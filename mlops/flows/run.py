@@ -13,6 +13,7 @@ from mlops.flows.session import Session
 from mlops.flows.stages import (
     _clear_candidate,
     _smoke,
+    check_budget,
     evaluate,
     gate,
     production_results,
@@ -37,12 +38,23 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     `on_step(name)` is called at each stage boundary (tests kill the process there)."""
     from mlops.registry.lease import rollout_lease
 
+    if s.loaded.cfg.tracking.mlflow is not None:
+        from mlops.tracking_mlflow import reset
+
+        reset()  # a server down during an earlier run in this process is tried again
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
         try:
-            return _run(s, force, on_step)
+            res = _run(s, force, on_step)
         finally:
             _sweep(s)
+    if s.loaded.cfg.tracking.mlflow is not None:  # MLflow down is reported, never the run's failure
+        from mlops.tracking_mlflow import warnings
+
+        res = res.model_copy(update={"warnings": [*res.warnings, *warnings()]})
+        for w in res.warnings:
+            s.say(f"warning: {w}")
+    return res
 
 
 def _sweep(s: Session) -> None:
@@ -88,21 +100,30 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 timings=t,
             )
 
-    tracker = Tracker(s.loaded, "run", {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend})
+    # before anything is spent: training (when it trains) and the evals of the release it will gate
+    check_budget(s, [cfg.deploy.model] if mp.train else [], evaluate=True, release=None if mp.train else mp.existing)
+    params = {"project": cfg.project, "model": cfg.deploy.model, "backend": cfg.backend}
+    params |= {f"train.{k}": v for k, v in cfg.models[cfg.deploy.model].train.model_dump().items()}
+    tracker = Tracker(s.loaded, "run", params)
     exit_code = 1
+    release: str | None = None
     try:
         mark("train")
         progress = s.progress
 
+        # about 20 points a loss curve (every 25 steps of the example's 500), the last step included
+        steps = cfg.models[cfg.deploy.model].train.steps
+        every = max(1, min(25, steps // 20))
+
         def logged(d: dict[str, float]) -> None:
             if progress:
                 progress(d)
-            if int(d["step"]) % 25 == 0:
+            if int(d["step"]) % every == 0 or int(d["step"]) == steps:
                 tracker.log({"train/loss": d["loss"], "train/tokens_per_s": d["tokens_per_s"]}, step=int(d["step"]))
 
         s.progress = logged
         with _timed(t, "train"):
-            tr = train(s, cfg.deploy.model, force=force)
+            tr = train(s, cfg.deploy.model, force=force, budget=False)
         s.progress = progress
         release = str(tr.release)
         mark("registered")
@@ -187,7 +208,25 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 served_by=served,
                 timings=t,
                 wandb_run=tracker.run_id,
+                mlflow_run=tracker.mlflow_run_id,
             )
     finally:
         t.setdefault("total", round(time.perf_counter() - t_all, 3))
+        if release is not None and tracker.mlflow is not None:
+            _report_artifact(s, tracker, release)
         tracker.finish(exit_code)
+
+
+def _report_artifact(s: Session, tracker: Any, release: str) -> None:
+    """The release's eval report as an artifact of the MLflow run; a report that cannot be built
+    is a warning, never the run's failure."""
+    from mlops.report import build_report, to_markdown
+    from mlops.tracking_mlflow import warn
+
+    try:
+        rep = build_report(s.registry, s.loaded.cfg, release, production=s.production_registry)
+    except Exception as e:  # the run's own outcome stands; the mirror lacks one file
+        warn(f"MLflow: no report artifact for {release}: {type(e).__name__}: {str(e)[:160]}")
+        return
+    tracker.artifact("report.md", to_markdown(rep).encode())
+    tracker.artifact("report.json", rep.model_dump_json(indent=2).encode())

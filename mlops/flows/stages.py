@@ -5,6 +5,7 @@ Each is also reachable on its own (`mlops train`, `mlops eval`, ...) through a f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -35,8 +36,37 @@ def recover(s: Session) -> State | None:
     return None
 
 
-def train(s: Session, model: str | None = None, force: bool = False) -> TrainOutcome:
-    """Train `model` unless an identical release exists; register it as the candidate."""
+def check_budget(s: Session, train: list[str], evaluate: bool, release: str | None = None) -> None:
+    """Stop (OverBudget, exit 1) before anything is spent when what this run would spend (training
+    the models in `train`, evaluating the deployed model when `evaluate`) takes a cap of `budget:`
+    past its limit. Nothing to check when no cap is set."""
+    cfg = s.loaded.cfg
+    if not cfg.budget.active:
+        return
+    from mlops.budget import estimate
+    from mlops.registry import costs
+
+    models = [cfg.deploy.model] if evaluate else []
+    est, basis = estimate(s.loaded, s.registry, train, models, release)
+    costs.check(costs.document(s.loaded.cfg, s.registry.store, est, basis))
+
+
+def record_spend(s: Session, kind: str, release: str, spend: dict[str, float]) -> None:
+    """A cost record in the registry (what `budget:` counts). Bookkeeping never fails a run that
+    already spent: a store that refuses is said, not raised."""
+    from mlops.errors import MlopsError
+    from mlops.registry import costs
+
+    try:
+        costs.record(s.registry.store, kind, s.registry.model_of(release), release, spend)
+    except (MlopsError, OSError) as e:
+        s.say(f"could not write the cost record of {release}: {getattr(e, 'headline', e)}")
+
+
+def train(s: Session, model: str | None = None, force: bool = False, budget: bool = True) -> TrainOutcome:
+    """Train `model` unless an identical release exists; register it as the candidate.
+    `budget`: check the training's estimate against `budget:` first (`mlops run` checks the whole
+    run's before it calls this)."""
     from mlops.plan import make_plan
     from mlops.training.train import job_from_config
 
@@ -48,6 +78,8 @@ def train(s: Session, model: str | None = None, force: bool = False) -> TrainOut
     if not mp.train:
         s.say(f"train: skipped, {mp.reason}")
         return TrainOutcome(release=mp.existing, trained=False, reason=mp.reason, lineage=mp.lineage)
+    if budget:
+        check_budget(s, [name], evaluate=False)
     m = cfg.models[name]
     release = s.registry.new_id(name)
     out = cache_dir(s.loaded) / "build" / release
@@ -64,12 +96,16 @@ def train(s: Session, model: str | None = None, force: bool = False) -> TrainOut
     # the lock tells the next run's sweep that this output is in use (dropped even on kill -9)
     with working(out.parent / f".{release}.lock"):
         try:
+            cpu0 = time.process_time()
             result = s.backend.train(job, s.progress)
+            # this process's CPU time (every thread): what a CPU run is budgeted by, since wall time
+            # on a shared machine measures the neighbours' load as much as the run
+            cpu_s = round(time.process_time() - cpu0, 3) if result.device == "cpu" and cfg.backend == "local" else None
             manifest: dict[str, Any] = {
                 "model": name,
                 "backend": cfg.backend,
                 "lineage": mp.lineage | data_lineage,
-                "train": asdict(result) | {"out_dir": None},
+                "train": asdict(result) | {"out_dir": None} | ({"cpu_seconds": cpu_s} if cpu_s is not None else {}),
                 "config": {k: v for k, v in m.model_dump(mode="json").items() if k != "resources"},
             }
             if result.adapter is not None:  # the artifact is a peft adapter on `base` (mlops/training/adapter.py)
@@ -77,6 +113,9 @@ def train(s: Session, model: str | None = None, force: bool = False) -> TrainOut
             manifest = s.registry.publish(release, out, manifest)
         finally:
             shutil.rmtree(out, ignore_errors=True)
+    from mlops.registry.costs import train_spend
+
+    record_spend(s, "train", release, train_spend(manifest["train"]))
 
     def mark(st: State) -> State:
         st.stages["candidate"] = release
@@ -104,6 +143,9 @@ def evaluate(
         res = run_suite(s.loaded, suite, release, base_url, cache_dir(s.loaded), api_key=key, remote=remote)
         if store:
             s.registry.put_eval(release, suite, res)
+            from mlops.registry.costs import eval_spend
+
+            record_spend(s, "eval", release, eval_spend(s.loaded.cfg, res.cost))
         cost = res.cost
         means = ", ".join(f"{k} {v.mean:.4g}" for k, v in res.metrics.items())
         judged = f", {cost.judge_calls} judge calls ({cost.judge_cache_hits} cached)" if s.loaded.cfg.judges else ""

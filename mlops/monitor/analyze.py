@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +221,17 @@ def analyze(
     release: str | None = None,
     reference: tuple[float, float] | None = None,
     say: Say = lambda _: None,
+    models: Sequence[str] = (),
 ) -> MonitorReport:
-    """The monitor report; `report.drifted` lists the crossed checks."""
+    """The monitor report; `report.drifted` lists the crossed checks. `models`: the deployed
+    models when there are several: the traffic analysed is then this config's model's only
+    (`loaded` is its view, `mlops.config.narrow`); the capture counters stay the endpoint's."""
+    model = loaded.cfg.deploy.model if len(models) > 1 else None
     m = loaded.cfg.monitor
     t = m.thresholds
     serving = release or registry.read_state()[0].stages.get("production")
     since = math.floor(since / 60) * 60  # a whole minute: the capture counters count per minute
-    w = load_window(registry.store, since, until, release)
+    w = load_window(registry.store, since, until, release, model, models)
     # a writer silent this long with requests neither written nor lost was killed before it flushed
     counts = load_counts(registry.store, since, w.until, stale_s=max(60.0, 3 * m.flush_interval))
     account = _account(counts, w)
@@ -249,12 +253,13 @@ def analyze(
         return MonitorReport(**head, verdict="capture lost", message=_loss_message(account))
     if not w.records:
         message = f"no traffic since {head['since']}" + (f" for release {release}" if release else "")
+        message += f" for model {model}" if model and not release else ""
         if account is not None and account.sampled_out:
             message += f" ({account.sampled_out} answered requests left out by monitor.sample_rate)"
         return MonitorReport(**head, verdict="no traffic", message=message)
     say(f"monitor: {len(w.records)} requests from {w.files} capture files")
     if reference is not None:
-        earlier = load_window(registry.store, reference[0], reference[1], release)
+        earlier = load_window(registry.store, reference[0], reference[1], release, model, models)
         if not earlier.records:  # a verdict against nothing is no verdict
             raise UsageError(f"--reference: no captured traffic from {_iso(reference[0])} to {_iso(reference[1])}")
         ref = window_reference(earlier)

@@ -30,12 +30,13 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlops.config import Loaded, MonitorCfg
+from mlops.config import Loaded, MonitorCfg, owner
 from mlops.configmonitor import NOT_CAPTURED
 from mlops.monitor.record import MAX_BODY, MAX_TEXT, Exchange, encode, to_record
 
@@ -73,8 +74,12 @@ class CaptureWriter:
         flush_interval: float = 5.0,
         queue_size: int = 10000,
         source: str = "local",
+        models: Mapping[str, str] | None = None,
     ) -> None:
         self.store, self.mode, self.template, self.source = store, mode, template, source
+        # deployed model -> its prompt template: a record names the model whose release answered
+        # (one model: always that one), and a chat turn is rendered with that model's template
+        self.models = dict(models or {})
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.tally = Tally(source, uuid.uuid4().hex[:12])
@@ -86,6 +91,12 @@ class CaptureWriter:
         self._thread = threading.Thread(target=self._run, daemon=True, name="mlops-capture")
         self._thread.start()
         atexit.register(self.close)  # `mlops serve` ends on Ctrl-C: what is queued still lands
+
+    def model_of(self, release: str) -> str | None:
+        """The deployed model a release id belongs to (its id starts with the model's name)."""
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        return owner(list(self.models), release) if release else None
 
     def skipped(self, t: float) -> None:
         """A request answered but left out by the sample rate."""
@@ -135,7 +146,10 @@ class CaptureWriter:
                 with self._bytes_lock:
                     self._bytes -= item.size
                 try:  # one record at a time: a record that cannot be encoded costs no other
-                    batch.append((item.time, encode(to_record(item, self.mode, self.template, self.source))))
+                    model = self.model_of(item.release)
+                    template = self.models.get(model or "", self.template)
+                    rec = to_record(item, self.mode, template, self.source, model)
+                    batch.append((item.time, encode(rec)))
                 except Exception as e:  # a capture must never take the writer down
                     self.encode_errors += 1
                     self.tally.add(item.time, "encode")
@@ -276,7 +290,9 @@ class CaptureMiddleware:
         return snd
 
 
-def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, source: str) -> ASGIApp:
+def wrap_with(
+    app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, source: str, models: Mapping[str, str] | None = None
+) -> ASGIApp:
     """`app` with capture as `monitor` says (unchanged when it is off). For servers that have no
     `Loaded` at hand: the Modal gateway passes the storage, the `monitor:` section and the template
     it was deployed with, and `source="gateway"`."""
@@ -290,6 +306,7 @@ def wrap_with(app: ASGIApp, store: Store, monitor: MonitorCfg, template: str, so
         flush_interval=monitor.flush_interval,
         queue_size=monitor.queue_size,
         source=source,
+        models=models,
     )
     return CaptureMiddleware(app, writer, monitor.sample_rate)
 
@@ -298,5 +315,6 @@ def wrap(app: ASGIApp, loaded: Loaded, store: Store, source: str = "local") -> A
     """The serving hook: `app` with capture as `monitor:` in mlops.yaml configures it.
     The writer flushes what is queued when the process exits (atexit: `mlops serve` turns SIGTERM
     into SystemExit, see serving/runner.py), or on `writer.close()`."""
-    template = loaded.cfg.models[loaded.cfg.deploy.model].prompt
-    return wrap_with(app, store, loaded.cfg.monitor, template, source)
+    name = loaded.cfg.deploy.model  # the model's own view (mlops.config.narrow): one app per model
+    template = loaded.cfg.models[name].prompt
+    return wrap_with(app, store, loaded.cfg.monitor, template, source, {name: template})

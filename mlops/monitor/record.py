@@ -108,8 +108,9 @@ def _cut(text: str) -> tuple[str, bool]:
     return (text[:MAX_TEXT], True) if len(text) > MAX_TEXT else (text, False)
 
 
-def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, Any]:
-    """The stored form of one exchange (runs on the writer thread)."""
+def to_record(ex: Exchange, mode: str, template: str, source: str, model: str | None = None) -> dict[str, Any]:
+    """The stored form of one exchange (runs on the writer thread). `model`: the deployed model
+    that answered (several deployed: `mlops monitor --model` reads only its records)."""
     body_cut = ex.request_bytes > MAX_BODY  # the middleware kept no body: nothing to parse
     try:
         req = json.loads(b"".join(ex.request) or b"{}") if not body_cut else {}
@@ -125,6 +126,7 @@ def to_record(ex: Exchange, mode: str, template: str, source: str) -> dict[str, 
         "id": str(resp["id"] or f"req-{uuid.uuid4().hex[:16]}"),
         "time": round(ex.time, 3),
         "source": source,
+        **({"model": model} if model else {}),
         "release": ex.release,
         "route": ex.route,
         "status": ex.status,

@@ -13,6 +13,9 @@ each repair in the affected releases' histories. What it knows:
 - the state routes to a release with no (valid) manifest: production falls back to previous, or
   to the newest release ever promoted; all traffic to production; the canary dropped.
 - a rollout lease that expired with canary weights in place: all traffic back to production.
+- several deployed models (`{"models": {name: state}}`): each model's state is examined and
+  repaired alone, from its own releases' histories (a release's manifest names its model); an
+  unreadable state.json is rebuilt with a state for every model that has releases.
 - a capture directory (`monitor/capture`, `monitor/counters`) that is not a directory: serving
   counts every request it then cannot capture (`mlops monitor` exits 4); moved aside.
 - orphans: artifact directories with no manifest whose writer is gone, and `.tmp` files left by a
@@ -45,6 +48,7 @@ class Finding:
     problem: str
     repair: str
     repaired: bool = False
+    model: str | None = None  # several deployed models: whose state this finding is about
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,37 +181,34 @@ def examine(reg: Registry) -> list[Finding]:
             if key.endswith(".json") and (bad := _eval_damage(reg, key)):
                 found.append(Finding("damaged_eval", key, bad, "move it aside (re-run eval)"))
     exists, doc, why = _doc(reg, STATE_KEY)
-    if exists and (why or not isinstance(doc, dict)):
+    if exists and (why or not isinstance(doc, dict) or not _states(doc)):
         found.append(Finding("damaged_state", STATE_KEY, why or "not an object", "rebuild it from release histories"))
-    elif exists and isinstance(doc.get("models"), dict):  # several deployed models: each one's state
-        for name, sub in sorted(doc["models"].items()):
-            refs = State.from_json(sub).referenced() if isinstance(sub, dict) else set()
-            if missing := sorted(r for r in refs if not _valid_manifest(reg, r)):
-                problem = f"model {name} routes or points to {', '.join(missing)}, which has no valid manifest"
-                fix = f"mlops rollback --model {name} --to RELEASE (not rebuilt automatically with several models)"
-                found.append(Finding("missing_model_release", STATE_KEY, problem, fix))
     elif exists:
-        st = State.from_json(doc)
-        missing = sorted(r for r in st.referenced() if not _valid_manifest(reg, r))
-        if missing:
-            found.append(
-                Finding(
-                    "missing_release",
-                    STATE_KEY,
-                    f"routes or points to {', '.join(missing)}, which has no valid manifest",
-                    "route to the last good production",
-                )
-            )
-        elif st.lease.get("token") and not live(st.lease) and recover_routing(State.from_json(doc)):
-            found.append(
-                Finding(
-                    "expired_lease",
-                    STATE_KEY,
-                    f"canary weights of {st.lease.get('owner')}, whose lease expired",
-                    "all traffic back to production",
-                )
-            )
+        for name, st in _states(doc).items():
+            found += _state_findings(reg, st, name)
     return found + capture_findings(reg) + orphan_findings(reg)
+
+
+def _states(doc: dict[str, Any]) -> dict[str | None, State]:
+    """Each model's State (None: the single-model layout's); {} when one is not a state."""
+    try:
+        if isinstance(doc.get("models"), dict):
+            return {str(n): State.from_json(sub) for n, sub in sorted(doc["models"].items())}
+        return {None: State.from_json(doc)}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+
+
+def _state_findings(reg: Registry, st: State, model: str | None) -> list[Finding]:
+    whose = f"model {model} " if model else ""
+    missing = sorted(r for r in st.referenced() if not _valid_manifest(reg, r))
+    if missing:
+        problem = f"{whose}routes or points to {', '.join(missing)}, which has no valid manifest"
+        return [Finding("missing_release", STATE_KEY, problem, "route to the last good production", model=model)]
+    if st.lease.get("token") and not live(st.lease) and recover_routing(State.from_json(st.to_json())):
+        problem = f"{whose}canary weights of {st.lease.get('owner')}, whose lease expired"
+        return [Finding("expired_lease", STATE_KEY, problem, "all traffic back to production", model=model)]
+    return []
 
 
 CAPTURE_DIRS = ("monitor", "monitor/capture", "monitor/counters")
@@ -228,6 +229,45 @@ def capture_findings(reg: Registry) -> list[Finding]:
 # ---------------------------------------------------------------------------- repair
 
 
+def _repair_state(reg: Registry, actor: str) -> list[str]:
+    """Rewrite state.json with every model's state repaired (one compare-and-swap); return the
+    production releases of the states that changed."""
+    blob = reg.store.get(STATE_KEY)
+    doc, why = parse(blob.data) if blob else (None, None)
+    olds: dict[str | None, State | None] = {}
+    if why is None and isinstance(doc, dict):
+        olds.update(_states(doc))
+    several = why is None and isinstance(doc, dict) and isinstance(doc.get("models"), dict)
+    if not olds:  # unreadable: a state for each model whose releases the registry holds
+        owners = sorted({o for r in _release_ids(reg) if _valid_manifest(reg, r) and (o := reg.model_of(r))})
+        several = len(owners) > 1
+        olds = dict.fromkeys(owners, None) if several else {None: None}
+    # above any version a server has seen, so every watcher takes the repaired state (a version
+    # lost with the file: seconds since the epoch exceed any count of writes)
+    seen = [int(v) for v in re.findall(rb'"version":\s*(\d+)', blob.data)] if blob else []
+    salvaged = max(seen, default=0)
+    new: dict[str | None, State] = {}
+    changed = []
+    for name, old in olds.items():
+        st = _good_state(reg, old, name if several else None)
+        st.version = old.version if old else salvaged
+        if old is not None and st.to_json() == old.to_json():
+            new[name] = old
+            continue
+        st.version = st.version + 1 if st.version else int(time.time())
+        st.updated_at, st.reason, st.actor = now(), "mlops doctor --repair", actor
+        new[name] = st
+        changed.append(st.stages.get("production"))
+    if not changed:
+        return []
+    out = {"models": {str(n): st.to_json() for n, st in new.items()}} if several else new[None].to_json()
+    if blob is None:
+        reg.store.put(STATE_KEY, _dumps(out), if_none_match=True)
+    else:
+        reg.store.put(STATE_KEY, _dumps(out), if_match=blob.etag)
+    return [p for p in changed if p]
+
+
 def _promotions(reg: Registry, valid: set[str]) -> list[tuple[str, str]]:
     """(at, release) of every promotion or rollback-to, oldest first, for releases still valid."""
     out = []
@@ -243,8 +283,11 @@ def _promotions(reg: Registry, valid: set[str]) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def _good_state(reg: Registry, old: State | None) -> State:
+def _good_state(reg: Registry, old: State | None, model: str | None = None) -> State:
+    """`old` with every stage and route to a release gone repaired; `model`: from that model's releases only."""
     valid = {r for r in _release_ids(reg) if _valid_manifest(reg, r)}
+    if model is not None:
+        valid = {r for r in valid if reg.model_of(r) == model}
     st = State.from_json(old.to_json()) if old else State()
     for stage, rid in st.stages.items():
         if rid and rid not in valid:
@@ -296,29 +339,11 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
         if rid and f.repaired:
             touched.setdefault(rid, []).append(f"{f.kind}: {f.key} ({f.problem})")
     state_fix = [f for f in findings if f.kind in ("damaged_state", "missing_release", "expired_lease")]
-    blob = reg.store.get(STATE_KEY)
-    doc, why = parse(blob.data) if blob else (None, None)
-    several = why is None and isinstance(doc, dict) and "models" in doc  # never one state over them all
-    if (state_fix or any(f.kind == "damaged_manifest" for f in findings)) and not several:
-        old = State.from_json(doc) if why is None and isinstance(doc, dict) else None
-        st = _good_state(reg, old)
-        m = re.search(rb'"version":\s*(\d+)', blob.data) if blob else None
-        # above any version a server has seen, so every watcher takes the repaired state (a
-        # version lost with the file: seconds since the epoch exceed any count of writes)
-        salvaged = max(old.version if old else 0, int(m.group(1)) if m else 0)
-        st.version = salvaged + 1 if salvaged else int(time.time())
-        st.updated_at, st.reason, st.actor = now(), "mlops doctor --repair", actor
-        if old is None or st.to_json() != old.to_json():
-            data = _dumps(st.to_json())
-            if blob is None:
-                reg.store.put(STATE_KEY, data, if_none_match=True)
-            else:
-                reg.store.put(STATE_KEY, data, if_match=blob.etag)
+    if state_fix or any(f.kind == "damaged_manifest" for f in findings):
+        for prod in _repair_state(reg, actor):
+            touched.setdefault(prod, []).extend(f"{f.kind}: {f.problem}" for f in state_fix)
         for f in state_fix:
             f.repaired = True
-        prod = st.stages.get("production")
-        if prod:
-            touched.setdefault(prod, []).extend(f"{f.kind}: {f.problem}" for f in state_fix)
     # a manifest moved aside leaves its artifact an orphan: look again after the repairs above
     seen = {f.key for f in findings}
     findings = findings + [f for f in orphan_findings(reg) if f.key not in seen]

@@ -264,6 +264,29 @@ def _noise_block(rep: Report) -> str:
     return "\n".join(lines)
 
 
+def _budget_block(rep: Report) -> str:
+    b = rep.budget
+    if b is None:
+        return ""
+    from mlops.registry.costs import fmt
+
+    caps = []
+    for line in b.lines:
+        if line.scope != "month":
+            continue
+        share = f" ({line.spent / line.cap:.0%})" if line.cap else ""
+        mark = " ⚠️" if line.spent > line.cap else ""
+        caps.append(f"{line.key} {fmt(line.key, line.spent)} of {fmt(line.key, line.cap)}{share}{mark}")
+    runs = [f"{line.key} ≤ {fmt(line.key, line.cap)}" for line in b.lines if line.scope == "run"]
+    mine = ", ".join(fmt(k, v) + f" {k.split('_')[0]}" for k, v in b.release.items() if v and k != "usd")
+    parts = [f"**Budget** ({b.month}): " + ("; ".join(caps) or "no monthly cap")]
+    if runs:
+        parts.append("per run " + ", ".join(runs))
+    if mine:
+        parts.append(f"this release spent {mine}")
+    return "\n" + ". ".join(parts) + "."
+
+
 def _cost_block(rep: Report) -> str:
     c: ReportCost = rep.cost
     if c.train_seconds is None:
@@ -318,6 +341,7 @@ def to_markdown(rep: Report, max_chars: int = MAX_CHARS) -> str:
         blocks.append(("trend charts", "\n".join(["", "### Trend", *charts])))
     blocks.append(("noise", _noise_block(rep)))
     blocks.append(("cost", _cost_block(rep)))
+    blocks.append(("budget", _budget_block(rep)))
     for name, block in blocks:
         if not block:
             continue

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from mlops.contracts import Contract, GateResult
+from mlops.contracts import BudgetDoc, Contract, GateResult
 
 Number = int | float  # a manifest's number as stored: int first, so pydantic's smart union keeps an int an int
 
@@ -200,3 +200,4 @@ class Report(Contract):
     segments: list[SegmentRow] = []  # per-segment rows, for suites whose cases carry tags
     noise: Noise = Field(default_factory=Noise)
     new_cases: NewCases | None = None  # None: no baseline to tell new cases from
+    budget: BudgetDoc | None = None  # spend against `budget:` (None when no cap is set)

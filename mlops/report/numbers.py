@@ -11,6 +11,7 @@ from typing import Any
 from mlops.config import Config, GateCfg
 from mlops.contracts import CaseRow, EvalResult, GateResult
 from mlops.evals.gates import Sample, check_gates, segment_tags
+from mlops.registry import costs
 from mlops.registry.releases import Registry
 from mlops.report.model import (
     MetricRow,
@@ -82,6 +83,7 @@ def build_report(reg: Registry, cfg: Config, release: str, production: Registry 
         segments=_segment_rows(evaluated, base, gates),
         noise=build_noise(reg, cfg, evaluated, base, prod_reg),
         new_cases=_new_cases(evaluated, base, gates) if baseline else None,
+        budget=costs.document(cfg, reg.store, {}, [], release) if cfg.budget.active else None,
     )
 
 

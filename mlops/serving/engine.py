@@ -24,6 +24,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,10 @@ class Engine(QueuedEngine):
         """Delete adapter `name` from the model (its requests must be finished: see `adapter_busy`)."""
         if self.adapters.pop(name, None) is None:
             return
-        with self._model_lock:
+        with self._model_lock, warnings.catch_warnings():
+            # peft names a new "active" adapter when the active one goes: every forward here names
+            # each row's adapter, so which one is active does not matter
+            warnings.simplefilter("ignore", UserWarning)
             self.model.delete_adapter(name)
 
     def adapter_busy(self, name: str) -> int:

@@ -255,6 +255,7 @@ class ReleasePool:
             eng = self._engines.get(release_id)
             if eng is not None:
                 return eng
+            t0 = time.monotonic()
             try:
                 path = self.registry.artifact_dir(release_id)
                 adapter = (self.registry.manifest(release_id) or {}).get("adapter")
@@ -275,7 +276,7 @@ class ReleasePool:
                 if release_id not in self._latest.referenced():
                     self._dropped_at.setdefault(release_id, time.monotonic())
             gc.freeze()
-            log.info("loaded %s (%s)", release_id, source)
+            log.info("loaded %s (%s) in %.3f s", release_id, source, time.monotonic() - t0)
             return eng
 
     def _factory(self) -> EngineFactory:
