@@ -591,7 +591,7 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
     deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
     assert deployed and all((ROOT / d).is_file() for d in deployed)
     names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
-    names |= {s.eval_app, s.judge_app("") + "-<name>"}
+    names |= {s.eval_app, s.judge_app("") + "-<name>", s.serve_app("") + "-base-<key>"}
     shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
     assert shown and shown <= names, shown - names
     assert {s.train_app, s.gateway_app, s.auth_secret, s.eval_app, s.judge_app("") + "-<name>"} <= shown

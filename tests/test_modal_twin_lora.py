@@ -76,6 +76,8 @@ def test_adapter_releases_share_one_base_app(tmp_path: Path, monkeypatch: pytest
             seen[release] += 1
         assert seen[a1] >= 2 and seen[a2] >= 2, seen
 
+        # the rollback, as `mlops rollback` runs it: another process (a backend that deployed nothing)
+        b = Session.open(load(t.root / "mlops.yaml")).backend
         b.set_state(route({"production": a1, "canary": None}, {a1: 100}), reason="test: rollback")
         for p in PROMPTS:
             assert ask(t.gateway, p) == (a1, expected[a1][p])
