@@ -236,6 +236,23 @@ class RolloutCfg(Strict):
     lease_wait: Duration = Field(
         300.0, description="How long a second pipeline waits for the rollout lease before failing (exit 4)."
     )
+    traffic: Literal["replay", "live"] = Field(
+        "replay",
+        description="What a canary step is judged on: `replay` sends the first eval suite's inputs as users "
+        "(the CI job with --wait, the rollout controller once the job returned) on top of live requests; "
+        "`live` judges real requests only.",
+    )
+    interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="How often the rollout controller judges a live window (production's, during "
+        "bake_after_promote); a step is judged when its bake is over.",
+    )
+    bake_after_promote: Duration = Field(
+        0.0,
+        description="Guardrail after promotion: for this long the previous release stays loaded and the "
+        "controller judges production's live traffic; an SLO breach (error rate, p95) rolls back.",
+    )
     analysis: AnalysisCfg = Field(
         AnalysisCfg.model_construct(), description="How a step is judged on live traffic (README, Live analysis)."
     )

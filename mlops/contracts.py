@@ -208,7 +208,7 @@ class BudgetDoc(Contract):
 class RunResult(Contract):
     """What `mlops run` did: the status workflows branch on, and the numbers behind it."""
 
-    status: str  # promoted | rejected | rolled_back | unchanged
+    status: str  # promoted | rejected | rolled_back | unchanged | rolling_out (--no-wait)
     exit_code: int
     release: str | None
     production: str | None
@@ -249,7 +249,7 @@ class DeployOutcome(Contract):
     """What `mlops deploy` did. Only the fields that belong to the status are set (and printed)."""
 
     release: str
-    status: str  # promoted | rejected | rolled_back | already production
+    status: str  # promoted | rejected | rolled_back | already production | rolling_out (--no-wait)
     previous: str | None = None
     gates: list[GateResult] | None = None
     canary: list[StepVerdict] | None = None  # dumped as history records them

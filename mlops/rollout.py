@@ -88,16 +88,32 @@ def _make_production(st: State, release: str) -> State:
 
 
 def promote(backend: Backend, release: str, reason: str, actor: str = "pipeline") -> State:
-    state = backend.set_state(lambda st: _make_production(st, release), reason=reason, actor=actor)
+    """`release` becomes production; its rollout record (if one runs) enters its guardrail bake or
+    finishes, in the same write."""
+    from mlops.registry import rollouts
+
+    def change(st: State) -> State:
+        rollouts.promoted(st, release, actor, reason)
+        return _make_production(st, release)
+
+    state = backend.set_state(change, reason=reason, actor=actor)
     backend.record(release, "promoted", by=actor, reason=reason)
+    rollouts.settle(backend.registry)
     return state
 
 
-def abort_canary(backend: Backend, reason: str, actor: str = "pipeline") -> State:
-    """Send all traffic back to production (one write); the candidate keeps its manifest."""
+def abort_canary(backend: Backend, reason: str, actor: str = "pipeline", status: str = "rolled_back") -> State:
+    """Send all traffic back to production (one write, which also finishes a running rollout record
+    with `status`); the candidate keeps its manifest."""
+    from mlops.registry import rollouts
 
     def change(st: State) -> State | None:
         prod = st.stages.get("production")
+        if rollouts.finish(st, status, reason, actor) is not None:
+            st.stages["canary"] = None
+            st.routing = {prod: 100} if prod else {}
+            st.shadow = {}
+            return st
         if st.stages.get("canary") is None and st.routing == ({prod: 100} if prod else {}) and not st.shadow:
             return None
         st.stages["canary"] = None
@@ -105,7 +121,9 @@ def abort_canary(backend: Backend, reason: str, actor: str = "pipeline") -> Stat
         st.shadow = {}
         return st
 
-    return backend.set_state(change, reason=reason, actor=actor)
+    state = backend.set_state(change, reason=reason, actor=actor)
+    rollouts.settle(backend.registry)
+    return state
 
 
 def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple[State, str]:
@@ -121,19 +139,24 @@ def rollback(backend: Backend, to: str | None, reason: str, actor: str) -> tuple
     reg.require(target)
     backend.preflight(target)  # IntegrityError / InfraError (exit 4) before any pointer moves
 
+    from mlops.registry import rollouts
     from mlops.registry.lease import preempt
 
     dropped: dict[str, Any] = {}
     canary_of: list[str | None] = [None]
 
     def change(st: State) -> State:
-        # an operator never waits for a pipeline: the lease goes in the same write that moves production
+        # an operator never waits for a pipeline: the lease goes in the same write that moves
+        # production, and a running rollout (canary or guardrail bake) ends there too: its
+        # controller sees the record aborted and stops
         dropped.clear()
         dropped.update(preempt(st) or {})
         canary_of[0] = st.stages.get("canary") or st.stages.get("candidate")
+        rollouts.finish(st, "aborted", f"pre-empted by {actor}: {reason}", actor)
         return _make_production(st, target)
 
     new = backend.set_state(change, reason=reason, actor=actor)
+    rollouts.settle(reg)
     backend.record(target, "rolled_back_to", by=actor, reason=reason)
     if dropped and canary_of[0] and canary_of[0] != target:
         backend.record(canary_of[0], "preempted", by=actor, reason=reason, lease_owner=dropped.get("owner"))
@@ -332,10 +355,13 @@ def canary(
         if on_step is not None:
             on_step(i)
 
-        def change(st: State, pct: int = pct) -> State:
+        def change(st: State, pct: int = pct, i: int = i) -> State:
             st.stages["canary"] = release
             st.routing = {prod: 100 - pct, release: pct} if pct < 100 else {release: 100}
             st.shadow = {}
+            rec = st.rollout
+            if rec.get("status") == "running" and rec.get("release") == release:  # the job drives it
+                rec.update(step=i, applied=i, step_started_at=time.time(), verdicts=[v.to_json() for v in verdicts])
             return st
 
         st = backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")

@@ -61,6 +61,8 @@ RANK: dict[str, float] = {
     "pipeline": 3.0,
     "scaffold": 3.0,  # mlops init: copies the template (a flow of its own)
     "rollout": 3.0,
+    "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
+    "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     # parse, call one flow, print
     "cli": 4.0,
     # `mlops serve` in a subprocess, for tests and benchmarks (nothing in mlops imports it)
@@ -116,7 +118,7 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 # modules that form one group on their layer (the orchestrator's flows call each other)
-ONE_GROUP = {"pipeline": "flows", "rollout": "flows"}
+ONE_GROUP = {"pipeline": "flows", "rollout": "flows", "rollout_controller": "flows", "rollout_start": "flows"}
 
 
 def _group(module: str) -> str:

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from mlops.cli import base_cmd, cases_cmd, doctor_cmd, experiment_cmds, monitor_cmds, pipeline_cmds, registry_cmds
+from mlops.cli import (
+    base_cmd,
+    cases_cmd,
+    doctor_cmd,
+    experiment_cmds,
+    monitor_cmds,
+    pipeline_cmds,
+    registry_cmds,
+    status_cmd,
+)
 from mlops.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err, load_config
 from mlops.cli.validate import summary
 
@@ -24,6 +33,7 @@ app = typer.Typer(
 pipeline_cmds.register(app)
 registry_cmds.register(app)
 doctor_cmd.register(app)
+status_cmd.register(app)
 monitor_cmds.register(app)
 base_cmd.register(app)
 experiment_cmds.register(app)

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
             return
         import getpass
 
-        from mlops.registry.doctor import examine
+        from mlops.registry.doctor import examine, in_progress
         from mlops.registry.doctor import repair as do_repair
         from mlops.registry.lease import owner_name
         from mlops.registry.releases import Registry
@@ -59,8 +59,16 @@ def register(app: typer.Typer) -> None:
         ]
         if found and not repair:
             lines.append("dry run: `mlops doctor --repair` applies the repairs above")
+        running = in_progress(reg)  # not damage: a live lease a rollout holds
+        lines += [f"NOTE: {line}" for line in running]
         emit(
-            {"store": reg.store.uri, "repair": repair, "findings": [f.to_json() for f in found], "ok": not left},
+            {
+                "store": reg.store.uri,
+                "repair": repair,
+                "findings": [f.to_json() for f in found],
+                "in_progress": running,
+                "ok": not left,
+            },
             json_,
             "\n".join(lines),
         )

@@ -13,6 +13,14 @@ import typer
 from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, err, load_config, say_fn
 from mlops.redact import redact_obj
 
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait",
+        help="Follow the canary to its end (default), or start it and return: the rollout controller "
+        "(`mlops serve`, Modal's schedule) advances it; `mlops status` shows where it stands.",
+    ),
+]
 ReleaseOpt = Annotated[str, typer.Option("--release", "-r", help="candidate | production | previous | a release id.")]
 
 
@@ -153,6 +161,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None, typer.Option("--model", "-m", help="Only this deployed model (default: every one).")
         ] = None,
+        wait: WaitOpt = True,
     ) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3).
         With several deployed models, each runs in turn (only a changed one is trained and rolled out);
@@ -168,7 +177,7 @@ def register(app: typer.Typer) -> None:
         for name in names:
             with _progress(json_, loaded.cfg.models[name].train.steps) as prog:
                 s = Session.open(loaded, say=say_fn(json_), progress=prog, model=name)
-                results[name] = do_run(s, force=force, on_step=kill_hook_from_env())
+                results[name] = do_run(s, force=force, on_step=kill_hook_from_env(), wait=wait)
         lines = []
         for name, res in results.items():
             human = (f"{name}: " if len(results) > 1 else "") + f"{res.status}: {res.message}"
@@ -194,11 +203,12 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
         release: ReleaseOpt = "candidate",
         model: ModelOpt = None,
+        wait: WaitOpt = True,
     ) -> None:
         """Roll a release out: gates on its stored evals, canary steps with live analysis, promote or roll back."""
         from mlops.flows.release import deploy_release
 
-        res = deploy_release(_session(config, set_, json_, model=model), release)
+        res = deploy_release(_session(config, set_, json_, model=model), release, wait=wait)
         emit(res.model_dump(mode="json", exclude_unset=True, exclude={"message"}), json_, res.message)
         if res.exit_code:
             raise typer.Exit(res.exit_code)
@@ -226,8 +236,18 @@ def register(app: typer.Typer) -> None:
         h, p = host or srv.host, srv.port if port is None else port
         check_bind(h, api_key_from_env(srv.api_key_env))  # before saying we serve
         err.print(f"serving {', '.join(names)} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
-        # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
-        serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
+        from mlops.rollout_controller import for_models
+
+        # the rollout controller: advances each model's rollout record (`mlops run --no-wait`),
+        # judging the live traffic this server answers
+        local = "127.0.0.1" if h in ("0.0.0.0", "::", "") else h
+        controllers = [c.start() for c in for_models(loaded, f"http://{local}:{p}")]
+        try:
+            # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
+            serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
+        finally:
+            for c in controllers:
+                c.stop()
 
     @app.command()
     def report(

@@ -77,10 +77,10 @@ def start(
     mde: float | None = None,
     min_samples: int = 100,
     max_samples: int = 10_000,
-    unit: str = "request",
+    unit: str = "user",
 ) -> dict[str, Any]:
     """Route `share`% of users to `release` (arm B) against production (arm A); the record started.
-    `unit`: what one observation is, each request (label) or each user's first one."""
+    `unit`: what one observation is: each user's first request (or thumb), or each request."""
     if not 1 <= share <= 99:
         raise UsageError(f"--share {share}: a percentage of users between 1 and 99")
     if unit not in UNITS:
@@ -376,7 +376,7 @@ def status(s: Session) -> dict[str, Any]:
 def describe(report: dict[str, Any]) -> str:
     """The human text of a report (what `mlops experiment status` prints)."""
     better = "higher" if report["higher_is_better"] else "lower"
-    m = report["metric"] + (" per user" if report.get("unit") == "user" else "")
+    m = f"{report['metric']} per {report.get('unit', 'request')}"
     lines = [
         f"experiment {report['id']} (mSPRT, alpha {report['alpha']:g}, tau {report['tau']:g}): {m}, {better} is better"
     ]

@@ -7,7 +7,7 @@ import contextlib
 from mlops.contracts import DeployOutcome, EvalOutcome, RollbackOutcome
 from mlops.errors import UsageError
 from mlops.flows.session import STAGE_REFS, Session, resolve_release
-from mlops.flows.stages import check_budget, evaluate, gate, production_results, recover, roll_out
+from mlops.flows.stages import check_budget, evaluate, gate, hand_off, production_results, recover, roll_out
 
 
 def eval_release(
@@ -53,16 +53,17 @@ def adopt_from_baseline(s: Session, ref: str) -> None:
     s.registry.publish(ref, s.baseline.artifact_dir(ref), {k: v for k, v in manifest.items() if k != "artifact"})
 
 
-def deploy_release(s: Session, ref: str) -> DeployOutcome:
+def deploy_release(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
     """Gates on the release's stored evals, canary steps with live analysis, promote or roll back;
-    holding the rollout lease (one pipeline writes the routing at a time)."""
+    holding the rollout lease (one pipeline writes the routing at a time). `wait=False`: the
+    rollout is started and left to the rollout controller (status "rolling_out")."""
     from mlops.registry.lease import rollout_lease
 
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
-        return _deploy(s, ref)
+        return _deploy(s, ref, wait)
 
 
-def _deploy(s: Session, ref: str) -> DeployOutcome:
+def _deploy(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
     from mlops.rollout import promote
 
     cfg = s.loaded.cfg
@@ -80,6 +81,8 @@ def _deploy(s: Session, ref: str) -> DeployOutcome:
         verdicts = gate(s, rid, {k: v for k, v in results.items() if v}, prod_results)
         if not all(g.passed for g in verdicts):
             return DeployOutcome(release=rid, status="rejected", gates=verdicts, message=f"{rid}: gates FAIL")
+        if not wait and prod is not None:
+            return DeployOutcome(release=rid, status="rolling_out", message=hand_off(s, rid, "cli:deploy"))
         steps, failure = roll_out(s, rid, url, prod)
         if failure is not None:
             return DeployOutcome(release=rid, status="rolled_back", canary=steps, message=failure)

@@ -16,6 +16,7 @@ from mlops.flows.stages import (
     check_budget,
     evaluate,
     gate,
+    hand_off,
     production_results,
     recover,
     roll_out,
@@ -33,9 +34,10 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None, wait: bool = True) -> RunResult:
     """The whole loop, holding the rollout lease (one pipeline writes the routing at a time).
-    `on_step(name)` is called at each stage boundary (tests kill the process there)."""
+    `on_step(name)` is called at each stage boundary (tests kill the process there). `wait=False`:
+    the rollout is started and left to the rollout controller (status "rolling_out")."""
     from mlops.registry.lease import rollout_lease
 
     if s.loaded.cfg.tracking.mlflow is not None:
@@ -45,7 +47,7 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
         try:
-            res = _run(s, force, on_step)
+            res = _run(s, force, on_step, wait)
         finally:
             _sweep(s)
     if s.loaded.cfg.tracking.mlflow is not None:  # MLflow down is reported, never the run's failure
@@ -55,6 +57,22 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
         for w in res.warnings:
             s.say(f"warning: {w}")
     return res
+
+
+@contextlib.contextmanager
+def _controller(s: Session, url: str) -> Iterator[None]:
+    """The rollout controller beside the server this run started (backend local): it idles while
+    the run holds the lease, and stops with the server."""
+    if s.loaded.cfg.backend != "local":
+        yield
+        return
+    from mlops.rollout_controller import Controller
+
+    ctl = Controller(s.backend, url, s.backend.client_key()).start()
+    try:
+        yield
+    finally:
+        ctl.stop()
 
 
 def _sweep(s: Session) -> None:
@@ -71,7 +89,7 @@ def _sweep(s: Session) -> None:
         s.say(f"cleaned up {len(gone)} orphan(s) left by an interrupted run: {', '.join(gone[:3])}")
 
 
-def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None = None, wait: bool = True) -> RunResult:
     from mlops.plan import make_plan
     from mlops.rollout import promote, wait_served
     from mlops.tracking import Tracker
@@ -128,7 +146,7 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
         release = str(tr.release)
         mark("registered")
         s.backend.prepare(release)
-        with s.backend.serve() as url:
+        with s.backend.serve() as url, _controller(s, url):
             mark("served")
             with _timed(t, "eval"):
                 results = evaluate(s, release, url)
@@ -181,6 +199,12 @@ def _run(s: Session, force: bool = False, on_step: Callable[[str], None] | None 
                 s.say(msg)
                 exit_code = EXIT_GATE
                 return kept_out("rejected", msg, smoke() if prod else None)
+            if not wait and prod is not None:
+                msg = hand_off(s, release, started_by="pipeline")
+                exit_code = EXIT_OK
+                return RunResult(
+                    **common, status="rolling_out", exit_code=EXIT_OK, production=prod, message=msg, timings=t
+                )
             with _timed(t, "canary"):
                 verdicts, failure = roll_out(s, release, url, prod, on_step=lambda i: mark(f"canary-{i}"))
             if failure is not None:

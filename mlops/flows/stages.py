@@ -213,31 +213,38 @@ def gate(
 def roll_out(
     s: Session, release: str, url: str, prod: str | None, on_step: Callable[[int], None] | None = None
 ) -> tuple[list[StepVerdict], str | None]:
-    """Canary steps with live analysis against production. Returns (verdicts, failure message or None);
-    on a failing step the traffic is already back on production and the rollback is recorded."""
-    from mlops.evals.harness import load_cases
-    from mlops.rollout import Prompt, abort_canary, canary, wait_served
+    """Canary steps with live analysis against production, driven by this job (`--wait`), its
+    rollout record in the registry. Returns (verdicts, failure message or None); on a failing step
+    the traffic is already back on production and the rollback is recorded."""
+    from mlops.rollout import abort_canary, canary, wait_served
+    from mlops.rollout_start import canary_prompts, start
 
     cfg = s.loaded.cfg
     if prod is None:
         s.say("no production release yet: promoting without a canary (nothing to compare with)")
         return [], None
     model_cfg = cfg.models[cfg.deploy.model]
-    cases = load_cases(s.loaded, next(iter(cfg.evals))) if cfg.evals else []
-    prompts: list[Prompt] = [
-        [dict(m) for m in c.messages] if c.messages else model_cfg.prompt.format(input=c.input) for c in cases
-    ] or ["hello"]
+    rec = start(s.backend, release, "pipeline", started_by="pipeline")
+    s.say(f"rollout {rec['id']}: {release} against {prod}, steps {rec['steps']} (this job drives it)")
     steps = canary(
         s.backend,
         release,
         url,
-        prompts,
+        canary_prompts(s.loaded),
         cfg.deploy.rollout,
         cfg.deploy.model,
         model_cfg.max_tokens,
         s.say,
         on_step=on_step,
     )
+
+    def verdicts(st: State) -> State | None:
+        if st.rollout.get("id") != rec["id"]:
+            return None
+        st.rollout["verdicts"] = [v.to_json() for v in steps]
+        return st
+
+    s.backend.set_state(verdicts, reason=f"rollout {rec['id']}: canary judged")
     if all(v.passed for v in steps):
         return steps, None
     why = "; ".join(steps[-1].reasons)
@@ -247,6 +254,20 @@ def roll_out(
     msg = f"candidate {release} rolled back at {steps[-1].percent}%: {why}"
     s.say(msg)
     return steps, msg
+
+
+def hand_off(s: Session, release: str, started_by: str) -> str:
+    """Start the rollout and return at once (`--no-wait`): the rollout controller (`mlops serve`'s
+    thread, Modal's scheduled function) advances it. The message says where it stands."""
+    from mlops.rollout_start import start
+
+    rec = start(s.backend, release, "controller", started_by=started_by)
+    msg = (
+        f"rollout {rec['id']} of {release} started: steps {rec['steps']}, the rollout controller advances it "
+        "(`mlops status` shows where it stands)"
+    )
+    s.say(msg)
+    return msg
 
 
 def _clear_candidate(st: State, release: str) -> State | None:

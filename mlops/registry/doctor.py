@@ -357,3 +357,24 @@ def repair(reg: Registry, findings: list[Finding], actor: str) -> list[Finding]:
         if _valid_manifest(reg, rid):
             reg.append_event(rid, "doctor_repair", by=actor, repairs=what)
     return findings
+
+
+def in_progress(reg: Registry) -> list[str]:
+    """Live leases whose holder is a rollout in progress: not damage, left alone (one line each)."""
+    from mlops.registry.lease import describe
+
+    try:
+        doc, _ = reg.read_doc()
+    except Exception:  # noqa: BLE001 - an unreadable state is examine()'s finding
+        return []
+    states = doc.states if doc.legacy is None else {doc.owner or "default": doc.legacy}
+    out = []
+    for name, st in sorted(states.items()):
+        rec = st.rollout
+        if live(st.lease) and rec.get("status") == "running":
+            out.append(
+                f"rollout in progress: model {name}, {rec.get('id')} of {rec.get('release')} "
+                f"({rec.get('phase')}, step {int(rec.get('step', 0)) + 1}/{len(rec.get('steps', []))}), "
+                f"lease held by {describe(st.lease)} -> left alone (`mlops rollback` pre-empts it)"
+            )
+    return out

@@ -29,6 +29,7 @@ from typing import Any
 
 from mlops.errors import GateFailed, InfraError
 from mlops.registry.releases import Registry, State
+from mlops.registry.rollouts import finish, running, settle
 
 log = logging.getLogger("mlops.lease")
 
@@ -140,6 +141,10 @@ class Lease:
                     holder = cur
                     return None
                 self.recovered = recover_routing(st)
+                if cur.get("token") and running(st) and st.rollout.get("phase") == "canary":
+                    # the canary of a writer that died: it ends here, and the record says why
+                    finish(st, "aborted", f"its driver {cur.get('owner')} stopped renewing the lease", self.owner)
+                    self.recovered = True
                 st.lease = self._mine(time.time())
                 return st
 
@@ -150,6 +155,7 @@ class Lease:
                         f"recovered an interrupted rollout (its lease had expired): all traffic back to production (state v{st.version})"
                     )
                 self._start_heartbeat()
+                settle(self.registry)
                 return self
             if time.monotonic() >= deadline:
                 raise LeaseHeld(

@@ -189,7 +189,7 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
             body = await read_json(request, opts.max_body_bytes)
             gen = gen_request(body, chat, opts.prompt_template, opts.default_max_tokens)
             release, pinned, key = await resolve(request, body)
-            if opts.fault is not None and opts.fault.fire(release):
+            if opts.fault is not None and opts.fault.fire(release, gen.prompt):
                 ctx.stats.record(release, time.perf_counter() - t0, ok=False)
                 return error(500, "injected fault (MLOPS_FAULT_RELEASE)", "server_error", release)
             engine = await engine_for(release)
