@@ -49,6 +49,7 @@ OVERRIDES = {
         }
     },
 }
+PATTERN = "^zq"  # the traffic pattern the candidate fails on (MLOPS_FAULT_PATTERN)
 USERS = 400  # ~200 a side at 50/50: 5% is ~10 errors against none, p ~ 0.001 < alpha / 8
 
 
@@ -67,9 +68,11 @@ class Live:
         wait_for(lambda: w.q.empty() and w.written + w.failed_writes + w.encode_errors == w.submitted, "capture")
 
 
-def inputs(n: int, seed: int) -> list[str]:
+def inputs(n: int, seed: int, pattern_every: int = 0) -> list[str]:
+    """Lowercase words as the example is asked; with `pattern_every`, every such input starts "zq"."""
     rng = random.Random(seed)
-    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) + "=" for _ in range(n)]
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) for _ in range(n)]
+    return [("zq" + w if pattern_every and i % pattern_every == 0 else w) + "=" for i, w in enumerate(words)]
 
 
 def send(url: str, prompts: list[str], tag: str, headers: dict[str, str] | None = None) -> list[httpx.Response]:
@@ -125,9 +128,9 @@ def window_of(live: Live) -> Iterator[list[float]]:
 
 
 def test_a_candidate_failing_5_percent_fails_on_the_comparison_with_production(live: Live) -> None:
-    live.opts.fault = Fault(live.cand, 0.05)
+    live.opts.fault = Fault(live.cand, 0.2, pattern=PATTERN)
     with window_of(live) as span:
-        users = send(live.url, inputs(USERS, seed=1), "bad")
+        users = send(live.url, inputs(USERS, seed=1, pattern_every=4), "bad")
         own = send(live.url, inputs(40, seed=2), "own", NOT_CAPTURED)  # mlops's own: not judged
     live.opts.fault = None
     assert all(r.status_code in (200, 500) for r in users + own)
@@ -136,6 +139,7 @@ def test_a_candidate_failing_5_percent_fails_on_the_comparison_with_production(l
     by = {rel: sum(1 for r in users if r.headers["x-mlops-release"] == rel) for rel in (live.cand, live.prod)}
     assert (w.candidate.requests, w.production.requests) == (by[live.cand], by[live.prod])
     assert w.candidate.errors == sum(1 for r in users if r.status_code == 500) > 0 and w.production.errors == 0
+    assert 0.03 < w.candidate.error_rate < 0.07  # 5% of its requests, all on the pattern
 
     cfg = live.loaded.cfg.deploy.rollout
     v = judge_step(w, cfg, live_metrics(live.loaded), step=2, percent=50)
