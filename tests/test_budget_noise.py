@@ -152,6 +152,41 @@ def test_a_planted_flaky_case_is_listed_and_quarantined(project: dict[str, Any])
     s.registry.put_eval(project["release"], "heldout", res)  # the other tests see the real result
 
 
+def test_a_case_that_differs_between_identical_weights_is_flaky(project: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.report import build_report
+
+    root: Path = project["root"]
+    loaded = load(root / "mlops.yaml")
+    reg = Session.open(loaded).registry
+    rid, res = project["release"], project["result"]
+    # production's weights registered again as another release: the same artifact sha256
+    m = reg.manifest(rid)
+    assert m is not None
+    src, copy = reg.artifact_dir(rid), tmp_path / "copy"
+    for rel in m["artifact"]["files"]:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, copy / rel)
+    twin = reg.new_id("tiny")
+    reg.publish(twin, copy, {k: v for k, v in m.items() if k not in ("id", "artifact", "created_at")})
+    assert reg.manifest(twin)["artifact"]["sha256"] == m["artifact"]["sha256"]  # type: ignore[index]
+    # its eval agrees with production's on every case but one: the evaluation's noise, not the model's
+    flip = res.cases[5].id
+    cases = [
+        c.model_copy(update={"scores": c.scores | {"exact_match": 1.0 - c.scores["exact_match"]}})
+        if c.id == flip
+        else c
+        for c in res.cases
+    ]
+    reg.put_eval(twin, "heldout", res.model_copy(update={"release": twin, "cases": cases}))
+    rep = build_report(reg, loaded.cfg, twin)
+    assert [(f.id, f.metric) for f in rep.noise.flaky] == [(flip, "exact_match")]
+    assert f"on {rid} (identical weights)" in rep.noise.flaky[0].why
+
+
 # ---------------------------------------------------------------------------- budget (part 1)
 
 
