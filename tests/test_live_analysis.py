@@ -44,6 +44,7 @@ OVERRIDES = {
     "deploy": {
         "rollout": {
             "max_error_rate": 0.1,  # above the planted 5%: only the comparison with production can fail it
+            "max_p95_ratio": 5.0,  # latency on a loaded 2-core machine is not the subject here (unit tests)
             "analysis": {"alpha": 0.05, "min_requests": 50, "min_samples": 30, "metrics": ["json_valid", "regex"]},
             "guardrails": {"max_error_rate": 0.02, "min_requests": 50},
         }
@@ -204,7 +205,7 @@ def test_a_judge_metric_scores_only_its_sample_of_live_answers(live: Live) -> No
     w = read_window(Session.open(live.loaded).registry, live.cand, live.prod, span[0], span[1])
     with contextlib.contextmanager(JudgeServer().running)() as judge:
         sets = [
-            f"judges={{local: {{base_url: '{judge.base_url}', model: judge-1, timeout_s: 20}}}}",
+            f"judges={{local: {{base_url: '{judge.base_url}', model: judge-1, timeout_s: 60, max_retries: 0}}}}",
             "evals.heldout.judge=local",
             "evals.heldout.metrics=[exact_match, latency, deepeval.answer_relevancy]",
             "deploy.rollout.analysis.metrics=[deepeval.answer_relevancy]",
@@ -217,5 +218,5 @@ def test_a_judge_metric_scores_only_its_sample_of_live_answers(live: Live) -> No
     check = v.checks[2]
     assert check["name"] == "metric.deepeval.answer_relevancy" and check["n"] == [4, 4], v.checks
     assert check["status"] == "pass"  # the same sample size on both sides: enough for a judge metric
-    # about 60 answers a side were there; the judge was asked about 4 each (a few calls per answer)
+    # about 60 answers a side were there; the judge was asked about 4 each (3 calls per answer, no retries)
     assert min(w.candidate.requests, w.production.requests) > 30 and 0 < calls <= 8 * 3, calls
