@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Trained, make_project, mlops, wait_for
+from typer.testing import CliRunner
 
+from mlops.cli.app import app
 from mlops.config import load
 from mlops.flows import experiment as exp
 from mlops.flows.session import Session
@@ -199,6 +201,9 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     wait_served(lab)
+    shown = CliRunner().invoke(app, ["status", "--config", str(lab.root / "mlops.yaml")])
+    text = " ".join(shown.stdout.split())  # rich wraps at the runner's 80 columns
+    assert shown.exit_code == 0 and f"experiment {rec['id']}: 50% of users to {lab.cand}" in text, text
     s = lab.session()
     report: dict[str, Any] = {}
     for batch in range(15):
