@@ -187,6 +187,26 @@ def test_a_case_that_differs_between_identical_weights_is_flaky(project: dict[st
     assert f"on {rid} (identical weights)" in rep.noise.flaky[0].why
 
 
+def test_a_baseline_older_than_its_limit_is_flagged(project: dict[str, Any]) -> None:
+    import datetime as dt
+
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.report.noise import build_noise, plan_lines
+
+    root: Path = project["root"]
+    res = project["result"]
+    at = dt.datetime.fromisoformat(res.created_at.replace("Z", "+00:00"))
+    for days, limit, stale in ((29, "30d", False), (31, "30d", True), (31, "45d", False)):
+        loaded = load(root / "mlops.yaml", [f"evals.heldout.baseline_max_age={limit}"])
+        reg = Session.open(loaded).registry
+        doc = build_noise(reg, loaded.cfg, {}, {"heldout": res}, now=at + dt.timedelta(days=days))
+        (b,) = doc.baselines
+        assert (b.release, b.stale, round(b.age_days or 0)) == (res.release, stale, days)
+        flagged = [line for line in plan_lines(doc) if line.startswith("stale baseline")]
+        assert flagged == ([f"stale baseline: heldout results of {res.release} are {days} days old"] if stale else [])
+
+
 # ---------------------------------------------------------------------------- budget (part 1)
 
 
