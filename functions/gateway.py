@@ -9,6 +9,9 @@ var named by mlops.yaml `deploy.server.api_key_env`, if the Secret sets it); any
 before any state is read or any model is touched. MLOPS_VLLM_API_KEY, which every vLLM server
 requires, and the Proxy Auth Token that every per-release URL requires, reach only the gateway.
 
+An adapter release (`lora.serve: adapter`) has no app of its own: the Dict's `adapter:<release>`
+names its base's app, which serves it under the release id (functions/serve.py, MLOPS_BASE).
+
 The routing State lives in a `modal.Dict` ("state"), written by ModalBackend whenever routing
 moves, with a durable copy on the Volume (Dict entries expire after 7 idle days: the gateway falls
 back to the copy and puts it back). A release's URL is looked up from its app name. Both go through
@@ -62,6 +65,7 @@ from starlette.types import ASGIApp
 
 from mlops.backends.modal_api import ModalAPI, ModalSDK
 from mlops.backends.modal_settings import (
+    ADAPTER_KEY,
     KEYS_ENV,
     PROXY_ID_ENV,
     PROXY_SECRET_ENV,
@@ -250,7 +254,13 @@ def create_gateway_app(
             return _error(404, f"release {release!r} is not deployed", "invalid_request_error", release)
         try:
             r = await clients[0].get(f"{base.rstrip('/')}/health", headers=proxy)
-        except httpx.HTTPError as e:
+            if r.status_code == 200:  # healthy, and serving this release (an adapter: loaded into its base)
+                auth = {"authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
+                m = await clients[0].get(f"{base.rstrip('/')}/v1/models", headers=proxy | auth)
+                listed = m.status_code == 200 and release in {d.get("id") for d in m.json().get("data", [])}
+                if not listed:
+                    return _error(503, f"release {release} is not loaded yet", "server_error", release)
+        except (httpx.HTTPError, ValueError, AttributeError) as e:
             return _error(502, f"release {release} did not answer ({type(e).__name__})", "server_error", release)
         return JSONResponse({"status": r.status_code}, status_code=r.status_code, headers={HEADER: release})
 
@@ -385,8 +395,15 @@ def routing_sources(api: ModalAPI) -> tuple[StateFn | dict[str, StateFn], Callab
                     return st
         return State.from_json(raw) if raw is not None else State()
 
+    def release_url(rid: str) -> str | None:
+        # an adapter release is served by its base's app (functions/serve.py), under its own id
+        entry = api.dict_get(ADAPTER_KEY + rid)
+        s = api.settings
+        app = s.base_app(str(entry["base"])) if isinstance(entry, dict) and entry.get("base") else s.serve_app(rid)
+        return api.web_url(app, "serve")
+
     state_cache = TTLCache(read_state, STATE_TTL_S)
-    url_cache = TTLCache(lambda rid: api.web_url(s.serve_app(rid), "serve"), URL_TTL_S)
+    url_cache = TTLCache(release_url, URL_TTL_S)
 
     def reader(model: str) -> StateFn:
         return lambda: state_cache(model)

@@ -18,6 +18,17 @@ Proxy Auth Token and the vLLM key from the same Secret).
 
     MLOPS_JUDGE=<name> MLOPS_JUDGE_MODEL=<served name> MLOPS_RELEASE_SHA256=<digest> \
         modal deploy functions/serve.py --name {app}-judge-<name>
+
+A base for adapter releases (`lora.serve: adapter`) is the same app with MLOPS_BASE set: one app,
+`{app}-serve-base-<key>`, serves the base (staged under serve-bases/<key>/, checked the same way)
+with `--enable-lora`, and every adapter release on it is loaded into it at run time: no app per
+release. ModalBackend stages an adapter release as any other and puts `adapter:<release>` =
+{"base": <key>, "sha256": <digest>} in the Dict; each container of the base app follows those
+entries (`sync_adapters`, every ADAPTER_SYNC_S), checks the staged files against the digest and
+loads the adapter into its vLLM (POST /v1/load_lora_adapter), and unloads one whose entry is
+cleared. The gateway sends an adapter release's requests to the base app as `model: <release>`.
+
+    MLOPS_BASE=<key> MLOPS_RELEASE_SHA256=<digest> modal deploy functions/serve.py --name {app}-serve-base-<key>
 """
 
 from __future__ import annotations
@@ -36,23 +47,31 @@ from pathlib import Path
 import modal
 from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_image, volume
 
-from mlops.backends.modal_api import ModalSDK
-from mlops.backends.modal_settings import FAILURE_KEY, VLLM_PORT
+from mlops.backends.modal_api import ModalAPI, ModalSDK
+from mlops.backends.modal_settings import ADAPTER_KEY, FAILURE_KEY, SERVE_BASES, VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
-from mlops.serving.vllm_argv import DEFAULT_OPTIONS, template_flag, vllm_command, vllm_env
+from mlops.serving.vllm_argv import (
+    DEFAULT_OPTIONS,
+    LORA_ENV,
+    template_flag,
+    vllm_command,
+    vllm_env,
+)
 
 RELEASE = os.environ.get("MLOPS_RELEASE", "")
 RELEASE_SHA256 = os.environ.get("MLOPS_RELEASE_SHA256", "")
 JUDGE = os.environ.get("MLOPS_JUDGE", "")  # set: this app serves a self-hosted judge, not a release
 JUDGE_MODEL = os.environ.get("MLOPS_JUDGE_MODEL", "") or JUDGE  # the judge's served name
 JUDGE_HF = os.environ.get("MLOPS_JUDGE_HF", "")  # a Hugging Face id: vLLM downloads it at start
+BASE = os.environ.get("MLOPS_BASE", "")  # set: this app serves a base that adapter releases load into
 # How a chat turn becomes the judge model's prompt (a model trained here has no chat template).
 PROMPT = os.environ.get("MLOPS_JUDGE_PROMPT", "{input}") if JUDGE else settings.prompt
 GPU = os.environ.get("MLOPS_SERVE_GPU") or settings.serve_gpu
 PORT = VLLM_PORT
 LOG_TAIL = 40  # lines of a failed start shown in the error
+ADAPTER_SYNC_S = 2.0  # how often a base app's container looks for adapter releases to (un)load
 
-APP_NAME = settings.judge_app(JUDGE) if JUDGE else settings.serve_app(RELEASE)
+APP_NAME = settings.judge_app(JUDGE) if JUDGE else settings.base_app(BASE) if BASE else settings.serve_app(RELEASE)
 MIN_CONTAINERS = 0 if JUDGE else settings.min_containers  # a judge works only while evals run
 MAX_CONTAINERS = settings.max_containers
 app = modal.App(APP_NAME)
@@ -116,9 +135,13 @@ def serve_body(
     port: int = PORT,
     command: Callable[..., list[str]] | None = None,
     timeout: float | None = None,
+    api: ModalAPI | None = None,
 ) -> subprocess.Popen[str]:
     """Check the staged release, then start its OpenAI server (vLLM, or what `command` builds from
-    the same arguments: the local twin's stand-in) and wait until it listens. Plain Python."""
+    the same arguments: the local twin's stand-in) and wait until it listens. Plain Python.
+    A base app (MLOPS_BASE) then loads the adapter releases deployed on it (`api`: the Dict)."""
+    if BASE:
+        return serve_base(root, port, command, timeout, api)
     name, aliases = (JUDGE_MODEL, ()) if JUDGE else (RELEASE, (settings.served_model,))
     if JUDGE_HF and JUDGE:
         model: str | Path = JUDGE_HF
@@ -141,6 +164,91 @@ def serve_body(
     return start_server(cmd, env, port, float(timeout or settings.startup_timeout))
 
 
+def serve_base(
+    root: str | Path,
+    port: int,
+    command: Callable[..., list[str]] | None,
+    timeout: float | None,
+    api: ModalAPI | None,
+) -> subprocess.Popen[str]:
+    """The base's vLLM with --enable-lora and runtime adapter loading, its adapters loaded."""
+    model = prepare_release(root, BASE, RELEASE_SHA256, kind=SERVE_BASES)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlops_chat_template_base_{BASE}.jinja"
+    cmd = (command or vllm_command)(
+        model,
+        f"base-{BASE}",
+        port,
+        chat_template=template_flag(model, PROMPT, path),
+        options=[*settings.vllm_args, *settings.lora_args],
+    )
+    print("starting:", " ".join(cmd), flush=True)
+    env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}") | LORA_ENV
+    proc = start_server(cmd, env, port, float(timeout or settings.startup_timeout))
+    sync = AdapterSync(api or ModalSDK(settings), root, port, env["VLLM_API_KEY"])
+    try:
+        sync.once()  # what is deployed already is loaded before this container takes requests
+    except Exception as e:  # the Dict unreachable a moment: the sync thread tries again
+        print(f"adapter sync: {type(e).__name__}: {e}", flush=True)
+    threading.Thread(target=sync.forever, args=(proc,), daemon=True, name="adapter-sync").start()
+    return proc
+
+
+class AdapterSync:
+    """Keeps one container's vLLM loaded with the adapter releases the Dict assigns to its base."""
+
+    def __init__(self, api: ModalAPI, root: str | Path, port: int, key: str) -> None:
+        import httpx
+
+        self.api, self.root = api, root
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"authorization": f"Bearer {key}"},
+            timeout=120.0,
+            trust_env=False,
+        )
+        self.loaded: dict[str, str] = {}  # release -> the digest its files were checked against
+
+    def wanted(self) -> dict[str, str]:
+        entries = self.api.dict_items(ADAPTER_KEY)
+        return {
+            k.removeprefix(ADAPTER_KEY): str(v["sha256"])
+            for k, v in entries.items()
+            if isinstance(v, dict) and v.get("base") == BASE and v.get("sha256")
+        }
+
+    def once(self) -> None:
+        want = self.wanted()
+        for rid, digest in sorted(want.items()):
+            if self.loaded.get(rid) == digest:
+                continue
+            with contextlib.suppress(Exception):  # Modal: see files committed since this container started
+                volume.reload()
+            try:
+                adapter_dir = prepare_release(self.root, rid, digest)
+                body = {"lora_name": rid, "lora_path": str(adapter_dir), "load_inplace": rid in self.loaded}
+                r = self.http.post("/v1/load_lora_adapter", json=body)
+                if r.status_code != 200:
+                    raise RuntimeError(f"vLLM answered {r.status_code}: {r.text[:300]}")
+            except Exception as e:  # this adapter is not served (the deploy waits and says so); the others are
+                print(f"adapter {rid}: not loaded: {type(e).__name__}: {e}", flush=True)
+                continue
+            self.loaded[rid] = digest
+            print(f"adapter {rid}: loaded", flush=True)
+        for rid in sorted(set(self.loaded) - set(want)):
+            r = self.http.post("/v1/unload_lora_adapter", json={"lora_name": rid})
+            if r.status_code in (200, 404):
+                del self.loaded[rid]
+                print(f"adapter {rid}: unloaded", flush=True)
+
+    def forever(self, proc: subprocess.Popen[str]) -> None:
+        while proc.poll() is None:
+            time.sleep(ADAPTER_SYNC_S)  # polling the Dict: Modal offers nothing to wait on
+            try:
+                self.once()
+            except Exception as e:  # a Dict or network hiccup: the next round tries again
+                print(f"adapter sync: {type(e).__name__}: {e}", flush=True)
+
+
 def judge_env() -> dict[str, str]:
     """What a judge's container needs to rebuild this module as deployed (nothing for a release)."""
     if not JUDGE:
@@ -160,6 +268,7 @@ def judge_env() -> dict[str, str]:
         MLOPS_RELEASE=RELEASE,
         MLOPS_RELEASE_SHA256=RELEASE_SHA256,
         **judge_env(),
+        **({"MLOPS_BASE": BASE} if BASE else {}),
     ),
     min_containers=MIN_CONTAINERS,
     max_containers=MAX_CONTAINERS,

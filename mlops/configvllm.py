@@ -17,9 +17,9 @@ def _choices(flag: str) -> list[str]:
     return list(vllm_options.choices(flag))
 
 
-def _enum_of(flag: str) -> Any:
+def _enum_of(flag: str, kind: type = str) -> Any:
     def extra(schema: dict[str, Any]) -> None:  # run by `mlops schema` only
-        schema["enum"] = [*_choices(flag), None]
+        schema["enum"] = [*(sorted(map(kind, _choices(flag))) if kind is int else _choices(flag)), None]
 
     return extra
 
@@ -60,6 +60,16 @@ class VllmCfg(Strict):
         description="No CUDA graphs or torch.compile: cold starts tens of seconds shorter (scale to zero) "
         "for some throughput; false for a long-lived, busy server.",
     )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Adapter releases (lora.serve: adapter) in one batch on the shared base; default 4.",
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        description="Largest adapter rank the base takes (vLLM's --max-lora-rank); default 64.",
+        json_schema_extra=_enum_of("--max-lora-rank", int),
+    )
     extra_args: list[str] = Field(
         [],
         description="More vLLM server flags, as argv (e.g. ['--max-num-batched-tokens', '8192']); "
@@ -74,6 +84,14 @@ class VllmCfg(Strict):
             from mlops.plugins import did_you_mean
 
             raise ValueError(f"unknown {info.field_name} {v!r} {did_you_mean(v, valid)}")
+        return v
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank(cls, v: int | None) -> int | None:
+        valid = _choices("--max-lora-rank")
+        if v is not None and str(v) not in valid:
+            raise ValueError(f"max_lora_rank {v} is not one vLLM takes (valid: {', '.join(sorted(valid, key=int))})")
         return v
 
     @field_validator("extra_args")

@@ -32,7 +32,8 @@ def guard(ctl: Controller, rec: dict[str, Any], now: float) -> str | None:
         return None
     w = ctl._reader(rec).read(since, until)
     p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
-    breaches = check_slo(w, ctl.cfg.guardrails, p95)
+    # production's side of the last canary window it had traffic in: the PSIs' reference
+    breaches = check_slo(w, ctl.cfg.guardrails, p95, ctl._baseline.get(rid))
     if w.candidate.requests < ctl.cfg.guardrails.min_requests:
         return None  # the window grows until it holds enough requests
     if not breaches:

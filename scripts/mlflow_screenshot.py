@@ -28,6 +28,18 @@ def api(url: str, path: str, **params: str) -> dict[str, object]:
         return dict(json.loads(r.read()))
 
 
+def _tidy(page: object) -> None:
+    """MLflow 3's UI opens on its GenAI view with tips and an assistant panel: switch to the model
+    training view and close what covers the tables (each only if it is there)."""
+    for role, label in (("button", "Got it"), ("radio", "Model training"), ("button", "Close")):
+        loc = page.get_by_role(role, name=label)  # type: ignore[attr-defined]
+        try:
+            if loc.count():
+                loc.first.click(timeout=2000)
+        except Exception:  # a tip that went away by itself, a label of another UI version
+            pass
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:5000")
@@ -50,9 +62,9 @@ def main() -> int:
         print("error: playwright is not installed here (see this script's docstring)", file=sys.stderr)
         return 1
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    shots = {
-        "mlflow-runs.png": f"{url}/#/experiments/{exp_id}",
-        "mlflow-model.png": f"{url}/#/models/{urllib.parse.quote(a.model)}",
+    shots = {  # (page, text that shows it has rendered)
+        "mlflow-runs.png": (f"{url}/#/experiments/{exp_id}/runs", "train"),
+        "mlflow-model.png": (f"{url}/#/models/{urllib.parse.quote(a.model)}", "production"),
     }
     with sync_playwright() as pw:
         try:
@@ -61,9 +73,13 @@ def main() -> int:
             print(f"error: no headless Chromium: {str(e).splitlines()[0]}", file=sys.stderr)
             return 1
         page = browser.new_page(viewport={"width": a.width, "height": 900})
-        for name, target in shots.items():
-            page.goto(target, wait_until="networkidle", timeout=60_000)
-            page.wait_for_timeout(1500)  # the tables render after the data calls settle
+        for name, (target, ready) in shots.items():
+            # "load", not "networkidle": the UI polls, the network is never idle
+            page.goto(target, wait_until="load", timeout=60_000)
+            _tidy(page)
+            page.get_by_text(ready, exact=False).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)  # charts and tables fill in after their data calls
+            _tidy(page)
             page.screenshot(path=str(a.out_dir / name), full_page=False)
             print(f"wrote {a.out_dir / name}")
         browser.close()

@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Trained, make_project, mlops, wait_for
+from typer.testing import CliRunner
 
+from mlops.cli.app import app
 from mlops.config import load
 from mlops.flows import experiment as exp
 from mlops.flows.session import Session
@@ -133,7 +135,7 @@ def test_arms_are_sticky_salted_by_experiment_and_split_by_share() -> None:
 def test_identical_releases_reach_no_verdict_and_stop_keeps_production(lab: Lab) -> None:
     lab.opts.fault = None
     s = lab.session()
-    rec = exp.start(s, lab.twin, 50, "thumbs", "user:test", min_samples=20, max_samples=40)
+    rec = exp.start(s, lab.twin, 50, "thumbs", "user:test", min_samples=20, max_samples=40, unit="request")
     assert rec["baseline"] == lab.prod and rec["status"] == "running"
     wait_served(lab)
     # both arms get the same thumbs: each user's first answer up, the second down, in that order
@@ -170,7 +172,7 @@ def test_identical_releases_reach_no_verdict_and_stop_keeps_production(lab: Lab)
     per_arm = {a: sum(1 for r in seen.values() if r == by_user["arms"][a]["release"]) for a in "AB"}
     assert {a: by_user["arms"][a]["n"] for a in "AB"} == per_arm, (by_user["arms"], per_arm)
     assert by_user["arms"]["A"]["mean"] == by_user["arms"]["B"]["mean"] == 1.0
-    assert by_user["decision"] == "continue" and "per user" in exp.describe(by_user)
+    assert by_user["decision"] == "continue" and "thumbs per user" in exp.describe(by_user)
     with pytest.raises(exp.UsageError, match="already running"):
         exp.start(s, lab.cand, 50, "error_rate", "user:test")
     final = exp.stop(s, "user:test", promote_winner=True)
@@ -199,6 +201,9 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     wait_served(lab)
+    shown = CliRunner().invoke(app, ["status", "--config", str(lab.root / "mlops.yaml")])
+    text = " ".join(shown.stdout.split())  # rich wraps at the runner's 80 columns
+    assert shown.exit_code == 0 and f"experiment {rec['id']}: 50% of users to {lab.cand}" in text, text
     s = lab.session()
     report: dict[str, Any] = {}
     for batch in range(15):
@@ -208,7 +213,7 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
         report = exp.analyse(s, rec)
         if report["decision"] != "continue":
             break
-    assert report["decision"] == "winner B" and report["winner"] == lab.cand, report
+    assert report["decision"] == "winner B" and report["winner"] == lab.cand and report["unit"] == "user", report
     assert report["arms"]["A"]["error_rate"] > 0.1 and report["arms"]["B"]["errors"] == 0
 
     assert report["ci"][1] < 0 and report["p_value"] <= 0.05  # B's error rate is lower, surely

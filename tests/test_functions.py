@@ -506,18 +506,25 @@ def test_state_cache_reads_the_dict_at_most_once_per_ttl(fns: dict[str, ModuleTy
 
         def dict_get(self, key: str) -> Any:
             reads.append(key)
-            return {"state": STATE.to_json()}.get(key)
+            # rel-b is an adapter release: served by its base's app (functions/serve.py, MLOPS_BASE)
+            return {"state": STATE.to_json(), "adapter:rel-b": {"base": "0123456789abcdef", "sha256": "x"}}.get(key)
 
         def web_url(self, app: str, function: str) -> str | None:
             reads.append(app)
-            return "http://127.0.0.1:9/a" if app == "acme-serve-rel-a" and function == "serve" else None
+            urls = {"acme-serve-rel-a": "http://127.0.0.1:9/a", "acme-serve-base-0123456789ab": "http://127.0.0.1:9/b"}
+            return urls.get(app) if function == "serve" else None
 
     get_state, url_for = gw.routing_sources(FakeAPI())
     assert get_state().routing == STATE.routing
     assert get_state().routing == STATE.routing
     assert url_for("rel-a") == "http://127.0.0.1:9/a" and url_for("rel-a") == "http://127.0.0.1:9/a"
     assert url_for("zzz") is None and url_for("zzz") is None  # misses are not remembered
-    assert reads == ["state", "acme-serve-rel-a", "acme-serve-zzz", "acme-serve-zzz"]
+    assert url_for("rel-b") == "http://127.0.0.1:9/b"
+    assert reads == [
+        *("state", "adapter:rel-a", "acme-serve-rel-a"),
+        *("adapter:zzz", "acme-serve-zzz", "adapter:zzz", "acme-serve-zzz"),
+        *("adapter:rel-b", "acme-serve-base-0123456789ab"),
+    ]
     clock, calls = [0.0], []
 
     def fetch(key: str) -> str:
@@ -584,7 +591,7 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
     deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
     assert deployed and all((ROOT / d).is_file() for d in deployed)
     names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
-    names |= {s.eval_app, s.judge_app("") + "-<name>"}
+    names |= {s.eval_app, s.judge_app("") + "-<name>", s.serve_app("") + "-base-<key>"}
     shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
     assert shown and shown <= names, shown - names
     assert {s.train_app, s.gateway_app, s.auth_secret, s.eval_app, s.judge_app("") + "-<name>"} <= shown

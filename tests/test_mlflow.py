@@ -65,7 +65,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     argv = [exe, "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination",
             str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
     log = (d / "server.log").open("wb")
-    proc = subprocess.Popen(argv, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # no job executor: MLflow 3 starts seven huey consumer processes for GenAI jobs we never run
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(argv, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc)
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -86,9 +88,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def project(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_project(
-        tmp_path_factory.mktemp("mlflow-project"), {"tracking": {"mlflow": {"tracking_uri": server.url}}}
-    )
+    over = {
+        "tracking": {"mlflow": {"tracking_uri": server.url}},
+        # what MLflow is shown, not the canary's or ragas's time: one step, no ragas import
+        "deploy": {"rollout": {"steps": [100], "requests_per_step": 5}},
+        "evals": {"heldout": {"metrics": ["exact_match", "latency"]}},
+    }
+    return make_project(tmp_path_factory.mktemp("mlflow-project"), over)
 
 
 def run_json(root: Path, *args: str) -> dict[str, Any]:

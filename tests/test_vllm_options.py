@@ -125,3 +125,16 @@ def test_the_readme_example_is_valid_and_renders_as_its_comments_say(tmp_path: P
     args = config_args(d.vllm, d.resources.gpu)
     for flags in ("--tensor-parallel-size 2", "--max-model-len 8192", "--quantization awq", "--enable-prefix-caching"):
         assert flags in " ".join(args)
+
+
+def test_a_base_for_adapter_releases_takes_its_lora_slots_from_deploy_vllm() -> None:
+    from mlops.serving.vllm_argv import lora_args
+
+    assert lora_args(None) == ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "64"]
+    args = lora_args(VllmCfg(max_loras=8, max_lora_rank=128))
+    assert args == ["--enable-lora", "--max-loras", "8", "--max-lora-rank", "128"]
+    assert all(vllm_options.lookup(a) for a in args if a.startswith("--"))
+    assert "max_lora_rank 48 is not one vLLM takes (valid: 1, 8, 16, 32, 64," in bad("deploy.vllm.max_lora_rank=48")
+    assert "deploy.vllm.max_loras" in bad("deploy.vllm.max_loras=0")
+    # the slots are no flags of a model served whole: config_args leaves them to lora_args
+    assert config_args(VllmCfg(max_loras=8)) == list(DEFAULT_OPTIONS)

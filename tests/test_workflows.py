@@ -7,6 +7,7 @@ zizmor runs offline (its online audits need the GitHub API).
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -41,15 +42,15 @@ GLOBAL_FLAGS = {"--set"}
 CLI: dict[str, set[str]] = {
     "validate": {"--json"},
     "plan": {"--json"},
-    "train": {"--json"},
-    "eval": {"--release", "--json"},
+    "train": {"--json", "--model"},
+    "eval": {"--release", "--json", "--model"},
     "deploy": {"--release", "--json"},
-    "rollback": {"--to", "--json", "--reason"},
-    "releases": {"--json"},
+    "rollback": {"--to", "--json", "--reason", "--model"},
+    "releases": {"--json", "--model"},
     "serve": {"--host", "--port"},
     "run": {"--json"},
     "schema": set(),
-    "report": {"--markdown", "--out", "--release"},
+    "report": {"--markdown", "--out", "--release", "--model"},
     "monitor": {"--json", "--markdown", "--out", "--markdown-out", "--since"},
     "cases": {"--json", "--to", "--since", "--labelled", "--failed"},  # `mlops cases export`
 }
@@ -284,6 +285,155 @@ def test_rollback_takes_its_input_through_the_environment() -> None:
     assert step["env"]["RELEASE"] == "${{ inputs.release }}"
     assert step["env"]["REASON"] == "${{ inputs.reason }}"
     assert 'mlops rollback --to "$RELEASE" "${args[@]}"' in step["run"] and "--json" in step["run"]
+
+
+def test_rollback_takes_a_model() -> None:
+    wf = load_workflow("rollback.yml")
+    assert wf["on"]["workflow_dispatch"]["inputs"]["model"]["type"] == "string"
+    [step] = [s for s in steps(wf) if "mlops rollback" in s.get("run", "")]
+    assert step["env"]["MODEL"] == "${{ inputs.model }}" and 'args+=(--model "$MODEL")' in step["run"]
+
+
+STAND_IN = """#!/bin/sh
+# `mlops` for the workflow's shell: `run` prints the run.json it is given, `report` names its arguments
+case "$1" in
+  run) cat "$RUN_JSON" ;;
+  report) echo "report $*" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_ct_reports_each_deployed_model_on_its_own_release(tmp_path: Path, several: bool) -> None:
+    """The CLI does the per-model work (`mlops run` trains and rolls out only the models that
+    changed, no matrix); the workflow's shell passes each model's release to `mlops report`. Run
+    here with bash and a stand-in `mlops`, the step scripts as ct.yml has them."""
+    wf = load_workflow("ct.yml")
+    run = next(s for s in steps(wf) if s.get("id") == "run")
+    report = next(s for s in steps(wf) if s.get("name") == "Report")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlops").write_text(STAND_IN)
+    (bin_dir / "mlops").chmod(0o755)
+    doc: dict[str, Any] = {"release": "tiny-1", "status": "promoted"}
+    if several:
+        results = {"a": {"release": "a-1", "status": "unchanged"}, "b": {"release": "b-2", "status": "promoted"}}
+        doc = {"exit_code": 0, "models": results}
+    (tmp_path / "in.json").write_text(json.dumps(doc))
+    out, summary = tmp_path / "out", tmp_path / "summary"
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "RUN_JSON": str(tmp_path / "in.json"),
+        "GITHUB_OUTPUT": str(out),
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "MLOPS_BACKEND": "local",
+        "MLOPS_STORAGE": "s3://b/p",
+        "ENDPOINT_VAR": "",
+        "PYTHONPATH": "",
+    }
+    python = Path(sys.executable).parent
+    env["PATH"] += f":{python}"
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", run["run"]], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0
+    outputs = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert outputs["code"] == "0"
+    assert (outputs["release"], outputs["releases"]) == (("", "a:a-1 b:b-2") if several else ("tiny-1", ""))
+    env |= {"RELEASE": outputs["release"], "RELEASES": outputs["releases"]}
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", report["run"]], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0
+    if several:
+        md = (tmp_path / "report.md").read_text()
+        assert "## Model `a`" in md and "## Model `b`" in md
+        assert "report report --model a --release a-1 --markdown" in md
+        assert "report report --model b --release b-2 --markdown" in md
+    else:  # one model: `mlops report --out report.md` as before (the stand-in writes no file)
+        assert not (tmp_path / "report.md").exists()
+
+
+PR_STAND_IN = """#!/usr/bin/env python
+# `mlops` for pr-eval.yml's shell: two deployed models; `a` unchanged in the PR, `b` changed
+import json, sys
+args = sys.argv[1:]
+model = args[args.index("--model") + 1] if "--model" in args else None
+if args[0] == "validate":
+    print(json.dumps({"deployed": ["a", "b"], "storage": "s3://b/p"}))
+elif args[0] == "plan":
+    print(json.dumps({"models": [{"model": "a", "existing": "a-1"}, {"model": "b", "existing": None}]}))
+elif args[0] == "releases":
+    print(json.dumps({"production": model + "-1"}))
+elif args[0] == "train":
+    print(json.dumps({"release": model + "-2"}))
+elif args[0] == "eval":
+    print("{}")
+    sys.exit(3 if model == "b" else 0)  # b's candidate fails a gate
+elif args[0] == "report":
+    print("<!-- mlops-eval-report -->")
+    print("report " + " ".join(args))
+else:
+    sys.exit(1)
+"""
+
+
+def test_pr_eval_evaluates_each_changed_model_and_reports_a_section_each(tmp_path: Path) -> None:
+    """Several deployed models: the PR trains and evaluates only the model it changes (`--model`),
+    the other's production stands, and the comment has a section per model under one marker."""
+    wf = load_workflow("pr-eval.yml")
+    ev = next(s for s in steps(wf) if s.get("id") == "eval")
+    report = next(s for s in steps(wf) if s.get("id") == "report")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlops").write_text(PR_STAND_IN.replace("/usr/bin/env python", sys.executable, 1))
+    (bin_dir / "mlops").chmod(0o755)
+    (tmp_path / "mlops.yaml").write_text("evals: {}\ngates: []\n")  # the base's: no eval suite changes
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "mlops.yaml"], ["commit", "-qm", "base"]):
+        subprocess.run([*git, *cmd], cwd=tmp_path, check=True, capture_output=True)
+    base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out, summary = tmp_path / "out", tmp_path / "summary"
+    env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "GITHUB_OUTPUT": str(out),
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "MLOPS_BACKEND": "local",
+        "MLOPS_STORAGE": "s3://b/p/pr-1",
+        "MLOPS_BASELINE_STORAGE": "s3://b/p",
+        "BASE_SHA": base.stdout.strip(),
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", ev["run"]], cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 0
+    outputs = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert outputs["sections"] == "a:stands:a-1 b:eval:b-2" and outputs["code"] == "3"
+    assert not (tmp_path / "train-a.json").exists() and (tmp_path / "train-b.json").is_file()
+    env["SECTIONS"] = outputs["sections"]
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", report["run"]], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith(MARKER) and md.count(MARKER) == 1
+    assert "## Model `a`" in md and "production `a-1` stands" in md
+    assert "## Model `b`" in md and "report report --model b --release b-2 --markdown" in md
+
+
+def test_nightly_evaluates_each_deployed_models_production(tmp_path: Path) -> None:
+    """Several deployed models: the nightly evaluates each one's production (`--model`), keeps
+    every result in nightly.json and goes red with the worst exit code (b fails a gate: 3)."""
+    wf = load_workflow("nightly.yml")
+    ev = next(s for s in steps(wf) if s.get("id") == "eval")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlops").write_text(PR_STAND_IN.replace("/usr/bin/env python", sys.executable, 1))
+    (bin_dir / "mlops").chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "GITHUB_OUTPUT": str(out),
+        "MLOPS_BACKEND": "local",
+        "MLOPS_STORAGE": "s3://b/p",
+    }
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", ev["run"]], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0 and out.read_text() == "code=3\n"
+    assert json.loads((tmp_path / "nightly.json").read_text()) == {"models": {"a": {}, "b": {}}}
 
 
 def test_pr_comment_is_sticky() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mlops.backends.base import Backend
+from mlops.backends.modal_adapters import deploy_adapter, keep_bases
 from mlops.backends.modal_api import ModalAPI, open_api
 from mlops.backends.modal_settings import (
     BASES,
@@ -302,7 +303,8 @@ class ModalBackend(Backend):
         canary): with min_containers > 0 each would keep a GPU warm for nothing; and every judge
         app mlops.yaml no longer declares."""
         s = self.settings
-        keep = {s.serve_app(r) for r in state.referenced() | self._neighbours_referenced() | self._in_use}
+        refs = state.referenced() | self._neighbours_referenced() | self._in_use
+        keep = {s.serve_app(r) for r in refs} | keep_bases(self, refs)
         keep |= {s.judge_app(n) for n, j in self.cfg.judges.items() if j.self_hosted}
         prefix = s.serve_app("") + "-"
         judges = s.judge_app("") + "-"
@@ -327,6 +329,11 @@ class ModalBackend(Backend):
     def _preflight(self, release_id: str) -> None:
         """Stage the release on the Volume and deploy its vLLM app, unless it is up; wait for /health."""
         s = self.settings
+        adapter = (self.registry.manifest(release_id) or {}).get("adapter")
+        if isinstance(adapter, dict):  # no app of its own: loaded into its base's app (modal_adapters.py)
+            self._in_use.add(release_id)
+            deploy_adapter(self, release_id, self.registry.require(release_id))
+            return
         app = s.serve_app(release_id)
         self._in_use.add(release_id)
         url = self._gateway_url()
@@ -366,10 +373,10 @@ class ModalBackend(Backend):
             return False
         return r.status_code == 200
 
-    def _wait_healthy(self, url: str, release_id: str, timeout: float) -> None:
+    def _wait_healthy(self, url: str, release_id: str, timeout: float, app: str | None = None) -> None:
         """Poll the release's /health through the gateway; a cold vLLM start may take minutes, a
-        server that died at start fails at once with the end of its log."""
-        app = self.settings.serve_app(release_id)
+        server that died at start fails at once with the end of its log. `app`: the one serving it."""
+        app = app or self.settings.serve_app(release_id)
         deadline = time.monotonic() + timeout
         while not self._healthy(url, release_id, min(60.0, timeout)):
             failure = self.api.failure(app)

@@ -29,19 +29,24 @@ from pathlib import Path
 
 from mlops.config import Config, DeployCfg, Loaded, narrow
 from mlops.registry.releases import sha256_file
-from mlops.serving.vllm_argv import DEFAULT_OPTIONS, config_args
+from mlops.serving.vllm_argv import DEFAULT_OPTIONS, config_args, lora_args
 
 SETTINGS_ENV = "MLOPS_MODAL_SETTINGS"  # JSON of ModalSettings, set on every function's container
 TWIN_ENV = "MLOPS_MODAL_TWIN"  # a directory: run Modal's part on this machine (see modal_twin.py)
 VOLUME_MOUNT = "/vol"
 BASES = "bases"  # local base directories, copied to the Volume by fingerprint (ModalBackend._ship_base)
 VLLM_PORT = 8000
+BASE_APP_CHARS = 12  # of a base's key in its app's name (Modal's 63-character limit)
 STATE_KEY = "state"
 STATE_FILE = "routing/state.json"  # Dict entries expire after 7 idle days; the Volume keeps this one
 KEYS_ENV = "MLOPS_API_KEYS"  # the gateway's client keys (comma-separated), in the auth Secret
 VLLM_KEY_ENV = "MLOPS_VLLM_API_KEY"  # the key the gateway presents to vLLM, in the auth Secret
 PROXY_ID_ENV = "MLOPS_PROXY_TOKEN_ID"  # a Modal Proxy Auth Token: release URLs require it
 PROXY_SECRET_ENV = "MLOPS_PROXY_TOKEN_SECRET"
+# + an adapter release id, in the Dict: {"base": <base key>, "sha256": <manifest digest>} while the
+# release is deployed (loaded into its base's app, functions/serve.py), None once it is not
+ADAPTER_KEY = "adapter:"
+SERVE_BASES = "serve-bases"  # a served base on the Volume: serve-bases/<key>/{manifest.json, model/}
 FAILURE_KEY = "failure:"  # + app name, in the Dict: why its server died at start (functions/serve.py)
 CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
 
@@ -86,6 +91,7 @@ class ModalSettings:
     scaledown_window: int = 300  # idle seconds before a GPU container stops: scale to zero, cheaply
     startup_timeout: int = 900  # vLLM's first start loads weights and may compile kernels
     vllm_args: tuple[str, ...] = DEFAULT_OPTIONS  # mlops.yaml deploy.vllm as flags (vllm_argv.config_args)
+    lora_args: tuple[str, ...] = ()  # a base app's --enable-lora flags (vllm_argv.lora_args)
     # Traffic capture by the gateway (issue 10): the registry's storage (s3://... in production;
     # a directory, made absolute, for the twin) and mlops.yaml `monitor:` as JSON ("": no capture).
     storage: str = ""
@@ -117,6 +123,10 @@ class ModalSettings:
     def serve_app(self, release_id: str) -> str:
         return modal_name(self.app, "serve", release_id) if release_id else modal_name(self.app, "serve")
 
+    def base_app(self, key: str) -> str:
+        """The vLLM app of a base that adapter releases are loaded into (`key`: its fingerprint's head)."""
+        return self.serve_app(f"base-{key[:BASE_APP_CHARS]}")
+
     def judge_app(self, judge: str) -> str:
         """A self-hosted judge's vLLM app (functions/serve.py with MLOPS_JUDGE set)."""
         return modal_name(self.app, "judge", judge) if judge else modal_name(self.app, "judge")
@@ -133,7 +143,7 @@ class ModalSettings:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("secrets", "train_files", "vllm_args", "models", "prompts"):
+        for key in ("secrets", "train_files", "vllm_args", "lora_args", "models", "prompts"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -168,6 +178,7 @@ class ModalSettings:
             max_containers=deploy.resources.max_containers,
             max_inputs=cfg.deploy.server.max_batch_size,
             vllm_args=tuple(config_args(deploy.vllm, deploy.resources.gpu)),
+            lora_args=tuple(lora_args(deploy.vllm)),
             storage=storage,
             monitor_json=cfg.monitor.model_dump_json(),
             train_files=tuple(

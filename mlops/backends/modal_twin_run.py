@@ -162,7 +162,7 @@ def _run(name: str) -> int:
         box = Pool(
             api,
             name,
-            lambda port: body(root=api.volume_dir, port=port, command=command),
+            lambda port: body(root=api.volume_dir, port=port, command=command, api=api),
             min_containers=low,
             max_containers=high,
         )

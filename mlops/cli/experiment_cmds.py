@@ -55,8 +55,10 @@ def start(
     ] = 10_000,
     unit: Annotated[
         str,
-        typer.Option("--unit", help="One observation per request (label), or per user (their first): request | user."),
-    ] = "request",
+        typer.Option(
+            "--unit", help="One observation per user (their first request or thumb), or per request: user | request."
+        ),
+    ] = "user",
     config: ConfigOpt = Path("mlops.yaml"),
     set_: SetOpt = None,
     json_: JsonOpt = False,

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
                 "rollout": st.rollout or None,
                 "lease": st.lease or None,
                 "last_rollout": last,
+                "experiment": st.experiment or None,  # an A/B experiment (mlops experiment status)
             }
             routing = ", ".join(f"{r} {w}%" for r, w in st.routing.items()) or "none"
             lines.append(f"{name}: production {st.stages.get('production')}; routing {routing}")
@@ -42,4 +43,10 @@ def register(app: typer.Typer) -> None:
                 )
             if last and not st.rollout:
                 lines.append(f"  last: {where(type(st)(rollout=last))}")
+            ex = st.experiment
+            if ex and ex.get("status", "running") == "running":
+                lines.append(
+                    f"  experiment {ex.get('id')}: {ex.get('share')}% of users to {ex.get('release')} against "
+                    f"{ex.get('baseline')}, metric {ex.get('metric')} (mlops experiment status)"
+                )
         emit({"models": models}, json_, "\n".join(lines))

@@ -26,6 +26,7 @@ def summary(config: Path, loaded: Loaded) -> tuple[dict[str, Any], str]:
         "backend": cfg.backend,
         "storage": cfg.storage,
         "models": list(cfg.models),
+        "deployed": cfg.deploy.names,  # what a workflow loops over with `--model` when there are several
         "evals": list(cfg.evals),
         "gates": len(cfg.gates),
     }

@@ -77,10 +77,10 @@ def start(
     mde: float | None = None,
     min_samples: int = 100,
     max_samples: int = 10_000,
-    unit: str = "request",
+    unit: str = "user",
 ) -> dict[str, Any]:
     """Route `share`% of users to `release` (arm B) against production (arm A); the record started.
-    `unit`: what one observation is, each request (label) or each user's first one."""
+    `unit`: what one observation is: each user's first request (or thumb), or each request."""
     if not 1 <= share <= 99:
         raise UsageError(f"--share {share}: a percentage of users between 1 and 99")
     if unit not in UNITS:
@@ -307,7 +307,13 @@ def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]
     """End the running experiment: the final report is stored, all users go back to production,
     or (with `promote_winner` and B the winner) to B as the new production, in one write."""
     rec = current(s)
-    report = analyse(s, rec) | {"stopped_at": now(), "stopped_by": actor}
+    try:
+        report = analyse(s, rec)
+    except UsageError as e:  # the metric cannot be read now (capture set to metadata): it still ends
+        arms = {"A": str(rec["baseline"]), "B": str(rec["release"])}
+        res = Result(notes=[f"not analysed: {e.headline}"])
+        report = _report(rec, arms, [], {v: k for k, v in arms.items()}, res, 0)
+    report |= {"stopped_at": now(), "stopped_by": actor}
     promote = promote_winner and report["decision"] == WINNER_B
     report["status"] = "promoted" if promote else "stopped"
     final = dict(rec) | {"status": report["status"], "report": report}
@@ -376,7 +382,7 @@ def status(s: Session) -> dict[str, Any]:
 def describe(report: dict[str, Any]) -> str:
     """The human text of a report (what `mlops experiment status` prints)."""
     better = "higher" if report["higher_is_better"] else "lower"
-    m = report["metric"] + (" per user" if report.get("unit") == "user" else "")
+    m = f"{report['metric']} per {report.get('unit', 'request')}"
     lines = [
         f"experiment {report['id']} (mSPRT, alpha {report['alpha']:g}, tau {report['tau']:g}): {m}, {better} is better"
     ]

@@ -168,6 +168,9 @@ def check(doc: BudgetDoc) -> None:
 def lines(doc: BudgetDoc) -> list[str]:
     """What `mlops plan` prints: the estimate, and each cap with what is left."""
     out = [f"budget {doc.month}: " + "; ".join(doc.basis) if doc.basis else f"budget {doc.month}: nothing to spend"]
+    spend = [f"{k} {fmt(k, v)}" for k, v in doc.estimate.items() if v]
+    if spend:
+        out.append("  a push would spend: " + ", ".join(spend))
     for line in doc.lines:
         est = "—" if line.estimate is None else fmt(line.key, line.estimate)
         spent = f", spent {fmt(line.key, line.spent)}, left {fmt(line.key, line.left)}" if line.scope == "month" else ""

@@ -278,12 +278,12 @@ def _budget_block(rep: Report) -> str:
         mark = " ⚠️" if line.spent > line.cap else ""
         caps.append(f"{line.key} {fmt(line.key, line.spent)} of {fmt(line.key, line.cap)}{share}{mark}")
     runs = [f"{line.key} ≤ {fmt(line.key, line.cap)}" for line in b.lines if line.scope == "run"]
-    mine = ", ".join(fmt(k, v) + f" {k.split('_')[0]}" for k, v in b.release.items() if v and k != "usd")
+    mine = ", ".join(f"{k} {fmt(k, v)}" for k, v in b.release.items() if v)
     parts = [f"**Budget** ({b.month}): " + ("; ".join(caps) or "no monthly cap")]
     if runs:
         parts.append("per run " + ", ".join(runs))
     if mine:
-        parts.append(f"this release spent {mine}")
+        parts.append(f"this release: {mine}")
     return "\n" + ". ".join(parts) + "."
 
 

@@ -292,11 +292,12 @@ class ReleasePool:
         }
 
     def _base_engine(self, path: Path) -> Engine:
-        """An engine on the base of adapter releases (the builtin one through transformers: peft
-        adapts its modules, not the native forward pass)."""
+        """An engine on the base of adapter releases (the builtin one: LoRA in its native forward
+        pass, or peft on transformers' model where that does not run it; vLLM's `for_adapters`:
+        --enable-lora)."""
         factory: Any = self._factory()
-        extra = {"use_native": False} if self.engine_name == "builtin" else {}
-        eng: Engine = factory(path, **self._engine_options(), **extra)
+        make = getattr(factory, "for_adapters", factory)
+        eng: Engine = make(path, **self._engine_options())
         return eng
 
     def _adapter(self, release_id: str, path: Path, adapter: dict[str, Any]) -> Engine:
@@ -306,6 +307,16 @@ class ReleasePool:
 
         base_dir = served_base(release_id, adapter, self.root)
         return self.bases.open(release_id, path, base_dir, str(adapter["base_fingerprint"]))
+
+    def unload(self, release_id: str) -> bool:
+        """Drain and close a release's engine now (False: none was loaded); a later request loads it again."""
+        with self._lock:
+            eng = self._engines.pop(release_id, None)
+            self._dropped_at.pop(release_id, None)
+        if eng is None:
+            return False
+        _drain(eng)
+        return True
 
     def engine(self, release_id: str) -> Engine | None:
         """The loaded engine of a release, or None (never loads)."""

