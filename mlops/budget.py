@@ -81,23 +81,24 @@ def eval_estimate(
     from mlops.evals.harness import JUDGE_BASED, load_cases, metric_specs
 
     cfg = loaded.cfg
-    last = _last_evals(reg, model)
     est = dict.fromkeys(("judge_tokens", "judge_usd", "eval_gpu_hours", "usd"), 0.0)
-    basis = []
+    basis: list[str] = []
+    last: dict[str, EvalResult] | None = None
     for suite in cfg.evals:
+        judged = [
+            str(spec["judge"])
+            for spec in metric_specs(loaded, suite)
+            if isinstance(spec, dict) and metric_name(spec) in JUDGE_BASED and spec.get("judge") in cfg.judges
+        ]
+        if not judged and cfg.backend != "modal":
+            continue  # nothing here costs judge tokens or GPU time: the cases need not be read
+        last = _last_evals(reg, model) if last is None else last
         n = len(load_cases(loaded, suite))
         cached = _cached_cases(loaded, release, n)
-        calls = 0
         per_judge: dict[str, int] = {}
-        for spec in metric_specs(loaded, suite):
-            if metric_name(spec) not in JUDGE_BASED:
-                continue
-            judge = spec.get("judge") if isinstance(spec, dict) else None
-            if judge is None or judge not in cfg.judges:
-                continue
-            k = (n - cached) * cfg.judges[judge].repeat
-            per_judge[judge] = per_judge.get(judge, 0) + k
-            calls += k
+        for judge in judged:
+            per_judge[judge] = per_judge.get(judge, 0) + (n - cached) * cfg.judges[judge].repeat
+        calls = sum(per_judge.values())
         prev_res = last.get(suite)
         prev = prev_res.cost if prev_res is not None else None
         if calls:

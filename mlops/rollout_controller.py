@@ -404,7 +404,8 @@ class Controller:
             return None
         w = read_window(self.registry, release, rec["baseline"], since, until)
         p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
-        breaches = check_slo(w, self.cfg.guardrails, p95)
+        # production's side of the last canary window it had traffic in: the PSIs' reference
+        breaches = check_slo(w, self.cfg.guardrails, p95, self._baseline.get(rid))
         if w.candidate.requests < self.cfg.guardrails.min_requests:
             return None  # the window grows until it holds enough requests
         if not breaches:

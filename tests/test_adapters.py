@@ -200,3 +200,34 @@ def test_adapter_releases_share_one_base_canary_rollback_and_refusal(proj: Proje
     finally:
         pool.close()
     assert not pool.bases.bases()  # the base closed with its last adapter
+
+
+def test_closing_an_adapter_release_lets_its_requests_finish_then_unloads_it(proj: Project) -> None:
+    import threading
+
+    from mlops.serving.genrequest import EngineClosed, GenRequest
+    from mlops.serving.pool import ReleasePool
+
+    a, b = proj.releases
+    want = reference(proj.base, proj.registry.artifact_dir(a), PROMPTS[:1], 6)[0]
+    pool = ReleasePool(proj.registry, threads=1, root=proj.root)
+    try:
+        va, vb = pool.get(a), pool.get(b)
+        base = va.base  # type: ignore[attr-defined]
+        assert vb.base is base and pool.bases.loads == 1  # type: ignore[attr-defined]
+        req = GenRequest(prompt=PROMPTS[0], max_tokens=6)
+        with base._model_lock:  # the worker cannot run a step: the request stays in flight
+            va.submit(req)
+            closing = threading.Thread(target=va.close, kwargs={"drain_timeout": 60})
+            closing.start()
+            assert va.closed and a in base.adapters and va.busy == 1
+            with pytest.raises(EngineClosed):
+                va.submit(GenRequest(prompt=PROMPTS[1], max_tokens=2))  # a closing release takes no more
+        closing.join(timeout=90)
+        assert not closing.is_alive()
+        assert req.finished and req.error is None and req.text == want  # answered with its adapter
+        assert a not in base.adapters and b in base.adapters and not base.closed
+        vb.close()
+        assert base.closed and not pool.bases.bases()  # the base went with its last adapter
+    finally:
+        pool.close()

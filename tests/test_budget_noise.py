@@ -152,6 +152,61 @@ def test_a_planted_flaky_case_is_listed_and_quarantined(project: dict[str, Any])
     s.registry.put_eval(project["release"], "heldout", res)  # the other tests see the real result
 
 
+def test_a_case_that_differs_between_identical_weights_is_flaky(project: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.report import build_report
+
+    root: Path = project["root"]
+    loaded = load(root / "mlops.yaml")
+    reg = Session.open(loaded).registry
+    rid, res = project["release"], project["result"]
+    # production's weights registered again as another release: the same artifact sha256
+    m = reg.manifest(rid)
+    assert m is not None
+    src, copy = reg.artifact_dir(rid), tmp_path / "copy"
+    for rel in m["artifact"]["files"]:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, copy / rel)
+    twin = reg.new_id("tiny")
+    reg.publish(twin, copy, {k: v for k, v in m.items() if k not in ("id", "artifact", "created_at")})
+    assert reg.manifest(twin)["artifact"]["sha256"] == m["artifact"]["sha256"]  # type: ignore[index]
+    # its eval agrees with production's on every case but one: the evaluation's noise, not the model's
+    flip = res.cases[5].id
+    cases = [
+        c.model_copy(update={"scores": c.scores | {"exact_match": 1.0 - c.scores["exact_match"]}})
+        if c.id == flip
+        else c
+        for c in res.cases
+    ]
+    reg.put_eval(twin, "heldout", res.model_copy(update={"release": twin, "cases": cases}))
+    rep = build_report(reg, loaded.cfg, twin)
+    assert [(f.id, f.metric) for f in rep.noise.flaky] == [(flip, "exact_match")]
+    assert f"on {rid} (identical weights)" in rep.noise.flaky[0].why
+
+
+def test_a_baseline_older_than_its_limit_is_flagged(project: dict[str, Any]) -> None:
+    import datetime as dt
+
+    from mlops.config import load
+    from mlops.flows.session import Session
+    from mlops.report.noise import build_noise, plan_lines
+
+    root: Path = project["root"]
+    res = project["result"]
+    at = dt.datetime.fromisoformat(res.created_at.replace("Z", "+00:00"))
+    for days, limit, stale in ((29, "30d", False), (31, "30d", True), (31, "45d", False)):
+        loaded = load(root / "mlops.yaml", [f"evals.heldout.baseline_max_age={limit}"])
+        reg = Session.open(loaded).registry
+        doc = build_noise(reg, loaded.cfg, {}, {"heldout": res}, now=at + dt.timedelta(days=days))
+        (b,) = doc.baselines
+        assert (b.release, b.stale, round(b.age_days or 0)) == (res.release, stale, days)
+        flagged = [line for line in plan_lines(doc) if line.startswith("stale baseline")]
+        assert flagged == ([f"stale baseline: heldout results of {res.release} are {days} days old"] if stale else [])
+
+
 # ---------------------------------------------------------------------------- budget (part 1)
 
 
@@ -204,3 +259,46 @@ def test_estimates_are_within_25_percent_of_the_recorded_cost(project: dict[str,
             assert est[key] == 0, (key, est)
             continue
         assert abs(est[key] - rec[key]) / rec[key] < 0.25, (key, est[key], rec[key])
+
+
+def test_judge_calls_are_estimated_with_cached_cases_left_out(tmp_path: Path) -> None:
+    """A suite judged with `repeat: 3`: calls = uncached cases x 3, at the last eval's tokens a call,
+    priced by prices.judge_per_1m_tokens. No model or judge is needed to estimate."""
+    from mlops.budget import estimate
+    from mlops.cache import SegmentCache
+    from mlops.config import load
+    from mlops.contracts import EvalCost, EvalResult, JudgeStats
+    from mlops.flows.session import Session
+
+    judged = {
+        "judges": {"ref": {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "repeat": 3}},
+        "evals": {
+            "heldout": {
+                "judge": "ref",
+                "metrics": ["exact_match", "latency", {"name": "deepeval.geval", "criteria": "same as expected"}],
+            }
+        },
+        "prices": {"judge_per_1m_tokens": {"ref": 2.0}},
+    }
+    root = make_project(tmp_path / "p", judged)
+    loaded = load(root / "mlops.yaml")
+    reg = Session.open(loaded).registry
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "config.json").write_text("{}")
+    rid = reg.new_id("tiny")
+    reg.publish(rid, tmp_path / "artifact", {"model": "tiny"})
+    # its last eval: 10 judge calls of 100 tokens each
+    judge = JudgeStats(judge="ref", model="judge", calls=10, prompt_tokens=900, completion_tokens=100)
+    cost = EvalCost(judge_calls=10, judge_prompt_tokens=900, judge_completion_tokens=100, judges=[judge])
+    reg.put_eval(
+        rid,
+        "heldout",
+        EvalResult(suite="heldout", release=rid, n=200, metrics={}, metric_names=[], cases=[], cost=cost),
+    )
+    est, basis = estimate(loaded, reg, [], ["tiny"])
+    assert est["judge_tokens"] == 200 * 3 * 100 and est["judge_usd"] == pytest.approx(60_000 * 2.0 / 1e6)
+    # 50 of the release's answers cached on this machine: their judge calls are not made again
+    SegmentCache(root / ".mlops" / "cache" / "eval").save(rid, {f"k{i}": {"text": "x"} for i in range(50)})
+    est, basis = estimate(loaded, reg, [], ["tiny"], release=rid)
+    assert est["judge_tokens"] == 150 * 3 * 100, basis
+    assert basis == ["eval heldout: 450 judge calls (50 of 200 cases cached) x 100 tokens a call"]

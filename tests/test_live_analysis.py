@@ -44,11 +44,13 @@ OVERRIDES = {
     "deploy": {
         "rollout": {
             "max_error_rate": 0.1,  # above the planted 5%: only the comparison with production can fail it
+            "max_p95_ratio": 5.0,  # latency on a loaded 2-core machine is not the subject here (unit tests)
             "analysis": {"alpha": 0.05, "min_requests": 50, "min_samples": 30, "metrics": ["json_valid", "regex"]},
             "guardrails": {"max_error_rate": 0.02, "min_requests": 50},
         }
     },
 }
+PATTERN = "^zq"  # the traffic pattern the candidate fails on (MLOPS_FAULT_PATTERN)
 USERS = 400  # ~200 a side at 50/50: 5% is ~10 errors against none, p ~ 0.001 < alpha / 8
 
 
@@ -67,9 +69,11 @@ class Live:
         wait_for(lambda: w.q.empty() and w.written + w.failed_writes + w.encode_errors == w.submitted, "capture")
 
 
-def inputs(n: int, seed: int) -> list[str]:
+def inputs(n: int, seed: int, pattern_every: int = 0) -> list[str]:
+    """Lowercase words as the example is asked; with `pattern_every`, every such input starts "zq"."""
     rng = random.Random(seed)
-    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) + "=" for _ in range(n)]
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 10))) for _ in range(n)]
+    return [("zq" + w if pattern_every and i % pattern_every == 0 else w) + "=" for i, w in enumerate(words)]
 
 
 def send(url: str, prompts: list[str], tag: str, headers: dict[str, str] | None = None) -> list[httpx.Response]:
@@ -125,9 +129,9 @@ def window_of(live: Live) -> Iterator[list[float]]:
 
 
 def test_a_candidate_failing_5_percent_fails_on_the_comparison_with_production(live: Live) -> None:
-    live.opts.fault = Fault(live.cand, 0.05)
+    live.opts.fault = Fault(live.cand, 0.2, pattern=PATTERN)
     with window_of(live) as span:
-        users = send(live.url, inputs(USERS, seed=1), "bad")
+        users = send(live.url, inputs(USERS, seed=1, pattern_every=4), "bad")
         own = send(live.url, inputs(40, seed=2), "own", NOT_CAPTURED)  # mlops's own: not judged
     live.opts.fault = None
     assert all(r.status_code in (200, 500) for r in users + own)
@@ -136,6 +140,7 @@ def test_a_candidate_failing_5_percent_fails_on_the_comparison_with_production(l
     by = {rel: sum(1 for r in users if r.headers["x-mlops-release"] == rel) for rel in (live.cand, live.prod)}
     assert (w.candidate.requests, w.production.requests) == (by[live.cand], by[live.prod])
     assert w.candidate.errors == sum(1 for r in users if r.status_code == 500) > 0 and w.production.errors == 0
+    assert 0.03 < w.candidate.error_rate < 0.07  # 5% of its requests, all on the pattern
 
     cfg = live.loaded.cfg.deploy.rollout
     v = judge_step(w, cfg, live_metrics(live.loaded), step=2, percent=50)
@@ -200,7 +205,7 @@ def test_a_judge_metric_scores_only_its_sample_of_live_answers(live: Live) -> No
     w = read_window(Session.open(live.loaded).registry, live.cand, live.prod, span[0], span[1])
     with contextlib.contextmanager(JudgeServer().running)() as judge:
         sets = [
-            f"judges={{local: {{base_url: '{judge.base_url}', model: judge-1, timeout_s: 20}}}}",
+            f"judges={{local: {{base_url: '{judge.base_url}', model: judge-1, timeout_s: 60, max_retries: 0}}}}",
             "evals.heldout.judge=local",
             "evals.heldout.metrics=[exact_match, latency, deepeval.answer_relevancy]",
             "deploy.rollout.analysis.metrics=[deepeval.answer_relevancy]",
@@ -213,5 +218,5 @@ def test_a_judge_metric_scores_only_its_sample_of_live_answers(live: Live) -> No
     check = v.checks[2]
     assert check["name"] == "metric.deepeval.answer_relevancy" and check["n"] == [4, 4], v.checks
     assert check["status"] == "pass"  # the same sample size on both sides: enough for a judge metric
-    # about 60 answers a side were there; the judge was asked about 4 each (a few calls per answer)
+    # about 60 answers a side were there; the judge was asked about 4 each (3 calls per answer, no retries)
     assert min(w.candidate.requests, w.production.requests) > 30 and 0 < calls <= 8 * 3, calls

@@ -88,9 +88,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def project(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_project(
-        tmp_path_factory.mktemp("mlflow-project"), {"tracking": {"mlflow": {"tracking_uri": server.url}}}
-    )
+    over = {
+        "tracking": {"mlflow": {"tracking_uri": server.url}},
+        # what MLflow is shown, not the canary's or ragas's time: one step, no ragas import
+        "deploy": {"rollout": {"steps": [100], "requests_per_step": 5}},
+        "evals": {"heldout": {"metrics": ["exact_match", "latency"]}},
+    }
+    return make_project(tmp_path_factory.mktemp("mlflow-project"), over)
 
 
 def run_json(root: Path, *args: str) -> dict[str, Any]:

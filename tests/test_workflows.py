@@ -415,6 +415,27 @@ def test_pr_eval_evaluates_each_changed_model_and_reports_a_section_each(tmp_pat
     assert "## Model `b`" in md and "report report --model b --release b-2 --markdown" in md
 
 
+def test_nightly_evaluates_each_deployed_models_production(tmp_path: Path) -> None:
+    """Several deployed models: the nightly evaluates each one's production (`--model`), keeps
+    every result in nightly.json and goes red with the worst exit code (b fails a gate: 3)."""
+    wf = load_workflow("nightly.yml")
+    ev = next(s for s in steps(wf) if s.get("id") == "eval")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlops").write_text(PR_STAND_IN.replace("/usr/bin/env python", sys.executable, 1))
+    (bin_dir / "mlops").chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "GITHUB_OUTPUT": str(out),
+        "MLOPS_BACKEND": "local",
+        "MLOPS_STORAGE": "s3://b/p",
+    }
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", ev["run"]], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0 and out.read_text() == "code=3\n"
+    assert json.loads((tmp_path / "nightly.json").read_text()) == {"models": {"a": {}, "b": {}}}
+
+
 def test_pr_comment_is_sticky() -> None:
     wf = load_workflow("pr-eval.yml")
     [script] = [s["with"]["script"] for s in steps(wf) if "github-script" in s.get("uses", "")]

@@ -307,7 +307,13 @@ def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]
     """End the running experiment: the final report is stored, all users go back to production,
     or (with `promote_winner` and B the winner) to B as the new production, in one write."""
     rec = current(s)
-    report = analyse(s, rec) | {"stopped_at": now(), "stopped_by": actor}
+    try:
+        report = analyse(s, rec)
+    except UsageError as e:  # the metric cannot be read now (capture set to metadata): it still ends
+        arms = {"A": str(rec["baseline"]), "B": str(rec["release"])}
+        res = Result(notes=[f"not analysed: {e.headline}"])
+        report = _report(rec, arms, [], {v: k for k, v in arms.items()}, res, 0)
+    report |= {"stopped_at": now(), "stopped_by": actor}
     promote = promote_winner and report["decision"] == WINNER_B
     report["status"] = "promoted" if promote else "stopped"
     final = dict(rec) | {"status": report["status"], "report": report}

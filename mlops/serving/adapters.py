@@ -38,6 +38,7 @@ class AdapterEngine:
         self.model_dir = model_dir
         self._on_close = on_close
         self._closed = False
+        self._released = False  # close() ran: the adapter is (being) unloaded and the base released
         self._lock = threading.Lock()  # a submit and closing never interleave: none slips past the drain
 
     # the shared batch's counters (every adapter on this base reports the same steps)
@@ -96,7 +97,10 @@ class AdapterEngine:
 
     def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, let this adapter's finish (bounded), delete it from the base."""
-        self.stop_accepting()
+        with self._lock:
+            first, self._closed, self._released = not self._released, True, True
+        if not first:  # closed already (by the pool, then at shutdown): the base was released once
+            return
         if not self.base.wait_adapter_idle(self.name, drain_timeout):
             log.warning("adapter %s: requests still running after %.0fs; unloading anyway", self.name, drain_timeout)
         self.base.unload_adapter(self.name)

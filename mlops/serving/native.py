@@ -17,6 +17,7 @@ same weights, same left padding, same positions, prefill and cached decode steps
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ class NativeLM:
 
         self.config = config
         self.gpt2 = config.model_type == "gpt2"
+        # LoRA adapters by name: (layer, module) -> (A [r, in], B [out, r], scaling)
+        self.adapters: dict[str, dict[tuple[int, str], tuple[Any, Any, float]]] = {}
         c = config
         if self.gpt2:
             self.n_layer, self.n_head, self.dim = c.n_layer, c.n_head, c.n_embd
@@ -180,6 +183,102 @@ class NativeLM:
             "down": w[p + "mlp.down_proj.weight"].float(),
         }
 
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def _slots(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Each fused projection's LoRA targets: (module, first, last output column)."""
+        d, hd = self.dim, self.head_dim
+        if self.gpt2:
+            inner = self.layers[0]["fc"][0].shape[0]
+            return {
+                "qkv": [("attn.c_attn", 0, 3 * d)],
+                "o": [("attn.c_proj", 0, d)],
+                "fc": [("mlp.c_fc", 0, inner)],
+                "proj": [("mlp.c_proj", 0, d)],
+            }
+        nq, nk = self.n_head * hd, self.n_kv * hd
+        inter = self.layers[0]["down"].shape[1]
+        return {
+            "qkv": [
+                ("self_attn.q_proj", 0, nq),
+                ("self_attn.k_proj", nq, nq + nk),
+                ("self_attn.v_proj", nq + nk, nq + 2 * nk),
+            ],
+            "o": [("self_attn.o_proj", 0, d)],
+            "gate_up": [("mlp.gate_proj", 0, inter), ("mlp.up_proj", inter, 2 * inter)],
+            "down": [("mlp.down_proj", 0, d)],
+        }
+
+    def load_adapter(self, path: str | Path, adapter_name: str, **_: Any) -> None:
+        """Load a peft LoRA adapter directory under `adapter_name` (ValueError: not one this runs)."""
+        import re
+
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        unsupported = [
+            k
+            for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+            if cfg.get(k)
+        ]
+        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("bias", "none") != "none" or unsupported:
+            raise ValueError(
+                f"a LoRA variant the native forward pass does not run ({', '.join(unsupported) or 'bias'})"
+            )
+        r = int(cfg["r"])
+        scaling = float(cfg.get("lora_alpha", r)) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        known = {m: (lo, hi) for slots in self._slots().values() for m, lo, hi in slots}
+        pat = re.compile(r"\.(?:h|layers)\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+        parts: dict[tuple[int, str], dict[str, Any]] = {}
+        for key, t in load_file(str(path / "adapter_model.safetensors")).items():
+            m = pat.search(key)
+            if m is None or m.group(2) not in known:
+                raise ValueError(f"adapter weight {key} is not on a projection the native forward pass adapts")
+            parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t.float()
+        weights = {}
+        for (i, mod), ab in parts.items():
+            lo, hi = known[mod]
+            if set(ab) != {"A", "B"} or ab["B"].shape[0] != hi - lo or i >= self.n_layer:
+                raise ValueError(f"adapter weights for layer {i} {mod} do not fit this base")
+            weights[(i, mod)] = (ab["A"], ab["B"], scaling)
+        self.adapters[adapter_name] = weights
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.adapters.pop(adapter_name, None)
+
+    def _groups(self, names: list[str] | None) -> list[tuple[dict[tuple[int, str], Any], Any]]:
+        """(adapter weights, rows or None for all) for each adapter in the batch; base rows: none."""
+        import torch
+
+        if not names:
+            return []
+        if len(set(names)) == 1:
+            w = self.adapters.get(names[0])
+            return [(w, None)] if w else []
+        rows: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            if n in self.adapters:
+                rows.setdefault(n, []).append(i)
+        return [(self.adapters[n], torch.tensor(r)) for n, r in rows.items()]
+
+    @staticmethod
+    def _lora(x: Any, y: Any, i: int, slots: list[tuple[str, int, int]], groups: list[Any]) -> Any:
+        """`y` (the projection of `x`) plus each row's adapter delta, B(A(x)) * scaling, in place."""
+        import torch.nn.functional as F
+
+        for w, rows in groups:
+            for mod, lo, hi in slots:
+                ab = w.get((i, mod))
+                if ab is None:
+                    continue
+                a, b, scaling = ab
+                if rows is None:
+                    y[..., lo:hi] += F.linear(F.linear(x, a), b) * scaling
+                else:
+                    y[rows, :, lo:hi] += F.linear(F.linear(x[rows], a), b) * scaling
+        return y
+
     # ------------------------------------------------------------------ forward
 
     def _act(self, x: Any) -> Any:
@@ -226,6 +325,7 @@ class NativeLM:
         position_ids: Any,
         past_key_values: Cache | None = None,
         use_cache: bool = True,
+        adapter_names: list[str] | None = None,  # per row: a loaded adapter's name, or any other for the base
     ) -> Output:
         import torch
         import torch.nn.functional as F
@@ -247,9 +347,17 @@ class NativeLM:
             cos, sin = self._rotary(position_ids)
         new: list[tuple[Any, Any]] = []
         hd = self.head_dim
+        groups = self._groups(adapter_names)
+        slots = self._slots() if groups else {}
+
+        def proj(h: Any, wb: Any, i: int, slot: str) -> Any:
+            w, b = wb if isinstance(wb, tuple) else (wb, None)
+            y = F.linear(h, w, b)
+            return self._lora(h, y, i, slots[slot], groups) if groups else y
+
         for i, L in enumerate(self.layers):
             h = self._ln(x, L["ln1"]) if self.gpt2 else self._rms(x, L["ln1"])
-            qkv = F.linear(h, *L["qkv"])
+            qkv = proj(h, L["qkv"], i, "qkv")
             q, k, v = qkv.split([self.n_head * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
             q = q.view(b, t, self.n_head, hd).transpose(1, 2)
             k = k.view(b, t, self.n_kv, hd).transpose(1, 2)
@@ -265,14 +373,14 @@ class NativeLM:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
             att = att.transpose(1, 2).reshape(b, t, self.n_head * hd)
-            x = x + F.linear(att, *L["o"])
+            x = x + proj(att, L["o"], i, "o")
             if self.gpt2:
                 h = self._ln(x, L["ln2"])
-                x = x + F.linear(self._act(F.linear(h, *L["fc"])), *L["proj"])
+                x = x + proj(self._act(proj(h, L["fc"], i, "fc")), L["proj"], i, "proj")
             else:
                 h = self._rms(x, L["ln2"])
-                gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-                x = x + F.linear(self._act(gate) * up, L["down"])
+                gate, up = proj(h, L["gate_up"], i, "gate_up").chunk(2, dim=-1)
+                x = x + proj(self._act(gate) * up, L["down"], i, "down")
         if self.gpt2:
             x = self._ln(x, self.norm)
         else:

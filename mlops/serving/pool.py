@@ -292,12 +292,12 @@ class ReleasePool:
         }
 
     def _base_engine(self, path: Path) -> Engine:
-        """An engine on the base of adapter releases (the builtin one through transformers: peft
-        adapts its modules, not the native forward pass; vLLM's `for_adapters`: --enable-lora)."""
+        """An engine on the base of adapter releases (the builtin one: LoRA in its native forward
+        pass, or peft on transformers' model where that does not run it; vLLM's `for_adapters`:
+        --enable-lora)."""
         factory: Any = self._factory()
-        extra = {"use_native": False} if self.engine_name == "builtin" else {}
         make = getattr(factory, "for_adapters", factory)
-        eng: Engine = make(path, **self._engine_options(), **extra)
+        eng: Engine = make(path, **self._engine_options())
         return eng
 
     def _adapter(self, release_id: str, path: Path, adapter: dict[str, Any]) -> Engine:
