@@ -45,7 +45,8 @@ def deploy_adapter(b: Any, release_id: str, manifest: dict[str, Any]) -> None:
     api.dict_put(ADAPTER_KEY + release_id, entry)
     if app not in api.deployed():
         digest = stage_base(b, key, base_dir)
-        env = {SETTINGS_ENV: s.to_json(), "MLOPS_BASE": key, "MLOPS_RELEASE_SHA256": digest}
+        # the model's own serving settings (GPU, vLLM and LoRA flags), as for a full release's app
+        env = {SETTINGS_ENV: b.serve_settings.to_json(), "MLOPS_BASE": key, "MLOPS_RELEASE_SHA256": digest}
         api.deploy(b.functions_dir / "serve.py", app, env)
     b._wait_healthy(url, release_id, wait, app=app)
 
