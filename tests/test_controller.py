@@ -197,6 +197,7 @@ def test_release_degraded_after_promotion_is_rolled_back_by_the_guardrail(ctl: C
 
     wait_for(baking, "the bad release promoted and baking", WAIT_S, 0.1)
     assert ctl.state().stages["production"] == ctl.bad
+    assert prod in httpx.get(f"{ctl.url}/health", timeout=30).json()["loaded"], "the previous release stays warm"
     promoted_at = float(ctl.state().rollout["promoted_at"])
     with Client(ctl.url, "zqxyz="):  # the traffic pattern it fails on arrives after promotion
         rec = ctl.finished(rid)
