@@ -33,6 +33,9 @@ __all__ = ["free_port", "mlops_serve"]  # for the tests, with the fixtures below
 REPO = Path(__file__).resolve().parent.parent
 set_offline()
 os.environ.setdefault("WANDB_SILENT", "true")
+# mlops's per-machine cache (base fingerprints) in this run's own folder, not the user's ~/.cache
+_CACHE = Path(__import__("tempfile").mkdtemp(prefix="mlops-test-cache-"))
+os.environ["MLOPS_CACHE_HOME"] = str(_CACHE)
 
 # A model small enough to train in a few seconds on one loaded core, still a real GPT-2.
 FAST_MODEL = {

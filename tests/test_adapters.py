@@ -231,3 +231,34 @@ def test_closing_an_adapter_release_lets_its_requests_finish_then_unloads_it(pro
         assert base.closed and not pool.bases.bases()  # the base went with its last adapter
     finally:
         pool.close()
+
+
+def test_the_fingerprint_is_hashed_once_per_machine_not_per_command(proj: Project, tmp_path: Path) -> None:
+    """A deploy command is a new process: it reads the base's digest from the machine's cache, and
+    a changed file is hashed again."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mlops.training.adapter import base_fingerprint
+
+    copy = Path(shutil.copytree(proj.base, tmp_path / "fp"))
+    code = (
+        "import sys, mlops.datasources as d, mlops.training.adapter as a\n"
+        "n = [0]; f = d.sha256_path\n"
+        "def count(p): n[0] += 1; return f(p)\n"
+        "d.sha256_path = count\n"
+        f"print(a.base_fingerprint({str(copy)!r}), n[0])"
+    )
+
+    def fresh_process() -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        digest, hashed = out.stdout.split()
+        return digest, int(hashed)
+
+    first, hashed = fresh_process()
+    assert first == base_fingerprint(proj.base) and hashed > 0
+    assert fresh_process() == (first, 0)  # remembered on disk: nothing hashed
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    changed, hashed = fresh_process()
+    assert changed != first and hashed > 0

@@ -54,8 +54,9 @@ def base_files(base_dir: Path | str) -> list[Path]:
 def base_fingerprint(base_dir: Path | str) -> str:
     """sha256 over a base directory's weight, config and tokenizer files (names and contents).
 
-    Remembered per process by (path, newest mtime, total size, count): a real base is gigabytes,
-    and a server checks every adapter release it loads against it."""
+    Remembered per process by (path, newest mtime, total size, count), and on disk by each file's
+    name, size, mtime and inode ($MLOPS_CACHE_HOME, else $XDG_CACHE_HOME/mlops): a real base is gigabytes, and a server and
+    every deploy command check each adapter release against it."""
     from mlops.datasources import sha256_path  # chunked: a real base's weights are gigabytes
 
     root = Path(base_dir).resolve()
@@ -67,11 +68,59 @@ def base_fingerprint(base_dir: Path | str) -> str:
     stats = [os.stat(p) for p in files]
     key = (str(root), max(s.st_mtime_ns for s in stats), sum(s.st_size for s in stats), len(files))
     if key not in _cache:
-        h = hashlib.sha256()
-        for p in files:
-            h.update(f"{p.name}\0{sha256_path(p)}\0".encode())
-        _cache[key] = h.hexdigest()
+        # and per machine: every `mlops deploy`/`rollback` of an adapter release is a new process
+        # that checks the base; hashing gigabytes each time would cost what the adapter saves
+        files_key = "\n".join(
+            f"{p.name} {st.st_size} {st.st_mtime_ns} {st.st_ino}" for p, st in zip(files, stats, strict=True)
+        )
+        disk_key = hashlib.sha256(f"{root}\n{files_key}".encode()).hexdigest()
+        known = _disk_cache().get(disk_key)
+        if isinstance(known, str):
+            _cache[key] = known
+        else:
+            h = hashlib.sha256()
+            for p in files:
+                h.update(f"{p.name}\0{sha256_path(p)}\0".encode())
+            _cache[key] = h.hexdigest()
+            _remember(disk_key, _cache[key])
     return _cache[key]
+
+
+def _cache_file() -> Path:
+    home = os.environ.get("MLOPS_CACHE_HOME")
+    if home:
+        return Path(home) / "base-fingerprints.json"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlops" / "base-fingerprints.json"
+
+
+def _disk_cache() -> dict[str, object]:
+    import json
+
+    try:
+        doc = json.loads(_cache_file().read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(disk_key: str, digest: str) -> None:
+    """Best effort: a cache that cannot be written is only slower."""
+    import json
+    import tempfile
+
+    doc = _disk_cache()
+    doc[disk_key] = digest
+    if len(doc) > 256:  # bases come and go: keep the newest entries
+        doc = dict(list(doc.items())[-256:])
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=_cache_file().parent, prefix=".fingerprints-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, _cache_file())  # whole or not at all, as two deploys may write at once
+    except OSError:
+        pass
 
 
 def resolve_base(base: str, root: Path | str | None = None) -> Path | None:
