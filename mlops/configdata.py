@@ -96,7 +96,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
     done: set[str] = set()
     for item in overrides:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())  # gates[0].min: the same as gates.0.min
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         # the same bounded loader as files (alias bombs, recursion, depth); its errors name the flag
@@ -104,7 +104,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
         node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+            if isinstance(node, list) and p.isdigit():
+                if int(p) >= len(node):
+                    raise ConfigError(f"--set {key}: index {p} is out of range (the list has {len(node)} items)")
                 node = node[int(p)]
                 continue
             if not isinstance(node, dict):
@@ -129,7 +131,7 @@ def pydantic_error(
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
     where = line_of(lines, loc, overridden)
     prefix = f"{src}:{where}" if not where.startswith("--set") else where
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "extra_forbidden" and loc:
         key = str(loc[-1])
         owner = _model_at(root, _fields_only(root, loc[:-1]))
         hint = plugins.did_you_mean(key, owner.model_fields) if owner else ""

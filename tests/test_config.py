@@ -219,6 +219,13 @@ def test_overrides_apply_before_validation_and_errors_name_the_flag() -> None:
         load(REPO / "mlops.yaml", ["models.tiny.train.lr=abc"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         apply_overrides({}, ["novalue"])
+    # a list item by bracket or by dot, and the errors about one stay one line
+    assert load(REPO / "mlops.yaml", ["gates[0].min=0.25"]).cfg.gates[0].min == 0.25
+    assert load(REPO / "mlops.yaml", ["gates.0.min=0.3"]).cfg.gates[0].min == 0.3
+    with pytest.raises(ConfigError, match=r"^--set gates.0.x: gates.0.x: unknown key 'x'"):
+        load(REPO / "mlops.yaml", ["gates[0].x=1"])
+    with pytest.raises(ConfigError, match=r"^--set gates.99.min: index 99 is out of range \(the list has \d+ items\)$"):
+        load(REPO / "mlops.yaml", ["gates[99].min=1"])
 
 
 def test_env_vars_expand_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
