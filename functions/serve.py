@@ -50,6 +50,7 @@ from images import VOLUME_MOUNT, auth_secret, extra_secrets, settings, vllm_imag
 from mlops.backends.modal_api import ModalAPI, ModalSDK
 from mlops.backends.modal_settings import ADAPTER_KEY, FAILURE_KEY, SERVE_BASES, VLLM_PORT
 from mlops.registry.releases import sha256_file, tree_sha256
+from mlops.serving.uptime import Uptime
 from mlops.serving.vllm_argv import (
     DEFAULT_OPTIONS,
     LORA_ENV,
@@ -161,7 +162,16 @@ def serve_body(
     cmd = build(model, name, port, aliases=aliases, chat_template=template, options=options)
     print("starting:", " ".join(cmd), flush=True)
     env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}")
-    return start_server(cmd, env, port, float(timeout or settings.startup_timeout))
+    proc = start_server(cmd, env, port, float(timeout or settings.startup_timeout))
+    if not JUDGE:  # a judge's GPU time is its evals' (eval_gpu_hours), not serving
+        count_uptime(api, [RELEASE], proc)
+    return proc
+
+
+def count_uptime(api: ModalAPI | None, releases: list[str], proc: subprocess.Popen[str]) -> None:
+    """This container's GPU time, in the Dict until `mlops` makes it cost records (serve_gpu_hours)."""
+    put = (api or ModalSDK(settings)).dict_put
+    Uptime(put, APP_NAME, gpu=GPU, releases=releases, model=settings.served_model).follow(proc)
 
 
 def serve_base(
@@ -184,6 +194,7 @@ def serve_base(
     print("starting:", " ".join(cmd), flush=True)
     env = vllm_env(where=f"add it to the Modal Secret {settings.auth_secret!r}") | LORA_ENV
     proc = start_server(cmd, env, port, float(timeout or settings.startup_timeout))
+    count_uptime(api, [], proc)  # the base's time; its adapters share it
     sync = AdapterSync(api or ModalSDK(settings), root, port, env["VLLM_API_KEY"])
     try:
         sync.once()  # what is deployed already is loaded before this container takes requests

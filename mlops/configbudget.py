@@ -23,7 +23,7 @@ class RunCaps(Strict):
 
 
 class MonthCaps(RunCaps):
-    serve_gpu_hours: Cap = Field(None, description="GPU-hours of the release apps (the gateway's records).")
+    serve_gpu_hours: Cap = Field(None, description="GPU-hours of the release and adapter base apps (their containers' uptime; backend: modal).")
 
 
 class BudgetCfg(Strict):

@@ -141,6 +141,16 @@ def test_the_whole_modal_loop_through_the_twin(t: Twin) -> None:
     assert t.ask().headers["x-mlops-release"] == a["release"]
     # production and previous stay; the rejected release's app is stopped
     assert t.serve_apps() == {a["release"], b["release"]}
+    # each release's container counted its GPU time in the Dict (serve_body's Uptime); the runs collected it
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.backends.modal_twin import TwinAPI
+    from mlops.config import load
+    from mlops.serving.uptime import UPTIME
+
+    api = TwinAPI(t.dir, ModalSettings.from_config(load(t.root / "mlops.yaml").cfg, t.root))
+    counted = {r for v in api.dict_items(UPTIME).values() for r in v["releases"]}
+    assert {a["release"], b["release"], bad["release"]} <= counted
+    assert t.run("plan")["budget"]["spent"]["serve_gpu_hours"] > 0
 
     # a PR's job: its own (empty) registry, the same Modal apps; it trains and evaluates a
     # candidate, and must not publish its registry's routing (production would answer 503)
@@ -439,3 +449,46 @@ def test_twin_containers_are_as_bare_as_modals(tmp_path: Path, monkeypatch: pyte
         assert rows["acme-probe"]["state"] == "deployed"
     finally:
         api.stop_all()
+
+
+def test_serving_uptime_becomes_cost_records_and_the_monthly_cap_stops_a_run(t: Twin) -> None:
+    """A serving container's heartbeat (functions/serve.py's Uptime, a real process as its server)
+    reaches the twin's Dict; `mlops plan` collects it into cost records, idempotently; a monthly
+    serving cap below it stops `mlops run` before it trains. The container's own Uptime is written
+    by serve_body in the twin loop above; here the writer is driven directly, to measure its time."""
+    from mlops.backends.modal_settings import ModalSettings
+    from mlops.backends.modal_twin import TwinAPI
+    from mlops.config import load
+    from mlops.registry.costs import _gpu_price
+    from mlops.serving.uptime import UPTIME, Uptime
+
+    cfg = load(t.root / "mlops.yaml").cfg
+    api = TwinAPI(t.dir, ModalSettings.from_config(cfg, t.root))
+    t0 = time.time()
+    up = Uptime(api.dict_put, f"{APP}-serve-r1", gpu="L4:2", releases=["r1"], model="tiny", beat_s=0.2)
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], text=True)
+    up.follow(server)
+    assert server.wait(timeout=60) == 0
+    assert up.thread is not None
+    up.thread.join(timeout=30)
+    wall = time.time() - t0
+    (entry,) = api.dict_items(UPTIME).values()
+    seconds = entry["last_beat"] - entry["started"]
+    # it lived from before the server started to after its final beat; the server slept 1.5 s
+    assert 1.5 <= seconds <= wall and entry["releases"] == ["r1"] and entry["gpu"] == "L4:2"
+
+    def spent() -> dict[str, float]:
+        return dict(t.run("plan")["budget"]["spent"])
+
+    first = spent()
+    assert first["serve_gpu_hours"] == pytest.approx(seconds * 2 / 3600, rel=1e-6)
+    assert first["usd"] == pytest.approx(seconds * 2 / 3600 * _gpu_price(cfg, "L4"), rel=1e-6)
+    assert spent() == first  # collected again: the same records, nothing added
+
+    over = f"budget.per_month.serve_gpu_hours={first['serve_gpu_hours'] / 2}"
+    r = mlops("run", "--set", over, cwd=t.root, env=t.env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "budget.per_month.serve_gpu_hours" in r.stderr and "serving has spent" in r.stderr
+    assert not (t.root / ".mlops" / "registry" / "releases").exists() or not list(
+        (t.root / ".mlops" / "registry" / "releases").iterdir()
+    )  # nothing trained

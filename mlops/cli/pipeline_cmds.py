@@ -81,8 +81,10 @@ def register(app: typer.Typer) -> None:
         p = make_plan(loaded, s.registry, list(loaded.cfg.models))
         lines = [f"{m.model}: {'train' if m.train else 'skip'} ({m.reason})" for m in p.models]
         from mlops.budget import estimate
+        from mlops.flows.stages import collect_serving
         from mlops.registry import costs
 
+        collect_serving(s)  # serving's spend so far, before it is shown against the caps
         # a push trains and evaluates each deployed model whose fingerprint changed
         pushed = [m.model for m in p.models if m.train and m.model in loaded.cfg.deploy.names]
         est, basis = estimate(loaded, s.registry, pushed, pushed)

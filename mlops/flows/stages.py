@@ -41,6 +41,7 @@ def check_budget(s: Session, train: list[str], evaluate: bool, release: str | No
     the models in `train`, evaluating the deployed model when `evaluate`) takes a cap of `budget:`
     past its limit. Nothing to check when no cap is set."""
     cfg = s.loaded.cfg
+    collect_serving(s)
     if not cfg.budget.active:
         return
     from mlops.budget import estimate
@@ -49,6 +50,24 @@ def check_budget(s: Session, train: list[str], evaluate: bool, release: str | No
     models = [cfg.deploy.model] if evaluate else []
     est, basis = estimate(s.loaded, s.registry, train, models, release)
     costs.check(costs.document(s.loaded.cfg, s.registry.store, est, basis))
+
+
+def collect_serving(s: Session) -> None:
+    """Serving's cost records, from the serving containers' uptime in the Modal Dict (backend:
+    modal; on `local` the server runs on this machine's CPU: nothing is counted). Idempotent:
+    mlops/registry/serve_costs.py. A Dict that cannot be read is said, not raised: the records
+    written so far still count, and the next run collects what this one missed."""
+    if s.loaded.cfg.backend != "modal":
+        return
+    from mlops.errors import MlopsError
+    from mlops.registry import serve_costs
+    from mlops.serving.uptime import UPTIME
+
+    try:
+        entries = s.backend.api.dict_items(UPTIME)  # type: ignore[attr-defined]
+        serve_costs.collect(s.loaded.cfg, s.registry.store, entries, s.registry.model_of)
+    except (MlopsError, OSError) as e:
+        s.say(f"could not collect serving's GPU time: {getattr(e, 'headline', e)}")
 
 
 def record_spend(s: Session, kind: str, release: str, spend: dict[str, float]) -> None:

@@ -154,8 +154,15 @@ def document(
 
 
 def check(doc: BudgetDoc) -> None:
-    """OverBudget (exit 1) naming the first cap the estimate takes past its limit."""
+    """OverBudget (exit 1) naming the first cap the estimate takes past its limit, or the month's
+    serving cap when serving is already past it (serving is spent before a run can estimate it)."""
     for line in doc.lines:
+        if line.scope == "month" and line.key == "serve_gpu_hours" and line.spent > line.cap:
+            raise OverBudget(
+                f"over budget: budget.per_month.serve_gpu_hours ({doc.month}): serving has spent "
+                f"{fmt(line.key, line.spent)} this month, over the cap {fmt(line.key, line.cap)}; nothing new was "
+                "run or deployed (raise the cap, stop release apps, or wait for next month)"
+            )
         if line.over and line.estimate:
             where = f"per_run.{line.key}" if line.scope == "run" else f"per_month.{line.key} ({doc.month})"
             spent = f" + {fmt(line.key, line.spent)} spent this month" if line.scope == "month" else ""
@@ -174,6 +181,6 @@ def lines(doc: BudgetDoc) -> list[str]:
     for line in doc.lines:
         est = "—" if line.estimate is None else fmt(line.key, line.estimate)
         spent = f", spent {fmt(line.key, line.spent)}, left {fmt(line.key, line.left)}" if line.scope == "month" else ""
-        flag = ": OVER" if line.over and line.estimate else ""
+        flag = ": OVER" if line.over and (line.estimate or line.key == "serve_gpu_hours") else ""
         out.append(f"  {line.scope} {line.key}: estimate {est} of cap {fmt(line.key, line.cap)}{spent}{flag}")
     return out
