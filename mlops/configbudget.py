@@ -23,7 +23,9 @@ class RunCaps(Strict):
 
 
 class MonthCaps(RunCaps):
-    serve_gpu_hours: Cap = Field(None, description="GPU-hours of the release and adapter base apps (their containers' uptime; backend: modal).")
+    serve_gpu_hours: Cap = Field(
+        None, description="GPU-hours of the release and adapter base apps (their containers' uptime; backend: modal)."
+    )
 
 
 class BudgetCfg(Strict):
