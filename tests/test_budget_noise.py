@@ -302,3 +302,29 @@ def test_judge_calls_are_estimated_with_cached_cases_left_out(tmp_path: Path) ->
     est, basis = estimate(loaded, reg, [], ["tiny"], release=rid)
     assert est["judge_tokens"] == 150 * 3 * 100, basis
     assert basis == ["eval heldout: 450 judge calls (50 of 200 cases cached) x 100 tokens a call"]
+
+
+def test_serving_records_split_at_a_month_end_and_never_count_twice(tmp_path: Path) -> None:
+    """The collector's bookkeeping (mlops/registry/serve_costs.py), on a real store: a container
+    across midnight of a month's end has a record in each month; a later beat raises its record to
+    the new total (not by it); an older view of the Dict (a slower collector) lowers nothing."""
+    import datetime as dt
+
+    from mlops.config import load
+    from mlops.registry import costs, serve_costs
+    from mlops.registry.store import LocalStore
+
+    cfg = load(make_project(tmp_path / "p") / "mlops.yaml", check_files=False).cfg
+    store = LocalStore(tmp_path / "store")
+    end = dt.datetime(2026, 12, 1, tzinfo=dt.UTC).timestamp()
+    entry = {"started": end - 1800, "last_beat": end + 3600, "gpu": "A100-80GB:2", "releases": ["r1"], "app": "a"}
+    assert len(serve_costs.collect(cfg, store, {"uptime:a:c1": entry})) == 2
+    assert costs.month_spend(store, "2026-11")["serve_gpu_hours"] == pytest.approx(0.5 * 2)
+    assert costs.month_spend(store, "2026-12")["serve_gpu_hours"] == pytest.approx(1.0 * 2)
+    assert serve_costs.collect(cfg, store, {"uptime:a:c1": entry}) == []  # collected again: nothing
+    later = entry | {"last_beat": end + 7200}
+    assert len(serve_costs.collect(cfg, store, {"uptime:a:c1": later})) == 1  # only December moved
+    assert serve_costs.collect(cfg, store, {"uptime:a:c1": entry}) == []  # the older view lowers nothing
+    dec = costs.month_spend(store, "2026-12")
+    assert dec["serve_gpu_hours"] == pytest.approx(2.0 * 2)
+    assert dec["usd"] == pytest.approx(2.0 * 2 * cfg.prices.gpu_per_hour["A100-80GB"])
