@@ -492,3 +492,5 @@ def test_serving_uptime_becomes_cost_records_and_the_monthly_cap_stops_a_run(t: 
     assert not (t.root / ".mlops" / "registry" / "releases").exists() or not list(
         (t.root / ".mlops" / "registry" / "releases").iterdir()
     )  # nothing trained
+    r = mlops("deploy", "--release", "r1", "--set", over, cwd=t.root, env=t.env)
+    assert r.returncode == 1 and "budget.per_month.serve_gpu_hours" in r.stderr, r.stderr[-2000:]

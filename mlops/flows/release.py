@@ -59,6 +59,7 @@ def deploy_release(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
     rollout is started and left to the rollout controller (status "rolling_out")."""
     from mlops.registry.lease import rollout_lease
 
+    check_budget(s, [], evaluate=False)  # a month past its serving cap deploys nothing new
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         return _deploy(s, ref, wait)
 
