@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import httpx
 import pytest
 from conftest import make_project, mlops, mlops_serve, train_and_publish, wait_for
 from test_rollout import Zygote
+from users import Users
 
 from mlops.config import load
 from mlops.flows.stages import hand_off
@@ -117,34 +117,6 @@ def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctl]:
         zygote.close()
 
 
-class Client:
-    """A real user on 127.0.0.1: sends `prompt` as distinct users until stopped."""
-
-    def __init__(self, url: str, prompt: str) -> None:
-        self.url, self.prompt, self.sent, self.errors = url, prompt, 0, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(trust_env=False, timeout=30) as c:
-            while not self._stop.is_set():
-                body = {"model": "tiny", "prompt": self.prompt, "max_tokens": 2, "user": f"u{self.sent}"}
-                try:
-                    r = c.post(f"{self.url}/v1/completions", json=body)
-                    self.errors += r.status_code >= 500
-                except httpx.HTTPError:
-                    self.errors += 1
-                self.sent += 1
-
-    def __enter__(self) -> Client:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(timeout=60)
-
-
 def started(output: str) -> str:
     """The rollout id a `--no-wait` command printed."""
     for word in output.split():
@@ -174,7 +146,7 @@ def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(
     prod = ctl.state().stages["production"]
     rid = ctl.hand_off(ctl.bad, "deploy.rollout.traffic=live")
     exited = time.time()
-    with Client(ctl.url, "zqabc=") as client:
+    with Users(ctl.url, prompt="zqabc=", max_tokens=2) as client:
         rec = ctl.finished(rid)
     assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:analysis", rec
     assert "error rate" in str(rec["reason"]), rec
@@ -199,7 +171,7 @@ def test_release_degraded_after_promotion_is_rolled_back_by_the_guardrail(ctl: C
     assert ctl.state().stages["production"] == ctl.bad
     assert prod in httpx.get(f"{ctl.url}/health", timeout=30).json()["loaded"], "the previous release stays warm"
     promoted_at = float(ctl.state().rollout["promoted_at"])
-    with Client(ctl.url, "zqxyz="):  # the traffic pattern it fails on arrives after promotion
+    with Users(ctl.url, prompt="zqxyz=", max_tokens=2):  # the traffic pattern it fails on arrives after promotion
         rec = ctl.finished(rid)
     assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:guardrail", rec
     assert "guardrail" in str(rec["reason"]) and "error rate" in str(rec["reason"])

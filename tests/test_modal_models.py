@@ -12,7 +12,6 @@ the routing, not the training.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from conftest import make_project, train_job
 from test_modal_twin import APP, KEY, Twin, setup_twin, twin
+from users import Users
 
 H = "x-mlops-release"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -30,43 +30,6 @@ CFG: dict[str, Any] = {
     "gates": [],  # the test is about routing: the model is the same tiny one three times
     "evals": {"heldout": {"limit": 3, "concurrency": 3}},
 }
-
-
-class Asker:
-    """A real client sending `model` requests through the gateway until stopped; counts failures."""
-
-    def __init__(self, url: str, model: str) -> None:
-        self.url, self.model = url, model
-        self.ok, self.failed, self.releases = 0, [], set()  # type: ignore[var-annotated]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60, trust_env=False, headers=AUTH) as c:
-            i = 0
-            while not self.stop.is_set():
-                i += 1
-                body = {"model": self.model, "prompt": "abc=", "max_tokens": 3, "user": f"u{i}"}
-                try:
-                    r = c.post(f"{self.url}/v1/completions", json=body)
-                except httpx.HTTPError as e:
-                    self.failed.append(repr(e))
-                    continue
-                if r.status_code != 200:
-                    self.failed.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    self.ok += 1
-                    self.releases.add(r.headers[H])
-                self.stop.wait(0.05)  # a steady user, not a flood that starves the canary on 2 cores
-
-    def __enter__(self) -> Asker:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive()
 
 
 def two_models(tw: Twin) -> None:
@@ -175,7 +138,7 @@ def test_two_models_one_gateway_canary_and_rollback_of_one_while_the_other_answe
         assert ask("a", **{H: b1}).status_code == 404  # b's release is no release of a
         b_state = state("b")
 
-        with Asker(tw.gateway, "b") as load_b:
+        with Users(tw.gateway, "b", max_tokens=3, headers=AUTH, pause=0.05) as load_b:
             a2 = publish("a")
             out = ship("a", a2)
             assert out.status == "promoted" and [st.percent for st in out.canary] == [50, 100], out

@@ -6,7 +6,6 @@ a canary, a rollback and a sabotaged run of one model while the other serves rea
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import yaml
 from conftest import deep_merge, make_project, mlops
+from users import Users
 
 from mlops.config import load, narrow, resolve_model
 from mlops.errors import ConfigError, UsageError
@@ -134,44 +134,6 @@ def test_registry_state_per_model_and_the_old_layout_read_as_its_models(tmp_path
 # --------------------------------------------------------------------------- end to end
 
 
-class Load:
-    """A real client on 127.0.0.1 sending model `b` requests until stopped; counts failures."""
-
-    def __init__(self, url: str, model: str) -> None:
-        self.url, self.model = url, model
-        self.ok = 0
-        self.failed: list[str] = []
-        self.releases: set[str] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60) as c:
-            i = 0
-            while not self.stop.is_set():
-                i += 1
-                body = {"model": self.model, "prompt": "abc=", "max_tokens": 4, "user": f"u{i}"}
-                try:
-                    r = c.post(f"{self.url}/v1/completions", json=body)
-                except httpx.HTTPError as e:
-                    self.failed.append(repr(e))
-                    continue
-                if r.status_code != 200:
-                    self.failed.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    self.ok += 1
-                    self.releases.add(r.headers[H])
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive()
-
-
 def test_two_models_canary_rollback_and_a_sabotaged_run_while_the_other_serves(tmp_path: Path) -> None:
     from mlops.config import load
     from mlops.flows.release import rollback_release
@@ -200,7 +162,7 @@ def test_two_models_canary_rollback_and_a_sabotaged_run_while_the_other_serves(t
         health = httpx.get(f"{url}/health").json()["models"]
         assert health["a"]["stages"]["production"] == a1 and health["b"]["stages"]["production"] == b1
 
-        with Load(url, "b") as load_b:
+        with Users(url, "b") as load_b:
             # a canary of a (another seed: its gates pass), promoted while b is under load
             better = load(root / "mlops.yaml", ["models.a.train.seed=2"])
             res = run_pipeline(Session.open(better, model="a"))
