@@ -21,9 +21,11 @@ from mlops.config import Config
 from mlops.errors import ConflictError
 from mlops.registry.costs import KEYS, PREFIX, _gpu_price, gpu_count
 from mlops.registry.store import Store
-from mlops.serving.uptime import UPTIME
 from mlops.util import now
 
+# the Dict keys serving containers write their uptime under (mlops/serving/uptime.py writes them;
+# defined here, the lower layer, so the collector need not import serving)
+UPTIME = "uptime:"
 TRIES = 5  # compare-and-swap rounds per record before another collector is left to finish it
 
 

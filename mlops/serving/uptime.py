@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-UPTIME = "uptime:"
+from mlops.registry.serve_costs import UPTIME
+
 BEAT_S = 30.0  # at most this much of a killed container's time goes unrecorded; one Dict write each
 
 Put = Callable[[str, Any], None]
