@@ -352,12 +352,12 @@ def test_a_remote_failure_of_the_eval_fan_out_names_the_dead_judge() -> None:
 
     class Api:
         def map(self, app: str, function: str, inputs: list[Any]) -> list[Any]:
-            raise RuntimeError("judge http://x did not become healthy in 960s\nmore")
+            raise RuntimeError("judge http://127.0.0.1:9 did not become healthy in 960s\nmore")
 
     with pytest.raises(InfraError) as e:
         map_with_hint(Api(), "acme-eval", [{}], lambda: ["acme-judge-ref: exited: CUDA out of memory"])
     assert e.value.headline == (
-        "acme-eval/score failed on Modal: RuntimeError: judge http://x did not become healthy in 960s "
+        "acme-eval/score failed on Modal: RuntimeError: judge http://127.0.0.1:9 did not become healthy in 960s "
         "(judge app acme-judge-ref: exited: CUDA out of memory)"
     )
     with pytest.raises(InfraError, match=r"^acme-eval/score failed on Modal: RuntimeError: judge"):
