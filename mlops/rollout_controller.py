@@ -8,8 +8,9 @@ little traffic; every move is one compare-and-swap that also holds (takes or ren
 lease. After promotion, during `bake_after_promote`, it judges production's live window every
 `interval` and rolls back on an SLO breach (`controller:guardrail`).
 
-Who runs it: on `backend: local` a thread of `mlops serve` (and of the server `mlops run` starts for
-itself, where it idles while the run holds the lease); on Modal a scheduled function
+Who runs it: on `backend: local` a child process of `mlops serve` (mlops/rollout_process.py: its
+judging never holds the server's GIL), and a thread of the server `mlops run` starts for itself,
+where it idles while the run holds the lease; on Modal a scheduled function
 (functions/controller.py) that ticks it against the gateway. Lease rules: one writer. A canary the
 CI job drives (`--wait`) is the job's; once the job's lease expires (killed), the controller aborts
 it. An operator's `mlops rollback` ends the record in its own write; the controller sees it and stops.

@@ -1,6 +1,6 @@
 """Issue 19: the rollout controller in a running `mlops serve` finishes rollouts the CI job only started.
 
-One real `mlops serve` (its controller thread) follows one project's registry. The CI commands
+One real `mlops serve` (its controller child process) follows one project's registry. The CI commands
 (`mlops run --no-wait`, a `mlops run` killed mid-canary, `mlops rollback`) are the real CLI in
 processes forked from a pre-imported zygote (tests/test_rollout.py), exited before the controller
 decides; where the gates are not the subject, the rollout is started by the flow `--no-wait` ends
@@ -15,6 +15,7 @@ answer), which is how a shadow step stops it before any user sees it.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import httpx
 import pytest
 from conftest import make_project, mlops, mlops_serve, train_and_publish, wait_for
 from test_rollout import Zygote
+from test_rollout_process import controller_children, one_child, wait_until
 from users import Users
 
 from mlops.config import load
@@ -118,6 +120,7 @@ def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctl]:
     finally:
         serve.__exit__(None, None, None)
         zygote.close()
+        wait_until(lambda: not controller_children(url), "the controller child to stop with the server")
 
 
 def started(output: str) -> str:
@@ -223,6 +226,17 @@ def test_operator_rollback_pre_empts_the_controller(ctl: Ctl) -> None:
     assert st.routing == {prod: 100} and not st.rollout and not st.lease
     time.sleep(2.0)  # several controller ticks: it must not write again (nothing to wait for)
     assert ctl.state().version == version, ctl.state().to_json()
+
+
+def test_a_killed_controller_child_is_replaced_and_the_new_one_finishes_the_next_rollout(ctl: Ctl) -> None:
+    first = one_child(ctl.url)  # mlops serve's controller runs in a child process (mlops/rollout_process.py)
+    os.kill(first, signal.SIGKILL)
+    one_child(ctl.url, other_than=first)
+    prod = ctl.state().stages["production"]
+    release = ctl.prod if prod != ctl.prod else ctl.good
+    rec = ctl.finished(ctl.hand_off(release))
+    assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
+    assert ctl.state().stages["production"] == release
 
 
 def test_no_wait_shadow_stops_a_candidate_bad_on_mirrored_traffic_before_any_user_sees_it(ctl: Ctl) -> None:

@@ -64,6 +64,7 @@ RANK: dict[str, float] = {
     "rollout": 3.0,
     "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
     "rollout_guard": 3.0,  # the guardrail after promotion (the controller calls it)
+    "rollout_process": 3.0,  # runs the controller as `mlops serve`'s supervised child process
     "rollout_shadow": 3.0,  # the shadow step as the controller's first phase (the controller calls it)
     "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     "experiment_controller": 3.0,  # stops an --auto-stop experiment (the rollout controller's hook)
@@ -128,6 +129,7 @@ ONE_GROUP = {
     "rollout_controller": "flows",
     "rollout_start": "flows",
     "rollout_guard": "flows",
+    "rollout_process": "flows",
     "rollout_shadow": "flows",
     "experiment_controller": "flows",
 }
