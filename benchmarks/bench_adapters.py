@@ -120,8 +120,9 @@ def deploy_command(root: Path, rid: str) -> None:
 
 def deploy_to_first_answer(
     s: Any, url: str, rid: str, deadline: float = DEADLINE_S, in_process: bool = False
-) -> tuple[float, float]:
-    """(seconds from the deploy's start to the first answer from `rid`, of which the deploy command)"""
+) -> tuple[float, float, int]:
+    """(seconds from the deploy's start to the first answer from `rid`, of which the deploy command,
+    and how many polls that took: 1 when the server had switched by the time the command returned)"""
     from mlops.rollout import rollback
 
     t0 = time.perf_counter()
@@ -130,11 +131,13 @@ def deploy_to_first_answer(
     else:
         deploy_command(s.loaded.root, rid)
     t_cmd = time.perf_counter() - t0
+    polls = 0
     with httpx.Client(timeout=deadline) as c:
         while True:
+            polls += 1
             r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abcdef=", "max_tokens": 1})
             if r.status_code == 200 and r.headers.get("x-mlops-release") == rid:
-                return time.perf_counter() - t0, t_cmd
+                return time.perf_counter() - t0, t_cmd, polls
             if time.perf_counter() - t0 > deadline:
                 raise SystemExit(f"{rid} never answered within {deadline:.0f} s of its deploy")
 
@@ -201,14 +204,16 @@ def main() -> None:
             deploy_command(root, first)
         times: dict[str, list[float]] = {"adapter": [], "merged": []}
         cmd: dict[str, list[float]] = {"adapter": [], "merged": []}
+        npolls: dict[str, list[int]] = {"adapter": [], "merged": []}
         if vllm:  # the base's vLLM child starts with the server, before the clock runs
             sets = ("--set", "deploy.engine=vllm", "--set", "deploy.rollout.bake=1")
             with serve_for(root, *sets, loaded=True, startup_s=VLLM_DEADLINE_S) as url:
                 for a, m in zip(adapters, merged, strict=True):
                     for kind, rid in (("adapter", a), ("merged", m)):
-                        total, in_cmd = deploy_to_first_answer(s, url, rid, VLLM_DEADLINE_S, inproc)
+                        total, in_cmd, n = deploy_to_first_answer(s, url, rid, VLLM_DEADLINE_S, inproc)
                         times[kind].append(total)
                         cmd[kind].append(in_cmd)
+                        npolls[kind].append(n)
                     # back to an adapter: one merged vLLM child at a time
                     deploy_to_first_answer(s, url, first, in_process=inproc)
             mem = {}
@@ -216,9 +221,10 @@ def main() -> None:
             with mlops_serve(root) as url:
                 for a, m in zip(adapters, merged, strict=True):
                     for kind, rid in (("adapter", a), ("merged", m)):
-                        total, in_cmd = deploy_to_first_answer(s, url, rid, in_process=inproc)
+                        total, in_cmd, n = deploy_to_first_answer(s, url, rid, in_process=inproc)
                         times[kind].append(total)
                         cmd[kind].append(in_cmd)
+                        npolls[kind].append(n)
             mem = {"adapter": memory(root, adapters[:4]), "merged": memory(root, merged[:4])}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +254,7 @@ def main() -> None:
     print(
         f"all deploy times (s): adapter {[round(x, 3) for x in times['adapter']]}, merged {[round(x, 3) for x in times['merged']]}"
     )
+    print(f"polls to the first answer: adapter {npolls['adapter']}, merged {npolls['merged']}")
     print(f"load averages: {load_avg()}")
 
 
