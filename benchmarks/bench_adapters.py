@@ -248,7 +248,8 @@ def main() -> None:
             f"{grow['merged']:.1f} | {grow['adapter'] / grow['merged']:.3f} (≤ 0.35) |"
         )
     print(
-        f"of which the deploy command (start-up + preflight + state write), median (s): adapter "
+        f"of which the deploy {'call (preflight' if inproc else 'command (start-up + preflight'} + state write), "
+        f"median (s): adapter "
         f"{statistics.median(cmd['adapter']):.3f}, merged {statistics.median(cmd['merged']):.3f}"
     )
     print(
