@@ -402,12 +402,12 @@ def for_models(loaded: Loaded, base_url: str, names: list[str] | None = None) ->
     """One controller per deployed model (`names`: default all), judging through the server at
     `base_url` (`?model=NAME` when it serves several). Not started."""
     from mlops.flows.session import Session
-    from mlops.util import api_key_from_env
 
     names = names or loaded.cfg.deploy.names
-    key = api_key_from_env(loaded.cfg.deploy.server.api_key_env)
     out = []
     for name in names:
         s = Session.open(loaded, model=name)
+        # the backend's key: on Modal the gateway's (MLOPS_API_KEY), locally deploy.server.api_key_env's
+        key = s.backend.client_key()
         out.append(Controller(s.backend, base_url, key, model_param=name if len(names) > 1 else None))
     return out
