@@ -76,7 +76,8 @@ def launched(argv: list[str], cwd: Path, env: dict[str, str], url: str, headers:
         body = {"model": model, "prompt": "abc=", "max_tokens": 1}
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"{argv[2]} exited with {proc.returncode}; log: {log}")
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:]  # the log goes with its temp dir
+                raise SystemExit(f"{argv[2]} exited with {proc.returncode}; log: {log}\n" + "\n".join(tail))
             if time.monotonic() - t0 > STARTUP_S:
                 raise SystemExit(f"{argv[2]} did not answer within {STARTUP_S:.0f}s; log: {log}")
             try:

@@ -44,6 +44,32 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
+def baseline_project(tree: Path, root: Path, dest: Path) -> Path:
+    """A copy of the project (its registry included) whose mlops.yaml keeps only the top-level keys
+    the baseline's config knows: keys added since (e.g. `budget`) do not touch serving, and the
+    baseline refuses unknown keys."""
+    import shutil
+
+    import yaml
+
+    known = subprocess.run(
+        [sys.executable, "-c", "from mlops.config import Config; print(' '.join(Config.model_fields))"],
+        env=os.environ | {"PYTHONPATH": str(tree)},
+        cwd=tree,  # `python -c` puts its cwd first on sys.path
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    shutil.copytree(root, dest, symlinks=True)
+    doc = yaml.safe_load((dest / "mlops.yaml").read_text())
+    dropped = sorted(set(doc) - set(known))
+    (dest / "mlops.yaml").write_text(yaml.safe_dump({k: v for k, v in doc.items() if k in known}, sort_keys=False))
+    if dropped:
+        print(f"baseline: mlops.yaml without {', '.join(dropped)} (keys it does not know)", file=sys.stderr)
+    return dest
+
+
 def serve(tree: Path, root: Path, port: int, log: Path):  # type: ignore[no-untyped-def]
     env = os.environ | {"MLOPS_WANDB": "disabled", "PYTHONPATH": str(tree)}
     argv = [sys.executable, "-m", "mlops.cli.main", "serve", "--port", str(port)]
@@ -68,18 +94,19 @@ def main() -> None:
         ),
     ):
         trees = {"baseline": export(args.baseline, Path(tmp)), "this": REPO}
+        roots = {"baseline": baseline_project(trees["baseline"], root, Path(tmp) / "baseline-proj"), "this": root}
         bodies = prompts(args.requests)
         print(f"load average at start: {load_avg()}", file=sys.stderr)
         startups: dict[str, list[float]] = {name: [] for name in trees}
         for i in range(args.runs):
             for name, tree in trees.items():
-                with serve(tree, root, free_port(), Path(tmp) / f"{name}-{i}.log") as startup:
+                with serve(tree, roots[name], free_port(), Path(tmp) / f"{name}-{i}.log") as startup:
                     startups[name].append(startup)
                 print(f"run {i}: {name} start-up {startup:.2f}s", file=sys.stderr, flush=True)
         rates: dict[str, tuple[float, float]] = {}
         for name, tree in trees.items():
             port = free_port()
-            with serve(tree, root, port, Path(tmp) / f"{name}-rate.log"):
+            with serve(tree, roots[name], port, Path(tmp) / f"{name}-rate.log"):
                 url = f"http://127.0.0.1:{port}"
                 rates[name] = (
                     asyncio.run(rate(url, {}, "tiny", bodies, 1)),

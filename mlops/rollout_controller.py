@@ -29,6 +29,7 @@ from mlops.backends.base import Backend
 from mlops.config import Loaded
 from mlops.contracts import StepVerdict
 from mlops.errors import MlopsError
+from mlops.experiment_controller import ExperimentWatch
 from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
@@ -78,6 +79,8 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: str | None = None  # what the last tick did (for tests and `mlops status`)
+        # `mlops experiment start --auto-stop`: stopped at its verdict (mlops/experiment_controller.py)
+        self.experiments = ExperimentWatch(backend, float(self.cfg.interval), clock)
 
     # ------------------------------------------------------------------ the loop
 
@@ -113,8 +116,8 @@ class Controller:
         """One step of the state machine; what it did, or None (nothing due)."""
         st, _ = self.registry.read_state()
         rec = st.rollout
-        if not rec:
-            return None
+        if not rec:  # (a rollout and an experiment exclude each other)
+            return self.experiments.tick(st)
         if rec.get("status") != rollouts.RUNNING:
             done = rollouts.settle(self.registry)
             return f"archived rollout {done['id']} ({done['status']})" if done else None

@@ -262,3 +262,45 @@ def test_the_fingerprint_is_hashed_once_per_machine_not_per_command(proj: Projec
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "x": 1}', 1))
     changed, hashed = fresh_process()
     assert changed != first and hashed > 0
+
+
+def test_the_deploy_command_of_an_adapter_release_imports_no_torch_and_refuses_a_broken_one(
+    proj: Project, tmp_path: Path
+) -> None:
+    """`mlops rollback --to <adapter release>` checks the adapter's files without torch (2.4 s of
+    a deploy that otherwise takes a fraction of one), and still refuses weights that do not read."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mlops.config import load
+    from mlops.errors import InfraError
+    from mlops.pipeline import Session
+    from mlops.rollout import rollback
+
+    a, b = proj.releases
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['mlops', 'rollback', '--to', {b!r}, '--reason', 'test']\n"
+        "from mlops.cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('TORCH=' + str('torch' in sys.modules), file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=proj.root, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "TORCH=False" in out.stderr
+    assert proj.registry.read_state()[0].stages["production"] == b
+
+    s = Session.open(load(proj.root / "mlops.yaml"))
+    broken = Path(shutil.copytree(proj.registry.artifact_dir(a), tmp_path / "broken"))
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # a tensor's bytes lie past the end of the file
+    manifest = {k: v for k, v in proj.registry.manifest(a).items() if k in ("model", "adapter")}
+    s.registry.publish(f"{a}-truncated", broken, manifest)
+    before = s.registry.read_state()[0]
+    with pytest.raises(InfraError, match="cannot load adapter .* lies outside the file"):
+        rollback(s.backend, f"{a}-truncated", reason="test", actor="test")
+    assert s.registry.read_state()[0].to_json() == before.to_json()

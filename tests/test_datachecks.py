@@ -117,3 +117,21 @@ def test_dataset_drift_against_the_previous_release_goes_into_the_lineage(
         "release": first, "window": ["a", "b"], "requests": 500,
         "drifted": [{"name": "char_js", "value": 0.9, "threshold": 0.2}],
     }  # fmt: skip
+
+
+def test_drift_trigger_of_several_models_is_the_drifted_models_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-model request (the nightly's cut): `a`'s lineage gets `a`'s release, requests and
+    checks (named as in a one-model report); `b`, trained in the same run for another reason, none."""
+    from test_retrain_request import two_models_report
+
+    from mlops.monitor.datachecks import drift_trigger
+
+    (tmp_path / "drift.json").write_text(json.dumps(two_models_report("a", "a-7", "char_js")))
+    monkeypatch.setenv("MLOPS_DRIFT_REPORT", str(tmp_path / "drift.json"))
+    assert drift_trigger("a") == {
+        "release": "a-7", "window": [1.0, 2.0], "requests": 50,
+        "drifted": [{"name": "char_js", "value": 0.9, "threshold": 0.2}],
+    }  # fmt: skip
+    assert drift_trigger("b") is None

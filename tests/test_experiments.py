@@ -4,7 +4,9 @@ verdict and its winner is promoted (the event names who), identical releases rea
 The server is the real local one (uvicorn in a thread, real engines, real HTTP on 127.0.0.1) with
 traffic capture on, as `mlops serve` runs it; the users are an httpx client sending `x-mlops-user`;
 the planted difference is real as far as the experiment can tell: the server's fault-injection
-hook (mlops/serving/faults.py) answers 500 to every fifth request of production.
+hook (mlops/serving/faults.py) answers 500 to every fifth request of production. With
+`--auto-stop` the rollout controller (the class `mlops serve` runs in a thread, here in this
+process against the same server) ends the experiment itself.
 """
 
 from __future__ import annotations
@@ -74,7 +76,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> Iterator[
     from mlops.serving.runner import build, start_server
     from mlops.serving.server import create_app
 
-    over = {"models": {"tiny": {"max_tokens": 4}}, "monitor": {"flush_interval": 0.05}}
+    over = {
+        "models": {"tiny": {"max_tokens": 4}},
+        "monitor": {"flush_interval": 0.05},
+        "deploy": {"rollout": {"interval": "0.3s"}},  # how often an --auto-stop experiment is judged
+    }
     root = make_project(tmp_path_factory.mktemp("experiments"), over)
     loaded = load(root / "mlops.yaml")
     s = Session.open(loaded)
@@ -231,3 +237,111 @@ def test_planted_difference_reaches_a_verdict_and_the_cli_promotes_the_winner(la
         exp.current(s)
     last = exp.status(s)  # after the stop: the stored final report
     assert (last["id"], last["status"], last["decision"]) == (rec["id"], "promoted", "winner B")
+
+
+class SameFaults:
+    """The fault hook on several releases at one rate: identical releases that fail alike."""
+
+    def __init__(self, releases: list[str], rate: float) -> None:
+        self.faults = {r: Fault(r, rate) for r in releases}
+
+    def fire(self, release: str, prompt: str = "") -> bool:
+        f = self.faults.get(release)
+        return f is not None and f.fire(release, prompt)
+
+
+def _arms(lab: Lab) -> tuple[str, str]:
+    """(production now, another of the three releases): earlier tests may have promoted one."""
+    prod = str(lab.registry.read_state()[0].stages["production"])
+    return prod, next(r for r in (lab.cand, lab.twin, lab.prod) if r != prod)
+
+
+def _archived(lab: Lab, rec: dict[str, Any]) -> dict[str, Any]:
+    blob = lab.registry.store.get(f"experiments/tiny/{rec['id']}.json")
+    assert blob is not None
+    return dict(json.loads(blob.data))
+
+
+def _ended(lab: Lab, rec: dict[str, Any]) -> bool:
+    return lab.registry.read_state()[0].experiment.get("id") != rec["id"]
+
+
+def test_auto_stop_ends_at_the_verdict_and_promotes_the_winner(lab: Lab) -> None:
+    from mlops.rollout_controller import for_models
+
+    prod, cand = _arms(lab)
+    lab.opts.fault = Fault(prod, 0.2)  # production (arm A) answers 500 to one request in five
+    args = ("--share", "50", "--mde", "0.1", "--min-samples", "40", "--max-samples", "2000")
+    r = mlops(
+        "experiment", "start", cand, "--metric", "error_rate", *args, "--auto-stop", "--promote-winner", cwd=lab.root
+    )
+    assert r.returncode == 0, r.stderr
+    assert "auto-stop: the rollout controller promotes a winning B at the test's verdict" in r.stdout, r.stdout
+    rec = lab.registry.read_state()[0].experiment
+    assert rec["auto_stop"] == {"promote_winner": True, "max_duration_s": None}
+    wait_served(lab)
+    ctl = for_models(load(lab.root / "mlops.yaml"), lab.url)[0].start()  # what `mlops serve` starts
+    try:
+        sent = 0
+        for batch in range(15):
+            if _ended(lab, rec):
+                break
+            sent += len(send(lab, [f"auto-{batch}-{i}" for i in range(24)]))
+
+            def looked(n: int = sent) -> bool:  # the controller judged all of it, or ended the experiment
+                last = ctl.experiments.last
+                return _ended(lab, rec) or (last is not None and last["samples"] >= n)
+
+            wait_for(looked, "the controller to judge the batch", TIMEOUT)
+        wait_for(lambda: _ended(lab, rec), "the controller to stop the experiment", TIMEOUT)
+    finally:
+        ctl.stop()
+    st = lab.registry.read_state()[0]
+    assert st.stages["production"] == cand and st.stages["previous"] == prod and st.routing == {cand: 100}
+    final = _archived(lab, rec)
+    rep = final["report"]
+    assert final["status"] == rep["status"] == "promoted"
+    assert rep["stopped_by"] == rep["decided_by"] == "controller:experiment"
+    assert rep["decision"] == "winner B" and rep["reason"].startswith("the sequential test decided: winner B at ")
+    assert rep["ci"][1] < 0 and rep["p_value"] <= 0.05 and rep["samples"] == rep["decided_at"] >= 80
+    promoted = [e for e in lab.registry.history(cand) if e["event"] == "promoted"]
+    assert promoted[-1]["by"] == "controller:experiment" and promoted[-1]["detail"]["experiment"] == rec["id"]
+    # `mlops experiment status --json` after the stop: the stored report, who decided and why
+    r = mlops("experiment", "status", "--json", cwd=lab.root)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert (shown["id"], shown["decided_by"], shown["decision"]) == (rec["id"], "controller:experiment", "winner B")
+    assert shown["effect"] == rep["effect"] and shown["ci"] == rep["ci"]
+
+
+def test_auto_stop_identical_releases_run_on_until_max_duration_inconclusive(lab: Lab) -> None:
+    from mlops.rollout_controller import Controller
+
+    prod, twin = _arms(lab)
+    lab.opts.fault = SameFaults([prod, twin], 0.2)  # both fail one request in five: no difference to find
+    s = lab.session()
+    hour = 3600.0
+    rec = exp.start(s, twin, 50, "error_rate", "user:test", min_samples=20, auto_stop=True, max_duration=hour)
+    wait_served(lab)
+    skew = [0.0]  # the controller's clock, moved past --max-duration once the traffic was judged
+    ctl = Controller(s.backend, lab.url, clock=lambda: time.time() + skew[0]).start()
+    try:
+        sent = 0
+        for batch in range(5):
+            sent += len(send(lab, [f"same-{batch}-{i}" for i in range(24)]))
+            looked = lambda n=sent: (ctl.experiments.last or {}).get("samples", 0) >= n  # noqa: E731
+            wait_for(looked, "a look at the batch", TIMEOUT)
+            last = ctl.experiments.last
+            assert last is not None and last["decision"] == "continue" and not _ended(lab, rec), last
+        assert min(last["arms"][a]["errors"] for a in "AB") > 0  # both arms failed, alike
+        skew[0] = hour
+        wait_for(lambda: _ended(lab, rec), "the controller to stop the experiment at --max-duration", TIMEOUT)
+    finally:
+        ctl.stop()
+    lab.opts.fault = None
+    st = lab.registry.read_state()[0]
+    assert st.stages["production"] == prod and st.routing == {prod: 100} and st.experiment == {}
+    rep = _archived(lab, rec)["report"]
+    assert (rep["status"], rep["decision"], rep["winner"]) == ("stopped", "inconclusive", None)
+    assert rep["stopped_by"] == "controller:experiment" and "--max-duration 3600 s" in rep["reason"]
+    assert rep["samples"] >= sent and rep["ci"][0] < 0 < rep["ci"][1]

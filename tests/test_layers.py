@@ -65,6 +65,7 @@ RANK: dict[str, float] = {
     "rollout_guard": 3.0,  # the guardrail after promotion (the controller calls it)
     "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     "rollout_schedule": 3.0,  # the controller as a scheduled invocation (Modal's functions/controller.py)
+    "experiment_controller": 3.0,  # stops an --auto-stop experiment (the rollout controller's hook)
     # parse, call one flow, print
     "cli": 4.0,
     # `mlops serve` in a subprocess, for tests and benchmarks (nothing in mlops imports it)
@@ -127,6 +128,7 @@ ONE_GROUP = {
     "rollout_start": "flows",
     "rollout_guard": "flows",
     "rollout_schedule": "flows",
+    "experiment_controller": "flows",
 }
 
 

@@ -17,6 +17,8 @@ import pytest
 from conftest import mlops
 from test_models import two_models
 
+from mlops.config import load
+from mlops.monitor import retrain
 from mlops.monitor.capture import CaptureWriter, Exchange
 from mlops.registry.releases import Registry
 from mlops.registry.store import LocalStore
@@ -101,6 +103,10 @@ def test_monitor_without_model_reports_each_model_and_exits_with_the_worst(traff
     text = md.read_text()
     assert text.startswith("<!-- mlops-monitor-report -->") and text.count("<!-- mlops-monitor-report -->") == 1
     assert "**Model `a`**" in text and "**Model `b`**" in text
+    # the nightly's retrain request from this report names `b` alone: CT retrains `b` only
+    request = retrain.cut(rep)
+    assert retrain.drifted_models(request) == ["b"] and request["models"]["a"]["drifted"] == []
+    assert retrain.flags(request, load(traffic / "mlops.yaml").cfg.deploy.names) == (["--force-model", "b"], [])
 
 
 # --------------------------------------------------------------------------- doctor

@@ -41,3 +41,52 @@ def test_command_line_as_the_workflows_call_it(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("not json")
     bad = run("put", "--storage", str(reg), str(tmp_path / "bad.json"))
     assert bad.returncode == 1 and bad.stderr.startswith("error: the drift report is not JSON")
+
+
+def two_models_report(model: str, release: str, check: str) -> dict[str, object]:
+    """What the nightly writes for two deployed models (`retrain.cut` of `mlops monitor --json`),
+    `model` drifted, the other not."""
+    other = "b" if model == "a" else "a"
+    full = {
+        "release": None, "since": 1.0, "until": 2.0, "requests": 90, "verdict": "drift",
+        "drifted": [f"{model}.{check}"],
+        "checks": [{"name": f"{model}.{check}", "value": 0.9, "threshold": 0.2, "drifted": True, "group": "input"},
+                   {"name": f"{other}.{check}", "value": 0.01, "threshold": 0.2, "drifted": False, "group": "input"}],
+        "models": {model: {"release": release, "requests": 50, "drifted": [check], "checks": []},
+                   other: {"release": f"{other}-1", "requests": 40, "drifted": [], "checks": []}},
+    }  # fmt: skip
+    return retrain.cut(full)
+
+
+def test_a_request_names_the_drifted_model_and_a_newer_one_for_another_keeps_it(tmp_path: Path) -> None:
+    """Several deployed models: the request names the models that drifted; `flags` turns it into
+    `mlops run --force-model` for those; a newer night's drift of the other model is merged in,
+    not put over it (its CT run may have failed), whether it comes by the registry or the dispatch."""
+    a = two_models_report("a", "a-1", "prompt_length_psi")
+    assert a["models"]["a"] == {"release": "a-1", "requests": 50, "drifted": ["prompt_length_psi"]}
+    assert retrain.drifted_models(a) == ["a"] and "checks" not in a["models"]["a"]
+    assert retrain.flags(a, ["a", "b"]) == (["--force-model", "a"], [])
+    assert retrain.flags(a, ["b"]) == ([], ["a"])  # `a` no longer deployed: nothing forced, said
+    one = {"release": "tiny-1", "drifted": ["char_js"], "checks": []}  # one deployed model: no `models`
+    assert retrain.drifted_models(one) is None and retrain.flags(one, ["tiny"]) == (["--force"], [])
+
+    store = open_store(str(tmp_path / "reg"))
+    retrain.put(store, json.dumps(a).encode())
+    b = two_models_report("b", "b-1", "char_js")
+    retrain.put(store, json.dumps(b).encode())
+    assert retrain.take(store, tmp_path / "drift.json")
+    both = json.loads((tmp_path / "drift.json").read_text())
+    assert retrain.drifted_models(both) == ["b", "a"]
+    assert retrain.flags(both, ["a", "b"])[0] == ["--force-model", "b", "--force-model", "a"]
+    assert both["drifted"] == ["b.char_js", "a.prompt_length_psi"]
+    assert [c["name"] for c in both["checks"]] == ["b.char_js", "a.prompt_length_psi"]  # each its own night's
+    assert retrain.merge(both, b) == both and retrain.merge(a, a) == a  # idempotent
+    assert "models" not in retrain.merge(a, one)  # a one-model (whole project) request: every model
+
+    # ct.yml: the dispatched input merged with the registry's request (`merge OTHER INTO`)
+    (tmp_path / "dispatched.json").write_text(json.dumps(a))
+    (tmp_path / "registry.json").write_text(json.dumps(b))
+    assert retrain.main(["merge", str(tmp_path / "dispatched.json"), str(tmp_path / "registry.json")]) == 0
+    assert retrain.drifted_models(json.loads((tmp_path / "registry.json").read_text())) == ["b", "a"]
+    assert retrain.main(["merge", str(tmp_path / "dispatched.json"), str(tmp_path / "none.json")]) == 0
+    assert json.loads((tmp_path / "none.json").read_text()) == a  # no request in the registry: the input

@@ -264,6 +264,36 @@ def test_a_drift_retrain_outlives_a_cancelled_dispatch() -> None:
     assert ct["concurrency"]["cancel-in-progress"] is False  # a running training is never cancelled
 
 
+def test_ct_retrains_the_models_both_the_dispatch_and_the_registry_name(tmp_path: Path) -> None:
+    """Several deployed models: ct.yml's Drift report step, run with bash and the real
+    `python -m mlops.monitor.retrain`: the dispatched report names `a`, the registry's (a later
+    night's, its dispatch cancelled) `b`; `mlops run` gets `--force-model` for both, and the one
+    report it reads (MLOPS_DRIFT_REPORT) names both."""
+    from test_models import two_models
+    from test_retrain_request import two_models_report
+
+    from mlops.monitor import retrain
+    from mlops.registry.store import LocalStore
+
+    root = two_models(tmp_path / "p")
+    retrain.put(LocalStore(tmp_path / "reg"), json.dumps(two_models_report("b", "b-1", "char_js")).encode())
+    [drift] = [s for s in steps(load_workflow("ct.yml")) if s.get("name") == "Drift report"]
+    (tmp_path / "tmp").mkdir()
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "GITHUB_ENV": str(tmp_path / "env"),
+        "RUNNER_TEMP": str(tmp_path / "tmp"),
+        "MLOPS_STORAGE": str(tmp_path / "reg"),
+        "DRIFT_REPORT": json.dumps(two_models_report("a", "a-1", "prompt_length_psi")),
+    }
+    done = subprocess.run(["bash", "-eo", "pipefail", "-c", drift["run"]], cwd=root, env=env, timeout=120)
+    assert done.returncode == 0
+    got = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines())
+    assert got["MLOPS_RETRAIN_FLAGS"] == "--force-model b --force-model a" and got["MLOPS_RETRAIN_ETAG"]
+    assert retrain.drifted_models(json.loads(Path(got["MLOPS_DRIFT_REPORT"]).read_text())) == ["b", "a"]
+
+
 def test_nightly_dispatches_ct_on_its_own_ref() -> None:
     """Issue 17, workflows 6: a `schedule` payload has no `repository`; the run's own ref is right."""
     [retrain] = [s["with"]["script"] for s in load_workflow("nightly.yml")["jobs"]["retrain"]["steps"]]

@@ -558,3 +558,71 @@ def test_every_role_was_assumed_under_the_readme_trust_policy(story: Story) -> N
     for ts in tokens.values():
         for x in ts:
             assert x["aud"] == "sts.amazonaws.com" and x["sub"].startswith("repo:acme/tiny:environment:mlops"), x
+
+
+# ---------------------------------------------------------------------------- several deployed models
+
+
+def two_models_repo(dest: Path) -> Path:
+    """The act project with two deployed models, `a` and `b` (the fast tiny model, two seeds)."""
+    repo = actkit.make_repo(dest)
+    cfg = yaml.safe_load((repo / "mlops.yaml").read_text())
+    tiny = cfg["models"].pop("tiny")
+    cfg["models"] = {"a": tiny, "b": actkit.deep_merge(tiny, {"train": {"seed": 1}})}
+    cfg["deploy"].pop("model")
+    cfg["deploy"]["models"] = {"a": {}, "b": {}}
+    (repo / "mlops.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    actkit.commit(repo, "two deployed models")
+    return repo
+
+
+def test_a_drift_of_one_model_retrains_and_rolls_out_that_model_only(story: Story) -> None:
+    """Issue 18.1, several models under act: the nightly found `a`'s traffic drifted and left its
+    retrain request (naming `a`) in the registry; the next push, which changes nothing a model is
+    trained from, runs ct.yml: `mlops run --force-model a` retrains `a` and rolls it out through a
+    canary, `b` is unchanged (its releases, stages and routing as they were), the report has a
+    section per model, only `a`'s lineage records the drift, and the request is done."""
+    from test_retrain_request import two_models_report
+
+    from mlops.monitor import retrain
+    from mlops.registry.releases import STATE_KEY, Registry
+    from mlops.registry.store import LocalStore
+
+    repo, registry = two_models_repo(story.root / "two"), story.root / "two-registry"
+    first = mlops("run", "--json", "--set", f"storage={registry}", cwd=repo)  # both to production
+    assert first.returncode == 0, first.stderr[-3000:]
+    a1, b1 = (json.loads(first.stdout)["models"][m]["release"] for m in ("a", "b"))
+    keys = ("stages", "routing", "shadow", "rollout")
+
+    def model_state(m: str) -> dict[str, Any]:
+        return {k: json.loads((registry / STATE_KEY).read_text())["models"][m][k] for k in keys}
+
+    b_before = model_state("b")
+    assert b_before["stages"]["production"] == b1 and b_before["routing"] == {b1: 100}
+    b_releases = sorted(p.name for p in (registry / "releases").iterdir() if p.name.startswith("b-"))
+    # what the nightly's monitor step writes for two models, `a` drifted (the cut of a real two-model
+    # report is checked in tests/test_models_ops.py)
+    retrain.put(LocalStore(registry), json.dumps(two_models_report("a", a1, "prompt_length_psi")).encode())
+
+    actkit.commit(repo, "notes", files={"NOTES.md": "drift seen on a\n"})
+    vars = {"MLOPS_STORAGE": str(registry)} | actkit.ROLE_ARNS
+    res = story.act.run(repo, "push", actkit.push_event(repo), "ct.yml", vars=vars, secrets=PROD_SECRETS)
+    story.results["two models, a drifted"] = res
+    assert res.rc == 0, explain(res)
+    assert "picked up the retrain request" in res.log and "mlops run --force-model a" in res.log, explain(res)
+    run = json.loads(uploaded(res, "mlops-run")["run.json"])["models"]
+    assert (run["a"]["status"], run["b"]["status"], run["b"]["release"]) == ("promoted", "unchanged", b1), run
+    a2 = run["a"]["release"]
+    state = json.loads((registry / STATE_KEY).read_text())["models"]
+    assert a2 != a1 and state["a"]["stages"]["production"] == a2 and state["a"]["stages"]["previous"] == a1
+    events = [e["event"] for e in Registry(LocalStore(registry)).history(a2)]
+    assert events.count("canary_step") == 2 and "promoted" in events, events  # [50, 100], a real canary
+    lineage = json.loads((registry / "releases" / a2 / "manifest.json").read_text())["lineage"]
+    assert lineage["drift_trigger"]["release"] == a1, lineage["drift_trigger"]
+    assert [d["name"] for d in lineage["drift_trigger"]["drifted"]] == ["prompt_length_psi"]
+    # b: untouched
+    assert model_state("b") == b_before
+    assert sorted(p.name for p in (registry / "releases").iterdir() if p.name.startswith("b-")) == b_releases
+    assert not (registry / "monitor" / "retrain-request.json").exists()  # retrained: done
+    report = uploaded(res, "mlops-run")["report.md"].decode()
+    assert "## Model `a`" in report and f"`{a2}`" in report and "## Model `b`" in report and f"`{b1}`" in report

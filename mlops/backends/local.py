@@ -24,17 +24,18 @@ class LocalBackend(Backend):
         return serve_in_thread(self.loaded, self.registry)
 
     def _preflight(self, release_id: str) -> None:
-        from mlops.serving.engine import Engine
-        from mlops.serving.runner import quiet_transformers
-
-        quiet_transformers()
-        path = self.registry.artifact_dir(release_id)
         from mlops.training.adapter import check_adapter_files, is_adapter_dir
 
+        path = self.registry.artifact_dir(release_id)
         if is_adapter_dir(path):  # its base was checked by fingerprint; the server loads it into that base
+            # no engine and no torch here: an adapter's deploy command stays a fraction of a second
             try:
                 check_adapter_files(path)
             except Exception as e:
                 raise InfraError(f"cannot load adapter {release_id}: {type(e).__name__}: {e}") from e
             return
+        from mlops.serving.engine import Engine
+        from mlops.serving.runner import quiet_transformers
+
+        quiet_transformers()
         Engine(path, max_batch_size=1, max_queue=1).close()

@@ -59,6 +59,21 @@ def start(
             "--unit", help="One observation per user (their first request or thumb), or per request: user | request."
         ),
     ] = "user",
+    auto_stop: Annotated[
+        bool,
+        typer.Option(
+            "--auto-stop",
+            help="The rollout controller (mlops serve; Modal's schedule) stops it at the test's verdict "
+            "or at --max-duration.",
+        ),
+    ] = False,
+    promote_winner: Annotated[
+        bool, typer.Option("--promote-winner", help="With --auto-stop: a winning RELEASE becomes production.")
+    ] = False,
+    max_duration: Annotated[
+        str | None,
+        typer.Option("--max-duration", help="With --auto-stop: end it 'inconclusive' after this long (30m, 7d)."),
+    ] = None,
     config: ConfigOpt = Path("mlops.yaml"),
     set_: SetOpt = None,
     json_: JsonOpt = False,
@@ -66,6 +81,7 @@ def start(
 ) -> None:
     """Send --share % of users (sticky by x-mlops-user) to RELEASE; production keeps the rest."""
     from mlops.flows.experiment import start as do_start
+    from mlops.monitor.traffic import parse_age
 
     if not 0 < alpha < 1 or (mde is not None and mde <= 0) or not 1 <= min_samples <= max_samples:
         raise typer.BadParameter("need 0 < --alpha < 1, --mde > 0 and 1 <= --min-samples <= --max-samples")
@@ -81,12 +97,20 @@ def start(
         min_samples=min_samples,
         max_samples=max_samples,
         unit=unit,
+        auto_stop=auto_stop,
+        promote_winner=promote_winner,
+        max_duration=None if max_duration is None else parse_age(max_duration, "--max-duration"),
     )
+    auto = ""
+    if auto_stop:
+        limit = f", or after {max_duration} without one" if max_duration else ""
+        then = "promotes a winning B" if promote_winner else "ends it"
+        auto = f"\nauto-stop: the rollout controller {then} at the test's verdict{limit}"
     emit(
         rec,
         json_,
         f"experiment {rec['id']}: {share}% of users to {rec['release']} (B), {100 - share}% to "
-        f"{rec['baseline']} (A, production); metric {metric}, mSPRT alpha {rec['alpha']:g}",
+        f"{rec['baseline']} (A, production); metric {metric}, mSPRT alpha {rec['alpha']:g}{auto}",
     )
 
 
@@ -105,7 +129,8 @@ def status(
     s = _session(config, set_, json_, model)
     report = do_status(s)
     ended = report["status"] != "running"
-    tail = f"\n{report['status']} at {report.get('stopped_at')} by {report.get('stopped_by')}" if ended else ""
+    why = f" ({report['reason']})" if report.get("reason") else ""
+    tail = f"\n{report['status']} at {report.get('stopped_at')} by {report.get('stopped_by')}{why}" if ended else ""
     emit(report, json_, describe(report) + tail)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mlops.cli.common import ConfigOpt, JsonOpt, ModelOpt, SetOpt, emit, err, load_config, say_fn
+from mlops.errors import UsageError
 from mlops.redact import redact_obj
 
 WaitOpt = Annotated[
@@ -163,6 +164,14 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             str | None, typer.Option("--model", "-m", help="Only this deployed model (default: every one).")
         ] = None,
+        force_model: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--force-model",
+                help="Retrain this deployed model even if nothing changed (repeatable; the nightly's drift "
+                "retrain); the others train only when changed.",
+            ),
+        ] = None,
         wait: WaitOpt = True,
     ) -> None:
         """The whole loop: plan, train, register, serve, eval, gates, canary, promote or reject (exit 3).
@@ -175,11 +184,14 @@ def register(app: typer.Typer) -> None:
 
         loaded = load_config(config, set_)
         names = [resolve_model(loaded, model)] if model is not None else loaded.cfg.deploy.names
+        forced = {resolve_model(loaded, m) for m in force_model or []}
+        if forced - set(names):
+            raise UsageError(f"--force-model {', '.join(sorted(forced - set(names)))}: this run runs only {model}")
         results = {}
         for name in names:
             with _progress(json_, loaded.cfg.models[name].train.steps) as prog:
                 s = Session.open(loaded, say=say_fn(json_), progress=prog, model=name)
-                results[name] = do_run(s, force=force, on_step=kill_hook_from_env(), wait=wait)
+                results[name] = do_run(s, force=force or name in forced, on_step=kill_hook_from_env(), wait=wait)
         lines = []
         for name, res in results.items():
             human = (f"{name}: " if len(results) > 1 else "") + f"{res.status}: {res.message}"

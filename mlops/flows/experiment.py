@@ -5,7 +5,8 @@ key with the experiment's id) to a release while production (arm A) keeps the re
 reads the captured traffic and `mlops feedback` labels since the start and replays them through
 the mSPRT (mlops/evals/sequential.py); `stop` ends it, writes the final record to
 `experiments/<model>/<id>.json` and, with `promote_winner`, makes a winning treatment production
-in the same compare-and-swap that ends the experiment.
+in the same compare-and-swap that ends the experiment. Started with `auto_stop`, the rollout
+controller ends it itself (mlops/experiment_controller.py) through the same `stop`.
 
 The record lives in `State.experiment` while it runs (the registry's shape, see releases.py). A
 rollout and an experiment of one model exclude each other: each start refuses while the other runs.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlops.errors import GateFailed, UsageError
-from mlops.evals.sequential import WINNER_A, WINNER_B, Plan, Result, replay
+from mlops.evals.sequential import CONTINUE, WINNER_A, WINNER_B, Plan, Result, replay
 from mlops.flows.session import Session, resolve_release
 from mlops.registry.releases import State
 from mlops.util import now, percentile
@@ -35,6 +36,8 @@ BINARY_SUITE = ("json_valid", "regex")  # reference-free suite metrics that pass
 CONTINUOUS_SUITE = ("length",)
 DEFAULT_MDE = 0.05  # a binary metric's planned absolute effect: 5 points
 UNITS = ("request", "user")
+# the final decision of an experiment stopped before its test decided (by hand, or at max_duration)
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,23 @@ def start(
     min_samples: int = 100,
     max_samples: int = 10_000,
     unit: str = "user",
+    auto_stop: bool = False,
+    promote_winner: bool = False,
+    max_duration: float | None = None,
 ) -> dict[str, Any]:
     """Route `share`% of users to `release` (arm B) against production (arm A); the record started.
-    `unit`: what one observation is: each user's first request (or thumb), or each request."""
+    `unit`: what one observation is: each user's first request (or thumb), or each request.
+    `auto_stop`: the rollout controller stops it at the test's verdict (promoting a winning B with
+    `promote_winner`), or at `max_duration` seconds without one."""
     if not 1 <= share <= 99:
         raise UsageError(f"--share {share}: a percentage of users between 1 and 99")
     if unit not in UNITS:
         raise UsageError(f"--unit {unit!r}: one of {', '.join(UNITS)}")
     spec = metric_spec(s, metric)
+    if (promote_winner or max_duration is not None) and not auto_stop:
+        raise UsageError("--promote-winner and --max-duration on start go with --auto-stop")
+    if max_duration is not None and not max_duration > 0:
+        raise UsageError(f"--max-duration {max_duration:g}: a duration above 0, like 30m or 7d")
     if mde is None and not spec.binary:
         raise UsageError(f"--mde is needed for {metric!r}: the planned effect on its scale (latency: seconds)")
     plan = Plan(alpha, mde if mde is not None else DEFAULT_MDE, min_samples, max_samples, spec.binary)
@@ -111,6 +123,7 @@ def start(
         "min_samples": plan.min_samples,
         "max_samples": plan.max_samples,
         "test": "mSPRT",
+        "auto_stop": {"promote_winner": promote_winner, "max_duration_s": max_duration} if auto_stop else {},
         "status": "running",
         "started_by": actor,
         "started_at": now(),
@@ -300,12 +313,14 @@ def _report(
         "notes": doc["notes"] + ([f"{skipped} unreadable capture lines or files skipped"] if skipped else []),
         "started_at": rec["started_at"],
         "started_by": rec["started_by"],
+        "auto_stop": rec.get("auto_stop") or {},
     }
 
 
-def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]:
+def stop(s: Session, actor: str, promote_winner: bool = False, reason: str | None = None) -> dict[str, Any]:
     """End the running experiment: the final report is stored, all users go back to production,
-    or (with `promote_winner` and B the winner) to B as the new production, in one write."""
+    or (with `promote_winner` and B the winner) to B as the new production, in one write.
+    `actor` decided (`controller:experiment` when it stopped itself); `reason`: why, if not asked."""
     rec = current(s)
     try:
         report = analyse(s, rec)
@@ -313,7 +328,9 @@ def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]
         arms = {"A": str(rec["baseline"]), "B": str(rec["release"])}
         res = Result(notes=[f"not analysed: {e.headline}"])
         report = _report(rec, arms, [], {v: k for k, v in arms.items()}, res, 0)
-    report |= {"stopped_at": now(), "stopped_by": actor}
+    if report["decision"] == CONTINUE:  # ended before the test decided: no verdict, ever
+        report["decision"] = INCONCLUSIVE
+    report |= {"stopped_at": now(), "stopped_by": actor, "decided_by": actor, "reason": reason or f"stopped by {actor}"}
     promote = promote_winner and report["decision"] == WINNER_B
     report["status"] = "promoted" if promote else "stopped"
     final = dict(rec) | {"status": report["status"], "report": report}
@@ -344,7 +361,13 @@ def stop(s: Session, actor: str, promote_winner: bool = False) -> dict[str, Any]
         "samples": report["samples"],
     }
     s.backend.record(
-        treatment, "experiment_stopped", by=actor, experiment=rec["id"], decision=report["decision"], **detail
+        treatment,
+        "experiment_stopped",
+        by=actor,
+        experiment=rec["id"],
+        decision=report["decision"],
+        reason=report["reason"],
+        **detail,
     )
     if promote:
         s.backend.record(treatment, "promoted", by=actor, reason=why, experiment=rec["id"], previous=baseline)
@@ -404,4 +427,11 @@ def describe(report: dict[str, Any]) -> str:
     winner = f" ({report['winner']})" if report["winner"] else ""
     lines.append(f"  decision: {report['decision']}{winner}{decided}")
     lines += [f"  note: {n}" for n in report["notes"]]
+    if (auto := report.get("auto_stop")) and report.get("status", "running") == "running":
+        limit = auto.get("max_duration_s")
+        then = "promotes a winning B" if auto.get("promote_winner") else "ends it"
+        lines.append(
+            f"  auto-stop: the rollout controller {then} at the verdict"
+            + (f", or after {limit:g} s without one" if limit else "")
+        )
     return "\n".join(lines)

@@ -303,23 +303,33 @@ def before_training(loaded: Loaded, registry: Any, model: str) -> dict[str, Any]
     prev = registry.manifest(prev_id) if prev_id else None
     prev_prof = (prev or {}).get("lineage", {}).get("data_profile") if (prev or {}).get("model") == model else None
     drift = profile_drift(prev_prof, prof) | {"against": prev_id} if prev_prof else None
-    return {"data_profile": prof, "dataset_drift": drift, "drift_trigger": drift_trigger()}
+    return {"data_profile": prof, "dataset_drift": drift, "drift_trigger": drift_trigger(model)}
 
 
-def drift_trigger() -> dict[str, Any] | None:
+def drift_trigger(model: str | None = None) -> dict[str, Any] | None:
     """The monitor report that started this training, when the nightly workflow passes one:
-    `mlops monitor --json --out drift.json` exits 3, then `MLOPS_DRIFT_REPORT=drift.json mlops run`."""
+    `mlops monitor --json --out drift.json` exits 3, then `MLOPS_DRIFT_REPORT=drift.json mlops run`.
+    A report of several models is `model`'s part of it: None when `model` did not drift (a model
+    that trained in the same run because its data changed was not retrained for a drift)."""
     path = os.environ.get(DRIFT_ENV)
     if not path:
         return None
     try:
         rep = json.loads(Path(path).read_text(encoding="utf-8"))
         crossed = [c for c in rep["checks"] if c.get("drifted")]
+        release, requests = rep.get("release"), rep.get("requests")
+        models = rep.get("models")
+        if isinstance(models, dict) and model is not None:
+            mine = models.get(model)
+            if not isinstance(mine, dict) or not mine.get("drifted"):
+                return None
+            release, requests, prefix = mine.get("release"), mine.get("requests", requests), f"{model}."
+            crossed = [c | {"name": c["name"][len(prefix) :]} for c in crossed if c["name"].startswith(prefix)]
         return {
-            "release": rep.get("release"),
+            "release": release,
             "window": [rep.get("since"), rep.get("until")],
-            "requests": rep.get("requests"),
+            "requests": requests,
             "drifted": [{k: c.get(k) for k in ("name", "value", "threshold")} for c in crossed],
         }
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{DRIFT_ENV}={path}: not a readable `mlops monitor --json` report ({e})") from e

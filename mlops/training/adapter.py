@@ -159,15 +159,34 @@ def served_base(release_id: str, adapter: dict[str, object], root: Path | str | 
 
 
 def check_adapter_files(path: Path | str) -> None:
-    """The adapter's config parses and its weights' header reads (cheap: no base is loaded)."""
-    import json
+    """The adapter's config parses and its weights' header reads, with every tensor inside the file.
 
-    from safetensors import safe_open
+    Read by hand (8 bytes of header length, the JSON header; the format's own layout), not with
+    safetensors' `safe_open(..., "pt")`, which imports torch: 2.4 s of a `mlops deploy` of an adapter
+    release that otherwise takes well under one (measured), and the server loads the tensors anyway."""
+    import json
+    import struct
 
     root = Path(path)
     cfg = json.loads((root / ADAPTER_CONFIG).read_text())
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise ValueError(f"{ADAPTER_CONFIG} is not a peft adapter config")
-    with safe_open(str(root / ADAPTER_WEIGHTS), "pt") as st:
-        if not list(st.keys()):
-            raise ValueError(f"{ADAPTER_WEIGHTS} holds no tensors")
+    weights = root / ADAPTER_WEIGHTS
+    size = weights.stat().st_size
+    with weights.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{ADAPTER_WEIGHTS} is too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):  # the format caps the header at 100 MB
+            raise ValueError(f"{ADAPTER_WEIGHTS}: header length {n} does not fit the file")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{ADAPTER_WEIGHTS}: the header is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        raise ValueError(f"{ADAPTER_WEIGHTS} holds no tensors")
+    for name, t in tensors.items():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= size - 8 - n):
+            raise ValueError(f"{ADAPTER_WEIGHTS}: tensor {name} lies outside the file")
