@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 
 import modal
-from images import auth_secret, extra_secrets, gateway_image, settings
+from images import auth_secret, controller_image, extra_secrets, settings
 
 from mlops.backends.modal_api import ModalAPI, ModalSDK
 from mlops.backends.modal_settings import CONTROLLER_BUNDLE_ENV
@@ -47,7 +47,7 @@ def controller_body(api: ModalAPI, period_s: float = PERIOD_S) -> list[str]:
 
 
 @app.function(
-    image=gateway_image,
+    image=controller_image,
     secrets=[auth_secret(), *extra_secrets()],  # the gateway's keys; the storage's credentials
     env=settings.env(**{CONTROLLER_BUNDLE_ENV: os.environ.get(CONTROLLER_BUNDLE_ENV, "")}),
     schedule=modal.Period(seconds=PERIOD_S),

@@ -84,7 +84,10 @@ def where(st: State, at: float | None = None) -> str:
     steps = rec.get("steps", [])
     i = int(rec.get("step", 0))
     if int(rec.get("applied", i)) != i:
-        return f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running?"
+        return (
+            f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running "
+            "(on Modal: the ...-controller app deployed; it runs once a minute)?"
+        )
     due = float(rec.get("due_at", rec.get("step_started_at", t))) - t
     judged = f"judged in {due:.0f}s" if due > 0 else "being judged"
     ext = f", extended {rec['extensions']}x" if rec.get("extensions") else ""

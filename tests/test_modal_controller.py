@@ -147,10 +147,9 @@ def test_no_wait_without_the_controller_app_fails_in_one_line(tmp_path: Path) ->
 
 
 def test_no_wait_healthy_candidate_is_promoted_by_the_scheduled_controller(dep: Deployed) -> None:
-    app = "mlops-tiny-reverse-controller"
-    assert app in dep.tw.apps(), "deployed with the gateway"
     rid, exited = dep.no_wait(dep.good)
     rec = dep.finished(rid)
+    assert "mlops-tiny-reverse-controller" in dep.tw.apps(), "deployed with the gateway"
     assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
     assert float(rec["finished_at"]) > exited, "decided after the CI command exited"
     assert [v["verdict"] for v in rec["verdicts"]] == ["pass", "pass"], rec["verdicts"]

@@ -18,14 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlops.backends.modal_settings import CONTROLLER_BUNDLE_ENV, CONTROLLER_DIR, SETTINGS_ENV
 from mlops.config import Loaded
 from mlops.errors import ConfigError
 
-if TYPE_CHECKING:
-    from mlops.backends.modal import ModalBackend
+# `backend`: the mlops.backends.modal.ModalBackend deploying it (not imported: it imports this module)
+ModalBackend = Any
 
 SCRIPT = "controller.py"
 BUNDLE_DATA = "data"  # where a shipped dataset file lands beside the bundle's mlops.yaml
