@@ -56,6 +56,7 @@ CFG: dict[str, Any] = {
 @dataclass
 class Deployed:
     tw: Twin
+    session: Any
     prod: str
     good: str
     bad: str
@@ -71,7 +72,7 @@ class Deployed:
         return calls.read_text().split().count("schedule") if calls.is_file() else 0
 
     def no_wait(self, release: str, *sets: str) -> tuple[str, float]:
-        """`mlops deploy --no-wait`, the CI job: (the rollout it started, when it exited)."""
+        """`mlops deploy --no-wait`, the CI job, a process: (the rollout it started, when it exited)."""
         args = [a for s in sets for a in ("--set", s)]
         r = mlops("deploy", "--release", release, "--no-wait", *args, cwd=self.tw.root, env=self.tw.env)
         exited = time.time()
@@ -130,7 +131,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> Iterator[
             # from here on the controller's period is short (not before: an idle invocation is a
             # process start, CPU the fixture's deploys need on a loaded machine)
             (tw.dir / "schedule").write_text(str(PERIOD_S))
-            yield Deployed(tw, prod, good, bad)
+            yield Deployed(tw, s, prod, good, bad)
         finally:
             twin("stop-all", env=tw.env, cwd=tw.root)
 
@@ -147,7 +148,14 @@ def test_no_wait_without_the_controller_app_fails_in_one_line(tmp_path: Path) ->
 
 
 def test_no_wait_healthy_candidate_is_promoted_by_the_scheduled_controller(dep: Deployed) -> None:
-    rid, exited = dep.no_wait(dep.good)
+    from mlops.flows.release import deploy_release
+
+    # what `mlops deploy --no-wait` runs, in this process (the session that evaluated it: its app
+    # stays up; the CI job as a process of its own is the next test's)
+    out = deploy_release(dep.session, dep.good, wait=False)
+    exited = time.time()
+    assert out.status == "rolling_out", out
+    rid = next(w for w in out.message.split() if w.startswith("ro-"))
     rec = dep.finished(rid)
     assert "mlops-tiny-reverse-controller" in dep.tw.apps(), "deployed with the gateway"
     assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
@@ -157,8 +165,6 @@ def test_no_wait_healthy_candidate_is_promoted_by_the_scheduled_controller(dep: 
     assert st.stages["production"] == dep.good and st.routing == {dep.good: 100} and not st.rollout
     assert not st.lease, "the controller gave the lease back with the record"
     assert dep.tw.ask().headers["x-mlops-release"] == dep.good  # the gateway routes by what it published
-    status = dep.tw.run("status")["models"]["tiny"]
-    assert status["production"] == dep.good and status["last_rollout"]["id"] == rid
 
 
 def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(dep: Deployed) -> None:
@@ -175,3 +181,6 @@ def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(
     assert st.stages["production"] == prod and st.routing == {prod: 100} and st.stages["canary"] is None
     events = [e for e in dep.registry().history(dep.bad) if e["event"] == "rolled_back"]
     assert events and events[-1]["by"] == "controller:analysis"
+    status = dep.tw.run("status")["models"]["tiny"]  # `mlops status` shows how it ended
+    assert status["production"] == prod and status["last_rollout"]["id"] == rid, status
+    assert status["last_rollout"]["status"] == "rolled_back", status
