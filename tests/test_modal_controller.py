@@ -3,9 +3,13 @@ rollouts that `mlops deploy --no-wait` only started, through the Modal twin.
 
 The twin runs the controller app's schedule on its clock (a `schedule` file shortens the period to
 PERIOD_S), each invocation in a container process of its own, against the same registry, Dict and
-gateway as the CLI. The CI command is the real CLI in a subprocess, exited before the controller
-decides. The "bad" candidate is the same tiny model as production and the healthy one, published
-under its own id and made to answer 5% errors on prompts starting "zq" by the serving fault hook
+gateway as the CLI. The bad candidate's CI job is the real CLI in a subprocess, exited before the
+controller decides; the healthy one's is the flow `mlops deploy --no-wait` runs (`deploy_release`,
+`wait=False`), in this process, which returns at once just the same (and keeps the app its eval
+deployed: a new process's lease would stop it first and deploy it again, ~10 s here).
+
+The bad candidate is the same tiny model as production and the healthy one, published under its own
+id and made to answer 5% errors on prompts starting "zq" by the serving fault hook
 (mlops/serving/faults.py, given to the twin's serve stand-in through its `fault.json`): the eval
 suite has no such prompt, so it passes its gates; a real client on 127.0.0.1 sending that pattern
 through the gateway is what gives it away.
