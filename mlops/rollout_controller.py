@@ -5,7 +5,8 @@ rollout outlives the CI job that started it.
 bake is over, judge the step's window of live requests (the gateway's per-release stats since the
 step began), then move to the next step, promote, roll back, or bake the step again when it saw too
 little traffic; every move is one compare-and-swap that also holds (takes or renews) the rollout
-lease. After promotion, during `bake_after_promote`, it judges production's live window every
+lease. With `deploy.rollout.shadow` > 0 the record starts in phase `shadow`: mirrored traffic only,
+judged before canary step 1 (mlops/rollout_shadow.py). After promotion, during `bake_after_promote`, it judges production's live window every
 `interval` and rolls back on an SLO breach (`controller:guardrail`).
 
 Who runs it: on `backend: local` a child process of `mlops serve` (mlops/rollout_process.py: its
