@@ -6,8 +6,9 @@ bake is over, judge the step's window of live requests (the gateway's per-releas
 step began), then move to the next step, promote, roll back, or bake the step again when it saw too
 little traffic; every move is one compare-and-swap that also holds (takes or renews) the rollout
 lease. With `deploy.rollout.shadow` > 0 the record starts in phase `shadow`: mirrored traffic only,
-judged before canary step 1 (mlops/rollout_shadow.py). After promotion, during `bake_after_promote`, it judges production's live window every
-`interval` and rolls back on an SLO breach (`controller:guardrail`).
+judged before canary step 1 (mlops/rollout_shadow.py). After promotion, during `bake_after_promote`,
+it judges production's live window every `interval` and rolls back on an SLO breach
+(`controller:guardrail`).
 
 Who runs it: on `backend: local` a child process of `mlops serve` (mlops/rollout_process.py: its
 judging never holds the server's GIL), and a thread of the server `mlops run` starts for itself,
