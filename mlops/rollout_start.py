@@ -98,6 +98,8 @@ def where(st: State, at: float | None = None) -> str:
 def _shadow(rec: dict[str, Any], t: float) -> str:
     """The shadow phase: its share, and the mirrored window so far (as the controller last wrote it)."""
     share = float(rec.get("shadow", 0))
+    if rec.get("driver") != "controller":  # the job follows its window itself and says it when judged
+        return f"shadow step: {share:.0%} of production's traffic mirrored (no user traffic yet), judged by the CI job"
     if not rec.get("shadow_started_at"):
         return f"shadow ({share:.0%} to be mirrored): waiting for a rollout controller: is `mlops serve` running?"
     seen = rec.get("mirrored") or {}
