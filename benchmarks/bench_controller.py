@@ -3,7 +3,7 @@
     python benchmarks/bench_controller.py [--steps 20] [--interval 1] [--reps 3] [--requests 300]
 
 Trains three releases of the shipped example briefly (A in production, B, C) in a temporary copy of
-the example project and starts `mlops serve` (the real CLI, its own process, its controller thread)
+the example project and starts `mlops serve` (the real CLI, its own process, its controller child)
 with B made to answer 5% errors on prompts starting "zq" (the server's fault hook, as tests do).
 
 (i)  decision latency: B is rolled out (`--no-wait`'s hand-off; replayed eval prompts, no "zq": it

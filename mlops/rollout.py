@@ -12,7 +12,6 @@ mirrored requests are judged the same way, and how often both outputs agree is r
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,54 +23,23 @@ from mlops.configmonitor import NOT_CAPTURED
 from mlops.contracts import StepVerdict
 from mlops.errors import InfraError, UsageError
 from mlops.registry.releases import Registry, State
+from mlops.rollout_judge import MIN_LATENCY_SAMPLES, analyse, seen, shadow_verdict
 
 Say = Callable[[str], None]
 # What a canary request asks: a completion prompt, or a chat case's turns (OpenAI message dicts)
 Prompt = str | list[dict[str, Any]]
 
-# p95 over fewer requests than this is noise (on a busy machine one slow request is the p95):
-# the latency comparison waits for enough samples, the error rate is judged on any number.
-MIN_LATENCY_SAMPLES = 20
-LATENCY_SLACK_S = 0.005  # differences below 5 ms are scheduling noise, not a regression
 SHADOW_SETTLE_S = 30.0  # how long the analysis waits for mirrored requests still running
 TOP_UP_LIMIT = 4  # a step sends at most this many times `requests_per_step`
 
 
-def analyse(
-    step: int,
-    pct: int,
-    cand: dict[str, float],
-    prod: dict[str, float],
-    cfg: RolloutCfg,
-    mode: str = "canary",
-) -> StepVerdict:
-    """Judge one step: the candidate's error rate, then (with enough samples on both sides) its p95."""
-    reasons: list[str] = []
-    notes: list[str] = []
-    n = int(cand.get("requests", 0))
-    if n == 0:
-        reasons.append("candidate received no traffic in this step")
-    if cand.get("error_rate", 0.0) > cfg.max_error_rate:
-        reasons.append(
-            f"error rate {cand['error_rate']:.1%} ({int(cand.get('errors', 0))}/{n}) > {cfg.max_error_rate:.1%}"
-        )
-    ok_c = n - int(cand.get("errors", 0))
-    ok_p = int(prod.get("requests", 0)) - int(prod.get("errors", 0))
-    p95c, p95p = cand.get("p95", 0.0), prod.get("p95", 0.0)
-    if ok_c < MIN_LATENCY_SAMPLES or ok_p < MIN_LATENCY_SAMPLES:
-        notes.append(f"latency not judged: {ok_c} candidate / {ok_p} production samples < {MIN_LATENCY_SAMPLES}")
-    elif p95c > cfg.max_p95_ratio * p95p and p95c - p95p > LATENCY_SLACK_S:
-        reasons.append(f"p95 {p95c * 1000:.1f} ms > {cfg.max_p95_ratio:g} x production's {p95p * 1000:.1f} ms")
-    return StepVerdict(
-        step=step,
-        percent=pct,
-        candidate=cand,
-        production=prod,
-        passed=not reasons,
-        reasons=reasons,
-        mode=mode,
-        notes=notes,
-    )
+def mirror(st: State, release: str, share: float) -> State:
+    """All user traffic on production, `share` of it mirrored to `release` (in the caller's write)."""
+    prod = st.stages.get("production")
+    st.stages["canary"] = release
+    st.routing = {prod: 100} if prod else {}
+    st.shadow = {"release": release, "share": share}
+    return st
 
 
 def _make_production(st: State, release: str) -> State:
@@ -179,6 +147,8 @@ async def _drive(
     offset: int = 0,
 ) -> None:
     """Send `n` requests as `n` distinct users (so the stable hash spreads them by weight)."""
+    import asyncio  # here, not at the top: `mlops rollback` (one state write) never needs it
+
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -205,13 +175,15 @@ async def _drive(
         await asyncio.gather(*(one(client, i) for i in range(n)))
 
 
-def read_stats(base_url: str, since: float, api_key: str | None = None) -> dict[str, Any]:
+def read_stats(base_url: str, since: float, api_key: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """The server's live stats since `since` (`model`: ?model=NAME on a server with several)."""
     import httpx
 
+    params: dict[str, Any] = {"since": since, **({"model": model} if model else {})}
     try:
         r = httpx.get(
             f"{base_url}/v1/mlops/stats",
-            params={"since": since},
+            params=params,
             headers=_headers(api_key),
             timeout=10,
             trust_env=False,
@@ -254,11 +226,11 @@ def stats_since(base_url: str, since: float, api_key: str | None = None) -> dict
     return dict(read_stats(base_url, since, api_key)["releases"])
 
 
-def _settled(base_url: str, since: float, api_key: str | None) -> dict[str, Any]:
+def settled(base_url: str, since: float, api_key: str | None, model: str | None = None) -> dict[str, Any]:
     """Stats once every mirrored request has been recorded (bounded wait)."""
     deadline = time.monotonic() + SHADOW_SETTLE_S
     while True:
-        doc = read_stats(base_url, since, api_key)
+        doc = read_stats(base_url, since, api_key, model)
         if doc.get("shadow_pending", 0) <= 0 or time.monotonic() > deadline:
             return doc
         time.sleep(0.02)
@@ -297,10 +269,12 @@ def canary(
         sent, batch = 0, n
         while True:
             if drive_traffic:
+                import asyncio
+
                 traffic = _drive(base_url, prompts, batch, max_tokens, concurrency, model, seed * 1000 + i, key, sent)
                 asyncio.run(traffic)
             sent += batch
-            doc = _settled(base_url, since, key)
+            doc = settled(base_url, since, key)
             have = got(doc)
             if not drive_traffic or have >= want or sent >= TOP_UP_LIMIT * n:
                 return doc
@@ -320,35 +294,21 @@ def canary(
 
     if cfg.shadow > 0:
 
-        def mirror(st: State) -> State:
-            st.stages["canary"] = release
-            st.routing = {prod: 100}
-            st.shadow = {"release": release, "share": cfg.shadow}
-            return st
+        def to_shadow(st: State) -> State:
+            rec = st.rollout
+            if rec.get("status") == "running" and rec.get("release") == release:  # the job drives it
+                rec.update(phase="shadow", shadow=cfg.shadow, shadow_started_at=time.time())
+            return mirror(st, release, cfg.shadow)
 
         st = backend.set_state(
-            mirror, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline"
+            to_shadow, reason=f"shadow: mirror {cfg.shadow:.0%} of traffic to {release}", actor="pipeline"
         )
         wait_served(base_url, st.version)
         since = time.time()
-        doc = drive(-1, since, cfg.shadow, lambda d: int(d["shadow"].get(release, {}).get("mirrored", 0)))
-        sh = doc["shadow"].get(release, {})
-        cand = {
-            "requests": sh.get("mirrored", 0),
-            "errors": sh.get("errors", 0),
-            "error_rate": sh.get("error_rate", 0.0),
-            "p95": sh.get("p95", 0.0),
-        }
-        paired = {"requests": sh.get("mirrored", 0), "errors": 0, "p95": sh.get("production_p95", 0.0)}
-        v = analyse(0, 0, cand, paired, cfg, mode="shadow")
-        v.extra = {
-            "agreement": sh.get("agreement", 0.0),
-            "shadow_share": cfg.shadow,
-            "disagreements": sh.get("disagreements", []),
-        }
+        doc = drive(-1, since, cfg.shadow, lambda d: int(seen(d, release).get("mirrored", 0)))
         baseline = doc.get("releases", {}).get(prod, {})
-        record(v)
-        if not v.passed:
+        record(shadow_verdict(doc, release, cfg, cfg.shadow))
+        if not verdicts[-1].passed:
             return verdicts
 
     for i, pct in enumerate(cfg.steps):
@@ -361,7 +321,8 @@ def canary(
             st.shadow = {}
             rec = st.rollout
             if rec.get("status") == "running" and rec.get("release") == release:  # the job drives it
-                rec.update(step=i, applied=i, step_started_at=time.time(), verdicts=[v.to_json() for v in verdicts])
+                rec.update(step=i, applied=i, phase="canary", step_started_at=time.time())
+                rec["verdicts"] = [v.to_json() for v in verdicts]
             return st
 
         st = backend.set_state(change, reason=f"canary step {i + 1}: {pct}%", actor="pipeline")

@@ -5,11 +5,14 @@ rollout outlives the CI job that started it.
 bake is over, judge the step's window of live requests (the gateway's per-release stats since the
 step began), then move to the next step, promote, roll back, or bake the step again when it saw too
 little traffic; every move is one compare-and-swap that also holds (takes or renews) the rollout
-lease. After promotion, during `bake_after_promote`, it judges production's live window every
-`interval` and rolls back on an SLO breach (`controller:guardrail`).
+lease. With `deploy.rollout.shadow` > 0 the record starts in phase `shadow`: mirrored traffic only,
+judged before canary step 1 (mlops/rollout_shadow.py). After promotion, during `bake_after_promote`,
+it judges production's live window every `interval` and rolls back on an SLO breach
+(`controller:guardrail`).
 
-Who runs it: on `backend: local` a thread of `mlops serve` (and of the server `mlops run` starts for
-itself, where it idles while the run holds the lease); on Modal a scheduled function
+Who runs it: on `backend: local` a child process of `mlops serve` (mlops/rollout_process.py: its
+judging never holds the server's GIL), and a thread of the server `mlops run` starts for itself,
+where it idles while the run holds the lease; on Modal a scheduled function
 (functions/controller.py) that ticks it against the gateway. Lease rules: one writer. A canary the
 CI job drives (`--wait`) is the job's; once the job's lease expires (killed), the controller aborts
 it. An operator's `mlops rollback` ends the record in its own write; the controller sees it and stops.
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mlops import rollout_shadow
 from mlops.backends.base import Backend
 from mlops.config import Loaded
 from mlops.contracts import StepVerdict
@@ -33,8 +37,9 @@ from mlops.experiment_controller import ExperimentWatch
 from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
-from mlops.rollout import MIN_LATENCY_SAMPLES, TOP_UP_LIMIT, Prompt, _drive, analyse, wait_served
+from mlops.rollout import TOP_UP_LIMIT, Prompt, _drive, read_stats, wait_served
 from mlops.rollout_guard import guard
+from mlops.rollout_judge import MIN_LATENCY_SAMPLES, analyse
 
 log = logging.getLogger("mlops.controller")
 
@@ -127,6 +132,8 @@ class Controller:
                 return guard(self, rec, now)
             if rec.get("driver") != "controller":
                 return self._orphaned(st, rec)
+            if rec.get("phase") == "shadow":  # mirrored traffic only, before canary step 1
+                return rollout_shadow.step(self, st, rec, now)
             return self._canary(st, rec, now)
         except _Busy:
             return None
@@ -185,22 +192,7 @@ class Controller:
     # ------------------------------------------------------------------ stats and traffic
 
     def _stats(self, since: float) -> dict[str, Any]:
-        import httpx
-
-        from mlops.rollout import _headers
-
-        params: dict[str, Any] = {"since": since}
-        if self.model_param:
-            params["model"] = self.model_param
-        r = httpx.get(
-            f"{self.base_url}/v1/mlops/stats",
-            params=params,
-            headers=_headers(self.api_key),
-            timeout=10,
-            trust_env=False,
-        )
-        r.raise_for_status()
-        return dict(r.json().get("releases", {}))
+        return dict(read_stats(self.base_url, since, self.api_key, self.model_param).get("releases", {}))
 
     def _send(self, rec: dict[str, Any], n: int, offset: int) -> None:
         """Replayed eval prompts as `n` distinct users (the CI job's part when it returned at once)."""
@@ -243,7 +235,8 @@ class Controller:
         def change(st: State) -> State:
             now = time.time()
             r = st.rollout
-            r.update(step=i, applied=i, step_started_at=now, due_at=now + float(rec["bake"]), extensions=0)
+            r.update(step=i, applied=i, phase="canary", step_started_at=now, due_at=now + float(rec["bake"]))
+            r["extensions"] = 0
             if verdict is not None:
                 r["verdicts"] = [*r.get("verdicts", []), verdict.to_json()]
             if base:
@@ -352,7 +345,9 @@ class Controller:
         return v, base
 
     def _extend(self, rec: dict[str, Any], i: int, why: str) -> str:
+        """Step `i` (-1: the shadow step) bakes again; replayed traffic is topped up."""
         extra = max(float(rec["bake"]), float(self.cfg.interval))
+        what = "shadow step" if i < 0 else f"canary step {i + 1}"
 
         def change(st: State) -> State:
             r = st.rollout
@@ -360,27 +355,29 @@ class Controller:
             r["due_at"] = time.time() + extra
             return st
 
-        if self._write(rec["id"], change, reason=f"canary step {i + 1} extended: {why}", actor="controller"):
+        if self._write(rec["id"], change, reason=f"{what} extended: {why}", actor="controller"):
             if rec.get("traffic") == "replay":  # top up: the stable hash may have given this step few
                 self._send(rec, int(self.cfg.requests_per_step), (i + 1) * 1000 + int(rec.get("extensions", 0)) * 100)
-        return f"canary step {i + 1} extended: {why}"
+        return f"{what} extended: {why}"
 
     def _rolled_back(self, rec: dict[str, Any], v: StepVerdict) -> str:
         why = "; ".join(v.reasons)
+        # a failed shadow step: the candidate never answered a user, only mirrored requests
+        what = "aborted in shadow" if v.mode == "shadow" else f"canary failed at {v.percent}%"
 
         def change(st: State) -> State:
             st.rollout["verdicts"] = [*st.rollout.get("verdicts", []), v.to_json()]
-            rollouts.finish(st, "rolled_back", f"canary failed at {v.percent}%: {why}", "controller:analysis")
+            rollouts.finish(st, "rolled_back", f"{what}: {why}", "controller:analysis")
             recover_routing(st)
             return st
 
-        if self._write(rec["id"], change, reason=f"canary failed: {why}", actor="controller:analysis") is None:
+        if self._write(rec["id"], change, reason=f"{what}: {why}", actor="controller:analysis") is None:
             return "record ended meanwhile"
         self.backend.record(
             rec["release"], "rolled_back", by="controller:analysis", reasons=v.reasons, rollout=rec["id"]
         )
         rollouts.settle(self.registry)
-        return f"rolled back {rec['release']} at {v.percent}%: {why}"
+        return f"rolled back {rec['release']} ({what}): {why}"
 
     def _promote(self, rec: dict[str, Any], v: StepVerdict, base: dict[str, float]) -> str:
         from mlops.rollout import _make_production

@@ -49,7 +49,7 @@ def start(backend: Backend, release: str, driver: str, started_by: str) -> dict[
                 "a rollout and an experiment exclude each other (`mlops experiment stop` first)"
             )
         cur = rollouts.running(st)
-        if cur is not None and cur.get("phase") == "canary":
+        if cur is not None and cur.get("phase") in ("shadow", "canary"):
             raise UsageError(f"rollout {cur['id']} of {cur['release']} is still running (see `mlops status`)")
         if cur is not None:  # its guardrail bake: the release it watched is the new baseline
             rollouts.finish(st, "promoted", f"guardrail bake superseded by a rollout of {release}", started_by)
@@ -83,6 +83,10 @@ def where(st: State, at: float | None = None) -> str:
         return f"{head}: promoted, guardrail bake ({max(left, 0):.0f}s left; previous {rec['baseline']} kept warm)"
     steps = rec.get("steps", [])
     i = int(rec.get("step", 0))
+    lease = st.lease or {}
+    who = f"; lease {lease.get('owner')}" if live(lease, t) else "; no live lease"
+    if rec.get("phase") == "shadow":
+        return f"{head}: {_shadow(rec, t)}; driver {rec.get('driver')}{who}"
     if int(rec.get("applied", i)) != i:
         return (
             f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running "
@@ -91,6 +95,22 @@ def where(st: State, at: float | None = None) -> str:
     due = float(rec.get("due_at", rec.get("step_started_at", t))) - t
     judged = f"judged in {due:.0f}s" if due > 0 else "being judged"
     ext = f", extended {rec['extensions']}x" if rec.get("extensions") else ""
-    lease = st.lease or {}
-    who = f"; lease {lease.get('owner')}" if live(lease, t) else "; no live lease"
     return f"{head}: step {i + 1}/{len(steps)} ({steps[i]}%), {judged}{ext}; driver {rec.get('driver')}{who}"
+
+
+def _shadow(rec: dict[str, Any], t: float) -> str:
+    """The shadow phase: its share, and the mirrored window so far (as the controller last wrote it)."""
+    share = float(rec.get("shadow", 0))
+    if rec.get("driver") != "controller":  # the job follows its window itself and says it when judged
+        return f"shadow step: {share:.0%} of production's traffic mirrored (no user traffic yet), judged by the CI job"
+    if not rec.get("shadow_started_at"):
+        return f"shadow ({share:.0%} to be mirrored): waiting for a rollout controller: is `mlops serve` running?"
+    seen = rec.get("mirrored") or {}
+    n, agree = int(seen.get("mirrored", 0)), float(seen.get("agreement", 0.0))
+    so_far = (
+        f"{n} mirrored, agreement {agree:.0%}, {int(seen.get('errors', 0))} errors so far" if n else "none mirrored yet"
+    )
+    due = float(rec.get("due_at", t)) - t
+    judged = f"judged in {due:.0f}s" if due > 0 else "being judged"
+    ext = f", extended {rec['extensions']}x" if rec.get("extensions") else ""
+    return f"shadow step: {share:.0%} of production's traffic mirrored (no user traffic yet), {so_far}, {judged}{ext}"

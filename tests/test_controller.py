@@ -1,18 +1,21 @@
 """Issue 19: the rollout controller in a running `mlops serve` finishes rollouts the CI job only started.
 
-One real `mlops serve` (its controller thread) follows one project's registry. The CI commands
+One real `mlops serve` (its controller child process) follows one project's registry. The CI commands
 (`mlops run --no-wait`, a `mlops run` killed mid-canary, `mlops rollback`) are the real CLI in
 processes forked from a pre-imported zygote (tests/test_rollout.py), exited before the controller
 decides; where the gates are not the subject, the rollout is started by the flow `--no-wait` ends
 in (`hand_off`), in this process, which returns at once just the same. The "bad" candidate is a real
 release made to answer 5% errors only on prompts starting "zq" (the server's fault hook with a
 pattern, mlops/serving/faults.py): the eval suite has no such prompt, so it passes its gates and a
-replayed canary; a real client on 127.0.0.1 sending that pattern is what gives it away.
+replayed canary; a real client on 127.0.0.1 sending that pattern is what gives it away. The hook
+fails the requests mirrored to it in a shadow step the same way (the user still gets production's
+answer), which is how a shadow step stops it before any user sees it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ import httpx
 import pytest
 from conftest import make_project, mlops, mlops_serve, train_and_publish, wait_for
 from test_rollout import Zygote
+from test_rollout_process import controller_children, one_child, wait_until
 from users import Users
 
 from mlops.config import load
@@ -30,6 +34,7 @@ from mlops.flows.stages import hand_off
 from mlops.pipeline import Session
 from mlops.registry import rollouts
 from mlops.registry.releases import Registry, State
+from mlops.rollout_start import where
 
 # one xdist queue with the other load-sensitive modules (tests/conftest.py: lease expiry, timings)
 pytestmark = pytest.mark.xdist_group("heavy")
@@ -115,6 +120,7 @@ def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctl]:
     finally:
         serve.__exit__(None, None, None)
         zygote.close()
+        wait_until(lambda: not controller_children(url), "the controller child to stop with the server")
 
 
 def started(output: str) -> str:
@@ -220,3 +226,62 @@ def test_operator_rollback_pre_empts_the_controller(ctl: Ctl) -> None:
     assert st.routing == {prod: 100} and not st.rollout and not st.lease
     time.sleep(2.0)  # several controller ticks: it must not write again (nothing to wait for)
     assert ctl.state().version == version, ctl.state().to_json()
+
+
+def test_a_killed_controller_child_is_replaced_and_the_new_one_finishes_the_next_rollout(ctl: Ctl) -> None:
+    first = one_child(ctl.url)  # mlops serve's controller runs in a child process (mlops/rollout_process.py)
+    os.kill(first, signal.SIGKILL)
+    one_child(ctl.url, other_than=first)
+    prod = ctl.state().stages["production"]
+    release = ctl.prod if prod != ctl.prod else ctl.good
+    rec = ctl.finished(ctl.hand_off(release))
+    assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
+    assert ctl.state().stages["production"] == release
+
+
+def test_no_wait_shadow_stops_a_candidate_bad_on_mirrored_traffic_before_any_user_sees_it(ctl: Ctl) -> None:
+    prod = ctl.state().stages["production"]
+    since = time.time()
+    rid = ctl.hand_off(ctl.bad, "deploy.rollout.shadow=0.5", "deploy.rollout.traffic=live")
+    seen: list[State] = []
+
+    def mirroring() -> bool:  # the controller's shadow phase, with what it mirrored so far
+        st = ctl.state()
+        assert st.rollout.get("id") == rid, f"the rollout ended before its shadow phase was seen: {st.to_json()}"
+        seen[:] = [st]
+        return st.rollout.get("phase") == "shadow" and bool((st.rollout.get("mirrored") or {}).get("mirrored"))
+
+    with Users(ctl.url, prompt="zqabc=", max_tokens=2) as client:
+        wait_for(mirroring, "the controller to mirror traffic to the candidate", WAIT_S, 0.05)
+        st = seen[0]
+        assert st.shadow == {"release": ctl.bad, "share": 0.5} and st.routing == {prod: 100}, st.to_json()
+        assert st.lease["owner"].startswith("controller@"), "mirrored in the write that took the lease"
+        line = where(st)  # what `mlops status` prints for it
+        assert "shadow step: 50% of production's traffic mirrored" in line and " mirrored, agreement " in line, line
+        rec = ctl.finished(rid)
+    assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:analysis", rec
+    assert str(rec["reason"]).startswith("aborted in shadow: ") and "error rate" in str(rec["reason"]), rec
+    [v] = rec["verdicts"]  # type: ignore[misc]
+    assert v["mode"] == "shadow" and v["verdict"] == "fail" and v["candidate"]["requests"] >= 100, v
+    # the candidate never answered a user: no user request in its per-release stats, every answer production's
+    stats = httpx.get(f"{ctl.url}/v1/mlops/stats", params={"since": since}, timeout=30).json()
+    assert stats["releases"].get(ctl.bad, {}).get("requests", 0) == 0, stats["releases"]
+    assert stats["shadow"][ctl.bad]["errors"] > 0, stats["shadow"]
+    assert client.releases == {prod} and client.errors == 0, (client.releases, client.failed[:3])
+    st = ctl.state()
+    assert st.routing == {prod: 100} and not st.shadow and st.stages["canary"] is None and not st.lease
+
+
+def test_no_wait_shadow_then_canary_promotes_a_healthy_candidate(ctl: Ctl) -> None:
+    healthy = ctl.prod if ctl.state().stages["production"] != ctl.prod else ctl.good  # whichever is not serving
+    rid = ctl.hand_off(healthy, "deploy.rollout.shadow=0.5")  # replayed eval prompts, mirrored at 50%
+    rec = ctl.finished(rid)
+    assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
+    verdicts = rec["verdicts"]
+    assert [(v["mode"], v["verdict"]) for v in verdicts] == [("shadow", "pass"), ("canary", "pass"), ("canary", "pass")]  # type: ignore[union-attr]
+    shadow = verdicts[0]  # type: ignore[index]
+    assert shadow["candidate"]["requests"] >= 4 and shadow["shadow_share"] == 0.5 and "agreement" in shadow, shadow
+    st = ctl.state()
+    assert st.stages["production"] == healthy and st.routing == {healthy: 100} and not st.shadow
+    steps = [e["detail"] for e in ctl.registry().history(healthy) if e["event"] == "canary_step"]
+    assert steps[-3]["mode"] == "shadow" and steps[-3]["rollout"] == rid, steps[-3:]

@@ -52,6 +52,7 @@ RANK: dict[str, float] = {
     "plan": 2.0,
     "budget": 2.0,  # what a push would spend, against the caps (reads the registry's cost records)
     "rollout_analysis": 2.0,  # judges a live step (the controller and the pipeline call it)
+    "rollout_judge": 2.0,  # judges a replayed or shadow step on the server's counters (both drivers)
     "tracking": 2.0,
     "tracking_mlflow": 1.8,  # the MLflow client: tracking (runs) and backends (aliases) use it
     # a backend plays train/serve/route roles, so it may use the serving package
@@ -63,6 +64,8 @@ RANK: dict[str, float] = {
     "rollout": 3.0,
     "rollout_controller": 3.0,  # advances State.rollout on its own clock (mlops serve, Modal's schedule)
     "rollout_guard": 3.0,  # the guardrail after promotion (the controller calls it)
+    "rollout_process": 3.0,  # runs the controller as `mlops serve`'s supervised child process
+    "rollout_shadow": 3.0,  # the shadow step as the controller's first phase (the controller calls it)
     "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
     "rollout_schedule": 3.0,  # the controller as a scheduled invocation (Modal's functions/controller.py)
     "experiment_controller": 3.0,  # stops an --auto-stop experiment (the rollout controller's hook)
@@ -128,6 +131,8 @@ ONE_GROUP = {
     "rollout_start": "flows",
     "rollout_guard": "flows",
     "rollout_schedule": "flows",
+    "rollout_process": "flows",
+    "rollout_shadow": "flows",
     "experiment_controller": "flows",
 }
 

@@ -87,6 +87,19 @@ def test_config_forms_one_model_several_and_ambiguous(tmp_path: Path) -> None:
     assert [g.metric for g in narrow(loaded, "a").cfg.gates] == ["ragas.chrf_score"]
     ungated = load(root / "mlops.yaml", ["deploy.models.b={}"])
     assert narrow(ungated, "b").cfg.gates == ungated.cfg.gates  # absent: the top-level gates
+    # `mlops run --force-model` (the nightly's per-model drift retrain) names deployed models the run
+    # runs: refused before anything is trained
+    from typer.testing import CliRunner
+
+    from mlops.cli.app import app
+
+    for args, said in (
+        (["--force-model", "c"], "model 'c' is not deployed"),
+        (["--model", "a", "--force-model", "b"], "--force-model b: this run runs only a"),
+    ):
+        res = CliRunner().invoke(app, ["run", "--config", str(root / "mlops.yaml"), *args])
+        assert isinstance(res.exception, UsageError) and said in str(res.exception), res.output
+    assert not (root / ".mlops").exists()
 
 
 def _release(reg: Registry, model: str, tmp: Path) -> str:

@@ -265,3 +265,5 @@ def test_a_window_reader_parses_each_capture_file_once_and_lists_only_the_days_i
     assert (w2.candidate.requests, w2.candidate.errors) == (25, 5) and len(reader._files) == 4
     # a narrower window over the same parsed files: records outside it are left out
     assert reader.read(now - 45, now).candidate.requests == 5
+    assert len(reader._files) == 1, "files that left the window are let go (a 30-minute bake kept them all)"
+    assert reader.read(now - 120, now).candidate.requests == 25  # asked again: parsed again

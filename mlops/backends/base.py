@@ -17,11 +17,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlops.config import Loaded
 from mlops.registry.releases import Registry, State
-from mlops.training.train import Progress, TrainJob, TrainResult
+
+if TYPE_CHECKING:  # the training code is not needed to route or serve (`mlops rollback`)
+    from mlops.training.train import Progress, TrainJob, TrainResult
 
 log = logging.getLogger("mlops.backend")
 

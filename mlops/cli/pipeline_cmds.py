@@ -250,18 +250,18 @@ def register(app: typer.Typer) -> None:
         h, p = host or srv.host, srv.port if port is None else port
         check_bind(h, api_key_from_env(srv.api_key_env))  # before saying we serve
         err.print(f"serving {', '.join(names)} on http://{h}:{p} (Ctrl-C to stop)", markup=False)
-        from mlops.rollout_controller import for_models
+        from mlops.rollout_process import Supervisor, child_argv
 
         # the rollout controller: advances each model's rollout record (`mlops run --no-wait`),
-        # judging the live traffic this server answers
+        # judging the live traffic this server answers; a child process, so that its judging never
+        # holds this server's GIL (mlops/rollout_process.py), restarted if it dies, stopped with us
         local = "127.0.0.1" if h in ("0.0.0.0", "::", "") else h
-        controllers = [c.start() for c in for_models(loaded, f"http://{local}:{p}")]
+        controller = Supervisor(child_argv(f"http://{local}:{p}", config, set_)).start()
         try:
             # several models: one app each behind a router by the request's `model` (mlops/serving/multi.py)
             serve_foreground(s.loaded if len(names) == 1 else loaded, s.registry, h, p)
         finally:
-            for c in controllers:
-                c.stop()
+            controller.stop()
 
     @app.command()
     def report(

@@ -37,8 +37,11 @@ def register(app: typer.Typer) -> None:
             lines.append(f"{name}: production {st.stages.get('production')}; routing {routing}")
             lines.append(f"  {where(st)}")
             for v in (st.rollout or {}).get("verdicts", []):
+                what = f"step {v.get('step')} ({v.get('percent')}%)"
+                if v.get("mode") == "shadow":
+                    what = f"shadow ({v.get('shadow_share', 0):.0%} mirrored, agreement {v.get('agreement', 0):.0%})"
                 lines.append(
-                    f"  step {v.get('step')} ({v.get('percent')}%): {v.get('verdict')}"
+                    f"  {what}: {v.get('verdict')}"
                     + (f": {'; '.join(v.get('reasons', []))}" if v.get("reasons") else "")
                 )
             if last and not st.rollout:

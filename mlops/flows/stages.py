@@ -283,7 +283,9 @@ def hand_off(s: Session, release: str, started_by: str) -> str:
     s.backend.require_controller()  # no record that nothing would advance
     rec = start(s.backend, release, "controller", started_by=started_by)
     msg = (
-        f"rollout {rec['id']} of {release} started: steps {rec['steps']}, the rollout controller advances it "
+        f"rollout {rec['id']} of {release} started: "
+        + (f"shadow {rec['shadow']:.0%} then " if rec.get("phase") == "shadow" else "")
+        + f"steps {rec['steps']}, the rollout controller advances it "
         "(`mlops status` shows where it stands)"
     )
     s.say(msg)

@@ -114,7 +114,12 @@ class WindowReader:
         cand, prod = Side(self.candidate), Side(self.production)
         other = files = 0
         ours = (self.candidate, self.production)
-        for key in capture_keys(self.store, since, end):
+        keys = capture_keys(self.store, since, end)
+        # windows move forward (a step's start, a guardrail's checkpoint): a file that left the
+        # window is not kept (a 30-minute bake held every record of it), and is parsed again if asked
+        listed = set(keys)
+        self._files = {k: v for k, v in self._files.items() if k in listed}
+        for key in keys:
             if key not in self._files:
                 try:
                     recs = list(read_records(self.store, key, w))

@@ -141,7 +141,7 @@ class Lease:
                     holder = cur
                     return None
                 self.recovered = recover_routing(st)
-                if cur.get("token") and running(st) and st.rollout.get("phase") == "canary":
+                if cur.get("token") and running(st) and st.rollout.get("phase") in ("shadow", "canary"):
                     # the canary of a writer that died: it ends here, and the record says why
                     finish(st, "aborted", f"its driver {cur.get('owner')} stopped renewing the lease", self.owner)
                     self.recovered = True

@@ -6,7 +6,8 @@ follows it, a rollback and the reason, never one without the other.
 
     {"id", "model", "release", "baseline", "releases": [release, baseline],
      "status": "running" | "promoted" | "rolled_back" | "aborted",
-     "phase": "canary" | "bake_after_promote",
+     "phase": "shadow" | "canary" | "bake_after_promote",   # shadow first when deploy.rollout.shadow > 0
+     "shadow": share, "shadow_started_at", "mirrored": {"mirrored", "agreement", "errors", "at"},
      "driver": "pipeline" | "controller",   # who advances the canary (the CI job with --wait)
      "steps", "step", "step_started_at", "bake", "traffic", "extensions",
      "bake_after_promote", "promoted_at", "baseline_stats", "verdicts": [...],
@@ -56,7 +57,9 @@ def new_record(
         "baseline": baseline,
         "releases": [release, baseline],
         "status": RUNNING,
-        "phase": "canary",
+        # mirrored traffic only first (mlops/rollout_shadow.py): the candidate answers no user yet
+        "phase": "shadow" if float(rollout.shadow) > 0 else "canary",
+        "shadow": float(rollout.shadow),
         "driver": driver,
         "steps": list(rollout.steps),
         "step": 0,

@@ -8,6 +8,9 @@ A testing hook, read by the local server from its environment:
     MLOPS_FAULT_PATTERN='^zq'          optional: only requests whose prompt matches (re.search) count,
                                        a release bad on a traffic pattern its eval suite lacks
 
+Requests mirrored to the release in a shadow step (shadow.py) fail the same way: the user still
+gets production's answer, and the shadow window counts the error against the release.
+
 The errors are spread evenly (error diffusion from a seeded phase): a rate of 0.1 fails exactly one
 request in every ten the release takes, so a test that says "a release failing 10% of its requests
 is never promoted" does not depend on luck. The failure is real as far as the rollout can tell: the

@@ -223,7 +223,7 @@ def create_app(pool: ReleasePool, opts: ServerOptions) -> Starlette:
         target = None if pinned else ctx.shadow.wants(st, release, key, pinned)
         shadow = None
         if target is not None and (sh_engine := pool.engine(target)) is not None:
-            shadow = ctx.shadow.mirror(sh_engine, target, gen)
+            shadow = ctx.shadow.mirror(sh_engine, target, gen, opts.fault)
         meta = (f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}", int(time.time()), chat)
         if sse:
             return await stream(ctx, engine, gen, release, meta, t0, (shadow, target), usage)

@@ -21,6 +21,7 @@ from typing import Any
 from mlops.registry.releases import State
 from mlops.serving.base import Engine
 from mlops.serving.engine import GenRequest
+from mlops.serving.faults import Fault
 from mlops.serving.routing import bucket
 from mlops.serving.stats import percentile
 
@@ -84,11 +85,16 @@ class Shadow:
         return str(target) if point < share * 10_000 else None
 
     def mirror(
-        self, engine: Engine, target: str, req: GenRequest
+        self, engine: Engine, target: str, req: GenRequest, fault: Fault | None = None
     ) -> asyncio.Future[tuple[str | None, float, str | None]]:
-        """Start the candidate's generation now; the returned future gives (text, seconds, error)."""
+        """Start the candidate's generation now; the returned future gives (text, seconds, error).
+        `fault`: the testing hook (faults.py), which fails the candidate's mirrored requests too."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[str | None, float, str | None]] = loop.create_future()
+        if fault is not None and fault.fire(target, req.prompt):
+            self.pending += 1  # settled by `record`, as any mirrored request
+            fut.set_result((None, 0.0, "injected fault (MLOPS_FAULT_RELEASE)"))
+            return fut
         copy = GenRequest(
             prompt=req.prompt,
             max_tokens=req.max_tokens,
