@@ -90,6 +90,11 @@ class Server(_Role, ABC):
         that swaps the heavy ones for ones scored elsewhere (Modal: functions/evaluate.py)."""
         return None
 
+    def require_controller(self) -> None:  # noqa: B027 - optional hook
+        """Before a rollout is left to the rollout controller (`--no-wait`): make sure one will
+        advance it, or fail in one line. Locally it is a thread of `mlops serve` (not checked:
+        `mlops status` says when the record waits for one); on Modal a scheduled app."""
+
     def client_key(self) -> str | None:
         """The bearer key this machine presents to the endpoint (evals, canary, smoke)."""
         from mlops.util import api_key_from_env
