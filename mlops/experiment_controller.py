@@ -1,8 +1,8 @@
 """Stops an A/B experiment by itself: the rollout controller's hook for `mlops experiment start --auto-stop`.
 
-Every `deploy.rollout.interval` the rollout controller (a thread of `mlops serve`, the scheduled
-function on Modal: wherever `Controller.tick()` runs) replays the running experiment's traffic
-through its sequential test (mlops/flows/experiment.py `analyse`) and ends it
+Every `deploy.rollout.interval` the rollout controller (`mlops serve`'s controller process, the
+scheduled function on Modal: wherever `Controller.tick()` runs) replays the running experiment's
+traffic through its sequential test (mlops/flows/experiment.py `analyse`) and ends it
 
 - at the test's verdict (`winner A`, `winner B`, or `no difference` once `--max-samples` per arm
   were seen), promoting a winning B when started with `--promote-winner`; a losing B just ends;

@@ -12,7 +12,6 @@ mirrored requests are judged the same way, and how often both outputs agree is r
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -148,6 +147,8 @@ async def _drive(
     offset: int = 0,
 ) -> None:
     """Send `n` requests as `n` distinct users (so the stable hash spreads them by weight)."""
+    import asyncio  # here, not at the top: `mlops rollback` (one state write) never needs it
+
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -268,6 +269,8 @@ def canary(
         sent, batch = 0, n
         while True:
             if drive_traffic:
+                import asyncio
+
                 traffic = _drive(base_url, prompts, batch, max_tokens, concurrency, model, seed * 1000 + i, key, sent)
                 asyncio.run(traffic)
             sent += batch

@@ -5,8 +5,10 @@ rollout outlives the CI job that started it.
 bake is over, judge the step's window of live requests (the gateway's per-release stats since the
 step began), then move to the next step, promote, roll back, or bake the step again when it saw too
 little traffic; every move is one compare-and-swap that also holds (takes or renews) the rollout
-lease. After promotion, during `bake_after_promote`, it judges production's live window every
-`interval` and rolls back on an SLO breach (`controller:guardrail`).
+lease. With `deploy.rollout.shadow` > 0 the record starts in phase `shadow`: mirrored traffic only,
+judged before canary step 1 (mlops/rollout_shadow.py). After promotion, during `bake_after_promote`,
+it judges production's live window every `interval` and rolls back on an SLO breach
+(`controller:guardrail`).
 
 Who runs it: on `backend: local` a child process of `mlops serve` (mlops/rollout_process.py: its
 judging never holds the server's GIL), and a thread of the server `mlops run` starts for itself,
@@ -400,12 +402,12 @@ def for_models(loaded: Loaded, base_url: str, names: list[str] | None = None) ->
     """One controller per deployed model (`names`: default all), judging through the server at
     `base_url` (`?model=NAME` when it serves several). Not started."""
     from mlops.flows.session import Session
-    from mlops.util import api_key_from_env
 
     names = names or loaded.cfg.deploy.names
-    key = api_key_from_env(loaded.cfg.deploy.server.api_key_env)
     out = []
     for name in names:
         s = Session.open(loaded, model=name)
+        # the backend's key: on Modal the gateway's (MLOPS_API_KEY), locally deploy.server.api_key_env's
+        key = s.backend.client_key()
         out.append(Controller(s.backend, base_url, key, model_param=name if len(names) > 1 else None))
     return out

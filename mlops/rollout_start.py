@@ -88,7 +88,10 @@ def where(st: State, at: float | None = None) -> str:
     if rec.get("phase") == "shadow":
         return f"{head}: {_shadow(rec, t)}; driver {rec.get('driver')}{who}"
     if int(rec.get("applied", i)) != i:
-        return f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running?"
+        return (
+            f"{head}: waiting for a rollout controller to set step {i + 1} ({steps[i]}%): is `mlops serve` running "
+            "(on Modal: the ...-controller app deployed; it runs once a minute)?"
+        )
     due = float(rec.get("due_at", rec.get("step_started_at", t))) - t
     judged = f"judged in {due:.0f}s" if due > 0 else "being judged"
     ext = f", extended {rec['extensions']}x" if rec.get("extensions") else ""
@@ -98,6 +101,8 @@ def where(st: State, at: float | None = None) -> str:
 def _shadow(rec: dict[str, Any], t: float) -> str:
     """The shadow phase: its share, and the mirrored window so far (as the controller last wrote it)."""
     share = float(rec.get("shadow", 0))
+    if rec.get("driver") != "controller":  # the job follows its window itself and says it when judged
+        return f"shadow step: {share:.0%} of production's traffic mirrored (no user traffic yet), judged by the CI job"
     if not rec.get("shadow_started_at"):
         return f"shadow ({share:.0%} to be mirrored): waiting for a rollout controller: is `mlops serve` running?"
     seen = rec.get("mirrored") or {}

@@ -267,8 +267,9 @@ def test_the_fingerprint_is_hashed_once_per_machine_not_per_command(proj: Projec
 def test_the_deploy_command_of_an_adapter_release_imports_no_torch_and_refuses_a_broken_one(
     proj: Project, tmp_path: Path
 ) -> None:
-    """`mlops rollback --to <adapter release>` checks the adapter's files without torch (2.4 s of
-    a deploy that otherwise takes a fraction of one), and still refuses weights that do not read."""
+    """`mlops rollback --to <adapter release>` (the one-step deploy) runs without Typer and checks the
+    adapter's files without torch (2.4 s of a deploy that otherwise takes a fraction of one), answers
+    as the Typer command does, and still refuses weights that do not read."""
     import shutil
     import subprocess
     import sys
@@ -281,18 +282,29 @@ def test_the_deploy_command_of_an_adapter_release_imports_no_torch_and_refuses_a
     a, b = proj.releases
     probe = (
         "import sys\n"
-        f"sys.argv = ['mlops', 'rollback', '--to', {b!r}, '--reason', 'test']\n"
+        "sys.argv = ['mlops', *sys.argv[1:]]\n"
         "from mlops.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-        "print('TORCH=' + str('torch' in sys.modules), file=sys.stderr)\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'typer', 'rich'})\n"
+        "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=proj.root, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert out.returncode == 0, out.stderr
-    assert "TORCH=False" in out.stderr
+
+    def cli(*args: str, typer: bool = False) -> tuple[dict[str, Any], str]:
+        code = "from mlops.cli.app import app; app()" if typer else probe
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], cwd=proj.root, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout), out.stderr
+
+    fast, stderr = cli("rollback", "--to", b, "--reason=test fast", "--json")
+    assert "HEAVY=\n" in stderr  # neither torch nor Typer and rich
     assert proj.registry.read_state()[0].stages["production"] == b
+    slow, _ = cli("rollback", "--to", a, "--reason", "test typer", "--json", typer=True)
+    assert list(fast) == list(slow) and (fast["production"], slow["production"]) == (b, a)
+    assert fast["rolled_back_from"] == a and slow["rolled_back_from"] == b
+    assert fast["state_version"] + 1 == slow["state_version"]
 
     s = Session.open(load(proj.root / "mlops.yaml"))
     broken = Path(shutil.copytree(proj.registry.artifact_dir(a), tmp_path / "broken"))

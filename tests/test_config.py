@@ -177,6 +177,14 @@ CASES = [
         "a self-hosted judge is served on backend: modal (backend is 'local')",
         "ref: {",
     ),
+    (
+        "shadow step on modal",
+        edit("backend: local", "backend: modal").replace(
+            "requests_per_step: 40,", "requests_per_step: 40, shadow: 0.5,"
+        ),
+        "deploy.rollout.shadow: a shadow step needs backend: local",
+        "shadow: 0.5",
+    ),
 ]
 
 

@@ -5,8 +5,9 @@ The server is the real local one (uvicorn in a thread, real engines, real HTTP o
 traffic capture on, as `mlops serve` runs it; the users are an httpx client sending `x-mlops-user`;
 the planted difference is real as far as the experiment can tell: the server's fault-injection
 hook (mlops/serving/faults.py) answers 500 to every fifth request of production. With
-`--auto-stop` the rollout controller (the class `mlops serve` runs in a thread, here in this
-process against the same server) ends the experiment itself.
+`--auto-stop` the rollout controller (what `mlops serve`'s controller process runs,
+`rollout_controller.for_models(...)` started, here in this process against the same server) ends
+the experiment itself.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from mlops.serving.routing import experiment_arm, pick
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
-MODULES = ("images", "train", "serve", "gateway", "evaluate")
+MODULES = ("images", "train", "serve", "gateway", "evaluate", "controller")
 
 
 def import_functions(monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> dict[str, ModuleType]:
@@ -67,7 +67,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     import modal
 
     images = fns["images"]
-    for name in ("train_image", "vllm_image", "gateway_image", "eval_image"):
+    for name in ("train_image", "vllm_image", "gateway_image", "eval_image", "controller_image"):
         assert isinstance(getattr(images, name), modal.Image)
     assert isinstance(images.volume, modal.Volume)
     # names come from the shipped mlops.yaml (project tiny-reverse, no modal.app_name)
@@ -78,6 +78,7 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
         "serve": ("mlops-tiny-reverse-serve", "serve", True),
         "gateway": ("mlops-tiny-reverse-gateway", "gateway", True),
         "evaluate": ("mlops-tiny-reverse-eval", "score", False),
+        "controller": ("mlops-tiny-reverse-controller", "controller", False),
     }
     for mod, (app_name, fn_name, web) in expected.items():
         app, fn = fns[mod].app, getattr(fns[mod], fn_name)
@@ -90,6 +91,11 @@ def test_modules_import_and_define_their_apps(fns: dict[str, ModuleType]) -> Non
     assert fns["serve"].serve._spec_.gpus == "L4"  # deploy.resources.gpu
     assert fns["gateway"].gateway._spec_.gpus is None  # the gateway never needs a GPU
     assert fns["evaluate"].score._spec_.gpus is None  # judges run on their own apps' GPUs
+    # the rollout controller: a minute's Period, one invocation at a time (the twin reads the same)
+    from mlops.backends.modal_twin_run import _functions
+
+    spec = _functions(fns["controller"])["controller"]
+    assert spec["schedule"] == fns["controller"].PERIOD_S == 60 and spec["secrets"] == [images.settings.auth_secret]
 
 
 def test_a_judge_is_the_serve_app_with_its_own_name_gpu_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -583,7 +589,7 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
         keys = {kv.split("=", 1)[0] for kv in values.split()}
         assert keys == {ms.KEYS_ENV, ms.VLLM_KEY_ENV, ms.PROXY_ID_ENV, ms.PROXY_SECRET_ENV}
     available = {s.auth_secret, *s.secrets}
-    for mod in ("train", "serve", "gateway", "evaluate"):
+    for mod in ("train", "serve", "gateway", "evaluate", "controller"):
         for fn, spec in _functions(fns[mod]).items():
             assert set(spec["secrets"]) <= available, (mod, fn, spec["secrets"])
     assert _functions(fns["gateway"])["gateway"]["secrets"] == [s.auth_secret]
@@ -591,7 +597,7 @@ def test_readme_modal_commands_resolve_every_name_the_code_looks_up(fns: dict[st
     deployed = set(re.findall(r"modal deploy (functions/\w+\.py)", readme))
     assert deployed and all((ROOT / d).is_file() for d in deployed)
     names = {s.train_app, s.gateway_app, s.volume, s.state_dict, s.auth_secret, s.serve_app("") + "-<release>"}
-    names |= {s.eval_app, s.judge_app("") + "-<name>", s.serve_app("") + "-base-<key>"}
+    names |= {s.eval_app, s.judge_app("") + "-<name>", s.serve_app("") + "-base-<key>", s.controller_app}
     shown = set(re.findall(rf"`({re.escape(s.app)}-[a-z<>-]+)`", readme))
     assert shown and shown <= names, shown - names
     assert {s.train_app, s.gateway_app, s.auth_secret, s.eval_app, s.judge_app("") + "-<name>"} <= shown

@@ -67,6 +67,7 @@ RANK: dict[str, float] = {
     "rollout_process": 3.0,  # runs the controller as `mlops serve`'s supervised child process
     "rollout_shadow": 3.0,  # the shadow step as the controller's first phase (the controller calls it)
     "rollout_start": 3.0,  # writes State.rollout (run/deploy) and says where it stands (mlops status)
+    "rollout_schedule": 3.0,  # the controller as a scheduled invocation (Modal's functions/controller.py)
     "experiment_controller": 3.0,  # stops an --auto-stop experiment (the rollout controller's hook)
     # parse, call one flow, print
     "cli": 4.0,
@@ -129,6 +130,7 @@ ONE_GROUP = {
     "rollout_controller": "flows",
     "rollout_start": "flows",
     "rollout_guard": "flows",
+    "rollout_schedule": "flows",
     "rollout_process": "flows",
     "rollout_shadow": "flows",
     "experiment_controller": "flows",

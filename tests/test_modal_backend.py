@@ -307,10 +307,10 @@ def test_validate_and_doctor_say_what_a_modal_container_looks_up(
     assert v.returncode == 0, v.stderr
     found = {(x["var"], x["secret"], x["where"]) for x in json.loads(v.stdout)["modal"]["lookups"]}
     assert {
-        ("MLOPS_API_KEYS", auth, "gateway"),
+        ("MLOPS_API_KEYS", auth, "gateway, controller"),
         ("GW_KEY", auth, "gateway"),
         ("JUDGE_KEY", "acme-keys", "eval"),
-        ("AWS_ACCESS_KEY_ID", "acme-keys", "gateway"),
+        ("AWS_ACCESS_KEY_ID", "acme-keys", "gateway, controller"),
     } <= found, found
     human = mlops("validate", *MODAL_SETS, cwd=ROOT, timeout=120).stdout
     assert "JUDGE_KEY" in human and "from Secret acme-keys" in human

@@ -174,9 +174,9 @@ def test_the_twin_rehearsal_in_the_readme_does_what_its_comments_say(tmp_path: P
         ok(sh(rollback), rollback)  # production goes back; the rejected release's app is stopped
         assert state()["production"] == r1
 
-        listed = sh(app_list)  # production and previous, and the gateway
+        listed = sh(app_list)  # production and previous, the gateway and the rollout controller
         ok(listed, app_list)
-        assert f"{APP}-gateway" in listed.stdout
+        assert f"{APP}-gateway" in listed.stdout and f"{APP}-controller" in listed.stdout
         assert f"{APP}-serve-{r1}" in listed.stdout and f"{APP}-serve-{r2}" in listed.stdout
         assert f"{APP}-serve-{r3}" not in listed.stdout, listed.stdout
     finally:

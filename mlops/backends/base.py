@@ -17,11 +17,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlops.config import Loaded
 from mlops.registry.releases import Registry, State
-from mlops.training.train import Progress, TrainJob, TrainResult
+
+if TYPE_CHECKING:  # the training code is not needed to route or serve (`mlops rollback`)
+    from mlops.training.train import Progress, TrainJob, TrainResult
 
 log = logging.getLogger("mlops.backend")
 
@@ -87,6 +89,11 @@ class Server(_Role, ABC):
         """None (metrics score on this machine), or `f(suite, metrics, judge_clients) -> metrics`
         that swaps the heavy ones for ones scored elsewhere (Modal: functions/evaluate.py)."""
         return None
+
+    def require_controller(self) -> None:  # noqa: B027 - optional hook
+        """Before a rollout is left to the rollout controller (`--no-wait`): make sure one will
+        advance it, or fail in one line. Locally it is a thread of `mlops serve` (not checked:
+        `mlops status` says when the record waits for one); on Modal a scheduled app."""
 
     def client_key(self) -> str | None:
         """The bearer key this machine presents to the endpoint (evals, canary, smoke)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from mlops.backends.base import Backend
 from mlops.errors import InfraError
-from mlops.training.train import Progress, TrainJob, TrainResult
+
+if TYPE_CHECKING:  # the training code is not needed to route or serve (`mlops rollback`)
+    from mlops.training.train import Progress, TrainJob, TrainResult
 
 
 class LocalBackend(Backend):

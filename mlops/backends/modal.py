@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from mlops.backends.base import Backend
 from mlops.backends.modal_adapters import deploy_adapter, keep_bases
 from mlops.backends.modal_api import ModalAPI, open_api
+from mlops.backends.modal_controller import ensure_controller
 from mlops.backends.modal_settings import (
     BASES,
     CLIENT_KEY_ENV,
@@ -248,6 +249,7 @@ class ModalBackend(Backend):
     def _gateway_url(self) -> str:
         s = self.settings
         self.ensure_current("gateway.py", s.gateway_app)
+        ensure_controller(self)  # what advances a rollout once the job returned (modal_controller.py)
         url = self.api.web_url(s.gateway_app, "gateway")
         if not url:
             raise InfraError(f"{s.gateway_app}/gateway has no web URL; run `modal deploy functions/gateway.py`")
@@ -255,6 +257,9 @@ class ModalBackend(Backend):
 
     def _endpoint(self) -> str | None:
         return self._gateway_url()
+
+    def require_controller(self) -> None:
+        ensure_controller(self, required=True)
 
     def _publish(self, state: State) -> None:
         raw = state.to_json()

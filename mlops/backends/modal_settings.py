@@ -7,8 +7,10 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
     {app}-serve-<release>  functions/serve.py    `serve`: vLLM's OpenAI server for one release
     {app}-judge-<name>     functions/serve.py    `serve` with MLOPS_JUDGE: a self-hosted judge's vLLM
     {app}-eval             functions/evaluate.py `score`: heavy metrics (judges, embeddings) over case batches
+    {app}-controller       functions/controller.py `controller`: the rollout controller, on a schedule
     {app}-artifacts  a Modal Volume   runs/<run>/ (training output), releases/<id>/ (what vLLM serves),
-                                      routing/state.json (the durable copy of the routing state)
+                                      routing/state.json (the durable copy of the routing state),
+                                      controller/<digest>.json (the config the controller judges by)
     {app}-state      a Modal Dict     "state": the routing State ("state:<model>" each, several models
                                       deployed); "code:<app>": the code it was deployed with;
                                       "failure:<app>": why that app's server died at start
@@ -49,6 +51,10 @@ ADAPTER_KEY = "adapter:"
 SERVE_BASES = "serve-bases"  # a served base on the Volume: serve-bases/<key>/{manifest.json, model/}
 FAILURE_KEY = "failure:"  # + app name, in the Dict: why its server died at start (functions/serve.py)
 CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
+# The controller's config on the Volume (controller/<digest>.json: mlops.yaml as the deploying run
+# read it, and the first eval suite's rows), named in its function's env at deploy
+CONTROLLER_BUNDLE_ENV = "MLOPS_CONTROLLER_BUNDLE"
+CONTROLLER_DIR = "controller"
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_APP_NAME = 63  # Modal's limit on App names (and a DNS label for the web URL)
@@ -134,6 +140,10 @@ class ModalSettings:
     @property
     def eval_app(self) -> str:
         return modal_name(self.app, "eval")
+
+    @property
+    def controller_app(self) -> str:
+        return modal_name(self.app, "controller")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -44,7 +44,7 @@ def lookups(cfg: Config, s: ModalSettings) -> list[Lookup]:
     auth = s.auth_secret
     extra = ", ".join(s.secrets) if s.secrets else None
     out = [
-        Lookup(KEYS_ENV, auth, "gateway", "the API keys clients present"),
+        Lookup(KEYS_ENV, auth, "gateway, controller", "the API keys clients present (the controller presents one)"),
         Lookup(VLLM_KEY_ENV, auth, "gateway, serve, eval", "the key every vLLM server requires"),
         Lookup(PROXY_ID_ENV, auth, "gateway, eval", "a Proxy Auth Token: per-release URLs require it"),
         Lookup(PROXY_SECRET_ENV, auth, "gateway, eval", "the Proxy Auth Token's secret"),
@@ -61,8 +61,11 @@ def lookups(cfg: Config, s: ModalSettings) -> list[Lookup]:
     for name, m in sorted(cfg.models.items()):
         if _hub_id(m.base):
             out.append(Lookup("HF_TOKEN", extra, "train", f"models.{name}.base is a Hub id (a gated one)", False))
-    if cfg.storage.startswith("s3://") and cfg.monitor.enabled:
-        out += [Lookup(v, extra, "gateway", "traffic capture into the s3:// registry") for v in AWS_VARS]
+    if cfg.storage.startswith("s3://"):  # the rollout controller reads and moves the registry's state
+        capture = cfg.monitor.enabled
+        where = "gateway, controller" if capture else "controller"
+        why = "the s3:// registry: " + ("capture, rollouts" if capture else "rollouts")
+        out += [Lookup(v, extra, where, why) for v in AWS_VARS]
     # (W&B is not here: runs sync from the runner, never from a container.)
     unique: dict[tuple[str, str | None], Lookup] = {}
     for x in out:

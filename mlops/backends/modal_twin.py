@@ -16,6 +16,9 @@ What it models, and how:
   `mlops.serving.standalone` stands in for vLLM), `gateway` runs `gateway_body` under uvicorn,
   each container a process. With a file `cold_start` (seconds) apps scale to zero as on Modal,
   and `containers.json` runs more than one container of an app (see modal_twin_scale.py).
+- A scheduled function (`schedule=modal.Period(...)`) is invoked every period, each time in a
+  container process of its own, by a scheduler process stopped with the app; a file `schedule`
+  (seconds) shortens every period (see modal_twin_schedule.py).
 - A container's environment is what Modal gives one: the image's ENV (functions/images.py
   IMAGE_ENV), the function's `env=`, its Secrets, and PATH/HOME/PYTHONPATH (the code snapshot) plus
   the twin's own directory; nothing else of the caller's environment.
@@ -25,7 +28,8 @@ What it models, and how:
   environment other than `main` exists once `environment create`d.
 - The Dict is a JSON file whose entries expire after 7 days without a read or write (clock: the
   file `clock` holds seconds to add, so tests can age it); the Volume is a directory; Secrets
-  are JSON files; Proxy Auth Tokens are `proxy-token create`d.
+  are JSON files; Proxy Auth Tokens are `proxy-token create`d. A file `fault.json` ({"MLOPS_FAULT_RELEASE":
+  ...}) reaches every container's environment: the serving fault hook, for tests (never on Modal).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ CONTAINER_BASE_ENV = ("PATH", "HOME", "TMPDIR", "LANG")
 DICT_TTL_S = 7 * 24 * 3600  # Modal drops a Dict entry after 7 days with no read or write
 STOP_WAIT_S = 40.0  # a container's grace period after SIGTERM (modal_twin_scale.STOP_GRACE_S) and some
 MAP_WORKERS = 2  # inputs of one `map` run at once (each a process; this machine has few cores)
+# Test tooling: MLOPS_FAULT_* variables (mlops/serving/faults.py) every container started after it
+# is written gets, so the builtin engine standing in for vLLM fails a release's requests on cue
+FAULT_FILE = "fault.json"
 
 
 def free_port() -> int:
@@ -250,6 +257,7 @@ class TwinAPI:
         values |= spec.get("env", {})
         for name in spec["secrets"]:
             values |= self._secret(name)
+        values |= self._read(FAULT_FILE, {})  # test tooling: the serve stand-in's fault hook
         src = self.root / "apps" / app["name"] / "src"
         return values | {"PYTHONPATH": str(src), TWIN_ENV: str(self.root)}
 
@@ -286,20 +294,25 @@ class TwinAPI:
             app["web"] = web[0]
             app["port"] = old["port"] if old and old.get("port") else free_port()  # a URL outlives redeploys
             app["url"] = f"http://127.0.0.1:{app['port']}"
-            with (base / "log").open("ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlops.backends.modal_twin_run", "_run", name],
-                    env=self._env(app, web[0]),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # its own process group: stop() ends the server it starts too
-                )
-            app["pid"] = proc.pid
+            app["pid"] = self._spawn(name, base, "_run", app, web[0])
+        if any(spec.get("schedule") for spec in app["functions"].values()):
+            app["scheduler_pid"] = self._spawn(name, base, "_schedule", app, next(iter(app["functions"])))
         with self._locked():
             self._write("apps.json", self._apps() | {name: app})
             with (self.root / "deploys.log").open("a") as f:  # what tests count redeploys by
                 f.write(name + "\n")
+
+    def _spawn(self, name: str, base: Path, what: str, app: dict[str, Any], function: str) -> int:
+        with (base / "log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mlops.backends.modal_twin_run", what, name],
+                env=self._env(app, function),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() ends what it starts too
+            )
+        return proc.pid
 
     def _inspect(self, app: dict[str, Any]) -> dict[str, Any]:
         """Which functions the module defines, their Secrets and web settings (a fresh interpreter
@@ -323,13 +336,14 @@ class TwinAPI:
         app = self._apps().get(name)
         if app is None:
             raise InfraError(f"App {name!r} not found")
-        pid = app.get("pid")
-        if pid and _alive(pid):
+        pids = [p for p in (app.get("pid"), app.get("scheduler_pid")) if p and _alive(p)]
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_WAIT_S
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         with self._locked():

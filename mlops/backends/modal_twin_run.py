@@ -4,6 +4,8 @@
     _inspect MODULE          print the functions MODULE defines: Secrets, env=, image ENV, web kind, proxy auth
     _run APP                 Modal's web proxy for APP on its port, in front of its containers, until SIGTERM
     _asgi APP PORT           one container of APP's ASGI function (the gateway) under uvicorn on PORT
+    _schedule APP            APP's scheduled functions on their periods, until SIGTERM (modal_twin_schedule.py)
+    _tick APP FUNCTION P     one scheduled invocation: FUNCTION's plain body, period P seconds
     _call APP FUNCTION FILE  run FUNCTION's plain body with the pickled args in FILE, result (or the
                              exception it raised) in FILE.out
 
@@ -31,6 +33,7 @@ from typing import Any
 
 from mlops.backends.modal_settings import TWIN_ENV, current_settings
 from mlops.backends.modal_twin_scale import Pool
+from mlops.backends.modal_twin_schedule import period_seconds, serve_schedule, tick
 
 _BODY = "_body"  # `train` runs `train_body`, `serve` runs `serve_body`, `gateway` runs `gateway_body`
 
@@ -56,6 +59,8 @@ def _functions(mod: ModuleType) -> dict[str, Any]:
             if getattr(s, "_load_env_dict", None) is not None and not getattr(s, "_name", None):
                 env |= s._load_env_dict()
         out[name] = {
+            # seconds between invocations (a scheduled function), or None
+            "schedule": period_seconds(getattr(getattr(raw, "_function_info", None), "schedule", None)),
             "secrets": secret_names,
             "env": env,
             "image_env": _image_env(raw._spec.image),
@@ -252,6 +257,10 @@ def internal(argv: list[str]) -> int:
         return _run(argv[1])
     if argv[0] == "_asgi":
         return _asgi(argv[1], int(argv[2]))
+    if argv[0] == "_schedule":
+        return serve_schedule(_twin(), argv[1])
+    if argv[0] == "_tick":
+        return tick(argv[1], argv[2], float(argv[3]))
     return _call(argv[1], argv[2], argv[3])
 
 

@@ -4,9 +4,10 @@
 `mlops validate` runs before Typer and rich are imported (see mlops/cli/validate.py): it is the
 command a pre-commit hook or an editor calls on every save, so its start-up is measured
 (benchmarks/bench_startup.py). So does `mlops eval` (mlops/cli/eval_fast.py), a whole process per
-pull request, measured against a bare httpx loop (benchmarks/bench_eval_process.py). Every other
-command, and any form of those two their parsers do not know, goes through the Typer app in
-mlops/cli/app.py.
+pull request, measured against a bare httpx loop (benchmarks/bench_eval_process.py), and `mlops
+rollback` (mlops/cli/rollback_fast.py), the one-step deploy whose time to the release's first answer
+is measured (benchmarks/bench_adapters.py). Every other command, and any form of those three their
+parsers do not know, goes through the Typer app in mlops/cli/app.py.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main() -> None:
             _without_httpx_cli()
             _without_pydantic_plugins()  # no command uses a pydantic plugin; looking for them costs an import
             rc = fast_eval(sys.argv[1:])
+        if rc is None:
+            from mlops.cli.rollback_fast import fast_rollback
+
+            rc = fast_rollback(sys.argv[1:])
         if rc is None:
             from mlops.cli.app import app
 

@@ -110,26 +110,15 @@ def register(app: typer.Typer) -> None:
         model: ModelOpt = None,
     ) -> None:
         """Route all traffic to an earlier release after checking its artifact (sha256) and that it loads."""
-        import getpass
-
+        from mlops.cli.rollback_fast import actor
         from mlops.config import owner
         from mlops.flows.release import rollback_release
         from mlops.flows.session import Session
 
+        # the plain forms of this command run without Typer (mlops/cli/rollback_fast.py); keep both alike
         loaded = load_config(config, set_)
         if model is None and to is not None:  # a release id names its model
             model = owner(loaded.cfg.deploy.names, to)
         s = Session.open(loaded, say=say_fn(json_), model=model)
-        import os
-
-        try:
-            actor = f"user:{getpass.getuser()}"
-        except (KeyError, OSError):
-            actor = "user"
-        # who dispatched the workflow, not the runner's user; on a re-run GITHUB_ACTOR stays the
-        # first run's actor, GITHUB_TRIGGERING_ACTOR is who re-ran it
-        login = os.environ.get("GITHUB_TRIGGERING_ACTOR") or os.environ.get("GITHUB_ACTOR")
-        if os.environ.get("GITHUB_ACTIONS") == "true" and login:
-            actor = f"github:{login}"
-        res = rollback_release(s, to, reason, actor)
+        res = rollback_release(s, to, reason, actor())
         emit(res.model_dump(mode="json"), json_, f"production is now {res.production} (was {res.rolled_back_from})")

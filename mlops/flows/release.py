@@ -60,6 +60,8 @@ def deploy_release(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
     from mlops.registry.lease import rollout_lease
 
     check_budget(s, [], evaluate=False)  # a month past its serving cap deploys nothing new
+    if not wait:
+        s.backend.require_controller()  # who advances the rollout once this command returned
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         return _deploy(s, ref, wait)
 

@@ -44,6 +44,8 @@ def run(s: Session, force: bool = False, on_step: Callable[[str], None] | None =
         from mlops.tracking_mlflow import reset
 
         reset()  # a server down during an earlier run in this process is tried again
+    if not wait:  # before anything is trained: who advances the rollout once this run returned
+        s.backend.require_controller()
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
         _sweep(s)  # what a killed run left: orphan artifacts, .tmp files, training outputs
         try:

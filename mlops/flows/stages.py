@@ -280,6 +280,7 @@ def hand_off(s: Session, release: str, started_by: str) -> str:
     thread, Modal's scheduled function) advances it. The message says where it stands."""
     from mlops.rollout_start import start
 
+    s.backend.require_controller()  # no record that nothing would advance
     rec = start(s.backend, release, "controller", started_by=started_by)
     msg = (
         f"rollout {rec['id']} of {release} started: "

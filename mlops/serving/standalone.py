@@ -66,6 +66,7 @@ def alone(
     the started pool (the model loaded) and the server options, closes the pool on exit."""
     from mlops.registry.releases import Registry, State
     from mlops.registry.store import LocalStore
+    from mlops.serving.faults import Fault
     from mlops.serving.pool import DEFAULT_RETAIN_S, ReleasePool
     from mlops.serving.runner import SERVE_THREADS
     from mlops.serving.server import ServerOptions
@@ -81,7 +82,12 @@ def alone(
 
         registry.update_state(production, reason="standalone", actor="standalone")
         pool = ReleasePool(registry, threads=SERVE_THREADS, engine=engine, retain=retain or DEFAULT_RETAIN_S)
-        opts = ServerOptions(model_name=aliases[0] if aliases else release, prompt_template=prompt, api_key=api_key)
+        opts = ServerOptions(
+            model_name=aliases[0] if aliases else release,
+            prompt_template=prompt,
+            api_key=api_key,
+            fault=Fault.from_env(),  # the twin's fault hook for tests (vLLM has none: never set on Modal)
+        )
         try:
             pool.start()  # loads the model first: like vLLM, the port opens only once it can answer
             if pool.engine(release) is None:

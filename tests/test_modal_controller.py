@@ -1,0 +1,190 @@
+"""Issue 19 on `backend: modal`: the scheduled rollout controller (functions/controller.py) finishes
+rollouts that `mlops deploy --no-wait` only started, through the Modal twin.
+
+The twin runs the controller app's schedule on its clock (a `schedule` file shortens the period to
+PERIOD_S), each invocation in a container process of its own, against the same registry, Dict and
+gateway as the CLI. The bad candidate's CI job is the real CLI in a subprocess, exited before the
+controller decides; the healthy one's is the flow `mlops deploy --no-wait` runs (`deploy_release`,
+`wait=False`), in this process, which returns at once just the same (and keeps the app its eval
+deployed: a new process's lease would stop it first and deploy it again, ~10 s here).
+
+The bad candidate is the same tiny model as production and the healthy one, published under its own
+id and made to answer 5% errors on prompts starting "zq" by the serving fault hook
+(mlops/serving/faults.py, given to the twin's serve stand-in through its `fault.json`): the eval
+suite has no such prompt, so it passes its gates; a real client on 127.0.0.1 sending that pattern
+through the gateway is what gives it away.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Trained, mlops
+from test_modal_twin import KEY, Twin, setup_twin, twin
+from users import Users
+
+from mlops.registry import rollouts
+
+# one xdist queue with the other load-sensitive modules: the controller's clock and a bake
+pytestmark = pytest.mark.xdist_group("heavy")
+
+PERIOD_S = 4  # the twin's schedule (Modal's is PERIOD_S in functions/controller.py: a minute)
+WAIT_S = 150.0  # a rollout's steps and bakes, and the invocations that judge them, on a loaded 2-core machine
+PATTERN = "^zq"
+CFG: dict[str, Any] = {
+    "backend": "modal",
+    "models": {"tiny": {"max_tokens": 4}},
+    "evals": {"heldout": {"limit": 4, "concurrency": 2, "metrics": ["exact_match", "latency"]}},
+    # the flows judge rollouts here, not eval quality: only the (generous) latency gate
+    "gates": [{"eval": "heldout", "metric": "latency", "stat": "p95", "max": 60.0}],
+    "monitor": {"flush_interval": "0.2s"},  # the gateway's captured requests reach the store within 0.2 s
+    "deploy": {
+        "rollout": {
+            "steps": [50, 100],
+            "requests_per_step": 8,
+            "bake": "1s",
+            "interval": "0.5s",
+            # 5% errors against production's 0%: significant (one-sided z, p 0.012) from ~100 requests
+            "analysis": {"min_requests": 100, "alpha": 0.1, "max_extensions": 60},
+        }
+    },
+}
+
+
+@dataclass
+class Deployed:
+    tw: Twin
+    session: Any
+    prod: str
+    good: str
+    bad: str
+
+    def registry(self) -> Any:
+        from mlops.config import load
+        from mlops.flows.session import Session
+
+        return Session.open(load(self.tw.root / "mlops.yaml")).registry
+
+    def invocations(self) -> int:
+        calls = self.tw.dir / "calls.log"
+        return calls.read_text().split().count("schedule") if calls.is_file() else 0
+
+    def no_wait(self, release: str, *sets: str) -> tuple[str, float]:
+        """`mlops deploy --no-wait`, the CI job, a process: (the rollout it started, when it exited)."""
+        args = [a for s in sets for a in ("--set", s)]
+        r = mlops("deploy", "--release", release, "--no-wait", *args, cwd=self.tw.root, env=self.tw.env)
+        exited = time.time()
+        assert r.returncode == 0 and "started" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+        rid = next(w for w in r.stdout.split() if w.startswith("ro-"))
+        return rid, exited
+
+    def finished(self, rid: str) -> dict[str, Any]:
+        """The archived record of rollout `rid`, once the twin's scheduled controller finished it."""
+        reg = self.registry()
+        key = rollouts.archive_key("tiny", rid)
+        deadline = time.monotonic() + WAIT_S
+        while reg.store.get(key) is None or reg.read_state()[0].rollout.get("id") == rid:
+            if time.monotonic() > deadline:
+                rec = reg.read_state()[0].rollout
+                pytest.fail(
+                    f"rollout {rid} not finished {WAIT_S:.0f}s after the CI job exited: nothing advanced it "
+                    f"(scheduled controller invocations: {self.invocations()}; record: step {rec.get('step')}, "
+                    f"applied {rec.get('applied')}, status {rec.get('status')})"
+                )
+            time.sleep(0.2)
+        blob = reg.store.get(key)
+        assert blob is not None
+        return dict(json.loads(blob.data))
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory, trained: Trained) -> Iterator[Deployed]:
+    """One project on the twin: production deployed (the gateway and the controller app with it);
+    a healthy and a bad candidate, evaluated (their apps up)."""
+    from mlops.config import load
+    from mlops.flows.release import eval_release
+    from mlops.flows.session import Session
+    from mlops.rollout import promote
+
+    tmp = tmp_path_factory.mktemp("modalctl")
+    tw = setup_twin(tmp, CFG)
+    art = trained.registry.artifact_dir(trained.release)  # the session's tiny model, published thrice
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in tw.env.items():
+            mp.setenv(k, v)
+        try:
+            s = Session.open(load(tw.root / "mlops.yaml"))
+            ids = []
+            for _ in range(3):
+                rid = s.registry.new_id("tiny")
+                s.registry.publish(rid, art, {"model": "tiny"})
+                ids.append(rid)
+            prod, good, bad = ids
+            fault = {"MLOPS_FAULT_RELEASE": bad, "MLOPS_FAULT_RATE": "0.05", "MLOPS_FAULT_PATTERN": PATTERN}
+            (tw.dir / "fault.json").write_text(json.dumps(fault))
+            s.backend.preflight(prod)  # its app; production without a canary (the first release)
+            promote(s.backend, prod, reason="test fixture", actor="test")
+            for rid in (good, bad):
+                assert eval_release(s, rid).passed
+            # from here on the controller's period is short (not before: an idle invocation is a
+            # process start, CPU the fixture's deploys need on a loaded machine)
+            (tw.dir / "schedule").write_text(str(PERIOD_S))
+            yield Deployed(tw, s, prod, good, bad)
+        finally:
+            twin("stop-all", env=tw.env, cwd=tw.root)
+
+
+def test_no_wait_without_the_controller_app_fails_in_one_line(tmp_path: Path) -> None:
+    """A project made before functions/controller.py existed: `--no-wait` on Modal would start a
+    rollout nothing advances; it refuses, exit 1, and says how, before anything is deployed."""
+    tw = setup_twin(tmp_path, CFG)
+    (tw.root / "functions" / "controller.py").unlink()
+    out = tw.run("deploy", "--release", "production", "--no-wait", code=1)
+    err = out["stderr"].strip()
+    assert len(err.splitlines()) == 1 and "mlops-tiny-reverse-controller" in err and "--wait" in err, err
+    assert not (tw.dir / "apps.json").is_file() or not tw.apps()
+
+
+def test_no_wait_healthy_candidate_is_promoted_by_the_scheduled_controller(dep: Deployed) -> None:
+    from mlops.flows.release import deploy_release
+
+    # what `mlops deploy --no-wait` runs, in this process (the session that evaluated it: its app
+    # stays up; the CI job as a process of its own is the next test's)
+    out = deploy_release(dep.session, dep.good, wait=False)
+    exited = time.time()
+    assert out.status == "rolling_out", out
+    rid = next(w for w in out.message.split() if w.startswith("ro-"))
+    rec = dep.finished(rid)
+    assert "mlops-tiny-reverse-controller" in dep.tw.apps(), "deployed with the gateway"
+    assert rec["status"] == "promoted" and rec["decided_by"] == "controller:analysis", rec
+    assert float(rec["finished_at"]) > exited, "decided after the CI command exited"
+    assert [v["verdict"] for v in rec["verdicts"]] == ["pass", "pass"], rec["verdicts"]
+    st = dep.registry().read_state()[0]
+    assert st.stages["production"] == dep.good and st.routing == {dep.good: 100} and not st.rollout
+    assert not st.lease, "the controller gave the lease back with the record"
+    assert dep.tw.ask().headers["x-mlops-release"] == dep.good  # the gateway routes by what it published
+
+
+def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(dep: Deployed) -> None:
+    prod = dep.registry().read_state()[0].stages["production"]
+    auth = {"authorization": f"Bearer {KEY}"}
+    with Users(dep.tw.gateway, prompt="zqabc=", max_tokens=2, headers=auth) as client:
+        rid, exited = dep.no_wait(dep.bad, "deploy.rollout.traffic=live")
+        rec = dep.finished(rid)
+    assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:analysis", rec
+    assert "error rate" in str(rec["reason"]), rec
+    assert float(rec["finished_at"]) > exited
+    assert client.errors > 0, "the client saw the candidate's errors"
+    st = dep.registry().read_state()[0]
+    assert st.stages["production"] == prod and st.routing == {prod: 100} and st.stages["canary"] is None
+    events = [e for e in dep.registry().history(dep.bad) if e["event"] == "rolled_back"]
+    assert events and events[-1]["by"] == "controller:analysis"
+    status = dep.tw.run("status")["models"]["tiny"]  # `mlops status` shows how it ended
+    assert status["production"] == prod and status["last_rollout"]["id"] == rid, status
+    assert status["last_rollout"]["status"] == "rolled_back", status
