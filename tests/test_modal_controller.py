@@ -188,3 +188,51 @@ def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(
     status = dep.tw.run("status")["models"]["tiny"]  # `mlops status` shows how it ended
     assert status["production"] == prod and status["last_rollout"]["id"] == rid, status
     assert status["last_rollout"]["status"] == "rolled_back", status
+
+
+def test_an_invocation_ticks_once_when_idle_and_retries_a_failing_tick_within_its_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """controller_body's loop, on this machine (the twin test above runs it in its container): with
+    nothing to advance it ticks once and returns; a tick that fails (here a damaged state file) is
+    logged and tried again at the controller's pace, until the invocation's period is nearly over."""
+    from conftest import make_project
+
+    from mlops.backends.modal_controller import bundle
+    from mlops.backends.modal_settings import CONTROLLER_BUNDLE_ENV, ModalSettings
+    from mlops.backends.modal_twin_schedule import period_seconds
+    from mlops.config import load
+    from mlops.rollout_schedule import budget, run_invocation
+
+    assert period_seconds("Period(minutes=1, seconds=30.0)") == 90 and period_seconds(None) is None
+    with pytest.raises(ValueError, match="Period schedules only"):
+        period_seconds("Cron('* * * * *', UTC)")
+    root = make_project(tmp_path / "p", {"backend": "modal", "deploy": {"rollout": {"interval": "0.4s"}}})
+    data = bundle(load(root / "mlops.yaml"))
+    store = tmp_path / "registry"
+    store.mkdir()
+
+    class API:  # what the invocation asks of Modal: its bundle, the gateway's URL (never contacted here)
+        settings = ModalSettings(app="mlops-tiny-reverse", storage=str(store))
+
+        def volume_read(self, key: str) -> Iterator[bytes]:
+            assert key == "controller/x.json"
+            yield data
+
+        def web_url(self, app: str, function: str) -> str:
+            return "http://127.0.0.1:9"
+
+    monkeypatch.setenv("MLOPS_API_KEY", "key-1")
+    env = {CONTROLLER_BUNDLE_ENV: "controller/x.json"}
+    said: list[str] = []
+    t0 = time.monotonic()
+    assert run_invocation(API(), 2.0, env, say=said.append) == [] and said == []
+    assert time.monotonic() - t0 < budget(2.0), "idle: one tick, not the whole period"
+
+    (store / "state.json").write_text("{damaged")
+    t0 = time.monotonic()
+    run_invocation(API(), 2.0, env, say=said.append)
+    took = time.monotonic() - t0
+    failed = [m for m in said if "tick failed" in m and "damaged" in m]
+    assert len(failed) >= 2 and len(failed) == len(said), said  # tried again, at 0.1 s (interval / 4)
+    assert budget(2.0) - 0.2 <= took < 2.0 + 5, took  # bounded by its period
