@@ -10,10 +10,16 @@ trains `reps + 1` LoRA releases with `lora.serve: adapter` and `reps` with `lora
 
   deploy → first answer   `mlops serve` (the real CLI, its own process) serves adapter release 0;
                           each release is then deployed in turn, alternating adapter and merged,
-                          as `mlops rollback --to` does it (preflight, then one state write), and
+                          with `mlops rollback --to RELEASE` (the real CLI, a process of its own:
+                          start-up, config, preflight, one state write; the one-step deploy), and
                           the clock stops at the first answer (polled with 1-token requests) whose
                           x-mlops-release is that release.
                           Every target is cold: never routed before. Median per kind, and the ratio.
+                          `--in-process`: the same deploy as a function call in this process
+                          (no process start-up, libraries already imported; the figure before
+                          2026-12-06 15:00). The command runs with bytecode cached, as installed
+                          (a temporary PYTHONPYCACHEPREFIX; this repository's dev environment sets
+                          PYTHONDONTWRITEBYTECODE, which no installed `mlops` pays for).
   resident memory         in a fresh process each, the growth of resident memory (VmRSS) from
                           before loading to 4 releases loaded and each answering once: one base +
                           4 adapter releases, against 4 merged releases. Both processes import
@@ -104,18 +110,34 @@ def memory(root: Path, releases: list[str]) -> dict[str, int]:
     return doc
 
 
-def deploy_to_first_answer(s: Any, url: str, rid: str, deadline: float = DEADLINE_S) -> tuple[float, float]:
-    """(seconds from the deploy's start to the first answer from `rid`, of which the deploy command)"""
+def deploy_command(root: Path, rid: str) -> None:
+    """`mlops rollback --to rid` as a person types it: this tree's code, in a process of its own."""
+    cmd = [sys.executable, "-m", "mlops.cli.main", "rollback", "--to", rid, "--reason", "benchmark deploy"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=DEADLINE_S, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"mlops rollback --to {rid} exited {out.returncode}: {out.stderr[-2000:]}")
+
+
+def deploy_to_first_answer(
+    s: Any, url: str, rid: str, deadline: float = DEADLINE_S, in_process: bool = False
+) -> tuple[float, float, int]:
+    """(seconds from the deploy's start to the first answer from `rid`, of which the deploy command,
+    and how many polls that took: 1 when the server had switched by the time the command returned)"""
     from mlops.rollout import rollback
 
     t0 = time.perf_counter()
-    rollback(s.backend, rid, reason="benchmark deploy", actor="bench")
+    if in_process:
+        rollback(s.backend, rid, reason="benchmark deploy", actor="bench")
+    else:
+        deploy_command(s.loaded.root, rid)
     t_cmd = time.perf_counter() - t0
+    polls = 0
     with httpx.Client(timeout=deadline) as c:
         while True:
+            polls += 1
             r = c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abcdef=", "max_tokens": 1})
             if r.status_code == 200 and r.headers.get("x-mlops-release") == rid:
-                return time.perf_counter() - t0, t_cmd
+                return time.perf_counter() - t0, t_cmd, polls
             if time.perf_counter() - t0 > deadline:
                 raise SystemExit(f"{rid} never answered within {deadline:.0f} s of its deploy")
 
@@ -127,12 +149,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="base: layers (mlops base build's default)")
     ap.add_argument("--hidden", type=int, default=128, help="base: hidden size (4 heads of 32 by default)")
     ap.add_argument("--engine", choices=["builtin", "vllm"], default="builtin", help="deploy.engine of the server")
+    ap.add_argument(
+        "--in-process", action="store_true", help="deploy by a function call here, not the `mlops rollback` command"
+    )
     ap.add_argument("--child-memory", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_memory:
         child_memory(Path(args.child_memory[0]), args.child_memory[1:])
         return
     vllm = args.engine == "vllm"
+    inproc = args.in_process
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")  # the command: this tree
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed (see the docstring)
     reps = (args.reps if "--reps" in sys.argv else 2) if vllm else max(args.reps, 4)
 
     from mlops.config import load
@@ -148,6 +176,7 @@ def main() -> None:
         cfg["models"]["tiny"]["train"].update(batch_size=16, lr=5.0e-3, threads=1)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pyc")
     try:
         root = make_project(tmp / "proj", args.steps, edit)
         texts = [json.loads(x)["input"] for x in (REPO / "data/train.jsonl").read_text().splitlines()]
@@ -171,25 +200,31 @@ def main() -> None:
             return st
 
         s.backend.set_state(only_first, reason="benchmark: start from one adapter release")
+        if not inproc:  # compiles and caches the command's bytecode, reads the base's fingerprint once
+            deploy_command(root, first)
         times: dict[str, list[float]] = {"adapter": [], "merged": []}
         cmd: dict[str, list[float]] = {"adapter": [], "merged": []}
+        npolls: dict[str, list[int]] = {"adapter": [], "merged": []}
         if vllm:  # the base's vLLM child starts with the server, before the clock runs
             sets = ("--set", "deploy.engine=vllm", "--set", "deploy.rollout.bake=1")
             with serve_for(root, *sets, loaded=True, startup_s=VLLM_DEADLINE_S) as url:
                 for a, m in zip(adapters, merged, strict=True):
                     for kind, rid in (("adapter", a), ("merged", m)):
-                        total, in_cmd = deploy_to_first_answer(s, url, rid, VLLM_DEADLINE_S)
+                        total, in_cmd, n = deploy_to_first_answer(s, url, rid, VLLM_DEADLINE_S, inproc)
                         times[kind].append(total)
                         cmd[kind].append(in_cmd)
-                    deploy_to_first_answer(s, url, first)  # back to an adapter: one merged vLLM child at a time
+                        npolls[kind].append(n)
+                    # back to an adapter: one merged vLLM child at a time
+                    deploy_to_first_answer(s, url, first, in_process=inproc)
             mem = {}
         else:
             with mlops_serve(root) as url:
                 for a, m in zip(adapters, merged, strict=True):
                     for kind, rid in (("adapter", a), ("merged", m)):
-                        total, in_cmd = deploy_to_first_answer(s, url, rid)
+                        total, in_cmd, n = deploy_to_first_answer(s, url, rid, in_process=inproc)
                         times[kind].append(total)
                         cmd[kind].append(in_cmd)
+                        npolls[kind].append(n)
             mem = {"adapter": memory(root, adapters[:4]), "merged": memory(root, merged[:4])}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +233,8 @@ def main() -> None:
     grow = {k: (v["after_kb"] - v["before_kb"]) / 1024 for k, v in mem.items()}
     print(
         f"engine: {args.engine}; base: {args.layers} layers, hidden {args.hidden}; "
-        f"{2 * reps + 1} releases trained in {trained_s:.1f} s"
+        f"{2 * reps + 1} releases trained in {trained_s:.1f} s; deployed "
+        + ("by a function call in this process" if inproc else "with `mlops rollback --to` (its own process)")
     )
     print("| what | adapter | merged | ratio (goal) |")
     print("|---|---|---|---|")
@@ -212,12 +248,14 @@ def main() -> None:
             f"{grow['merged']:.1f} | {grow['adapter'] / grow['merged']:.3f} (≤ 0.35) |"
         )
     print(
-        f"of which the deploy command (preflight + state write), median (s): adapter "
+        f"of which the deploy {'call (preflight' if inproc else 'command (start-up + preflight'} + state write), "
+        f"median (s): adapter "
         f"{statistics.median(cmd['adapter']):.3f}, merged {statistics.median(cmd['merged']):.3f}"
     )
     print(
         f"all deploy times (s): adapter {[round(x, 3) for x in times['adapter']]}, merged {[round(x, 3) for x in times['merged']]}"
     )
+    print(f"polls to the first answer: adapter {npolls['adapter']}, merged {npolls['merged']}")
     print(f"load averages: {load_avg()}")
 
 

@@ -14,7 +14,12 @@ with B made to answer 5% errors on prompts starting "zq" (the server's fault hoo
 (ii) overhead on serving p99: 8 clients send `--requests` completions while a guardrail bake of a
      healthy release runs (the controller reads the captured window every interval), and again
      once it has finished (the controller only reads the state), interleaved `--reps` times.
-     Goal: p99 with the controller judging over p99 without <= 1.05.
+     Goal: p99 with the controller judging over p99 without <= 1.05: pooled over the repetitions,
+     and the median of each repetition's ratio (on a shared machine a burst of someone else's load
+     lands in one phase and moves the pooled p99; it moves one pair's ratio, not the median).
+(iii) the same in finer slices, where the controller is a child process (`mlops serve` today): in
+     one more guardrail bake, `--slices` pairs of `--requests` completions with the child running
+     (judging every interval) and stopped (SIGSTOP), alternating (ABBA). Goal <= 1.05.
 
 Prints the figures and the load average (the machine is shared). Everything is bounded and the
 server is stopped before the script exits.
@@ -26,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -160,9 +166,54 @@ async def load(url: str, n: int, concurrency: int = 8) -> list[float]:
     return lat
 
 
+def controller_child(url: str) -> int | None:
+    """The pid of the server's controller child process (its command line names the server's URL)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mlops.rollout_process" in argv and url.encode() in argv:
+                return int(d.name)
+    return None
+
+
+def slices(
+    root: Path, url: str, rel: str, child: int, n: int, requests: int
+) -> tuple[list[float], list[float], list[float]]:
+    """(iii): within one guardrail bake, `n` pairs of load slices, the controller child running
+    (judging) or stopped (SIGSTOP: no controller at all), in ABBA order; (judging latencies,
+    stopped latencies, each pair's p99 ratio). Finer than (ii): a burst of the box's other load
+    falls into a slice or two, not a whole phase."""
+    import signal
+
+    from mlops.rollout import rollback
+
+    rec = roll_out(root, rel, "deploy.rollout.bake_after_promote=600")
+    on: list[float] = []
+    off: list[float] = []
+    ratios: list[float] = []
+    try:
+        for i in range(n):
+            got: dict[bool, list[float]] = {}
+            for judging in (True, False) if i % 2 == 0 else (False, True):
+                os.kill(child, signal.SIGCONT if judging else signal.SIGSTOP)
+                got[judging] = asyncio.run(load(url, requests))
+            on += got[True]
+            off += got[False]
+            ratios.append(pct(got[True], 0.99) / pct(got[False], 0.99))
+    finally:
+        os.kill(child, signal.SIGCONT)
+    rollback(session(root).backend, rel, "benchmark: end the bake", "benchmark")
+    finished(root, rec["id"])
+    return on, off, ratios
+
+
 def main() -> None:
     ap = load_options(__doc__, (300, "completions per measured phase"), (3, "interleaved repetitions"))
     ap.add_argument("--interval", type=float, default=1.0, help="deploy.rollout.interval (s)")
+    ap.add_argument("--slices", type=int, default=8, help="(iii): pairs of slices, controller child judging / stopped")
     ap.set_defaults(steps=20)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-controller-"))
@@ -176,17 +227,23 @@ def main() -> None:
             lat = [decision_latency(root, url, b) for _ in range(args.reps)]
             with_ctl: list[float] = []
             idle: list[float] = []
+            pairs: list[float] = []  # each repetition's p99 ratio
             healthy = [c, a]
             for i in range(args.reps):
                 rel = healthy[i % 2]  # alternate: the other one is production now
                 rec = roll_out(root, rel, "deploy.rollout.bake_after_promote=600")
-                with_ctl += asyncio.run(load(url, args.requests))
+                judged = asyncio.run(load(url, args.requests))
+                with_ctl += judged
                 from mlops.rollout import rollback
 
                 s = session(root)
                 rollback(s.backend, rel, "benchmark: end the bake", "benchmark")  # ends the record
                 finished(root, rec["id"])
-                idle += asyncio.run(load(url, args.requests))
+                quiet = asyncio.run(load(url, args.requests))
+                idle += quiet
+                pairs.append(pct(judged, 0.99) / pct(quiet, 0.99))
+            child = controller_child(url)
+            sliced = slices(root, url, healthy[args.reps % 2], child, args.slices, args.requests) if child else None
         print(f"load average {load_avg()}; interval {args.interval:g} s, flush 0.2 s")
         print(
             "(i) decision latency, first bad request -> rollback: "
@@ -198,6 +255,21 @@ def main() -> None:
             f"(ii) serving p99 with the controller judging {p_with * 1000:.1f} ms ({len(with_ctl)} req), "
             f"idle {p_idle * 1000:.1f} ms ({len(idle)} req): ratio {p_with / p_idle:.3f} (goal <= 1.05)"
         )
+        print(
+            "    per repetition: "
+            + ", ".join(f"{r:.2f}" for r in pairs)
+            + f"; median {statistics.median(pairs):.3f} (a burst of the box's other load moves one pair, not the median)"
+        )
+        if sliced is None:
+            print("(iii) no controller child process (a controller thread in the server): not measured")
+        else:
+            on, off, ratios = sliced
+            print(
+                f"(iii) serving p99 in one guardrail bake, the controller child judging {pct(on, 0.99) * 1000:.1f} ms "
+                f"over stopped (SIGSTOP) {pct(off, 0.99) * 1000:.1f} ms, {args.slices} alternating pairs of "
+                f"{args.requests} requests: ratio {pct(on, 0.99) / pct(off, 0.99):.3f}; per pair median "
+                f"{statistics.median(ratios):.3f} (goal <= 1.05)"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,6 +2,8 @@
 starts it (the candidate's serve app deployed, both arms in the Dict's routing), real users on
 127.0.0.1 ask the gateway with `x-mlops-user` and keep their arm, the gateway's traffic capture
 is what `mlops experiment status` counts per arm, and `stop --promote-winner` moves the Dict.
+Then one started with `--auto-stop --promote-winner` is stopped and promoted by the twin's
+scheduled rollout controller (functions/controller.py), with no command after the users' traffic.
 
 What is real: the CLI, the gateway (functions/gateway.py under uvicorn, capturing into the
 registry's storage), each release's serve app (functions/serve.py's body, the builtin engine), the
@@ -31,6 +33,8 @@ CFG: dict[str, Any] = {
     "models": {"tiny": {"max_tokens": 4}},
     "monitor": {"flush_interval": "0.2s"},  # the gateway's capture reaches the store within 0.2 s
 }
+PERIOD_S = 2  # the twin's schedule for the controller (Modal's: a minute, functions/controller.py)
+WAIT_S = 120.0  # the invocations (each a process start) that judge it, on a loaded 2-core machine
 USERS = 48  # with 10 per arm before a look: a verdict in each of 20,000 simulated splits of 48
 
 
@@ -59,6 +63,21 @@ def test_experiment_through_the_modal_twin_counts_both_arms_and_promotes_into_th
         assert r.status_code == 200, r.text
         return r.headers[H], str(r.json()["id"])
 
+    def trial(tag: str, b: str, a: str, again_n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """USERS users ask once (the first `again_n` twice); B's users like the answer, A's one in three."""
+        before = len(load_window(s.registry.store, 0).records)
+        users = [f"{tag}-{i}" for i in range(USERS)]
+        with ThreadPoolExecutor(4) as ex:
+            first = dict(zip(users, ex.map(ask, users), strict=True))
+            again = dict(zip(users[:again_n], ex.map(ask, users[:again_n]), strict=True))
+        n = before + USERS + again_n
+        wait_for(lambda: len(load_window(s.registry.store, 0).records) >= n, "the gateway's capture", 60)
+        in_a = 0
+        for rel, rid in first.values():
+            add_thumbs(s.registry.store, rid, "up" if rel == b or in_a % 3 == 0 else "down")
+            in_a += rel == a
+        return first, again
+
     try:
         s.backend.prepare(prod)  # the gateway and production's serve app deployed
         promote(s.backend, prod, reason="test fixture")
@@ -67,18 +86,10 @@ def test_experiment_through_the_modal_twin_counts_both_arms_and_promotes_into_th
         assert routed()["routing"] == {prod: 50, cand: 50} and routed()["experiment"]["id"] == rec["id"]
         assert cand in tw.serve_apps()  # deployed by start, before any user was routed to it
 
-        users = [f"user-{i}" for i in range(USERS)]
-        with ThreadPoolExecutor(4) as ex:
-            first = dict(zip(users, ex.map(ask, users), strict=True))
-            again = dict(zip(users[:10], ex.map(ask, users[:10]), strict=True))
+        first, again = trial("user", cand, prod, again_n=10)
         assert all(again[u][0] == first[u][0] for u in again), "a user changed arms"
         arm = {u: rel for u, (rel, _) in first.items()}
         assert set(arm.values()) == {prod, cand}
-        wait_for(lambda: len(load_window(s.registry.store, 0).records) >= USERS + 10, "the gateway's capture", 60)
-        in_a = 0
-        for rel, rid in first.values():  # B's users like it; A's, one in three
-            add_thumbs(s.registry.store, rid, "up" if rel == cand or in_a % 3 == 0 else "down")
-            in_a += rel == prod
 
         status = tw.run("experiment", "status")
         a, b = status["arms"]["A"], status["arms"]["B"]
@@ -98,5 +109,19 @@ def test_experiment_through_the_modal_twin_counts_both_arms_and_promotes_into_th
         assert st["stages"]["previous"] == prod
         loser = next(u for u, r in arm.items() if r == prod)
         assert ask(loser)[0] == cand  # the stop returned once the gateway routed by the new Dict entry
+
+        # --auto-stop: the twin runs the scheduled controller (functions/controller.py, deployed with
+        # the gateway) every PERIOD_S; it stops the experiment at the verdict and promotes B
+        (tw.dir / "schedule").write_text(str(PERIOD_S))
+        auto = tw.run("experiment", "start", prod, "--share", "50", *args, "--auto-stop", "--promote-winner")
+        trial("auto", prod, cand, again_n=0)
+        wait_for(lambda: routed()["experiment"] == {}, "the scheduled controller to stop the experiment", WAIT_S)
+        st = routed()
+        assert st["routing"] == {prod: 100} and (st["stages"]["production"], st["stages"]["previous"]) == (prod, cand)
+        blob = s.registry.store.get(f"experiments/tiny/{auto['id']}.json")
+        assert blob is not None
+        rep = json.loads(blob.data)["report"]
+        assert (rep["status"], rep["decision"], rep["decided_by"]) == ("promoted", "winner B", "controller:experiment")
+        assert ask("auto-0")[0] == prod
     finally:
         twin("stop-all", env=tw.env, cwd=tw.root)

@@ -92,7 +92,7 @@ class Server(_Role, ABC):
 
     def require_controller(self) -> None:  # noqa: B027 - optional hook
         """Before a rollout is left to the rollout controller (`--no-wait`): make sure one will
-        advance it, or fail in one line. Locally it is a thread of `mlops serve` (not checked:
+        advance it, or fail in one line. Locally it is a child process of `mlops serve` (not checked:
         `mlops status` says when the record waits for one); on Modal a scheduled app."""
 
     def client_key(self) -> str | None:
