@@ -98,6 +98,7 @@ def run_invocation(
         finally:
             for c in controllers:
                 _give_back(c)
+                c.backend.close()  # a warm container runs the next invocation: its marks end here
 
 
 def _give_back(c: Any) -> None:

@@ -158,11 +158,16 @@ def test_adapter_releases_share_one_base_canary_rollback_and_refusal(proj: Proje
                 return st
 
             _wait_serving(pool, s.backend.set_state(canary, reason="test canary").version)
-            with ThreadPoolExecutor(8) as ex:
-                answers = list(ex.map(lambda p: (p, *_complete(url, p)), PROMPTS * 3))
-            assert {r for _, r, _ in answers} == {a, b}
-            for prompt, rel, text in answers:
-                assert text == want[rel][prompt], (rel, prompt)
+            # Whether two requests share a batch is up to the scheduler: on a loaded box one burst can
+            # arrive one request at a time. Up to five bursts: mixing never seen in any is a failure.
+            for _burst in range(5):
+                with ThreadPoolExecutor(8) as ex:
+                    answers = list(ex.map(lambda p: (p, *_complete(url, p)), PROMPTS * 3))
+                assert {r for _, r, _ in answers} == {a, b}
+                for prompt, rel, text in answers:
+                    assert text == want[rel][prompt], (rel, prompt)
+                if base.mixed_steps > 0:
+                    break
             assert base.mixed_steps > 0  # the two adapters decoded in the same batch
             assert pool.bases.loads == 1 and set(base.adapters) == {a, b}
 

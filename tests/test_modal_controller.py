@@ -5,8 +5,7 @@ The twin runs the controller app's schedule on its clock (a `schedule` file shor
 PERIOD_S), each invocation in a container process of its own, against the same registry, Dict and
 gateway as the CLI. The bad candidate's CI job is the real CLI in a subprocess, exited before the
 controller decides; the healthy one's is the flow `mlops deploy --no-wait` runs (`deploy_release`,
-`wait=False`), in this process, which returns at once just the same (and keeps the app its eval
-deployed: a new process's lease would stop it first and deploy it again, ~10 s here).
+`wait=False`), in this process, which returns at once just the same.
 
 The bad candidate is the same tiny model as production and the healthy one, published under its own
 id and made to answer 5% errors on prompts starting "zq" by the serving fault hook
@@ -18,6 +17,10 @@ through the gateway is what gives it away.
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Trained, mlops
-from test_modal_twin import KEY, Twin, setup_twin, twin
+from conftest import REPO, Trained, mlops
+from test_modal_twin import APP, KEY, Twin, setup_twin, twin
 from users import Users
 
 from mlops.registry import rollouts
@@ -188,3 +191,124 @@ def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(
     status = dep.tw.run("status")["models"]["tiny"]  # `mlops status` shows how it ended
     assert status["production"] == prod and status["last_rollout"]["id"] == rid, status
     assert status["last_rollout"]["status"] == "rolled_back", status
+
+
+def test_an_invocation_ticks_once_when_idle_and_retries_a_failing_tick_within_its_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """controller_body's loop, on this machine (the twin test above runs it in its container): with
+    nothing to advance it ticks once and returns; a tick that fails (here a damaged state file) is
+    logged and tried again at the controller's pace, until the invocation's period is nearly over."""
+    from conftest import make_project
+
+    from mlops.backends.modal_controller import bundle
+    from mlops.backends.modal_settings import CONTROLLER_BUNDLE_ENV, ModalSettings
+    from mlops.backends.modal_twin_schedule import period_seconds
+    from mlops.config import load
+    from mlops.rollout_schedule import budget, run_invocation
+
+    assert period_seconds("Period(minutes=1, seconds=30.0)") == 90 and period_seconds(None) is None
+    with pytest.raises(ValueError, match="Period schedules only"):
+        period_seconds("Cron('* * * * *', UTC)")
+    root = make_project(tmp_path / "p", {"backend": "modal", "deploy": {"rollout": {"interval": "0.4s"}}})
+    data = bundle(load(root / "mlops.yaml"))
+    store = tmp_path / "registry"
+    store.mkdir()
+
+    class API:  # what the invocation asks of Modal: its bundle, the gateway's URL (never contacted here)
+        settings = ModalSettings(app="mlops-tiny-reverse", storage=str(store))
+
+        def volume_read(self, key: str) -> Iterator[bytes]:
+            assert key == "controller/x.json"
+            yield data
+
+        def web_url(self, app: str, function: str) -> str:
+            return "http://127.0.0.1:9"
+
+    monkeypatch.setenv("MLOPS_API_KEY", "key-1")
+    env = {CONTROLLER_BUNDLE_ENV: "controller/x.json"}
+    said: list[str] = []
+    t0 = time.monotonic()
+    assert run_invocation(API(), 2.0, env, say=said.append) == [] and said == []
+    assert time.monotonic() - t0 < budget(2.0), "idle: one tick, not the whole period"
+
+    (store / "state.json").write_text("{damaged")
+    t0 = time.monotonic()
+    run_invocation(API(), 2.0, env, say=said.append)
+    took = time.monotonic() - t0
+    failed = [m for m in said if "tick failed" in m and "damaged" in m]
+    assert len(failed) >= 2 and len(failed) == len(said), said  # tried again, at 0.1 s (interval / 4)
+    assert budget(2.0) - 0.2 <= took < 2.0 + 5, took  # bounded by its period
+
+
+# --------------------------------------------------------------------------- in use across processes
+
+HOLD = """import sys
+from mlops.config import load
+from mlops.flows.session import Session
+Session.open(load("mlops.yaml")).backend.preflight(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()  # uses the release until the test closes its stdin, then exits normally
+"""
+
+
+@pytest.fixture(scope="module")
+def elsewhere(dep: Deployed, trained: Trained) -> str:
+    """A fourth release, evaluated by `mlops eval` in a process of its own, which deployed its app
+    and has exited (the release is in no state: nothing but a mark would keep its app)."""
+    rid = dep.session.registry.new_id("tiny")
+    dep.session.registry.publish(rid, trained.registry.artifact_dir(trained.release), {"model": "tiny"})
+    r = mlops("eval", "--release", rid, cwd=dep.tw.root, env=dep.tw.env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert dep.tw.deploys().count(f"{APP}-serve-{rid}") == 1
+    return rid
+
+
+def test_deploy_in_a_new_process_keeps_the_app_an_eval_process_deployed(dep: Deployed, elsewhere: str) -> None:
+    """`mlops deploy --release X` after `mlops eval --release X`: the lease's first publish cleans
+    up, and used to stop X's app (no process used it) before the preflight deployed it again, a
+    needless vLLM cold start on Modal. The deploy marks X in use before it takes the lease. (Gates
+    made to fail here: what follows the lease is the other tests'.)"""
+    app = f"{APP}-serve-{elsewhere}"
+    r = mlops("deploy", "--release", elsewhere, "--set", "gates.0.max=0.000001", cwd=dep.tw.root, env=dep.tw.env)
+    assert r.returncode == 3 and "gates FAIL" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+    assert app in dep.tw.apps()
+    assert dep.tw.deploys().count(app) == 1, "stopped and deployed again"
+
+
+def test_a_cleanup_elsewhere_keeps_an_app_a_live_process_uses_until_its_mark_is_gone(
+    dep: Deployed, elsewhere: str
+) -> None:
+    """A second backend publishing (the scheduled controller's container, a `--wait` job's lease
+    heartbeat) keeps the app of a release another live process preflighted (an eval running); once
+    that process exited, or its mark expired (a process killed), the next cleanup stops it."""
+    from mlops.backends.modal_settings import INUSE_KEY
+    from mlops.config import load
+    from mlops.flows.session import Session
+
+    app = f"{APP}-serve-{elsewhere}"
+    other = Session.open(load(dep.tw.root / "mlops.yaml")).backend  # preflighted nothing itself
+    state = other.registry.read_state()[0]
+    assert elsewhere not in state.referenced()
+    env = os.environ | dep.tw.env | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", HOLD, elsewhere]
+    holder = subprocess.Popen(cmd, cwd=dep.tw.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        ready, _, _ = select.select([holder.stdout], [], [], 180)
+        assert ready and holder.stdout.readline().strip() == "held", "the holder did not preflight"
+        other._publish(state)
+        assert app in dep.tw.apps(), "stopped under a live process that uses it"
+        holder.stdin.close()
+        assert holder.wait(timeout=120) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+    # what a killed process leaves: a mark past its expiry (the one above was dropped at its exit)
+    api = other.api
+    dead = {"release": elsewhere, "owner": "gone:1", "expires_at": time.time() - 1}
+    api.dict_put(f"{INUSE_KEY}{elsewhere}@gone:1", dead)
+    assert any(v and v["release"] == elsewhere for v in api.dict_items(INUSE_KEY).values())
+    other._publish(state)
+    assert app not in dep.tw.apps(), "kept though no live process uses it"

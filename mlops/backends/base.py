@@ -90,6 +90,10 @@ class Server(_Role, ABC):
         that swaps the heavy ones for ones scored elsewhere (Modal: functions/evaluate.py)."""
         return None
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """This backend is done (its command or controller invocation ends): let go of what it
+        holds for the process (on Modal its in-use marks; at a normal exit they go anyway)."""
+
     def require_controller(self) -> None:  # noqa: B027 - optional hook
         """Before a rollout is left to the rollout controller (`--no-wait`): make sure one will
         advance it, or fail in one line. Locally it is a child process of `mlops serve` (not checked:

@@ -37,6 +37,7 @@ from mlops.backends.base import Backend
 from mlops.backends.modal_adapters import deploy_adapter, keep_bases
 from mlops.backends.modal_api import ModalAPI, open_api
 from mlops.backends.modal_controller import ensure_controller
+from mlops.backends.modal_inuse import Marks, live_releases
 from mlops.backends.modal_settings import (
     BASES,
     CLIENT_KEY_ENV,
@@ -80,10 +81,12 @@ class ModalBackend(Backend):
         super().__init__(loaded, registry)
         self._current: set[tuple[str, str]] = set()  # (app, digest) found or made current: one check each
         self._file_cfg: Config | None = None
-        # releases this process deployed or woke to use (an eval, a rollout): their apps stay up
-        # while it runs, though the state does not reference them yet (`mlops deploy --release X`
-        # after `mlops eval --release X`: every lease heartbeat publishes, and would stop X's app)
+        # releases this backend deployed or woke to use (an eval, a rollout): their apps stay up
+        # while it runs, though the state does not reference them yet (every lease heartbeat
+        # publishes, and would stop them); marked in the Dict too, for the cleanups of other
+        # processes (the scheduled controller's, the next command's): modal_inuse.py
         self._in_use: set[str] = set()
+        self._marks = Marks(lambda: self.api)
 
     @property
     def file_cfg(self) -> Config:
@@ -306,9 +309,10 @@ class ModalBackend(Backend):
     def stop_unreferenced(self, state: State) -> list[str]:
         """Stop every release app the state no longer routes to or keeps (production, previous,
         canary): with min_containers > 0 each would keep a GPU warm for nothing; and every judge
-        app mlops.yaml no longer declares."""
+        app mlops.yaml no longer declares. A release some live process uses (an eval running
+        elsewhere) is kept: its mark in the Dict (modal_inuse.py) says so."""
         s = self.settings
-        refs = state.referenced() | self._neighbours_referenced() | self._in_use
+        refs = state.referenced() | self._neighbours_referenced() | self._in_use | live_releases(self.api)
         keep = {s.serve_app(r) for r in refs} | keep_bases(self, refs)
         keep |= {s.judge_app(n) for n, j in self.cfg.judges.items() if j.self_hosted}
         prefix = s.serve_app("") + "-"
@@ -334,13 +338,12 @@ class ModalBackend(Backend):
     def _preflight(self, release_id: str) -> None:
         """Stage the release on the Volume and deploy its vLLM app, unless it is up; wait for /health."""
         s = self.settings
+        self.hold(release_id)
         adapter = (self.registry.manifest(release_id) or {}).get("adapter")
         if isinstance(adapter, dict):  # no app of its own: loaded into its base's app (modal_adapters.py)
-            self._in_use.add(release_id)
             deploy_adapter(self, release_id, self.registry.require(release_id))
             return
         app = s.serve_app(release_id)
-        self._in_use.add(release_id)
         url = self._gateway_url()
         # e.g. a rollback to `previous`: a deployed app is woken (scaled to zero, its first request
         # waits for a cold start), not redeployed; only one that does not answer is redeployed
@@ -351,6 +354,14 @@ class ModalBackend(Backend):
         env = {SETTINGS_ENV: self.serve_settings.to_json(), "MLOPS_RELEASE": release_id}
         self.api.deploy(self.functions_dir / "serve.py", app, env | {"MLOPS_RELEASE_SHA256": manifest_sha(manifest)})
         self._wait_healthy(url, release_id, float(s.startup_timeout + 60))
+
+    def hold(self, release_id: str) -> None:
+        """Keep the release's app (or its base's) up while this process uses it, whoever cleans up."""
+        self._in_use.add(release_id)
+        self._marks.hold(release_id)
+
+    def close(self) -> None:
+        self._marks.close()
 
     def _stage(self, release_id: str, manifest: dict[str, Any]) -> None:
         src = self.registry.artifact_dir(release_id)  # verified (and downloaded, for S3) first

@@ -13,7 +13,8 @@ What runs where (every name below is derived here from mlops.yaml, never typed t
                                       controller/<digest>.json (the config the controller judges by)
     {app}-state      a Modal Dict     "state": the routing State ("state:<model>" each, several models
                                       deployed); "code:<app>": the code it was deployed with;
-                                      "failure:<app>": why that app's server died at start
+                                      "failure:<app>": why that app's server died at start;
+                                      "inuse:<release>@<holder>": a live process uses that release
     {app}-auth       a Modal Secret (yours)   MLOPS_API_KEYS, MLOPS_VLLM_API_KEY,
                                               MLOPS_PROXY_TOKEN_ID, MLOPS_PROXY_TOKEN_SECRET
 
@@ -50,6 +51,9 @@ PROXY_SECRET_ENV = "MLOPS_PROXY_TOKEN_SECRET"
 ADAPTER_KEY = "adapter:"
 SERVE_BASES = "serve-bases"  # a served base on the Volume: serve-bases/<key>/{manifest.json, model/}
 FAILURE_KEY = "failure:"  # + app name, in the Dict: why its server died at start (functions/serve.py)
+# + "<release>@<holder>", in the Dict: {"release", "owner", "expires_at"} while a process uses the
+# release (modal_inuse.py), None once it let go; one key per process, so no two overwrite each other
+INUSE_KEY = "inuse:"
 CLIENT_KEY_ENV = "MLOPS_API_KEY"  # the runner's gateway key (one of MLOPS_API_KEYS) by default
 # The controller's config on the Volume (controller/<digest>.json: mlops.yaml as the deploying run
 # read it, and the first eval suite's rows), named in its function's env at deploy

@@ -62,17 +62,22 @@ def deploy_release(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
     check_budget(s, [], evaluate=False)  # a month past its serving cap deploys nothing new
     if not wait:
         s.backend.require_controller()  # who advances the rollout once this command returned
+    # preflight before the lease: taking it publishes, and on Modal a publish stops the apps of
+    # releases no process marks in use, so the app `mlops eval` left up would be deployed again
+    ready = resolve_release(s, ref)
+    s.backend.preflight(ready)
     with rollout_lease(s.registry, s.loaded.cfg.deploy.rollout, s.say, publish=s.backend._publish):
-        return _deploy(s, ref, wait)
+        return _deploy(s, ref, wait, ready)
 
 
-def _deploy(s: Session, ref: str, wait: bool = True) -> DeployOutcome:
+def _deploy(s: Session, ref: str, wait: bool = True, ready: str | None = None) -> DeployOutcome:
     from mlops.rollout import promote
 
     cfg = s.loaded.cfg
     recover(s)
     rid = resolve_release(s, ref)
-    s.backend.preflight(rid)
+    if rid != ready:  # `candidate` moved while this process waited for the lease
+        s.backend.preflight(rid)
     results = {suite: s.registry.get_eval(rid, suite) for suite in cfg.evals}
     missing = [k for k, v in results.items() if v is None]
     if missing:
