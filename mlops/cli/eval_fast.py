@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlops.cli.fastargs import parse_into, say
+
 # option -> (field, takes a value); `--gates` / `--no-gates` are flags of one field
 _VALUED = {"--config": "config", "-c": "config", "--set": "sets", "--release": "release", "-r": "release"}
 _VALUED |= {"--suite": "suites", "--url": "url"}
@@ -32,39 +34,8 @@ class EvalArgs:
 
 def parse(args: list[str]) -> EvalArgs | None:
     """The options of `mlops eval`, or None for anything else (Typer then answers it)."""
-    out = EvalArgs()
-    i = 0
-    while i < len(args):
-        a = args[i]
-        name, eq, value = a.partition("=")
-        if a == "--json":
-            out.json = True
-        elif a in ("--gates", "--no-gates"):
-            out.gates = a == "--gates"
-        elif name in _VALUED and (eq or name == a):
-            if not eq:
-                if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                    return None  # let Typer say what is missing
-                i += 1
-                value = args[i]
-            key = _VALUED[name]
-            if key in ("sets", "suites"):
-                getattr(out, key).append(value)
-            elif key == "config":
-                out.config = Path(value)
-            else:
-                setattr(out, key, value)
-        else:
-            return None
-        i += 1
-    return out
-
-
-def _say(msg: str) -> None:
-    from mlops.redact import redact
-
-    sys.stderr.write("• " + redact(msg) + "\n")
-    sys.stderr.flush()
+    flags = {"--json": ("json", True), "--gates": ("gates", True), "--no-gates": ("gates", False)}
+    return parse_into(EvalArgs(), args, _VALUED, flags, lists=("sets", "suites"))
 
 
 def fast_eval(argv: list[str]) -> int | None:
@@ -80,7 +51,7 @@ def fast_eval(argv: list[str]) -> int | None:
     from mlops.flows.session import Session
 
     set_offline()  # as every command that may run eval libraries: no telemetry, no hub downloads
-    s = Session.open(load(a.config, a.sets, check_files=True), say=_say)
+    s = Session.open(load(a.config, a.sets, check_files=True), say=say)
     res = eval_release(s, a.release, a.suites or None, a.url, a.gates)
     if a.json:
         import json

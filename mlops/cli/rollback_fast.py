@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlops.cli.fastargs import parse_into, say
+
 _VALUED = {"--config": "config", "-c": "config", "--set": "sets", "--to": "to", "--reason": "reason"}
 _VALUED |= {"--model": "model", "-m": "model"}
 
@@ -33,30 +35,7 @@ class RollbackArgs:
 
 def parse(args: list[str]) -> RollbackArgs | None:
     """The options of `mlops rollback`, or None for anything else (Typer then answers it)."""
-    out = RollbackArgs()
-    i = 0
-    while i < len(args):
-        a = args[i]
-        name, eq, value = a.partition("=")
-        if a == "--json":
-            out.json = True
-        elif name in _VALUED and (eq or name == a):
-            if not eq:
-                if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                    return None  # let Typer say what is missing
-                i += 1
-                value = args[i]
-            key = _VALUED[name]
-            if key == "sets":
-                out.sets.append(value)
-            elif key == "config":
-                out.config = Path(value)
-            else:
-                setattr(out, key, value)
-        else:
-            return None
-        i += 1
-    return out
+    return parse_into(RollbackArgs(), args, _VALUED, {"--json": ("json", True)}, lists=("sets",))
 
 
 def actor() -> str:
@@ -72,13 +51,6 @@ def actor() -> str:
     if os.environ.get("GITHUB_ACTIONS") == "true" and login:
         who = f"github:{login}"
     return who
-
-
-def _say(msg: str) -> None:
-    from mlops.redact import redact
-
-    sys.stderr.write("• " + redact(msg) + "\n")
-    sys.stderr.flush()
 
 
 def fast_rollback(argv: list[str]) -> int | None:
@@ -99,7 +71,7 @@ def fast_rollback(argv: list[str]) -> int | None:
     model = a.model
     if model is None and a.to is not None:  # a release id names its model
         model = owner(loaded.cfg.deploy.names, a.to)
-    s = Session.open(loaded, say=_say, model=model)
+    s = Session.open(loaded, say=say, model=model)
     res = rollback_release(s, a.to, a.reason, actor())
     if a.json:
         import json
