@@ -55,6 +55,9 @@ CFG: dict[str, Any] = {
             "interval": "0.5s",
             # 5% errors against production's 0%: significant (one-sided z, p 0.012) from ~100 requests
             "analysis": {"min_requests": 100, "alpha": 0.1, "max_extensions": 60},
+            # after promotion (bake_after_promote, set per rollout) the guardrail judges errors; the
+            # controller app ships this file, so it is here, not a run's --set
+            "guardrails": {"max_error_rate": 0.02, "min_requests": 20, "max_p95_ratio": None},
         }
     },
 }
@@ -191,6 +194,33 @@ def test_candidate_bad_only_on_live_traffic_is_rolled_back_after_the_job_exited(
     status = dep.tw.run("status")["models"]["tiny"]  # `mlops status` shows how it ended
     assert status["production"] == prod and status["last_rollout"]["id"] == rid, status
     assert status["last_rollout"]["status"] == "rolled_back", status
+
+
+def test_release_degraded_after_promotion_is_rolled_back_by_the_scheduled_guardrail(dep: Deployed) -> None:
+    """The bad release passes its canary (replayed eval prompts: none starts "zq") and is promoted
+    with a guardrail bake; the pattern it fails on arrives after promotion, through the gateway; the
+    scheduled controller rolls it back within the bake, after the CI job exited."""
+    bake = 120.0
+    prod = dep.registry().read_state()[0].stages["production"]
+    rid, exited = dep.no_wait(dep.bad, f"deploy.rollout.bake_after_promote={bake:g}s")
+    deadline = time.monotonic() + WAIT_S
+    while (rec := dep.registry().read_state()[0].rollout).get("phase") != "bake_after_promote":
+        assert rec.get("id") == rid and rec.get("status", "running") == "running", rec  # the canary passes
+        assert time.monotonic() < deadline, f"not promoted within {WAIT_S:.0f}s: {rec}"
+        time.sleep(0.2)
+    assert dep.registry().read_state()[0].stages["production"] == dep.bad
+    promoted_at = float(rec["promoted_at"])
+    auth = {"authorization": f"Bearer {KEY}"}
+    with Users(dep.tw.gateway, prompt="zqxyz=", max_tokens=2, headers=auth) as client:
+        rec = dep.finished(rid)
+    assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:guardrail", rec
+    assert "guardrail" in str(rec["reason"]) and "error rate" in str(rec["reason"]), rec
+    assert promoted_at > exited and float(rec["finished_at"]) - promoted_at < bake, "within its bake"
+    assert client.errors > 0, "the client saw the release's errors"
+    st = dep.registry().read_state()[0]
+    assert st.stages["production"] == prod and st.routing == {prod: 100}
+    marks = [e for e in dep.registry().history(dep.bad) if e["event"] == "rolled_back"]
+    assert marks[-1]["by"] == "controller:guardrail" and marks[-1]["detail"]["reasons"]
 
 
 def test_an_invocation_ticks_once_when_idle_and_retries_a_failing_tick_within_its_period(
