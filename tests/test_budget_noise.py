@@ -242,23 +242,38 @@ def test_a_monthly_cap_the_second_run_would_exceed_stops_it_before_training(proj
     assert over["key"] == "train_gpu_hours" and over["cap"] == pytest.approx(cap)
 
 
-def test_estimates_are_within_25_percent_of_the_recorded_cost(project: dict[str, Any]) -> None:
+def test_the_estimate_is_the_steps_at_the_last_runs_cost_per_step_and_near_what_the_run_records(
+    project: dict[str, Any],
+) -> None:
+    """`mlops plan`'s estimate is this run's steps at the median cost per step of the model's last
+    runs (their recorded CPU-hours on this machine), exactly; the run then records a cost of that
+    order. How close it lands is the machine's load (a timing, not a behaviour: a loaded CI box saw
+    25.4% once), so the bound here is a factor, which catches a unit or per-step mistake."""
+    import statistics
+
+    from mlops.budget import HISTORY
     from mlops.config import load
     from mlops.flows.session import Session
     from mlops.registry import costs
 
     root: Path = project["root"]
-    store = Session.open(load(root / "mlops.yaml")).registry.store
+    loaded = load(root / "mlops.yaml", ["models.tiny.train.seed=2"])
+    reg = Session.open(loaded).registry
+    runs = [
+        m["train"] for e in reg.index() if e.get("model") == "tiny" and (m := reg.manifest(e["id"])) and "train" in m
+    ]
+    assert runs, "the fixture's earlier runs recorded their training"
+    steps = loaded.cfg.models["tiny"].train.steps
+    assert isinstance(steps, int)
+    want = steps * statistics.median(costs.train_spend(r)["train_gpu_hours"] / int(r["steps"]) for r in runs[:HISTORY])
     est = _plan(root, "models.tiny.train.seed=2")["budget"]["estimate"]
+    assert est["train_gpu_hours"] == pytest.approx(want, rel=1e-9), (est, want)
     r = mlops("train", "--json", "--set", "models.tiny.train.seed=2", cwd=root)
     assert r.returncode == 0, r.stderr
     rid = json.loads(r.stdout)["release"]
-    (rec,) = [d for d in costs.records(store, costs.month_of()) if d["release"] == rid and d["kind"] == "train"]
-    for key in ("train_gpu_hours", "train_usd"):
-        if rec[key] == 0:  # dollars on a CPU: nothing to price, and nothing estimated
-            assert est[key] == 0, (key, est)
-            continue
-        assert abs(est[key] - rec[key]) / rec[key] < 0.25, (key, est[key], rec[key])
+    (rec,) = [d for d in costs.records(reg.store, costs.month_of()) if d["release"] == rid and d["kind"] == "train"]
+    assert 1 / 3 < est["train_gpu_hours"] / rec["train_gpu_hours"] < 3, (est, rec)
+    assert rec["train_usd"] == est["train_usd"] == 0  # dollars on a CPU: nothing to price, nothing estimated
 
 
 def test_judge_calls_are_estimated_with_cached_cases_left_out(tmp_path: Path) -> None:

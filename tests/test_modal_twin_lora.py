@@ -76,7 +76,9 @@ def test_adapter_releases_share_one_base_app(tmp_path: Path, monkeypatch: pytest
             seen[release] += 1
         assert seen[a1] >= 2 and seen[a2] >= 2, seen
 
-        # the rollback, as `mlops rollback` runs it: another process (a backend that deployed nothing)
+        # the rollback, as `mlops rollback` runs it: another process (a backend that deployed nothing),
+        # once the deploy's process is gone (its exit drops its in-use marks: modal_inuse.py)
+        b.close()
         b = Session.open(load(t.root / "mlops.yaml")).backend
         b.set_state(route({"production": a1, "canary": None}, {a1: 100}), reason="test: rollback")
         for p in PROMPTS:
