@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_parse_takes_the_options_of_eval_and_nothing_else() -> None:
-    a = parse(["-c", "x.yaml", "--set", "a=1", "--set=b=2", "--json", "-r", "r1", "--suite", "s", "--url=http://h"])
-    assert a == EvalArgs(Path("x.yaml"), ["a=1", "b=2"], True, "r1", ["s"], "http://h", True)
+    a = parse(
+        ["-c", "x.yaml", "--set", "a=1", "--set=b=2", "--json", "-r", "r1", "--suite", "s", "--url=http://127.0.0.1:9"]
+    )
+    assert a == EvalArgs(Path("x.yaml"), ["a=1", "b=2"], True, "r1", ["s"], "http://127.0.0.1:9", True)
     assert parse(["--no-gates"]) == EvalArgs(gates=False) and parse([]) == EvalArgs()
     for typer_answers in (["--help"], ["--release"], ["--url", "--json"], ["--relese", "x"], ["extra"], ["--json=1"]):
         assert parse(typer_answers) is None, typer_answers
