@@ -28,6 +28,10 @@ The gateway measures every forwarded request per release and serves the window a
 container's under its own key (mlops/serving/shared_stats.py), not in a container's memory: the
 gateway scales to zero when idle (a canary bake outlasts `scaledown_window`), is replaced on every
 redeploy and may run several containers, and every one of them answers with all the traffic.
+In a rollout's shadow step (the State's `shadow`) it mirrors that share of production's requests
+to the candidate off the request path, answering the user from production only, and keeps the
+pairs the same way (mlops/serving/shared_shadow.py): `/v1/mlops/stats` carries them as
+`shadow` and `shadow_pending`, as the local server's does.
 
 With `monitor.enabled` in mlops.yaml, the gateway captures traffic as the local server does
 (mlops/monitor/capture.py, `source: gateway`): each exchange, with the release that answered it,
@@ -75,6 +79,7 @@ from mlops.backends.modal_settings import (
 from mlops.config import owner
 from mlops.registry.releases import State
 from mlops.serving.routing import pick
+from mlops.serving.shared_shadow import TIMEOUT_S, SharedShadow
 from mlops.serving.shared_stats import SharedStats
 from mlops.serving.stats import LiveStats
 
@@ -148,13 +153,15 @@ def create_gateway_app(
     upstream_headers: Mapping[str, str] | None = None,
     stats: LiveStats | SharedStats | None = None,
     settings_digest: str | None = None,
+    shadow_timeout: float = TIMEOUT_S,
 ) -> Starlette:
     """An OpenAI-compatible router. `get_state()` returns the routing State, `upstream_url_for(id)`
     the base URL of a release's server (or None), `api_keys` the accepted bearer keys (required:
     an empty collection is refused, so the gateway is never open by accident). Both callables
     may block; they run in the thread pool. `stats`: shared by every container (SharedStats), or
-    this process's own (LiveStats, the default). Several deployed models: `get_state` maps each
-    model's name to its State's reader, and a request's `model` picks one."""
+    this process's own (LiveStats, the default); the shadow step's mirrored pairs are kept alike
+    (shared_shadow.py). Several deployed models: `get_state` maps each model's name to its State's
+    reader, and a request's `model` picks one."""
     keys = [k.encode() for k in api_keys if k]
     states: dict[str, StateFn] = dict(get_state) if isinstance(get_state, Mapping) else {}
     names = list(states)
@@ -164,7 +171,11 @@ def create_gateway_app(
     counter = itertools.count()
     clients: list[httpx.AsyncClient] = []
     stats = stats if stats is not None else LiveStats()
+    shadow = SharedShadow(stats, shadow_timeout)
     proxy = dict(upstream_headers or {})  # Modal-Key / Modal-Secret: per-release URLs require them
+    sent = {"content-type": "application/json", "accept-encoding": "identity", **proxy}
+    if upstream_api_key:
+        sent["authorization"] = f"Bearer {upstream_api_key}"
 
     def authorized(request: Request) -> bool:
         got = request.headers.get("authorization", "")
@@ -234,14 +245,10 @@ def create_gateway_app(
             return unknown(asked)
         fn = states[asked] if asked is not None and states else one if len(names) < 2 else None
         st = await run_in_threadpool(fn) if fn is not None else State()
-        body = {
-            "now": time.time(),
-            "state_version": st.version if fn is not None else None,
-            "releases": await run_in_threadpool(stats.window, since),
-            "rejected": stats.rejected,
-            "shadow": {},  # the gateway mirrors nothing: deploy.rollout.shadow is local-only
-            "shadow_pending": 0,
-        }
+        live = await run_in_threadpool(shadow.live, stats, since)
+        body = {"now": time.time(), "state_version": st.version if fn is not None else None}
+        body |= {"releases": live["releases"], "rejected": stats.rejected}
+        body |= {"shadow": live["shadow"], "shadow_pending": live["shadow_pending"]}
         return JSONResponse(body, headers={HEADER: st.stages.get("production") or "none"})
 
     async def release_health(request: Request) -> Response:
@@ -280,7 +287,8 @@ def create_gateway_app(
         get_st, pin = routed
         st = await run_in_threadpool(get_st)
         key = request.headers.get("x-mlops-user") or (str(body["user"]) if body.get("user") else None)
-        release = pick(st, key, pin, next(counter))
+        n = next(counter)
+        release = pick(st, key, pin, n)
         if release is None:
             return _error(503, "no release is in production yet", "server_error")
         base = await run_in_threadpool(upstream_url_for, release)
@@ -295,18 +303,17 @@ def create_gateway_app(
                 "server_error",
                 release,
             )
+        target = shadow.wants(st, release, key, pin is not None, n)
+        mirrored = shadow.mirror(target, path, body, post) if target else None  # production answers
         body["model"] = release  # vLLM serves each release under its id
-        headers = {"content-type": "application/json", "accept-encoding": "identity", **proxy}
-        if upstream_api_key:
-            headers["authorization"] = f"Bearer {upstream_api_key}"
         client = clients[0]
-        req = client.build_request(
-            "POST", f"{base.rstrip('/')}{path}", content=json.dumps(body).encode(), headers=headers
-        )
+        req = client.build_request("POST", f"{base.rstrip('/')}{path}", content=json.dumps(body).encode(), headers=sent)
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as e:
             stats.record(release, time.perf_counter() - t0, ok=False)
+            if mirrored:
+                mirrored.answered(502, None, t0)
             return _error(502, f"release {release} did not answer ({type(e).__name__})", "server_error", release)
         out_headers = {HEADER: release}
         ok = resp.status_code < 500
@@ -315,7 +322,7 @@ def create_gateway_app(
             out_headers["cache-control"] = "no-cache"
             stats.record(release, time.perf_counter() - t0, ok=ok)  # time to first byte
             return StreamingResponse(
-                resp.aiter_raw(),
+                mirrored.tee(resp.aiter_raw(), resp.status_code, t0) if mirrored else resp.aiter_raw(),
                 status_code=resp.status_code,
                 media_type=media,
                 headers=out_headers,
@@ -325,11 +332,23 @@ def create_gateway_app(
             content = await resp.aread()
         except httpx.HTTPError as e:
             stats.record(release, time.perf_counter() - t0, ok=False)
+            if mirrored:
+                mirrored.answered(502, None, t0)
             return _error(502, f"release {release} broke off ({type(e).__name__})", "server_error", release)
         finally:
             await resp.aclose()
         stats.record(release, time.perf_counter() - t0, ok=ok)
+        if mirrored:
+            mirrored.answered(resp.status_code, content, t0)
         return Response(content, status_code=resp.status_code, media_type=media, headers=out_headers)
+
+    async def post(release: str, path: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+        """A request of the gateway's own to `release` (a mirrored copy), read whole."""
+        base = await run_in_threadpool(upstream_url_for, release)
+        if not base:
+            raise LookupError(f"release {release} has no server")
+        r = await clients[0].post(f"{base.rstrip('/')}{path}", json=payload, headers=sent)
+        return r.status_code, r.content
 
     async def completions(request: Request) -> Response:
         return await forward(request, "/v1/completions")
@@ -352,6 +371,7 @@ def create_gateway_app(
             try:
                 yield
             finally:
+                await shadow.close()  # before the last flush: its pending count drops to 0
                 clients.clear()
                 if isinstance(stats, SharedStats):  # a container scaled down keeps its rows
                     await run_in_threadpool(stats.stop)

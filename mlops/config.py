@@ -560,9 +560,6 @@ def _check_references(loaded: Loaded, src: str, lines: dict[Loc, int], overridde
             rollouts.append((("deploy", "models", n, "rollout"), per))
     for at, ro in rollouts:
         _check_analysis(cfg, at, ro.analysis, fail)
-        if ro.shadow > 0 and cfg.backend == "modal":  # every shadow step would see no traffic and fail
-            msg = "a shadow step needs backend: local (the Modal gateway mirrors no traffic); set it to 0"
-            raise fail((*at, "shadow"), msg)
     if check_files:
         for name, m in cfg.models.items():
             # a path-looking base or an entrypoint that is not there fails here, in one line,

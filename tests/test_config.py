@@ -177,14 +177,6 @@ CASES = [
         "a self-hosted judge is served on backend: modal (backend is 'local')",
         "ref: {",
     ),
-    (
-        "shadow step on modal",
-        edit("backend: local", "backend: modal").replace(
-            "requests_per_step: 40,", "requests_per_step: 40, shadow: 0.5,"
-        ),
-        "deploy.rollout.shadow: a shadow step needs backend: local",
-        "shadow: 0.5",
-    ),
 ]
 
 
@@ -215,6 +207,19 @@ def test_shipped_config_is_valid_and_schema_matches(tmp_path: Path) -> None:
         "regenerate: mlops schema > mlops.schema.json"
     )
     assert GOOD.splitlines()[0] == "# yaml-language-server: $schema=./mlops.schema.json"
+
+
+def test_a_shadow_step_is_valid_on_modal_too(tmp_path: Path) -> None:
+    """The Modal gateway mirrors a shadow step's share (issue 19): validate no longer refuses it."""
+    (tmp_path / "data").symlink_to(REPO / "data")
+    (tmp_path / "evals").symlink_to(REPO / "evals")
+    text = edit("backend: local", "backend: modal").replace(
+        "requests_per_step: 40,", "requests_per_step: 40, shadow: 0.5,"
+    )
+    (tmp_path / "mlops.yaml").write_text(text)
+    r = mlops("validate", "--json", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "mlops.yaml").cfg.deploy.rollout.shadow == 0.5
 
 
 def test_overrides_apply_before_validation_and_errors_name_the_flag() -> None:

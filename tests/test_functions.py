@@ -734,6 +734,96 @@ def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[
             assert sum(v["requests"] for v in stats(fresh.url).values()) == 8
 
 
+def test_gateway_mirrors_the_shadow_share_off_the_request_path_and_every_container_reads_the_pairs(
+    fns: dict[str, ModuleType],
+) -> None:
+    """A shadow step on Modal (issue 19): production answers every user, streamed or not, while the
+    shadow release's mirrored copies still hang; /v1/mlops/stats on either container counts them
+    pending, then, released, has every pair in the local server's shape (what `shadow_verdict`
+    reads), and so does a fresh container; a pin is not mirrored; a mirror past its timeout is an
+    error against the shadow release."""
+    from mlops.serving.shared_stats import SharedStats
+
+    store: dict[str, Any] = {}  # the Dict: values cross as JSON, as Modal pickles them
+    lock = threading.Lock()
+
+    def put(key: str, value: Any) -> None:
+        with lock:
+            store[key] = json.loads(json.dumps(value))
+
+    def items(prefix: str) -> dict[str, Any]:
+        with lock:
+            return {k: v for k, v in store.items() if k.startswith(prefix)}
+
+    gate, hang = threading.Event(), threading.Event()
+    fake, seen = fake_vllm()
+
+    async def upstream_app(scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        for prefix, event in (("/r/rel-b/", gate), ("/r/rel-hang/", hang)):
+            while path.startswith(prefix) and not event.is_set():  # the shadow release holds its answer
+                await asyncio.sleep(0.01)
+        await fake(scope, receive, send)
+
+    def stats(url: str) -> dict[str, Any]:
+        r = httpx.get(f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def until(url: str, ok: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while not ok(doc := stats(url)):
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.05)
+        return doc
+
+    shadowed = {"version": 4, "stages": {"production": "rel-a", "canary": "rel-b"}, "routing": {"rel-a": 100}}
+    st = State.from_json(shadowed | {"shadow": {"release": "rel-b", "share": 1.0}})
+    with LocalServer(upstream_app) as upstream:
+        urls = {rid: f"{upstream.url}/r/{rid}" for rid in ("rel-a", "rel-b", "rel-hang")}
+
+        def container(state: State = st, timeout: float = 60.0) -> Any:
+            s = SharedStats(put, items, flush_s=0.2)
+            gw = fns["gateway"]
+            return gw.create_gateway_app(
+                lambda: state, urls.get, ["key-1"], model_name="tiny", stats=s, shadow_timeout=timeout
+            )
+
+        since = time.time()
+        with LocalServer(container()) as one, LocalServer(container()) as two:
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            r = _post(two.url, "/v1/chat/completions", chat)
+            assert r.status_code == 200 and r.headers["x-mlops-release"] == "rel-a" and "rel-a" in r.text
+            for i in range(4):
+                r = _post((one, two)[i % 2].url, "/v1/completions", {"model": "tiny", "prompt": f"p{i}"})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "from rel-a", r.text
+            r = _post(one.url, "/v1/completions", {"model": "tiny", "prompt": "x"}, **{"x-mlops-release": "rel-a"})
+            assert r.status_code == 200  # pinned: not mirrored
+            # every user answered while all five mirrored copies still wait on the shadow release
+            doc = stats(one.url)
+            assert doc["shadow_pending"] == 5 and doc["shadow"] == {}, doc
+            gate.set()
+            for url in (one.url, two.url):
+                doc = until(url, lambda d: d["shadow_pending"] == 0 and d["shadow"])
+                sh = doc["shadow"]["rel-b"]
+                assert sh["mirrored"] == 5 and sh["errors"] == 0 and sh["agreement"] == 0.0, sh
+                assert sh["p95"] > 0 and sh["production_p95"] > 0, sh
+                outputs = {(d["production_output"], d["shadow_output"]) for d in sh["disagreements"]}
+                assert ("hello rel-a", "hello rel-b") in outputs and ("from rel-a", "from rel-b") in outputs, outputs
+        copies = [s["body"] for s in seen if s["release"] == "rel-b"]
+        assert len(copies) == 5 and all(c["model"] == "rel-b" and c["stream"] is False for c in copies), copies
+        with LocalServer(container()) as fresh:  # both scaled down: a cold container reads their pairs
+            doc = stats(fresh.url)
+            assert doc["shadow"]["rel-b"]["mirrored"] == 5 and doc["shadow_pending"] == 0, doc
+        hung = State.from_json(shadowed | {"shadow": {"release": "rel-hang", "share": 1.0}})
+        with LocalServer(container(hung, timeout=0.5)) as slow:
+            assert _post(slow.url, "/v1/completions", {"model": "tiny", "prompt": "x"}).status_code == 200
+            sh = until(slow.url, lambda d: d["shadow_pending"] == 0 and d["shadow"])["shadow"]["rel-hang"]
+            assert sh["mirrored"] == sh["errors"] == 1, sh
+            assert sh["disagreements"][0]["error"] == "shadow request timed out", sh
+            hang.set()
+
+
 def test_deploy_vllm_reaches_the_serve_apps_argv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """mlops.yaml's deploy.vllm (and the GPU count) travel in the app's settings to the argv the
     container runs; a self-hosted judge's app keeps the defaults."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import REPO, Trained, mlops
 from test_modal_twin import APP, KEY, Twin, setup_twin, twin
@@ -221,6 +222,56 @@ def test_release_degraded_after_promotion_is_rolled_back_by_the_scheduled_guardr
     assert st.stages["production"] == prod and st.routing == {prod: 100}
     marks = [e for e in dep.registry().history(dep.bad) if e["event"] == "rolled_back"]
     assert marks[-1]["by"] == "controller:guardrail" and marks[-1]["detail"]["reasons"]
+
+
+def test_no_wait_shadow_on_modal_stops_a_candidate_bad_on_mirrored_traffic_before_any_user_sees_it(
+    dep: Deployed,
+) -> None:
+    """The shadow step through the gateway (issue 19): while a client sends the pattern the bad
+    release fails on, the gateway mirrors half of production's requests to it; the scheduled
+    controller aborts the rollout in shadow, after the CI job exited, and no user was answered by it."""
+    prod = dep.registry().read_state()[0].stages["production"]
+    since = time.time()
+    auth = {"authorization": f"Bearer {KEY}"}
+    with Users(dep.tw.gateway, prompt="zqabc=", max_tokens=2, headers=auth) as client:
+        rid, exited = dep.no_wait(dep.bad, "deploy.rollout.shadow=0.5", "deploy.rollout.traffic=live")
+        rec = dep.finished(rid)
+    assert rec["status"] == "rolled_back" and rec["decided_by"] == "controller:analysis", rec
+    assert str(rec["reason"]).startswith("aborted in shadow: ") and "error rate" in str(rec["reason"]), rec
+    assert float(rec["finished_at"]) > exited
+    [v] = rec["verdicts"]
+    assert v["mode"] == "shadow" and v["verdict"] == "fail" and v["candidate"]["requests"] >= 100, v
+    # every user answered by production; the candidate's errors only in its mirrored pairs
+    stats = httpx.get(f"{dep.tw.gateway}/v1/mlops/stats", params={"since": since}, headers=auth, timeout=60).json()
+    assert stats["releases"].get(dep.bad, {}).get("requests", 0) == 0, stats["releases"]
+    assert stats["shadow"][dep.bad]["errors"] > 0, stats["shadow"]
+    assert client.releases == {prod} and client.errors == 0, (client.releases, client.failed[:3])
+    st = dep.registry().read_state()[0]
+    assert st.stages["production"] == prod and st.routing == {prod: 100} and not st.shadow and not st.lease
+
+
+def test_wait_shadow_on_modal_passes_a_healthy_candidate_on_to_its_canary(dep: Deployed, trained: Trained) -> None:
+    """The CI job's driver (`--wait`) through the gateway: the eval prompts it replays as users are
+    mirrored to a healthy release at 50%; the mirrored pairs pass the shadow step, the canary steps
+    follow, and it is promoted."""
+    from mlops.config import load
+    from mlops.flows.release import deploy_release, eval_release
+    from mlops.flows.session import Session
+
+    s = Session.open(load(dep.tw.root / "mlops.yaml", ["deploy.rollout.shadow=0.5"]))
+    healthy = s.registry.new_id("tiny")  # the same tiny model again: production's twin
+    s.registry.publish(healthy, trained.registry.artifact_dir(trained.release), {"model": "tiny"})
+    assert eval_release(s, healthy).passed
+    out = deploy_release(s, healthy, wait=True)
+    assert out.status == "promoted", out
+    assert [(v.mode, v.passed) for v in out.canary] == [("shadow", True), ("canary", True), ("canary", True)], out
+    shadow = out.canary[0]
+    assert shadow.candidate["requests"] >= 4 and shadow.candidate["errors"] == 0, shadow
+    # the same weights as production, greedy: production's answers (read back from the gateway's
+    # forwarded responses) match the mirrored ones
+    assert shadow.extra["agreement"] > 0.5, shadow.extra
+    st = dep.registry().read_state()[0]
+    assert st.stages["production"] == healthy and st.routing == {healthy: 100} and not st.shadow
 
 
 def test_an_invocation_ticks_once_when_idle_and_retries_a_failing_tick_within_its_period(

@@ -45,3 +45,15 @@ def experiment_arm(exp: dict[str, Any], key: str, live: dict[str, int]) -> str |
     if not (a in live and b in live):
         return None
     return str(b) if bucket(f"{exp.get('id')}:{key}") < int(exp.get("share", 0)) * 100 else str(a)
+
+
+def shadow_target(st: State, release: str, key: str | None, pinned: bool, n: int) -> str | None:
+    """The shadow release that production's request `n` (user `key`) is mirrored to, or None: only
+    unpinned requests production answers, `share` of them, sticky by user (keyless ones spread evenly).
+    The local server and the Modal gateway pick alike."""
+    target = st.shadow.get("release")
+    if not target or pinned or release == target or release != st.stages.get("production"):
+        return None
+    share = float(st.shadow.get("share", 0.0))
+    point = bucket(f"shadow:{key}") if key else (n * 7919) % 10_000
+    return str(target) if point < share * 10_000 else None

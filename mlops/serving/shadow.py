@@ -22,7 +22,7 @@ from mlops.registry.releases import State
 from mlops.serving.base import Engine
 from mlops.serving.engine import GenRequest
 from mlops.serving.faults import Fault
-from mlops.serving.routing import bucket
+from mlops.serving.routing import shadow_target
 from mlops.serving.stats import percentile
 
 WINDOW = 5_000  # mirrored pairs kept per candidate for the analysis
@@ -76,13 +76,8 @@ class Shadow:
 
     def wants(self, st: State, release: str, key: str | None, pinned: bool) -> str | None:
         """The shadow release to mirror this request to, or None."""
-        target = st.shadow.get("release")
-        if not target or pinned or release == target or release != st.stages.get("production"):
-            return None
-        share = float(st.shadow.get("share", 0.0))
         self._counter += 1
-        point = bucket(f"shadow:{key}") if key else (self._counter * 7919) % 10_000  # spread evenly
-        return str(target) if point < share * 10_000 else None
+        return shadow_target(st, release, key, pinned, self._counter)
 
     def mirror(
         self, engine: Engine, target: str, req: GenRequest, fault: Fault | None = None

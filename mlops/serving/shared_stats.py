@@ -10,6 +10,9 @@ overwrite each other) every `FLUSH_S` seconds and when it stops. Every write end
 flushes its own, then waits, bounded, until every container that is alive (a recent heartbeat) has
 flushed after the moment the read began, and merges every container's rows: the canary step sees
 all the traffic of its window, whichever container served it or reads it.
+
+Other per-container documents ride on the same flush and heartbeat (`share`: the gateway's shadow
+pairs, mlops/serving/shared_shadow.py), so one settled read (`gather`) sees them all at once.
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ class SharedStats:
         self._dirty = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sections: dict[str, Callable[[], Any | None]] = {}
         self.rejected = 0
+
+    def share(self, prefix: str, snapshot: Callable[[], Any | None]) -> None:
+        """Flush `snapshot()` (None: unchanged since the last) under `prefix<container>` too, in
+        every flush before the heartbeat, so a reader that waited for the heartbeat has it."""
+        self._sections[prefix] = snapshot
 
     def record(self, release: str, latency_s: float, ok: bool) -> None:
         with self._lock:
@@ -72,6 +81,9 @@ class SharedStats:
                 doc = {rel: [list(r) for r in rows] for rel, rows in self._rows.items() if rows}
             if dirty:
                 self._put(STATS + self.container, doc)
+            for prefix, snapshot in self._sections.items():
+                if (extra := snapshot()) is not None:
+                    self._put(prefix + self.container, extra)
             self._put(BEAT + self.container, now)
 
     def start(self) -> None:
@@ -99,23 +111,34 @@ class SharedStats:
             self._thread.join(timeout=10)
         self.flush()
 
-    def _others_settled(self, started: float) -> dict[str, Any]:
-        """Every container's rows, once each live one has flushed after `started` (bounded)."""
+    def gather(self, *prefixes: str) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+        """Every container's documents under each prefix ({prefix: {container: doc}}) and every
+        container's last heartbeat, once each live one has flushed after this call began (bounded)."""
+        started = self._clock()
+        self.flush()
         deadline = time.monotonic() + 3 * self.flush_s
         while True:
             beats = {k.removeprefix(BEAT): float(v) for k, v in self._items(BEAT).items()}
             waiting = [c for c, t in beats.items() if started - 3 * self.flush_s < t < started]
             if not waiting or time.monotonic() > deadline:
-                return {k.removeprefix(STATS): v for k, v in self._items(STATS).items()}
+                docs = {p: {k.removeprefix(p): v for k, v in self._items(p).items()} for p in prefixes}
+                return docs, beats
             time.sleep(self.flush_s / 10)
+
+    def alive(self, beats: Mapping[str, float]) -> set[str]:
+        """The containers whose heartbeat is recent (`gather`'s beats): the ones not gone."""
+        return {c for c, t in beats.items() if t > self._clock() - 3 * self.flush_s}
 
     def window(self, since: float = 0.0) -> dict[str, dict[str, float]]:
         """Per release: requests, errors, error_rate, p50/p95/p99 latency (s), after `since`,
         over every container."""
-        started = self._clock()
-        self.flush()
+        return self.merge(self.gather(STATS)[0][STATS], since)
+
+    @staticmethod
+    def merge(docs: Mapping[str, Any], since: float) -> dict[str, dict[str, float]]:
+        """`window` over the containers' rows `docs` ({container: rows}, as `gather` reads them)."""
         rows: dict[str, list[tuple[float, float, bool]]] = {}
-        for doc in self._others_settled(started).values():
+        for doc in docs.values():
             for rel, rs in (doc or {}).items():
                 rows.setdefault(rel, []).extend((float(t), float(lat), bool(ok)) for t, lat, ok in rs if t >= since)
         out = {}
