@@ -78,12 +78,14 @@ class Controller:
         self._since: dict[tuple[str, int], float] = {}  # (rollout, step) -> when the server served it
         self._checkpoint: dict[str, float] = {}  # rollout -> start of production's next guardrail window
         self._baseline: dict[str, Any] = {}  # rollout -> production's side of its last full live window
+        self._ref: dict[str, tuple[float, float]] = {}  # rollout -> that window, kept in the record
         self._metrics: list[Any] | None = None  # the live metrics (built once)
         self._readers: dict[str, Any] = {}  # rollout -> its WindowReader
         self._prompts: list[Prompt] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: str | None = None  # what the last tick did (for tests and `mlops status`)
+        self.seen: State | None = None  # the state the last tick read
         # `mlops experiment start --auto-stop`: stopped at its verdict (mlops/experiment_controller.py)
         self.experiments = ExperimentWatch(backend, float(self.cfg.interval), clock)
 
@@ -98,6 +100,10 @@ class Controller:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        try:
+            self.save()
+        except MlopsError as e:  # the next controller judges from promotion: more, not less
+            log.warning("rollout controller: could not save its guardrail checkpoint: %s", e.headline)
         self._drop_lease()
 
     def period(self) -> float:
@@ -120,6 +126,7 @@ class Controller:
     def tick(self) -> str | None:
         """One step of the state machine; what it did, or None (nothing due)."""
         st, _ = self.registry.read_state()
+        self.seen = st
         rec = st.rollout
         if not rec:  # (a rollout and an experiment exclude each other)
             return self.experiments.tick(st)
@@ -183,6 +190,37 @@ class Controller:
         except MlopsError as e:  # an expiring lease is as good as a dropped one
             log.warning("rollout controller: could not drop its lease: %s", e.headline)
 
+    def save(self) -> None:
+        """What a successor needs that lives in memory only: where the guardrail's next window starts
+        (a scheduled invocation on Modal ends every period; the next judges on from there, not from
+        promotion). Written when this controller stops, not every interval (one write, no publish)."""
+        for rid, t in list(self._checkpoint.items()):
+
+            def change(st: State, rid: str = rid, t: float = t) -> State | None:
+                rec = rollouts.running(st)
+                if rec is None or rec.get("id") != rid or rec.get("phase") != "bake_after_promote":
+                    return None
+                if t <= float(rec.get("guard_checkpoint") or rec.get("promoted_at") or 0):
+                    return None
+                rec["guard_checkpoint"] = t
+                return st
+
+            self.registry.update_state(change, reason="guardrail checkpoint", actor=self.owner, quiet=True)
+
+    def reference(self, rec: dict[str, Any]) -> Any:
+        """Production's side of the rollout's last live window that held enough of its requests: what
+        the 100% step and the guardrail's length PSIs compare with (production has no traffic then).
+        Kept in memory by the controller that judged it; read back from the captures of the window
+        the record names (`baseline_window`) by any other (the next scheduled invocation on Modal)."""
+        rid = rec["id"]
+        if rid not in self._baseline and rec.get("baseline_window"):
+            from mlops.rollout_analysis import read_window
+
+            since, until = (float(t) for t in rec["baseline_window"])
+            side = read_window(self.registry, rec["release"], rec["baseline"], since, until).production
+            self._baseline[rid] = side if side.requests else None
+        return self._baseline.get(rid)
+
     def _renew(self, st: State, rid: str) -> None:
         cur = st.lease or {}
         if cur.get("token") == self.token and float(cur["expires_at"]) - time.time() > self.cfg.lease_ttl * 2 / 3:
@@ -241,6 +279,8 @@ class Controller:
                 r["verdicts"] = [*r.get("verdicts", []), verdict.to_json()]
             if base:
                 r["baseline_stats"] = base
+            if rec["id"] in self._ref:
+                r["baseline_window"] = list(self._ref[rec["id"]])
             st.stages["canary"] = release
             st.routing = _weights(prod, release, pct)
             st.shadow = {}
@@ -318,12 +358,12 @@ class Controller:
         release, prod = rec["release"], rec["baseline"]
         pct = int(rec["steps"][i])
         w = self._reader(rec).read(since, until, self._stats(since))
-        prev = self._baseline.get(rec["id"])
+        prev = self.reference(rec)
         v = judge_step(
             w, self.cfg, self._metrics, extensions=int(rec.get("extensions", 0)), step=i + 1, percent=pct, baseline=prev
         )
         if w.production.requests >= self.cfg.analysis.min_requests:
-            self._baseline[rec["id"]] = w.production
+            self._baseline[rec["id"]], self._ref[rec["id"]] = w.production, (since, until)
         if v.outcome == "replay":  # still too little live traffic: both releases on eval prompts, pinned
             from mlops.rollout_start import canary_prompts
 
@@ -388,6 +428,8 @@ class Controller:
             r = st.rollout
             r["verdicts"] = [*r.get("verdicts", []), v.to_json()]
             r["baseline_stats"] = base
+            if rec["id"] in self._ref:
+                r["baseline_window"] = list(self._ref[rec["id"]])
             rollouts.promoted(st, rec["release"], "controller:analysis", reason)
             return _make_production(st, rec["release"])
 

@@ -26,14 +26,15 @@ def guard(ctl: Controller, rec: dict[str, Any], now: float) -> str | None:
     promoted_at = float(rec.get("promoted_at", now))
     if now >= promoted_at + float(rec.get("bake_after_promote", 0)):
         return _passed(ctl, rec)
-    since = ctl._checkpoint.setdefault(rid, promoted_at)
+    # where the last controller's judging stopped (it saved it), or promotion
+    since = ctl._checkpoint.setdefault(rid, float(rec.get("guard_checkpoint") or promoted_at))
     until = now - ctl._flush_lag()
     if until - since < float(ctl.cfg.interval):
         return None
     w = ctl._reader(rec).read(since, until)
     p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
     # production's side of the last canary window it had traffic in: the PSIs' reference
-    breaches = check_slo(w, ctl.cfg.guardrails, p95, ctl._baseline.get(rid))
+    breaches = check_slo(w, ctl.cfg.guardrails, p95, ctl.reference(rec))
     if w.candidate.requests < ctl.cfg.guardrails.min_requests:
         return None  # the window grows until it holds enough requests
     if not breaches:
