@@ -207,16 +207,22 @@ class Controller:
 
             self.registry.update_state(change, reason="guardrail checkpoint", actor=self.owner, quiet=True)
 
-    def reference(self, rec: dict[str, Any]) -> Any:
+    def reference(self, rec: dict[str, Any], before: bool = False) -> Any:
         """Production's side of the rollout's last live window that held enough of its requests: what
         the 100% step and the guardrail's length PSIs compare with (production has no traffic then).
         Kept in memory by the controller that judged it; read back from the captures of the window
-        the record names (`baseline_window`) by any other (the next scheduled invocation on Modal)."""
+        the record names (`baseline_window`) by any other (the next scheduled invocation on Modal).
+        `before` (the guardrail): with no such window (a canary on replayed eval prompts), production's
+        captured traffic in the `bake_after_promote` before the rollout started."""
         rid = rec["id"]
-        if rid not in self._baseline and rec.get("baseline_window"):
+        window = rec.get("baseline_window")
+        if window is None and before:
+            start = float(rec["started_at"])
+            window = [start - max(float(rec.get("bake_after_promote") or 0), float(self.cfg.interval)), start]
+        if rid not in self._baseline and window:
             from mlops.rollout_analysis import read_window
 
-            since, until = (float(t) for t in rec["baseline_window"])
+            since, until = (float(t) for t in window)
             side = read_window(self.registry, rec["release"], rec["baseline"], since, until).production
             self._baseline[rid] = side if side.requests else None
         return self._baseline.get(rid)

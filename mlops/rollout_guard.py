@@ -33,8 +33,9 @@ def guard(ctl: Controller, rec: dict[str, Any], now: float) -> str | None:
         return None
     w = ctl._reader(rec).read(since, until)
     p95 = float((rec.get("baseline_stats") or {}).get("p95") or 0) or None
-    # production's side of the last canary window it had traffic in: the PSIs' reference
-    breaches = check_slo(w, ctl.cfg.guardrails, p95, ctl.reference(rec))
+    # production's side of the last canary window it had traffic in (or its traffic before the
+    # rollout): the PSIs' reference
+    breaches = check_slo(w, ctl.cfg.guardrails, p95, ctl.reference(rec, before=True))
     if w.candidate.requests < ctl.cfg.guardrails.min_requests:
         return None  # the window grows until it holds enough requests
     if not breaches:

@@ -323,6 +323,30 @@ def test_a_controller_that_did_not_see_the_canary_judges_the_guardrail_psi_again
     assert client.ok > 0 and ctl.state().routing == {prod: 100}
 
 
+def test_after_a_replayed_canary_the_guardrail_psi_compares_with_production_before_the_rollout(ctl: Ctl) -> None:
+    """A canary on replayed eval prompts has no live window of production's: the guardrail's length
+    PSIs compare the promoted release's live traffic with production's before the rollout began."""
+    healthy = ctl.prod if ctl.state().stages["production"] != ctl.prod else ctl.good
+    prod = ctl.state().stages["production"]
+    from mlops.rollout_analysis import read_window
+
+    t0 = time.time()
+
+    def captured() -> bool:  # production's live answers, in the store (flushed every 0.2 s)
+        return read_window(ctl.registry(), healthy, prod, t0, time.time()).production.requests >= 40
+
+    with Users(ctl.url, prompt="abc=", max_tokens=2):  # production's live traffic
+        wait_for(captured, "production's live traffic to be captured", WAIT_S, 0.2)
+    rid = ctl.hand_off(healthy, "deploy.rollout.bake_after_promote=60s")  # replayed eval prompts
+    wait_for(lambda: ctl.state().rollout.get("phase") == "bake_after_promote", "the bake", WAIT_S, 0.1)
+    assert "baseline_window" not in ctl.state().rollout, "no live canary window"
+    with Users(ctl.url, prompt="abcdefghabcdefgh=", max_tokens=2):
+        done = ctl.finished(rid)
+    assert done["status"] == "rolled_back" and done["decided_by"] == "controller:guardrail", done
+    assert "prompt_length_psi" in str(done["reason"]), done
+    assert ctl.state().routing == {prod: 100}
+
+
 def test_the_guardrail_goes_on_from_where_a_stopped_controller_left_off(ctl: Ctl) -> None:
     """A controller that stops (a scheduled invocation's end) saves where its guardrail's next window
     starts; the next one judges from there, not again from promotion."""
