@@ -38,7 +38,7 @@ from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
 from mlops.rollout import TOP_UP_LIMIT, Prompt, _drive, read_stats, wait_served
-from mlops.rollout_guard import guard
+from mlops.rollout_guard import guard, reference, save
 from mlops.rollout_judge import MIN_LATENCY_SAMPLES, analyse
 
 log = logging.getLogger("mlops.controller")
@@ -101,7 +101,7 @@ class Controller:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
         try:
-            self.save()
+            save(self)
         except MlopsError as e:  # the next controller judges from promotion: more, not less
             log.warning("rollout controller: could not save its guardrail checkpoint: %s", e.headline)
         self._drop_lease()
@@ -189,43 +189,6 @@ class Controller:
             self.backend._publish(self.registry.update_state(drop, reason="controller stopped", actor=self.owner))
         except MlopsError as e:  # an expiring lease is as good as a dropped one
             log.warning("rollout controller: could not drop its lease: %s", e.headline)
-
-    def save(self) -> None:
-        """What a successor needs that lives in memory only: where the guardrail's next window starts
-        (a scheduled invocation on Modal ends every period; the next judges on from there, not from
-        promotion). Written when this controller stops, not every interval (one write, no publish)."""
-        for rid, t in list(self._checkpoint.items()):
-
-            def change(st: State, rid: str = rid, t: float = t) -> State | None:
-                rec = rollouts.running(st)
-                if rec is None or rec.get("id") != rid or rec.get("phase") != "bake_after_promote":
-                    return None
-                if t <= float(rec.get("guard_checkpoint") or rec.get("promoted_at") or 0):
-                    return None
-                rec["guard_checkpoint"] = t
-                return st
-
-            self.registry.update_state(change, reason="guardrail checkpoint", actor=self.owner, quiet=True)
-
-    def reference(self, rec: dict[str, Any], before: bool = False) -> Any:
-        """Production's side of the rollout's last live window that held enough of its requests: what
-        the 100% step and the guardrail's length PSIs compare with (production has no traffic then).
-        Kept in memory by the controller that judged it; read back from the captures of the window
-        the record names (`baseline_window`) by any other (the next scheduled invocation on Modal).
-        `before` (the guardrail): with no such window (a canary on replayed eval prompts), production's
-        captured traffic in the `bake_after_promote` before the rollout started."""
-        rid = rec["id"]
-        window = rec.get("baseline_window")
-        if window is None and before:
-            start = float(rec["started_at"])
-            window = [start - max(float(rec.get("bake_after_promote") or 0), float(self.cfg.interval)), start]
-        if rid not in self._baseline and window:
-            from mlops.rollout_analysis import read_window
-
-            since, until = (float(t) for t in window)
-            side = read_window(self.registry, rec["release"], rec["baseline"], since, until).production
-            self._baseline[rid] = side if side.requests else None
-        return self._baseline.get(rid)
 
     def _renew(self, st: State, rid: str) -> None:
         cur = st.lease or {}
@@ -364,7 +327,7 @@ class Controller:
         release, prod = rec["release"], rec["baseline"]
         pct = int(rec["steps"][i])
         w = self._reader(rec).read(since, until, self._stats(since))
-        prev = self.reference(rec)
+        prev = reference(self, rec)
         v = judge_step(
             w, self.cfg, self._metrics, extensions=int(rec.get("extensions", 0)), step=i + 1, percent=pct, baseline=prev
         )

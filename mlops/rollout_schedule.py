@@ -5,7 +5,7 @@ An invocation loads the config the controller was deployed with (modal_controlle
 opens one `Controller` per deployed model against the real registry (the deployed storage), the
 routing Dict (through ModalBackend, with the container's `ModalAPI`) and the gateway's live stats,
 and ticks each. Nothing lives between invocations but the registry: a rollout's state is its
-record (with the guardrail's reference window and checkpoint, `Controller.reference` and `save`),
+record (with the guardrail's reference window and checkpoint: mlops/rollout_guard.py `reference`, `save`),
 and an invocation gives its lease back when it ends, so the next one carries on at once.
 
 The schedule's period is coarser than `deploy.rollout.interval` (a container start per tick would
@@ -110,9 +110,11 @@ def run_invocation(
 
 
 def _save(c: Any) -> None:
-    """Where the guardrail's judging stopped, for the next invocation (`Controller.save`)."""
+    """Where the guardrail's judging stopped, for the next invocation (mlops/rollout_guard.py `save`)."""
+    from mlops.rollout_guard import save
+
     try:
-        c.save()
+        save(c)
     except Exception as e:  # the next invocation judges from promotion: more, not less
         log.warning("controller (%s): could not save its guardrail checkpoint: %r", c.model, e)
 
