@@ -38,7 +38,7 @@ from mlops.registry import rollouts
 from mlops.registry.lease import live, owner_name, recover_routing
 from mlops.registry.releases import State
 from mlops.rollout import TOP_UP_LIMIT, Prompt, _drive, read_stats, wait_served
-from mlops.rollout_guard import guard
+from mlops.rollout_guard import guard, reference, save
 from mlops.rollout_judge import MIN_LATENCY_SAMPLES, analyse
 
 log = logging.getLogger("mlops.controller")
@@ -78,12 +78,14 @@ class Controller:
         self._since: dict[tuple[str, int], float] = {}  # (rollout, step) -> when the server served it
         self._checkpoint: dict[str, float] = {}  # rollout -> start of production's next guardrail window
         self._baseline: dict[str, Any] = {}  # rollout -> production's side of its last full live window
+        self._ref: dict[str, tuple[float, float]] = {}  # rollout -> that window, kept in the record
         self._metrics: list[Any] | None = None  # the live metrics (built once)
         self._readers: dict[str, Any] = {}  # rollout -> its WindowReader
         self._prompts: list[Prompt] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: str | None = None  # what the last tick did (for tests and `mlops status`)
+        self.seen: State | None = None  # the state the last tick read
         # `mlops experiment start --auto-stop`: stopped at its verdict (mlops/experiment_controller.py)
         self.experiments = ExperimentWatch(backend, float(self.cfg.interval), clock)
 
@@ -98,6 +100,10 @@ class Controller:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        try:
+            save(self)
+        except MlopsError as e:  # the next controller judges from promotion: more, not less
+            log.warning("rollout controller: could not save its guardrail checkpoint: %s", e.headline)
         self._drop_lease()
 
     def period(self) -> float:
@@ -120,6 +126,7 @@ class Controller:
     def tick(self) -> str | None:
         """One step of the state machine; what it did, or None (nothing due)."""
         st, _ = self.registry.read_state()
+        self.seen = st
         rec = st.rollout
         if not rec:  # (a rollout and an experiment exclude each other)
             return self.experiments.tick(st)
@@ -241,6 +248,8 @@ class Controller:
                 r["verdicts"] = [*r.get("verdicts", []), verdict.to_json()]
             if base:
                 r["baseline_stats"] = base
+            if rec["id"] in self._ref:
+                r["baseline_window"] = list(self._ref[rec["id"]])
             st.stages["canary"] = release
             st.routing = _weights(prod, release, pct)
             st.shadow = {}
@@ -318,12 +327,12 @@ class Controller:
         release, prod = rec["release"], rec["baseline"]
         pct = int(rec["steps"][i])
         w = self._reader(rec).read(since, until, self._stats(since))
-        prev = self._baseline.get(rec["id"])
+        prev = reference(self, rec)
         v = judge_step(
             w, self.cfg, self._metrics, extensions=int(rec.get("extensions", 0)), step=i + 1, percent=pct, baseline=prev
         )
         if w.production.requests >= self.cfg.analysis.min_requests:
-            self._baseline[rec["id"]] = w.production
+            self._baseline[rec["id"]], self._ref[rec["id"]] = w.production, (since, until)
         if v.outcome == "replay":  # still too little live traffic: both releases on eval prompts, pinned
             from mlops.rollout_start import canary_prompts
 
@@ -388,6 +397,8 @@ class Controller:
             r = st.rollout
             r["verdicts"] = [*r.get("verdicts", []), v.to_json()]
             r["baseline_stats"] = base
+            if rec["id"] in self._ref:
+                r["baseline_window"] = list(self._ref[rec["id"]])
             rollouts.promoted(st, rec["release"], "controller:analysis", reason)
             return _make_production(st, rec["release"])
 

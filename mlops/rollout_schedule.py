@@ -5,13 +5,15 @@ An invocation loads the config the controller was deployed with (modal_controlle
 opens one `Controller` per deployed model against the real registry (the deployed storage), the
 routing Dict (through ModalBackend, with the container's `ModalAPI`) and the gateway's live stats,
 and ticks each. Nothing lives between invocations but the registry: a rollout's state is its
-record, and an invocation gives its lease back when it ends, so the next one carries on at once.
+record (with the guardrail's reference window and checkpoint: mlops/rollout_guard.py `reference`, `save`),
+and an invocation gives its lease back when it ends, so the next one carries on at once.
 
 The schedule's period is coarser than `deploy.rollout.interval` (a container start per tick would
 cost more than it judges): while a rollout needs the controller (it drives the canary, or the
-guardrail bake after promotion) an invocation keeps ticking at the controller's own pace
-(`Controller.period()`, a quarter of the interval) for up to its period less a margin, then
-returns, so one invocation runs at a time; with nothing to advance it ticks once and returns.
+guardrail bake after promotion) or an `--auto-stop` experiment runs, an invocation keeps ticking
+at the controller's own pace (`Controller.period()`, a quarter of the interval) for up to its
+period less a margin, then returns, so one invocation runs at a time; with nothing to advance
+it ticks once and returns.
 A tick that fails is logged and tried again at the next tick (or invocation).
 """
 
@@ -41,9 +43,13 @@ def budget(period_s: float) -> float:
 
 
 def needs_controller(st: Any) -> bool:
-    """A record the controller advances (its canary, or the guardrail bake after promotion)."""
+    """A record the controller advances (its canary, or the guardrail bake after promotion), or an
+    experiment it stops by itself (`--auto-stop`: looked at every `interval`, not once a period)."""
     rec = rollouts.running(st)
-    return rec is not None and (rec.get("driver") == "controller" or rec.get("phase") == "bake_after_promote")
+    if rec is not None and (rec.get("driver") == "controller" or rec.get("phase") == "bake_after_promote"):
+        return True
+    exp = st.experiment or {}
+    return bool(exp) and exp.get("status", "running") == "running" and bool(exp.get("auto_stop"))
 
 
 def run_invocation(
@@ -83,7 +89,8 @@ def run_invocation(
                 for c in controllers:
                     try:
                         did = c.tick()
-                        busy |= needs_controller(c.registry.read_state()[0])
+                        # what the tick read: a tick that moved the record is followed by another anyway
+                        busy |= bool(did) or needs_controller(c.seen)
                     except Exception as e:  # a store or endpoint hiccup: the next tick tries again
                         say(f"controller ({c.model}): tick failed: {getattr(e, 'headline', None) or repr(e)}")
                         busy = True
@@ -97,8 +104,19 @@ def run_invocation(
                 time.sleep(pause)
         finally:
             for c in controllers:
+                _save(c)
                 _give_back(c)
                 c.backend.close()  # a warm container runs the next invocation: its marks end here
+
+
+def _save(c: Any) -> None:
+    """Where the guardrail's judging stopped, for the next invocation (mlops/rollout_guard.py `save`)."""
+    from mlops.rollout_guard import save
+
+    try:
+        save(c)
+    except Exception as e:  # the next invocation judges from promotion: more, not less
+        log.warning("controller (%s): could not save its guardrail checkpoint: %r", c.model, e)
 
 
 def _give_back(c: Any) -> None:
@@ -106,6 +124,6 @@ def _give_back(c: Any) -> None:
     (only when it is ours: `stop()` publishes, and a publish stops apps no state references)."""
     try:
         if (c.registry.read_state()[0].lease or {}).get("token") == c.token:
-            c.stop()
+            c.stop()  # (saves again: nothing new to write)
     except Exception as e:  # an expiring lease is as good as a dropped one
         log.warning("controller (%s): could not give its lease back: %r", c.model, e)

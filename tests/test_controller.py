@@ -52,8 +52,14 @@ CTL = {
             "lease_wait": "60s",
             # 5% errors against production's 0%: significant (one-sided z, p 0.012) from ~100 requests
             "analysis": {"min_requests": 100, "alpha": 0.1, "max_extensions": 60},
-            # the guardrail judges errors here; latency on a loaded 2-core machine is not the subject
-            "guardrails": {"max_error_rate": 0.02, "min_requests": 20, "max_p95_ratio": None},
+            # the guardrail judges errors here, and the prompts' lengths against the canary's (their
+            # PSI); latency on a loaded 2-core machine is not the subject
+            "guardrails": {
+                "max_error_rate": 0.02,
+                "min_requests": 20,
+                "max_p95_ratio": None,
+                "monitor": {"prompt_length_psi": 0.5},
+            },
         }
     },
     "monitor": {"flush_interval": "0.2s"},  # captured requests reach the store within 0.2 s
@@ -285,3 +291,77 @@ def test_no_wait_shadow_then_canary_promotes_a_healthy_candidate(ctl: Ctl) -> No
     assert st.stages["production"] == healthy and st.routing == {healthy: 100} and not st.shadow
     steps = [e["detail"] for e in ctl.registry().history(healthy) if e["event"] == "canary_step"]
     assert steps[-3]["mode"] == "shadow" and steps[-3]["rollout"] == rid, steps[-3:]
+
+
+def test_a_controller_that_did_not_see_the_canary_judges_the_guardrail_psi_against_it(ctl: Ctl) -> None:
+    """On Modal every scheduled invocation is a new controller (functions/controller.py); here the
+    controller child is killed after promotion, and its replacement never saw the live canary. It
+    reads production's side of the canary back from the captures of the window the record names,
+    so a shift of the prompts' lengths after promotion (the PSI guardrail) still rolls back."""
+    healthy = ctl.prod if ctl.state().stages["production"] != ctl.prod else ctl.good
+    prod = ctl.state().stages["production"]
+    rid = ctl.hand_off(healthy, "deploy.rollout.traffic=live", "deploy.rollout.bake_after_promote=60s")
+
+    def baking() -> bool:
+        rec = ctl.state().rollout
+        assert rec.get("id") == rid and rec.get("status") == "running", rec  # the live canary passes
+        return rec.get("phase") == "bake_after_promote"
+
+    with Users(ctl.url, prompt="abc=", max_tokens=2):  # live traffic of short prompts judges the canary
+        wait_for(baking, "the live canary to pass and the release to bake", WAIT_S, 0.1)
+    rec = ctl.state().rollout
+    since, until = rec["baseline_window"]  # production's last window with enough requests: step 1's
+    assert float(rec["started_at"]) <= since < until <= float(rec["promoted_at"]), rec
+    first = one_child(ctl.url)
+    os.kill(first, signal.SIGKILL)  # its memory of the canary goes with it
+    one_child(ctl.url, other_than=first)
+    with Users(ctl.url, prompt="abcdefghabcdefgh=", max_tokens=2) as client:
+        done = ctl.finished(rid)
+    assert done["status"] == "rolled_back" and done["decided_by"] == "controller:guardrail", done
+    assert "prompt_length_psi" in str(done["reason"]) and "error rate" not in str(done["reason"]), done
+    assert float(str(done["finished_at"])) - float(str(done["promoted_at"])) < 60, "within its bake"
+    assert client.ok > 0 and ctl.state().routing == {prod: 100}
+
+
+def test_after_a_replayed_canary_the_guardrail_psi_compares_with_production_before_the_rollout(ctl: Ctl) -> None:
+    """A canary on replayed eval prompts has no live window of production's: the guardrail's length
+    PSIs compare the promoted release's live traffic with production's before the rollout began."""
+    healthy = ctl.prod if ctl.state().stages["production"] != ctl.prod else ctl.good
+    prod = ctl.state().stages["production"]
+    from mlops.rollout_analysis import read_window
+
+    t0 = time.time()
+
+    def captured() -> bool:  # production's live answers, in the store (flushed every 0.2 s)
+        return read_window(ctl.registry(), healthy, prod, t0, time.time()).production.requests >= 40
+
+    with Users(ctl.url, prompt="abc=", max_tokens=2):  # production's live traffic
+        wait_for(captured, "production's live traffic to be captured", WAIT_S, 0.2)
+    rid = ctl.hand_off(healthy, "deploy.rollout.bake_after_promote=60s")  # replayed eval prompts
+    wait_for(lambda: ctl.state().rollout.get("phase") == "bake_after_promote", "the bake", WAIT_S, 0.1)
+    assert "baseline_window" not in ctl.state().rollout, "no live canary window"
+    with Users(ctl.url, prompt="abcdefghabcdefgh=", max_tokens=2):
+        done = ctl.finished(rid)
+    assert done["status"] == "rolled_back" and done["decided_by"] == "controller:guardrail", done
+    assert "prompt_length_psi" in str(done["reason"]), done
+    assert ctl.state().routing == {prod: 100}
+
+
+def test_the_guardrail_goes_on_from_where_a_stopped_controller_left_off(ctl: Ctl) -> None:
+    """A controller that stops (a scheduled invocation's end) saves where its guardrail's next window
+    starts; the next one judges from there, not again from promotion."""
+    from mlops.rollout_controller import for_models
+    from mlops.rollout_guard import guard
+
+    healthy = ctl.prod if ctl.state().stages["production"] != ctl.prod else ctl.good
+    rid = ctl.hand_off(healthy, "deploy.rollout.bake_after_promote=8s")  # replayed eval prompts: it passes
+    wait_for(lambda: ctl.state().rollout.get("phase") == "bake_after_promote", "the bake", WAIT_S, 0.1)
+    promoted_at = float(ctl.state().rollout["promoted_at"])
+    [one] = for_models(load(ctl.root / "mlops.yaml"), ctl.url)  # as an invocation opens it
+    one._checkpoint[rid] = promoted_at + 3.0  # it judged the bake's first 3 s: nothing breached
+    one.stop()
+    assert ctl.state().rollout["guard_checkpoint"] == promoted_at + 3.0
+    [nxt] = for_models(load(ctl.root / "mlops.yaml"), ctl.url)
+    assert guard(nxt, ctl.state().rollout, promoted_at + 3.1) is None  # less than an interval since
+    assert nxt._checkpoint[rid] == promoted_at + 3.0
+    assert ctl.finished(rid)["status"] == "promoted"

@@ -271,6 +271,24 @@ def test_an_invocation_ticks_once_when_idle_and_retries_a_failing_tick_within_it
     assert budget(2.0) - 0.2 <= took < 2.0 + 5, took  # bounded by its period
 
 
+def test_what_keeps_an_invocation_ticking() -> None:
+    """A rollout the controller advances and an `--auto-stop` experiment keep an invocation ticking
+    at the controller's pace; a canary its CI job drives, or a hand-stopped experiment, do not."""
+    from mlops.registry.releases import State
+    from mlops.rollout_schedule import needs_controller
+
+    running = {"id": "ro-1", "status": "running", "phase": "canary"}
+    assert needs_controller(State(rollout={**running, "driver": "controller"}))
+    assert needs_controller(State(rollout={**running, "driver": "pipeline", "phase": "bake_after_promote"}))
+    assert not needs_controller(State(rollout={**running, "driver": "pipeline"}))
+    assert not needs_controller(State(rollout={**running, "driver": "controller", "status": "promoted"}))
+    exp = {"id": "ex-1", "status": "running", "auto_stop": {"promote_winner": False}}
+    assert needs_controller(State(experiment=exp))
+    assert not needs_controller(State(experiment={**exp, "auto_stop": None}))
+    assert not needs_controller(State(experiment={**exp, "status": "stopped"}))
+    assert not needs_controller(State())
+
+
 # --------------------------------------------------------------------------- in use across processes
 
 HOLD = """import sys

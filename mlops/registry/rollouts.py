@@ -11,6 +11,8 @@ follows it, a rollback and the reason, never one without the other.
      "driver": "pipeline" | "controller",   # who advances the canary (the CI job with --wait)
      "steps", "step", "step_started_at", "bake", "traffic", "extensions",
      "bake_after_promote", "promoted_at", "baseline_stats", "verdicts": [...],
+     "baseline_window": [since, until],   # production's last live window with enough requests
+     "guard_checkpoint",                  # where the guardrail's next window starts (a controller's stop)
      "started_by", "started_at", "finished_at", "decided_by", "reason"}
 
 A finished record is written once to `rollouts/<model>/<id>.json` in the store and then cleared
