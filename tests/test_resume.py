@@ -23,9 +23,12 @@ from mlops.registry.releases import sha256_file
 from mlops.training.checkpoint import Checkpointer
 from mlops.training.train import TrainJob, train_model
 
-# The child trains and reports each step; at `stop` it parks on stdin, where the test kills it.
+# The child trains and reports each step; at `stop` it parks on stdin, where the test kills it. On
+# SIGUSR1 it writes its threads' stacks to argv[3], so a stall explains itself in the failure message.
 CHILD = """
-import json, sys
+import faulthandler, json, signal, sys
+dump = open(sys.argv[3], "w")
+faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
 from mlops.training.train import TrainJob, train_model
 job, stop = TrainJob(**json.loads(sys.argv[1])), int(sys.argv[2])
 def progress(d):
@@ -41,35 +44,56 @@ def job(out: Path, **kw: object) -> TrainJob:
     return train_job(out, **({"steps": 12, "batch_size": 8} | kw))
 
 
-def run_child(j: TrainJob, stop: int) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start the child; read its lines until `step {stop}` (or its end), within a bounded wait."""
+def child_stacks(proc: subprocess.Popen[bytes], dump: Path) -> str:
+    """The child's stacks, asked for with SIGUSR1 (faulthandler writes them from its signal handler)."""
+    if proc.poll() is not None or not dump.exists():
+        return f"(none: the child {'exited with ' + str(proc.returncode) if proc.poll() is not None else 'had not started'})"
+    proc.send_signal(signal.SIGUSR1)
+    seen, deadline = -1, time.monotonic() + 30
+    while time.monotonic() < deadline and not 0 < seen == dump.stat().st_size:  # written, then no longer growing
+        seen = dump.stat().st_size
+        time.sleep(0.2)  # polling a file the handler writes: no other event to wait on (a diagnostic only)
+    return dump.read_text()
+
+
+def run_child(j: TrainJob, stop: int, dump: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start the child; read its lines until `step {stop}` (or its end), within a bounded wait.
+
+    Reads raw bytes (os.read) and splits lines here: a buffered readline() after select() may take
+    several lines off the pipe at once and return one, leaving `step {stop}` in Python's buffer where
+    select() never sees it while the parked child writes nothing more (what a loaded box did)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, j.model_dump_json(), str(stop)],
+        [sys.executable, "-c", CHILD, j.model_dump_json(), str(stop), str(dump)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert proc.stdout is not None
-    lines: list[str] = []
+    fd, pending, lines = proc.stdout.fileno(), b"", []
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + 180
     try:
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.strip())
-            if line.strip() == f"step {stop}":
-                return proc, lines
-        else:
-            raise AssertionError(f"child made no progress in 180 s: {lines[-3:]}")
+        while True:
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                lines.append(line.decode().strip())
+                if lines[-1] == f"step {stop}":
+                    return proc, lines
+            left = deadline - time.monotonic()
+            if left <= 0:
+                stacks = child_stacks(proc, dump)
+                proc.kill()
+                proc.wait(timeout=30)
+                raise AssertionError(f"child made no progress in 180 s: {lines[-3:]}; its stacks:\n{stacks}")
+            if sel.select(timeout=left):
+                chunk = os.read(fd, 65536)
+                if not chunk:  # the child closed its stdout: it ended
+                    lines += [b.decode().strip() for b in pending.splitlines()]
+                    return proc, lines
+                pending += chunk
     finally:
         sel.close()
-    return proc, lines
 
 
 def test_sigkill_mid_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
@@ -78,7 +102,7 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     interrupted = job(tmp_path / "a", steps=steps, runs_dir=str(runs), checkpoint_every_steps=every)
 
-    proc, lines = run_child(interrupted, kill_at)
+    proc, lines = run_child(interrupted, kill_at, tmp_path / "stacks-1.txt")
     try:
         assert lines[-1] == f"step {kill_at}", lines
         proc.send_signal(signal.SIGKILL)
@@ -92,7 +116,7 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert kept[-1] == f"ckpt-{last:08d}" and len(kept) <= 2, kept  # the newest two are kept
     assert not (tmp_path / "a" / "model.safetensors").exists()  # killed before any artifact
 
-    proc, lines = run_child(interrupted, -1)  # started again: same fingerprint
+    proc, lines = run_child(interrupted, -1, tmp_path / "stacks-2.txt")  # started again: same fingerprint
     assert proc.wait(timeout=180) == 0, lines
     assert lines[0] == f"step {last + 1}" and lines[-1] == f"done resumed_from={last}", lines
     assert not list(runs.glob("*/ckpt-*")), "a finished run leaves no checkpoints behind"
