@@ -341,7 +341,7 @@ def _per_model() -> type[DeployModelBase]:
 
 if not TYPE_CHECKING:
     DeployModelCfg = _per_model()
-DeployCfg.model_rebuild()
+# DeployCfg refers to DeployModelCfg (above): pydantic resolves it when the config is first validated (defer_build)
 
 
 class JudgeCfg(Strict):
