@@ -12,7 +12,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -691,12 +691,10 @@ def test_gateway_never_asks_for_more_warm_containers_than_it_may_run(monkeypatch
     assert 0 < gw.MIN_CONTAINERS <= gw.MAX_CONTAINERS
 
 
-def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[str, ModuleType]) -> None:
-    """Two gateway containers split the traffic; either one's /v1/mlops/stats (what the canary
-    reads) counts all of it, and so does a fresh container after both scaled down."""
-    from mlops.serving.shared_stats import SharedStats
-
-    store: dict[str, Any] = {}  # the Dict: values cross as JSON, as Modal pickles them
+def memory_dict() -> tuple[Callable[[str, Any], None], Callable[[str], dict[str, Any]]]:
+    """A Dict in this process for several gateway "containers": (put, items by prefix); values
+    cross as JSON, as Modal pickles them."""
+    store: dict[str, Any] = {}
     lock = threading.Lock()
 
     def put(key: str, value: Any) -> None:
@@ -706,6 +704,16 @@ def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[
     def items(prefix: str) -> dict[str, Any]:
         with lock:
             return {k: v for k, v in store.items() if k.startswith(prefix)}
+
+    return put, items
+
+
+def test_gateway_stats_are_shared_by_every_container_and_outlive_them(fns: dict[str, ModuleType]) -> None:
+    """Two gateway containers split the traffic; either one's /v1/mlops/stats (what the canary
+    reads) counts all of it, and so does a fresh container after both scaled down."""
+    from mlops.serving.shared_stats import SharedStats
+
+    put, items = memory_dict()
 
     def stats(url: str) -> dict[str, Any]:
         r = httpx.get(f"{url}/v1/mlops/stats", params={"since": since}, headers={"authorization": "Bearer key-1"})
@@ -744,16 +752,7 @@ def test_gateway_mirrors_the_shadow_share_off_the_request_path_and_every_contain
     error against the shadow release."""
     from mlops.serving.shared_stats import SharedStats
 
-    store: dict[str, Any] = {}  # the Dict: values cross as JSON, as Modal pickles them
-    lock = threading.Lock()
-
-    def put(key: str, value: Any) -> None:
-        with lock:
-            store[key] = json.loads(json.dumps(value))
-
-    def items(prefix: str) -> dict[str, Any]:
-        with lock:
-            return {k: v for k, v in store.items() if k.startswith(prefix)}
+    put, items = memory_dict()
 
     gate, hang = threading.Event(), threading.Event()
     fake, seen = fake_vllm()
