@@ -104,26 +104,21 @@ def run_invocation(
                 time.sleep(pause)
         finally:
             for c in controllers:
-                _save(c)
-                _give_back(c)
+                _hand_over(c)
                 c.backend.close()  # a warm container runs the next invocation: its marks end here
 
 
-def _save(c: Any) -> None:
-    """Where the guardrail's judging stopped, for the next invocation (mlops/rollout_guard.py `save`)."""
+def _hand_over(c: Any) -> None:
+    """What the next invocation needs of this one: where the guardrail's judging stopped (saved,
+    mlops/rollout_guard.py `save`), and the lease it holds, dropped so the next need not wait out
+    its TTL (only when it is ours: `stop()` publishes, and a publish stops apps no state references;
+    `stop()` saves too). A failure is logged: the next judges from further back, or waits the TTL."""
     from mlops.rollout_guard import save
 
     try:
-        save(c)
-    except Exception as e:  # the next invocation judges from promotion: more, not less
-        log.warning("controller (%s): could not save its guardrail checkpoint: %r", c.model, e)
-
-
-def _give_back(c: Any) -> None:
-    """The lease this invocation holds, dropped so the next invocation need not wait out its TTL
-    (only when it is ours: `stop()` publishes, and a publish stops apps no state references)."""
-    try:
         if (c.registry.read_state()[0].lease or {}).get("token") == c.token:
-            c.stop()  # (saves again: nothing new to write)
-    except Exception as e:  # an expiring lease is as good as a dropped one
-        log.warning("controller (%s): could not give its lease back: %r", c.model, e)
+            c.stop()
+        else:
+            save(c)
+    except Exception as e:
+        log.warning("controller (%s): could not hand over to the next invocation: %r", c.model, e)

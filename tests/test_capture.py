@@ -276,7 +276,7 @@ def test_the_middleware_counts_every_answered_request_sampled_or_not(tmp_path: P
     mw = CaptureMiddleware(app, CaptureWriter(store, batch_size=1000, flush_interval=3600), sample_rate=0.5)
 
     async def traffic() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://127.0.0.1") as c:
             for _ in range(40):
                 assert (await c.post("/v1/completions", json={"prompt": "abc="})).status_code == 200
             await c.post("/v1/completions", json={"prompt": "abc="}, headers={"x-mlops-capture": "off"})

@@ -23,10 +23,7 @@ from mlops.serving.base import Engine
 from mlops.serving.engine import GenRequest
 from mlops.serving.faults import Fault
 from mlops.serving.routing import shadow_target
-from mlops.serving.stats import percentile
-
-WINDOW = 5_000  # mirrored pairs kept per candidate for the analysis
-EXAMPLES = 5  # disagreements kept per candidate for the report
+from mlops.serving.shared_shadow import WINDOW, summary
 
 
 @dataclass
@@ -161,16 +158,14 @@ class Shadow:
         out: dict[str, dict[str, Any]] = {}
         for rel, pairs in snap.items():
             ok = [p for p in pairs if p.error is None and p.production_error is None]
-            errors = sum(p.error is not None for p in pairs)
-            out[rel] = {
-                "mirrored": len(pairs),
-                "errors": errors,
-                "error_rate": errors / len(pairs) if pairs else 0.0,
-                "agreement": sum(p.agree for p in pairs) / len(pairs) if pairs else 0.0,
-                "p95": percentile([p.shadow_s for p in ok], 0.95),
-                "production_p95": percentile([p.production_s for p in ok], 0.95),
-                "disagreements": [p.to_json() for p in pairs if not p.agree][:EXAMPLES],
-            }
+            out[rel] = summary(
+                len(pairs),
+                sum(p.error is not None for p in pairs),
+                sum(p.agree for p in pairs),
+                [p.shadow_s for p in ok],
+                [p.production_s for p in ok],
+                [p.to_json() for p in pairs if not p.agree],
+            )
         return out
 
     def totals(self) -> dict[str, tuple[int, int, int]]:

@@ -32,14 +32,13 @@ from typing import Any
 from mlops.registry.releases import State
 from mlops.serving.routing import shadow_target
 from mlops.serving.shared_stats import KEEP_S, STATS, SharedStats
-from mlops.serving.stats import LiveStats
-from mlops.util import percentile
+from mlops.serving.stats import LiveStats, percentile
 
 SHADOW = "shadow:"  # the Dict key prefix of each container's pairs
+WINDOW = 5_000  # pairs kept per shadow release (per container on Modal), as the local server keeps
+EXAMPLES = 5  # disagreements kept per shadow release (per container), for the report
 TIMEOUT_S = 120.0  # a warm vLLM answers within seconds; a shadow step should not wait on a cold start
 MAX_INFLIGHT = 256  # mirrored requests running per container: past it a request is not mirrored
-WINDOW = 5_000  # pairs kept per shadow release per container (as the local server)
-EXAMPLES = 5  # disagreements kept per shadow release per container, for the report
 MAX_TEXT = 500  # characters of a prompt or output kept in a disagreement
 MAX_STREAM_BYTES = 1 << 20  # production's streamed answer kept to compare; past it, "not compared"
 
@@ -88,6 +87,27 @@ def _failure(status: int, content: bytes) -> str:
 def _prompt(body: Mapping[str, Any]) -> str:
     p = body.get("prompt") if "prompt" in body else body.get("messages")
     return (p if isinstance(p, str) else json.dumps(p))[:MAX_TEXT]
+
+
+def summary(
+    mirrored: int,
+    errors: int,
+    agreed: int,
+    shadow_s: list[float],
+    production_s: list[float],
+    disagreements: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One shadow release's window as the analysis reads it (`shadow_verdict`), from the local
+    server's pairs (shadow.py) or the gateway's; latencies of the pairs neither side failed."""
+    return {
+        "mirrored": mirrored,
+        "errors": errors,
+        "error_rate": errors / mirrored if mirrored else 0.0,
+        "agreement": agreed / mirrored if mirrored else 0.0,
+        "p95": percentile(shadow_s, 0.95),
+        "production_p95": percentile(production_s, 0.95),
+        "disagreements": disagreements[:EXAMPLES],
+    }
 
 
 class Mirror:
@@ -264,18 +284,15 @@ class SharedShadow:
                 examples.setdefault(rel, []).extend(e for e in ex if float(e["at"]) >= since)
         out: dict[str, dict[str, Any]] = {}
         for rel, rs in rows.items():
-            n = len(rs)
             ok = [r for r in rs if not r[3] and not r[4]]
-            errors = sum(1 for r in rs if r[3])
-            out[rel] = {
-                "mirrored": n,
-                "errors": errors,
-                "error_rate": errors / n if n else 0.0,
-                "agreement": sum(1 for r in rs if r[5]) / n if n else 0.0,
-                "p95": percentile([float(r[2]) for r in ok], 0.95),
-                "production_p95": percentile([float(r[1]) for r in ok], 0.95),
-                "disagreements": sorted(examples.get(rel, []), key=lambda e: float(e["at"]))[:EXAMPLES],
-            }
+            out[rel] = summary(
+                len(rs),
+                sum(1 for r in rs if r[3]),
+                sum(1 for r in rs if r[5]),
+                [float(r[2]) for r in ok],
+                [float(r[1]) for r in ok],
+                sorted(examples.get(rel, []), key=lambda e: float(e["at"])),
+            )
         return out, pending
 
     def live(self, stats: LiveStats | SharedStats, since: float) -> dict[str, Any]:
